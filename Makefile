@@ -1,0 +1,55 @@
+# WaferLLM on MPI. `make install` then `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+# Rank counts of the MPI test runs: 2 and 4 ranks, and 6 ranks for non-square (2x3 / 3x2) rank grids.
+MPI_SIZES ?= 2 4 6
+# No single MPI run may outlive this (seconds); a hang ends as a failure, never as a stuck CI.
+MPI_TIMEOUT ?= 900
+
+# Open MPI (the PyPI wheel) as root, with more ranks than cores, and with fast start-up.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
+export OMPI_MCA_pml := ob1
+export OMPI_MCA_btl := self,sm
+export OMPI_MCA_rmaps_base_oversubscribe := true
+export OPENBLAS_NUM_THREADS := 1
+export OMP_NUM_THREADS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-serial test-mpi test-oracle bench fixtures clean help
+
+help:
+	@echo "make install      create $(VENV) with MPI, the package and the test tools"
+	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
+	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
+	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
+	@echo "make clean        remove build products and the virtual environments"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+
+test: test-serial test-mpi
+
+test-serial:
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q --color=no --with-mpi
+
+test-mpi:
+	@set -e; for n in $(MPI_SIZES); do \
+	  echo "== mpiexec -n $$n"; \
+	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q --only-mpi --color=no < /dev/null; \
+	done
+
+bench:
+	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric < /dev/null
+
+clean:
+	rm -rf $(VENV) .venv-oracle build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

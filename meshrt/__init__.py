@@ -1,0 +1,15 @@
+"""meshrt: a wafer-scale mesh emulated by MPI ranks.
+
+Layers (imports point down only)::
+
+    ops          MeshGEMM, dist-GEMM-T, MeshGEMV and the SUMMA / Cannon / allreduce baselines
+    collectives  chain reduce, broadcast, ring / pipeline / K-tree allreduce along x or y
+    darray       scatter/gather of tiled matrices between the host and the mesh (control plane)
+    fabric       the only data-plane MPI user: neighbour exchange, relays, tracing
+    mesh         pure maths: layouts, tiling, padding, the interleaved ring
+    plmr         devices and the cost ledger
+"""
+from .mesh import MeshError, MeshLayout  # noqa: F401
+from .plmr import PRESETS, Device, Ledger, get_device  # noqa: F401
+
+__version__ = "0.1.0"

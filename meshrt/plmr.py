@@ -1,0 +1,302 @@
+"""The PLMR cost model: wafer devices and the ledger every mesh primitive writes to.
+
+The ledger prices what the *wafer* would do, not what the emulator does. All virtual cores run in
+lockstep, so one record describes one step of the whole mesh on its critical path: the MACs of the
+busiest core, the words it streams over one link, the hops and the software routing stages the
+message crosses. Every rank runs the same schedule, so every rank's ledger holds the same figures
+and no communication is needed to report them.
+
+Cost of one step (cycles)::
+
+    compute = macs / macs_per_cycle
+    comm    = alpha * hops + beta * routings + words * word_bytes / link_bytes_per_cycle
+    step    = max(compute, comm) if overlap else compute + comm
+
+Streaming on the wafer is pipelined (a core forwards each word as it arrives), so a message's
+length is paid once per step, not once per hop.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Device:
+    """A wafer-scale device as PLMR sees it.
+
+    Parameters
+    ----------
+    name : str
+    cores_x, cores_y : int
+        Usable cores per side.
+    mem_per_core : int
+        Bytes of local SRAM per core (M).
+    clock_hz : float
+    macs_per_cycle : float
+        Multiply-accumulates a core completes per cycle (at ``word_bytes`` precision).
+    alpha : float
+        Cycles per hop of a pre-routed message (L).
+    beta : float
+        Cycles per software routing stage: a core that receives, processes and re-sends (L).
+    link_bytes_per_cycle : float
+        Bytes a neighbour link carries per cycle.
+    routing_paths : int
+        Routable paths (colours) a core's router supports (R).
+    word_bytes : int
+        Bytes per stored element (2 for fp16).
+    """
+
+    name: str
+    cores_x: int
+    cores_y: int
+    mem_per_core: int
+    clock_hz: float
+    macs_per_cycle: float
+    alpha: float
+    beta: float
+    link_bytes_per_cycle: float = 4.0
+    routing_paths: int = 24
+    word_bytes: int = 2
+    note: str = ""
+
+    def with_(self, **changes) -> "Device":
+        """A copy with some fields changed (e.g. ``wse2.with_(mem_per_core=96 * 1024)``)."""
+        return dataclasses.replace(self, **changes)
+
+    def seconds(self, cycles: float) -> float:
+        return cycles / self.clock_hz
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# WSE-2: 1.1 GHz, 48 KB per core, one 32-bit word per neighbour link per cycle, 24 routable
+# colours, a 757 x 996 fabric of which ~750 x 994 is usable. alpha, beta and macs_per_cycle are the
+# calibrated values (see meshrt/calibrate.py once present; defaults below are the uncalibrated
+# 1-cycle-per-hop reading of the paper).
+WSE2 = Device(name="wse2", cores_x=750, cores_y=994, mem_per_core=48 * 1024, clock_hz=1.1e9,
+              macs_per_cycle=1.0, alpha=1.0, beta=1.0, link_bytes_per_cycle=4.0,
+              routing_paths=24, word_bytes=2,
+              note="Cerebras WSE-2: 850k cores, 48 KB SRAM/core, 1.1 GHz, 32-bit links")
+# WSE-3: the paper gives no figures; same NoC as WSE-2, 762 x 1172 fabric in the public scripts.
+WSE3 = Device(name="wse3", cores_x=760, cores_y=1170, mem_per_core=48 * 1024, clock_hz=1.1e9,
+              macs_per_cycle=1.0, alpha=1.0, beta=1.0, link_bytes_per_cycle=4.0,
+              routing_paths=24, word_bytes=2,
+              note="Cerebras WSE-3 (same NoC as WSE-2; per-core figures not in the paper)")
+
+PRESETS: dict[str, Device] = {"wse2": WSE2, "wse3": WSE3}
+
+
+def register_device(device: Device) -> None:
+    """Make a user-defined device available by name (``--device NAME``)."""
+    PRESETS[device.name] = device
+
+
+def get_device(name_or_device) -> Device:
+    """A preset by name, or the device itself. ``name:field=value,...`` overrides fields."""
+    if isinstance(name_or_device, Device):
+        return name_or_device
+    name, _, rest = str(name_or_device).partition(":")
+    if name not in PRESETS:
+        raise ValueError(f"unknown device {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    dev = PRESETS[name]
+    if rest:
+        changes = {}
+        for item in rest.split(","):
+            key, _, val = item.partition("=")
+            if key not in {f.name for f in dataclasses.fields(Device)} or key == "name":
+                raise ValueError(f"device field {key!r} unknown or not settable")
+            changes[key] = type(getattr(dev, key))(float(val)) if key != "note" else val
+        dev = dev.with_(**changes)
+    return dev
+
+
+@dataclass
+class OpTotals:
+    """Accumulated figures of one named operation."""
+
+    steps: int = 0
+    cycles: float = 0.0
+    compute_cycles: float = 0.0
+    comm_cycles: float = 0.0
+    macs: float = 0.0
+    words: float = 0.0
+    hops: int = 0
+    routings: int = 0
+
+
+@dataclass
+class Ledger:
+    """Modeled wafer cost of everything the mesh did.
+
+    Parameters
+    ----------
+    device : Device
+    """
+
+    device: Device = WSE2
+    ops: dict = field(default_factory=lambda: defaultdict(OpTotals))
+    peak_memory: float = 0.0          # bytes per core
+    peak_memory_op: str = ""
+    max_routes: int = 0               # routing paths per core in use at once
+    max_routes_op: str = ""
+    io_bytes: float = 0.0             # host <-> wafer edge traffic
+    io_cycles: float = 0.0
+    _prefix: list = field(default_factory=list)
+
+    # -- recording -------------------------------------------------------------------------
+    def _name(self, op: str) -> str:
+        return "/".join(self._prefix + [op])
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        """Group the records made inside under ``name/`` (e.g. per layer)."""
+        self._prefix.append(name)
+        try:
+            yield self
+        finally:
+            self._prefix.pop()
+
+    def step_cycles(self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False) -> tuple:
+        """``(total, compute, comm)`` cycles of one step, without recording it."""
+        d = self.device
+        compute = macs / d.macs_per_cycle
+        comm = 0.0
+        if words or hops or routings:
+            comm = d.alpha * hops + d.beta * routings + words * d.word_bytes / d.link_bytes_per_cycle
+        total = max(compute, comm) if overlap else compute + comm
+        return total, compute, comm
+
+    def record(self, op: str, *, macs=0.0, words=0.0, hops=0, routings=0, overlap=False,
+               count=1) -> float:
+        """Record ``count`` identical lockstep steps of the mesh; returns their cycles.
+
+        Parameters
+        ----------
+        macs : float
+            MACs of the busiest core in one step.
+        words : float
+            Elements streamed over the critical link in one step.
+        hops, routings : int
+            Physical hops and software routing stages on the step's critical path.
+        overlap : bool
+            Whether compute and communication of the step overlap (double buffering).
+        """
+        total, compute, comm = self.step_cycles(macs, words, hops, routings, overlap)
+        t = self.ops[self._name(op)]
+        t.steps += count
+        t.cycles += total * count
+        t.compute_cycles += compute * count
+        t.comm_cycles += comm * count
+        t.macs += macs * count
+        t.words += words * count
+        t.hops += hops * count
+        t.routings += routings * count
+        return total * count
+
+    def memory(self, op: str, words_per_core: float) -> None:
+        """Note that ``op`` holds ``words_per_core`` elements per core at its peak."""
+        nbytes = words_per_core * self.device.word_bytes
+        if nbytes > self.peak_memory:
+            self.peak_memory, self.peak_memory_op = nbytes, self._name(op)
+
+    def routes(self, op: str, paths_per_core: int) -> None:
+        """Note that ``op`` needs ``paths_per_core`` routing paths configured on some core."""
+        if paths_per_core > self.max_routes:
+            self.max_routes, self.max_routes_op = paths_per_core, self._name(op)
+
+    def io(self, nbytes: float, edge_links: int = 1) -> None:
+        """Host <-> wafer transfer of ``nbytes`` through ``edge_links`` edge links (not mesh time)."""
+        self.io_bytes += nbytes
+        self.io_cycles += nbytes / (self.device.link_bytes_per_cycle * max(1, edge_links))
+
+    def merge(self, other: "Ledger") -> None:
+        """Add another ledger's records into this one."""
+        for name, t in other.ops.items():
+            mine = self.ops[name]
+            for f in dataclasses.fields(OpTotals):
+                setattr(mine, f.name, getattr(mine, f.name) + getattr(t, f.name))
+        self.memory(other.peak_memory_op or "merged", other.peak_memory / self.device.word_bytes)
+        self.routes(other.max_routes_op or "merged", other.max_routes)
+        self.io_bytes += other.io_bytes
+        self.io_cycles += other.io_cycles
+
+    def reset(self) -> None:
+        self.ops.clear()
+        self.peak_memory, self.peak_memory_op = 0.0, ""
+        self.max_routes, self.max_routes_op = 0, ""
+        self.io_bytes = self.io_cycles = 0.0
+
+    # -- reporting -------------------------------------------------------------------------
+    def totals(self, prefix: str = "") -> OpTotals:
+        """Sum of all ops whose name starts with ``prefix``."""
+        out = OpTotals()
+        for name, t in self.ops.items():
+            if name.startswith(prefix):
+                for f in dataclasses.fields(OpTotals):
+                    setattr(out, f.name, getattr(out, f.name) + getattr(t, f.name))
+        return out
+
+    @property
+    def cycles(self) -> float:
+        return self.totals().cycles
+
+    @property
+    def seconds(self) -> float:
+        return self.device.seconds(self.cycles)
+
+    def violations(self) -> list[str]:
+        """PLMR constraints the recorded work breaks on this device."""
+        out = []
+        d = self.device
+        if self.peak_memory > d.mem_per_core:
+            out.append(f"memory: {self.peak_memory / 1024:.1f} KiB per core in {self.peak_memory_op} "
+                       f"exceeds {d.mem_per_core / 1024:.0f} KiB on {d.name}")
+        if self.max_routes > d.routing_paths:
+            out.append(f"routing: {self.max_routes} paths per core in {self.max_routes_op} exceed "
+                       f"the {d.routing_paths} {d.name} supports")
+        return out
+
+    def summary(self) -> dict:
+        """Figures as a JSON-ready dict."""
+        t = self.totals()
+        return {
+            "device": self.device.name,
+            "cycles": t.cycles,
+            "seconds": self.device.seconds(t.cycles),
+            "compute_cycles": t.compute_cycles,
+            "comm_cycles": t.comm_cycles,
+            "macs": t.macs,
+            "words": t.words,
+            "hops": t.hops,
+            "routings": t.routings,
+            "peak_memory_bytes": self.peak_memory,
+            "max_routes": self.max_routes,
+            "io_bytes": self.io_bytes,
+            "io_cycles": self.io_cycles,
+            "violations": self.violations(),
+            "ops": {k: dataclasses.asdict(v) for k, v in sorted(self.ops.items())},
+        }
+
+    def report(self) -> str:
+        """A human-readable table."""
+        lines = [f"{'op':40s} {'steps':>7s} {'cycles':>12s} {'compute':>12s} {'comm':>12s} "
+                 f"{'hops':>8s} {'routings':>8s}"]
+        for name, t in sorted(self.ops.items()):
+            lines.append(f"{name:40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
+                         f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}")
+        t = self.totals()
+        lines.append(f"{'total':40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
+                     f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}")
+        lines.append(f"modeled time on {self.device.name}: {self.device.seconds(t.cycles) * 1e3:.4f} ms; "
+                     f"peak memory {self.peak_memory / 1024:.2f} KiB/core; routes {self.max_routes}/core")
+        for v in self.violations():
+            lines.append("VIOLATION " + v)
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(self.summary(), indent=2)
