@@ -1,0 +1,409 @@
+"""Reductions and broadcasts along the lines of the mesh, built only from the fabric.
+
+A *line* is a row (``axis=1``, cores ``(py, 0..Px-1)``) or a column (``axis=0``). Every function
+takes a rank block ``f32[by, bx, *vec]`` and works on all lines of the block at once.
+
+On the wafer these are pipelined streams: a chain reduce passes a vector core to core, each core
+adding its own as the words go by; a broadcast is a router multicast. The emulation computes the
+same result with numpy over each rank's block and passes one *carry* per line across each rank
+boundary the stream crosses, to the Cartesian neighbour only. The ledger prices the wafer's
+schedule in closed form (``*_cost`` functions below, shared with the analytic estimators):
+
+==================  ========================================  ============  ====================
+collective          hops on the critical path                 routings      routes per core
+==================  ========================================  ============  ====================
+chain reduce        ``d = max(r, N-1-r)``                       ``d``         2
+broadcast           ``d = max(r, N-1-r)``                       0             2
+pipeline allreduce  ``2(N-1)`` (chain to the end, multicast)  ``N-1``       2
+ring allreduce      ``2(N-1)`` steps of <= 2 hops              1 per step    3
+K-tree allreduce    sum of per-level spans + multicast        ~``K N^(1/K)/2``  ``K+1``
+==================  ========================================  ============  ====================
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .fabric import HI, LO, Fabric
+
+OPS = {"sum": np.add, "max": np.maximum}
+
+
+def _identity(op: str, dtype):
+    if op == "sum":
+        return 0
+    if op == "max":
+        return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
+    raise ValueError(f"unknown reduction {op!r}; use one of {sorted(OPS)}")
+
+
+def _lines_shape(block: np.ndarray, axis: int) -> tuple:
+    shape = list(block.shape)
+    shape[axis] = 1
+    return tuple(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form wafer costs (the ledger and the analytic estimators both use these)
+# ----------------------------------------------------------------------------------------------
+
+def chain_cost(n_cores: int, root, words: float) -> dict:
+    """A pipelined chain reduce of ``words`` per core toward ``root`` (int or per-line array)."""
+    r = np.asarray(root)
+    d = int(np.max(np.maximum(r, n_cores - 1 - r))) if n_cores > 1 else 0
+    return {"hops": d, "routings": d, "words": words, "macs": words if d else 0, "routes": 2}
+
+
+def broadcast_cost(n_cores: int, root, words: float) -> dict:
+    """A router multicast of ``words`` from ``root`` to every core of the line."""
+    r = np.asarray(root)
+    d = int(np.max(np.maximum(r, n_cores - 1 - r))) if n_cores > 1 else 0
+    return {"hops": d, "routings": 0, "words": words if d else 0, "macs": 0, "routes": 2}
+
+
+def ktree_groups(n_cores: int, levels: int = 2, groups: int | None = None) -> list[int]:
+    """Group size (in members of the previous level) of each K-tree level.
+
+    ``groups`` (only for two levels) fixes the number of first-level groups, as the paper's code
+    does (``group_num``); otherwise every level groups ``ceil(N^(1/K))`` members.
+    """
+    if n_cores <= 1:
+        return []
+    if groups is not None:
+        if levels != 2:
+            raise ValueError("groups= applies to the two-level tree (levels=2)")
+        if not 1 <= groups <= n_cores:
+            raise ValueError(f"groups={groups} must be between 1 and {n_cores}")
+        g1 = math.ceil(n_cores / groups)
+        return [g1, math.ceil(n_cores / g1)]
+    if levels < 1:
+        raise ValueError(f"levels={levels} must be >= 1")
+    size = max(2, math.ceil(n_cores ** (1.0 / levels) - 1e-9))
+    out, members = [], n_cores
+    for _ in range(levels):
+        if members <= 1:
+            break
+        g = members if len(out) == levels - 1 else min(size, members)
+        out.append(g)
+        members = math.ceil(members / g)
+    return out
+
+
+def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list[list[tuple]]:
+    """Segments of each K-tree level: ``[(lo, hi, root, members), ...]`` per level.
+
+    Level 1 groups consecutive cores; level ``l`` groups consecutive roots of level ``l-1``. A
+    segment spans every core from its first to its last member (pass-through cores included) and
+    the segments of one level tile the line. The root is the middle member.
+    """
+    plan = []
+    members = list(range(n_cores))
+    bounds = [(i, i) for i in range(n_cores)]  # core span each member stands for
+    for g in ktree_groups(n_cores, levels, groups):
+        segs, roots, new_bounds = [], [], []
+        for k in range(0, len(members), g):
+            mem = members[k:k + g]
+            lo, hi = bounds[k][0], bounds[min(k + g, len(members)) - 1][1]
+            root = mem[len(mem) // 2]
+            segs.append((lo, hi, root, tuple(mem)))
+            roots.append(root)
+            new_bounds.append((lo, hi))
+        plan.append(segs)
+        members, bounds = roots, new_bounds
+    return plan
+
+
+def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None = None) -> list:
+    """Per-phase costs of the K-tree allreduce: one dict per level, then the broadcast."""
+    out = []
+    for segs in ktree_plan(n_cores, levels, groups):
+        hops = routings = 0
+        for lo, hi, root, mem in segs:
+            i = mem.index(root)
+            below, above = mem[:i], mem[i + 1:]
+            hops = max(hops, root - mem[0], mem[-1] - root)
+            routings = max(routings, len(below), len(above))
+        out.append({"hops": hops, "routings": routings, "words": words,
+                    "macs": words if routings else 0, "routes": len(out) + 2})
+    root = ktree_root(n_cores, levels, groups)
+    out.append(broadcast_cost(n_cores, root, words))
+    return out
+
+
+def ktree_root(n_cores: int, levels: int = 2, groups: int | None = None) -> int:
+    plan = ktree_plan(n_cores, levels, groups)
+    return plan[-1][0][2] if plan else 0
+
+
+def ring_cost(n_cores: int, words: float) -> dict:
+    """One step of the ring allreduce (there are ``2(N-1)`` of them)."""
+    chunk = math.ceil(words / n_cores) if n_cores else 0
+    return {"hops": 2 if n_cores > 2 else 1, "routings": 1, "words": chunk, "macs": chunk,
+            "routes": 3}
+
+
+def _record(fab: Fabric, name: str, cost: dict, count: int = 1, overlap: bool = True) -> None:
+    led = fab.ledger
+    led.record(name, macs=cost["macs"], words=cost["words"], hops=cost["hops"],
+               routings=cost["routings"], overlap=overlap, count=count)
+    led.routes(name, cost["routes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Emulation engines
+# ----------------------------------------------------------------------------------------------
+
+def _sweep(fab: Fabric, axis: int, own: np.ndarray, ufunc, identity, send_up: bool,
+           recv_up: bool, send_down: bool, recv_down: bool, name: str):
+    """Pass a carry up the rank line and another down it; returns ``(from_below, from_above)``.
+
+    ``own`` is this rank's contribution to both carries (or a pair ``(up, down)``). A rank
+    receives before it sends, so each sweep is one chain of neighbour messages.
+    """
+    up_own, down_own = own if isinstance(own, tuple) else (own, own)
+    below = fab.recv(up_own.shape, up_own.dtype, axis, LO, op=name) if recv_up else None
+    if send_up:
+        fab.send(up_own if below is None else ufunc(below, up_own), axis, HI, op=name)
+    above = fab.recv(down_own.shape, down_own.dtype, axis, HI, op=name) if recv_down else None
+    if send_down:
+        fab.send(down_own if above is None else ufunc(above, down_own), axis, LO, op=name)
+    return below, above
+
+
+def _line_total(fab: Fabric, partial: np.ndarray, axis: int, op: str, name: str) -> np.ndarray:
+    """Reduce per-rank partials (one per line) over the whole rank line; every rank gets it."""
+    ufunc = OPS[op]
+    r, nr = fab.coords[axis], fab.layout.ranks(axis)
+    if nr == 1:
+        return partial
+    below, above = _sweep(fab, axis, partial, ufunc, _identity(op, partial.dtype),
+                          send_up=r < nr - 1, recv_up=r > 0, send_down=r > 0,
+                          recv_down=r < nr - 1, name=name)
+    total = partial
+    if below is not None:
+        total = ufunc(below, total)
+    if above is not None:
+        total = ufunc(total, above)
+    return total
+
+
+def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, segs, op: str, name: str):
+    """Reduce each segment ``(lo, hi, root, ...)`` of every line to its root core.
+
+    ``segs`` tile the line ``[0, N)``; cores that are not members must already hold the identity.
+    Returns an array like ``vals`` holding each segment's result at its root core and the
+    identity elsewhere. A segment that straddles a rank boundary passes one carry across it.
+    """
+    ufunc = OPS[op]
+    ident = _identity(op, vals.dtype)
+    s0 = fab.origin[axis]
+    e = s0 + vals.shape[axis]
+
+    def side(i):  # -1: below its root, 0: root, +1: above, None: off the mesh
+        for lo, hi, root, *_ in segs:
+            if lo <= i <= hi:
+                return int(np.sign(i - root))
+        return None
+
+    runs = []  # (local start, side) of maximal runs of local cores on one side of one root
+    for lo, hi, root, *_ in segs:
+        for a, z, kind in ((lo, root - 1, -1), (root, root, 0), (root + 1, hi, +1)):
+            a, z = max(a, s0), min(z, e - 1)
+            if a <= z:
+                runs.append((a - s0, kind))
+    red = ufunc.reduceat(vals, [s for s, _ in runs], axis=axis)
+
+    def at(k):
+        sl = [slice(None)] * vals.ndim
+        sl[axis] = slice(k, k + 1)
+        return tuple(sl)
+
+    first, last = at(0), at(len(runs) - 1)
+    if side(s0 - 1) == -1:   # the segment below runs up into this rank
+        red[first] = ufunc(fab.recv(red[first].shape, red.dtype, axis, LO, op=name), red[first])
+    if runs[-1][1] == -1:    # ... and on into the next
+        fab.send(red[last], axis, HI, op=name)
+    if side(e) == +1:        # the segment above runs down into this rank
+        red[last] = ufunc(red[last], fab.recv(red[last].shape, red.dtype, axis, HI, op=name))
+    if runs[0][1] == +1:
+        fab.send(red[first], axis, LO, op=name)
+    out = np.full_like(vals, ident)
+    for k, (start, kind) in enumerate(runs):
+        if kind != 0:
+            continue
+        acc = red[at(k)]
+        if k > 0 and runs[k - 1][1] == -1:
+            acc = ufunc(red[at(k - 1)], acc)
+        if k + 1 < len(runs) and runs[k + 1][1] == +1:
+            acc = ufunc(acc, red[at(k + 1)])
+        out[at(start)] = acc
+    return out
+
+
+def _root_mask(fab: Fabric, axis: int, root) -> tuple[np.ndarray, np.ndarray]:
+    """Per-core ``(idx - root)`` along ``axis`` broadcastable to a block, and the line roots."""
+    other = 1 - axis
+    idx = fab.index(axis)
+    r = np.asarray(root)
+    if r.ndim == 0:
+        lines = r
+        diff = idx - int(r)
+        diff = diff[:, None] if axis == 0 else diff[None, :]
+    else:
+        n_other = fab.layout.cores(other)
+        if r.shape != (n_other,):
+            raise ValueError(f"per-line roots need shape ({n_other},), got {r.shape}")
+        lines = r[fab.index(other)]
+        diff = idx[:, None] - lines[None, :] if axis == 0 else idx[None, :] - lines[:, None]
+    return diff, lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Public collectives
+# ----------------------------------------------------------------------------------------------
+
+def reduce_to_root(fab: Fabric, block: np.ndarray, axis: int, root, op: str = "sum",
+                   record: bool = True, name: str = "chain_reduce") -> np.ndarray:
+    """Pipelined chain reduce of every line along ``axis`` to its root core.
+
+    Parameters
+    ----------
+    block : ndarray
+        ``[by, bx, *vec]`` tiles.
+    root : int or ndarray
+        Global core index along ``axis``; or one root per line (length ``Px`` for ``axis=0``,
+        ``Py`` for ``axis=1``, indexed by the global line index).
+
+    Returns
+    -------
+    ndarray
+        Like ``block``: root cores hold the reduction of their line; all other cores hold 0.
+    """
+    n = fab.layout.cores(axis)
+    words = int(np.prod(block.shape[2:]))
+    if record:
+        _record(fab, name, chain_cost(n, root, words))
+    ufunc = OPS[op]
+    ident = _identity(op, block.dtype)
+    diff, _ = _root_mask(fab, axis, root)
+    mask_shape = diff.shape + (1,) * (block.ndim - 2)
+    diff = diff.reshape(mask_shape)
+    lower = ufunc.reduce(np.where(diff < 0, block, ident), axis=axis, keepdims=True)
+    upper = ufunc.reduce(np.where(diff > 0, block, ident), axis=axis, keepdims=True)
+    r, nr = fab.coords[axis], fab.layout.ranks(axis)
+    if nr > 1:
+        below, above = _sweep(fab, axis, (lower, upper), ufunc, ident, send_up=r < nr - 1,
+                              recv_up=r > 0, send_down=r > 0, recv_down=r < nr - 1, name=name)
+        if below is not None:
+            lower = ufunc(below, lower)
+        if above is not None:
+            upper = ufunc(upper, above)
+    total = ufunc(ufunc(lower, block), upper)
+    return np.where(diff == 0, total, np.zeros((), block.dtype))
+
+
+def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = True,
+              name: str = "broadcast") -> np.ndarray:
+    """Every core of each line along ``axis`` gets the tile of the line's root core.
+
+    ``root`` is an int or one root per line, as in :func:`reduce_to_root`.
+    """
+    n = fab.layout.cores(axis)
+    if record:
+        words = int(np.prod(block.shape[2:]))
+        _record(fab, name, broadcast_cost(n, root, words), overlap=False)
+    diff, _ = _root_mask(fab, axis, root)
+    diff = diff.reshape(diff.shape + (1,) * (block.ndim - 2))
+    r = np.asarray(root)
+    if r.ndim == 0 and fab.layout.ranks(axis) == 1:
+        sl = [slice(None)] * block.ndim
+        sl[axis] = slice(int(r), int(r) + 1)
+        return np.broadcast_to(block[tuple(sl)], block.shape).copy()
+    mine = np.where(diff == 0, block, np.zeros((), block.dtype)).sum(axis=axis, keepdims=True,
+                                                                        dtype=block.dtype)
+    total = _line_total(fab, mine, axis, "sum", name)
+    return np.broadcast_to(total, block.shape).copy()
+
+
+def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", algo: str = "ktree",
+              levels: int = 2, groups: int | None = None, record: bool = True,
+              name: str | None = None) -> np.ndarray:
+    """Every core of each line along ``axis`` gets the reduction of its line.
+
+    Parameters
+    ----------
+    algo : {"ktree", "pipeline", "ring"}
+        ``ktree``: MeshGEMV's K-level tree (``levels``; ``groups`` fixes the number of first-level
+        groups as in the paper's code), then a multicast from the tree root. ``pipeline``: chain
+        reduce to the last core, then multicast back. ``ring``: reduce-scatter and all-gather on
+        the interleaved two-hop ring.
+    """
+    name = name or f"allreduce_{algo}"
+    if algo == "ktree":
+        return ktree_allreduce(fab, block, axis, op, levels, groups, record, name)
+    if algo == "pipeline":
+        n = fab.layout.cores(axis)
+        red = reduce_to_root(fab, block, axis, n - 1, op, record, name + "/reduce")
+        return broadcast(fab, red, axis, n - 1, record, name + "/broadcast")
+    if algo == "ring":
+        return ring_allreduce(fab, block, axis, op, record, name)
+    raise ValueError(f"unknown allreduce algorithm {algo!r}; use ktree, pipeline or ring")
+
+
+def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", levels: int = 2,
+                    groups: int | None = None, record: bool = True,
+                    name: str = "allreduce_ktree") -> np.ndarray:
+    """K-tree allreduce (MeshGEMV): grouped chain reduces level by level, then a multicast."""
+    n = fab.layout.cores(axis)
+    plan = ktree_plan(n, levels, groups)
+    if record:
+        words = int(np.prod(block.shape[2:]))
+        for lvl, cost in enumerate(ktree_cost(n, words, levels, groups)):
+            is_bcast = lvl == len(plan)
+            _record(fab, f"{name}/{'broadcast' if is_bcast else f'level{lvl + 1}'}", cost,
+                    overlap=not is_bcast)
+    if fab.layout.ranks(axis) == 1:  # one rank holds the whole line: same sum, no messages
+        total = OPS[op].reduce(block, axis=axis, keepdims=True)
+        return np.broadcast_to(total, block.shape).copy()
+    vals = block
+    for lvl, segs in enumerate(plan):
+        vals = _segment_reduce(fab, vals, axis, segs, op, f"{name}/level{lvl + 1}")
+    root = plan[-1][0][2] if plan else 0
+    return broadcast(fab, vals, axis, root, record=False, name=f"{name}/broadcast")
+
+
+def ring_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
+                   record: bool = True, name: str = "allreduce_ring") -> np.ndarray:
+    """Ring allreduce on the interleaved two-hop ring: ``N-1`` reduce-scatter steps then ``N-1``
+    all-gather steps, each moving one ``1/N`` chunk of the vector one ring edge."""
+    from .mesh import ring_pos
+    ufunc = OPS[op]
+    n = fab.layout.cores(axis)
+    vec_shape = block.shape[2:]
+    words = int(np.prod(vec_shape))
+    if record:
+        cost = ring_cost(n, words)
+        _record(fab, name, cost, count=2 * (n - 1))
+    if n == 1:
+        return block.copy()
+    c = -(-words // n)
+    flat = block.reshape(block.shape[:2] + (words,))
+    chunks = np.zeros(block.shape[:2] + (n, c), dtype=block.dtype)
+    chunks.reshape(block.shape[:2] + (n * c,))[..., :words] = flat
+    pos = ring_pos(n)[fab.index(axis)]
+    pos = pos[:, None] if axis == 0 else pos[None, :]
+    pos = np.broadcast_to(pos, block.shape[:2])
+    yy, xx = np.indices(block.shape[:2])
+
+    for t in range(n - 1):  # reduce-scatter: send chunk (p - t), receive chunk (p - t - 1)
+        out = chunks[yy, xx, (pos - t) % n]
+        got = fab.ring_shift(out, axis, op=name)
+        k = (pos - t - 1) % n
+        chunks[yy, xx, k] = ufunc(chunks[yy, xx, k], got)
+    for t in range(n - 1):  # all-gather: core p owns chunk (p + 1) after reduce-scatter
+        out = chunks[yy, xx, (pos + 1 - t) % n]
+        got = fab.ring_shift(out, axis, op=name)
+        chunks[yy, xx, (pos - t) % n] = got
+    res = chunks.reshape(block.shape[:2] + (n * c,))[..., :words]
+    return res.reshape(block.shape)
