@@ -1,0 +1,160 @@
+"""MeshGEMV ``y = x @ W`` and its allreduce baselines.
+
+Vector layouts (decode's alternation; no transpose ever happens):
+
+* **Y-vector**: core ``(py, px)`` holds segment ``py`` of the vector, replicated along x.
+  Block: ``f32[by, bx, *batch, L/Py]``.
+* **X-vector**: core ``(py, px)`` holds segment ``px``, replicated along y.
+  Block: ``f32[by, bx, *batch, L/Px]``.
+
+A Y-vector input multiplies tiles ``W[in-seg py, out-seg px]`` (``f32[M/Py, N/Px]``); the partial
+products are summed along y, so the output comes out as an X-vector. An X-vector input multiplies
+tiles placed transposed, ``W[in-seg px, out-seg py]`` (``f32[M/Px, N/Py]``), sums along x, and
+yields a Y-vector. The allreduce is MeshGEMV's K-tree by default; ``pipeline`` and ``ring`` are
+the baselines (Cerebras' GEMV and the GPU default).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..collectives import allreduce, broadcast_cost, ktree_cost, ring_cost, chain_cost
+from ..fabric import Fabric
+from ..mesh import X, Y, ceil_div, pad_to
+from ..plmr import Device, Ledger
+
+AXIS = {"y": Y, "x": X}
+
+
+def _in_axis(input_axis: str) -> int:
+    if input_axis not in AXIS:
+        raise ValueError(f"input_axis must be 'y' or 'x', not {input_axis!r}")
+    return AXIS[input_axis]
+
+
+def weight_tiles(w: np.ndarray, mesh_shape: tuple[int, int], input_axis: str = "y",
+                 dtype=np.float32) -> np.ndarray:
+    """Host-side placement of ``W[M, N]`` for :func:`meshgemv`.
+
+    Returns
+    -------
+    ndarray
+        ``input_axis="y"``: ``tiles[py, px] = W[in-seg py, out-seg px]``, ``f32[Py, Px, M/Py, N/Px]``.
+        ``input_axis="x"``: ``tiles[py, px] = W[in-seg px, out-seg py]``, ``f32[Py, Px, M/Px, N/Py]``.
+        Segments are zero-padded, so padding never changes a result.
+    """
+    py, px = mesh_shape
+    m, n = w.shape
+    if _in_axis(input_axis) == Y:
+        tm, tn = ceil_div(m, py), ceil_div(n, px)
+        t = pad_to(w.astype(dtype, copy=False), (py * tm, px * tn)).reshape(py, tm, px, tn)
+        return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
+    tm, tn = ceil_div(m, px), ceil_div(n, py)
+    t = pad_to(w.astype(dtype, copy=False), (px * tm, py * tn)).reshape(px, tm, py, tn)
+    return np.ascontiguousarray(t.transpose(2, 0, 1, 3))
+
+
+def vector_tiles(x: np.ndarray, mesh_shape: tuple[int, int], axis: str = "y") -> np.ndarray:
+    """Host-side layout of a vector (or ``[*batch, L]`` vectors) as a Y- or X-vector.
+
+    Returns ``f32[Py, Px, *batch, seg]`` with the segment replicated along the other axis.
+    """
+    py, px = mesh_shape
+    a = _in_axis(axis)
+    parts = (py, px)[a]
+    seg = ceil_div(x.shape[-1], parts)
+    xp = pad_to(x, x.shape[:-1] + (parts * seg,)).reshape(x.shape[:-1] + (parts, seg))
+    xp = np.moveaxis(xp, -2, 0)  # (parts, *batch, seg)
+    out = xp[:, None] if a == Y else xp[None, :]
+    return np.ascontiguousarray(np.broadcast_to(out, (py, px) + xp.shape[1:]))
+
+
+def vector_from_tiles(tiles: np.ndarray, length: int, axis: str) -> np.ndarray:
+    """Inverse of :func:`vector_tiles` (reads one replica): ``[*batch, length]``."""
+    line = tiles[:, 0] if _in_axis(axis) == Y else tiles[0, :]
+    v = np.moveaxis(line, 0, -2)
+    return v.reshape(v.shape[:-2] + (-1,))[..., :length]
+
+
+def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Every core's partial ``x_tile @ w_tile``: ``f32[by, bx, *batch, K] x f32[by, bx, K, N]``."""
+    if x.ndim == 3:
+        return np.einsum("abk,abkn->abn", x, w, optimize=False)
+    return np.matmul(x, w[:, :, None] if x.ndim > 4 else w)
+
+
+def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
+             algo: str = "ktree", levels: int = 2, groups: int | None = None,
+             name: str = "meshgemv") -> np.ndarray:
+    """``y = x @ W`` on the mesh.
+
+    Parameters
+    ----------
+    x : ndarray
+        ``input_axis="y"``: Y-vector block ``f32[by, bx, *batch, M/Py]``;
+        ``"x"``: X-vector block ``f32[by, bx, *batch, M/Px]``.
+    w : ndarray
+        Weight block from :func:`weight_tiles` with the same ``input_axis``:
+        ``f32[by, bx, M/Py, N/Px]`` or ``f32[by, bx, M/Px, N/Py]``.
+    algo : {"ktree", "pipeline", "ring"}
+        Allreduce of the partial products (``levels``/``groups`` configure the K-tree).
+
+    Returns
+    -------
+    ndarray
+        The other orientation: an X-vector ``f32[by, bx, *batch, N/Px]`` for a Y-vector input,
+        a Y-vector ``f32[by, bx, *batch, N/Py]`` for an X-vector input.
+    """
+    axis = _in_axis(input_axis)
+    if x.shape[-1] != w.shape[2]:
+        raise ValueError(f"vector segment {x.shape[-1]} does not match weight tile rows {w.shape[2]}"
+                         f" (input_axis={input_axis!r})")
+    batch = int(np.prod(x.shape[2:-1], dtype=np.int64))
+    led = fab.ledger
+    led.record(f"{name}/local", macs=batch * w.shape[2] * w.shape[3])
+    led.memory(name, w.shape[2] * w.shape[3] + batch * (w.shape[2] + w.shape[3]))
+    part = local_gemv(x, w) if x.dtype == w.dtype else local_gemv(x.astype(np.float32),
+                                                                  w.astype(np.float32))
+    return allreduce(fab, part, axis, "sum", algo=algo, levels=levels, groups=groups,
+                     name=f"{name}/allreduce")
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic estimate (closed form, no emulation)
+# ----------------------------------------------------------------------------------------------
+
+def allreduce_costs(n_cores: int, words: int, algo: str = "ktree", levels: int = 2,
+                    groups: int | None = None) -> list[tuple[str, dict, int, bool]]:
+    """``(phase, cost, count, overlap)`` of one allreduce, exactly as :func:`allreduce` records."""
+    if algo == "ktree":
+        costs = ktree_cost(n_cores, words, levels, groups)
+        return [(("broadcast" if i == len(costs) - 1 else f"level{i + 1}"), c, 1,
+                 i != len(costs) - 1) for i, c in enumerate(costs)]
+    if algo == "pipeline":
+        return [("reduce", chain_cost(n_cores, n_cores - 1, words), 1, True),
+                ("broadcast", broadcast_cost(n_cores, n_cores - 1, words), 1, False)]
+    if algo == "ring":
+        return [("", ring_cost(n_cores, words), 2 * (n_cores - 1), True)]
+    raise ValueError(f"unknown allreduce algorithm {algo!r}")
+
+
+def estimate_meshgemv(m: int, n: int, mesh_shape: tuple[int, int], device: Device | None = None,
+                      input_axis: str = "y", algo: str = "ktree", levels: int = 2,
+                      groups: int | None = None, batch: int = 1, ledger: Ledger | None = None,
+                      name: str = "meshgemv") -> Ledger:
+    """The ledger :func:`meshgemv` would write for ``[batch, m] @ [m, n]``, without running it."""
+    led = ledger if ledger is not None else Ledger(device) if device else Ledger()
+    py, px = mesh_shape
+    axis = _in_axis(input_axis)
+    tm = ceil_div(m, (py, px)[axis])
+    tn = ceil_div(n, (px, py)[axis])
+    led.record(f"{name}/local", macs=batch * tm * tn)
+    led.memory(name, tm * tn + batch * (tm + tn))
+    for phase, cost, count, overlap in allreduce_costs((py, px)[axis], batch * tn, algo, levels,
+                                                       groups):
+        op = f"{name}/allreduce" + (f"/{phase}" if phase else "")
+        if algo == "pipeline":
+            op = f"{name}/allreduce/{phase}"
+        led.record(op, macs=cost["macs"], words=cost["words"], hops=cost["hops"],
+                   routings=cost["routings"], overlap=overlap, count=count)
+        led.routes(op, cost["routes"])
+    return led

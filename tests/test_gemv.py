@@ -1,0 +1,76 @@
+"""MeshGEMV and its allreduce baselines against numpy, on any number of ranks."""
+import numpy as np
+import pytest
+
+from meshrt import darray
+from meshrt.mesh import MeshLayout
+from meshrt.ops import gemv as G
+from meshtest import assert_neighbour_only, fabric, layouts, world
+
+pytestmark = pytest.mark.mpi
+
+
+def _run(fab, x, w, input_axis, **kw):
+    lay = fab.layout
+    mesh = (lay.py, lay.px)
+    wb = darray.local_block(fab, G.weight_tiles(w, mesh, input_axis))
+    xb = darray.local_block(fab, G.vector_tiles(x, mesh, input_axis))
+    yb = G.meshgemv(fab, xb, wb, input_axis, **kw)
+    out_axis = "x" if input_axis == "y" else "y"
+    tiles = darray.gather(fab, yb, to_all=True)
+    return G.vector_from_tiles(tiles, w.shape[1], out_axis), yb
+
+
+@pytest.mark.parametrize("input_axis", ["y", "x"])
+@pytest.mark.parametrize("algo,kw", [("ktree", {}), ("ktree", {"groups": 2}),
+                                     ("ktree", {"levels": 3}), ("pipeline", {}), ("ring", {})])
+def test_meshgemv_matches_numpy(input_axis, algo, kw):
+    rng = np.random.default_rng(7)
+    for lay in layouts(world().Get_size()):
+        for m, n in ((37, 29), (12, 48)):
+            x = rng.standard_normal(m).astype(np.float32)
+            w = rng.standard_normal((m, n)).astype(np.float32)
+            fab = fabric(lay)
+            if kw.get("groups", 0) > lay.cores(0 if input_axis == "y" else 1):
+                continue
+            y, yb = _run(fab, x, w, input_axis, algo=algo, **kw)
+            np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
+            assert_neighbour_only(fab)
+            # output replicated along the other axis: every replica equal
+            axis = 0 if input_axis == "y" else 1
+            np.testing.assert_array_equal(yb, np.broadcast_to(yb.take([0], axis=axis), yb.shape))
+
+
+def test_meshgemv_batched_and_chained_alternation():
+    rng = np.random.default_rng(3)
+    for lay in layouts(world().Get_size()):
+        fab = fabric(lay)
+        mesh = (lay.py, lay.px)
+        x = rng.standard_normal((2, 23)).astype(np.float32)
+        w1 = rng.standard_normal((23, 31)).astype(np.float32)
+        w2 = rng.standard_normal((31, 17)).astype(np.float32)
+        xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
+        h = G.meshgemv(fab, xb, darray.local_block(fab, G.weight_tiles(w1, mesh, "y")), "y")
+        y = G.meshgemv(fab, h, darray.local_block(fab, G.weight_tiles(w2, mesh, "x")), "x")
+        got = G.vector_from_tiles(darray.gather(fab, y, to_all=True), 17, "y")
+        np.testing.assert_allclose(got, x @ w1 @ w2, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("algo", ["ktree", "pipeline", "ring"])
+@pytest.mark.parametrize("input_axis", ["y", "x"])
+def test_ledger_equals_estimate(algo, input_axis):
+    size = world().Get_size()
+    lay = MeshLayout(6 * (size if size <= 2 else 1), 6 * (1 if size <= 2 else size // 2),
+                     *((size, 1) if size <= 2 else (2, size // 2)))
+    fab = fabric(lay)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(40).astype(np.float32)
+    w = rng.standard_normal((40, 50)).astype(np.float32)
+    _run(fab, x, w, input_axis, algo=algo)
+    est = G.estimate_meshgemv(40, 50, (lay.py, lay.px), input_axis=input_axis, algo=algo)
+    got = {k: v for k, v in fab.ledger.ops.items() if k.startswith("meshgemv")}
+    assert got.keys() == est.ops.keys()
+    for k in got:
+        assert got[k] == est.ops[k], k
+    assert fab.ledger.peak_memory == est.peak_memory
+    assert fab.ledger.max_routes == est.max_routes
