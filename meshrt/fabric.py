@@ -231,9 +231,22 @@ class Fabric:
         src = ring_next(n) if reverse else ring_prev(n)
         idx = self.index(axis)
         w = min(2, n - 1)  # every rank takes part in both exchanges, edge ranks too
-        ext = self.halo(block, axis, w, w, op=op)
-        local = src[idx] - (idx[0] - w)
-        return np.take(ext, local, axis=axis)
+        b = block.shape[axis]
+        below = self._gather_side(block, axis, w, LO, 0, op)   # cores idx[0]-w .. idx[0]-1
+        above = self._gather_side(block, axis, w, HI, 0, op)   # cores idx[-1]+1 .. idx[-1]+w
+        local = src[idx] - idx[0]
+        out = np.empty_like(block)
+        pos = np.arange(b)
+        inside = (local >= 0) & (local < b)
+        for d in np.unique(local[inside] - pos[inside]):  # a few strided copies, not a gather
+            _copy_strided(out, block, pos[inside & (local - pos == d)], int(d), axis)
+        for j in np.flatnonzero(~inside):  # at most 2w cores near the edges
+            dst = [slice(None)] * block.ndim
+            dst[axis] = j
+            srcsl = [slice(None)] * block.ndim
+            srcsl[axis] = local[j] + w if local[j] < 0 else local[j] - b
+            out[tuple(dst)] = (below if local[j] < 0 else above)[tuple(srcsl)]
+        return out
 
     # -- control plane ---------------------------------------------------------------------
     def all_true(self, flag: bool) -> bool:
@@ -245,6 +258,24 @@ class Fabric:
     def barrier(self) -> None:
         if self.world is not None and self.nranks > 1:
             self.world.Barrier()
+
+
+def _copy_strided(out: np.ndarray, block: np.ndarray, dst: np.ndarray, offset: int, axis: int):
+    """``out[dst] = block[dst + offset]`` along ``axis``, as one slice copy per arithmetic run."""
+    runs: list[list[int]] = []
+    for p in dst.tolist():
+        if runs and (len(runs[-1]) == 1 or p - runs[-1][-1] == runs[-1][1] - runs[-1][0]):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    for run in runs:
+        step = int(run[1] - run[0]) if len(run) > 1 else 1
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        o = [slice(None)] * block.ndim
+        i = [slice(None)] * block.ndim
+        o[axis] = slice(lo, hi, step)
+        i[axis] = slice(lo + offset, hi + offset, step)
+        out[tuple(o)] = block[tuple(i)]
 
 
 def make_fabric(layout: MeshLayout, comm=None, **kwargs) -> Fabric:
