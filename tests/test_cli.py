@@ -1,0 +1,95 @@
+"""Command line and failure behaviour, driven as a user would: whole processes under mpiexec."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+           PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", OMPI_MCA_pml="ob1",
+           OMPI_MCA_btl="self,sm", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec in the venv")
+
+
+def run(args, n=None, timeout=120):
+    cmd = ([MPIEXEC, "-n", str(n)] if n else []) + [sys.executable] + args
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    return p, time.monotonic() - t0
+
+
+FAILING_RANK = """
+import sys
+from meshrt import runtime
+def main(argv):
+    comm = runtime.world()
+    if comm.Get_rank() == 1:
+        raise RuntimeError("boom on purpose")
+    comm.Barrier()   # the other ranks wait for rank 1 forever unless the job is aborted
+runtime.run_main(main)
+"""
+
+
+@needs_mpiexec
+def test_one_failing_rank_ends_the_job_promptly():
+    p, dt = run(["-c", FAILING_RANK], n=3, timeout=60)
+    assert p.returncode != 0
+    assert "rank 1/3" in p.stderr and "RuntimeError: boom on purpose" in p.stderr
+    assert "Traceback" in p.stderr
+    assert dt < 30, f"took {dt:.1f}s to end"
+
+
+def test_info_one_process():
+    p, _ = run(["-m", "meshrt", "info", "--mesh", "8x6", "--json"])
+    assert p.returncode == 0, p.stderr
+    import json
+    info = json.loads(p.stdout)
+    assert info["virtual_mesh"] == "8x6" and info["rank_grid"] == "1x1"
+    assert "wse2" in info["devices"] and info["mpi4py"]
+
+
+@needs_mpiexec
+def test_info_under_mpiexec_validates_mesh_on_every_rank():
+    p, _ = run(["-m", "meshrt", "info", "--mesh", "6x4"], n=4)
+    assert p.returncode == 0, p.stderr
+    assert "rank_grid: 2x2" in p.stdout and p.stdout.count("rank_grid") == 1  # rank 0 prints
+    p, dt = run(["-m", "meshrt", "info", "--mesh", "6x5"], n=4)
+    assert p.returncode == 2
+    assert p.stderr.count("4 ranks cannot tile a 6x5 virtual mesh") == 1
+    assert "rank counts that fit" in p.stderr
+    p, _ = run(["-m", "meshrt", "info", "--mesh", "8x8", "--ranks", "3x1"], n=2)
+    assert p.returncode == 2 and "needs 3 ranks but 2 are running" in p.stderr
+
+
+@pytest.mark.parametrize("bad", ["0x4", "4x-2", "axb"])
+def test_invalid_mesh_one_clear_message(bad):
+    p, _ = run(["-m", "meshrt", "info", "--mesh", bad])
+    assert p.returncode == 2
+    assert p.stderr.startswith("error:") and "mesh" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_help_teaches():
+    p, _ = run(["-m", "meshrt", "--help"])
+    assert p.returncode == 0 and "Examples" in p.stdout and "mpiexec" in p.stdout
+    p, _ = run(["-m", "meshrt", "bench", "--help"])
+    assert p.returncode == 0 and "--repeat" in p.stdout
+
+
+def test_bench_model_and_calibrate(tmp_path):
+    out = tmp_path / "m.json"
+    p, _ = run(["-m", "meshrt", "bench", "model", "--kernel", "gemv", "--sides", "60,720",
+                "--sizes", "2048", "--json", str(out)])
+    assert p.returncode == 0, p.stderr
+    import json
+    rows = json.loads(out.read_text())
+    k = {(r["algo"], r["side"]): r["ms"] for r in rows}
+    assert k[("ktree", 720)] < k[("pipeline", 720)]
+    p, _ = run(["-m", "meshrt", "bench", "calibrate"])
+    assert p.returncode == 0 and "beta=" in p.stdout
