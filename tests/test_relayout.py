@@ -1,0 +1,42 @@
+"""Re-distributing ordered items along rank lines, with closed-form answers."""
+import numpy as np
+import pytest
+
+from meshrt.relayout import bounds_from_counts, move_cost, rank_bounds, rebalance
+from meshtest import assert_neighbour_only, fabric, layouts, world
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_rebalance_moves_ranges_in_order(axis):
+    rng = np.random.default_rng(5)
+    for lay in layouts(world().Get_size()):
+        nr = lay.ranks(axis)
+        for trial in range(4):
+            total = int(rng.integers(0, 40))
+            # the same random cuts on every rank (same seed sequence)
+            cuts_src = np.sort(rng.integers(0, total + 1, nr - 1))
+            cuts_dst = np.sort(rng.integers(0, total + 1, nr - 1))
+            src = np.concatenate([[0], cuts_src, [total]])
+            dst = np.concatenate([[0], cuts_dst, [total]])
+            fab = fabric(lay)
+            r = fab.coords[axis]
+            other = fab.coords[1 - axis]
+            items = np.arange(src[r], src[r + 1], dtype=np.float64)
+            data = np.stack([items, items * 0 + other], axis=1)   # (items, 2): id and line tag
+            got = rebalance(fab, data, axis, 0, src, dst)
+            want = np.arange(dst[r], dst[r + 1], dtype=np.float64)
+            np.testing.assert_array_equal(got[:, 0], want)
+            np.testing.assert_array_equal(got[:, 1], np.full(want.shape, other))
+            assert_neighbour_only(fab)
+
+
+def test_move_cost_closed_form():
+    # 4 cores: [3, 1, 0, 0] -> [1, 1, 1, 1]: item 1 goes 0->1 (1 hop), 2 goes 0->2, 3 goes 1->3
+    c = move_cost([3, 1, 0, 0], [1, 1, 1, 1], words_per_item=5)
+    assert c["hops"] == 2
+    assert c["words"] == 2 * 5  # two items cross the boundary between cores 0 and 1
+    assert move_cost([2, 2], [2, 2], 1)["hops"] == 0
+    np.testing.assert_array_equal(bounds_from_counts([2, 0, 3]), [0, 2, 2, 5])
+    np.testing.assert_array_equal(rank_bounds([1, 2, 3, 4], 2), [0, 3, 10])
