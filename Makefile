@@ -47,6 +47,20 @@ test-mpi:
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q --only-mpi --color=no < /dev/null; \
 	done
 
+# Live comparison against HF transformers (torch CPU wheel, pinned) in a separate venv.
+ORACLE := .venv-oracle/bin/python
+$(ORACLE):
+	$(PYTHON) -m venv .venv-oracle
+	.venv-oracle/bin/pip install -q torch==2.13.0
+	.venv-oracle/bin/pip install -q -r requirements-oracle.txt
+	.venv-oracle/bin/pip install -q --no-deps -e .
+
+test-oracle: $(ORACLE)
+	timeout -k 10 $(MPI_TIMEOUT) $(ORACLE) -m pytest -q --color=no tests/test_oracle_live.py tests/test_reference.py
+
+fixtures: $(ORACLE)
+	$(ORACLE) tools/make_fixtures.py
+
 bench:
 	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric < /dev/null
 

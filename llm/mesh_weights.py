@@ -97,3 +97,15 @@ def decode_global_tiles(lay: PhaseLayout, w: Mapping) -> dict:
         out["lm_head"] = weight_tiles(lay.linear(lm_head_weight(c, w), None, lay.vocab, None,
                                                  lay.hidden), mesh, "y")
     return out
+
+
+def decode_tiles(lay: PhaseLayout, w: Mapping):
+    """Every decode tile array as ``(name, tiles)``: ``layer{i}/{key}`` and the global ``{key}``.
+
+    A generator, so a converter holds one tensor's tiles at a time.
+    """
+    for key, tiles in decode_global_tiles(lay, w).items():
+        yield key, tiles
+    for i in range(lay.config.num_layers):
+        for key, tiles in decode_layer_tiles(lay, w, i).items():
+            yield f"layer{i}/{key}", tiles
