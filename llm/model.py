@@ -1,0 +1,211 @@
+"""The model on the mesh: weights placed, prefill and decode engines, the KV cache between them.
+
+``MeshModel`` is what the command line and tests drive. It holds one fabric per phase (the same
+rank grid, possibly different virtual meshes), the weight blocks of this rank, and a ledger per
+phase so that modeled wafer time to first token and time per output token are reported apart.
+
+Weights come either from HF tensors in memory (:meth:`MeshModel.from_weights`, small models and
+tests) or from converted shards (:meth:`MeshModel.from_shards`); both go through the same tile
+producers, so the two paths hold identical blocks.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+from meshrt.fabric import Fabric
+from meshrt.mesh import MeshError, MeshLayout
+from meshrt.plmr import Ledger, get_device
+
+from .config import ModelConfig
+from .decode import MeshDecoder
+from .kvcache import KVCache
+from .layout import PhaseLayout
+from .mesh_weights import decode_tiles
+
+
+def split_layers(blocks: Mapping, layers: int) -> tuple[list, dict]:
+    """``{"layer3/qkv": b, "embed": e}`` -> ``([{...layer 0...}, ...], {"embed": e})``."""
+    per = [dict() for _ in range(layers)]
+    glob = {}
+    for name, block in blocks.items():
+        head, _, key = name.partition("/")
+        if key and head.startswith("layer") and head[5:].isdigit():
+            per[int(head[5:])][key] = block
+        else:
+            glob[name] = block
+    return per, glob
+
+
+def phase_producers() -> dict[str, Callable]:
+    """Tile producers per phase: ``producer(PhaseLayout, hf_weights)`` yields (name, tiles)."""
+    out = {"decode": decode_tiles}
+    try:  # the prefill engine, where present, brings its own weight placement
+        from .prefill_weights import prefill_tiles
+        out["prefill"] = prefill_tiles
+    except ImportError:
+        pass
+    return out
+
+
+def mesh_layouts(nranks: int, decode_mesh, prefill_mesh=None, ranks=None) -> dict:
+    """Validated :class:`MeshLayout` of each phase on one rank grid."""
+    decode_mesh = tuple(decode_mesh)
+    prefill_mesh = tuple(prefill_mesh or decode_mesh)
+    if ranks is None:
+        from meshrt.mesh import default_rank_grid
+        ranks = default_rank_grid(nranks, math.gcd(decode_mesh[0], prefill_mesh[0]),
+                                  math.gcd(decode_mesh[1], prefill_mesh[1]))
+    if ranks[0] * ranks[1] != nranks:
+        raise MeshError(f"rank grid {ranks[0]}x{ranks[1]} needs {ranks[0] * ranks[1]} ranks but "
+                        f"{nranks} are running")
+    return {"decode": MeshLayout(*decode_mesh, *ranks), "prefill": MeshLayout(*prefill_mesh, *ranks)}
+
+
+def _coords(comm, lay: MeshLayout) -> tuple[int, int]:
+    """Rank coordinates in the (row-major, not reordered) Cartesian rank grid."""
+    rank = 0 if comm is None else comm.Get_rank()
+    return divmod(rank, lay.rx)
+
+
+class MeshModel:
+    """A LLaMA-family model placed on an emulated wafer.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    comm : mpi4py communicator or None
+        ``None`` runs in one process without MPI.
+    decode_mesh, prefill_mesh : (int, int)
+        Virtual meshes ``(Py, Px)`` of the two phases (prefill defaults to the decode mesh).
+    ranks : (int, int), optional
+        Rank grid; by default the squarest grid that divides both meshes.
+    blocks : dict
+        ``{phase: {name: block}}`` of this rank (see :meth:`from_weights`, :meth:`from_shards`).
+    kv_policy : {"shift", "concat"}
+    device : str or Device
+        Device whose PLMR model prices the run.
+    allreduce, groups : str, int
+        Allreduce algorithm (and K-tree group count) of every reduction in decode.
+    """
+
+    def __init__(self, config: ModelConfig, comm, decode_mesh, blocks: Mapping,
+                 prefill_mesh=None, ranks=None, kv_policy: str = "shift",
+                 device="wse2", allreduce: str = "ktree", groups: int | None = None):
+        self.config = config
+        self.comm = comm
+        nranks = 1 if comm is None else comm.Get_size()
+        self.layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
+        device = get_device(device)
+        self.fabrics = {ph: Fabric(comm if nranks > 1 else None, lay, ledger=Ledger(device))
+                        for ph, lay in self.layouts.items()}
+        self.phase_layouts = {ph: PhaseLayout(config, lay.py, lay.px)
+                              for ph, lay in self.layouts.items()}
+        self.kv_policy = kv_policy
+        self.ar = dict(algo=allreduce, groups=groups)
+        self.blocks = blocks
+        layers, glob = split_layers(blocks["decode"], config.num_layers)
+        self._decode_weights = (layers, glob)
+        self.decoder: MeshDecoder | None = None
+        self.prefiller = None
+        if "prefill" in blocks:
+            from .prefill import MeshPrefiller
+            self.prefiller = MeshPrefiller(self.fabrics["prefill"], self.phase_layouts["prefill"],
+                                           *split_layers(blocks["prefill"], config.num_layers))
+        self.position = 0
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: Mapping, comm=None, decode_mesh=(2, 2),
+                     prefill_mesh=None, ranks=None, phases: Iterable[str] | None = None,
+                     **kwargs) -> "MeshModel":
+        """Place HF-named weights held in memory (every rank holds them; small models)."""
+        nranks = 1 if comm is None else comm.Get_size()
+        layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
+        producers = phase_producers()
+        blocks = {}
+        for phase in (phases or producers):
+            lay = layouts[phase]
+            y0, x0 = lay.origin(_coords(comm, lay))
+            playout = PhaseLayout(config, lay.py, lay.px)
+            blocks[phase] = {name: np.ascontiguousarray(t[y0:y0 + lay.by, x0:x0 + lay.bx])
+                             for name, t in producers[phase](playout, weights)}
+        lay = layouts["decode"]
+        return cls(config, comm, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx), **kwargs)
+
+    @classmethod
+    def from_shards(cls, path, comm=None, decode_mesh=None, prefill_mesh=None, ranks=None,
+                    verify: bool = True, **kwargs) -> "MeshModel":
+        """Load this rank's blocks from a converted shard set (validated first)."""
+        from .shards import open_shards
+        shards = open_shards(path, comm, decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
+                             ranks=ranks, verify=verify)
+        blocks = {ph: {n: shards.read(ph, n) for n in shards.names(ph)} for ph in shards.phases}
+        dm = shards.mesh("decode")
+        pm = shards.mesh("prefill") if "prefill" in shards.phases else dm
+        return cls(shards.config, comm, dm, blocks, pm, shards.ranks, **kwargs)
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def decode_fabric(self) -> Fabric:
+        return self.fabrics["decode"]
+
+    def start(self, capacity: int) -> None:
+        """A fresh KV cache of ``capacity`` slots per core (per row ring)."""
+        fab = self.decode_fabric
+        lay = self.phase_layouts["decode"]
+        cache = KVCache(fab, self.config.num_layers, lay.kv // lay.px, capacity, self.kv_policy)
+        self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, **self.ar)
+        self.position = 0
+
+    def capacity_for(self, tokens: int) -> int:
+        """Slots per core so that ``tokens`` fit under the KV policy."""
+        rows = self.layouts["decode"].py
+        if self.kv_policy == "shift":
+            return max(1, math.ceil(tokens / rows))
+        return max(1, tokens)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Run the prompt; returns the last token's logits (decode X-vector)."""
+        if self.decoder is None:
+            self.start(self.capacity_for(len(ids) + 1))
+        if len(ids) == 0:
+            raise ValueError("empty prompt")
+        if self.position + len(ids) > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the context of "
+                             f"{self.config.max_position_embeddings}")
+        if self.prefiller is not None and self.position == 0:
+            logits = self.prefiller.run(ids, self.decoder)
+            self.position = len(ids)
+            return logits
+        logits = None
+        for t in ids:  # no prefill engine: the prompt goes through decode steps
+            logits = self.decode(t)
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        """Feed one token; returns its logits (decode X-vector ``f32[by, bx, V/Px]``)."""
+        if self.position >= self.config.max_position_embeddings:
+            raise ValueError(f"context of {self.config.max_position_embeddings} tokens is full")
+        logits = self.decoder.step(int(token), self.position)
+        self.position += 1
+        return logits
+
+    def pick(self, logits: np.ndarray, sampler=None) -> int:
+        """Next token: greedy on the mesh, or ``sampler`` on the host (logits gathered)."""
+        if sampler is None or getattr(sampler, "greedy", False):
+            return self.decoder.argmax(logits)
+        full = self.decoder.gather_logits(logits)
+        tok = sampler(full) if (self.comm is None or self.comm.Get_rank() == 0) else None
+        if self.comm is not None and self.comm.Get_size() > 1:
+            tok = self.comm.bcast(tok, root=0)   # control plane: the host's choice
+        return int(tok)
+
+    def logits_to_host(self, logits: np.ndarray) -> np.ndarray:
+        return self.decoder.gather_logits(logits)
+
+    def ledgers(self) -> dict[str, Ledger]:
+        return {ph: fab.ledger for ph, fab in self.fabrics.items()}
+
