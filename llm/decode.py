@@ -19,7 +19,7 @@ import numpy as np
 from meshrt.collectives import allreduce, broadcast
 from meshrt.fabric import Fabric
 from meshrt.mesh import X, Y
-from meshrt.ops.gemv import meshgemv
+from meshrt.ops.gemv import meshgemv, record_allreduce
 
 from .kvcache import KVCache
 from .layout import PhaseLayout
@@ -64,8 +64,14 @@ class MeshDecoder:
                             + np.arange(self.vocab_seg)[None, :])       # int[bx, V/Px]
 
     # -- pieces ----------------------------------------------------------------------------
-    def _allreduce(self, a, axis, op="sum", name="allreduce"):
-        return allreduce(self.fab, a, axis, op, name=name, **self.ar)
+    def _allreduce(self, a, axis, op="sum", name="allreduce", words=None):
+        """Allreduce of ``a`` along ``axis``; ``words`` overrides the priced vector length (the
+        emulator reduces whole fixed-size buffers, the wafer only their filled part)."""
+        if words is None:
+            return allreduce(self.fab, a, axis, op, name=name, **self.ar)
+        out = allreduce(self.fab, a, axis, op, name=name, record=False, **self.ar)
+        record_allreduce(self.fab.ledger, self.fab.layout.cores(axis), words, name, **self.ar)
+        return out
 
     def _gemv(self, x, w, input_axis, name):
         return meshgemv(self.fab, x, w, input_axis, name=name, **self.ar)
@@ -98,18 +104,20 @@ class MeshDecoder:
         kc, vc = cache.k[i], cache.v[i]                          # f32[by, bx, cap, kv/Px]
         qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]   # [by,bx,tk,nkv,G]
         part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
-        fab.ledger.record(f"layer{i}/scores/local", macs=kc.shape[2] * tk * self.g)
-        scores = self._allreduce(part, X, name=f"layer{i}/scores") * self.scale
+        fill = cache.max_fill        # the wafer works on filled slots only: the fullest row
+        fab.ledger.record(f"layer{i}/scores/local", macs=fill * tk * self.g)
+        scores = self._allreduce(part, X, name=f"layer{i}/scores", words=fill * nkv * self.g)
+        scores = scores * self.scale
         valid = cache.valid()                                    # bool[by, 1, cap, 1]
         scores = np.where(valid, scores, -np.inf)
         m = self._allreduce(scores.max(axis=2, keepdims=True), Y, "max", f"layer{i}/softmax_max")
         e = np.where(valid, np.exp(scores - m), 0).astype(np.float32)
         s = self._allreduce(e.sum(axis=2, keepdims=True), Y, name=f"layer{i}/softmax_sum")
         p = e / s                                                # f32[by, bx, cap, nq]
-        fab.ledger.record(f"layer{i}/softmax", macs=3 * kc.shape[2] * nkv * self.g)
+        fab.ledger.record(f"layer{i}/softmax", macs=3 * fill * nkv * self.g)
         w = np.matmul(np.swapaxes(vc, 2, 3), p)                  # f32[by, bx, kv/Px, nq]
         o = (w.reshape(w.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
-        fab.ledger.record(f"layer{i}/pv/local", macs=kc.shape[2] * tk * self.g)
+        fab.ledger.record(f"layer{i}/pv/local", macs=fill * tk * self.g)
         return self._allreduce(o.reshape(o.shape[:2] + (-1,)), Y, name=f"layer{i}/pv")
 
     def layer(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:

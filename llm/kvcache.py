@@ -66,6 +66,11 @@ class KVCache:
         return int(self.count.sum())
 
     @property
+    def max_fill(self) -> int:
+        """Tokens in the fullest row: the per-core attention work on the critical path."""
+        return int(self.count.max(initial=0))
+
+    @property
     def max_tokens(self) -> int:
         """Tokens the cache can hold under its policy (given what is in it now)."""
         if self.policy == "shift":

@@ -159,6 +159,9 @@ class MeshModel:
         cache = KVCache(fab, self.config.num_layers, lay.kv // lay.px, capacity, self.kv_policy)
         self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, **self.ar)
         self.position = 0
+        weights = sum(b.size for b in self.blocks["decode"].values()) // (fab.by * fab.bx)
+        fab.ledger.memory("decode/resident", weights + 2 * self.config.num_layers * capacity
+                          * (lay.kv // lay.px))
 
     def capacity_for(self, tokens: int) -> int:
         """Slots per core so that ``tokens`` fit under the KV policy."""

@@ -149,12 +149,15 @@ def estimate_meshgemv(m: int, n: int, mesh_shape: tuple[int, int], device: Devic
     tn = ceil_div(n, (px, py)[axis])
     led.record(f"{name}/local", macs=batch * tm * tn)
     led.memory(name, tm * tn + batch * (tm + tn))
-    for phase, cost, count, overlap in allreduce_costs((py, px)[axis], batch * tn, algo, levels,
-                                                       groups):
-        op = f"{name}/allreduce" + (f"/{phase}" if phase else "")
-        if algo == "pipeline":
-            op = f"{name}/allreduce/{phase}"
+    record_allreduce(led, (py, px)[axis], batch * tn, f"{name}/allreduce", algo, levels, groups)
+    return led
+
+
+def record_allreduce(led: Ledger, n_cores: int, words: int, name: str, algo: str = "ktree",
+                     levels: int = 2, groups: int | None = None) -> None:
+    """Write to ``led`` exactly what :func:`meshrt.collectives.allreduce` records."""
+    for phase, cost, count, overlap in allreduce_costs(n_cores, words, algo, levels, groups):
+        op = f"{name}/{phase}" if phase else name
         led.record(op, macs=cost["macs"], words=cost["words"], hops=cost["hops"],
                    routings=cost["routings"], overlap=overlap, count=count)
         led.routes(op, cost["routes"])
-    return led

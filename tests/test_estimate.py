@@ -1,0 +1,65 @@
+"""The closed-form decode estimate equals the ledger of an emulated decode step."""
+import os
+
+import numpy as np
+import pytest
+
+from llm.checkpoint import load_checkpoint
+from llm.config import preset
+from llm.estimate import decode_token, decode_weight_words, kv_capacity
+from llm.model import MeshModel
+from meshtest import rank_grids, world
+
+pytestmark = pytest.mark.mpi
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-qwen2"])
+@pytest.mark.parametrize("policy", ["shift", "concat"])
+def test_decode_estimate_equals_ledger(name, policy):
+    config, weights = load_checkpoint(os.path.join(FIXTURES, name))
+    comm = world()
+    ry, rx = rank_grids(comm.Get_size())[-1]
+    for mesh in ((ry, rx), (2 * ry, 3 * rx)):
+        model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+                                       decode_mesh=mesh, phases=["decode"], kv_policy=policy)
+        cap = 9
+        model.start(cap)
+        ids = [3, 5, 7, 9, 11, 13, 4]
+        for t in ids[:-1]:
+            model.decode(t)
+        led = model.decode_fabric.ledger
+        led.reset()
+        model.start(cap)  # same cache size; replay to the same point, pricing only the last
+        for t in ids[:-1]:
+            model.decode(t)
+        led.reset()
+        model.pick(model.decode(ids[-1]))
+        col = ids[-1] // (model.phase_layouts["decode"].vocab // mesh[1])
+        est = decode_token(config, mesh, context=len(ids), policy=policy, token_col=col,
+                           kv_capacity=cap)
+        assert led.ops.keys() == est.ops.keys()
+        for k in led.ops:
+            assert led.ops[k] == est.ops[k], k
+        assert led.max_routes == est.max_routes
+
+
+def test_resident_memory_matches_blocks():
+    config, weights = load_checkpoint(os.path.join(FIXTURES, "tiny-qwen2"))
+    comm = world()
+    ry, rx = rank_grids(comm.Get_size())[0]
+    mesh = (3 * ry, 2 * rx)
+    model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+                                   decode_mesh=mesh, phases=["decode"])
+    model.start(4)
+    fab = model.decode_fabric
+    per_core = sum(b.size for b in model.blocks["decode"].values()) / (fab.by * fab.bx)
+    assert per_core == decode_weight_words(config, mesh)
+
+
+def test_kv_capacity_shift_holds_rows_times_more():
+    c = preset("llama3-8b")
+    cap = kv_capacity(c, (360, 360), free_bytes=8192)
+    assert cap["shift"] == 360 * cap["concat"] > 0
+    # K+V, 32 layers, 1024 K/V features over 360 columns in even segments: 4 per core, fp16
+    assert cap["bytes_per_token_per_core"] == 2 * 32 * 4 * 2
