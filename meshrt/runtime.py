@@ -39,7 +39,7 @@ class _RankFilter(logging.Filter):
         self.rank, self.size, self.all_ranks = rank, size, all_ranks
 
     def filter(self, record):
-        record.rankinfo = f"[{self.rank}/{self.size}]" if self.size > 1 else ""
+        record.rankinfo = f"[{self.rank}/{self.size}] " if self.size > 1 else ""
         return self.all_ranks or self.rank == 0 or record.levelno >= logging.WARNING
 
 
@@ -54,7 +54,7 @@ def setup_logging(comm=None, level: str | int = "INFO", all_ranks: bool | None =
     log.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RankFilter(rank, size, all_ranks))
-    handler.setFormatter(logging.Formatter("%(rankinfo)s %(message)s".lstrip()))
+    handler.setFormatter(logging.Formatter("%(rankinfo)s%(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False

@@ -1,0 +1,200 @@
+"""``python -m llm generate``: a prompt in, tokens streamed out, wall and modeled wafer metrics.
+
+Rank 0 is the host: it reads the prompt, streams tokens to stdout and prints the summary. Every
+rank runs the mesh. Metrics use the names serving people read: TTFT (time to first token), TPOT
+(time per output token after the first), tokens/s, and TPR = 1/TPOT (the paper's throughput per
+request), each measured on this machine (wall clock) and modeled for the wafer (PLMR ledger).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from meshrt import runtime
+from meshrt.mesh import MeshError, parse_grid
+
+from .sampling import Sampler
+
+
+@dataclass
+class Generation:
+    """What one request produced and how long it took."""
+
+    prompt_ids: list
+    new_ids: list = field(default_factory=list)
+    stopped_by: str = "max_new_tokens"
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    modeled_prefill_s: float = 0.0
+    modeled_decode_s: float = 0.0
+
+    def metrics(self) -> dict:
+        n = len(self.new_ids)
+        tpot = self.decode_s / (n - 1) if n > 1 else float("nan")
+        m_tpot = self.modeled_decode_s / (n - 1) if n > 1 else float("nan")
+        total = self.ttft_s + self.decode_s
+        return {"prompt_tokens": len(self.prompt_ids), "new_tokens": n,
+                "stopped_by": self.stopped_by,
+                "ttft_s": self.ttft_s, "tpot_s": tpot, "tokens_per_s": n / total if total else 0.0,
+                "modeled_ttft_s": self.modeled_prefill_s,
+                "modeled_tpot_s": m_tpot,
+                "modeled_tpr": (1.0 / m_tpot) if n > 1 and m_tpot > 0 else float("nan"),
+                "modeled_end_to_end_tpr": n / (self.modeled_prefill_s + self.modeled_decode_s)
+                if n else float("nan")}
+
+
+def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | None = None,
+             stop_ids=(), on_token=None) -> Generation:
+    """Prefill ``prompt_ids``, then decode up to ``max_new_tokens`` tokens.
+
+    The first new token comes from the prompt's last logits; TTFT covers prefill and that pick.
+    ``on_token(id)`` is called on every rank as each token is known (rank 0 prints it).
+    """
+    led = model.ledgers()
+    for ledger in led.values():
+        ledger.reset()
+    gen = Generation(list(prompt_ids))
+    stop_ids = set(int(s) for s in stop_ids)
+    model.start(model.capacity_for(len(prompt_ids) + max_new_tokens))
+    t0 = time.perf_counter()
+    logits = model.prefill(list(prompt_ids))
+    token = model.pick(logits, sampler)
+    gen.ttft_s = time.perf_counter() - t0
+    prefill_cycles = led["prefill"].cycles + led["decode"].cycles
+    gen.modeled_prefill_s = led["decode"].device.seconds(prefill_cycles)
+    decode_start = led["decode"].cycles
+    t1 = time.perf_counter()
+    while True:
+        gen.new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids:
+            gen.stopped_by = "stop_token"
+            break
+        if len(gen.new_ids) >= max_new_tokens:
+            break
+        if model.position >= model.config.max_position_embeddings:
+            gen.stopped_by = "context_full"
+            break
+        token = model.pick(model.decode(token), sampler)
+    gen.decode_s = time.perf_counter() - t1
+    gen.modeled_decode_s = led["decode"].device.seconds(led["decode"].cycles - decode_start)
+    return gen
+
+
+def _mesh_arg(text):
+    return None if text is None else parse_grid(text, "virtual mesh")
+
+
+def load_model(args, comm):
+    """The :class:`MeshModel` named by ``--model`` (a shard set or an HF model directory)."""
+    from .model import MeshModel
+    path = args.model
+    kw = dict(kv_policy=getattr(args, "kv_policy", "shift"), device=getattr(args, "device", "wse2"),
+              allreduce=getattr(args, "allreduce", "ktree"), groups=getattr(args, "groups", None))
+    ranks = _mesh_arg(getattr(args, "ranks", None))
+    dmesh = _mesh_arg(getattr(args, "decode_mesh", None))
+    pmesh = _mesh_arg(getattr(args, "prefill_mesh", None))
+    if path is None or not os.path.isdir(path):
+        raise runtime.UsageError(f"--model {path!r} is not a directory (give a shard set made by "
+                                 "`python -m llm convert`, or an HF model directory)")
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return MeshModel.from_shards(path, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
+                                     ranks=ranks, **kw)
+    from .checkpoint import load_checkpoint
+    config, weights = load_checkpoint(path, max_context=getattr(args, "max_context", None))
+    size = 1 if comm is None else comm.Get_size()
+    if dmesh is None:
+        from meshrt.mesh import default_rank_grid
+        ry, rx = ranks or default_rank_grid(size)
+        dmesh = (2 * ry, 2 * rx)
+    return MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
+                                  ranks=ranks, **kw)
+
+
+def _prompt_ids(args, tokenizer) -> list:
+    if getattr(args, "prompt_ids", None):
+        return [int(t) for t in str(args.prompt_ids).replace(",", " ").split()]
+    text = args.prompt
+    if getattr(args, "prompt_file", None):
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    if text is None:
+        raise runtime.UsageError("give a prompt: --prompt TEXT, --prompt-file FILE or "
+                                 "--prompt-ids '1 2 3'")
+    return tokenizer.encode(text)
+
+
+def _stop_ids(args, tokenizer, config) -> set:
+    out = set(config.eos_ids)
+    for item in getattr(args, "stop", None) or []:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part.isdigit():
+                out.add(int(part))
+            elif part:
+                ids = tokenizer.encode(part, add_special_tokens=False)
+                if len(ids) != 1:
+                    raise runtime.UsageError(f"stop string {part!r} is {len(ids)} tokens; "
+                                             "give a single-token string or a token id")
+                out.add(ids[0])
+    return out
+
+
+def run(args) -> int:
+    """Entry point of ``python -m llm generate``."""
+    from .tokenizer import StreamDecoder, load_tokenizer
+    comm = runtime.world()
+    rank, size = runtime.rank_and_size(comm)
+    log = runtime.setup_logging(comm, name="llm")
+    try:
+        model = load_model(args, comm if size > 1 else None)
+    except MeshError as e:
+        raise runtime.UsageError(str(e)) from None
+    tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
+    tokenizer = load_tokenizer(tok_dir, model.config)
+    ids = _prompt_ids(args, tokenizer)
+    if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
+        raise runtime.UsageError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+            f"model context of {model.config.max_position_embeddings} tokens")
+    sampler = Sampler(getattr(args, "temperature", 0.0) or 0.0, getattr(args, "top_k", 0) or 0,
+                      getattr(args, "top_p", 1.0) or 1.0, getattr(args, "seed", None))
+    stop = _stop_ids(args, tokenizer, model.config)
+    dl, pl = model.layouts["decode"], model.layouts["prefill"]
+    log.info(f"model {model.config.name or model.config.family}: {model.config.num_layers} layers; "
+             f"prefill on {pl.py}x{pl.px}, decode on {dl}; {len(ids)} prompt tokens")
+    stream = rank == 0 and not getattr(args, "no_stream", False) and not getattr(args, "json", False)
+    streamer = StreamDecoder(tokenizer)
+
+    def on_token(t):
+        if stream:
+            sys.stdout.write(streamer.push(t))
+            sys.stdout.flush()
+
+    gen = generate(model, ids, args.max_new_tokens, sampler, stop, on_token)
+    if stream:
+        sys.stdout.write(streamer.flush() + "\n")
+    metrics = gen.metrics()
+    if rank == 0:
+        if getattr(args, "json", False):
+            out = {"prompt_ids": ids, "new_ids": gen.new_ids,
+                   "text": tokenizer.decode(gen.new_ids), **metrics,
+                   "decode_mesh": [dl.py, dl.px], "prefill_mesh": [pl.py, pl.px],
+                   "ranks": [dl.ry, dl.rx], "device": model.decode_fabric.ledger.device.name,
+                   "kv_policy": model.kv_policy}
+            print(json.dumps(out))
+        elif not getattr(args, "quiet", False):
+            print(format_metrics(metrics, model.decode_fabric.ledger.device.name), file=sys.stderr)
+    return 0
+
+
+def format_metrics(m: dict, device: str) -> str:
+    return (f"{m['new_tokens']} tokens ({m['stopped_by']}): "
+            f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
+            f"{m['tokens_per_s']:.1f} tok/s on this machine | modeled {device}: "
+            f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {m['modeled_tpot_s'] * 1e3:.4f} ms, "
+            f"TPR {m['modeled_tpr']:.1f} tok/s")
