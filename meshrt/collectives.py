@@ -21,6 +21,7 @@ K-tree allreduce    sum of per-level spans + multicast        ~``K N^(1/K)/2``  
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -90,6 +91,7 @@ def ktree_groups(n_cores: int, levels: int = 2, groups: int | None = None) -> li
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list[list[tuple]]:
     """Segments of each K-tree level: ``[(lo, hi, root, members), ...]`` per level.
 
@@ -114,6 +116,7 @@ def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list
     return plan
 
 
+@functools.lru_cache(maxsize=1024)
 def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None = None) -> list:
     """Per-phase costs of the K-tree allreduce: one dict per level, then the broadcast."""
     out = []

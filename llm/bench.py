@@ -1,0 +1,147 @@
+"""``python -m llm bench``: a model at real shapes on the emulated wafer, measured and modeled.
+
+Random weights at a preset's real shapes (optionally only its first ``--layers`` layers, so that
+paper-size meshes fit in this machine's memory), or a converted shard set. Reports, side by side:
+
+* the emulator's wall time on this machine (TTFT, median TPOT, tokens/s);
+* the modeled wafer time of the same run (PLMR ledger, ``--device``);
+* the closed-form estimate for the *whole* model (all layers) at the same mesh and context:
+  TPOT, TPR, compute/communication split, weights per core, KV capacity per policy.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from meshrt import runtime
+from meshrt.mesh import parse_grid
+from meshrt.plmr import get_device
+
+
+class RandomWeights(Mapping):
+    """HF-named random tensors of ``config``, made on access (never all in memory)."""
+
+    def __init__(self, config, seed: int = 0):
+        self.config, self.seed = config, seed
+        self._shapes = config.tensor_shapes()
+
+    def __getitem__(self, name):
+        from .checkpoint import random_tensor
+        if name not in self._shapes:
+            raise KeyError(name)
+        return random_tensor(self.config, name, self.seed, shape=self._shapes[name])
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self):
+        return len(self._shapes)
+
+
+def full_model_estimate(config, mesh, device, context: int, prompt: int, policy: str,
+                        algo: str, groups) -> dict:
+    from .estimate import decode_token, decode_weight_words, kv_capacity
+    led = decode_token(config, mesh, device, context=context, policy=policy, prompt=prompt,
+                       algo=algo, groups=groups)
+    t = led.totals()
+    cap = kv_capacity(config, mesh, device)
+    return {"layers": config.num_layers, "tpot_s": led.seconds, "tpr": 1.0 / led.seconds,
+            "compute_fraction": t.compute_cycles / t.cycles, "comm_fraction": t.comm_cycles / t.cycles,
+            "weights_kib_per_core": decode_weight_words(config, mesh) * device.word_bytes / 1024,
+            "fits_device": decode_weight_words(config, mesh) * device.word_bytes
+            <= device.mem_per_core,
+            "kv_bytes_per_token_per_core": cap["bytes_per_token_per_core"],
+            "kv_capacity_concat": cap["concat"], "kv_capacity_shift": cap["shift"],
+            "violations": led.violations()}
+
+
+def run(args) -> int:
+    """Entry point of ``python -m llm bench``."""
+    from .config import preset
+    from .generate import generate
+    from .model import MeshModel
+    comm = runtime.world()
+    rank, size = runtime.rank_and_size(comm)
+    log = runtime.setup_logging(comm, name="llm")
+    device = get_device(getattr(args, "device", "wse2"))
+    dmesh = parse_grid(getattr(args, "decode_mesh", None) or "8x8", "decode mesh")
+    pmesh = parse_grid(args.prefill_mesh, "prefill mesh") if getattr(args, "prefill_mesh", None) \
+        else dmesh
+    policy = getattr(args, "kv_policy", "shift") or "shift"
+    algo = getattr(args, "allreduce", "ktree") or "ktree"
+    groups = getattr(args, "groups", None)
+    model_path = getattr(args, "model", None)
+    if model_path:
+        model = MeshModel.from_shards(model_path, comm if size > 1 else None, kv_policy=policy,
+                                      device=device, allreduce=algo, groups=groups)
+        full = model.config
+    else:
+        name = getattr(args, "preset", None) or "llama-100m"
+        full = preset(name)
+        config = preset(name, layers=getattr(args, "layers", None))
+        log.info(f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
+                 f"decode {dmesh[0]}x{dmesh[1]}, prefill {pmesh[0]}x{pmesh[1]}, {size} ranks")
+        t0 = time.perf_counter()
+        model = MeshModel.from_weights(config, RandomWeights(config), comm if size > 1 else None,
+                                       decode_mesh=dmesh, prefill_mesh=pmesh, kv_policy=policy,
+                                       device=device, allreduce=algo, groups=groups)
+        log.info(f"placed in {time.perf_counter() - t0:.1f} s")
+    prompt_len = getattr(args, "prompt_len", None) or 16
+    new = getattr(args, "new_tokens", None) or 16
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, model.config.vocab_size, prompt_len).tolist()
+    runs = []
+    for i in range((getattr(args, "warmup", 1) or 0) + (getattr(args, "repeat", 3) or 1)):
+        if comm is not None and size > 1:
+            comm.Barrier()
+        step_times = []
+        last = [time.perf_counter()]
+
+        def on_token(_):
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+
+        gen = generate(model, ids, new, None, (), on_token)
+        m = gen.metrics()
+        m["median_tpot_s"] = statistics.median(step_times[1:]) if len(step_times) > 1 else None
+        if i >= (getattr(args, "warmup", 1) or 0):
+            runs.append(m)
+    med = {k: statistics.median([r[k] for r in runs]) for k in
+           ("ttft_s", "tpot_s", "median_tpot_s", "tokens_per_s", "modeled_ttft_s",
+            "modeled_tpot_s", "modeled_tpr")}
+    est = full_model_estimate(full, dmesh, device, prompt_len + new, prompt_len, policy, algo,
+                              groups)
+    led = model.decode_fabric.ledger
+    t = led.totals()
+    out = {"model": model.config.name, "layers_run": model.config.num_layers,
+           "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
+           "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
+           "kv_policy": policy, "allreduce": algo, "emulator": med,
+           "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
+           "modeled_peak_kib_per_core": led.peak_memory / 1024,
+           "full_model_estimate": est}
+    if rank == 0:
+        if getattr(args, "json", False):
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
+                  f", {size} ranks, {prompt_len}+{new} tokens")
+            print(f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
+                  f" ({med['tokens_per_s']:.1f} tok/s)")
+            print(f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
+                  f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
+                  f"(this run, {device.name})")
+            print(f"  full {est['layers']}-layer model: TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
+                  f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
+                  f"{est['weights_kib_per_core']:.1f} KiB/core "
+                  f"({'fits' if est['fits_device'] else 'does not fit'} "
+                  f"{device.mem_per_core // 1024} KiB), KV capacity concat "
+                  f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens")
+            sys.stdout.flush()
+    return 0
