@@ -1,0 +1,1 @@
+"""Mesh kernels: MeshGEMM, dist-GEMM-T, MeshGEMV and their baselines."""

@@ -1,0 +1,170 @@
+"""Tile layouts shared by the GEMM kernels: padding, the logical ``lcm`` partition, host pre-skew.
+
+Every GEMM kernel sees a ``Py x Px`` mesh as a square **logical mesh** of ``Nl x Nl`` cores,
+``Nl = lcm(Py, Px)`` (the paper's partition for non-square meshes). Virtual core ``(py, px)``
+holds the ``b x a`` logical cores ``(py*b + i, px*a + j)`` with ``b = Nl/Py`` and ``a = Nl/Px``,
+so a logical tile array ``[Nl, Nl, s, t]`` and the virtual tiles ``[Py, Px, b*s, a*t]`` are the
+same matrix cut two ways: a virtual tile is the contiguous block ``X[row-seg py, col-seg px]``.
+Matrices are zero-padded so that every dimension is a multiple of ``Nl``; padding never changes
+a product. On a square mesh ``a = b = 1`` and logical and virtual cores coincide.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..mesh import MeshError, ceil_div, lcm, pad_to
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """``C[M, N] = A[M, K] @ B[K, N]`` on a ``py x px`` mesh, in logical tiles.
+
+    Parameters
+    ----------
+    py, px : int
+        Virtual mesh.
+    tmb, tkb, tnb : int
+        Logical tile sizes: ``M``, ``K`` and ``N`` padded to ``Nl * tmb`` etc.
+    """
+
+    py: int
+    px: int
+    tmb: int
+    tkb: int
+    tnb: int
+
+    @classmethod
+    def for_shapes(cls, m: int, k: int, n: int, mesh: tuple[int, int]) -> "GemmPlan":
+        py, px = mesh
+        nl = lcm(py, px)
+        return cls(py, px, ceil_div(m, nl), ceil_div(k, nl), ceil_div(n, nl))
+
+    @classmethod
+    def from_blocks(cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B") -> "GemmPlan":
+        """The plan of rank blocks ``a: [by, bx, M/Py, K/Px]`` and ``b: [by, bx, K/Py, N/Px]``."""
+        py, px = layout.py, layout.px
+        nl = lcm(py, px)
+        per_x, per_y = nl // px, nl // py  # logical cores per virtual core along x and y
+        block = (layout.by, layout.bx)
+        for name, shape in (("A", a_shape), ("B", b_shape)):
+            if len(shape) != 4 or tuple(shape[:2]) != block:
+                raise MeshError(f"{what}: {name} block has shape {tuple(shape)}; expected "
+                                f"({layout.by}, {layout.bx}, rows, cols) on {layout}")
+            if shape[2] % per_y or shape[3] % per_x:
+                raise MeshError(
+                    f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} mesh is cut "
+                    f"into a {nl}x{nl} logical mesh, so tile rows must be a multiple of "
+                    f"{per_y} and columns of {per_x}: pad every dimension to a multiple of "
+                    f"{nl} (the prepare_* functions do)")
+        if a_shape[3] // per_x != b_shape[2] // per_y:
+            raise MeshError(f"{what}: inner dimensions differ: A tiles {a_shape[2:]} hold "
+                            f"K = {a_shape[3] * px}, B tiles {b_shape[2:]} hold "
+                            f"K = {b_shape[2] * py}")
+        return cls(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[3] // per_x)
+
+    @property
+    def nl(self) -> int:
+        """Logical mesh side ``lcm(Py, Px)``."""
+        return lcm(self.py, self.px)
+
+    @property
+    def a(self) -> int:
+        """Logical columns per virtual core (``Nl / Px``)."""
+        return self.nl // self.px
+
+    @property
+    def b(self) -> int:
+        """Logical rows per virtual core (``Nl / Py``)."""
+        return self.nl // self.py
+
+    @property
+    def tile_a(self) -> tuple[int, int]:
+        """Virtual A tile ``[M/Py, K/Px]``."""
+        return self.b * self.tmb, self.a * self.tkb
+
+    @property
+    def tile_b(self) -> tuple[int, int]:
+        """Virtual B tile ``[K/Py, N/Px]``."""
+        return self.b * self.tkb, self.a * self.tnb
+
+    @property
+    def tile_c(self) -> tuple[int, int]:
+        """Virtual C tile ``[M/Py, N/Px]``."""
+        return self.b * self.tmb, self.a * self.tnb
+
+    @property
+    def padded(self) -> tuple[int, int, int]:
+        """``(M, K, N)`` after padding."""
+        return self.nl * self.tmb, self.nl * self.tkb, self.nl * self.tnb
+
+
+def natural_tiles(x: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """Host layout of a matrix: ``tiles[py, px] = X[row-seg py, col-seg px]``.
+
+    Both dimensions are zero-padded to a multiple of ``lcm(Py, Px)``.
+
+    Returns
+    -------
+    ndarray
+        ``[Py, Px, R/Py, C/Px]`` (padded ``R``, ``C``), contiguous, in ``dtype``.
+    """
+    py, px = mesh
+    nl = lcm(py, px)
+    if x.ndim != 2:
+        raise ValueError(f"expected a matrix, got shape {x.shape}")
+    r, c = (ceil_div(s, nl) * nl for s in x.shape)
+    t = pad_to(np.asarray(x).astype(dtype, copy=False), (r, c)).reshape(py, r // py, px, c // px)
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
+
+
+def preskewed_b_tiles(b: np.ndarray, mesh: tuple[int, int], positions: np.ndarray,
+                      order: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Host pre-skew of the right operand on the logical mesh.
+
+    Logical core ``(i, j)`` gets ``B[order[(pos[i] + pos[j]) mod Nl]-seg, j-seg]`` where ``pos``
+    and ``order`` describe the ring (for MeshGEMM's interleaved ring this is the paper's
+    ``ind[i, j] = L[(pos i + pos j) mod P]``).
+
+    Returns
+    -------
+    ndarray
+        ``[Py, Px, K/Py, N/Px]`` virtual tiles (``b x a`` logical tiles each), in ``dtype``.
+    """
+    py, px = mesh
+    nl = lcm(py, px)
+    k, n = (ceil_div(s, nl) * nl for s in b.shape)
+    tkb, tnb = k // nl, n // nl
+    blocks = pad_to(np.asarray(b).astype(dtype, copy=False), (k, n)).reshape(nl, tkb, nl, tnb)
+    ind = order[(positions[:, None] + positions[None, :]) % nl]        # [Nl, Nl] k-block
+    logical = blocks[ind, :, np.arange(nl)[None, :], :]                   # [Nl, Nl, tkb, tnb]
+    return logical_to_virtual(logical, mesh)
+
+
+def logical_to_virtual(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
+    """``[Nl, Nl, s, u]`` logical tiles (or a rank's ``[by*b, bx*a, s, u]``) as virtual tiles
+    ``[Py, Px, b*s, a*u]`` (``[by, bx, b*s, a*u]``)."""
+    py, px = mesh
+    nl = lcm(py, px)
+    b, a = nl // py, nl // px
+    ly, lx, s, u = t.shape
+    if a == 1 and b == 1:
+        return t
+    v = t.reshape(ly // b, b, lx // a, a, s, u).transpose(0, 2, 1, 4, 3, 5)
+    return np.ascontiguousarray(v).reshape(ly // b, lx // a, b * s, a * u)
+
+
+def virtual_to_logical(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`logical_to_virtual`: ``[by, bx, b*s, a*u]`` to ``[by*b, bx*a, s, u]``.
+
+    A view when the mesh is square; a contiguous copy otherwise.
+    """
+    py, px = mesh
+    nl = lcm(py, px)
+    b, a = nl // py, nl // px
+    vy, vx, rs, ru = t.shape
+    if a == 1 and b == 1:
+        return t
+    v = t.reshape(vy, vx, b, rs // b, a, ru // a).transpose(0, 2, 1, 4, 3, 5)
+    return np.ascontiguousarray(v).reshape(vy * b, vx * a, rs // b, ru // a)

@@ -1,0 +1,266 @@
+"""Closed-form wafer cost of the GEMM kernels, without running them.
+
+The kernels in :mod:`meshrt.ops.gemm` and :mod:`meshrt.ops.gemm_t` price every step they execute
+with the per-step functions below; the ``estimate_*`` functions apply the same functions to the
+whole schedule, derived from the shapes alone, so they predict paper-scale meshes (720 x 720)
+in milliseconds. Tests tie the two together exactly on meshes small enough to emulate.
+
+What each kernel costs on the wafer (``Nl = lcm(Py, Px)``; ``a = Nl/Px`` and ``b = Nl/Py``
+logical cores per virtual core; logical tiles ``tmb x tkb``, ``tkb x tnb``):
+
+==========  =====================================  ===========================  ===============
+kernel      per step (``Nl`` steps)                 critical path per step       routes per core
+==========  =====================================  ===========================  ===============
+MeshGEMM    MAC ``ab tmb tkb tnb`` overlapped with  2 hops (interleaved ring)    3 per ring, 12
+            one A (x) and one B (y) ring shift
+Cannon      as MeshGEMM                             ``P - 1`` hops (wrap link)   2 per ring, 8
+SUMMA       x and y multicasts, then MAC            ``max(r, P-1-r)`` hops       ``Py + Px``
+dist-GEMM-T MAC overlapped with a B (y) ring        2 hops, then a chain reduce  3 + 2
+            shift, then a chain reduce along x      of ``<= Px - 1`` hops
+==========  =====================================  ===========================  ===============
+
+MeshGEMM and Cannon first skew A on the mesh in ``Nl // 2`` uniform rounds (as the paper's code
+does; lines that need fewer rounds resend a stale buffer). A ring step moves, per physical link
+and direction, the logical tiles whose edge crosses that link: one per logical line for these
+rings. Communication streams are pipelined, so a message's length is paid once per step.
+SUMMA's multicasts need one route per possible root; when that exceeds the device's routing
+paths the multicast must be relayed in software, so each hop also costs a routing stage.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..collectives import broadcast_cost, chain_cost
+from ..mesh import ring_order
+from ..plmr import Device, Ledger, WSE2
+from ._lines import physical_hops, physical_load, ring_dest, ring_positions
+from ._tiles import GemmPlan
+
+COLOURS_PER_RING = {"interleaved": 3, "linear": 2}
+KERNEL_RINGS = {"meshgemm": "interleaved", "cannon": "linear"}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """``count`` identical lockstep steps, recorded as ``<kernel name>/<op>``."""
+
+    op: str
+    macs: float = 0.0
+    words: float = 0.0
+    hops: int = 0
+    routings: int = 0
+    overlap: bool = False
+    count: int = 1
+
+
+def record(ledger: Ledger, name: str, costs) -> None:
+    """Write step costs into ``ledger`` under ``name/``."""
+    for c in costs:
+        if c.count:
+            ledger.record(f"{name}/{c.op}", macs=c.macs, words=c.words, hops=c.hops,
+                          routings=c.routings, overlap=c.overlap, count=c.count)
+
+
+def _comm_cycles(device: Device, words: float, hops: int, routings: int = 0) -> float:
+    return Ledger(device).step_cycles(words=words, hops=hops, routings=routings)[2]
+
+
+def _worse(device: Device, *options: tuple) -> tuple:
+    """The ``(words, hops, routings)`` transfer that takes longest (the first one on a tie)."""
+    return max(options, key=lambda o: _comm_cycles(device, *o))
+
+
+def ring_transfer(nl: int, kind: str, refine: int, lines: int, tile_words: int,
+                  reverse: bool = False) -> tuple:
+    """``(words, hops, routings)`` of one ring step on the critical link.
+
+    ``refine`` logical cores per virtual core along the ring; ``lines`` logical lines per virtual
+    core move at once, each a ``tile_words`` tile.
+    """
+    dest = ring_dest(nl, kind, reverse)
+    return physical_load(dest, refine) * lines * tile_words, physical_hops(dest, refine), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# MeshGEMM and Cannon
+# ----------------------------------------------------------------------------------------------
+
+def skew_rounds(plan: GemmPlan) -> int:
+    """Uniform rounds of the on-mesh skew: every line moves at most ``Nl // 2`` ring steps."""
+    return plan.nl // 2
+
+
+def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Device) -> list:
+    """Skew and main-loop costs of MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``)."""
+    nl, a, b = plan.nl, plan.a, plan.b
+    tile_a, tile_b = plan.tmb * plan.tkb, plan.tkb * plan.tnb
+    x_fwd = ring_transfer(nl, kind, a, b, tile_a)
+    y_fwd = ring_transfer(nl, kind, b, a, tile_b)
+    skew = [x_fwd, ring_transfer(nl, kind, a, b, tile_a, reverse=True)]
+    if not b_preskewed:
+        skew += [y_fwd, ring_transfer(nl, kind, b, a, tile_b, reverse=True)]
+    words, hops, routings = _worse(device, *skew)
+    sw, sh, sr = _worse(device, x_fwd, y_fwd)
+    return [StepCost("skew", words=words, hops=hops, routings=routings, count=skew_rounds(plan)),
+            StepCost("step", macs=a * b * plan.tmb * plan.tkb * plan.tnb, words=sw, hops=sh,
+                     routings=sr, overlap=True, count=nl)]
+
+
+def shift_gemm_memory(plan: GemmPlan) -> int:
+    """Words per core: double-buffered A and B tiles plus the C tile."""
+    a_words = plan.tile_a[0] * plan.tile_a[1]
+    b_words = plan.tile_b[0] * plan.tile_b[1]
+    return 2 * a_words + 2 * b_words + plan.tile_c[0] * plan.tile_c[1]
+
+
+def shift_gemm_routes(plan: GemmPlan, kind: str, b_preskewed: bool) -> int:
+    """Routing paths per core: the x and y rings, plus forward and reverse skew rings."""
+    rings = (plan.px > 1) * 3 + (plan.py > 1) * (1 if b_preskewed else 3)
+    return COLOURS_PER_RING[kind] * rings
+
+
+def _estimate_shift_gemm(kernel, m, k, n, mesh, device, b_preskewed, ledger, name):
+    led = ledger if ledger is not None else Ledger(device or WSE2)
+    plan = GemmPlan.for_shapes(m, k, n, mesh)
+    kind = KERNEL_RINGS[kernel]
+    record(led, name, shift_gemm_costs(plan, kind, b_preskewed, led.device))
+    led.memory(name, shift_gemm_memory(plan))
+    led.routes(name, shift_gemm_routes(plan, kind, b_preskewed))
+    return led
+
+
+def estimate_meshgemm(m: int, k: int, n: int, mesh: tuple[int, int], device: Device | None = None,
+                      b_preskewed: bool = True, ledger: Ledger | None = None,
+                      name: str = "meshgemm") -> Ledger:
+    """The ledger :func:`meshrt.ops.gemm.meshgemm` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
+    return _estimate_shift_gemm("meshgemm", m, k, n, mesh, device, b_preskewed, ledger, name)
+
+
+def estimate_cannon(m: int, k: int, n: int, mesh: tuple[int, int], device: Device | None = None,
+                    b_preskewed: bool = True, ledger: Ledger | None = None,
+                    name: str = "cannon") -> Ledger:
+    """The ledger :func:`meshrt.ops.gemm.cannon` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
+    return _estimate_shift_gemm("cannon", m, k, n, mesh, device, b_preskewed, ledger, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# SUMMA
+# ----------------------------------------------------------------------------------------------
+
+def summa_roots(plan: GemmPlan, kb: int) -> tuple[int, int]:
+    """``(column, row)`` of the cores that own the ``kb``-th K block of A and of B."""
+    return kb // plan.a, kb // plan.b
+
+
+def summa_step(plan: GemmPlan, kb: int, device: Device) -> tuple:
+    """``(words, hops, routings)`` of step ``kb``'s two concurrent multicasts (the slower one)."""
+    col, row = summa_roots(plan, kb)
+    tm, tn = plan.tile_c
+    relay = plan.px + plan.py > device.routing_paths
+    out = []
+    for cost in (broadcast_cost(plan.px, col, tm * plan.tkb),
+                 broadcast_cost(plan.py, row, plan.tkb * tn)):
+        out.append((cost["words"], cost["hops"], cost["hops"] if relay else cost["routings"]))
+    return _worse(device, *out)
+
+
+def summa_costs(plan: GemmPlan, steps: Counter) -> list:
+    """Step costs from a tally ``{(words, hops, routings): count}`` of executed steps."""
+    macs = plan.tile_c[0] * plan.tkb * plan.tile_c[1]
+    return [StepCost("step", macs=macs, words=w, hops=h, routings=r, count=c)
+            for (w, h, r), c in sorted(steps.items())]
+
+
+def summa_memory(plan: GemmPlan) -> int:
+    """Words per core: A, B and C tiles plus the two received panels (peak memory grows)."""
+    tm, tn = plan.tile_c
+    return (tm * plan.tile_a[1] + plan.tile_b[0] * tn + tm * tn
+            + tm * plan.tkb + plan.tkb * tn)
+
+
+def summa_routes(plan: GemmPlan) -> int:
+    """One multicast route per possible root of the core's row and column."""
+    return (plan.px if plan.px > 1 else 0) + (plan.py if plan.py > 1 else 0)
+
+
+def estimate_summa(m: int, k: int, n: int, mesh: tuple[int, int], device: Device | None = None,
+                   ledger: Ledger | None = None, name: str = "summa") -> Ledger:
+    """The ledger :func:`meshrt.ops.gemm.summa` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
+    led = ledger if ledger is not None else Ledger(device or WSE2)
+    plan = GemmPlan.for_shapes(m, k, n, mesh)
+    tally = Counter(summa_step(plan, kb, led.device) for kb in range(plan.nl))
+    record(led, name, summa_costs(plan, tally))
+    led.memory(name, summa_memory(plan))
+    led.routes(name, summa_routes(plan))
+    return led
+
+
+# ----------------------------------------------------------------------------------------------
+# dist-GEMM-T
+# ----------------------------------------------------------------------------------------------
+
+def gemm_t_segments(plan: GemmPlan, t: int) -> np.ndarray:
+    """Sequence segment of B held by every logical row at step ``t``; ``[Nl]``.
+
+    B rotates forward on the interleaved ring with no skew, so logical row ``i`` holds segment
+    ``L[(pos(i) - t) mod Nl]``. Its chain reduce goes to the logical column of that segment,
+    which lives on virtual column ``segment // a``.
+    """
+    nl = plan.nl
+    return ring_order(nl)[(ring_positions(nl, "interleaved") - t) % nl]
+
+
+def gemm_t_step(plan: GemmPlan) -> StepCost:
+    """Local ``A_tile @ B_tile^T`` for the ``b`` logical rows, overlapped with the B ring shift.
+
+    ``plan`` describes ``C[M, N] = A[M, D] @ B[N, D]^T`` with ``tkb`` the logical D segment.
+    """
+    a, b = plan.a, plan.b
+    d_tile = a * plan.tkb
+    words, hops, routings = ring_transfer(plan.nl, "interleaved", b, 1, plan.tnb * d_tile)
+    return StepCost("step", macs=b * plan.tmb * d_tile * plan.tnb, words=words, hops=hops,
+                    routings=routings, overlap=True, count=plan.nl)
+
+
+def gemm_t_reduce(plan: GemmPlan, roots: np.ndarray) -> tuple:
+    """``(words, hops, routings, macs)`` of one step's chain reduces toward ``roots``."""
+    c = chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb)
+    return c["words"], c["hops"], c["routings"], c["macs"]
+
+
+def gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
+    """Step costs, with the chain reduces tallied ``{(words, hops, routings, macs): count}``."""
+    return [gemm_t_step(plan)] + [
+        StepCost("reduce", macs=m, words=w, hops=h, routings=r, overlap=True, count=c)
+        for (w, h, r, m), c in sorted(reduces.items())]
+
+
+def gemm_t_memory(plan: GemmPlan) -> int:
+    """Words per core: A, double-buffered B, C and one partial-product tile."""
+    tm, td = plan.tile_a
+    tn_b = plan.b * plan.tnb
+    return tm * td + 2 * tn_b * td + tm * plan.a * plan.tnb + tm * plan.tnb
+
+
+def gemm_t_routes(plan: GemmPlan) -> int:
+    """The y ring (3 colours) and the two chain directions along x."""
+    return (3 if plan.py > 1 else 0) + (2 if plan.px > 1 else 0)
+
+
+def estimate_gemm_t(m: int, n: int, d: int, mesh: tuple[int, int], device: Device | None = None,
+                    ledger: Ledger | None = None, name: str = "gemm_t") -> Ledger:
+    """The ledger :func:`meshrt.ops.gemm_t.gemm_t` writes for ``[m, d] @ [n, d]^T``."""
+    led = ledger if ledger is not None else Ledger(device or WSE2)
+    plan = GemmPlan.for_shapes(m, d, n, mesh)
+    tally = Counter(gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a)
+                    for t in range(plan.nl))
+    record(led, name, gemm_t_costs(plan, tally))
+    led.memory(name, gemm_t_memory(plan))
+    led.routes(name, gemm_t_routes(plan))
+    return led
+
+
+ESTIMATORS = {"meshgemm": estimate_meshgemm, "cannon": estimate_cannon, "summa": estimate_summa}

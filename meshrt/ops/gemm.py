@@ -1,0 +1,232 @@
+"""GEMM ``C = A @ B`` on the mesh: MeshGEMM and the Cannon and SUMMA baselines.
+
+Layouts (rank blocks; ``Nl = lcm(Py, Px)``, every dimension padded to a multiple of ``Nl``):
+
+* ``a``: ``f32[by, bx, M/Py, K/Px]``, core ``(py, px)`` holds ``A[M-seg py, K-seg px]`` (natural).
+* ``b``: ``f32[by, bx, K/Py, N/Px]``; natural (``B[K-seg py, N-seg px]``) for SUMMA, or pre-skewed
+  on the host by :func:`prepare_b` for MeshGEMM and Cannon (or skewed on the mesh with
+  ``b_preskewed=False``, for a right operand computed on the mesh such as V in ``S @ V``).
+* result ``f32[by, bx, M/Py, N/Px]``, core ``(py, px)`` holds ``C[M-seg py, N-seg px]``, the
+  natural layout again, so GEMMs chain without re-layout.
+
+MeshGEMM and Cannon are one algorithm on two rings (output-stationary Cannon): A is skewed on
+the mesh (logical row ``i`` moves back ``pos(i)`` ring positions, the shorter way round), then
+``Nl`` steps each multiply the resident tiles while A moves one ring step along x and B along y.
+MeshGEMM's interleaved ring has edges of at most two hops; Cannon's ring closes with a wrap-around
+edge that relays across the whole line. After ``Nl`` steps B is back where it started.
+
+A non-square mesh runs the square algorithm on the ``Nl x Nl`` logical mesh, each virtual core
+standing for ``b x a`` logical cores (see :mod:`meshrt.ops._tiles`); logical moves inside a core
+are local copies, only tiles crossing a core boundary use the fabric.
+
+Storage may be float16 (half the words moved); products accumulate in float32.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .. import darray
+from ..collectives import broadcast
+from ..fabric import Fabric
+from ..mesh import lcm
+from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
+from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, preskewed_b_tiles, \
+    virtual_to_logical
+from .estimate import KERNEL_RINGS, record, shift_gemm_costs, shift_gemm_memory, \
+    shift_gemm_routes, summa_costs, summa_memory, summa_roots, summa_routes, summa_step
+
+ALGOS = ("meshgemm", "cannon", "summa")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def prepare_a(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """Left operand tiles ``[Py, Px, M/Py, K/Px]`` (natural layout, zero-padded)."""
+    return natural_tiles(a, mesh, dtype)
+
+
+def prepare_b(b: np.ndarray, mesh: tuple[int, int], algo: str = "meshgemm",
+              dtype=np.float32) -> np.ndarray:
+    """Right operand tiles ``[Py, Px, K/Py, N/Px]`` for ``algo``, ready to scatter or store.
+
+    ``meshgemm`` and ``cannon`` pre-skew the tiles on the host (logical core ``(i, j)`` holds
+    ``B[L[(pos i + pos j) mod Nl]-seg, j-seg]`` on the algorithm's ring), so a checkpoint
+    converter can do it once, offline. ``summa`` (or ``natural``) keeps the natural layout.
+    """
+    if algo in ("summa", "natural"):
+        return natural_tiles(b, mesh, dtype)
+    if algo not in KERNEL_RINGS:
+        raise ValueError(f"unknown GEMM algorithm {algo!r}; use one of {ALGOS}")
+    pos = ring_positions(lcm(*mesh), KERNEL_RINGS[algo])
+    return preskewed_b_tiles(b, mesh, pos, np.argsort(pos), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# MeshGEMM and Cannon
+# ----------------------------------------------------------------------------------------------
+
+def _as_f32(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
+    if buf is None:
+        return x
+    np.copyto(buf, x)
+    return buf
+
+
+def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewed: bool,
+                name: str) -> np.ndarray:
+    lay = fab.layout
+    mesh = (lay.py, lay.px)
+    plan = GemmPlan.from_blocks(lay, a.shape, b.shape, name)
+    led = fab.ledger
+    costs = shift_gemm_costs(plan, kind, b_preskewed, led.device)
+    nl = plan.nl
+    x_line, y_line = line_of(fab, 1, plan.a), line_of(fab, 0, plan.b)
+    rows = np.arange(y_line.lo, y_line.hi)   # global logical rows / columns of this rank
+    cols = np.arange(x_line.lo, x_line.hi)
+    pos = ring_positions(nl, kind)
+
+    # a_cur: [by*b, bx*a, tmb, tkb]   b_cur: [by*b, bx*a, tkb, tnb]   (logical tiles)
+    a_cur = shift_lines_back(fab, virtual_to_logical(a, mesh), 1, x_line, pos[rows], kind,
+                             op=f"{name}/skew")
+    b_cur = virtual_to_logical(b, mesh)
+    if not b_preskewed:
+        b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], kind, op=f"{name}/skew")
+    record(led, name, costs[:1])
+
+    a_bufs = (np.empty_like(a_cur), a_cur)
+    b_bufs = (np.empty_like(b_cur), np.empty_like(b_cur))
+    f32 = np.float32
+    a32 = None if a_cur.dtype == f32 else np.empty(a_cur.shape, f32)
+    b32 = None if b_cur.dtype == f32 else np.empty(b_cur.shape, f32)
+    c = np.empty(a_cur.shape[:3] + b_cur.shape[3:], f32)   # [by*b, bx*a, tmb, tnb]
+    partial = np.empty_like(c)
+    dest = ring_dest(nl, kind)
+    for t in range(nl):
+        # on the wafer the two shifts stream while the core multiplies (double buffers)
+        np.matmul(_as_f32(a_cur, a32), _as_f32(b_cur, b32), out=c if t == 0 else partial)
+        if t:
+            c += partial
+        a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
+        b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
+    record(led, name, costs[1:])
+    led.memory(name, shift_gemm_memory(plan))
+    led.routes(name, shift_gemm_routes(plan, kind, b_preskewed))
+    return logical_to_virtual(c, mesh)
+
+
+def meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,
+             name: str = "meshgemm") -> np.ndarray:
+    """MeshGEMM ``C = A @ B`` on the interleaved two-hop rings.
+
+    Parameters
+    ----------
+    a : ndarray
+        ``[by, bx, M/Py, K/Px]`` natural tiles (:func:`prepare_a`).
+    b : ndarray
+        ``[by, bx, K/Py, N/Px]`` tiles pre-skewed by ``prepare_b(..., "meshgemm")``; with
+        ``b_preskewed=False`` natural tiles, skewed on the mesh first.
+
+    Returns
+    -------
+    ndarray
+        ``f32[by, bx, M/Py, N/Px]``: ``C[M-seg py, N-seg px]``.
+    """
+    return _shift_gemm(fab, a, b, "interleaved", b_preskewed, name)
+
+
+def cannon(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,
+           name: str = "cannon") -> np.ndarray:
+    """Cannon's algorithm: the same schedule on the plain cyclic ring, whose wrap-around edge
+    relays each step's last tile across the whole line (``P - 1`` hops).
+
+    Layouts as :func:`meshgemm`, with ``b`` pre-skewed by ``prepare_b(..., "cannon")``.
+    """
+    return _shift_gemm(fab, a, b, "linear", b_preskewed, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# SUMMA
+# ----------------------------------------------------------------------------------------------
+
+def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.ndarray:
+    """SUMMA: for every K block, multicast A's block along x and B's along y, then multiply.
+
+    Parameters
+    ----------
+    a : ndarray
+        ``[by, bx, M/Py, K/Px]`` natural tiles.
+    b : ndarray
+        ``[by, bx, K/Py, N/Px]`` natural tiles (``prepare_b(..., "summa")``).
+
+    Returns
+    -------
+    ndarray
+        ``f32[by, bx, M/Py, N/Px]``: ``C[M-seg py, N-seg px]``.
+    """
+    lay = fab.layout
+    plan = GemmPlan.from_blocks(lay, a.shape, b.shape, name)
+    led = fab.ledger
+    by, bx = lay.by, lay.bx
+    tm, tn = plan.tile_c
+    a_blocks = a.reshape(by, bx, tm, plan.a, plan.tkb)     # [.., tm, K-block within core, tkb]
+    b_blocks = b.reshape(by, bx, plan.b, plan.tkb, tn)
+    c = np.zeros((by, bx, tm, tn), np.float32)
+    steps = Counter()
+    for kb in range(plan.nl):
+        col, row = summa_roots(plan, kb)
+        panel_a = broadcast(fab, a_blocks[:, :, :, kb % plan.a], 1, col, record=False,
+                            name=f"{name}/broadcast")
+        panel_b = broadcast(fab, b_blocks[:, :, kb % plan.b], 0, row, record=False,
+                            name=f"{name}/broadcast")
+        c += np.matmul(panel_a.astype(np.float32, copy=False),
+                       panel_b.astype(np.float32, copy=False))
+        steps[summa_step(plan, kb, led.device)] += 1
+    record(led, name, summa_costs(plan, steps))
+    led.memory(name, summa_memory(plan))
+    led.routes(name, summa_routes(plan))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Convenience: host matrices in, host matrix out
+# ----------------------------------------------------------------------------------------------
+
+KERNELS = {"meshgemm": meshgemm, "cannon": cannon, "summa": summa}
+
+
+def _host_shapes(fab: Fabric, *arrays, root: int = 0) -> list:
+    shapes = [None if x is None else tuple(x.shape) for x in arrays]
+    if fab.nranks > 1:
+        shapes = fab.world.bcast(shapes, root=root)
+    return shapes
+
+
+def matmul(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, algo: str = "meshgemm",
+           dtype=np.float32, b_preskewed: bool = True, root: int = 0, to_all: bool = False,
+           ) -> np.ndarray | None:
+    """Scatter ``A`` and ``B`` from ``root``, run ``algo``, gather ``C = A @ B``.
+
+    For tests and benchmarks: host I/O is control plane (priced as edge I/O). Ranks other than
+    ``root`` may pass ``None``. Returns ``C[M, N]`` (float32) on ``root``, or on every rank with
+    ``to_all``; ``None`` elsewhere. ``b_preskewed=False`` scatters natural B tiles and lets
+    MeshGEMM / Cannon skew them on the mesh.
+    """
+    if algo not in KERNELS:
+        raise ValueError(f"unknown GEMM algorithm {algo!r}; use one of {ALGOS}")
+    (m, k), (k2, n) = _host_shapes(fab, a, b, root=root)
+    if k != k2:
+        raise ValueError(f"inner dimensions differ: A is {m}x{k}, B is {k2}x{n}")
+    mesh = (fab.layout.py, fab.layout.px)
+    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    b_algo = algo if b_preskewed else "natural"
+    ta = prepare_a(a, mesh, dtype) if is_root else None
+    tb = prepare_b(b, mesh, b_algo, dtype) if is_root else None
+    a_blk = darray.scatter(fab, ta, root)
+    b_blk = darray.scatter(fab, tb, root)
+    kwargs = {} if algo == "summa" else {"b_preskewed": b_preskewed}
+    c_blk = KERNELS[algo](fab, a_blk, b_blk, **kwargs)
+    return darray.gather_matrix(fab, c_blk, (m, n), root, to_all)
