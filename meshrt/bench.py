@@ -204,27 +204,33 @@ def bench_gemm(args, comm, log) -> list[dict]:
     from . import darray
     from .fabric import Fabric
     from .ops import gemm as M
+    from .ops.estimate import ESTIMATORS
     from .plmr import Ledger, get_device
     rank, size = runtime.rank_and_size(comm)
     lay = _layout(args, "64x64", size)
+    mesh = (lay.py, lay.px)
     n = args.size or 4096
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     t_np = _timed(lambda: a @ b, None, args.repeat, args.warmup)
+    kernels = {"meshgemm": M.meshgemm, "cannon": M.cannon, "summa": M.summa}
     rows = []
     for algo in (args.algo or "meshgemm").split(","):
+        if algo not in kernels:
+            raise runtime.UsageError(f"--algo {algo!r}: choose from {', '.join(kernels)}")
         fab = Fabric(comm, lay, ledger=Ledger(get_device(args.device)))
         log.info(f"gemm {algo}: {n}^3 on {lay}")
-        ab, bb = M.distribute(fab, a, b, algo)
-        t = _timed(lambda: M.run(fab, ab, bb, algo), comm, args.repeat, args.warmup)
-        est = M.estimate(algo, n, n, n, (lay.py, lay.px), get_device(args.device))
+        ab = darray.local_block(fab, M.prepare_a(a, mesh))
+        bb = darray.local_block(fab, M.prepare_b(b, mesh, algo))
+        t = _timed(lambda: kernels[algo](fab, ab, bb), comm, args.repeat, args.warmup)
+        est = ESTIMATORS[algo](n, n, n, mesh, get_device(args.device))
         row = {"bench": "gemm", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
                "ranks": f"{lay.ry}x{lay.rx}", "seconds": t, "numpy_s": t_np,
                "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
                "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
         if args.check:
-            c = darray.gather_matrix(fab, M.run(fab, ab, bb, algo), (n, n))
+            c = darray.gather_matrix(fab, kernels[algo](fab, ab, bb), (n, n))
             if rank == 0:
                 row["max_abs_err"] = float(np.abs(c - a @ b).max())
         rows.append(row)
@@ -247,8 +253,8 @@ def model_rows(kernel: str, sides, sizes, algos, device, levels=2) -> list[dict]
                     led = estimate_meshgemv(n, n, (side, side), device, algo=algo, levels=levels,
                                             groups=groups)
                 else:
-                    from .ops import gemm as M
-                    led = M.estimate(algo, n, n, n, (side, side), device)
+                    from .ops.estimate import ESTIMATORS
+                    led = ESTIMATORS[algo](n, n, n, (side, side), device)
                 t = led.totals()
                 rows.append({"kernel": kernel, "algo": algo, "n": n, "side": side,
                              "cycles": led.cycles, "ms": led.seconds * 1e3,
