@@ -28,15 +28,19 @@ help:
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
 	@echo "make clean        remove build products and the virtual environments"
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+STAMP := $(VENV)/.installed
 
-install: $(PY)
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
 
-test: test-serial test-mpi
+install: $(STAMP)
+
+test: install
+	$(MAKE) test-serial test-mpi
 
 test-serial:
 	timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q --color=no --with-mpi
@@ -49,7 +53,7 @@ test-mpi:
 
 # Live comparison against HF transformers (torch CPU wheel, pinned) in a separate venv.
 ORACLE := .venv-oracle/bin/python
-$(ORACLE):
+$(ORACLE): $(STAMP)
 	$(PYTHON) -m venv .venv-oracle
 	.venv-oracle/bin/pip install -q torch==2.13.0
 	.venv-oracle/bin/pip install -q -r requirements-oracle.txt
@@ -61,7 +65,7 @@ test-oracle: $(ORACLE)
 fixtures: $(ORACLE)
 	$(ORACLE) tools/make_fixtures.py
 
-bench:
+bench: install
 	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric < /dev/null
 
 clean:
