@@ -1,0 +1,60 @@
+"""Host scatter/gather of tiled matrices, and the PLMR device/ledger bookkeeping."""
+import numpy as np
+import pytest
+
+from meshrt import darray
+from meshrt.plmr import PRESETS, WSE2, Device, Ledger, get_device, register_device
+from meshtest import fabric, layouts, world
+
+
+@pytest.mark.mpi
+def test_scatter_gather_roundtrip_and_io_priced():
+    rng = np.random.default_rng(1)
+    for lay in layouts(world().Get_size()):
+        a = rng.standard_normal((13, 17)) if world().Get_rank() == 0 else None
+        a_all = world().bcast(a, root=0) if world().Get_size() > 1 else a
+        fab = fabric(lay)
+        block = darray.scatter_matrix(fab, a)
+        tm, tn = -(-13 // lay.py), -(-17 // lay.px)
+        assert block.shape == (lay.by, lay.bx, tm, tn)
+        y0, x0 = fab.origin
+        np.testing.assert_array_equal(block[0, 0, 0, 0], np.pad(a_all, ((0, tm * lay.py - 13),
+                                                                   (0, tn * lay.px - 17)))
+                                      [y0 * tm, x0 * tn])
+        back = darray.gather_matrix(fab, block, (13, 17), to_all=True)
+        np.testing.assert_array_equal(back, a_all)
+        assert fab.ledger.io_bytes == 2 * block.nbytes * fab.nranks
+        assert fab.trace == []  # host I/O is control plane: no data-plane messages
+
+
+def test_device_presets_and_overrides():
+    assert set(PRESETS) >= {"wse2", "wse3"}
+    d = get_device("wse2:mem_per_core=98304,alpha=2")
+    assert d.mem_per_core == 98304 and d.alpha == 2.0 and d.beta == WSE2.beta
+    with pytest.raises(ValueError, match="unknown device"):
+        get_device("tpu")
+    with pytest.raises(ValueError, match="not settable"):
+        get_device("wse2:colour=3")
+    mine = Device(name="mymesh", cores_x=64, cores_y=64, mem_per_core=1 << 20, clock_hz=1e9,
+                  macs_per_cycle=4, alpha=1, beta=4)
+    register_device(mine)
+    assert get_device("mymesh") is mine
+
+
+def test_ledger_cycles_overlap_and_violations():
+    led = Ledger(WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0))
+    # compute 100 cycles, comm 5 + 20 + 8 * 2 / 4 = 29 cycles
+    assert led.record("a", macs=200, words=8, hops=5, routings=2, overlap=True) == 100
+    assert led.record("b", macs=200, words=8, hops=5, routings=2, overlap=False, count=2) == 258
+    t = led.totals()
+    assert (t.steps, t.hops, t.routings, t.macs) == (3, 15, 6, 600)
+    assert t.cycles == 358 and t.compute_cycles == 300 and t.comm_cycles == 87
+    with led.section("layer0"):
+        led.record("c", macs=2)
+    assert "layer0/c" in led.ops
+    assert led.violations() == []
+    led.memory("big", 30 * 1024)           # 60 KiB of fp16 > 48 KiB
+    led.routes("many", 30)
+    v = led.violations()
+    assert any("memory" in x for x in v) and any("routing" in x for x in v)
+    assert led.summary()["violations"] == v
