@@ -19,7 +19,7 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-serial test-mpi test-oracle bench fixtures clean help
+.PHONY: install test test-serial test-mpi test-oracle bench bench-hf fixtures demo clean help
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
@@ -61,6 +61,10 @@ $(ORACLE): $(STAMP)
 
 test-oracle: $(ORACLE)
 	timeout -k 10 $(MPI_TIMEOUT) $(ORACLE) -m pytest -q --color=no tests/test_oracle_live.py tests/test_reference.py
+
+# Decode speed of the emulator (1 and 4 ranks) against transformers on the same ~100M model.
+bench-hf: $(ORACLE)
+	timeout -k 10 1800 $(ORACLE) tools/bench_vs_transformers.py < /dev/null
 
 fixtures: $(ORACLE)
 	$(ORACLE) tools/make_fixtures.py

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import numpy as np
 
 from meshrt import runtime
-from meshrt.mesh import parse_grid
 from meshrt.plmr import get_device
 
 
@@ -63,15 +62,14 @@ def full_model_estimate(config, mesh, device, context: int, prompt: int, policy:
 def run(args) -> int:
     """Entry point of ``python -m llm bench``."""
     from .config import preset
-    from .generate import generate
+    from .generate import generate, mesh_arg
     from .model import MeshModel
     comm = runtime.world()
     rank, size = runtime.rank_and_size(comm)
     log = runtime.setup_logging(comm, name="llm")
     device = get_device(getattr(args, "device", "wse2"))
-    dmesh = parse_grid(getattr(args, "decode_mesh", None) or "8x8", "decode mesh")
-    pmesh = parse_grid(args.prefill_mesh, "prefill mesh") if getattr(args, "prefill_mesh", None) \
-        else dmesh
+    dmesh = mesh_arg(getattr(args, "decode_mesh", None) or "8x8", "decode mesh")
+    pmesh = mesh_arg(getattr(args, "prefill_mesh", None), "prefill mesh") or dmesh
     policy = getattr(args, "kv_policy", "shift") or "shift"
     algo = getattr(args, "allreduce", "ktree") or "ktree"
     groups = getattr(args, "groups", None)
@@ -87,7 +85,8 @@ def run(args) -> int:
         log.info(f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
                  f"decode {dmesh[0]}x{dmesh[1]}, prefill {pmesh[0]}x{pmesh[1]}, {size} ranks")
         t0 = time.perf_counter()
-        model = MeshModel.from_weights(config, RandomWeights(config), comm if size > 1 else None,
+        weights = RandomWeights(config, getattr(args, "seed", 0) or 0)
+        model = MeshModel.from_weights(config, weights, comm if size > 1 else None,
                                        decode_mesh=dmesh, prefill_mesh=pmesh, kv_policy=policy,
                                        device=device, allreduce=algo, groups=groups)
         log.info(f"placed in {time.perf_counter() - t0:.1f} s")

@@ -47,7 +47,7 @@ class Generation:
 
 
 def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | None = None,
-             stop_ids=(), on_token=None) -> Generation:
+             stop_ids=(), on_token=None, kv_capacity: int | None = None) -> Generation:
     """Prefill ``prompt_ids``, then decode up to ``max_new_tokens`` tokens.
 
     The first new token comes from the prompt's last logits; TTFT covers prefill and that pick.
@@ -58,7 +58,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
         ledger.reset()
     gen = Generation(list(prompt_ids))
     stop_ids = set(int(s) for s in stop_ids)
-    model.start(model.capacity_for(len(prompt_ids) + max_new_tokens))
+    model.start(kv_capacity or model.capacity_for(len(prompt_ids) + max_new_tokens))
     t0 = time.perf_counter()
     logits = model.prefill(list(prompt_ids))
     token = model.pick(logits, sampler)
@@ -85,8 +85,11 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
     return gen
 
 
-def _mesh_arg(text):
-    return None if text is None else parse_grid(text, "virtual mesh")
+def mesh_arg(value, what: str = "virtual mesh"):
+    """``None``, ``"4x4"`` or ``(4, 4)`` -> ``None`` or ``(4, 4)``."""
+    if value is None or isinstance(value, tuple):
+        return value
+    return parse_grid(value, what)
 
 
 def load_model(args, comm):
@@ -95,15 +98,15 @@ def load_model(args, comm):
     path = args.model
     kw = dict(kv_policy=getattr(args, "kv_policy", "shift"), device=getattr(args, "device", "wse2"),
               allreduce=getattr(args, "allreduce", "ktree"), groups=getattr(args, "groups", None))
-    ranks = _mesh_arg(getattr(args, "ranks", None))
-    dmesh = _mesh_arg(getattr(args, "decode_mesh", None))
-    pmesh = _mesh_arg(getattr(args, "prefill_mesh", None))
+    ranks = mesh_arg(getattr(args, "ranks", None))
+    dmesh = mesh_arg(getattr(args, "decode_mesh", None))
+    pmesh = mesh_arg(getattr(args, "prefill_mesh", None))
     if path is None or not os.path.isdir(path):
         raise runtime.UsageError(f"--model {path!r} is not a directory (give a shard set made by "
                                  "`python -m llm convert`, or an HF model directory)")
     if os.path.exists(os.path.join(path, "manifest.json")):
         return MeshModel.from_shards(path, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
-                                     ranks=ranks, **kw)
+                                     ranks=ranks, verify=getattr(args, "verify", True), **kw)
     from .checkpoint import load_checkpoint
     config, weights = load_checkpoint(path, max_context=getattr(args, "max_context", None))
     size = 1 if comm is None else comm.Get_size()
@@ -175,7 +178,8 @@ def run(args) -> int:
             sys.stdout.write(streamer.push(t))
             sys.stdout.flush()
 
-    gen = generate(model, ids, args.max_new_tokens, sampler, stop, on_token)
+    gen = generate(model, ids, args.max_new_tokens, sampler, stop, on_token,
+                   getattr(args, "kv_capacity", None))
     if stream:
         sys.stdout.write(streamer.flush() + "\n")
     metrics = gen.metrics()

@@ -1,0 +1,100 @@
+"""Decode speed of the emulator against HF transformers (torch CPU, float32), in one run.
+
+Needs the oracle venv (torch + transformers): ``make bench-hf``. Both sides run the same random
+weights at the shapes of a preset (default ``llama-100m``, ~100M parameters). Transformers runs in
+this process; the emulator runs as ``python -m llm bench`` with one rank and under ``mpiexec``
+with four, from the project venv. Prints each side's median time per output token and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from llm.checkpoint import random_weights  # noqa: E402
+from llm.config import preset  # noqa: E402
+
+
+def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> dict:
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaConfig(**{k: v for k, v in config.to_hf_dict().items()
+                        if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    hf.eos_token_id = None
+    model = LlamaForCausalLM(hf).eval()
+    state = {k: torch.from_numpy(v) for k, v in random_weights(config).items()}
+    model.load_state_dict(state, strict=False)
+    ids = torch.tensor([np.random.default_rng(0).integers(3, config.vocab_size, prompt_len)])
+    times = []
+    for _ in range(repeat + 1):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            ttft = time.perf_counter() - t0
+            steps = []
+            for _ in range(new_tokens - 1):
+                t1 = time.perf_counter()
+                out = model(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                steps.append(time.perf_counter() - t1)
+        times.append((ttft, statistics.median(steps)))
+    times = times[1:]
+    return {"ttft_s": statistics.median(t for t, _ in times),
+            "tpot_s": statistics.median(s for _, s in times),
+            "torch_threads": torch.get_num_threads()}
+
+
+def emulator_tpot(args, ranks: int) -> dict:
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    cmd = [py, "-m", "llm", "bench", "--preset", args.preset, "--decode-mesh", args.mesh,
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--repeat", str(args.repeat), "--warmup", "1", "--json"]
+    if ranks > 1:
+        cmd = [os.path.join(ROOT, ".venv", "bin", "mpiexec"), "-n", str(ranks)] + cmd
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", OMPI_MCA_pml="ob1",
+               OMPI_MCA_btl="self,sm")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+                       stdin=subprocess.DEVNULL)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr}")
+    out = json.loads(p.stdout)
+    return {"ttft_s": out["emulator"]["ttft_s"], "tpot_s": out["emulator"]["median_tpot_s"],
+            "modeled_tpr": out["emulator"]["modeled_tpr"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-100m")
+    ap.add_argument("--mesh", default="8x8", help="decode virtual mesh of the emulator")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ranks", default="1,4", help="emulator rank counts")
+    args = ap.parse_args(argv)
+    config = preset(args.preset)
+    print(f"{args.preset}: {config.num_parameters() / 1e6:.1f}M parameters, "
+          f"{args.prompt_len} prompt + {args.new_tokens} new tokens, median of {args.repeat}")
+    hf = transformers_tpot(config, args.prompt_len, args.new_tokens, args.repeat)
+    print(f"transformers (torch CPU f32, {hf['torch_threads']} threads): "
+          f"TPOT {hf['tpot_s'] * 1e3:.2f} ms ({1 / hf['tpot_s']:.1f} tok/s)")
+    for n in (int(r) for r in args.ranks.split(",")):
+        em = emulator_tpot(args, n)
+        print(f"emulator, {n} rank(s), {args.mesh} mesh: TPOT {em['tpot_s'] * 1e3:.2f} ms "
+              f"({1 / em['tpot_s']:.1f} tok/s) -> {hf['tpot_s'] / em['tpot_s']:.2f}x the speed "
+              f"of transformers; modeled WSE-2 TPR {em['modeled_tpr']:.0f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
