@@ -1,0 +1,435 @@
+"""``python -m llm {convert,generate,bench,plan,info}``: LLaMA-family models on an emulated wafer.
+
+Every command runs the same with one process and under ``mpiexec -n N`` / ``srun``; the safe
+launch form is ``mpiexec -n N python -m mpi4py -m llm ...``. An exception on any rank ends the
+whole job (rank and traceback printed); bad input gives one ``error:`` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from meshrt import runtime  # noqa: F401  (sets BLAS threads before numpy loads)
+
+EXAMPLES = """\
+examples:
+  # convert an HF model directory for 4 ranks, decode on an 8x8 virtual mesh
+  mpiexec -n 4 python -m mpi4py -m llm convert path/to/model --out shards/model --decode-mesh 8x8
+  # random weights with real LLaMA3-8B shapes, first 2 layers, float16 on disk
+  python -m llm convert random:llama3-8b --layers 2 --dtype float16 --ranks 2x2 --out shards/l8b-2
+  # what is in a shard set; does it load on this job (checksums, every tensor)?
+  python -m llm info shards/model
+  mpiexec -n 4 python -m mpi4py -m llm info shards/model --verify
+  # generate text on the mesh
+  mpiexec -n 4 python -m mpi4py -m llm generate --model shards/model --prompt "Once upon a time"
+  # emulator time and modeled WSE-2 time of a preset at real shapes
+  mpiexec -n 4 python -m mpi4py -m llm bench --preset llama3-8b --layers 1 --decode-mesh 64x64
+  # per-core memory and KV capacity on a WSE-2, which meshes fit
+  python -m llm plan --preset llama3-8b --decode-mesh 600x600 --context 4096
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are printed once (by rank 0) and end every rank with code 2."""
+
+    def error(self, message):
+        raise runtime.UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _grid(what: str):
+    """argparse type: check ``PYxPX`` now, keep the text (commands parse it themselves)."""
+    def check(text: str) -> str:
+        from meshrt.mesh import MeshError, parse_grid
+        try:
+            parse_grid(text, what)
+        except MeshError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return check
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _sub(sub, name: str, help: str, description: str, epilog: str = ""):
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_mesh_args(p, decode_default: str | None, what: str = "") -> None:
+    p.add_argument("--decode-mesh", type=_grid("decode mesh"), default=decode_default,
+                   metavar="PYxPX",
+                   help=f"virtual mesh of the decode phase{what}"
+                        + (f" (default {decode_default})" if decode_default else ""))
+    p.add_argument("--prefill-mesh", type=_grid("prefill mesh"), default=None, metavar="PYxPX",
+                   help="virtual mesh of the prefill phase (default: as converted, or the decode "
+                        "mesh)")
+    p.add_argument("--ranks", type=_grid("rank grid"), default=None, metavar="RYxRX",
+                   help="MPI rank grid; must multiply to the running rank count and divide the "
+                        "meshes (default: the squarest grid that fits)")
+
+
+def add_convert_parser(sub) -> None:
+    p = _sub(sub, "convert", "HF model or random preset -> per-rank HDF5 shards",
+             "Convert a model into a shard set: manifest.json plus one HDF5 file per rank "
+             "holding that rank's tiles for each phase's virtual mesh. Written to a temporary "
+             "directory and renamed when complete. Under mpiexec every rank writes its own "
+             "file in parallel; one process can also convert for a bigger rank grid.",
+             "examples:\n"
+             "  python -m llm convert tests/fixtures/tiny-llama-gqa --out /tmp/tiny --decode-mesh "
+             "4x4 --ranks 2x2\n"
+             "  mpiexec -n 4 python -m mpi4py -m llm convert random:llama-100m --out "
+             "shards/l100m --decode-mesh 8x8\n")
+    p.add_argument("source", help="HF model directory (config.json + *.safetensors), or "
+                                  "random:PRESET for random weights (presets: llama3-8b, "
+                                  "llama2-13b, codellama-34b, qwen2-72b, llama-100m, tiny-llama)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="shard directory to create")
+    _add_mesh_args(p, "8x8")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage dtype on disk (compute is always float32; default float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random:PRESET weights (default 0)")
+    p.add_argument("--layers", type=_positive, default=None, metavar="N",
+                   help="keep only the first N decoder layers (benchmarks of big models)")
+    p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",
+                   help="shorter context than the model's max_position_embeddings")
+    p.add_argument("--force", action="store_true", help="replace an existing shard set")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="progress bar on rank 0: auto = when stderr is a terminal (default)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+
+
+def add_generate_parser(sub) -> None:
+    p = _sub(sub, "generate", "generate tokens with a model on the emulated wafer",
+             "Prefill the prompt and decode new tokens on the virtual meshes. The model is a "
+             "shard set (validated against this job before anything is read) or an HF model "
+             "directory (placed in memory on every rank; small models). Tokens stream to stdout "
+             "on rank 0 as they are made.",
+             "examples:\n"
+             "  python -m llm generate --model tests/fixtures/tiny-llama-gqa --prompt-ids 1,5,9 "
+             "--decode-mesh 2x2\n"
+             "  mpiexec -n 4 python -m mpi4py -m llm generate --model shards/model --prompt "
+             "\"Hello\" --max-new-tokens 64 --temperature 0.7 --top-p 0.9\n")
+    p.add_argument("--model", metavar="PATH", help="shard set (from convert) or HF model directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt text from FILE")
+    src.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,450,4996")
+    p.add_argument("--max-new-tokens", type=_positive, default=32, help="default 32")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy on the mesh (default); > 0 samples on the host")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="ID|TEXT",
+                   help="stop at this token id or text (repeatable); the model's EOS always stops")
+    _add_mesh_args(p, None, " (default: as converted; for an HF directory 2x2 cores per rank)")
+    p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",
+                   help="HF directory: shorter context than the model's max_position_embeddings")
+    p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift",
+                   help="KV cache: shift (balanced rows, the paper's) or concat (default shift)")
+    p.add_argument("--kv-capacity", type=_positive, default=None, metavar="SLOTS",
+                   help="KV slots per core (default: enough for prompt + new tokens)")
+    p.add_argument("--device", default="wse2",
+                   help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...")
+    p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree",
+                   help="allreduce of every GEMV and reduction (default ktree)")
+    p.add_argument("--groups", type=_positive, default=None,
+                   help="K-tree first-level group count (default: about sqrt of the line)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of the shard files (sizes are still checked)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON record (tokens, text, timings, modeled wafer time)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the text once at the end instead of token by token")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress or timing lines, only the generated text")
+
+
+def add_bench_parser(sub) -> None:
+    p = _sub(sub, "bench", "time a model on the emulator and model its wafer time",
+             "Run prefill and decode of a preset at real shapes with random weights (or a shard "
+             "set) and report the emulator's wall time beside the modeled wafer time, plus a "
+             "closed-form estimate for the whole model.",
+             "examples:\n"
+             "  python -m llm bench --preset llama-100m --decode-mesh 8x8\n"
+             "  mpiexec -n 4 python -m mpi4py -m llm bench --preset llama3-8b --layers 1 "
+             "--decode-mesh 64x64 --json\n")
+    p.add_argument("--preset", default="llama-100m", help="model shapes (default llama-100m)")
+    p.add_argument("--model", metavar="SHARDS", default=None,
+                   help="a converted shard set instead of random preset weights")
+    p.add_argument("--layers", type=_positive, default=None, metavar="N",
+                   help="run only the first N layers (the estimate still covers all)")
+    _add_mesh_args(p, "8x8")
+    p.add_argument("--prompt-len", type=_positive, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--new-tokens", type=_positive, default=16, help="decoded tokens (default 16)")
+    p.add_argument("--device", default="wse2", help="device preset (default wse2)")
+    p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift")
+    p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree")
+    p.add_argument("--groups", type=_positive, default=None, help="K-tree group count")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--repeat", type=_positive, default=3, help="timed runs, median reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def add_plan_parser(sub) -> None:
+    p = _sub(sub, "plan", "per-core memory, KV capacity and meshes that fit a device",
+             "Pure arithmetic, no MPI: weights per core of each phase, KV bytes per token per "
+             "core, KV capacity under the shift and concat policies, whether it fits the "
+             "device's core memory, and the smallest square meshes that do. Sizes are the "
+             "wafer's (2-byte words on WSE-2); activations are not counted.",
+             "examples:\n"
+             "  python -m llm plan --preset llama3-8b --context 4096\n"
+             "  python -m llm plan --preset llama2-13b --decode-mesh 720x720 --prefill-mesh "
+             "720x720 --device wse3\n")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None,
+                     help="model shapes by preset name (default llama3-8b)")
+    src.add_argument("--model", metavar="PATH", default=None,
+                     help="HF model directory or shard set (its config and meshes)")
+    p.add_argument("--layers", type=_positive, default=None, metavar="N",
+                   help="count only the first N layers")
+    p.add_argument("--decode-mesh", type=_grid("decode mesh"), default=None, metavar="PYxPX",
+                   help="decode mesh (default: the shard set's, else the smallest square fit)")
+    p.add_argument("--prefill-mesh", type=_grid("prefill mesh"), default=None, metavar="PYxPX",
+                   help="prefill mesh (default: the shard set's, else the decode mesh)")
+    p.add_argument("--device", default="wse2", help="wse2 (default), wse3, or "
+                                                    "NAME:field=value,... overrides")
+    p.add_argument("--kv-memory", type=float, default=None, metavar="KIB",
+                   help="KiB per core for the KV cache (default: what the weights leave free)")
+    p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
+                   help="tokens the KV cache must hold for a mesh to count as fitting")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_info_parser(sub) -> None:
+    p = _sub(sub, "info", "describe a shard set or a preset; --verify checks it loads",
+             "Print a shard set's manifest in human form (model, parameters, meshes, rank grid, "
+             "dtype, per-rank files, layout permutations), or a preset's shapes. With --verify, "
+             "open the shard set as a job would (under mpiexec: on every rank) and read every "
+             "tensor back.",
+             "examples:\n"
+             "  python -m llm info shards/model\n"
+             "  python -m llm info --preset llama3-8b\n"
+             "  mpiexec -n 4 python -m mpi4py -m llm info shards/model --verify\n")
+    p.add_argument("shards", nargs="?", default=None, help="shard directory")
+    p.add_argument("--preset", default=None, help="describe a preset instead")
+    p.add_argument("--layers", type=_positive, default=None, help="with --preset: N layers")
+    p.add_argument("--verify", action="store_true",
+                   help="validate against this job and read every tensor of this rank")
+    p.add_argument("--no-checksum", dest="checksum", action="store_false",
+                   help="with --verify: skip the sha256 check (sizes are still checked)")
+    _add_mesh_args(p, None, " expected (default: as converted)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m llm",
+                description="LLaMA-family inference on an emulated wafer-scale mesh: MPI ranks "
+                            "play blocks of wafer cores, data moves only between neighbouring "
+                            "cores, and a PLMR ledger prices every step as the wafer would.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{convert,generate,bench,plan,info}", parser_class=_Parser)
+    add_convert_parser(sub)
+    add_generate_parser(sub)
+    add_bench_parser(sub)
+    add_plan_parser(sub)
+    add_info_parser(sub)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+def _grid_or_none(text):
+    from meshrt.mesh import parse_grid
+    return None if text is None else parse_grid(text)
+
+
+def cmd_convert(args, comm) -> int:
+    from .convert import convert
+    meshes = {"decode": _grid_or_none(args.decode_mesh)}
+    if args.prefill_mesh is not None:
+        meshes["prefill"] = _grid_or_none(args.prefill_mesh)
+    convert(args.out, args.source, ranks=_grid_or_none(args.ranks), meshes=meshes,
+            dtype=args.dtype, comm=comm, force=args.force,
+            progress={"auto": None, "on": True, "off": False}[args.progress], seed=args.seed,
+            layers=args.layers, max_context=args.max_context)
+    return 0
+
+
+def cmd_info(args, comm) -> int:
+    rank = 0 if comm is None else comm.Get_rank()
+    if args.preset is not None:
+        if rank == 0:
+            _print_preset(args.preset, args.layers, args.json)
+        return 0
+    if args.shards is None:
+        raise runtime.UsageError("info needs a shard directory or --preset NAME")
+    if args.verify:
+        return _verify(args, comm)
+    from .shards import ShardError, describe_manifest, read_manifest, root_bcast
+    answer = None
+    if rank == 0:
+        try:
+            answer = ("ok", read_manifest(args.shards))
+        except ShardError as e:
+            answer = ("error", str(e))
+    status, payload = root_bcast(comm, answer)
+    if status == "error":
+        raise ShardError(payload)
+    if rank == 0:
+        print(json.dumps(payload, indent=1) if args.json else describe_manifest(payload,
+                                                                                args.shards))
+    return 0
+
+
+def _verify(args, comm) -> int:
+    import time
+
+    from .shards import open_shards
+    t0 = time.perf_counter()
+    shards = open_shards(args.shards, comm, decode_mesh=_grid_or_none(args.decode_mesh),
+                         prefill_mesh=_grid_or_none(args.prefill_mesh),
+                         ranks=_grid_or_none(args.ranks), verify=args.checksum)
+    t1 = time.perf_counter()
+    count = 0
+    with shards:
+        for phase in shards.phases:
+            for name in shards.names(phase):
+                shards.read(phase, name)
+                count += 1
+    t2 = time.perf_counter()
+    rec = {"shards": str(shards.path), "ranks": shards.ranks[0] * shards.ranks[1],
+           "rank_grid": list(shards.ranks), "tensors": count, "bytes_read": shards.bytes_read,
+           "validate_s": t1 - t0, "read_s": t2 - t1}
+    if comm is not None and comm.Get_size() > 1:
+        rows = comm.gather(rec, root=0)
+    else:
+        rows = [rec]
+    if rows is not None:
+        slowest = max(r["validate_s"] + r["read_s"] for r in rows)
+        total = sum(r["bytes_read"] for r in rows)
+        summary = {**rows[0], "bytes_read": total, "checksums": args.checksum,
+                   "validate_s": max(r["validate_s"] for r in rows),
+                   "read_s": max(r["read_s"] for r in rows), "load_s": slowest}
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            ranks = f"{summary['ranks']} rank{'s' if summary['ranks'] > 1 else ''}"
+            print(f"ok: {ranks}, {count} tensors per rank, "
+                  f"{total / 2**20:.1f} MiB read in {slowest:.2f} s (validation "
+                  f"{summary['validate_s']:.2f} s{' with' if args.checksum else ' without'} "
+                  f"checksums, reading {summary['read_s']:.2f} s; slowest rank)")
+    return 0
+
+
+def _print_preset(name: str, layers, as_json: bool) -> None:
+    from .config import preset
+    c = preset(name, layers=layers)
+    shapes = c.tensor_shapes()
+    if as_json:
+        print(json.dumps({"config": c.to_dict(), "parameters": c.num_parameters(),
+                          "tensors": {k: list(v) for k, v in shapes.items()}}, indent=1))
+        return
+    print(f"preset {c.name}: {c.family}, {c.num_parameters() / 1e6:.1f} M parameters, "
+          f"stored as {c.dtype}")
+    for key, value in c.to_dict().items():
+        if key not in ("name", "family"):
+            print(f"  {key}: {value}")
+    print(f"tensors ({len(shapes)}; layer 0 shown, the other layers alike):")
+    for tname, shape in shapes.items():
+        if ".layers." in tname and ".layers.0." not in tname:
+            continue
+        print(f"  {tname}: {'x'.join(map(str, shape))}")
+
+
+def cmd_plan(args, comm) -> int:
+    from .config import ModelConfig, preset
+    from .plan import format_plan, plan
+    rank = 0 if comm is None else comm.Get_rank()
+    decode_mesh, prefill_mesh = _grid_or_none(args.decode_mesh), _grid_or_none(args.prefill_mesh)
+    if args.model is not None:
+        from pathlib import Path
+
+        from .shards import MANIFEST_NAME, read_manifest
+        if (Path(args.model) / MANIFEST_NAME).exists():
+            m = read_manifest(args.model)
+            config = ModelConfig.from_dict(m["config"])
+            phases = m["phases"]
+            decode_mesh = decode_mesh or tuple(phases["decode"]["mesh"])
+            if prefill_mesh is None and "prefill" in phases:
+                prefill_mesh = tuple(phases["prefill"]["mesh"])
+        else:
+            config = ModelConfig.from_json(args.model)
+    else:
+        config = preset(args.preset or "llama3-8b")
+    if args.layers is not None:
+        config = config.replace(num_layers=min(args.layers, config.num_layers))
+    try:
+        result = plan(config, decode_mesh, prefill_mesh, args.device,
+                      None if args.kv_memory is None else int(args.kv_memory * 1024),
+                      args.context)
+    except ValueError as e:   # unknown device or device field
+        raise runtime.UsageError(str(e)) from None
+    if rank == 0:
+        print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
+def _dispatch(module: str, args) -> int:
+    """Run ``llm.<module>.run(args)``, with a clear error if that part is not there."""
+    try:
+        mod = importlib.import_module(f"llm.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"llm.{module}":
+            raise
+        raise runtime.UsageError(f"'{args.command}' is not available in this version "
+                                 f"(llm/{module}.py is missing)") from None
+    run = getattr(mod, "run", None)
+    if run is None:
+        raise runtime.UsageError(f"'{args.command}' is not available in this version "
+                                 f"(llm.{module} has no run())")
+    return run(args)
+
+
+COMMANDS = {"convert": cmd_convert, "info": cmd_info, "plan": cmd_plan,
+            "generate": lambda args, comm: _dispatch("generate", args),
+            "bench": lambda args, comm: _dispatch("bench", args)}
+
+
+def main(argv=None) -> int:
+    """Console entry point (``waferllm`` / ``python -m llm``)."""
+    def _main(argv):
+        from meshrt.mesh import MeshError
+
+        from .checkpoint import CheckpointError
+        from .config import ConfigError
+        from .shards import ShardError
+        args = build_parser().parse_args(argv)
+        comm = runtime.world()
+        if comm is not None and comm.Get_size() == 1:
+            comm = None
+        runtime.setup_logging(comm, "WARNING" if getattr(args, "quiet", False) else "INFO",
+                              name="llm")
+        try:
+            return COMMANDS[args.command](args, comm)
+        except (ShardError, ConfigError, CheckpointError, MeshError) as e:
+            # validation errors: detected alike on every rank, so print once and end cleanly
+            raise runtime.UsageError(str(e)) from None
+    return runtime.run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

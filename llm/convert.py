@@ -1,0 +1,359 @@
+"""Converting a model into per-rank shards: HF checkpoints or random weights of a preset.
+
+The converter runs tile producers (one per phase) over the model's HF-named tensors and writes
+each rank's block of every global tile array into that rank's file (:mod:`llm.shards`). Under
+``mpiexec -n N`` the ranks convert in parallel: every process produces every tensor (one at a
+time, from the lazy source) and keeps only the blocks of the rank files it writes. A conversion
+may also run on fewer processes than the rank grid it converts for (e.g. one process on a login
+node for a 64-rank job): rank file ``k`` is written by process ``k % nprocs``.
+
+Phases are pluggable: :data:`TILE_PRODUCERS` maps a phase name to
+``producer(PhaseLayout, weights) -> iterator of (name, global tiles [Py, Px, ...])``. The decode
+placement is always there; a prefill placement registers itself here when
+``llm.prefill_weights.prefill_tiles`` exists.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+from meshrt.mesh import MeshError, MeshLayout, default_rank_grid
+
+from .checkpoint import load_checkpoint, random_tensor
+from .config import ConfigError, ModelConfig, preset
+from .layout import LAYOUT_VERSION, PhaseLayout
+from .mesh_weights import decode_tiles
+from .shard_writer import ShardWriter, prepare_target, publish
+from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
+                     grid_text, rank_coords)
+
+RANDOM_PREFIX = "random:"
+DEFAULT_DECODE_MESH = (8, 8)
+#: Files of an HF model directory copied into the shard set, so that it stands alone.
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "generation_config.json")
+
+#: phase -> tile producer ``f(PhaseLayout, weights)`` yielding ``(name, global tiles)``.
+TILE_PRODUCERS: dict[str, Callable] = {"decode": decode_tiles}
+#: phase -> why its producer is unavailable (import error text), for a clear message.
+UNAVAILABLE_PHASES: dict[str, str] = {}
+
+
+def register_optional_producer(phase: str, module: str, function: str) -> None:
+    """Register ``module.function`` as the producer of ``phase`` if it can be imported."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        UNAVAILABLE_PHASES[phase] = (f"this version has no {phase} placement ({module} is missing)"
+                                     if e.name == module else f"{module} cannot be imported ({e})")
+        return
+    except Exception as e:  # noqa: BLE001 - a broken optional placement must not stop decode
+        UNAVAILABLE_PHASES[phase] = f"{module} cannot be imported ({type(e).__name__}: {e})"
+        return
+    producer = getattr(mod, function, None)
+    if producer is None:
+        UNAVAILABLE_PHASES[phase] = f"{module} has no {function}()"
+        return
+    TILE_PRODUCERS[phase] = producer
+
+
+register_optional_producer("prefill", "llm.prefill_weights", "prefill_tiles")
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+# ----------------------------------------------------------------------------------------------
+
+class RandomWeights(Mapping):
+    """HF-named random weights of a config, each tensor made on access (nothing is kept).
+
+    Tensor ``name`` is :func:`llm.checkpoint.random_tensor` ``(config, name, seed)``, a function
+    of ``(seed, name)`` only: a model truncated to its first layers holds exactly the first
+    layers of the full model, and LLaMA3-8B-sized weights never need to fit in memory at once.
+    """
+
+    def __init__(self, config: ModelConfig, seed: int = 0):
+        self.config = config
+        self.seed = int(seed)
+        self._shapes = config.tensor_shapes()
+
+    def __getitem__(self, name: str):
+        if name not in self._shapes:
+            raise KeyError(name)
+        return random_tensor(self.config, name, self.seed, shape=self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def load_source(source: str, seed: int = 0, layers: int | None = None,
+                max_context: int | None = None) -> tuple[ModelConfig, Mapping, str]:
+    """The model named by ``source``: an HF model directory, or ``random:PRESET``.
+
+    Parameters
+    ----------
+    source : str
+        Path of a directory with ``config.json`` and safetensors, or ``random:NAME`` for random
+        weights with the shapes of preset ``NAME`` (see :func:`llm.config.preset`).
+    seed : int
+        Seed of random weights.
+    layers : int, optional
+        Keep only the first ``layers`` decoder layers (benchmarks of big models).
+    max_context : int, optional
+        Shorter context than the model's ``max_position_embeddings``.
+
+    Returns
+    -------
+    config : ModelConfig
+    weights : Mapping
+        Lazy ``HF name -> f32 array`` (reads or makes a tensor on each access).
+    label : str
+        What the manifest records as the source.
+    """
+    if str(source).startswith(RANDOM_PREFIX):
+        name = str(source)[len(RANDOM_PREFIX):]
+        config = preset(name)
+        if max_context is not None:
+            if not 0 < max_context <= config.max_position_embeddings:
+                raise ConfigError(f"max_context={max_context} must be in "
+                                  f"1..{config.max_position_embeddings}")
+            config = config.replace(max_position_embeddings=int(max_context))
+        label = f"random preset {config.name} seed {int(seed)}"
+        config, label = _truncate(config, layers, label)
+        return config, RandomWeights(config, seed), label
+    path = Path(source)
+    if not path.is_dir():
+        raise ConfigError(f"source {source!r} is neither a model directory nor "
+                          f"'{RANDOM_PREFIX}PRESET' (e.g. {RANDOM_PREFIX}llama-100m)")
+    config, weights = load_checkpoint(path, lazy=True, max_context=max_context)
+    config, label = _truncate(config, layers, path.absolute().name)
+    return config, weights, label
+
+
+def _truncate(config: ModelConfig, layers: int | None, label: str) -> tuple[ModelConfig, str]:
+    if layers is None or layers == config.num_layers:
+        return config, label
+    if not 0 < layers <= config.num_layers:
+        raise ConfigError(f"--layers {layers}: the model has {config.num_layers} layers")
+    return (config.replace(num_layers=int(layers)),
+            f"{label} (first {layers} of {config.num_layers} layers)")
+
+
+# ----------------------------------------------------------------------------------------------
+# meshes
+# ----------------------------------------------------------------------------------------------
+
+def check_phases(meshes: Mapping) -> None:
+    """Raise :class:`ShardError` for a phase without a tile producer."""
+    for phase in meshes:
+        if phase not in TILE_PRODUCERS:
+            why = UNAVAILABLE_PHASES.get(phase)
+            raise ShardError(f"no tile placement for phase {phase!r}"
+                             + (f": {why}" if why else "")
+                             + f"; phases available: {', '.join(TILE_PRODUCERS)}")
+
+
+def choose_rank_grid(nranks: int, meshes: Mapping) -> tuple[int, int]:
+    """The squarest ``Ry x Rx = nranks`` grid dividing every phase's mesh."""
+    py = px = 0
+    for mesh in meshes.values():
+        py, px = math.gcd(py, mesh[0]), math.gcd(px, mesh[1])
+    return default_rank_grid(nranks, py, px)
+
+
+def phase_layouts(meshes: Mapping, grid: tuple[int, int]) -> dict[str, MeshLayout]:
+    """Validated :class:`MeshLayout` per phase (raises ``MeshError`` naming valid sizes)."""
+    return {phase: MeshLayout(int(mesh[0]), int(mesh[1]), *grid) for phase, mesh in meshes.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------------------------------
+
+class _Progress:
+    """A tqdm bar on rank 0 (tensor groups: globals, layer 0, layer 1, ...) plus a plain log line
+    every ``every`` tensors, which is what batch logs and Open MPI show."""
+
+    def __init__(self, root: bool, total: int, progress: bool | None, log: logging.Logger,
+                 every: int):
+        from tqdm import tqdm
+        disable = True if (not root or progress is False) else (None if progress is None
+                                                                else False)
+        self.bar = tqdm(total=total, unit="layer", desc="convert", disable=disable,
+                        mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
+        self.live = root and not self.bar.disable
+        self.root, self.log, self.every = root, log, max(1, int(every))
+        self.count, self.nbytes, self.t0 = 0, 0, time.perf_counter()
+        self._group = None
+
+    def tensor(self, phase: str, name: str, nbytes: int) -> None:
+        group = (phase, name.split("/")[0] if "/" in name else "")
+        if self._group is not None and group != self._group:
+            self.bar.update(1)
+        self._group = group
+        self.count += 1
+        self.nbytes += nbytes
+        if self.root and not self.live and self.count % self.every == 0:
+            self.log.info(f"convert: {self.count} tensors ({phase}/{name}), "
+                          f"{self.nbytes / 2**20:.1f} MiB written by rank 0, "
+                          f"{time.perf_counter() - self.t0:.1f} s")
+
+    def close(self) -> None:
+        if self._group is not None:
+            self.bar.update(1)
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# conversion
+# ----------------------------------------------------------------------------------------------
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
+            meshes: Mapping | None = None, dtype: str = "float32", comm=None,
+            force: bool = False, progress: bool | None = None, seed: int = 0,
+            layers: int | None = None, max_context: int | None = None,
+            log: logging.Logger | None = None, log_every: int = 20) -> dict:
+    """Convert ``source`` into a shard set at ``out_dir`` (collective over ``comm``).
+
+    Parameters
+    ----------
+    out_dir : path
+        Target directory; written as ``<out_dir>.tmp-<pid>`` and renamed when complete.
+    source : str
+        HF model directory or ``random:PRESET`` (see :func:`load_source`).
+    ranks : (int, int), optional
+        Rank grid the shards are for; default: the squarest grid of the running process count
+        that divides every mesh. The running process count must not exceed ``Ry * Rx``.
+    meshes : dict, optional
+        ``{phase: (Py, Px)}``; default ``{"decode": (8, 8)}``.
+    dtype : {"float32", "float16"}
+        Storage dtype (compute is float32; float16 halves the files).
+    comm : mpi4py communicator or None
+        ``None`` = one process.
+    force : bool
+        Replace an existing shard set at ``out_dir``.
+    progress : bool or None
+        tqdm bar on rank 0: ``None`` = when stderr is a terminal, ``True`` = always,
+        ``False`` = never.
+    seed, layers, max_context
+        See :func:`load_source`.
+    log : logging.Logger, optional
+        Where rank 0 reports progress (``logging.getLogger("llm")`` by default).
+    log_every : int
+        A plain progress line every this many tensors when no live bar is shown.
+
+    Returns
+    -------
+    dict
+        The manifest (on every rank).
+
+    Raises
+    ------
+    ShardError, ConfigError, MeshError, CheckpointError
+        Bad input, detected identically on every rank before anything is written.
+    """
+    log = log or logging.getLogger("llm")
+    nprocs = 1 if comm is None else comm.Get_size()
+    rank = 0 if comm is None else comm.Get_rank()
+    meshes = {phase: tuple(int(v) for v in mesh)
+              for phase, mesh in (meshes or {"decode": DEFAULT_DECODE_MESH}).items()}
+    if "decode" not in meshes:
+        raise ShardError("a shard set needs decode tiles: give a decode mesh")
+    check_phases(meshes)
+    if dtype not in STORAGE_DTYPES:
+        raise ShardError(f"storage dtype {dtype!r} is not supported; use one of "
+                         f"{', '.join(STORAGE_DTYPES)}")
+    grid = tuple(ranks) if ranks is not None else choose_rank_grid(nprocs, meshes)
+    layouts = phase_layouts(meshes, grid)
+    nfiles = grid[0] * grid[1]
+    if nprocs > nfiles:
+        raise MeshError(f"{nprocs} processes convert for a {grid_text(grid)} rank grid of only "
+                        f"{nfiles} rank files: run with at most {nfiles} processes or pass "
+                        f"--ranks for a grid of {nprocs} ranks")
+    config, weights, label = load_source(source, seed, layers, max_context)
+    source_dir = None if str(source).startswith(RANDOM_PREFIX) else Path(source)
+    copied = [] if source_dir is None else [n for n in COPIED_FILES if (source_dir / n).is_file()]
+
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = created if comm is None else comm.bcast(created, root=0)
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "layout_version": LAYOUT_VERSION, "config": config.to_dict(),
+                "parameters": config.num_parameters(), "source": label, "created": created,
+                "dtype": dtype, "rank_grid": list(grid), "copied_files": copied, "phases": {}}
+
+    tmp = prepare_target(out_dir, comm, force)
+    if rank == 0:
+        log.info(f"convert {label} -> {out_dir}: {_count(config.num_parameters())} parameters, "
+                 f"rank grid {grid_text(grid)}, "
+                 + ", ".join(f"{ph} mesh {grid_text(m)}" for ph, m in meshes.items())
+                 + f", {dtype}" + (f", {nprocs} processes" if nprocs > 1 else ""))
+    mine = [rank_coords(k, grid) for k in range(nfiles) if k % nprocs == rank]
+    writer = ShardWriter(tmp, grid, mine, dtype)
+    bar = _Progress(rank == 0, len(meshes) * (config.num_layers + 1), progress, log, log_every)
+    t0 = time.perf_counter()
+    try:
+        for phase, lay in layouts.items():
+            playout = PhaseLayout(config, lay.py, lay.px)
+            tensors = {}
+            for name, tiles in TILE_PRODUCERS[phase](playout, weights):
+                before = writer.bytes_written
+                writer.add(phase, name, tiles, (lay.py, lay.px))
+                tensors[name] = [int(s) for s in tiles.shape]
+                bar.tensor(phase, name, writer.bytes_written - before)
+                del tiles
+            manifest["phases"][phase] = {"mesh": [lay.py, lay.px],
+                                         "layout": playout.describe(), "tensors": tensors}
+        manifest["content_hash"] = content_hash(manifest)
+        records = writer.finish(manifest["content_hash"])
+    except BaseException:
+        writer.abort()
+        if nprocs == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+    # control plane: every file's checksum to rank 0, which writes the manifest and renames
+    gathered = [(manifest["content_hash"], records)] if comm is None else comm.gather(
+        (manifest["content_hash"], records), root=0)
+    result = None
+    if rank == 0:
+        try:
+            if len({h for h, _ in gathered}) != 1:
+                raise ShardError("ranks produced different tensor lists or shapes (the tile "
+                                 "producers are not deterministic); nothing was written")
+            files = {}
+            for _, recs in gathered:
+                files.update(recs)
+            manifest["files"] = dict(sorted(files.items()))
+            for name in copied:     # tokenizer and HF config travel with the shards
+                shutil.copyfile(source_dir / name, tmp / name)
+            publish(tmp, out_dir, manifest)
+            result = ("ok", manifest)
+        except (ShardError, OSError) as e:
+            result = ("error", str(e))
+    status, payload = result if comm is None else comm.bcast(result, root=0)
+    if status == "error":
+        raise ShardError(payload)
+    if rank == 0:
+        total = sum(r["bytes"] for r in payload["files"].values())
+        log.info(f"wrote {Path(out_dir)}: {len(payload['files'])} rank files, "
+                 f"{total / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+    return payload
