@@ -14,32 +14,11 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Mapping
 
 import numpy as np
 
 from meshrt import runtime
 from meshrt.plmr import get_device
-
-
-class RandomWeights(Mapping):
-    """HF-named random tensors of ``config``, made on access (never all in memory)."""
-
-    def __init__(self, config, seed: int = 0):
-        self.config, self.seed = config, seed
-        self._shapes = config.tensor_shapes()
-
-    def __getitem__(self, name):
-        from .checkpoint import random_tensor
-        if name not in self._shapes:
-            raise KeyError(name)
-        return random_tensor(self.config, name, self.seed, shape=self._shapes[name])
-
-    def __iter__(self):
-        return iter(self._shapes)
-
-    def __len__(self):
-        return len(self._shapes)
 
 
 def full_model_estimate(config, mesh, device, context: int, prompt: int, policy: str,
@@ -61,6 +40,7 @@ def full_model_estimate(config, mesh, device, context: int, prompt: int, policy:
 
 def run(args) -> int:
     """Entry point of ``python -m llm bench``."""
+    from .checkpoint import RandomWeights
     from .config import preset
     from .generate import generate, mesh_arg
     from .model import MeshModel

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +327,31 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict:
     """
     return {name: random_tensor(config, name, seed, shape=shape)
             for name, shape in config.tensor_shapes().items()}
+
+
+class RandomWeights(Mapping):
+    """HF-named random weights of a config, each tensor made on access (nothing is kept).
+
+    Tensor ``name`` is :func:`llm.checkpoint.random_tensor` ``(config, name, seed)``, a function
+    of ``(seed, name)`` only: a model truncated to its first layers holds exactly the first
+    layers of the full model, and LLaMA3-8B-sized weights never need to fit in memory at once.
+    """
+
+    def __init__(self, config: ModelConfig, seed: int = 0):
+        self.config = config
+        self.seed = int(seed)
+        self._shapes = config.tensor_shapes()
+
+    def __getitem__(self, name: str):
+        if name not in self._shapes:
+            raise KeyError(name)
+        return random_tensor(self.config, name, self.seed, shape=self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
 
 
 def save_model_dir(path, config: ModelConfig, weights: Mapping, dtype: str = "float32") -> Path:

@@ -20,13 +20,13 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 from meshrt.mesh import MeshError, MeshLayout, default_rank_grid
 
-from .checkpoint import load_checkpoint, random_tensor
+from .checkpoint import RandomWeights, load_checkpoint
 from .config import ConfigError, ModelConfig, preset
 from .layout import LAYOUT_VERSION, PhaseLayout
 from .mesh_weights import decode_tiles
@@ -70,31 +70,6 @@ register_optional_producer("prefill", "llm.prefill_weights", "prefill_tiles")
 # ----------------------------------------------------------------------------------------------
 # sources
 # ----------------------------------------------------------------------------------------------
-
-class RandomWeights(Mapping):
-    """HF-named random weights of a config, each tensor made on access (nothing is kept).
-
-    Tensor ``name`` is :func:`llm.checkpoint.random_tensor` ``(config, name, seed)``, a function
-    of ``(seed, name)`` only: a model truncated to its first layers holds exactly the first
-    layers of the full model, and LLaMA3-8B-sized weights never need to fit in memory at once.
-    """
-
-    def __init__(self, config: ModelConfig, seed: int = 0):
-        self.config = config
-        self.seed = int(seed)
-        self._shapes = config.tensor_shapes()
-
-    def __getitem__(self, name: str):
-        if name not in self._shapes:
-            raise KeyError(name)
-        return random_tensor(self.config, name, self.seed, shape=self._shapes[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
 
 def load_source(source: str, seed: int = 0, layers: int | None = None,
                 max_context: int | None = None) -> tuple[ModelConfig, Mapping, str]:

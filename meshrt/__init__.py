@@ -13,3 +13,4 @@ from .mesh import MeshError, MeshLayout  # noqa: F401
 from .plmr import PRESETS, Device, Ledger, get_device  # noqa: F401
 
 __version__ = "0.1.0"
+__all__ = ["MeshError", "MeshLayout", "PRESETS", "Device", "Ledger", "get_device"]

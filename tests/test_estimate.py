@@ -1,7 +1,6 @@
 """The closed-form decode estimate equals the ledger of an emulated decode step."""
 import os
 
-import numpy as np
 import pytest
 
 from llm.checkpoint import load_checkpoint
