@@ -23,6 +23,7 @@ export PYTHONUNBUFFERED := 1
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
+	@echo "make demo         convert a small model and generate with 4 MPI ranks"
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
@@ -68,6 +69,14 @@ bench-hf: $(ORACLE)
 
 fixtures: $(ORACLE)
 	$(ORACLE) tools/make_fixtures.py
+
+# The main job in miniature: convert a small model (HF checkpoint in tests/fixtures) for a 2x2
+# rank grid, then generate with 4 MPI ranks on a 4x4 virtual mesh.
+DEMO_MODEL ?= tests/fixtures/tiny-llama-gqa
+DEMO_PROMPT ?= the mesh passes the cache
+demo: install
+	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm convert $(DEMO_MODEL) --out out/demo-shards --ranks 2x2 --decode-mesh 4x4 --force < /dev/null
+	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm generate --model out/demo-shards --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 < /dev/null
 
 bench: install
 	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric < /dev/null
