@@ -170,8 +170,12 @@ class MeshModel:
             return max(1, math.ceil(tokens / rows))
         return max(1, tokens)
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        """Run the prompt; returns the last token's logits (decode X-vector)."""
+    def prefill(self, ids: list[int], all_logits: bool = False):
+        """Run the prompt; returns the last token's logits (decode X-vector).
+
+        With ``all_logits`` returns ``(logits, f32[T, vocab])``: also every prompt token's
+        logits, gathered on every rank (control plane; for scoring and tests).
+        """
         if self.decoder is None:
             self.start(self.capacity_for(len(ids) + 1))
         if len(ids) == 0:
@@ -180,13 +184,15 @@ class MeshModel:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the context of "
                              f"{self.config.max_position_embeddings}")
         if self.prefiller is not None and self.position == 0:
-            logits = self.prefiller.run(ids, self.decoder)
+            out = self.prefiller.run(ids, self.decoder, all_logits=all_logits)
             self.position = len(ids)
-            return logits
-        logits = None
+            return out
+        logits, every = None, []
         for t in ids:  # no prefill engine: the prompt goes through decode steps
             logits = self.decode(t)
-        return logits
+            if all_logits:
+                every.append(self.logits_to_host(logits))
+        return (logits, np.array(every)) if all_logits else logits
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns its logits (decode X-vector ``f32[by, bx, V/Px]``)."""

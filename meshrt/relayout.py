@@ -6,7 +6,8 @@ Along one axis the items keep their order, so each rank's share is a contiguous 
 after; :func:`rebalance` moves the ranges with one upward and one downward sweep of neighbour
 messages, relaying items that travel further than one rank. Two calls, one per axis, re-lay a 2-D
 matrix. :func:`move_cost` prices what the wafer does: every item walks from its source core to its
-destination core, all links at once.
+destination core, all links at once. :func:`fetch_rows` delivers scattered items (a table lookup,
+e.g. embedding rows) to arbitrary slots of the same line, priced by :func:`fetch_cost`.
 """
 from __future__ import annotations
 
@@ -97,3 +98,99 @@ def move_cost(src_core_counts, dst_core_counts, words_per_item: float) -> dict:
     flow = np.abs(src[1:-1] - dst[1:-1]).max() if len(src) > 2 else 0  # items across a boundary
     return {"hops": hops, "routings": 0, "words": float(flow * words_per_item), "macs": 0,
             "routes": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fetching scattered items along a line (a table lookup through the data plane)
+# ----------------------------------------------------------------------------------------------
+
+def fetch_cost(src_core, dst_core, n_cores: int, words_per_item: float) -> dict:
+    """Wafer cost of :func:`fetch_rows`: every item walks from its source core to its
+    destination core along the line, all at once. ``hops`` is the longest walk, ``words`` the
+    busiest link's stream (items crossing one core boundary in one direction)."""
+    src = np.asarray(src_core, dtype=np.int64)
+    dst = np.asarray(dst_core, dtype=np.int64)
+    if src.size == 0:
+        return {"hops": 0, "routings": 0, "words": 0, "macs": 0, "routes": 2}
+    hops = int(np.abs(src - dst).max())
+    load = 0
+    for lo, hi in ((src, dst), (dst, src)):          # upward, then downward movers
+        m = lo < hi
+        cover = np.zeros(n_cores + 1, dtype=np.int64)   # cut c lies between cores c-1 and c
+        np.add.at(cover, lo[m] + 1, 1)
+        np.add.at(cover, hi[m] + 1, -1)
+        load = max(load, int(np.cumsum(cover).max(initial=0)))
+    return {"hops": hops, "routings": 0, "words": float(load * words_per_item), "macs": 0,
+            "routes": 2}
+
+
+def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, dst_core,
+               dst_slot, n_slots: int, record: bool = True, name: str = "fetch") -> np.ndarray:
+    """Deliver items of per-core tables to slots of other cores of the same line.
+
+    Item ``k`` is slot ``src_slot[k]`` of the table on core ``src_core[k]`` (global index along
+    ``axis``); it lands in slot ``dst_slot[k]`` of core ``dst_core[k]`` of the same line, in every
+    line at once. Items travel neighbour to neighbour (one upward and one downward sweep of
+    messages across rank boundaries); the same item may be fetched to several places.
+
+    Parameters
+    ----------
+    table : ndarray
+        ``[by, bx, R, *item]``: each core's table of ``R`` items.
+    src_core, src_slot, dst_core, dst_slot : int arrays of one length
+        The same on every rank.
+    n_slots : int
+        Slots per core of the result.
+
+    Returns
+    -------
+    ndarray
+        ``[by, bx, n_slots, *item]``; slots no item lands in are zero.
+    """
+    src_core, src_slot, dst_core, dst_slot = (np.asarray(v, dtype=np.int64).ravel() for v in
+                                              (src_core, src_slot, dst_core, dst_slot))
+    n = fab.layout.cores(axis)
+    if record:
+        words = int(np.prod(table.shape[3:], dtype=np.int64))
+        cost = fetch_cost(src_core, dst_core, n, words)
+        fab.ledger.record(name, words=cost["words"], hops=cost["hops"],
+                          routings=cost["routings"])
+        fab.ledger.routes(name, cost["routes"])
+    tab = table if axis == 0 else np.swapaxes(table, 0, 1)    # [cores along axis, other, R, ...]
+    b = tab.shape[0]
+    lo = fab.origin[axis]
+    hi = lo + b
+    out = np.zeros((b, tab.shape[1], n_slots) + tab.shape[3:], dtype=table.dtype)
+    got = {}                                                   # item -> [other, *item]
+
+    def local(k):
+        return tab[k_src_local[k], :, src_slot[k]]
+
+    k_src_local = src_core - lo
+    for upward in (True, False):
+        side = HI if upward else LO
+        cut_in, cut_out = (lo, hi) if upward else (hi, lo)
+
+        def crossing(cut):
+            if upward:
+                return np.flatnonzero((src_core < cut) & (dst_core >= cut))
+            return np.flatnonzero((src_core >= cut) & (dst_core < cut))
+
+        if 0 < cut_in < n:
+            ids = crossing(cut_in)
+            if len(ids):
+                slab = fab.recv((len(ids),) + tab.shape[1:2] + tab.shape[3:], table.dtype, axis,
+                                -side, op=name)
+                got.update(zip(ids.tolist(), slab))
+        if 0 < cut_out < n:
+            ids = crossing(cut_out)
+            if len(ids):
+                parts = [local(k) if lo <= src_core[k] < hi else got[k] for k in ids.tolist()]
+                fab.send(np.stack(parts), axis, side, op=name)
+    mine = np.flatnonzero((dst_core >= lo) & (dst_core < hi))
+    here = mine[(src_core[mine] >= lo) & (src_core[mine] < hi)]
+    if len(here):
+        out[dst_core[here] - lo, :, dst_slot[here]] = tab[src_core[here] - lo, :, src_slot[here]]
+    for k in np.setdiff1d(mine, here).tolist():
+        out[dst_core[k] - lo, :, dst_slot[k]] = got[k]
+    return out if axis == 0 else np.swapaxes(out, 0, 1)

@@ -1,0 +1,366 @@
+"""Grouped GEMMs: products restricted to groups of features, every group at once.
+
+The features of an operand carry *group labels* (one-hot per feature, stored per core; a zero
+row marks a padding feature that belongs to no group). Two kernels, with the schedules of their
+ungrouped versions:
+
+* :func:`grouped_gemm_t`, dist-GEMM-T per group: ``C[:, :, g] = A[:, F_g] @ B[:, F_g]^T`` where
+  ``F_g`` are the features labelled ``g``. A stays; B rotates along y on the interleaved two-hop
+  ring; each step's partials (one per group) are chain-reduced along x to the owning column.
+* :func:`grouped_meshgemm`, MeshGEMM with a grouped left operand:
+  ``C[:, f] = sum_u A[:, u, g(f)] B[u, f]`` where ``g(f)`` is the label of output column ``f``.
+  A (with its trailing group axis) is skewed along x on the mesh, B (computed on the mesh, so not
+  pre-skewed by default) along y; then ``Nl`` compute-shift steps.
+
+Labels never move: B keeps its columns (gemm_t rotates B along y only; MeshGEMM moves B along y
+and column labels are per column), so every core keeps the one-hot rows of its own features.
+
+Layouts (rank blocks; ``Nl = lcm(Py, Px)``; every dimension padded to a multiple of ``Nl``;
+``G`` groups):
+
+==================  =============================  ==============================================
+kernel              operands                       result
+==================  =============================  ==============================================
+grouped_gemm_t      a ``[by, bx, M/Py, D/Px]``     ``f32[by, bx, M/Py, N/Px, G]``
+                    b ``[by, bx, N/Py, D/Px]``     (MeshGEMM's output layout, per group)
+                    labels ``[by, bx, D/Px, G]``
+grouped_meshgemm    a ``[by, bx, M/Py, K/Px, G]``  ``f32[by, bx, M/Py, N/Px]`` (natural)
+                    b ``[by, bx, K/Py, N/Px]``
+                    labels ``[by, bx, N/Px, G]``
+==================  =============================  ==============================================
+
+Pricing: MACs as the ungrouped kernel (each feature belongs to one group, so a core does the
+same multiply-adds); words scaled by ``G`` where a tile carries the group axis (A's tile in the
+grouped MeshGEMM; the partials reduced by the grouped dist-GEMM-T). The closed-form estimators
+at the end write exactly what the kernels record.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .. import darray
+from ..collectives import chain_cost, reduce_to_root
+from ..fabric import Fabric
+from ..mesh import MeshError, ceil_div, lcm, pad_to
+from ..plmr import Device, Ledger, WSE2
+from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
+from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, virtual_to_logical
+from .estimate import StepCost, _worse, gemm_t_routes, gemm_t_segments, gemm_t_step, record, \
+    ring_transfer, shift_gemm_routes, skew_rounds
+from .gemm_t import plan_from_blocks
+
+RING = "interleaved"
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def label_tiles(labels, n_groups: int, mesh: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """One-hot group labels of ``D`` features, laid out per feature segment.
+
+    Parameters
+    ----------
+    labels : int[D]
+        Group of each feature, ``-1`` for features in no group (padding).
+    n_groups : int
+
+    Returns
+    -------
+    ndarray
+        ``[Py, Px, D/Px, G]``: core ``(py, px)`` holds the rows of feature segment ``px`` (the
+        same on every row of cores); ``D`` is padded to a multiple of ``lcm(Py, Px)`` with
+        zero rows.
+    """
+    py, px = mesh
+    labels = np.asarray(labels, dtype=np.int64)
+    d = ceil_div(labels.size, lcm(py, px)) * lcm(py, px)
+    onehot = np.zeros((d, n_groups), dtype=dtype)
+    real = np.flatnonzero(labels >= 0)
+    if real.size and labels[real].max() >= n_groups:
+        raise ValueError(f"labels go up to {labels[real].max()} but n_groups={n_groups}")
+    onehot[real, labels[real]] = 1
+    seg = onehot.reshape(px, d // px, n_groups)
+    return np.ascontiguousarray(np.broadcast_to(seg[None], (py,) + seg.shape))
+
+
+def grouped_a_tiles(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """Left operand ``A[M, K, G]`` of :func:`grouped_meshgemm` as ``[Py, Px, M/Py, K/Px, G]``
+    (natural layout; ``M`` and ``K`` zero-padded to multiples of ``lcm(Py, Px)``)."""
+    nl = lcm(*mesh)
+    m, k, g = a.shape
+    mp, kp = ceil_div(m, nl) * nl, ceil_div(k, nl) * nl
+    flat = pad_to(np.asarray(a, dtype=dtype), (mp, kp, g)).reshape(mp, kp * g)
+    t = natural_tiles(flat, mesh, dtype)
+    return t.reshape(t.shape[:3] + (kp // mesh[1], g))
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form costs (shared by the kernels and the estimators)
+# ----------------------------------------------------------------------------------------------
+
+def grouped_gemm_costs(plan: GemmPlan, groups: int, b_preskewed: bool, device: Device) -> list:
+    """Skew and main-loop costs of :func:`grouped_meshgemm`: MeshGEMM's, with A tiles ``G``
+    times longer."""
+    nl, a, b = plan.nl, plan.a, plan.b
+    tile_a, tile_b = plan.tmb * plan.tkb * groups, plan.tkb * plan.tnb
+    x_fwd = ring_transfer(nl, RING, a, b, tile_a)
+    y_fwd = ring_transfer(nl, RING, b, a, tile_b)
+    skew = [x_fwd, ring_transfer(nl, RING, a, b, tile_a, reverse=True)]
+    if not b_preskewed:
+        skew += [y_fwd, ring_transfer(nl, RING, b, a, tile_b, reverse=True)]
+    words, hops, routings = _worse(device, *skew)
+    sw, sh, sr = _worse(device, x_fwd, y_fwd)
+    return [StepCost("skew", words=words, hops=hops, routings=routings, count=skew_rounds(plan)),
+            StepCost("step", macs=a * b * plan.tmb * plan.tkb * plan.tnb, words=sw, hops=sh,
+                     routings=sr, overlap=True, count=nl)]
+
+
+def grouped_gemm_memory(plan: GemmPlan, groups: int) -> int:
+    """Words per core: double-buffered grouped A and B tiles, the C tile, the labels."""
+    a_words = plan.tile_a[0] * plan.tile_a[1] * groups
+    b_words = plan.tile_b[0] * plan.tile_b[1]
+    return 2 * a_words + 2 * b_words + plan.tile_c[0] * plan.tile_c[1] + plan.tile_c[1] * groups
+
+
+def grouped_gemm_t_reduce(plan: GemmPlan, roots: np.ndarray, groups: int) -> tuple:
+    """``(words, hops, routings, macs)`` of one step's chain reduces of ``G`` partials."""
+    c = chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb * groups)
+    return c["words"], c["hops"], c["routings"], c["macs"]
+
+
+def grouped_gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
+    """dist-GEMM-T's step (same MACs and B shift) and the tallied grouped chain reduces."""
+    return [gemm_t_step(plan)] + [
+        StepCost("reduce", macs=m, words=w, hops=h, routings=r, overlap=True, count=c)
+        for (w, h, r, m), c in sorted(reduces.items())]
+
+
+def grouped_gemm_t_memory(plan: GemmPlan, groups: int) -> int:
+    """Words per core: A, double-buffered B, labels, and the C and partial tiles per group."""
+    tm, td = plan.tile_a
+    tn_b = plan.b * plan.tnb
+    return (tm * td + 2 * tn_b * td + td * groups
+            + groups * (tm * plan.a * plan.tnb + tm * plan.tnb))
+
+
+def _gemm_t_tally(plan: GemmPlan, groups: int) -> Counter:
+    return Counter(grouped_gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a, groups)
+                   for t in range(plan.nl))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+def _check_labels(labels: np.ndarray, shape: tuple, what: str) -> None:
+    if labels.ndim != 4 or tuple(labels.shape[:3]) != tuple(shape):
+        raise MeshError(f"{what}: labels block has shape {tuple(labels.shape)}; expected "
+                        f"{tuple(shape)} + (groups,)")
+
+
+def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
+                   name: str = "grouped_gemm_t") -> np.ndarray:
+    """``C[:, :, g] = A[:, F_g] @ B[:, F_g]^T`` for every group ``g``, with no transpose.
+
+    Parameters
+    ----------
+    a : ndarray
+        ``[by, bx, M/Py, D/Px]``: ``A[row-seg py, feature-seg px]`` (stays put).
+    b : ndarray
+        ``[by, bx, N/Py, D/Px]``: ``B[row-seg py, feature-seg px]`` (rotates along y).
+    labels : ndarray
+        ``[by, bx, D/Px, G]``: one-hot group of each local feature (:func:`label_tiles`).
+
+    Returns
+    -------
+    ndarray
+        ``f32[by, bx, M/Py, N/Px, G]``: ``C[row-seg py, row-seg px, g]``.
+    """
+    lay = fab.layout
+    plan = plan_from_blocks(lay, a.shape, b.shape, name)
+    _check_labels(labels, (lay.by, lay.bx, a.shape[3]), name)
+    led = fab.ledger
+    groups = labels.shape[3]
+    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.b, plan.a
+    tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
+    f32 = np.float32
+    y_line = line_of(fab, 0, rows_per)
+    # al: [by, bx, b, tmb*G, D/Px]: A's rows masked by each group's features (A stays: once)
+    lab_t = np.swapaxes(labels, 2, 3).astype(f32, copy=False)            # [by, bx, G, D/Px]
+    al = a.reshape(by, bx, rows_per, tmb, 1, td).astype(f32, copy=False) \
+        * lab_t[:, :, None, None, :, :]
+    al = al.reshape(by, bx, rows_per, tmb * groups, td)
+    # b_cur: [by*b, bx, tnb, D/Px]: one logical row of B per entry along y
+    b_cur = b.reshape(by, bx, rows_per, tnb, td).transpose(0, 2, 1, 3, 4)
+    b_cur = b_cur.reshape(by * rows_per, bx, tnb, td)
+    bufs = (np.empty_like(b_cur), np.empty_like(b_cur))
+    c = np.zeros((by, bx, rows_per, tmb, groups, cols_per, tnb), f32)
+    iy, ix = np.arange(by)[:, None], np.arange(bx)[None, :]
+    my_rows = fab.index(0)
+    dest = ring_dest(plan.nl, RING)
+    reduces = Counter()
+    for t in range(plan.nl):
+        b_t = b_cur.reshape(by, rows_per, bx, tnb, td).transpose(0, 2, 1, 4, 3)  # B^T view
+        part = np.matmul(al, b_t.astype(f32, copy=False))       # [by, bx, b, tmb*G, tnb]
+        part = part.reshape(by, bx, rows_per, tmb, groups, tnb)
+        seg = gemm_t_segments(plan, t)                           # [Nl] per logical row
+        for s in range(rows_per):
+            seg_s = seg[np.arange(lay.py) * rows_per + s]        # per virtual row
+            red = reduce_to_root(fab, part[:, :, s], 1, seg_s // cols_per, record=False,
+                                 name=f"{name}/reduce")          # [by, bx, tmb, G, tnb]
+            slot = (seg_s % cols_per)[my_rows][:, None]
+            c[iy, ix, s, :, :, slot, :] += red
+        reduces[grouped_gemm_t_reduce(plan, seg // cols_per, groups)] += 1
+        b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=bufs[t % 2], op=f"{name}/shift")
+    record(led, name, grouped_gemm_t_costs(plan, reduces))
+    led.memory(name, grouped_gemm_t_memory(plan, groups))
+    led.routes(name, gemm_t_routes(plan))
+    c = c.transpose(0, 1, 2, 3, 5, 6, 4)                         # [by, bx, b, tmb, a, tnb, G]
+    return np.ascontiguousarray(c).reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
+
+
+def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
+                     b_preskewed: bool = False, name: str = "grouped_meshgemm") -> np.ndarray:
+    """``C[:, f] = sum_u A[:, u, g(f)] B[u, f]`` on MeshGEMM's interleaved rings.
+
+    Parameters
+    ----------
+    a : ndarray
+        ``[by, bx, M/Py, K/Px, G]``: ``A[row-seg py, K-seg px, :]`` (natural, group axis last).
+    b : ndarray
+        ``[by, bx, K/Py, N/Px]``: natural tiles, skewed on the mesh first; or tiles pre-skewed
+        by ``prepare_b(..., "meshgemm")`` with ``b_preskewed=True``.
+    labels : ndarray
+        ``[by, bx, N/Px, G]``: one-hot group of each local output column (of B's columns).
+
+    Returns
+    -------
+    ndarray
+        ``f32[by, bx, M/Py, N/Px]``: ``C[row-seg py, col-seg px]``.
+    """
+    lay = fab.layout
+    mesh = (lay.py, lay.px)
+    if a.ndim != 5:
+        raise MeshError(f"{name}: A block must be [by, bx, M/Py, K/Px, G], got {a.shape}")
+    groups = a.shape[4]
+    plan = GemmPlan.from_blocks(lay, a.shape[:4], b.shape, name)
+    _check_labels(labels, (lay.by, lay.bx, b.shape[3]), name)
+    if labels.shape[3] != groups:
+        raise MeshError(f"{name}: A carries {groups} groups, labels {labels.shape[3]}")
+    led = fab.ledger
+    nl, ca, rb = plan.nl, plan.a, plan.b
+    tkb, tnb = plan.tkb, plan.tnb
+    f32 = np.float32
+    x_line, y_line = line_of(fab, 1, ca), line_of(fab, 0, rb)
+    rows = np.arange(y_line.lo, y_line.hi)
+    cols = np.arange(x_line.lo, x_line.hi)
+    pos = ring_positions(nl, RING)
+
+    # a_cur: [by*b, bx*a, tmb, tkb*G] (K-major, group-minor)   b_cur: [by*b, bx*a, tkb, tnb]
+    a_flat = a.reshape(a.shape[:3] + (a.shape[3] * groups,))
+    a_cur = shift_lines_back(fab, virtual_to_logical(a_flat, mesh), 1, x_line, pos[rows], RING,
+                             op=f"{name}/skew")
+    b_cur = virtual_to_logical(b, mesh)
+    if not b_preskewed:
+        b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], RING, op=f"{name}/skew")
+    costs = grouped_gemm_costs(plan, groups, b_preskewed, led.device)
+    record(led, name, costs[:1])
+    # labels per logical core, transposed: [by*b, bx*a, 1, G, tnb] (they never move)
+    lab = labels.reshape(lay.by, lay.bx * ca, tnb, groups)
+    lab = np.repeat(np.swapaxes(lab, 2, 3)[:, :, None], rb, axis=0).astype(f32, copy=False)
+
+    a_bufs = (np.empty_like(a_cur), a_cur)
+    b_bufs = (np.empty_like(b_cur), np.empty_like(b_cur))
+    c = np.empty(a_cur.shape[:3] + (tnb,), f32)                 # [by*b, bx*a, tmb, tnb]
+    partial = np.empty_like(c)
+    dest = ring_dest(nl, RING)
+    bl_shape = b_cur.shape[:2] + (tkb * groups, tnb)
+    for t in range(nl):
+        # B's columns masked by their group: bl[k, g, n] = B[k, n] [g(n) == g]
+        bl = (b_cur.astype(f32, copy=False)[:, :, :, None, :] * lab).reshape(bl_shape)
+        np.matmul(a_cur.astype(f32, copy=False), bl, out=c if t == 0 else partial)
+        if t:
+            c += partial
+        a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
+        b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
+    record(led, name, costs[1:])
+    led.memory(name, grouped_gemm_memory(plan, groups))
+    led.routes(name, shift_gemm_routes(plan, RING, b_preskewed))
+    return logical_to_virtual(c, mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host matrices in, host matrix out (tests, benchmarks); control plane, priced as edge I/O
+# ----------------------------------------------------------------------------------------------
+
+def _bcast_meta(fab: Fabric, meta, root: int):
+    return fab.world.bcast(meta, root=root) if fab.nranks > 1 else meta
+
+
+def matmul_t_grouped(fab: Fabric, a, b, labels, n_groups: int, root: int = 0,
+                     to_all: bool = False) -> np.ndarray | None:
+    """Scatter ``A[M, D]``, ``B[N, D]`` and the feature labels ``int[D]`` from ``root``; run
+    :func:`grouped_gemm_t`; gather ``C[M, N, G]`` on ``root`` (every rank with ``to_all``)."""
+    meta = _bcast_meta(fab, None if a is None else (a.shape, b.shape), root)
+    (m, d), (n, _) = meta
+    mesh = (fab.layout.py, fab.layout.px)
+    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    ta = natural_tiles(a, mesh) if is_root else None
+    tb = natural_tiles(b, mesh) if is_root else None
+    tl = label_tiles(labels, n_groups, mesh) if is_root else None
+    c = grouped_gemm_t(fab, darray.scatter(fab, ta, root), darray.scatter(fab, tb, root),
+                       darray.scatter(fab, tl, root))
+    tiles = darray.gather(fab, c, root, to_all)
+    if tiles is None:
+        return None
+    py, px, tm, tn, g = tiles.shape
+    return tiles.transpose(0, 2, 1, 3, 4).reshape(py * tm, px * tn, g)[:m, :n]
+
+
+def matmul_grouped(fab: Fabric, a, b, labels, b_preskewed: bool = False, root: int = 0,
+                   to_all: bool = False) -> np.ndarray | None:
+    """Scatter ``A[M, K, G]``, ``B[K, N]`` and the column labels ``int[N]`` from ``root``; run
+    :func:`grouped_meshgemm`; gather ``C[M, N]``. ``b_preskewed`` pre-skews B on the host."""
+    from .gemm import prepare_b
+    meta = _bcast_meta(fab, None if a is None else (a.shape, b.shape), root)
+    (m, _, g), (_, n) = meta
+    mesh = (fab.layout.py, fab.layout.px)
+    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    ta = grouped_a_tiles(a, mesh) if is_root else None
+    tb = prepare_b(b, mesh, "meshgemm" if b_preskewed else "natural") if is_root else None
+    tl = label_tiles(labels, g, mesh) if is_root else None
+    c = grouped_meshgemm(fab, darray.scatter(fab, ta, root), darray.scatter(fab, tb, root),
+                         darray.scatter(fab, tl, root), b_preskewed=b_preskewed)
+    return darray.gather_matrix(fab, c, (m, n), root, to_all)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form estimators (tied to the ledger by tests)
+# ----------------------------------------------------------------------------------------------
+
+def estimate_grouped_gemm_t(m: int, n: int, d: int, groups: int, mesh: tuple[int, int],
+                            device: Device | None = None, ledger: Ledger | None = None,
+                            name: str = "grouped_gemm_t") -> Ledger:
+    """The ledger :func:`grouped_gemm_t` writes for ``[m, d] x [n, d]^T`` with ``groups``."""
+    led = ledger if ledger is not None else Ledger(device or WSE2)
+    plan = GemmPlan.for_shapes(m, d, n, mesh)
+    record(led, name, grouped_gemm_t_costs(plan, _gemm_t_tally(plan, groups)))
+    led.memory(name, grouped_gemm_t_memory(plan, groups))
+    led.routes(name, gemm_t_routes(plan))
+    return led
+
+
+def estimate_grouped_meshgemm(m: int, k: int, n: int, groups: int, mesh: tuple[int, int],
+                              device: Device | None = None, b_preskewed: bool = False,
+                              ledger: Ledger | None = None,
+                              name: str = "grouped_meshgemm") -> Ledger:
+    """The ledger :func:`grouped_meshgemm` writes for ``[m, k, G] x [k, n]``."""
+    led = ledger if ledger is not None else Ledger(device or WSE2)
+    plan = GemmPlan.for_shapes(m, k, n, mesh)
+    record(led, name, grouped_gemm_costs(plan, groups, b_preskewed, led.device))
+    led.memory(name, grouped_gemm_memory(plan, groups))
+    led.routes(name, shift_gemm_routes(plan, RING, b_preskewed))
+    return led
