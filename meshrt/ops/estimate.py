@@ -231,11 +231,28 @@ def gemm_t_reduce(plan: GemmPlan, roots: np.ndarray) -> tuple:
     return c["words"], c["hops"], c["routings"], c["macs"]
 
 
+def pipelined_reduces(reduces: Counter) -> list:
+    """Costs of a sequence of chain reduces, tallied ``{(words, hops, routings, macs): count}``.
+
+    On the wafer a chain reduce is a stream: each core adds its partial to the words passing by
+    and forwards them, and the next step's stream follows the previous one on the same links.
+    So every step pays its stream (words and adds), and the latency of the longest chain (hops
+    and routing stages) is paid once, when the last stream drains.
+    """
+    steps = sum(reduces.values())
+    if not steps:
+        return []
+    words = max(k[0] for k in reduces)
+    macs = max(k[3] for k in reduces)
+    hops = max(k[1] for k in reduces)
+    routings = max(k[2] for k in reduces)
+    return [StepCost("reduce", macs=macs, words=words, overlap=True, count=steps),
+            StepCost("reduce_drain", hops=hops, routings=routings, count=1)]
+
+
 def gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
     """Step costs, with the chain reduces tallied ``{(words, hops, routings, macs): count}``."""
-    return [gemm_t_step(plan)] + [
-        StepCost("reduce", macs=m, words=w, hops=h, routings=r, overlap=True, count=c)
-        for (w, h, r, m), c in sorted(reduces.items())]
+    return [gemm_t_step(plan)] + pipelined_reduces(reduces)
 
 
 def gemm_t_memory(plan: GemmPlan) -> int:

@@ -47,8 +47,8 @@ from ..mesh import MeshError, ceil_div, lcm, pad_to
 from ..plmr import Device, Ledger, WSE2
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
 from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, virtual_to_logical
-from .estimate import StepCost, _worse, gemm_t_routes, gemm_t_segments, gemm_t_step, record, \
-    ring_transfer, shift_gemm_routes, skew_rounds
+from .estimate import (StepCost, _worse, gemm_t_routes, gemm_t_segments, gemm_t_step,
+                       pipelined_reduces, record, ring_transfer, shift_gemm_routes, skew_rounds)
 from .gemm_t import plan_from_blocks
 
 RING = "interleaved"
@@ -133,9 +133,7 @@ def grouped_gemm_t_reduce(plan: GemmPlan, roots: np.ndarray, groups: int) -> tup
 
 def grouped_gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
     """dist-GEMM-T's step (same MACs and B shift) and the tallied grouped chain reduces."""
-    return [gemm_t_step(plan)] + [
-        StepCost("reduce", macs=m, words=w, hops=h, routings=r, overlap=True, count=c)
-        for (w, h, r, m), c in sorted(reduces.items())]
+    return [gemm_t_step(plan)] + pipelined_reduces(reduces)
 
 
 def grouped_gemm_t_memory(plan: GemmPlan, groups: int) -> int:
