@@ -71,8 +71,8 @@ def _add_mesh_args(p, decode_default: str | None, what: str = "") -> None:
                    help=f"virtual mesh of the decode phase{what}"
                         + (f" (default {decode_default})" if decode_default else ""))
     p.add_argument("--prefill-mesh", type=_grid("prefill mesh"), default=None, metavar="PYxPX",
-                   help="virtual mesh of the prefill phase (default: as converted, or the decode "
-                        "mesh)")
+                   help="virtual mesh of the prefill phase (default: the shard set's, else the "
+                        "decode mesh)")
     p.add_argument("--ranks", type=_grid("rank grid"), default=None, metavar="RYxRX",
                    help="MPI rank grid; must multiply to the running rank count and divide the "
                         "meshes (default: the squarest grid that fits)")
@@ -129,6 +129,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the model's end-of-sequence tokens (benchmarks, tests)")
     p.add_argument("--stop", action="append", default=[], metavar="ID|TEXT",
                    help="stop at this token id or text (repeatable); the model's EOS always stops")
     _add_mesh_args(p, None, " (default: as converted; for an HF directory 2x2 cores per rank)")
@@ -259,9 +261,8 @@ def _grid_or_none(text):
 
 def cmd_convert(args, comm) -> int:
     from .convert import convert
-    meshes = {"decode": _grid_or_none(args.decode_mesh)}
-    if args.prefill_mesh is not None:
-        meshes["prefill"] = _grid_or_none(args.prefill_mesh)
+    decode = _grid_or_none(args.decode_mesh)
+    meshes = {"decode": decode, "prefill": _grid_or_none(args.prefill_mesh) or decode}
     convert(args.out, args.source, ranks=_grid_or_none(args.ranks), meshes=meshes,
             dtype=args.dtype, comm=comm, force=args.force,
             progress={"auto": None, "on": True, "off": False}[args.progress], seed=args.seed,

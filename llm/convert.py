@@ -7,20 +7,17 @@ time, from the lazy source) and keeps only the blocks of the rank files it write
 may also run on fewer processes than the rank grid it converts for (e.g. one process on a login
 node for a 64-rank job): rank file ``k`` is written by process ``k % nprocs``.
 
-Phases are pluggable: :data:`TILE_PRODUCERS` maps a phase name to
-``producer(PhaseLayout, weights) -> iterator of (name, global tiles [Py, Px, ...])``. The decode
-placement is always there; a prefill placement registers itself here when
-``llm.prefill_weights.prefill_tiles`` exists.
+Each phase's weight placement is a producer in :data:`llm.mesh_weights.PHASE_TILES`,
+``producer(PhaseLayout, weights) -> iterator of (name, global tiles [Py, Px, ...])``.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +26,7 @@ from meshrt.mesh import MeshError, MeshLayout, default_rank_grid
 from .checkpoint import RandomWeights, load_checkpoint
 from .config import ConfigError, ModelConfig, preset
 from .layout import LAYOUT_VERSION, PhaseLayout
-from .mesh_weights import decode_tiles
+from .mesh_weights import PHASE_TILES
 from .shard_writer import ShardWriter, prepare_target, publish
 from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
                      grid_text, rank_coords)
@@ -39,33 +36,6 @@ DEFAULT_DECODE_MESH = (8, 8)
 #: Files of an HF model directory copied into the shard set, so that it stands alone.
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "tokenizer.model", "generation_config.json")
-
-#: phase -> tile producer ``f(PhaseLayout, weights)`` yielding ``(name, global tiles)``.
-TILE_PRODUCERS: dict[str, Callable] = {"decode": decode_tiles}
-#: phase -> why its producer is unavailable (import error text), for a clear message.
-UNAVAILABLE_PHASES: dict[str, str] = {}
-
-
-def register_optional_producer(phase: str, module: str, function: str) -> None:
-    """Register ``module.function`` as the producer of ``phase`` if it can be imported."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        UNAVAILABLE_PHASES[phase] = (f"this version has no {phase} placement ({module} is missing)"
-                                     if e.name == module else f"{module} cannot be imported ({e})")
-        return
-    except Exception as e:  # noqa: BLE001 - a broken optional placement must not stop decode
-        UNAVAILABLE_PHASES[phase] = f"{module} cannot be imported ({type(e).__name__}: {e})"
-        return
-    producer = getattr(mod, function, None)
-    if producer is None:
-        UNAVAILABLE_PHASES[phase] = f"{module} has no {function}()"
-        return
-    TILE_PRODUCERS[phase] = producer
-
-
-register_optional_producer("prefill", "llm.prefill_weights", "prefill_tiles")
-
 
 # ----------------------------------------------------------------------------------------------
 # sources
@@ -131,11 +101,9 @@ def _truncate(config: ModelConfig, layers: int | None, label: str) -> tuple[Mode
 def check_phases(meshes: Mapping) -> None:
     """Raise :class:`ShardError` for a phase without a tile producer."""
     for phase in meshes:
-        if phase not in TILE_PRODUCERS:
-            why = UNAVAILABLE_PHASES.get(phase)
-            raise ShardError(f"no tile placement for phase {phase!r}"
-                             + (f": {why}" if why else "")
-                             + f"; phases available: {', '.join(TILE_PRODUCERS)}")
+        if phase not in PHASE_TILES:
+            raise ShardError(f"no tile placement for phase {phase!r}; phases available: "
+                             f"{', '.join(PHASE_TILES)}")
 
 
 def choose_rank_grid(nranks: int, meshes: Mapping) -> tuple[int, int]:
@@ -287,7 +255,7 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         for phase, lay in layouts.items():
             playout = PhaseLayout(config, lay.py, lay.px)
             tensors = {}
-            for name, tiles in TILE_PRODUCERS[phase](playout, weights):
+            for name, tiles in PHASE_TILES[phase](playout, weights):
                 before = writer.bytes_written
                 writer.add(phase, name, tiles, (lay.py, lay.px))
                 tensors[name] = [int(s) for s in tiles.shape]

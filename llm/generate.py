@@ -132,7 +132,7 @@ def _prompt_ids(args, tokenizer) -> list:
 
 
 def _stop_ids(args, tokenizer, config) -> set:
-    out = set(config.eos_ids)
+    out = set() if getattr(args, "ignore_eos", False) else set(config.eos_ids)
     for item in getattr(args, "stop", None) or []:
         for part in str(item).split(","):
             part = part.strip()

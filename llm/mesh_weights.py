@@ -17,6 +17,7 @@ from meshrt.ops.gemv import vector_tiles, weight_tiles
 
 from .checkpoint import lm_head_weight
 from .layout import PhaseLayout
+from .prefill_weights import prefill_tiles
 
 DECODE_LAYER_KEYS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up",
                      "gate_up_bias", "down", "down_bias")
@@ -109,3 +110,7 @@ def decode_tiles(lay: PhaseLayout, w: Mapping):
     for i in range(lay.config.num_layers):
         for key, tiles in decode_layer_tiles(lay, w, i).items():
             yield f"layer{i}/{key}", tiles
+
+
+#: phase -> tile producer ``f(PhaseLayout, hf_weights)`` yielding ``(name, global tiles)``.
+PHASE_TILES = {"decode": decode_tiles, "prefill": prefill_tiles}

@@ -11,7 +11,7 @@ producers, so the two paths hold identical blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .decode import MeshDecoder
 from .kvcache import KVCache
 from .layout import PhaseLayout
-from .mesh_weights import decode_tiles
+from .mesh_weights import PHASE_TILES
 
 
 def split_layers(blocks: Mapping, layers: int) -> tuple[list, dict]:
@@ -37,17 +37,6 @@ def split_layers(blocks: Mapping, layers: int) -> tuple[list, dict]:
         else:
             glob[name] = block
     return per, glob
-
-
-def phase_producers() -> dict[str, Callable]:
-    """Tile producers per phase: ``producer(PhaseLayout, hf_weights)`` yields (name, tiles)."""
-    out = {"decode": decode_tiles}
-    try:  # the prefill engine, where present, brings its own weight placement
-        from .prefill_weights import prefill_tiles
-        out["prefill"] = prefill_tiles
-    except ImportError:
-        pass
-    return out
 
 
 def mesh_layouts(nranks: int, decode_mesh, prefill_mesh=None, ranks=None) -> dict:
@@ -124,7 +113,7 @@ class MeshModel:
         """Place HF-named weights held in memory (every rank holds them; small models)."""
         nranks = 1 if comm is None else comm.Get_size()
         layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
-        producers = phase_producers()
+        producers = PHASE_TILES
         blocks = {}
         for phase in (phases or producers):
             lay = layouts[phase]

@@ -93,3 +93,26 @@ def test_bench_model_and_calibrate(tmp_path):
     assert k[("ktree", 720)] < k[("pipeline", 720)]
     p, _ = run(["-m", "meshrt", "bench", "calibrate"])
     assert p.returncode == 0 and "beta=" in p.stdout
+
+
+@needs_mpiexec
+def test_convert_then_generate_with_prefill_matches_transformers(tmp_path):
+    """The user's path end to end: HF checkpoint -> shards (prefill 2x6, decode 4x4, 2x2 ranks)
+    -> generate under mpiexec: the greedy tokens of transformers, on 4 ranks."""
+    import json
+
+    import numpy as np
+    fixture = os.path.join(ROOT, "tests", "fixtures", "tiny-llama-gqa")
+    exp = np.load(os.path.join(fixture, "expected.npz"))
+    out = tmp_path / "shards"
+    p, _ = run(["-m", "llm", "convert", fixture, "--out", str(out), "--ranks", "2x2",
+                "--decode-mesh", "4x4", "--prefill-mesh", "2x6"], n=4)
+    assert p.returncode == 0, p.stderr
+    ids = ",".join(str(int(t)) for t in exp["prompt_ids"])
+    p, _ = run(["-m", "llm", "generate", "--model", str(out), "--prompt-ids", ids,
+                "--max-new-tokens", "16", "--ignore-eos", "--json"], n=4)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["new_ids"] == [int(t) for t in exp["greedy_ids"]]
+    assert res["prefill_mesh"] == [2, 6] and res["decode_mesh"] == [4, 4]
+    assert res["modeled_ttft_s"] > 0 and res["modeled_tpr"] > 0
