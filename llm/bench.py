@@ -5,8 +5,8 @@ paper-size meshes fit in this machine's memory), or a converted shard set. Repor
 
 * the emulator's wall time on this machine (TTFT, median TPOT, tokens/s);
 * the modeled wafer time of the same run (PLMR ledger, ``--device``);
-* the closed-form estimate for the *whole* model (all layers) at the same mesh and context:
-  TPOT, TPR, compute/communication split, weights per core, KV capacity per policy.
+* the closed-form estimate for the *whole* model (all layers) at the same meshes and context:
+  TTFT, TPOT, TPR, compute/communication split, weights per core, KV capacity per policy.
 """
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ from meshrt.plmr import get_device
 
 
 def full_model_estimate(config, mesh, device, context: int, prompt: int, policy: str,
-                        algo: str, groups) -> dict:
-    from .estimate import decode_token, decode_weight_words, kv_capacity
+                        algo: str, groups, prefill_mesh=None) -> dict:
+    from .estimate import decode_token, decode_weight_words, kv_capacity, ttft
     led = decode_token(config, mesh, device, context=context, policy=policy, prompt=prompt,
                        algo=algo, groups=groups)
     t = led.totals()
     cap = kv_capacity(config, mesh, device)
-    return {"layers": config.num_layers, "tpot_s": led.seconds, "tpr": 1.0 / led.seconds,
+    first = ttft(config, prefill_mesh or mesh, prompt, mesh, device, algo=algo, groups=groups)
+    return {"layers": config.num_layers, "ttft_s": first["seconds"],
+            "tpot_s": led.seconds, "tpr": 1.0 / led.seconds,
             "compute_fraction": t.compute_cycles / t.cycles, "comm_fraction": t.comm_cycles / t.cycles,
             "weights_kib_per_core": decode_weight_words(config, mesh) * device.word_bytes / 1024,
             "fits_device": decode_weight_words(config, mesh) * device.word_bytes
@@ -95,7 +97,7 @@ def run(args) -> int:
            ("ttft_s", "tpot_s", "median_tpot_s", "tokens_per_s", "modeled_ttft_s",
             "modeled_tpot_s", "modeled_tpr")}
     est = full_model_estimate(full, dmesh, device, prompt_len + new, prompt_len, policy, algo,
-                              groups)
+                              groups, pmesh)
     led = model.decode_fabric.ledger
     t = led.totals()
     out = {"model": model.config.name, "layers_run": model.config.num_layers,
@@ -116,7 +118,8 @@ def run(args) -> int:
             print(f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
                   f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
                   f"(this run, {device.name})")
-            print(f"  full {est['layers']}-layer model: TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
+            print(f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
+                  f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
                   f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
                   f"{est['weights_kib_per_core']:.1f} KiB/core "
                   f"({'fits' if est['fits_device'] else 'does not fit'} "
