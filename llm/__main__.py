@@ -144,6 +144,10 @@ def add_generate_parser(sub) -> None:
                    help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...")
     p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree",
                    help="allreduce of every GEMV and reduction (default ktree)")
+    p.add_argument("--emulation", choices=["exact", "aggregated"], default="exact",
+                   help="exact: every phase of every collective runs as its own neighbour "
+                        "messages; aggregated: K-tree allreduces combine rank partials in one "
+                        "sweep per direction (same results and modeled cost, fewer MPI messages)")
     p.add_argument("--groups", type=_positive, default=None,
                    help="K-tree first-level group count (default: about sqrt of the line)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -177,6 +181,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift")
     p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree")
     p.add_argument("--groups", type=_positive, default=None, help="K-tree group count")
+    p.add_argument("--emulation", choices=["exact", "aggregated"], default="exact",
+                   help="as for generate: aggregated K-tree allreduces send fewer MPI messages")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--repeat", type=_positive, default=3, help="timed runs, median reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")

@@ -55,10 +55,12 @@ def run(args) -> int:
     policy = getattr(args, "kv_policy", "shift") or "shift"
     algo = getattr(args, "allreduce", "ktree") or "ktree"
     groups = getattr(args, "groups", None)
+    emulation = getattr(args, "emulation", "exact") or "exact"
     model_path = getattr(args, "model", None)
     if model_path:
         model = MeshModel.from_shards(model_path, comm if size > 1 else None, kv_policy=policy,
-                                      device=device, allreduce=algo, groups=groups)
+                                      device=device, allreduce=algo, groups=groups,
+                                      emulation=emulation)
         full = model.config
     else:
         name = getattr(args, "preset", None) or "llama-100m"
@@ -70,7 +72,8 @@ def run(args) -> int:
         weights = RandomWeights(config, getattr(args, "seed", 0) or 0)
         model = MeshModel.from_weights(config, weights, comm if size > 1 else None,
                                        decode_mesh=dmesh, prefill_mesh=pmesh, kv_policy=policy,
-                                       device=device, allreduce=algo, groups=groups)
+                                       device=device, allreduce=algo, groups=groups,
+                                       emulation=emulation)
         log.info(f"placed in {time.perf_counter() - t0:.1f} s")
     prompt_len = getattr(args, "prompt_len", None) or 16
     new = getattr(args, "new_tokens", None) or 16
@@ -103,7 +106,7 @@ def run(args) -> int:
     out = {"model": model.config.name, "layers_run": model.config.num_layers,
            "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
            "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
-           "kv_policy": policy, "allreduce": algo, "emulator": med,
+           "kv_policy": policy, "allreduce": algo, "emulation": emulation, "emulator": med,
            "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
            "modeled_peak_kib_per_core": led.peak_memory / 1024,
            "full_model_estimate": est}

@@ -97,7 +97,8 @@ def load_model(args, comm):
     from .model import MeshModel
     path = args.model
     kw = dict(kv_policy=getattr(args, "kv_policy", "shift"), device=getattr(args, "device", "wse2"),
-              allreduce=getattr(args, "allreduce", "ktree"), groups=getattr(args, "groups", None))
+              allreduce=getattr(args, "allreduce", "ktree"), groups=getattr(args, "groups", None),
+              emulation=getattr(args, "emulation", "exact"))
     ranks = mesh_arg(getattr(args, "ranks", None))
     dmesh = mesh_arg(getattr(args, "decode_mesh", None))
     pmesh = mesh_arg(getattr(args, "prefill_mesh", None))

@@ -78,17 +78,24 @@ class MeshModel:
         Device whose PLMR model prices the run.
     allreduce, groups : str, int
         Allreduce algorithm (and K-tree group count) of every reduction in decode.
+    emulation : {"exact", "aggregated"}
+        ``aggregated`` lets K-tree allreduces combine rank partials in one sweep per direction
+        (see :class:`meshrt.fabric.Fabric`); results and ledger are the same, MPI messages fewer.
     """
 
     def __init__(self, config: ModelConfig, comm, decode_mesh, blocks: Mapping,
                  prefill_mesh=None, ranks=None, kv_policy: str = "shift",
-                 device="wse2", allreduce: str = "ktree", groups: int | None = None):
+                 device="wse2", allreduce: str = "ktree", groups: int | None = None,
+                 emulation: str = "exact"):
         self.config = config
         self.comm = comm
         nranks = 1 if comm is None else comm.Get_size()
         self.layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
         device = get_device(device)
-        self.fabrics = {ph: Fabric(comm if nranks > 1 else None, lay, ledger=Ledger(device))
+        if emulation not in ("exact", "aggregated"):
+            raise ValueError(f"emulation must be 'exact' or 'aggregated', not {emulation!r}")
+        self.fabrics = {ph: Fabric(comm if nranks > 1 else None, lay, ledger=Ledger(device),
+                                   aggregate=emulation == "aggregated")
                         for ph, lay in self.layouts.items()}
         self.phase_layouts = {ph: PhaseLayout(config, lay.py, lay.px)
                               for ph, lay in self.layouts.items()}

@@ -316,17 +316,34 @@ def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = Tr
     if record:
         words = int(np.prod(block.shape[2:]))
         _record(fab, name, broadcast_cost(n, root, words), overlap=False)
+    r = np.asarray(root)
+    if r.ndim == 0:  # one root for all lines: the stream flows outward from the root's rank
+        return np.broadcast_to(_from_root(fab, block, axis, int(r), name), block.shape).copy()
     diff, _ = _root_mask(fab, axis, root)
     diff = diff.reshape(diff.shape + (1,) * (block.ndim - 2))
-    r = np.asarray(root)
-    if r.ndim == 0 and fab.layout.ranks(axis) == 1:
-        sl = [slice(None)] * block.ndim
-        sl[axis] = slice(int(r), int(r) + 1)
-        return np.broadcast_to(block[tuple(sl)], block.shape).copy()
     mine = np.where(diff == 0, block, np.zeros((), block.dtype)).sum(axis=axis, keepdims=True,
                                                                         dtype=block.dtype)
     total = _line_total(fab, mine, axis, "sum", name)
     return np.broadcast_to(total, block.shape).copy()
+
+
+def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) -> np.ndarray:
+    """The root core's tiles of every line (``keepdims`` along ``axis``), on every rank: the
+    root's rank sends them both ways and every other rank passes them on, away from the root."""
+    b = fab.layout.block(axis)
+    owner, r = root // b, fab.coords[axis]
+    shape = _lines_shape(block, axis)
+    if r == owner:
+        sl = [slice(None)] * block.ndim
+        sl[axis] = slice(root - fab.origin[axis], root - fab.origin[axis] + 1)
+        value = np.ascontiguousarray(block[tuple(sl)])
+    else:
+        value = fab.recv(shape, block.dtype, axis, HI if r < owner else LO, op=name)
+    if r <= owner:
+        fab.send(value, axis, LO, op=name)
+    if r >= owner:
+        fab.send(value, axis, HI, op=name)
+    return value
 
 
 def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", algo: str = "ktree",
@@ -366,8 +383,11 @@ def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", 
             is_bcast = lvl == len(plan)
             _record(fab, f"{name}/{'broadcast' if is_bcast else f'level{lvl + 1}'}", cost,
                     overlap=not is_bcast)
-    if fab.layout.ranks(axis) == 1:  # one rank holds the whole line: same sum, no messages
+    if fab.layout.ranks(axis) == 1 or fab.aggregate:
+        # One rank holds the whole line (no messages), or the fabric aggregates: each rank's
+        # partial joins one sweep per direction. Same sum, same ledger, fewer MPI messages.
         total = OPS[op].reduce(block, axis=axis, keepdims=True)
+        total = _line_total(fab, total, axis, op, name)
         return np.broadcast_to(total, block.shape).copy()
     vals = block
     for lvl, segs in enumerate(plan):

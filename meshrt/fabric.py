@@ -46,10 +46,15 @@ class Fabric:
         Where kernels record the modeled wafer cost; a WSE-2 ledger by default.
     trace : bool
         Record every data-plane message in :attr:`trace`.
+    aggregate : bool
+        Emulation shortcut for collectives whose result does not depend on their phases (the
+        K-tree allreduce): each rank's partial joins a single sweep per direction instead of one
+        sweep per tree level. Still neighbour-only, same ledger (the wafer's schedule is priced
+        either way), fewer MPI messages. Off by default: every phase runs as its own messages.
     """
 
     def __init__(self, comm, layout: MeshLayout, *, ledger: Ledger | None = None,
-                 trace: bool = False):
+                 trace: bool = False, aggregate: bool = False):
         size = 1 if comm is None else comm.Get_size()
         if size != layout.nranks:
             raise MeshError(f"rank grid {layout.ry}x{layout.rx} needs {layout.nranks} ranks but "
@@ -58,6 +63,7 @@ class Fabric:
         self.layout = layout
         self.ledger = ledger if ledger is not None else Ledger()
         self.trace: list[TraceRecord] | None = [] if trace else None
+        self.aggregate = aggregate
         self._mpi = None
         if size == 1:
             self.cart = None

@@ -139,3 +139,16 @@ def test_chain_reduce_mpi_bytes_closed_form(axis):
         line_bytes = lay.block(1 - axis) * int(np.prod(VEC)) * 8
         sent = sum(t.nbytes for t in fab.trace if t.sent)
         assert sent == line_bytes * ((r < nr - 1) + (r > 0))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_aggregated_ktree_same_result_and_ledger_fewer_messages(axis):
+    for lay in layouts(world().Get_size()):
+        exact, agg = fabric(lay), fabric(lay, aggregate=True)
+        a = C.allreduce(exact, core_ids(exact, VEC), axis, algo="ktree", levels=3)
+        b = C.allreduce(agg, core_ids(agg, VEC), axis, algo="ktree", levels=3)
+        np.testing.assert_array_equal(a, b)
+        assert exact.ledger.ops == agg.ledger.ops
+        assert_neighbour_only(agg)
+        # one sweep each way: a rank sends at most one message per direction
+        assert len([t for t in agg.trace if t.sent]) <= 2

@@ -75,3 +75,15 @@ def test_allreduce_algorithms_agree():
         _, ids, step_logits = run_model(model, exp, steps=4)
         assert ids == [int(t) for t in exp["greedy_ids"][:4]]
         np.testing.assert_allclose(step_logits, exp["decode_logits"][:4], atol=ATOL, rtol=0)
+
+
+def test_aggregated_emulation_same_tokens():
+    config, weights, exp = golden("tiny-qwen2")
+    comm = world()
+    ry, rx = rank_grids(comm.Get_size())[-1]
+    model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+                                   decode_mesh=(2 * ry, 3 * rx), phases=["decode"],
+                                   emulation="aggregated")
+    prompt_logits, ids, _ = run_model(model, exp, steps=6)
+    assert ids == [int(t) for t in exp["greedy_ids"][:6]]
+    np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0)

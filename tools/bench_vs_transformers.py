@@ -53,11 +53,11 @@ def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> 
             "torch_threads": torch.get_num_threads()}
 
 
-def emulator_tpot(args, ranks: int) -> dict:
+def emulator_tpot(args, ranks: int, emulation: str = "exact") -> dict:
     py = os.path.join(ROOT, ".venv", "bin", "python")
     cmd = [py, "-m", "llm", "bench", "--preset", args.preset, "--decode-mesh", args.mesh,
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-           "--repeat", str(args.repeat), "--warmup", "1", "--json"]
+           "--repeat", str(args.repeat), "--warmup", "1", "--emulation", emulation, "--json"]
     if ranks > 1:
         cmd = [os.path.join(ROOT, ".venv", "bin", "mpiexec"), "-n", str(ranks)] + cmd
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -89,10 +89,12 @@ def main(argv=None) -> int:
     print(f"transformers (torch CPU f32, {hf['torch_threads']} threads): "
           f"TPOT {hf['tpot_s'] * 1e3:.2f} ms ({1 / hf['tpot_s']:.1f} tok/s)")
     for n in (int(r) for r in args.ranks.split(",")):
-        em = emulator_tpot(args, n)
-        print(f"emulator, {n} rank(s), {args.mesh} mesh: TPOT {em['tpot_s'] * 1e3:.2f} ms "
-              f"({1 / em['tpot_s']:.1f} tok/s) -> {hf['tpot_s'] / em['tpot_s']:.2f}x the speed "
-              f"of transformers; modeled WSE-2 TPR {em['modeled_tpr']:.0f} tok/s")
+        for emulation in (("exact",) if n == 1 else ("exact", "aggregated")):
+            em = emulator_tpot(args, n, emulation)
+            print(f"emulator ({emulation}), {n} rank(s), {args.mesh} mesh: "
+                  f"TPOT {em['tpot_s'] * 1e3:.2f} ms "
+                  f"({1 / em['tpot_s']:.1f} tok/s) -> {hf['tpot_s'] / em['tpot_s']:.2f}x the "
+                  f"speed of transformers; modeled WSE-2 TPR {em['modeled_tpr']:.0f} tok/s")
     return 0
 
 
