@@ -23,16 +23,19 @@ from llm.config import preset  # noqa: E402
 
 
 def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> dict:
+    import warnings
+
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     hf = LlamaConfig(**{k: v for k, v in config.to_hf_dict().items()
                         if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
     hf.eos_token_id = None
+    warnings.filterwarnings("ignore", category=FutureWarning)   # cache argument renames
     model = LlamaForCausalLM(hf).eval()
     state = {k: torch.from_numpy(v) for k, v in random_weights(config).items()}
     model.load_state_dict(state, strict=False)
-    ids = torch.tensor([np.random.default_rng(0).integers(3, config.vocab_size, prompt_len)])
+    ids = torch.from_numpy(np.random.default_rng(0).integers(3, config.vocab_size, prompt_len))[None]
     times = []
     for _ in range(repeat + 1):
         with torch.no_grad():
