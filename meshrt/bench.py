@@ -260,6 +260,8 @@ def model_rows(kernel: str, sides, sizes, algos, device, levels=2) -> list[dict]
                              "cycles": led.cycles, "ms": led.seconds * 1e3,
                              "compute_cycles": t.compute_cycles, "comm_cycles": t.comm_cycles,
                              "efficiency": t.macs / max(led.cycles * device.macs_per_cycle, 1e-30),
+                             "max_hops_per_step": max((o.hops / o.steps for o in led.ops.values()
+                                                       if o.steps), default=0),
                              "peak_kib_per_core": led.peak_memory / 1024,
                              "routes": led.max_routes, "violations": "; ".join(led.violations())})
     return rows
