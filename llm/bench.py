@@ -103,6 +103,8 @@ def run(args) -> int:
                               groups, pmesh)
     led = model.decode_fabric.ledger
     t = led.totals()
+    for v in sorted({v for ledger in model.ledgers().values() for v in ledger.violations()}):
+        log.warning(f"PLMR: {v}")
     out = {"model": model.config.name, "layers_run": model.config.num_layers,
            "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
            "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,

@@ -184,6 +184,10 @@ def run(args) -> int:
     if stream:
         sys.stdout.write(streamer.flush() + "\n")
     metrics = gen.metrics()
+    violations = sorted({v for led in model.ledgers().values() for v in led.violations()})
+    for v in violations:  # the emulator ran it; a real wafer of this device could not
+        log.warning(f"PLMR: {v}")
+    metrics["violations"] = violations
     if rank == 0:
         if getattr(args, "json", False):
             out = {"prompt_ids": ids, "new_ids": gen.new_ids,
