@@ -136,20 +136,9 @@ def add_generate_parser(sub) -> None:
     _add_mesh_args(p, None, " (default: as converted; for an HF directory 2x2 cores per rank)")
     p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",
                    help="HF directory: shorter context than the model's max_position_embeddings")
-    p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift",
-                   help="KV cache: shift (balanced rows, the paper's) or concat (default shift)")
     p.add_argument("--kv-capacity", type=_positive, default=None, metavar="SLOTS",
                    help="KV slots per core (default: enough for prompt + new tokens)")
-    p.add_argument("--device", default="wse2",
-                   help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...")
-    p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree",
-                   help="allreduce of every GEMV and reduction (default ktree)")
-    p.add_argument("--emulation", choices=["exact", "aggregated"], default="exact",
-                   help="exact: every phase of every collective runs as its own neighbour "
-                        "messages; aggregated: K-tree allreduces combine rank partials in one "
-                        "sweep per direction (same results and modeled cost, fewer MPI messages)")
-    p.add_argument("--groups", type=_positive, default=None,
-                   help="K-tree first-level group count (default: about sqrt of the line)")
+    _add_run_args(p)
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of the shard files (sizes are still checked)")
     p.add_argument("--json", action="store_true",
@@ -158,6 +147,22 @@ def add_generate_parser(sub) -> None:
                    help="print the text once at the end instead of token by token")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress or timing lines, only the generated text")
+
+
+def _add_run_args(p) -> None:
+    """Options of commands that run the model on the mesh (generate, bench)."""
+    p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift",
+                   help="KV cache: shift (balanced rows, the paper's) or concat (default shift)")
+    p.add_argument("--device", default="wse2",
+                   help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...")
+    p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree",
+                   help="allreduce of every GEMV and reduction (default ktree)")
+    p.add_argument("--groups", type=_positive, default=None,
+                   help="K-tree first-level group count (default: about sqrt of the line)")
+    p.add_argument("--emulation", choices=["exact", "aggregated"], default="exact",
+                   help="exact: every phase of every collective runs as its own neighbour "
+                        "messages; aggregated: K-tree allreduces combine rank partials in one "
+                        "sweep per direction (same results and modeled cost, fewer MPI messages)")
 
 
 def add_bench_parser(sub) -> None:
@@ -177,12 +182,7 @@ def add_bench_parser(sub) -> None:
     _add_mesh_args(p, "8x8")
     p.add_argument("--prompt-len", type=_positive, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=_positive, default=16, help="decoded tokens (default 16)")
-    p.add_argument("--device", default="wse2", help="device preset (default wse2)")
-    p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift")
-    p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree")
-    p.add_argument("--groups", type=_positive, default=None, help="K-tree group count")
-    p.add_argument("--emulation", choices=["exact", "aggregated"], default="exact",
-                   help="as for generate: aggregated K-tree allreduces send fewer MPI messages")
+    _add_run_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--repeat", type=_positive, default=3, help="timed runs, median reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
