@@ -129,7 +129,42 @@ def phase_memory(config: ModelConfig, mesh: tuple[int, int], device: Device,
                        f"{device.cores_x} cores)")
     out["fits"] = not reasons
     out["reason"] = "; ".join(reasons)
+    out.update(pipeline_stages(config, mesh, device, breakdown))
     return out
+
+
+def pipeline_stages(config: ModelConfig, mesh: tuple[int, int], device: Device,
+                    breakdown: dict) -> dict:
+    """Layer pipelining when one mesh cannot hold the weights (the paper's way out of M).
+
+    The layers are split over ``S`` meshes of the same shape, consecutive layers per stage; the
+    first stage also holds the embedding, the last the LM head. A token visits the stages in
+    turn, so time per token does not change, but each stage idles ``(S-1)/S`` of the time.
+
+    Returns
+    -------
+    dict
+        ``stages`` (smallest ``S`` whose stages fit, ``None`` if even one layer per stage does
+        not), ``stage_weights_bytes``, ``stage_kv_slots`` (KV slots per core left in a stage),
+        ``stage_cores`` (``S * Py * Px``) and ``stages_fit_device``.
+    """
+    layers = config.num_layers
+    per_layer = breakdown["layers"] / layers
+    ends = max(breakdown["embed"], breakdown["lm_head"]) + breakdown["other"]
+    cores = mesh[0] * mesh[1]
+    for stages in range(1, layers + 1):
+        per_stage = math.ceil(layers / stages)
+        weights = per_layer * per_stage + (ends if stages > 1 else
+                                           breakdown["embed"] + breakdown["lm_head"]
+                                           + breakdown["other"])
+        if weights <= device.mem_per_core:
+            slot = 2 * per_stage * (PhaseLayout(config, *mesh).kv // mesh[1]) * device.word_bytes
+            return {"stages": stages, "stage_weights_bytes": weights,
+                    "stage_kv_slots": int((device.mem_per_core - weights) // slot),
+                    "stage_cores": stages * cores,
+                    "stages_fit_device": stages * cores <= device.cores_x * device.cores_y}
+    return {"stages": None, "stage_weights_bytes": None, "stage_kv_slots": 0,
+            "stage_cores": None, "stages_fit_device": False}
 
 
 def smallest_square_mesh(config: ModelConfig, device: Device, phase: str = "decode",
@@ -207,6 +242,15 @@ def format_plan(p: dict) -> str:
             "(concat: new tokens only in the bottom row)",
             f"  fits: {'yes' if r['fits'] else 'NO: ' + r['reason']}",
         ]
+        if r["stages"] and r["stages"] > 1:
+            lines.append(
+                f"  as a layer pipeline: {r['stages']} stages of {py}x{px} "
+                f"({r['stage_cores']} cores, {'fits' if r['stages_fit_device'] else 'more than'} "
+                f"the device), {_kib(r['stage_weights_bytes'])} of weights and "
+                f"{r['stage_kv_slots']} KV slots per core per stage; each stage busy 1/"
+                f"{r['stages']} of the time")
+        elif r["stages"] is None:
+            lines.append("  as a layer pipeline: no, one layer alone exceeds the core memory")
     s = p["smallest_square"]
     ctx = f" with KV for {p['context']} tokens" if p["context"] else ""
     lines.append("smallest square meshes that hold the weights" + ctx + ": "

@@ -62,3 +62,15 @@ def test_kv_capacity_shift_holds_rows_times_more():
     assert cap["shift"] == 360 * cap["concat"] > 0
     # K+V, 32 layers, 1024 K/V features over 360 columns in even segments: 4 per core, fp16
     assert cap["bytes_per_token_per_core"] == 2 * 32 * 4 * 2
+
+
+def test_layer_pipeline_when_one_mesh_cannot_hold_the_weights():
+    from llm.plan import plan
+    from meshrt.plmr import WSE2
+    p = plan(preset("llama2-13b"), decode_mesh=(375, 375), prefill_mesh=(375, 375))
+    d = p["phases"]["decode"]
+    assert not d["fits"] and d["stages"] == 5 and d["stages_fit_device"]
+    assert d["stage_weights_bytes"] <= WSE2.mem_per_core < d["weights_bytes"]
+    assert d["stage_cores"] == 5 * 375 * 375
+    small = plan(preset("tiny-llama"), decode_mesh=(8, 8))["phases"]["decode"]
+    assert small["fits"] and small["stages"] == 1
