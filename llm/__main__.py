@@ -94,7 +94,7 @@ def add_convert_parser(sub) -> None:
                                   "llama2-13b, codellama-34b, qwen2-72b, llama-100m, tiny-llama)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="shard directory to create")
     _add_mesh_args(p, "8x8")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage dtype on disk (compute is always float32; default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:PRESET weights (default 0)")
     p.add_argument("--layers", type=_positive, default=None, metavar="N",

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from meshrt.precision import bf16_words as f32_to_bf16_words
+from meshrt.precision import from_bf16_words as bf16_to_f32
+
 from .config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,19 +118,6 @@ class SafetensorsFile:
         from safetensors import safe_open
         with safe_open(str(self.path), framework="np") as f:
             return np.asarray(f.get_tensor(name), dtype=np.float32)
-
-
-def bf16_to_f32(words: np.ndarray) -> np.ndarray:
-    """Exact upcast of raw bfloat16 words (uint16) to float32: ``u16 << 16`` viewed as float32."""
-    return (np.asarray(words, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16_words(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 words (uint16), rounding to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    words = (rounded >> np.uint32(16)).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), words)
 
 
 class Checkpoint(Mapping):

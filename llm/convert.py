@@ -186,8 +186,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         that divides every mesh. The running process count must not exceed ``Ry * Rx``.
     meshes : dict, optional
         ``{phase: (Py, Px)}``; default ``{"decode": (8, 8)}``.
-    dtype : {"float32", "float16"}
-        Storage dtype (compute is float32; float16 halves the files).
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage dtype (compute is float32; 16-bit storage halves the files).
     comm : mpi4py communicator or None
         ``None`` = one process.
     force : bool

@@ -17,7 +17,7 @@ import numpy as np
 
 from meshrt.mesh import MeshLayout
 
-from .shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORAGE_DTYPES, ShardError,
+from .shards import (encode_storage, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORAGE_DTYPES, ShardError,
                      comm_rank, file_sha256, grid_text, raise_if_any, rank_file_name,
                      root_bcast)
 
@@ -36,8 +36,8 @@ class ShardWriter:
         Rank grid ``(Ry, Rx)`` the shards are for.
     coords : list of (int, int)
         The ranks whose files this process writes.
-    dtype : {"float32", "float16"}
-        Storage dtype.
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage dtype (bfloat16 is stored as raw 16-bit words).
     """
 
     def __init__(self, directory, grid: tuple[int, int], coords: list, dtype: str):
@@ -47,7 +47,7 @@ class ShardWriter:
                              f"{', '.join(STORAGE_DTYPES)}")
         self.directory = Path(directory)
         self.grid = tuple(grid)
-        self.dtype = np.dtype(dtype)
+        self.dtype_name = dtype
         self.files = {tuple(c): h5py.File(self.directory / rank_file_name(c), "w")
                       for c in coords}
         self.bytes_written = 0
@@ -60,10 +60,11 @@ class ShardWriter:
                              f"{grid_text(mesh)} mesh")
         for coords, f in self.files.items():
             y0, x0 = lay.origin(coords)
-            block = np.ascontiguousarray(tiles[y0:y0 + lay.by, x0:x0 + lay.bx], dtype=self.dtype)
-            if self.dtype != np.float32 and not np.isfinite(block).all():
-                raise ShardError(f"{phase}/{name} overflows {self.dtype.name} storage (values "
-                                 f"up to {np.abs(tiles).max():.3g}); convert with --dtype float32")
+            block = encode_storage(tiles[y0:y0 + lay.by, x0:x0 + lay.bx], self.dtype_name)
+            if self.dtype_name == "float16" and not np.isfinite(block).all():
+                raise ShardError(f"{phase}/{name} overflows float16 storage (values up to "
+                                 f"{np.abs(tiles).max():.3g}); convert with --dtype bfloat16 "
+                                 "or float32")
             f.create_dataset(f"{phase}/{name}", data=block)     # contiguous, no chunking
             self.bytes_written += block.nbytes
 
@@ -76,7 +77,7 @@ class ShardWriter:
             f.attrs["rank"] = np.asarray(coords, dtype=np.int64)
             f.attrs["rank_grid"] = np.asarray(self.grid, dtype=np.int64)
             f.attrs["manifest_hash"] = manifest_hash
-            f.attrs["dtype"] = self.dtype.name
+            f.attrs["dtype"] = self.dtype_name
             path = Path(f.filename)
             f.close()
             records[path.name] = {"rank": list(coords), "bytes": path.stat().st_size,

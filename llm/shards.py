@@ -25,7 +25,8 @@ Manifest (JSON object)
 ``source``, ``created``
     The HF directory's name or ``"random preset NAME seed S"``; UTC ISO time.
 ``dtype``
-    Storage dtype, ``"float32"`` or ``"float16"``. Blocks are upcast once to float32 at load.
+    Storage dtype, ``"float32"``, ``"float16"`` or ``"bfloat16"`` (raw 16-bit words). Blocks are
+    upcast once to float32 at load.
 ``rank_grid``
     ``[Ry, Rx]``.
 ``copied_files``
@@ -54,6 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from meshrt.mesh import MeshError, MeshLayout
+from meshrt.precision import STORAGE_DTYPES as PRECISIONS
+from meshrt.precision import bf16_words, from_bf16_words
 
 from .config import ConfigError, ModelConfig
 from .layout import LAYOUT_VERSION
@@ -61,8 +64,22 @@ from .layout import LAYOUT_VERSION
 FORMAT_NAME = "waferllm-mpi-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = PRECISIONS  # float32, float16, bfloat16 (as raw 16-bit words)
 _HASH_CHUNK = 8 << 20
+
+
+def encode_storage(block: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 block as stored on disk in ``dtype``."""
+    if dtype == "bfloat16":
+        return bf16_words(block)
+    return np.ascontiguousarray(block, dtype=np.dtype(dtype))
+
+
+def decode_storage(data: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored block back as float32 (exact for every storage dtype)."""
+    if dtype == "bfloat16":
+        return from_bf16_words(data)
+    return data.astype(np.float32, copy=False)
 
 
 class ShardError(ValueError):
@@ -332,7 +349,7 @@ class ShardSet:
             raise ShardError(f"{self.path / self.file_name}: {phase}/{name} has shape "
                              f"{data.shape}, expected {want}; convert again")
         self.bytes_read += data.nbytes
-        return data.astype(np.float32, copy=False)
+        return decode_storage(data, self.dtype)
 
     def read_phase(self, phase: str) -> dict:
         """Every block of ``phase``: ``{name: f32 block}`` in production order."""

@@ -287,3 +287,21 @@ def test_non_square_mesh_uses_the_lcm_partition():
     # logical cores are at most one physical hop, and edges inside a core are free
     assert step.steps == lcm(4, 6) and step.hops == lcm(4, 6) * 1
     assert E.estimate_cannon(37, 29, 41, (4, 6)).ops["cannon/step"].hops == 12 * 5
+
+
+@pytest.mark.mpi
+def test_bfloat16_style_storage():
+    """Operands stored at bfloat16 precision, products accumulated in float32."""
+    from meshrt.precision import round_to_bf16
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((21, 19)).astype(np.float32)
+    b = rng.standard_normal((19, 23)).astype(np.float32)
+    for lay in layouts(world().Get_size())[:2]:
+        fab = fabric(lay)
+        mesh = (lay.py, lay.px)
+        ab = darray.local_block(fab, G.prepare_a(a, mesh, dtype="bfloat16"))
+        bb = darray.local_block(fab, G.prepare_b(b, mesh, "meshgemm", dtype="bfloat16"))
+        assert np.array_equal(ab, round_to_bf16(ab))
+        c = darray.gather_matrix(fab, G.meshgemm(fab, ab, bb), (21, 23), to_all=True)
+        want = round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)
+        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)

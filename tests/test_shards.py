@@ -107,6 +107,25 @@ def test_float16_storage_and_random_preset(mpi_tmp_path):
 
 
 @pytest.mark.mpi
+def test_bfloat16_storage_is_rounded_exactly(mpi_tmp_path):
+    from meshrt.precision import round_to_bf16
+    comm = _world()
+    grid, mesh = _grid_and_mesh(comm)
+    out = mpi_tmp_path / "random-bf16"
+    manifest = convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh},
+                       dtype="bfloat16", comm=comm, seed=3, layers=1, progress=False)
+    assert manifest["dtype"] == "bfloat16"
+    config, weights, _ = load_source("random:tiny-llama", seed=3, layers=1)
+    shards = open_shards(out, comm)
+    fab = _fabric(comm, shards.mesh("decode"), shards.ranks)
+    for name, tiles in decode_tiles(PhaseLayout(config, *mesh), weights):
+        block = shards.read("decode", name)
+        assert block.dtype == np.float32
+        np.testing.assert_array_equal(block, round_to_bf16(local_block(fab, tiles)))
+    shards.close()
+
+
+@pytest.mark.mpi
 def test_validation_errors_are_the_same_on_every_rank(mpi_tmp_path):
     comm = _world()
     grid, mesh = _grid_and_mesh(comm)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..mesh import MeshError, ceil_div, lcm, pad_to
+from ..precision import as_storage
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def natural_tiles(x: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> np.
     if x.ndim != 2:
         raise ValueError(f"expected a matrix, got shape {x.shape}")
     r, c = (ceil_div(s, nl) * nl for s in x.shape)
-    t = pad_to(np.asarray(x).astype(dtype, copy=False), (r, c)).reshape(py, r // py, px, c // px)
+    t = pad_to(as_storage(x, dtype), (r, c)).reshape(py, r // py, px, c // px)
     return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
 
 
@@ -136,7 +137,7 @@ def preskewed_b_tiles(b: np.ndarray, mesh: tuple[int, int], positions: np.ndarra
     nl = lcm(py, px)
     k, n = (ceil_div(s, nl) * nl for s in b.shape)
     tkb, tnb = k // nl, n // nl
-    blocks = pad_to(np.asarray(b).astype(dtype, copy=False), (k, n)).reshape(nl, tkb, nl, tnb)
+    blocks = pad_to(as_storage(b, dtype), (k, n)).reshape(nl, tkb, nl, tnb)
     ind = order[(positions[:, None] + positions[None, :]) % nl]        # [Nl, Nl] k-block
     logical = blocks[ind, :, np.arange(nl)[None, :], :]                   # [Nl, Nl, tkb, tnb]
     return logical_to_virtual(logical, mesh)
