@@ -78,8 +78,16 @@ demo: install
 	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm convert $(DEMO_MODEL) --out out/demo-shards --ranks 2x2 --decode-mesh 4x4 --force < /dev/null
 	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm generate --model out/demo-shards --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 < /dev/null
 
+BENCH_OUT ?= out/bench
 bench: install
-	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric < /dev/null
+	mkdir -p $(BENCH_OUT)
+	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric --mesh 512x512 --json $(BENCH_OUT)/fabric.json < /dev/null
+	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemm --mesh 64x64 --size 4096 --algo meshgemm,cannon,summa --repeat 3 --check --json $(BENCH_OUT)/gemm.json < /dev/null
+	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemv --mesh 128x128 --size 8192 --algo ktree,pipeline,ring --check --json $(BENCH_OUT)/gemv.json < /dev/null
+	$(PY) -m meshrt bench model --kernel gemm --json $(BENCH_OUT)/model-gemm.json --plot $(BENCH_OUT)/model-gemm.png
+	$(PY) -m meshrt bench model --kernel gemv --json $(BENCH_OUT)/model-gemv.json --plot $(BENCH_OUT)/model-gemv.png
+	timeout -k 10 1800 $(PY) -m llm bench --preset llama-100m --decode-mesh 8x8 --json > $(BENCH_OUT)/llm-100m.json
+	@echo "results in $(BENCH_OUT)/"
 
 clean:
 	rm -rf $(VENV) .venv-oracle build *.egg-info .pytest_cache
