@@ -45,3 +45,13 @@ def assert_neighbour_only(fab: Fabric) -> None:
     allowed = fab.neighbour_ranks()
     peers = {r.peer for r in fab.trace}
     assert peers <= allowed, f"rank {fab.rank} talked to {peers - allowed}, neighbours {allowed}"
+
+
+def greedy_steps(model, logits, steps: int):
+    """Greedy decoding from ``logits``: the picked ids and each step's logits on the host."""
+    ids, step_logits = [], []
+    for _ in range(steps):
+        ids.append(model.pick(logits))
+        logits = model.decode(ids[-1])
+        step_logits.append(model.logits_to_host(logits))
+    return ids, np.array(step_logits)

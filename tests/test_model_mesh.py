@@ -11,7 +11,7 @@ import pytest
 
 from llm.checkpoint import load_checkpoint
 from llm.model import MeshModel
-from meshtest import rank_grids, world
+from meshtest import greedy_steps, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 
@@ -40,13 +40,8 @@ def run_model(model, exp, steps=16):
     for t in ids:
         logits = model.decode(t)
         prompt_logits.append(model.logits_to_host(logits))
-    out, step_logits = [], []
-    for _ in range(steps):
-        tok = model.pick(logits)
-        out.append(tok)
-        logits = model.decode(tok)
-        step_logits.append(model.logits_to_host(logits))
-    return np.array(prompt_logits), out, np.array(step_logits)
+    out, step_logits = greedy_steps(model, logits, steps)
+    return np.array(prompt_logits), out, step_logits
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-qwen2"])

@@ -15,7 +15,7 @@ from llm.checkpoint import load_checkpoint
 from llm.config import preset
 from llm.kvcache import ContextFullError
 from llm.model import MeshModel
-from meshtest import assert_neighbour_only, rank_grids, world
+from meshtest import assert_neighbour_only, greedy_steps, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 
@@ -72,14 +72,9 @@ def test_prefill_then_decode_matches_transformers(name, policy):
                                    err_msg=where)
         np.testing.assert_allclose(model.logits_to_host(logits), exp["prefill_logits"][-1],
                                    atol=ATOL, rtol=0, err_msg=where)
-        out, step_logits = [], []
-        for _ in range(steps):
-            tok = model.pick(logits)
-            out.append(tok)
-            logits = model.decode(tok)
-            step_logits.append(model.logits_to_host(logits))
+        out, step_logits = greedy_steps(model, logits, steps)
         assert out == [int(t) for t in exp["greedy_ids"]], where
-        np.testing.assert_allclose(np.array(step_logits), exp["decode_logits"], atol=ATOL,
+        np.testing.assert_allclose(step_logits, exp["decode_logits"], atol=ATOL,
                                    rtol=0, err_msg=where)
         for fab in model.fabrics.values():
             assert_neighbour_only(fab)

@@ -93,10 +93,14 @@ def skew_rounds(plan: GemmPlan) -> int:
     return plan.nl // 2
 
 
-def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Device) -> list:
-    """Skew and main-loop costs of MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``)."""
+def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Device,
+                     a_factor: int = 1) -> list:
+    """Skew and main-loop costs of MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``).
+
+    ``a_factor``: A tiles are that many times longer than ``tmb x tkb`` (grouped MeshGEMM).
+    """
     nl, a, b = plan.nl, plan.a, plan.b
-    tile_a, tile_b = plan.tmb * plan.tkb, plan.tkb * plan.tnb
+    tile_a, tile_b = plan.tmb * plan.tkb * a_factor, plan.tkb * plan.tnb
     x_fwd = ring_transfer(nl, kind, a, b, tile_a)
     y_fwd = ring_transfer(nl, kind, b, a, tile_b)
     skew = [x_fwd, ring_transfer(nl, kind, a, b, tile_a, reverse=True)]

@@ -47,8 +47,8 @@ from ..mesh import MeshError, ceil_div, lcm, pad_to
 from ..plmr import Device, Ledger, WSE2
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
 from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, virtual_to_logical
-from .estimate import (StepCost, _worse, gemm_t_routes, gemm_t_segments, gemm_t_step,
-                       pipelined_reduces, record, ring_transfer, shift_gemm_routes, skew_rounds)
+from .estimate import (gemm_t_routes, gemm_t_segments, gemm_t_step, pipelined_reduces, record,
+                       shift_gemm_costs, shift_gemm_routes)
 from .gemm_t import plan_from_blocks
 
 RING = "interleaved"
@@ -104,18 +104,7 @@ def grouped_a_tiles(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> n
 def grouped_gemm_costs(plan: GemmPlan, groups: int, b_preskewed: bool, device: Device) -> list:
     """Skew and main-loop costs of :func:`grouped_meshgemm`: MeshGEMM's, with A tiles ``G``
     times longer."""
-    nl, a, b = plan.nl, plan.a, plan.b
-    tile_a, tile_b = plan.tmb * plan.tkb * groups, plan.tkb * plan.tnb
-    x_fwd = ring_transfer(nl, RING, a, b, tile_a)
-    y_fwd = ring_transfer(nl, RING, b, a, tile_b)
-    skew = [x_fwd, ring_transfer(nl, RING, a, b, tile_a, reverse=True)]
-    if not b_preskewed:
-        skew += [y_fwd, ring_transfer(nl, RING, b, a, tile_b, reverse=True)]
-    words, hops, routings = _worse(device, *skew)
-    sw, sh, sr = _worse(device, x_fwd, y_fwd)
-    return [StepCost("skew", words=words, hops=hops, routings=routings, count=skew_rounds(plan)),
-            StepCost("step", macs=a * b * plan.tmb * plan.tkb * plan.tnb, words=sw, hops=sh,
-                     routings=sr, overlap=True, count=nl)]
+    return shift_gemm_costs(plan, RING, b_preskewed, device, a_factor=groups)
 
 
 def grouped_gemm_memory(plan: GemmPlan, groups: int) -> int:
