@@ -37,6 +37,7 @@ from meshrt.relayout import fetch_rows, move_cost, rank_bounds, rebalance
 from .decode import rope_pairs
 from .kvcache import ContextFullError, balanced_counts
 from .layout import PhaseLayout
+from .plan import decode_tile_shapes, weight_words_per_core
 from .reference import silu
 
 
@@ -67,9 +68,28 @@ def _line_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     return np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))
 
 
+def weight_switch_cost(lay: PhaseLayout, dlay: PhaseLayout) -> dict:
+    """Wafer cost of re-placing the weights from prefill tiles to decode tiles at the switch.
+
+    The emulator keeps both placements; the wafer holds one and reshuffles it over the NoC
+    (paper section 4.4). Every element walks from its prefill core to its decode core, all at
+    once: about half of them cross each bisection of the mesh, in both directions, so the
+    busiest link of the narrower cut carries ``W / (4 * side)`` words of the ``W`` in all; the
+    longest walk is corner to corner. Bandwidth-bound, so routing stages are not charged.
+    """
+    per_core = sum(weight_words_per_core(decode_tile_shapes(dlay)).values())
+    total = per_core * dlay.py * dlay.px
+    rows, cols = max(lay.py, dlay.py), max(lay.px, dlay.px)
+    return {"words": total / (4 * min(rows, cols)), "hops": rows + cols - 2, "routings": 0,
+            "routes": 2}
+
+
 def record_handoff(led, lay: PhaseLayout, dlay: PhaseLayout, tokens: int, algo: str = "ktree",
                    groups: int | None = None, levels: int = 2) -> None:
-    """Write the wafer cost of the K/V and hidden-state hand-offs into ``led``."""
+    """Write the wafer cost of the weight, K/V and hidden-state hand-offs into ``led``."""
+    cost = weight_switch_cost(lay, dlay)
+    led.record("handoff/weights", words=cost["words"], hops=cost["hops"])
+    led.routes("handoff/weights", cost["routes"])
     plan = handoff_plan(lay, dlay, tokens)
     per_item = 2 * lay.config.num_layers
     for name, src, dst, words in (
