@@ -137,9 +137,6 @@ class PhaseLayout:
         mask_shape[axis] = perm.size
         return out * (perm >= 0).reshape(mask_shape).astype(np.float32)
 
-    def pad_hidden(self, a: np.ndarray, axis: int) -> np.ndarray:
-        return self.take(a, np.arange(a.shape[axis]), axis, self.hidden)
-
     def linear(self, weight: np.ndarray, out_perm=None, out_size=None, in_perm=None,
                in_size=None) -> np.ndarray:
         """HF ``[out, in]`` weight -> mesh ``W[in, out]`` with permuted, padded features."""

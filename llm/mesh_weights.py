@@ -19,10 +19,6 @@ from .checkpoint import lm_head_weight
 from .layout import PhaseLayout
 from .prefill_weights import prefill_tiles
 
-DECODE_LAYER_KEYS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up",
-                     "gate_up_bias", "down", "down_bias")
-DECODE_GLOBAL_KEYS = ("embed", "final_norm", "lm_head", "rope_freq", "kv_head")
-
 
 def _vec(lay: PhaseLayout, v: np.ndarray, perm, size: int, axis: str) -> np.ndarray:
     return vector_tiles(lay.take(v, perm, 0, size), (lay.py, lay.px), axis)

@@ -30,10 +30,6 @@ from meshrt.ops.gemv import vector_tiles
 from .checkpoint import lm_head_weight
 from .layout import PhaseLayout
 
-PREFILL_LAYER_KEYS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up",
-                      "gate_up_bias", "down", "down_bias")
-PREFILL_GLOBAL_KEYS = ("embed", "final_norm", "lm_head", "rope_freq", "kv_head")
-
 
 def _mesh(lay: PhaseLayout) -> tuple[int, int]:
     return lay.py, lay.px

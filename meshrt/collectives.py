@@ -157,7 +157,7 @@ def _record(fab: Fabric, name: str, cost: dict, count: int = 1, overlap: bool = 
 # Emulation engines
 # ----------------------------------------------------------------------------------------------
 
-def _sweep(fab: Fabric, axis: int, own: np.ndarray, ufunc, identity, send_up: bool,
+def _sweep(fab: Fabric, axis: int, own: np.ndarray, ufunc, send_up: bool,
            recv_up: bool, send_down: bool, recv_down: bool, name: str):
     """Pass a carry up the rank line and another down it; returns ``(from_below, from_above)``.
 
@@ -180,9 +180,8 @@ def _line_total(fab: Fabric, partial: np.ndarray, axis: int, op: str, name: str)
     r, nr = fab.coords[axis], fab.layout.ranks(axis)
     if nr == 1:
         return partial
-    below, above = _sweep(fab, axis, partial, ufunc, _identity(op, partial.dtype),
-                          send_up=r < nr - 1, recv_up=r > 0, send_down=r > 0,
-                          recv_down=r < nr - 1, name=name)
+    below, above = _sweep(fab, axis, partial, ufunc, send_up=r < nr - 1, recv_up=r > 0,
+                          send_down=r > 0, recv_down=r < nr - 1, name=name)
     total = partial
     if below is not None:
         total = ufunc(below, total)
@@ -296,7 +295,7 @@ def reduce_to_root(fab: Fabric, block: np.ndarray, axis: int, root, op: str = "s
     upper = ufunc.reduce(np.where(diff > 0, block, ident), axis=axis, keepdims=True)
     r, nr = fab.coords[axis], fab.layout.ranks(axis)
     if nr > 1:
-        below, above = _sweep(fab, axis, (lower, upper), ufunc, ident, send_up=r < nr - 1,
+        below, above = _sweep(fab, axis, (lower, upper), ufunc, send_up=r < nr - 1,
                               recv_up=r > 0, send_down=r > 0, recv_down=r < nr - 1, name=name)
         if below is not None:
             lower = ufunc(below, lower)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .mesh import AXIS_NAMES, MeshError, MeshLayout, ring_next, ring_prev
+from .mesh import MeshError, MeshLayout, ring_next, ring_prev
 from .plmr import Ledger
 
 LO, HI = -1, +1
@@ -113,9 +113,6 @@ class Fabric:
     def neighbour_ranks(self) -> set[int]:
         """All Cartesian neighbour ranks of this rank."""
         return {p for p in self._peers.values() if p is not None}
-
-    def tag(self, axis: int) -> str:
-        return AXIS_NAMES[axis]
 
     # -- raw neighbour messages ------------------------------------------------------------
     def _note(self, op: str, peer, nbytes: int, sent: bool) -> None:
@@ -254,17 +251,6 @@ class Fabric:
             out[tuple(dst)] = (below if local[j] < 0 else above)[tuple(srcsl)]
         return out
 
-    # -- control plane ---------------------------------------------------------------------
-    def all_true(self, flag: bool) -> bool:
-        """Control plane: ``True`` iff ``flag`` holds on every rank."""
-        if self.world is None or self.nranks == 1:
-            return bool(flag)
-        return bool(self.world.allreduce(bool(flag), op=self._mpi.LAND))
-
-    def barrier(self) -> None:
-        if self.world is not None and self.nranks > 1:
-            self.world.Barrier()
-
 
 def _copy_strided(out: np.ndarray, block: np.ndarray, dst: np.ndarray, offset: int, axis: int):
     """``out[dst] = block[dst + offset]`` along ``axis``, as one slice copy per arithmetic run."""
@@ -282,11 +268,3 @@ def _copy_strided(out: np.ndarray, block: np.ndarray, dst: np.ndarray, offset: i
         o[axis] = slice(lo, hi, step)
         i[axis] = slice(lo + offset, hi + offset, step)
         out[tuple(o)] = block[tuple(i)]
-
-
-def make_fabric(layout: MeshLayout, comm=None, **kwargs) -> Fabric:
-    """A fabric over ``comm`` (``COMM_WORLD`` if MPI runs with more than one rank, else none)."""
-    if comm is None and layout.nranks > 1:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-    return Fabric(comm, layout, **kwargs)

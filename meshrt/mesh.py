@@ -210,11 +210,6 @@ def from_tiles(tiles: np.ndarray, shape: tuple[int, int] | None = None) -> np.nd
     return a
 
 
-def segments(n: int, parts: int) -> int:
-    """Segment length when a length-``n`` vector is cut into ``parts`` equal padded segments."""
-    return ceil_div(n, parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # The interleaved two-hop ring (MeshGEMM)
 # ----------------------------------------------------------------------------------------------

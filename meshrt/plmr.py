@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -215,17 +214,6 @@ class Ledger:
         self.io_bytes += nbytes
         self.io_cycles += nbytes / (self.device.link_bytes_per_cycle * max(1, edge_links))
 
-    def merge(self, other: "Ledger") -> None:
-        """Add another ledger's records into this one."""
-        for name, t in other.ops.items():
-            mine = self.ops[name]
-            for f in dataclasses.fields(OpTotals):
-                setattr(mine, f.name, getattr(mine, f.name) + getattr(t, f.name))
-        self.memory(other.peak_memory_op or "merged", other.peak_memory / self.device.word_bytes)
-        self.routes(other.max_routes_op or "merged", other.max_routes)
-        self.io_bytes += other.io_bytes
-        self.io_cycles += other.io_cycles
-
     def reset(self) -> None:
         self.ops.clear()
         self.peak_memory, self.peak_memory_op = 0.0, ""
@@ -298,6 +286,3 @@ class Ledger:
         for v in self.violations():
             lines.append("VIOLATION " + v)
         return "\n".join(lines)
-
-    def to_json(self) -> str:
-        return json.dumps(self.summary(), indent=2)
