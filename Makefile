@@ -27,6 +27,8 @@ help:
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
+	@echo "make bench-hf     decode speed of the emulator vs transformers on a ~100M model"
+	@echo "make fixtures     regenerate the golden fixtures with transformers"
 	@echo "make clean        remove build products and the virtual environments"
 
 STAMP := $(VENV)/.installed
