@@ -24,6 +24,7 @@ from meshrt.relayout import fetch_cost
 from .config import ModelConfig
 from .kvcache import balanced_counts
 from .layout import PhaseLayout
+from .plan import decode_tile_shapes, kv_slot_words, weight_words_per_core
 from .prefill import record_handoff
 from .prefill_weights import prefill_weight_words
 
@@ -114,27 +115,13 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
 
 def decode_weight_words(config: ModelConfig, mesh: tuple[int, int]) -> int:
     """Weight elements stored per core for decode (one copy, fused tiles, tied embeddings once)."""
-    lay = PhaseLayout(config, *mesh)
-    py, px = mesh
-    h_y = lay.hidden // py
-    tq, tk, tf, tv = lay.q // px, lay.kv // px, lay.ffn // px, lay.vocab // px
-    per_layer = 2 * h_y + h_y * (tq + 2 * tk) + tq * h_y + h_y * 2 * tf + tf * h_y
-    if config.attention_bias:
-        per_layer += tq + 2 * tk
-    if config.attention_out_bias:
-        per_layer += h_y
-    if config.mlp_bias:
-        per_layer += 2 * tf + h_y
-    total = config.num_layers * per_layer + tv * h_y + h_y + tk + tk * config.num_kv_heads
-    if not config.tie_word_embeddings:
-        total += h_y * tv
-    return total
+    shapes = decode_tile_shapes(PhaseLayout(config, *mesh))
+    return sum(weight_words_per_core(shapes).values())
 
 
 def kv_words_per_token(config: ModelConfig, mesh: tuple[int, int]) -> int:
     """K and V elements one token adds to one core of its row (all layers)."""
-    lay = PhaseLayout(config, *mesh)
-    return 2 * config.num_layers * (lay.kv // mesh[1])
+    return kv_slot_words(PhaseLayout(config, *mesh))
 
 
 def kv_capacity(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from meshrt.darray import local_block
+from meshrt.precision import round_to_bf16
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshLayout, default_rank_grid
 from llm.checkpoint import load_checkpoint
@@ -85,14 +86,20 @@ def test_convert_and_read_back_exactly(model, mpi_tmp_path):
     shards.close()
 
 
+def _as_float16(x):
+    return x.astype(np.float16).astype(np.float32)
+
+
 @pytest.mark.mpi
-def test_float16_storage_and_random_preset(mpi_tmp_path):
+@pytest.mark.parametrize("dtype,stored,rtol", [("float16", _as_float16, 1e-3),
+                                               ("bfloat16", round_to_bf16, 4e-3)])
+def test_16bit_storage_and_random_preset(mpi_tmp_path, dtype, stored, rtol):
     comm = _world()
     grid, mesh = _grid_and_mesh(comm)
-    out = mpi_tmp_path / "random-f16"
+    out = mpi_tmp_path / f"random-{dtype}"
     manifest = convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh},
-                       dtype="float16", comm=comm, seed=3, layers=1, progress=False)
-    assert manifest["dtype"] == "float16" and manifest["config"]["num_layers"] == 1
+                       dtype=dtype, comm=comm, seed=3, layers=1, progress=False)
+    assert manifest["dtype"] == dtype and manifest["config"]["num_layers"] == 1
     assert manifest["source"] == "random preset tiny-llama seed 3 (first 1 of 2 layers)"
     config, weights, _ = load_source("random:tiny-llama", seed=3, layers=1)
     shards = open_shards(out, comm)                      # meshes taken from the manifest
@@ -101,27 +108,8 @@ def test_float16_storage_and_random_preset(mpi_tmp_path):
         block = shards.read("decode", name)
         want = local_block(fab, tiles)
         assert block.dtype == np.float32
-        np.testing.assert_array_equal(block, want.astype(np.float16).astype(np.float32))
-        np.testing.assert_allclose(block, want, rtol=1e-3, atol=1e-6, err_msg=name)
-    shards.close()
-
-
-@pytest.mark.mpi
-def test_bfloat16_storage_is_rounded_exactly(mpi_tmp_path):
-    from meshrt.precision import round_to_bf16
-    comm = _world()
-    grid, mesh = _grid_and_mesh(comm)
-    out = mpi_tmp_path / "random-bf16"
-    manifest = convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh},
-                       dtype="bfloat16", comm=comm, seed=3, layers=1, progress=False)
-    assert manifest["dtype"] == "bfloat16"
-    config, weights, _ = load_source("random:tiny-llama", seed=3, layers=1)
-    shards = open_shards(out, comm)
-    fab = _fabric(comm, shards.mesh("decode"), shards.ranks)
-    for name, tiles in decode_tiles(PhaseLayout(config, *mesh), weights):
-        block = shards.read("decode", name)
-        assert block.dtype == np.float32
-        np.testing.assert_array_equal(block, round_to_bf16(local_block(fab, tiles)))
+        np.testing.assert_array_equal(block, stored(want))      # exactly what was stored
+        np.testing.assert_allclose(block, want, rtol=rtol, atol=1e-6, err_msg=name)
     shards.close()
 
 
