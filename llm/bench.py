@@ -18,17 +18,18 @@ import time
 import numpy as np
 
 from meshrt import runtime
+from meshrt.collectives import AllreduceSpec
 from meshrt.plmr import get_device
 
 
 def full_model_estimate(config, mesh, device, context: int, prompt: int, policy: str,
-                        algo: str, groups, prefill_mesh=None) -> dict:
+                        allreduce, prefill_mesh=None) -> dict:
     from .estimate import decode_token, decode_weight_words, kv_capacity, ttft
     led = decode_token(config, mesh, device, context=context, policy=policy, prompt=prompt,
-                       algo=algo, groups=groups)
+                       allreduce=allreduce)
     t = led.totals()
     cap = kv_capacity(config, mesh, device)
-    first = ttft(config, prefill_mesh or mesh, prompt, mesh, device, algo=algo, groups=groups)
+    first = ttft(config, prefill_mesh or mesh, prompt, mesh, device, allreduce=allreduce)
     return {"layers": config.num_layers, "ttft_s": first["seconds"],
             "tpot_s": led.seconds, "tpr": 1.0 / led.seconds,
             "compute_fraction": t.compute_cycles / t.cycles, "comm_fraction": t.comm_cycles / t.cycles,
@@ -53,14 +54,13 @@ def run(args) -> int:
     dmesh = mesh_arg(getattr(args, "decode_mesh", None) or "8x8", "decode mesh")
     pmesh = mesh_arg(getattr(args, "prefill_mesh", None), "prefill mesh") or dmesh
     policy = getattr(args, "kv_policy", "shift") or "shift"
-    algo = getattr(args, "allreduce", "ktree") or "ktree"
-    groups = getattr(args, "groups", None)
+    spec = AllreduceSpec(getattr(args, "allreduce", "ktree") or "ktree",
+                         getattr(args, "groups", None))
     emulation = getattr(args, "emulation", "exact") or "exact"
     model_path = getattr(args, "model", None)
     if model_path:
         model = MeshModel.from_shards(model_path, comm if size > 1 else None, kv_policy=policy,
-                                      device=device, allreduce=algo, groups=groups,
-                                      emulation=emulation)
+                                      device=device, allreduce=spec, emulation=emulation)
         full = model.config
     else:
         name = getattr(args, "preset", None) or "llama-100m"
@@ -72,8 +72,7 @@ def run(args) -> int:
         weights = RandomWeights(config, getattr(args, "seed", 0) or 0)
         model = MeshModel.from_weights(config, weights, comm if size > 1 else None,
                                        decode_mesh=dmesh, prefill_mesh=pmesh, kv_policy=policy,
-                                       device=device, allreduce=algo, groups=groups,
-                                       emulation=emulation)
+                                       device=device, allreduce=spec, emulation=emulation)
         log.info(f"placed in {time.perf_counter() - t0:.1f} s")
     prompt_len = getattr(args, "prompt_len", None) or 16
     new = getattr(args, "new_tokens", None) or 16
@@ -99,8 +98,8 @@ def run(args) -> int:
     med = {k: statistics.median([r[k] for r in runs]) for k in
            ("ttft_s", "tpot_s", "median_tpot_s", "tokens_per_s", "modeled_ttft_s",
             "modeled_tpot_s", "modeled_tpr")}
-    est = full_model_estimate(full, dmesh, device, prompt_len + new, prompt_len, policy, algo,
-                              groups, pmesh)
+    est = full_model_estimate(full, dmesh, device, prompt_len + new, prompt_len, policy, spec,
+                              pmesh)
     led = model.decode_fabric.ledger
     t = led.totals()
     for v in sorted({v for ledger in model.ledgers().values() for v in ledger.violations()}):
@@ -108,7 +107,7 @@ def run(args) -> int:
     out = {"model": model.config.name, "layers_run": model.config.num_layers,
            "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
            "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
-           "kv_policy": policy, "allreduce": algo, "emulation": emulation, "emulator": med,
+           "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation, "emulator": med,
            "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
            "modeled_peak_kib_per_core": led.peak_memory / 1024,
            "full_model_estimate": est}

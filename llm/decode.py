@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshrt.collectives import allreduce, broadcast
+from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
 from meshrt.fabric import Fabric
 from meshrt.mesh import X, Y
-from meshrt.ops.gemv import meshgemv, record_allreduce
+from meshrt.ops.gemv import meshgemv
 
 from .kvcache import KVCache
 from .layout import PhaseLayout
@@ -48,14 +48,14 @@ class MeshDecoder:
     glob : dict
         This rank's blocks of :func:`llm.mesh_weights.decode_global_tiles`.
     cache : KVCache
-    algo, groups, levels
+    allreduce : AllreduceSpec
         Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).
     """
 
     def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict, cache: KVCache,
-                 algo: str = "ktree", groups: int | None = None, levels: int = 2):
+                 allreduce: AllreduceSpec = KTREE):
         self.fab, self.lay, self.layers, self.glob, self.cache = fab, lay, layers, glob, cache
-        self.ar = dict(algo=algo, groups=groups, levels=levels)
+        self.spec = allreduce
         c = lay.config
         self.g = c.group_size
         self.scale = np.float32(c.head_dim ** -0.5)
@@ -68,13 +68,13 @@ class MeshDecoder:
         """Allreduce of ``a`` along ``axis``; ``words`` overrides the priced vector length (the
         emulator reduces whole fixed-size buffers, the wafer only their filled part)."""
         if words is None:
-            return allreduce(self.fab, a, axis, op, name=name, **self.ar)
-        out = allreduce(self.fab, a, axis, op, name=name, record=False, **self.ar)
-        record_allreduce(self.fab.ledger, self.fab.layout.cores(axis), words, name, **self.ar)
+            return allreduce(self.fab, a, axis, op, self.spec, name=name)
+        out = allreduce(self.fab, a, axis, op, self.spec, record=False, name=name)
+        self.spec.charge(self.fab.ledger, self.fab.layout.cores(axis), words, name)
         return out
 
     def _gemv(self, x, w, input_axis, name):
-        return meshgemv(self.fab, x, w, input_axis, name=name, **self.ar)
+        return meshgemv(self.fab, x, w, input_axis, self.spec, name=name)
 
     def embed(self, token: int) -> np.ndarray:
         """Embedding row of ``token`` as a Y-vector ``f32[by, bx, H/Py]``."""

@@ -13,10 +13,10 @@ import math
 
 import numpy as np
 
-from meshrt.collectives import broadcast_cost
+from meshrt.collectives import KTREE, AllreduceSpec, broadcast_cost
 from meshrt.mesh import padded
 from meshrt.ops.estimate import estimate_meshgemm
-from meshrt.ops.gemv import estimate_meshgemv, record_allreduce
+from meshrt.ops.gemv import estimate_meshgemv
 from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
 from meshrt.plmr import Device, Ledger, get_device
 from meshrt.relayout import fetch_cost
@@ -42,9 +42,8 @@ def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:
 
 def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
                  context: int = 1, policy: str = "shift", prompt: int = 0, token_col: int = 0,
-                 algo: str = "ktree", groups: int | None = None, levels: int = 2,
-                 greedy: bool = True, ledger: Ledger | None = None,
-                 kv_capacity: int | None = None) -> Ledger:
+                 allreduce: AllreduceSpec = KTREE, greedy: bool = True,
+                 ledger: Ledger | None = None, kv_capacity: int | None = None) -> Ledger:
     """Ledger of one decode step with ``context`` tokens in the cache after it.
 
     Parameters
@@ -64,7 +63,7 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
     py, px = mesh
-    ar = dict(algo=algo, groups=groups, levels=levels)
+    ar = allreduce
     h_y = lay.hidden // py
     tq, tk, tf = lay.q // px, lay.kv // px, lay.ffn // px
     g, nq = config.group_size, config.num_heads
@@ -74,18 +73,16 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
     cap = kv_capacity if kv_capacity is not None else fill
 
     def norm(name):
-        record_allreduce(led, py, 1, name, **ar)
+        ar.charge(led, py, 1, name)
         led.record(name + "/scale", macs=2 * h_y)
 
     def gemv(name, m, n, input_axis):
-        estimate_meshgemv(m, n, mesh, device, input_axis=input_axis, ledger=led, name=name, **ar)
+        estimate_meshgemv(m, n, mesh, device, input_axis=input_axis, spec=ar, ledger=led,
+                          name=name)
 
     led.memory("decode/resident", decode_weight_words(config, mesh) + 2 * config.num_layers * cap * tk)
     led.io(4, 1)
-    cost = broadcast_cost(px, token_col, h_y)
-    led.record("embed", macs=cost["macs"], words=cost["words"], hops=cost["hops"],
-               routings=cost["routings"], overlap=False)
-    led.routes("embed", cost["routes"])
+    led.charge("embed", broadcast_cost(px, token_col, h_y))
     for i in range(config.num_layers):
         norm(f"layer{i}/attn_norm")
         gemv(f"layer{i}/qkv", lay.hidden, (tq + 2 * tk) * px, "y")
@@ -93,12 +90,12 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
             led.record("kv_append/shift", words=2 * tk, hops=1)
         led.memory("kv_cache", 2 * config.num_layers * cap * tk)
         led.record(f"layer{i}/scores/local", macs=fill * tk * g)
-        record_allreduce(led, px, fill * nq, f"layer{i}/scores", **ar)
-        record_allreduce(led, py, nq, f"layer{i}/softmax_max", **ar)
-        record_allreduce(led, py, nq, f"layer{i}/softmax_sum", **ar)
+        ar.charge(led, px, fill * nq, f"layer{i}/scores")
+        ar.charge(led, py, nq, f"layer{i}/softmax_max")
+        ar.charge(led, py, nq, f"layer{i}/softmax_sum")
         led.record(f"layer{i}/softmax", macs=3 * fill * nq)
         led.record(f"layer{i}/pv/local", macs=fill * tk * g)
-        record_allreduce(led, py, tk * g, f"layer{i}/pv", **ar)
+        ar.charge(led, py, tk * g, f"layer{i}/pv")
         gemv(f"layer{i}/o", lay.q, lay.hidden, "x")
         norm(f"layer{i}/mlp_norm")
         gemv(f"layer{i}/gate_up", lay.hidden, 2 * lay.ffn, "y")
@@ -107,8 +104,8 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
     norm("final_norm")
     gemv("lm_head", lay.hidden, lay.vocab, "y")
     if greedy:
-        record_allreduce(led, px, 1, "argmax/value", **ar)
-        record_allreduce(led, px, 1, "argmax/index", **ar)
+        ar.charge(led, px, 1, "argmax/value")
+        ar.charge(led, px, 1, "argmax/index")
         led.io(4, 1)
     return led
 
@@ -145,8 +142,8 @@ def kv_capacity(config: ModelConfig, mesh: tuple[int, int], device: Device | str
 
 def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
             device: Device | str = "wse2", decode_mesh: tuple[int, int] | None = None,
-            algo: str = "ktree", groups: int | None = None, levels: int = 2, ids=None,
-            all_logits: bool = False, ledger: Ledger | None = None) -> Ledger:
+            allreduce: AllreduceSpec = KTREE, ids=None, all_logits: bool = False,
+            ledger: Ledger | None = None) -> Ledger:
     """Ledger of prefilling ``tokens`` prompt tokens on ``mesh``, hand-off to decode included.
 
     Exactly the records :meth:`llm.prefill.MeshPrefiller.run` writes to the prefill ledger
@@ -168,7 +165,7 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
     lay = PhaseLayout(config, *mesh)
     dlay = PhaseLayout(config, *(decode_mesh or mesh))
     py, px = mesh
-    ar = dict(algo=algo, groups=groups, levels=levels)
+    ar = allreduce
     tp = padded(tokens, lay.unit)
     tl, sl = tp // py, tp // px
     hl, tk, tf = lay.hidden // px, lay.kv // px, lay.ffn // px
@@ -179,7 +176,7 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
 
     def norm(name):
         led.record(f"{name}/sumsq", macs=tl * hl)
-        record_allreduce(led, px, tl, name, **ar)
+        ar.charge(led, px, tl, name)
         led.record(f"{name}/scale", macs=2 * tl * hl)
 
     def gemm(name, k, n):
@@ -189,16 +186,14 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
                + 2 * config.num_layers * tl * tk)
     led.io(4 * tokens, 1)
     t = np.arange(tokens)
-    cost = fetch_cost(ids // (lay.vocab // py), t // tl, py, hl)
-    led.record("embed", words=cost["words"], hops=cost["hops"], routings=cost["routings"])
-    led.routes("embed", cost["routes"])
+    led.charge("embed", fetch_cost(ids // (lay.vocab // py), t // tl, py, hl))
     for i in range(config.num_layers):
         norm(f"layer{i}/attn_norm")
         gemm(f"layer{i}/qkv", lay.hidden, lay.q + 2 * lay.kv)
         led.record(f"layer{i}/rope", macs=2 * tl * tk * (g + 1))
         estimate_grouped_gemm_t(g * tp, tp, lay.kv, nkv, mesh, device, led, f"layer{i}/scores")
-        record_allreduce(led, px, tl * g * nkv, f"layer{i}/softmax_max", **ar)
-        record_allreduce(led, px, tl * g * nkv, f"layer{i}/softmax_sum", **ar)
+        ar.charge(led, px, tl * g * nkv, f"layer{i}/softmax_max")
+        ar.charge(led, px, tl * g * nkv, f"layer{i}/softmax_sum")
         led.record(f"layer{i}/softmax", macs=4 * tl * sl * g * nkv)
         estimate_grouped_meshgemm(g * tp, tp, lay.kv, nkv, mesh, device, False, led,
                                   f"layer{i}/pv")
@@ -207,7 +202,7 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
         gemm(f"layer{i}/gate_up", lay.hidden, 2 * lay.ffn)
         led.record(f"layer{i}/swiglu", macs=4 * tl * tf)
         gemm(f"layer{i}/down", lay.ffn, lay.hidden)
-    record_handoff(led, lay, dlay, tokens, **ar)
+    record_handoff(led, lay, dlay, tokens, ar)
     if all_logits:
         norm("final_norm")
         gemm("lm_head", lay.hidden, lay.vocab)
@@ -216,22 +211,22 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
 
 
 def first_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
-                algo: str = "ktree", groups: int | None = None, levels: int = 2,
-                greedy: bool = True, ledger: Ledger | None = None) -> Ledger:
+                allreduce: AllreduceSpec = KTREE, greedy: bool = True,
+                ledger: Ledger | None = None) -> Ledger:
     """Decode-mesh records of the first token after prefill: final norm and LM head of the
     handed-off hidden state, then (``greedy``) the argmax on the mesh."""
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
     py, px = mesh
-    ar = dict(algo=algo, groups=groups, levels=levels)
-    record_allreduce(led, py, 1, "final_norm", **ar)
+    ar = allreduce
+    ar.charge(led, py, 1, "final_norm")
     led.record("final_norm/scale", macs=2 * (lay.hidden // py))
-    estimate_meshgemv(lay.hidden, lay.vocab, mesh, device, input_axis="y", ledger=led,
-                      name="lm_head", **ar)
+    estimate_meshgemv(lay.hidden, lay.vocab, mesh, device, input_axis="y", spec=ar, ledger=led,
+                      name="lm_head")
     if greedy:
-        record_allreduce(led, px, 1, "argmax/value", **ar)
-        record_allreduce(led, px, 1, "argmax/index", **ar)
+        ar.charge(led, px, 1, "argmax/value")
+        ar.charge(led, px, 1, "argmax/index")
         led.io(4, 1)
     return led
 
@@ -252,7 +247,7 @@ def ttft(config: ModelConfig, prefill_mesh: tuple[int, int], tokens: int,
     decode_mesh = decode_mesh or prefill_mesh
     pre = prefill(config, prefill_mesh, tokens, device, decode_mesh, **kwargs)
     first = first_token(config, decode_mesh, device,
-                        **{k: v for k, v in kwargs.items() if k in ("algo", "groups", "levels")})
+                        **{k: v for k, v in kwargs.items() if k == "allreduce"})
     a, b = pre.totals(), first.totals()
     cycles = a.cycles + b.cycles
     return {"seconds": device.seconds(cycles), "cycles": cycles, "prefill_cycles": a.cycles,

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from meshrt import runtime
+from meshrt.collectives import AllreduceSpec
 from meshrt.mesh import MeshError, parse_grid
 
 from .sampling import Sampler
@@ -97,7 +98,8 @@ def load_model(args, comm):
     from .model import MeshModel
     path = args.model
     kw = dict(kv_policy=getattr(args, "kv_policy", "shift"), device=getattr(args, "device", "wse2"),
-              allreduce=getattr(args, "allreduce", "ktree"), groups=getattr(args, "groups", None),
+              allreduce=AllreduceSpec(getattr(args, "allreduce", "ktree"),
+                                      getattr(args, "groups", None)),
               emulation=getattr(args, "emulation", "exact"))
     ranks = mesh_arg(getattr(args, "ranks", None))
     dmesh = mesh_arg(getattr(args, "decode_mesh", None))

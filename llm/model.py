@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout
 from meshrt.plmr import Ledger, get_device
@@ -76,8 +77,8 @@ class MeshModel:
     kv_policy : {"shift", "concat"}
     device : str or Device
         Device whose PLMR model prices the run.
-    allreduce, groups : str, int
-        Allreduce algorithm (and K-tree group count) of every reduction in decode.
+    allreduce : AllreduceSpec
+        Allreduce of every reduction in decode (the command line builds it from its flags).
     emulation : {"exact", "aggregated"}
         ``aggregated`` lets K-tree allreduces combine rank partials in one sweep per direction
         (see :class:`meshrt.fabric.Fabric`); results and ledger are the same, MPI messages fewer.
@@ -85,8 +86,7 @@ class MeshModel:
 
     def __init__(self, config: ModelConfig, comm, decode_mesh, blocks: Mapping,
                  prefill_mesh=None, ranks=None, kv_policy: str = "shift",
-                 device="wse2", allreduce: str = "ktree", groups: int | None = None,
-                 emulation: str = "exact"):
+                 device="wse2", allreduce: AllreduceSpec = KTREE, emulation: str = "exact"):
         self.config = config
         self.comm = comm
         nranks = 1 if comm is None else comm.Get_size()
@@ -100,7 +100,7 @@ class MeshModel:
         self.phase_layouts = {ph: PhaseLayout(config, lay.py, lay.px)
                               for ph, lay in self.layouts.items()}
         self.kv_policy = kv_policy
-        self.ar = dict(algo=allreduce, groups=groups)
+        self.allreduce = allreduce
         self.blocks = blocks
         layers, glob = split_layers(blocks["decode"], config.num_layers)
         self._decode_weights = (layers, glob)
@@ -153,7 +153,7 @@ class MeshModel:
         fab = self.decode_fabric
         lay = self.phase_layouts["decode"]
         cache = KVCache(fab, self.config.num_layers, lay.kv // lay.px, capacity, self.kv_policy)
-        self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, **self.ar)
+        self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, self.allreduce)
         self.position = 0
         weights = sum(b.size for b in self.blocks["decode"].values()) // (fab.by * fab.bx)
         fab.ledger.memory("decode/resident", weights + 2 * self.config.num_layers * capacity

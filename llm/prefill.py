@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 
 from meshrt import darray
-from meshrt.collectives import allreduce, broadcast, broadcast_cost
+from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast, broadcast_cost
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, X, Y, padded
+from meshrt.plmr import Cost
 from meshrt.ops.gemm import meshgemm
-from meshrt.ops.gemv import record_allreduce
 from meshrt.ops.grouped import grouped_gemm_t, grouped_meshgemm
 from meshrt.relayout import fetch_rows, move_cost, rank_bounds, rebalance
 
@@ -68,7 +68,7 @@ def _line_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     return np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))
 
 
-def weight_switch_cost(lay: PhaseLayout, dlay: PhaseLayout) -> dict:
+def weight_switch_cost(lay: PhaseLayout, dlay: PhaseLayout) -> Cost:
     """Wafer cost of re-placing the weights from prefill tiles to decode tiles at the switch.
 
     The emulator keeps both placements; the wafer holds one and reshuffles it over the NoC
@@ -80,31 +80,22 @@ def weight_switch_cost(lay: PhaseLayout, dlay: PhaseLayout) -> dict:
     per_core = sum(weight_words_per_core(decode_tile_shapes(dlay)).values())
     total = per_core * dlay.py * dlay.px
     rows, cols = max(lay.py, dlay.py), max(lay.px, dlay.px)
-    return {"words": total / (4 * min(rows, cols)), "hops": rows + cols - 2, "routings": 0,
-            "routes": 2}
+    return Cost(words=total / (4 * min(rows, cols)), hops=rows + cols - 2, routes=2)
 
 
-def record_handoff(led, lay: PhaseLayout, dlay: PhaseLayout, tokens: int, algo: str = "ktree",
-                   groups: int | None = None, levels: int = 2) -> None:
+def record_handoff(led, lay: PhaseLayout, dlay: PhaseLayout, tokens: int,
+                   allreduce: AllreduceSpec = KTREE) -> None:
     """Write the wafer cost of the weight, K/V and hidden-state hand-offs into ``led``."""
-    cost = weight_switch_cost(lay, dlay)
-    led.record("handoff/weights", words=cost["words"], hops=cost["hops"])
-    led.routes("handoff/weights", cost["routes"])
+    led.charge("handoff/weights", weight_switch_cost(lay, dlay))
     plan = handoff_plan(lay, dlay, tokens)
     per_item = 2 * lay.config.num_layers
     for name, src, dst, words in (
             ("handoff/kv/x", plan["src_cols"], plan["dst_cols"], plan["rows_per_core"]),
             ("handoff/kv/y", plan["src_rows"], plan["dst_rows"], plan["feats_per_core"])):
-        cost = move_cost(*_line_pair(src, dst), words * per_item)
-        led.record(name, words=cost["words"], hops=cost["hops"], routings=cost["routings"])
-        led.routes(name, cost["routes"])
-    record_allreduce(led, max(lay.px, dlay.px), lay.hidden, "handoff/hidden/gather", algo,
-                     levels, groups)
+        led.charge(name, move_cost(*_line_pair(src, dst), words * per_item))
+    allreduce.charge(led, max(lay.px, dlay.px), lay.hidden, "handoff/hidden/gather")
     row = (tokens - 1) // (padded(tokens, lay.unit) // lay.py)
-    cost = broadcast_cost(max(lay.py, dlay.py), row, lay.hidden)
-    led.record("handoff/hidden/broadcast", words=cost["words"], hops=cost["hops"],
-               routings=cost["routings"])
-    led.routes("handoff/hidden/broadcast", cost["routes"])
+    led.charge("handoff/hidden/broadcast", broadcast_cost(max(lay.py, dlay.py), row, lay.hidden))
 
 
 class MeshPrefiller:
@@ -120,14 +111,14 @@ class MeshPrefiller:
         Per layer, this rank's blocks of :func:`llm.prefill_weights.prefill_layer_tiles`.
     glob : dict
         This rank's blocks of :func:`llm.prefill_weights.prefill_global_tiles`.
-    algo, groups, levels
+    allreduce : AllreduceSpec
         Allreduce of the RMSNorm and softmax reductions along x (K-tree by default).
     """
 
     def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict,
-                 algo: str = "ktree", groups: int | None = None, levels: int = 2):
+                 allreduce: AllreduceSpec = KTREE):
         self.fab, self.lay, self.layers, self.glob = fab, lay, layers, glob
-        self.ar = dict(algo=algo, groups=groups, levels=levels)
+        self.spec = allreduce
         c = lay.config
         self.g = c.group_size
         self.scale = np.float32(c.head_dim ** -0.5)
@@ -151,7 +142,7 @@ class MeshPrefiller:
         rows, hl = x.shape[2], x.shape[3]
         ss = np.einsum("abti,abti->abt", x, x)                   # f32[by, bx, T/Py]
         led.record(f"{name}/sumsq", macs=rows * hl)
-        ss = allreduce(self.fab, ss, X, "sum", name=name, **self.ar)
+        ss = allreduce(self.fab, ss, X, "sum", self.spec, name=name)
         inv = np.float32(1) / np.sqrt(ss / np.float32(c.hidden_size) + np.float32(c.rms_norm_eps))
         led.record(f"{name}/scale", macs=2 * rows * hl)
         return (x * inv[..., None].astype(np.float32)) * gamma[:, :, None, :]
@@ -187,9 +178,9 @@ class MeshPrefiller:
         valid = ((s_glob[None, :, None, :] <= t_glob[:, None, :, None])
                  & (s_glob < n_tokens)[None, :, None, :])[:, :, :, None, :, None]
         s = np.where(valid, s, np.float32(-np.inf))
-        m = allreduce(fab, s.max(axis=4), X, "max", name=f"layer{i}/softmax_max", **self.ar)
+        m = allreduce(fab, s.max(axis=4), X, "max", self.spec, name=f"layer{i}/softmax_max")
         e = np.where(valid, np.exp(s - m[:, :, :, :, None, :]), np.float32(0))
-        z = allreduce(fab, e.sum(axis=4), X, "sum", name=f"layer{i}/softmax_sum", **self.ar)
+        z = allreduce(fab, e.sum(axis=4), X, "sum", self.spec, name=f"layer{i}/softmax_sum")
         p = e / z[:, :, :, :, None, :]
         led.record(f"layer{i}/softmax", macs=4 * tl * sl * g * nkv)
         o = grouped_meshgemm(fab, p.reshape(by, bx, tl * g, sl, nkv), v, heads,
@@ -279,8 +270,8 @@ class MeshPrefiller:
         if mine.size:
             full[mine[0], np.arange(bx), fab.index(X), :] = x[mine[0], :, slot, :]
         full = full.reshape(by, bx, self.lay.px * hl)
-        full = allreduce(fab, full, X, "sum", record=False, name="handoff/hidden/gather",
-                         **self.ar)
+        full = allreduce(fab, full, X, "sum", self.spec, record=False,
+                         name="handoff/hidden/gather")
         full = broadcast(fab, full, Y, row, record=False, name="handoff/hidden/broadcast")
         h = self.lay.config.hidden_size
         vec = np.zeros(dlay.hidden, np.float32)
@@ -331,7 +322,7 @@ class MeshPrefiller:
             vs.append(v)
         self.handoff_kv(ks, vs, n, decoder)
         h = self.handoff_hidden(x, n, decoder)
-        record_handoff(led, self.lay, decoder.lay, n, **self.ar)
+        record_handoff(led, self.lay, decoder.lay, n, self.spec)
         logits = decoder.logits(h)
         if all_logits:
             return logits, self.prompt_logits(x, n)

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from . import runtime
+from .collectives import AllreduceSpec
 
 
 def add_bench_parser(sub) -> None:
@@ -147,9 +148,9 @@ def bench_fabric(args, comm, log) -> list[dict]:
     vec = block.reshape(lay.by, lay.bx, -1)[..., :t]
     for algo in ("ktree", "pipeline"):
         fab.ledger.reset()
-        t_ar = _timed(lambda: allreduce(fab, vec, 0, algo=algo, groups=args.groups,
-                                        levels=args.levels) if algo == "ktree"
-                      else allreduce(fab, vec, 0, algo=algo), comm, args.repeat, args.warmup)
+        spec = (AllreduceSpec(algo, args.groups, args.levels) if algo == "ktree"
+                else AllreduceSpec(algo))
+        t_ar = _timed(lambda: allreduce(fab, vec, 0, spec=spec), comm, args.repeat, args.warmup)
         t_sum = _timed(lambda: np.broadcast_to(vec.sum(0, keepdims=True), vec.shape).copy(),
                        comm, args.repeat, args.warmup)
         per_call = fab.ledger.seconds / (args.repeat + args.warmup)
@@ -183,16 +184,15 @@ def bench_gemv(args, comm, log) -> list[dict]:
         wb = darray.local_block(fab, G.weight_tiles(w, mesh, "y"))
         xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
         log.info(f"gemv {algo}: [1,{n}]x[{n},{n}] on {lay}")
-        t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", algo=algo, levels=args.levels,
-                                      groups=args.groups), comm, args.repeat, args.warmup)
-        est = G.estimate_meshgemv(n, n, mesh, get_device(args.device), algo=algo,
-                                  levels=args.levels, groups=args.groups)
+        spec = AllreduceSpec(algo, args.groups, args.levels)
+        t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", spec), comm, args.repeat, args.warmup)
+        est = G.estimate_meshgemv(n, n, mesh, get_device(args.device), spec=spec)
         row = {"bench": "gemv", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
                "ranks": f"{lay.ry}x{lay.rx}", "seconds": t, "numpy_s": t_np,
                "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
                "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
         if args.check:
-            yb = G.meshgemv(fab, xb, wb, "y", algo=algo, levels=args.levels, groups=args.groups)
+            yb = G.meshgemv(fab, xb, wb, "y", spec)
             tiles = darray.gather(fab, yb)
             if rank == 0:
                 row["max_abs_err"] = float(np.abs(G.vector_from_tiles(tiles, n, "x") - x @ w).max())
@@ -249,9 +249,8 @@ def model_rows(kernel: str, sides, sizes, algos, device, levels=2) -> list[dict]
             for algo in algos:
                 if kernel == "gemv":
                     from .ops.gemv import estimate_meshgemv
-                    groups = None
-                    led = estimate_meshgemv(n, n, (side, side), device, algo=algo, levels=levels,
-                                            groups=groups)
+                    led = estimate_meshgemv(n, n, (side, side), device,
+                                            spec=AllreduceSpec(algo, levels=levels))
                 else:
                     from .ops.estimate import ESTIMATORS
                     led = ESTIMATORS[algo](n, n, n, (side, side), device)

@@ -32,8 +32,9 @@ ALPHA = 1.0
 
 
 def modeled_seconds(device: Device, size: int) -> float:
+    from .collectives import AllreduceSpec
     from .ops.gemv import estimate_meshgemv
-    return estimate_meshgemv(size, size, MESH, device, groups=GROUPS).seconds
+    return estimate_meshgemv(size, size, MESH, device, spec=AllreduceSpec(groups=GROUPS)).seconds
 
 
 def _bisect(f, lo: float, hi: float, iters: int = 100) -> float:

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from .fabric import HI, LO, Fabric
+from .plmr import Cost, Ledger
 
 OPS = {"sum": np.add, "max": np.maximum}
 
@@ -49,18 +51,21 @@ def _lines_shape(block: np.ndarray, axis: int) -> tuple:
 # Closed-form wafer costs (the ledger and the analytic estimators both use these)
 # ----------------------------------------------------------------------------------------------
 
-def chain_cost(n_cores: int, root, words: float) -> dict:
+def _span(n_cores: int, root) -> int:
+    r = np.asarray(root)
+    return int(np.max(np.maximum(r, n_cores - 1 - r))) if n_cores > 1 else 0
+
+
+def chain_cost(n_cores: int, root, words: float) -> Cost:
     """A pipelined chain reduce of ``words`` per core toward ``root`` (int or per-line array)."""
-    r = np.asarray(root)
-    d = int(np.max(np.maximum(r, n_cores - 1 - r))) if n_cores > 1 else 0
-    return {"hops": d, "routings": d, "words": words, "macs": words if d else 0, "routes": 2}
+    d = _span(n_cores, root)
+    return Cost(macs=words if d else 0, words=words, hops=d, routings=d, overlap=True, routes=2)
 
 
-def broadcast_cost(n_cores: int, root, words: float) -> dict:
+def broadcast_cost(n_cores: int, root, words: float) -> Cost:
     """A router multicast of ``words`` from ``root`` to every core of the line."""
-    r = np.asarray(root)
-    d = int(np.max(np.maximum(r, n_cores - 1 - r))) if n_cores > 1 else 0
-    return {"hops": d, "routings": 0, "words": words if d else 0, "macs": 0, "routes": 2}
+    d = _span(n_cores, root)
+    return Cost(words=words if d else 0, hops=d, routes=2)
 
 
 def ktree_groups(n_cores: int, levels: int = 2, groups: int | None = None) -> list[int]:
@@ -117,8 +122,8 @@ def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list
 
 
 @functools.lru_cache(maxsize=1024)
-def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None = None) -> list:
-    """Per-phase costs of the K-tree allreduce: one dict per level, then the broadcast."""
+def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None = None) -> tuple:
+    """Per-phase costs of the K-tree allreduce: one :class:`Cost` per level, then the broadcast."""
     out = []
     for segs in ktree_plan(n_cores, levels, groups):
         hops = routings = 0
@@ -127,11 +132,11 @@ def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None =
             below, above = mem[:i], mem[i + 1:]
             hops = max(hops, root - mem[0], mem[-1] - root)
             routings = max(routings, len(below), len(above))
-        out.append({"hops": hops, "routings": routings, "words": words,
-                    "macs": words if routings else 0, "routes": len(out) + 2})
+        out.append(Cost(macs=words if routings else 0, words=words, hops=hops,
+                        routings=routings, overlap=True, routes=len(out) + 2))
     root = ktree_root(n_cores, levels, groups)
     out.append(broadcast_cost(n_cores, root, words))
-    return out
+    return tuple(out)
 
 
 def ktree_root(n_cores: int, levels: int = 2, groups: int | None = None) -> int:
@@ -139,18 +144,62 @@ def ktree_root(n_cores: int, levels: int = 2, groups: int | None = None) -> int:
     return plan[-1][0][2] if plan else 0
 
 
-def ring_cost(n_cores: int, words: float) -> dict:
-    """One step of the ring allreduce (there are ``2(N-1)`` of them)."""
+def ring_cost(n_cores: int, words: float) -> Cost:
+    """The ring allreduce: ``2(N-1)`` steps, each moving one ``1/N`` chunk one ring edge."""
     chunk = math.ceil(words / n_cores) if n_cores else 0
-    return {"hops": 2 if n_cores > 2 else 1, "routings": 1, "words": chunk, "macs": chunk,
-            "routes": 3}
+    return Cost(macs=chunk, words=chunk, hops=2 if n_cores > 2 else 1, routings=1, overlap=True,
+                count=2 * (n_cores - 1), routes=3)
 
 
-def _record(fab: Fabric, name: str, cost: dict, count: int = 1, overlap: bool = True) -> None:
-    led = fab.ledger
-    led.record(name, macs=cost["macs"], words=cost["words"], hops=cost["hops"],
-               routings=cost["routings"], overlap=overlap, count=count)
-    led.routes(name, cost["routes"])
+ALLREDUCE_ALGOS = ("ktree", "pipeline", "ring")
+
+
+@dataclass(frozen=True)
+class AllreduceSpec:
+    """Which allreduce every reduction of a run uses.
+
+    Parameters
+    ----------
+    algo : {"ktree", "pipeline", "ring"}
+        ``ktree``: MeshGEMV's K-level tree, then a multicast from the tree root. ``pipeline``:
+        chain reduce to the last core, then multicast back. ``ring``: reduce-scatter and
+        all-gather on the interleaved two-hop ring.
+    groups : int, optional
+        K-tree only: number of first-level groups (the paper's ``group_num``; two levels).
+    levels : int
+        K-tree only: tree levels ``K``.
+    """
+
+    algo: str = "ktree"
+    groups: int | None = None
+    levels: int = 2
+
+    def __post_init__(self):
+        if self.algo not in ALLREDUCE_ALGOS:
+            raise ValueError(f"unknown allreduce algorithm {self.algo!r}; use one of "
+                             f"{', '.join(ALLREDUCE_ALGOS)}")
+        if self.algo == "ktree" and self.groups is not None and self.levels != 2:
+            raise ValueError("groups= applies to the two-level tree (levels=2)")
+
+    def costs(self, n_cores: int, words: float) -> list[tuple[str, Cost]]:
+        """``(phase, cost)`` of one allreduce of ``words`` per core over ``n_cores``; the phase
+        is appended to the allreduce's ledger name (``""``: the name itself)."""
+        if self.algo == "ktree":
+            costs = ktree_cost(n_cores, words, self.levels, self.groups)
+            return [("broadcast" if i == len(costs) - 1 else f"level{i + 1}", c)
+                    for i, c in enumerate(costs)]
+        if self.algo == "pipeline":
+            return [("reduce", chain_cost(n_cores, n_cores - 1, words)),
+                    ("broadcast", broadcast_cost(n_cores, n_cores - 1, words))]
+        return [("", ring_cost(n_cores, words))]
+
+    def charge(self, ledger: Ledger, n_cores: int, words: float, name: str) -> None:
+        """Write into ``ledger`` exactly what :func:`allreduce` records under ``name``."""
+        for phase, cost in self.costs(n_cores, words):
+            ledger.charge(f"{name}/{phase}" if phase else name, cost)
+
+
+KTREE = AllreduceSpec()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +334,7 @@ def reduce_to_root(fab: Fabric, block: np.ndarray, axis: int, root, op: str = "s
     n = fab.layout.cores(axis)
     words = int(np.prod(block.shape[2:]))
     if record:
-        _record(fab, name, chain_cost(n, root, words))
+        fab.ledger.charge(name, chain_cost(n, root, words))
     ufunc = OPS[op]
     ident = _identity(op, block.dtype)
     diff, _ = _root_mask(fab, axis, root)
@@ -314,7 +363,7 @@ def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = Tr
     n = fab.layout.cores(axis)
     if record:
         words = int(np.prod(block.shape[2:]))
-        _record(fab, name, broadcast_cost(n, root, words), overlap=False)
+        fab.ledger.charge(name, broadcast_cost(n, root, words))
     r = np.asarray(root)
     if r.ndim == 0:  # one root for all lines: the stream flows outward from the root's rank
         return np.broadcast_to(_from_root(fab, block, axis, int(r), name), block.shape).copy()
@@ -345,29 +394,27 @@ def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) 
     return value
 
 
-def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", algo: str = "ktree",
-              levels: int = 2, groups: int | None = None, record: bool = True,
+def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
+              spec: AllreduceSpec = KTREE, record: bool = True,
               name: str | None = None) -> np.ndarray:
     """Every core of each line along ``axis`` gets the reduction of its line.
 
     Parameters
     ----------
-    algo : {"ktree", "pipeline", "ring"}
-        ``ktree``: MeshGEMV's K-level tree (``levels``; ``groups`` fixes the number of first-level
-        groups as in the paper's code), then a multicast from the tree root. ``pipeline``: chain
-        reduce to the last core, then multicast back. ``ring``: reduce-scatter and all-gather on
-        the interleaved two-hop ring.
+    spec : AllreduceSpec
+        The algorithm (K-tree by default) and its configuration; ledger records are those of
+        :meth:`AllreduceSpec.charge` for the block's vector length.
     """
-    name = name or f"allreduce_{algo}"
-    if algo == "ktree":
-        return ktree_allreduce(fab, block, axis, op, levels, groups, record, name)
-    if algo == "pipeline":
+    name = name or f"allreduce_{spec.algo}"
+    if record:
+        spec.charge(fab.ledger, fab.layout.cores(axis), int(np.prod(block.shape[2:])), name)
+    if spec.algo == "ktree":
+        return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)
+    if spec.algo == "pipeline":
         n = fab.layout.cores(axis)
-        red = reduce_to_root(fab, block, axis, n - 1, op, record, name + "/reduce")
-        return broadcast(fab, red, axis, n - 1, record, name + "/broadcast")
-    if algo == "ring":
-        return ring_allreduce(fab, block, axis, op, record, name)
-    raise ValueError(f"unknown allreduce algorithm {algo!r}; use ktree, pipeline or ring")
+        red = reduce_to_root(fab, block, axis, n - 1, op, False, name + "/reduce")
+        return broadcast(fab, red, axis, n - 1, False, name + "/broadcast")
+    return ring_allreduce(fab, block, axis, op, False, name)
 
 
 def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", levels: int = 2,
@@ -378,10 +425,7 @@ def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", 
     plan = ktree_plan(n, levels, groups)
     if record:
         words = int(np.prod(block.shape[2:]))
-        for lvl, cost in enumerate(ktree_cost(n, words, levels, groups)):
-            is_bcast = lvl == len(plan)
-            _record(fab, f"{name}/{'broadcast' if is_bcast else f'level{lvl + 1}'}", cost,
-                    overlap=not is_bcast)
+        AllreduceSpec("ktree", groups, levels).charge(fab.ledger, n, words, name)
     if fab.layout.ranks(axis) == 1 or fab.aggregate:
         # One rank holds the whole line (no messages), or the fabric aggregates: each rank's
         # partial joins one sweep per direction. Same sum, same ledger, fewer MPI messages.
@@ -405,8 +449,7 @@ def ring_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
     vec_shape = block.shape[2:]
     words = int(np.prod(vec_shape))
     if record:
-        cost = ring_cost(n, words)
-        _record(fab, name, cost, count=2 * (n - 1))
+        fab.ledger.charge(name, ring_cost(n, words))
     if n == 1:
         return block.copy()
     c = -(-words // n)

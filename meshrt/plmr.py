@@ -115,6 +115,61 @@ def get_device(name_or_device) -> Device:
     return dev
 
 
+@dataclass(frozen=True)
+class Cost:
+    """Closed-form wafer cost of ``count`` identical lockstep steps of the mesh.
+
+    The one shape every cost function returns (collectives, kernels, re-layouts, the LLM
+    program); :meth:`Ledger.charge` records it. Device-free: cycles come from the ledger.
+
+    Parameters
+    ----------
+    macs : float
+        MACs of the busiest core in one step.
+    words : float
+        Elements streamed over the critical link in one step.
+    hops, routings : int
+        Physical hops and software routing stages on one step's critical path.
+    overlap : bool
+        Whether compute and communication of a step overlap (double buffering).
+    count : int
+        Number of such steps.
+    routes : int
+        Routing paths per core the steps need configured (0: none noted).
+
+    ``cost * k`` repeats the steps ``k`` times; ``a + b`` adds the counts of two costs of the
+    same step (anything else is two different records: charge them apart).
+    """
+
+    macs: float = 0.0
+    words: float = 0.0
+    hops: int = 0
+    routings: int = 0
+    overlap: bool = False
+    count: int = 1
+    routes: int = 0
+
+    def step(self) -> tuple:
+        """The per-step figures that make two costs the same step."""
+        return (self.macs, self.words, self.hops, self.routings, self.overlap, self.routes)
+
+    def __mul__(self, k: int) -> "Cost":
+        return dataclasses.replace(self, count=self.count * int(k))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: "Cost") -> "Cost":
+        if not isinstance(other, Cost):
+            return NotImplemented
+        if self.step() != other.step():
+            raise ValueError(f"cannot add costs of different steps: {self} + {other}")
+        return dataclasses.replace(self, count=self.count + other.count)
+
+    def with_(self, **changes) -> "Cost":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
 class OpTotals:
     """Accumulated figures of one named operation."""
@@ -197,6 +252,14 @@ class Ledger:
         t.hops += hops * count
         t.routings += routings * count
         return total * count
+
+    def charge(self, op: str, cost: Cost) -> float:
+        """Record ``cost`` (its ``count`` steps and its routes) under ``op``; returns cycles."""
+        cycles = self.record(op, macs=cost.macs, words=cost.words, hops=cost.hops,
+                             routings=cost.routings, overlap=cost.overlap, count=cost.count)
+        if cost.routes:
+            self.routes(op, cost.routes)
+        return cycles
 
     def memory(self, op: str, words_per_core: float) -> None:
         """Note that ``op`` holds ``words_per_core`` elements per core at its peak."""

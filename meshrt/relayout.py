@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .fabric import HI, LO, Fabric
+from .plmr import Cost
 
 
 def bounds_from_counts(counts) -> np.ndarray:
@@ -80,7 +81,7 @@ def rebalance(fab: Fabric, data: np.ndarray, axis: int, item_axis: int, src_boun
     return np.ascontiguousarray(_take(held, item_axis, dst[r] - lo, dst[r + 1] - lo))
 
 
-def move_cost(src_core_counts, dst_core_counts, words_per_item: float) -> dict:
+def move_cost(src_core_counts, dst_core_counts, words_per_item: float) -> Cost:
     """Wafer cost of re-distributing ordered items along a line of cores.
 
     Item ``i`` walks from the core holding it to the core that will; all walk at once. The
@@ -90,28 +91,27 @@ def move_cost(src_core_counts, dst_core_counts, words_per_item: float) -> dict:
     dst = bounds_from_counts(dst_core_counts)
     total = int(src[-1])
     if total == 0:
-        return {"hops": 0, "routings": 0, "words": 0, "macs": 0, "routes": 2}
+        return Cost(routes=2)
     items = np.arange(total)
     src_core = np.searchsorted(src, items, side="right") - 1
     dst_core = np.searchsorted(dst, items, side="right") - 1
     hops = int(np.abs(src_core - dst_core).max())
     flow = np.abs(src[1:-1] - dst[1:-1]).max() if len(src) > 2 else 0  # items across a boundary
-    return {"hops": hops, "routings": 0, "words": float(flow * words_per_item), "macs": 0,
-            "routes": 2}
+    return Cost(words=float(flow * words_per_item), hops=hops, routes=2)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fetching scattered items along a line (a table lookup through the data plane)
 # ----------------------------------------------------------------------------------------------
 
-def fetch_cost(src_core, dst_core, n_cores: int, words_per_item: float) -> dict:
+def fetch_cost(src_core, dst_core, n_cores: int, words_per_item: float) -> Cost:
     """Wafer cost of :func:`fetch_rows`: every item walks from its source core to its
     destination core along the line, all at once. ``hops`` is the longest walk, ``words`` the
     busiest link's stream (items crossing one core boundary in one direction)."""
     src = np.asarray(src_core, dtype=np.int64)
     dst = np.asarray(dst_core, dtype=np.int64)
     if src.size == 0:
-        return {"hops": 0, "routings": 0, "words": 0, "macs": 0, "routes": 2}
+        return Cost(routes=2)
     hops = int(np.abs(src - dst).max())
     load = 0
     for lo, hi in ((src, dst), (dst, src)):          # upward, then downward movers
@@ -120,8 +120,7 @@ def fetch_cost(src_core, dst_core, n_cores: int, words_per_item: float) -> dict:
         np.add.at(cover, lo[m] + 1, 1)
         np.add.at(cover, hi[m] + 1, -1)
         load = max(load, int(np.cumsum(cover).max(initial=0)))
-    return {"hops": hops, "routings": 0, "words": float(load * words_per_item), "macs": 0,
-            "routes": 2}
+    return Cost(words=float(load * words_per_item), hops=hops, routes=2)
 
 
 def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, dst_core,
@@ -152,10 +151,7 @@ def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, ds
     n = fab.layout.cores(axis)
     if record:
         words = int(np.prod(table.shape[3:], dtype=np.int64))
-        cost = fetch_cost(src_core, dst_core, n, words)
-        fab.ledger.record(name, words=cost["words"], hops=cost["hops"],
-                          routings=cost["routings"])
-        fab.ledger.routes(name, cost["routes"])
+        fab.ledger.charge(name, fetch_cost(src_core, dst_core, n, words))
     tab = table if axis == 0 else np.swapaxes(table, 0, 1)    # [cores along axis, other, R, ...]
     b = tab.shape[0]
     lo = fab.origin[axis]

@@ -69,7 +69,7 @@ def test_allreduce_every_core_gets_line_result(axis, op, algo, kw):
         if kw.get("groups", 0) > lay.cores(axis):
             continue
         fab = fabric(lay)
-        got = C.allreduce(fab, core_ids(fab, VEC), axis, op, algo=algo, **kw)
+        got = C.allreduce(fab, core_ids(fab, VEC), axis, op, C.AllreduceSpec(algo, **kw))
         vals = _line_values(fab, axis)
         want = _expand(fab, axis, vals.sum(1) if op == "sum" else vals.max(1))
         np.testing.assert_array_equal(got, want)
@@ -82,13 +82,13 @@ def test_ktree_plan_and_cost_closed_form():
     assert [s[2] for s in plan[0]] == [2, 6, 10]
     assert [s[2] for s in plan[1]] == [6]
     cost = C.ktree_cost(12, words=5, groups=3)
-    assert [(c["hops"], c["routings"]) for c in cost] == [(2, 2), (4, 1), (6, 0)]
+    assert [(c.hops, c.routings) for c in cost] == [(2, 2), (4, 1), (6, 0)]
     # the paper's critical path: N hops in total, about K * N^(1/K) / 2 routings
     for n in (16, 64, 100, 720):
         cost = C.ktree_cost(n, words=1, levels=2)
-        hops = sum(c["hops"] for c in cost)
+        hops = sum(c.hops for c in cost)
         assert n - 1 <= hops <= n + 2 * int(np.ceil(np.sqrt(n)))
-        assert sum(c["routings"] for c in cost) <= int(np.ceil(np.sqrt(n)) + 2)
+        assert sum(c.routings for c in cost) <= int(np.ceil(np.sqrt(n)) + 2)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -106,22 +106,22 @@ def test_ledger_matches_closed_form(axis):
     assert t.cycles == pytest.approx(max(comm, words / fab.ledger.device.macs_per_cycle))
 
     fab = fabric(lay)
-    C.allreduce(fab, core_ids(fab, VEC), axis, algo="pipeline")
+    C.allreduce(fab, core_ids(fab, VEC), axis, spec=C.AllreduceSpec("pipeline"))
     tot = fab.ledger.totals()
     assert (tot.hops, tot.routings) == (2 * (n - 1), n - 1)
 
     fab = fabric(lay)
-    C.allreduce(fab, core_ids(fab, VEC), axis, algo="ring")
+    C.allreduce(fab, core_ids(fab, VEC), axis, spec=C.AllreduceSpec("ring"))
     t = fab.ledger.ops["allreduce_ring"]
     assert t.steps == 2 * (n - 1) and t.hops == 2 * 2 * (n - 1) and t.routings == 2 * (n - 1)
     assert fab.ledger.max_routes == 3
 
     fab = fabric(lay)
-    C.allreduce(fab, core_ids(fab, VEC), axis, algo="ktree", levels=2)
+    C.allreduce(fab, core_ids(fab, VEC), axis, spec=C.AllreduceSpec("ktree", levels=2))
     cost = C.ktree_cost(n, words, levels=2)
     tot = fab.ledger.totals()
-    assert tot.hops == sum(c["hops"] for c in cost)
-    assert tot.routings == sum(c["routings"] for c in cost)
+    assert tot.hops == sum(c.hops for c in cost)
+    assert tot.routings == sum(c.routings for c in cost)
     assert fab.ledger.max_routes == 3  # K + 1 at the tree root
 
 
@@ -145,8 +145,8 @@ def test_chain_reduce_mpi_bytes_closed_form(axis):
 def test_aggregated_ktree_same_result_and_ledger_fewer_messages(axis):
     for lay in layouts(world().Get_size()):
         exact, agg = fabric(lay), fabric(lay, aggregate=True)
-        a = C.allreduce(exact, core_ids(exact, VEC), axis, algo="ktree", levels=3)
-        b = C.allreduce(agg, core_ids(agg, VEC), axis, algo="ktree", levels=3)
+        a = C.allreduce(exact, core_ids(exact, VEC), axis, spec=C.AllreduceSpec(levels=3))
+        b = C.allreduce(agg, core_ids(agg, VEC), axis, spec=C.AllreduceSpec(levels=3))
         np.testing.assert_array_equal(a, b)
         assert exact.ledger.ops == agg.ledger.ops
         assert_neighbour_only(agg)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from meshrt import darray
-from meshrt.plmr import PRESETS, WSE2, Device, Ledger, get_device, register_device
+from meshrt.plmr import PRESETS, WSE2, Cost, Device, Ledger, get_device, register_device
 from meshtest import fabric, layouts, world
 
 
@@ -58,3 +58,15 @@ def test_ledger_cycles_overlap_and_violations():
     v = led.violations()
     assert any("memory" in x for x in v) and any("routing" in x for x in v)
     assert led.summary()["violations"] == v
+
+
+def test_cost_charge_equals_record_and_algebra():
+    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0)
+    step = Cost(macs=200, words=8, hops=5, routings=2, overlap=False, routes=3)
+    a, b = Ledger(dev), Ledger(dev)
+    assert a.charge("x", step * 2) == b.record("x", macs=200, words=8, hops=5, routings=2,
+                                                 overlap=False, count=2) == 258
+    assert a.ops == b.ops and a.max_routes == 3 and b.max_routes == 0
+    assert (step + step * 2).count == 3 and (3 * step).count == 3
+    with pytest.raises(ValueError, match="different steps"):
+        step + step.with_(hops=6)

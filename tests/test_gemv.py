@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from meshrt import darray
+from meshrt.collectives import AllreduceSpec
 from meshrt.mesh import MeshLayout
 from meshrt.ops import gemv as G
 from meshtest import assert_neighbour_only, fabric, layouts, world
@@ -33,7 +34,7 @@ def test_meshgemv_matches_numpy(input_axis, algo, kw):
             fab = fabric(lay)
             if kw.get("groups", 0) > lay.cores(0 if input_axis == "y" else 1):
                 continue
-            y, yb = _run(fab, x, w, input_axis, algo=algo, **kw)
+            y, yb = _run(fab, x, w, input_axis, spec=AllreduceSpec(algo, **kw))
             np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
             assert_neighbour_only(fab)
             # output replicated along the other axis: every replica equal
@@ -66,8 +67,9 @@ def test_ledger_equals_estimate(algo, input_axis):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(40).astype(np.float32)
     w = rng.standard_normal((40, 50)).astype(np.float32)
-    _run(fab, x, w, input_axis, algo=algo)
-    est = G.estimate_meshgemv(40, 50, (lay.py, lay.px), input_axis=input_axis, algo=algo)
+    _run(fab, x, w, input_axis, spec=AllreduceSpec(algo))
+    est = G.estimate_meshgemv(40, 50, (lay.py, lay.px), input_axis=input_axis,
+                              spec=AllreduceSpec(algo))
     got = {k: v for k, v in fab.ledger.ops.items() if k.startswith("meshgemv")}
     assert got.keys() == est.ops.keys()
     for k in got:

@@ -11,6 +11,7 @@ import pytest
 
 from llm.checkpoint import load_checkpoint
 from llm.model import MeshModel
+from meshrt.collectives import AllreduceSpec
 from meshtest import greedy_steps, rank_grids, world
 
 pytestmark = pytest.mark.mpi
@@ -66,7 +67,7 @@ def test_allreduce_algorithms_agree():
     for algo in ("pipeline", "ring"):
         model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
                                        decode_mesh=(2 * ry, 2 * rx), phases=["decode"],
-                                       allreduce=algo)
+                                       allreduce=AllreduceSpec(algo))
         _, ids, step_logits = run_model(model, exp, steps=4)
         assert ids == [int(t) for t in exp["greedy_ids"][:4]]
         np.testing.assert_allclose(step_logits, exp["decode_logits"][:4], atol=ATOL, rtol=0)

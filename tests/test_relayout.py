@@ -36,9 +36,9 @@ def test_rebalance_moves_ranges_in_order(axis):
 def test_move_cost_closed_form():
     # 4 cores: [3, 1, 0, 0] -> [1, 1, 1, 1]: item 1 goes 0->1 (1 hop), 2 goes 0->2, 3 goes 1->3
     c = move_cost([3, 1, 0, 0], [1, 1, 1, 1], words_per_item=5)
-    assert c["hops"] == 2
-    assert c["words"] == 2 * 5  # two items cross the boundary between cores 0 and 1
-    assert move_cost([2, 2], [2, 2], 1)["hops"] == 0
+    assert c.hops == 2
+    assert c.words == 2 * 5  # two items cross the boundary between cores 0 and 1
+    assert move_cost([2, 2], [2, 2], 1).hops == 0
     np.testing.assert_array_equal(bounds_from_counts([2, 0, 3]), [0, 2, 2, 5])
     np.testing.assert_array_equal(rank_bounds([1, 2, 3, 4], 2), [0, 3, 10])
 
@@ -71,5 +71,5 @@ def test_fetch_rows_delivers_items_anywhere_on_the_line(axis):
 def test_fetch_cost_closed_form():
     # items 0->3 and 1->3 share the link between cores 1 and 2 (and 2, 3); 3->0 goes down
     c = fetch_cost([0, 1, 3], [3, 3, 0], 4, words_per_item=2)
-    assert c["hops"] == 3 and c["words"] == 2 * 2
-    assert fetch_cost([1, 2], [1, 2], 4, 1)["words"] == 0
+    assert c.hops == 3 and c.words == 2 * 2
+    assert fetch_cost([1, 2], [1, 2], 4, 1).words == 0

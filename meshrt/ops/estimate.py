@@ -29,13 +29,11 @@ paths the multicast must be relayed in software, so each hop also costs a routin
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..collectives import broadcast_cost, chain_cost
 from ..mesh import ring_order
-from ..plmr import Device, Ledger, WSE2
+from ..plmr import Cost, Device, Ledger, WSE2
 from ._lines import physical_hops, physical_load, ring_dest, ring_positions
 from ._tiles import GemmPlan
 
@@ -43,45 +41,32 @@ COLOURS_PER_RING = {"interleaved": 3, "linear": 2}
 KERNEL_RINGS = {"meshgemm": "interleaved", "cannon": "linear"}
 
 
-@dataclass(frozen=True)
-class StepCost:
-    """``count`` identical lockstep steps, recorded as ``<kernel name>/<op>``."""
-
-    op: str
-    macs: float = 0.0
-    words: float = 0.0
-    hops: int = 0
-    routings: int = 0
-    overlap: bool = False
-    count: int = 1
-
-
 def record(ledger: Ledger, name: str, costs) -> None:
-    """Write step costs into ``ledger`` under ``name/``."""
-    for c in costs:
+    """Charge ``[(op, Cost), ...]`` into ``ledger`` under ``name/op`` (empty costs skipped)."""
+    for op, c in costs:
         if c.count:
-            ledger.record(f"{name}/{c.op}", macs=c.macs, words=c.words, hops=c.hops,
-                          routings=c.routings, overlap=c.overlap, count=c.count)
+            ledger.charge(f"{name}/{op}", c)
 
 
-def _comm_cycles(device: Device, words: float, hops: int, routings: int = 0) -> float:
-    return Ledger(device).step_cycles(words=words, hops=hops, routings=routings)[2]
+def _comm_cycles(device: Device, c: Cost) -> float:
+    return Ledger(device).step_cycles(words=c.words, hops=c.hops, routings=c.routings)[2]
 
 
-def _worse(device: Device, *options: tuple) -> tuple:
-    """The ``(words, hops, routings)`` transfer that takes longest (the first one on a tie)."""
-    return max(options, key=lambda o: _comm_cycles(device, *o))
+def _worse(device: Device, *options: Cost) -> Cost:
+    """The transfer that takes longest (the first one on a tie)."""
+    return max(options, key=lambda o: _comm_cycles(device, o))
 
 
 def ring_transfer(nl: int, kind: str, refine: int, lines: int, tile_words: int,
-                  reverse: bool = False) -> tuple:
-    """``(words, hops, routings)`` of one ring step on the critical link.
+                  reverse: bool = False) -> Cost:
+    """One ring step's transfer on the critical link (words and hops).
 
     ``refine`` logical cores per virtual core along the ring; ``lines`` logical lines per virtual
     core move at once, each a ``tile_words`` tile.
     """
     dest = ring_dest(nl, kind, reverse)
-    return physical_load(dest, refine) * lines * tile_words, physical_hops(dest, refine), 0
+    return Cost(words=physical_load(dest, refine) * lines * tile_words,
+                hops=physical_hops(dest, refine))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,11 +91,10 @@ def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Devic
     skew = [x_fwd, ring_transfer(nl, kind, a, b, tile_a, reverse=True)]
     if not b_preskewed:
         skew += [y_fwd, ring_transfer(nl, kind, b, a, tile_b, reverse=True)]
-    words, hops, routings = _worse(device, *skew)
-    sw, sh, sr = _worse(device, x_fwd, y_fwd)
-    return [StepCost("skew", words=words, hops=hops, routings=routings, count=skew_rounds(plan)),
-            StepCost("step", macs=a * b * plan.tmb * plan.tkb * plan.tnb, words=sw, hops=sh,
-                     routings=sr, overlap=True, count=nl)]
+    shift = _worse(device, x_fwd, y_fwd)
+    return [("skew", _worse(device, *skew) * skew_rounds(plan)),
+            ("step", shift.with_(macs=a * b * plan.tmb * plan.tkb * plan.tnb, overlap=True,
+                                 count=nl))]
 
 
 def shift_gemm_memory(plan: GemmPlan) -> int:
@@ -159,23 +143,24 @@ def summa_roots(plan: GemmPlan, kb: int) -> tuple[int, int]:
     return kb // plan.a, kb // plan.b
 
 
-def summa_step(plan: GemmPlan, kb: int, device: Device) -> tuple:
-    """``(words, hops, routings)`` of step ``kb``'s two concurrent multicasts (the slower one)."""
+def summa_step(plan: GemmPlan, kb: int, device: Device) -> Cost:
+    """Transfer of step ``kb``'s two concurrent multicasts (the slower one)."""
     col, row = summa_roots(plan, kb)
     tm, tn = plan.tile_c
     relay = plan.px + plan.py > device.routing_paths
     out = []
     for cost in (broadcast_cost(plan.px, col, tm * plan.tkb),
                  broadcast_cost(plan.py, row, plan.tkb * tn)):
-        out.append((cost["words"], cost["hops"], cost["hops"] if relay else cost["routings"]))
+        out.append(Cost(words=cost.words, hops=cost.hops,
+                        routings=cost.hops if relay else cost.routings))
     return _worse(device, *out)
 
 
 def summa_costs(plan: GemmPlan, steps: Counter) -> list:
-    """Step costs from a tally ``{(words, hops, routings): count}`` of executed steps."""
+    """Step costs from a tally ``{transfer Cost: count}`` of executed steps."""
     macs = plan.tile_c[0] * plan.tkb * plan.tile_c[1]
-    return [StepCost("step", macs=macs, words=w, hops=h, routings=r, count=c)
-            for (w, h, r), c in sorted(steps.items())]
+    return [("step", t.with_(macs=macs, count=c))
+            for t, c in sorted(steps.items(), key=lambda tc: tc[0].step())]
 
 
 def summa_memory(plan: GemmPlan) -> int:
@@ -217,26 +202,25 @@ def gemm_t_segments(plan: GemmPlan, t: int) -> np.ndarray:
     return ring_order(nl)[(ring_positions(nl, "interleaved") - t) % nl]
 
 
-def gemm_t_step(plan: GemmPlan) -> StepCost:
+def gemm_t_step(plan: GemmPlan) -> tuple:
     """Local ``A_tile @ B_tile^T`` for the ``b`` logical rows, overlapped with the B ring shift.
 
     ``plan`` describes ``C[M, N] = A[M, D] @ B[N, D]^T`` with ``tkb`` the logical D segment.
     """
     a, b = plan.a, plan.b
     d_tile = a * plan.tkb
-    words, hops, routings = ring_transfer(plan.nl, "interleaved", b, 1, plan.tnb * d_tile)
-    return StepCost("step", macs=b * plan.tmb * d_tile * plan.tnb, words=words, hops=hops,
-                    routings=routings, overlap=True, count=plan.nl)
+    shift = ring_transfer(plan.nl, "interleaved", b, 1, plan.tnb * d_tile)
+    return "step", shift.with_(macs=b * plan.tmb * d_tile * plan.tnb, overlap=True,
+                               count=plan.nl)
 
 
-def gemm_t_reduce(plan: GemmPlan, roots: np.ndarray) -> tuple:
-    """``(words, hops, routings, macs)`` of one step's chain reduces toward ``roots``."""
-    c = chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb)
-    return c["words"], c["hops"], c["routings"], c["macs"]
+def gemm_t_reduce(plan: GemmPlan, roots: np.ndarray) -> Cost:
+    """One step's chain reduces toward ``roots``."""
+    return chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb)
 
 
 def pipelined_reduces(reduces: Counter) -> list:
-    """Costs of a sequence of chain reduces, tallied ``{(words, hops, routings, macs): count}``.
+    """Costs of a sequence of chain reduces, tallied ``{Cost: count}``.
 
     On the wafer a chain reduce is a stream: each core adds its partial to the words passing by
     and forwards them, and the next step's stream follows the previous one on the same links.
@@ -246,16 +230,16 @@ def pipelined_reduces(reduces: Counter) -> list:
     steps = sum(reduces.values())
     if not steps:
         return []
-    words = max(k[0] for k in reduces)
-    macs = max(k[3] for k in reduces)
-    hops = max(k[1] for k in reduces)
-    routings = max(k[2] for k in reduces)
-    return [StepCost("reduce", macs=macs, words=words, overlap=True, count=steps),
-            StepCost("reduce_drain", hops=hops, routings=routings, count=1)]
+    words = max(k.words for k in reduces)
+    macs = max(k.macs for k in reduces)
+    hops = max(k.hops for k in reduces)
+    routings = max(k.routings for k in reduces)
+    return [("reduce", Cost(macs=macs, words=words, overlap=True, count=steps)),
+            ("reduce_drain", Cost(hops=hops, routings=routings))]
 
 
 def gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
-    """Step costs, with the chain reduces tallied ``{(words, hops, routings, macs): count}``."""
+    """Step costs, with the chain reduces tallied ``{Cost: count}``."""
     return [gemm_t_step(plan)] + pipelined_reduces(reduces)
 
 

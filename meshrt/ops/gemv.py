@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..collectives import allreduce, broadcast_cost, ktree_cost, ring_cost, chain_cost
+from ..collectives import KTREE, AllreduceSpec, allreduce
 from ..fabric import Fabric
 from ..mesh import X, Y, ceil_div, pad_to
-from ..plmr import Device, Ledger
+from ..plmr import Cost, Device, Ledger
 
 AXIS = {"y": Y, "x": X}
 
@@ -82,9 +82,18 @@ def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.matmul(x, w[:, :, None] if x.ndim > 4 else w)
 
 
+def local_cost(batch: int, tile_rows: int, tile_cols: int) -> Cost:
+    """Every core's ``[batch, tile_rows] @ [tile_rows, tile_cols]`` partial product."""
+    return Cost(macs=batch * tile_rows * tile_cols)
+
+
+def memory_words(batch: int, tile_rows: int, tile_cols: int) -> int:
+    """Words per core: the weight tile, the input segment and the partial product."""
+    return tile_rows * tile_cols + batch * (tile_rows + tile_cols)
+
+
 def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
-             algo: str = "ktree", levels: int = 2, groups: int | None = None,
-             name: str = "meshgemv") -> np.ndarray:
+             spec: AllreduceSpec = KTREE, name: str = "meshgemv") -> np.ndarray:
     """``y = x @ W`` on the mesh.
 
     Parameters
@@ -95,8 +104,8 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
     w : ndarray
         Weight block from :func:`weight_tiles` with the same ``input_axis``:
         ``f32[by, bx, M/Py, N/Px]`` or ``f32[by, bx, M/Px, N/Py]``.
-    algo : {"ktree", "pipeline", "ring"}
-        Allreduce of the partial products (``levels``/``groups`` configure the K-tree).
+    spec : AllreduceSpec
+        Allreduce of the partial products (MeshGEMV's K-tree by default).
 
     Returns
     -------
@@ -110,54 +119,27 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
                          f" (input_axis={input_axis!r})")
     batch = int(np.prod(x.shape[2:-1], dtype=np.int64))
     led = fab.ledger
-    led.record(f"{name}/local", macs=batch * w.shape[2] * w.shape[3])
-    led.memory(name, w.shape[2] * w.shape[3] + batch * (w.shape[2] + w.shape[3]))
+    led.charge(f"{name}/local", local_cost(batch, w.shape[2], w.shape[3]))
+    led.memory(name, memory_words(batch, w.shape[2], w.shape[3]))
     part = local_gemv(x, w) if x.dtype == w.dtype else local_gemv(x.astype(np.float32),
                                                                   w.astype(np.float32))
-    return allreduce(fab, part, axis, "sum", algo=algo, levels=levels, groups=groups,
-                     name=f"{name}/allreduce")
+    return allreduce(fab, part, axis, "sum", spec, name=f"{name}/allreduce")
 
 
 # ----------------------------------------------------------------------------------------------
 # Analytic estimate (closed form, no emulation)
 # ----------------------------------------------------------------------------------------------
 
-def allreduce_costs(n_cores: int, words: int, algo: str = "ktree", levels: int = 2,
-                    groups: int | None = None) -> list[tuple[str, dict, int, bool]]:
-    """``(phase, cost, count, overlap)`` of one allreduce, exactly as :func:`allreduce` records."""
-    if algo == "ktree":
-        costs = ktree_cost(n_cores, words, levels, groups)
-        return [(("broadcast" if i == len(costs) - 1 else f"level{i + 1}"), c, 1,
-                 i != len(costs) - 1) for i, c in enumerate(costs)]
-    if algo == "pipeline":
-        return [("reduce", chain_cost(n_cores, n_cores - 1, words), 1, True),
-                ("broadcast", broadcast_cost(n_cores, n_cores - 1, words), 1, False)]
-    if algo == "ring":
-        return [("", ring_cost(n_cores, words), 2 * (n_cores - 1), True)]
-    raise ValueError(f"unknown allreduce algorithm {algo!r}")
-
-
 def estimate_meshgemv(m: int, n: int, mesh_shape: tuple[int, int], device: Device | None = None,
-                      input_axis: str = "y", algo: str = "ktree", levels: int = 2,
-                      groups: int | None = None, batch: int = 1, ledger: Ledger | None = None,
-                      name: str = "meshgemv") -> Ledger:
+                      input_axis: str = "y", spec: AllreduceSpec = KTREE, batch: int = 1,
+                      ledger: Ledger | None = None, name: str = "meshgemv") -> Ledger:
     """The ledger :func:`meshgemv` would write for ``[batch, m] @ [m, n]``, without running it."""
     led = ledger if ledger is not None else Ledger(device) if device else Ledger()
     py, px = mesh_shape
     axis = _in_axis(input_axis)
     tm = ceil_div(m, (py, px)[axis])
     tn = ceil_div(n, (px, py)[axis])
-    led.record(f"{name}/local", macs=batch * tm * tn)
-    led.memory(name, tm * tn + batch * (tm + tn))
-    record_allreduce(led, (py, px)[axis], batch * tn, f"{name}/allreduce", algo, levels, groups)
+    led.charge(f"{name}/local", local_cost(batch, tm, tn))
+    led.memory(name, memory_words(batch, tm, tn))
+    spec.charge(led, (py, px)[axis], batch * tn, f"{name}/allreduce")
     return led
-
-
-def record_allreduce(led: Ledger, n_cores: int, words: int, name: str, algo: str = "ktree",
-                     levels: int = 2, groups: int | None = None) -> None:
-    """Write to ``led`` exactly what :func:`meshrt.collectives.allreduce` records."""
-    for phase, cost, count, overlap in allreduce_costs(n_cores, words, algo, levels, groups):
-        op = f"{name}/{phase}" if phase else name
-        led.record(op, macs=cost["macs"], words=cost["words"], hops=cost["hops"],
-                   routings=cost["routings"], overlap=overlap, count=count)
-        led.routes(op, cost["routes"])

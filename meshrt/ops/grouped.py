@@ -44,7 +44,7 @@ from .. import darray
 from ..collectives import chain_cost, reduce_to_root
 from ..fabric import Fabric
 from ..mesh import MeshError, ceil_div, lcm, pad_to
-from ..plmr import Device, Ledger, WSE2
+from ..plmr import Cost, Device, Ledger, WSE2
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
 from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, virtual_to_logical
 from .estimate import (gemm_t_routes, gemm_t_segments, gemm_t_step, pipelined_reduces, record,
@@ -114,10 +114,9 @@ def grouped_gemm_memory(plan: GemmPlan, groups: int) -> int:
     return 2 * a_words + 2 * b_words + plan.tile_c[0] * plan.tile_c[1] + plan.tile_c[1] * groups
 
 
-def grouped_gemm_t_reduce(plan: GemmPlan, roots: np.ndarray, groups: int) -> tuple:
-    """``(words, hops, routings, macs)`` of one step's chain reduces of ``G`` partials."""
-    c = chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb * groups)
-    return c["words"], c["hops"], c["routings"], c["macs"]
+def grouped_gemm_t_reduce(plan: GemmPlan, roots: np.ndarray, groups: int) -> Cost:
+    """One step's chain reduces of ``G`` partials toward ``roots``."""
+    return chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb * groups)
 
 
 def grouped_gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
