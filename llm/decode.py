@@ -1,5 +1,8 @@
 """One decode step of the model on the mesh: MeshGEMV, Y/X-vector alternation, no transposes.
 
+The engine executes the decode program of :mod:`llm.program` (the same op list the estimator
+prices): one handler per op kind, activations in a dict, data through the fabric.
+
 Layouts (see :mod:`meshrt.ops.gemv`): ``Y`` = ``f32[by, bx, seg]`` holding segment ``py``,
 replicated along x; ``X`` = holding segment ``px``, replicated along y. Per layer::
 
@@ -11,6 +14,10 @@ replicated along x; ``X`` = holding segment ``px``, replicated along y. Per laye
 Attention runs for all heads at once: thanks to the feature layout (:mod:`llm.layout`) the
 query features on a core are exactly the ``G`` heads that share the core's K/V features, so
 per-head partial scores form locally and a single reduction along x completes them.
+
+Every step checks its logits: if any is not finite, :class:`NonFiniteError` names the first
+layer whose output held a non-finite value (each layer's output is checked as it is produced;
+a few element tests per core, against the layer's GEMVs).
 """
 from __future__ import annotations
 
@@ -21,18 +28,14 @@ from meshrt.fabric import Fabric
 from meshrt.mesh import X, Y
 from meshrt.ops.gemv import meshgemv
 
+from . import functional as F
+from . import program as P
 from .kvcache import KVCache
 from .layout import PhaseLayout
 
 
-def rope_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate adjacent feature pairs ``(2i, 2i+1)`` along axis ``-2`` of ``x[..., F, G]``."""
-    pairs = x.reshape(x.shape[:-2] + (x.shape[-2] // 2, 2, x.shape[-1]))
-    c = cos.reshape(cos.shape[:-1] + (cos.shape[-1] // 2, 2))[..., 0, None]
-    s = sin.reshape(sin.shape[:-1] + (sin.shape[-1] // 2, 2))[..., 0, None]
-    even, odd = pairs[..., 0, :], pairs[..., 1, :]
-    out = np.stack([even * c - odd * s, odd * c + even * s], axis=-2)
-    return out.reshape(x.shape)
+class NonFiniteError(FloatingPointError):
+    """A decode step produced non-finite logits."""
 
 
 class MeshDecoder:
@@ -54,16 +57,39 @@ class MeshDecoder:
 
     def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict, cache: KVCache,
                  allreduce: AllreduceSpec = KTREE):
-        self.fab, self.lay, self.layers, self.glob, self.cache = fab, lay, layers, glob, cache
+        self.fab, self.lay, self.layers, self.cache = fab, lay, layers, cache
         self.spec = allreduce
+        self.glob = dict(glob)
+        if "lm_head" not in self.glob:  # tied: the embedding tiles E[v-seg px, h-seg py], used
+            self.glob["lm_head"] = np.swapaxes(self.glob["embed"], 2, 3)   # transposed per tile
         c = lay.config
         self.g = c.group_size
         self.scale = np.float32(c.head_dim ** -0.5)
         self.vocab_seg = lay.vocab // lay.px
         self.vocab_index = (fab.index(X)[:, None] * self.vocab_seg
                             + np.arange(self.vocab_seg)[None, :])       # int[bx, V/Px]
+        self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
+        self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
+        self.handlers = {
+            "embed_broadcast": self._embed, "norm": self._norm, "gemv": self._gemv,
+            "rope": self._rope, "kv_append": self._kv_append, "cache_scores": self._scores,
+            "softmax": self._softmax, "cache_pv": self._pv, "add": self._add,
+            "swiglu": self._swiglu, "vocab_mask": self._vocab_mask, "argmax": self._argmax}
 
-    # -- pieces ----------------------------------------------------------------------------
+    # -- the executor ----------------------------------------------------------------------
+    def execute(self, ops: list, acts: dict, weights: dict, run: P.Pass) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned)."""
+        for op in ops:
+            out = self.handlers[op.kind](op, weights, run, *(acts[k] for k in op.inputs))
+            acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+        return acts
+
+    def _pass(self, token: int) -> P.Pass:
+        c = self.cache
+        return P.Pass(fill=c.max_fill, shifts=c.shifting, capacity=c.capacity,
+                      token_col=int(token) // self.vocab_seg)
+
+    # -- op handlers -----------------------------------------------------------------------
     def _allreduce(self, a, axis, op="sum", name="allreduce", words=None):
         """Allreduce of ``a`` along ``axis``; ``words`` overrides the priced vector length (the
         emulator reduces whole fixed-size buffers, the wafer only their filled part)."""
@@ -73,113 +99,154 @@ class MeshDecoder:
         self.spec.charge(self.fab.ledger, self.fab.layout.cores(axis), words, name)
         return out
 
-    def _gemv(self, x, w, input_axis, name):
-        return meshgemv(self.fab, x, w, input_axis, self.spec, name=name)
-
-    def embed(self, token: int) -> np.ndarray:
-        """Embedding row of ``token`` as a Y-vector ``f32[by, bx, H/Py]``."""
-        col, row = divmod(int(token), self.vocab_seg)
-        e = self.glob["embed"]                                   # f32[by, bx, V/Px, H/Py]
-        mine = e[:, :, row, :]
+    def _embed(self, op, w, run):
+        """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]``."""
+        mine = w[op.weight][:, :, self._token % self.vocab_seg, :]   # f32[by, bx, H/Py]
         self.fab.ledger.io(4, 1)                                 # the token id enters the wafer
-        return broadcast(self.fab, mine, X, col, name="embed")
+        return broadcast(self.fab, mine, op.axis, run.token_col, name=op.name)
 
-    def rmsnorm(self, x: np.ndarray, gamma: np.ndarray, name: str) -> np.ndarray:
+    def _norm(self, op, w, run, x):
         """HF RMSNorm of a Y-vector: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
+        c, led = self.lay.config, self.fab.ledger
+        costs = P.norm_costs(1, x.shape[-1])
         ss = np.einsum("abi,abi->ab", x, x)[..., None]           # f32[by, bx, 1]
-        ss = self._allreduce(ss, Y, name=name)
-        inv = 1.0 / np.sqrt(ss / np.float32(self.lay.config.hidden_size)
-                            + np.float32(self.lay.config.rms_norm_eps))
-        self.fab.ledger.record(name + "/scale", macs=2 * x.shape[-1])
-        return (x * inv.astype(np.float32)) * gamma
+        led.charge(f"{op.name}/sumsq", costs["sumsq"])
+        ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
+        inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
+        led.charge(f"{op.name}/scale", costs["scale"])
+        return F.rms_scale(x, inv, w[op.weight])
 
-    def attention(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Attention of this token over layer ``i``'s cache; q ``f32[by, bx, q/Px]`` (X),
-        k, v ``f32[by, bx, kv/Px]`` (X). Returns the attention output as an X-vector."""
-        fab, cache = self.fab, self.cache
+    def _gemv(self, op, w, run, x):
+        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, name=op.name)
+        return out + w[op.bias] if op.bias in w else out
+
+    def _rope(self, op, w, run, qkv):
+        """Split ``q | k | v`` (X-vectors) and rotate q and k at the token's position."""
+        tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
+        q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
+        angle = np.float32(self._pos) * self.glob["rope_freq"]   # f32[by, bx, kv/Px]
+        cos, sin = np.cos(angle), np.sin(angle)
+        q = F.rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
+        k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
+        self.fab.ledger.charge(op.name, P.rope_cost(1, tk, self.g))
+        return q, k, v
+
+    def _kv_append(self, op, w, run, k, v):
+        self.cache.append(self._layer, k, v, name=op.name)
+        return ()
+
+    def _scores(self, op, w, run, q):
+        """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf)."""
         heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, nkv]
-        tk = k.shape[-1]
-        nkv = heads.shape[-1]
-        cache.append(i, k, v)
-        kc, vc = cache.k[i], cache.v[i]                          # f32[by, bx, cap, kv/Px]
+        kc = self.cache.k[self._layer]                           # f32[by, bx, cap, kv/Px]
+        tk, nkv = kc.shape[-1], heads.shape[-1]
         qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]   # [by,bx,tk,nkv,G]
         part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
-        fill = cache.max_fill        # the wafer works on filled slots only: the fullest row
-        fab.ledger.record(f"layer{i}/scores/local", macs=fill * tk * self.g)
-        scores = self._allreduce(part, X, name=f"layer{i}/scores", words=fill * nkv * self.g)
-        scores = scores * self.scale
-        valid = cache.valid()                                    # bool[by, 1, cap, 1]
-        scores = np.where(valid, scores, -np.inf)
-        m = self._allreduce(scores.max(axis=2, keepdims=True), Y, "max", f"layer{i}/softmax_max")
-        e = np.where(valid, np.exp(scores - m), 0).astype(np.float32)
-        s = self._allreduce(e.sum(axis=2, keepdims=True), Y, name=f"layer{i}/softmax_sum")
-        p = e / s                                                # f32[by, bx, cap, nq]
-        fab.ledger.record(f"layer{i}/softmax", macs=3 * fill * nkv * self.g)
-        w = np.matmul(np.swapaxes(vc, 2, 3), p)                  # f32[by, bx, kv/Px, nq]
-        o = (w.reshape(w.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
-        fab.ledger.record(f"layer{i}/pv/local", macs=fill * tk * self.g)
-        return self._allreduce(o.reshape(o.shape[:2] + (-1,)), Y, name=f"layer{i}/pv")
+        fill = self.cache.max_fill   # the wafer works on filled slots only: the fullest row
+        self.fab.ledger.charge(f"{op.name}/local", P.cache_attention_cost(fill, tk, self.g))
+        s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce",
+                            words=fill * part.shape[-1])
+        return np.where(self.cache.valid(), s * self.scale, -np.inf)
 
-    def layer(self, i: int, x: np.ndarray, pos: int) -> np.ndarray:
-        w = self.layers[i]
-        h = self.rmsnorm(x, w["attn_norm"], f"layer{i}/attn_norm")
-        qkv = self._gemv(h, w["qkv"], "y", f"layer{i}/qkv")      # X: q | k | v per core
-        if "qkv_bias" in w:
-            qkv = qkv + w["qkv_bias"]
-        tq = self.lay.q // self.lay.px
-        tk = self.lay.kv // self.lay.px
-        q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
-        angle = np.float32(pos) * self.glob["rope_freq"]         # f32[by, bx, kv/Px]
-        cos, sin = np.cos(angle), np.sin(angle)
-        q = rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
-        k = rope_pairs(k[..., None], cos, sin)[..., 0]
-        a = self.attention(i, q, k, v)
-        o = self._gemv(a, w["o"], "x", f"layer{i}/o")            # Y
-        if "o_bias" in w:
-            o = o + w["o_bias"]
-        x = x + o
-        h = self.rmsnorm(x, w["mlp_norm"], f"layer{i}/mlp_norm")
-        gu = self._gemv(h, w["gate_up"], "y", f"layer{i}/gate_up")   # X: gate | up per core
-        if "gate_up_bias" in w:
-            gu = gu + w["gate_up_bias"]
+    def _softmax(self, op, w, run, s):
+        """Softmax over the sequence (split along y): max and sum allreduced along y."""
+        valid = self.cache.valid()                               # bool[by, 1, cap, 1]
+        m = self._allreduce(s.max(axis=2, keepdims=True), op.axis, "max", f"{op.name}/max")
+        e = F.softmax_numerator(s, m, valid)
+        z = self._allreduce(e.sum(axis=2, keepdims=True), op.axis, name=f"{op.name}/sum")
+        self.fab.ledger.charge(f"{op.name}/local",
+                               P.softmax_cost(s.shape[-1], self.cache.max_fill))
+        return F.softmax_normalize(e, z)
+
+    def _pv(self, op, w, run, p):
+        """``p . V`` over the cache, all heads: the attention output as an X-vector."""
+        heads = self.glob["kv_head"]
+        vc = self.cache.v[self._layer]
+        tk, nkv = vc.shape[-1], heads.shape[-1]
+        o = np.matmul(np.swapaxes(vc, 2, 3), p)                  # f32[by, bx, kv/Px, nq]
+        o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
+        self.fab.ledger.charge(f"{op.name}/local",
+                               P.cache_attention_cost(self.cache.max_fill, tk, self.g))
+        return self._allreduce(o.reshape(o.shape[:2] + (-1,)), op.axis,
+                               name=f"{op.name}/allreduce")
+
+    def _add(self, op, w, run, a, b):
+        return a + b
+
+    def _swiglu(self, op, w, run, gu):
         tf = gu.shape[-1] // 2
-        g, u = gu[..., :tf], gu[..., tf:]
-        act = g / (np.float32(1) + np.exp(-g)) * u               # SwiGLU
-        self.fab.ledger.record(f"layer{i}/swiglu", macs=4 * tf)
-        d = self._gemv(act, w["down"], "x", f"layer{i}/down")    # Y
-        if "down_bias" in w:
-            d = d + w["down_bias"]
-        return x + d
+        self.fab.ledger.charge(op.name, P.swiglu_cost(1, tf))
+        return F.swiglu(gu[..., :tf], gu[..., tf:])
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Final norm and LM head: logits as an X-vector ``f32[by, bx, V/Px]`` (padding -inf)."""
-        h = self.rmsnorm(x, self.glob["final_norm"], "final_norm")
-        if "lm_head" in self.glob:
-            out = self._gemv(h, self.glob["lm_head"], "y", "lm_head")
-        else:  # tied: the embedding tiles E[v-seg px, h-seg py], used transposed per tile
-            out = self._gemv(h, np.swapaxes(self.glob["embed"], 2, 3), "y", "lm_head")
+    def _vocab_mask(self, op, w, run, logits):
         real = self.vocab_index < self.lay.config.vocab_size
-        return np.where(real[None], out, -np.inf).astype(np.float32)
+        return np.where(real[None], logits, -np.inf).astype(np.float32)
+
+    def _argmax(self, op, w, run, logits):
+        """Greedy token on the mesh: max along x, then the lowest index holding it."""
+        local = logits.max(axis=-1, keepdims=True)
+        best = self._allreduce(local, op.axis, "max", f"{op.name}/value")
+        idx = np.where(logits == best, self.vocab_index[None], np.iinfo(np.int64).max)
+        neg = -idx.min(axis=-1, keepdims=True).astype(np.float64)
+        tok = -self._allreduce(neg, op.axis, "max", f"{op.name}/index")
+        self.fab.ledger.io(4, 1)                                 # the token leaves the wafer
+        return int(tok.reshape(-1)[0])
+
+    # -- the step --------------------------------------------------------------------------
+    def logits(self, x: np.ndarray, first_bad: int | None = None,
+               source: str = "the hidden state handed over from prefill") -> np.ndarray:
+        """Final norm and LM head: logits as an X-vector ``f32[by, bx, V/Px]`` (padding -inf).
+
+        Checked (:meth:`check`): ``first_bad`` is the first layer (on this rank) whose output was
+        not finite, ``source`` names where ``x`` comes from when none was.
+        """
+        logits = self.execute(self.logit_ops, {"x": x}, self.glob, P.Pass())["logits"]
+        self.check(logits, first_bad, source)
+        return logits
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run ``token`` at position ``pos``; returns its logits (X-vector)."""
         self.cache.begin_token()
-        x = self.embed(token)
+        self._token, self._pos = int(token), pos
+        run = self._pass(token)
+        x = self.execute(self.head_ops, {}, self.glob, run)["x"]
+        first_bad = None if np.isfinite(x).all() else -1
+        led = self.fab.ledger
         for i in range(len(self.layers)):
-            x = self.layer(i, x, pos)
+            self._layer = i
+            with led.section(f"layer{i}"):
+                x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+            if first_bad is None and not np.isfinite(x).all():
+                first_bad = i
         self.cache.end_token()
-        return self.logits(x)
+        return self.logits(x, first_bad, f"the embedding of token {token}")
+
+    def check(self, logits: np.ndarray, first_bad: int | None, source: str) -> None:
+        """Raise :class:`NonFiniteError` if any real logit is not finite.
+
+        One flag per rank, combined over the ranks (control plane), per step; the message
+        names the first layer whose output held a non-finite value on any rank (``-1``: the
+        input ``source`` already did; none: the final norm or the LM head made them).
+        """
+        real = self.vocab_index < self.lay.config.vocab_size
+        bad = not np.isfinite(np.where(real[None], logits, 0)).all()
+        world = self.fab.world if self.fab.nranks > 1 else None
+        if world is not None:
+            bad = world.allreduce(bad, op=_mpi_op("LOR"))
+        if not bad:
+            return
+        layers = len(self.layers)
+        first = layers if first_bad is None else first_bad
+        if world is not None:
+            first = world.allreduce(first, op=_mpi_op("MIN"))
+        where = (source if first < 0 else f"layer {first}" if first < layers
+                 else "the final norm or the LM head (every layer's output was finite)")
+        raise NonFiniteError(f"non-finite logits: non-finite values first appear in {where}")
 
     # -- picking the next token -----------------------------------------------------------
     def argmax(self, logits: np.ndarray) -> int:
         """Greedy token on the mesh: max along x, then the lowest index holding it."""
-        local = logits.max(axis=-1, keepdims=True)
-        best = self._allreduce(local, X, "max", "argmax/value")
-        idx = np.where(logits == best, self.vocab_index[None], np.iinfo(np.int64).max)
-        neg = -idx.min(axis=-1, keepdims=True).astype(np.float64)
-        tok = -self._allreduce(neg, X, "max", "argmax/index")
-        self.fab.ledger.io(4, 1)                                 # the token leaves the wafer
-        return int(tok.reshape(-1)[0])
+        return self.execute(self.pick_ops, {"logits": logits}, self.glob, P.Pass())["token"]
 
     def gather_logits(self, logits: np.ndarray) -> np.ndarray:
         """All ``vocab_size`` logits on every rank (control plane, for sampling and tests)."""
@@ -187,3 +254,8 @@ class MeshDecoder:
         from meshrt.ops.gemv import vector_from_tiles
         tiles = darray.gather(self.fab, logits, to_all=True)
         return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
+
+
+def _mpi_op(name: str):
+    from mpi4py import MPI
+    return getattr(MPI, name)

@@ -1,11 +1,11 @@
 """Closed-form wafer cost of decoding one token and of prefill, for meshes too large to emulate.
 
-:func:`prefill` (with :func:`first_token`, summed by :func:`ttft`) does the same for the prompt:
-exactly the records :class:`llm.prefill.MeshPrefiller` writes.
-
-:func:`decode_token` writes to a ledger exactly the records :class:`llm.decode.MeshDecoder`
-writes when it runs a token (tests tie the two on emulated meshes), without touching any data:
-paper-scale meshes (e.g. LLaMA3-8B on 420 x 420 cores) are priced in milliseconds.
+Both walk the phase's program (:mod:`llm.program`), the same op list the emulator executes, and
+price every op from its shapes alone (:func:`price`): :func:`decode_token` writes exactly the
+records :class:`llm.decode.MeshDecoder` writes when it runs a token, :func:`prefill` (with
+:func:`first_token`, summed by :func:`ttft`) those of :class:`llm.prefill.MeshPrefiller` and the
+hand-off (tests tie them on emulated meshes). No data is touched, so paper-scale meshes (e.g.
+LLaMA3-8B on 420 x 420 cores) are priced in milliseconds.
 """
 from __future__ import annotations
 
@@ -14,19 +14,97 @@ import math
 import numpy as np
 
 from meshrt.collectives import KTREE, AllreduceSpec, broadcast_cost
-from meshrt.mesh import padded
 from meshrt.ops.estimate import estimate_meshgemm
 from meshrt.ops.gemv import estimate_meshgemv
 from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
 from meshrt.plmr import Device, Ledger, get_device
 from meshrt.relayout import fetch_cost
 
+from . import program as P
 from .config import ModelConfig
+from .handoff import Handoff
 from .kvcache import balanced_counts
 from .layout import PhaseLayout
 from .plan import decode_tile_shapes, kv_slot_words, weight_words_per_core
-from .prefill import record_handoff
 from .prefill_weights import prefill_weight_words
+
+
+def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass) -> None:
+    """Write into ``led`` the records the emulator writes when it executes ``ops``.
+
+    Parameters
+    ----------
+    ops : list of Op
+        A program from :mod:`llm.program`.
+    lay : PhaseLayout
+        The phase's layout (its mesh is the mesh the ops run on).
+    spec : AllreduceSpec
+    run : Pass
+        The pass-dependent figures (cache fill, prompt ids, ...).
+    """
+    mesh = (lay.py, lay.px)
+    device = led.device
+    for op in ops:
+        d, name, kind = op.dims, op.name, op.kind
+        cores = None if op.axis is None else mesh[op.axis]
+        if kind == "embed_broadcast":
+            led.io(4, 1)                                     # the token id enters the wafer
+            led.charge(name, broadcast_cost(cores, run.token_col, d["seg"]))
+        elif kind == "embed_fetch":
+            ids = np.asarray(run.ids, dtype=np.int64)
+            led.io(4 * ids.size, 1)
+            led.charge(name, fetch_cost(ids // d["vocab_rows"], np.arange(ids.size) // d["rows"],
+                                        cores, d["seg"]))
+        elif kind == "norm":
+            costs = P.norm_costs(d["rows"], d["seg"])
+            led.charge(f"{name}/sumsq", costs["sumsq"])
+            spec.charge(led, cores, d["rows"], f"{name}/allreduce")
+            led.charge(f"{name}/scale", costs["scale"])
+        elif kind == "gemv":
+            estimate_meshgemv(d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led,
+                              name=name)
+        elif kind == "gemm":
+            estimate_meshgemm(d["m"], d["k"], d["n"], mesh, device, True, led, name)
+        elif kind == "rope":
+            led.charge(name, P.rope_cost(d["rows"], d["tk"], d["g"]))
+        elif kind == "kv_append":
+            if run.shifts:
+                led.charge(f"{name}/shift", P.kv_shift_cost(d["tk"]))
+            led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * d["tk"])
+        elif kind == "cache_scores":
+            led.charge(f"{name}/local", P.cache_attention_cost(run.fill, d["tk"], d["g"]))
+            spec.charge(led, cores, run.fill * d["nkv"] * d["g"], f"{name}/allreduce")
+        elif kind == "softmax":
+            keys = run.fill if d["keys"] is None else d["keys"]
+            spec.charge(led, cores, d["queries"], f"{name}/max")
+            spec.charge(led, cores, d["queries"], f"{name}/sum")
+            led.charge(f"{name}/local", P.softmax_cost(d["queries"], keys))
+        elif kind == "cache_pv":
+            led.charge(f"{name}/local", P.cache_attention_cost(run.fill, d["tk"], d["g"]))
+            spec.charge(led, cores, d["tk"] * d["g"], f"{name}/allreduce")
+        elif kind == "grouped_scores":
+            estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
+        elif kind == "grouped_pv":
+            estimate_grouped_meshgemm(d["m"], d["k"], d["n"], d["groups"], mesh, device, False,
+                                      led, name)
+        elif kind == "swiglu":
+            led.charge(name, P.swiglu_cost(d["rows"], d["tf"]))
+        elif kind == "argmax":
+            spec.charge(led, cores, 1, f"{name}/value")
+            spec.charge(led, cores, 1, f"{name}/index")
+            led.io(4, 1)                                     # the token leaves the wafer
+        elif kind == "prompt_logits":
+            led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))   # float32, gathered by the host
+        elif kind not in ("add", "vocab_mask"):
+            raise ValueError(f"no price for op kind {kind!r}")
+
+
+def price_layers(ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec,
+                 run: P.Pass) -> None:
+    """:func:`price` a layer program once per layer, under the sections ``layer{i}``."""
+    for i in range(layers):
+        with led.section(f"layer{i}"):
+            price(ops, led, lay, spec, run)
 
 
 def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:
@@ -38,6 +116,11 @@ def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:
     # concat: the prompt is spread like the shift policy, every later token joins the bottom row
     spread = balanced_counts(min(prompt, tokens), rows)
     return int(max(spread.max(initial=0), spread[-1] + tokens - min(prompt, tokens)))
+
+
+def decode_resident_words(config: ModelConfig, mesh: tuple[int, int], capacity: int) -> int:
+    """Words per core the decode phase holds: its weights and a cache of ``capacity`` slots."""
+    return decode_weight_words(config, mesh) + capacity * kv_words_per_token(config, mesh)
 
 
 def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
@@ -54,6 +137,7 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
         Cache length including this token.
     token_col : int
         Mesh column holding the input token's embedding row (sets the lookup broadcast).
+    allreduce : AllreduceSpec
     greedy : bool
         Whether the next token is picked on the mesh (argmax) after this step.
     kv_capacity : int, optional
@@ -62,51 +146,15 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
-    py, px = mesh
-    ar = allreduce
-    h_y = lay.hidden // py
-    tq, tk, tf = lay.q // px, lay.kv // px, lay.ffn // px
-    g, nq = config.group_size, config.num_heads
-    fill = row_fill(policy, context, py, prompt)
-    before = context - 1
-    shifts = policy == "shift" and before % py != 0
+    fill = row_fill(policy, context, mesh[0], prompt)
     cap = kv_capacity if kv_capacity is not None else fill
-
-    def norm(name):
-        ar.charge(led, py, 1, name)
-        led.record(name + "/scale", macs=2 * h_y)
-
-    def gemv(name, m, n, input_axis):
-        estimate_meshgemv(m, n, mesh, device, input_axis=input_axis, spec=ar, ledger=led,
-                          name=name)
-
-    led.memory("decode/resident", decode_weight_words(config, mesh) + 2 * config.num_layers * cap * tk)
-    led.io(4, 1)
-    led.charge("embed", broadcast_cost(px, token_col, h_y))
-    for i in range(config.num_layers):
-        norm(f"layer{i}/attn_norm")
-        gemv(f"layer{i}/qkv", lay.hidden, (tq + 2 * tk) * px, "y")
-        if shifts:
-            led.record("kv_append/shift", words=2 * tk, hops=1)
-        led.memory("kv_cache", 2 * config.num_layers * cap * tk)
-        led.record(f"layer{i}/scores/local", macs=fill * tk * g)
-        ar.charge(led, px, fill * nq, f"layer{i}/scores")
-        ar.charge(led, py, nq, f"layer{i}/softmax_max")
-        ar.charge(led, py, nq, f"layer{i}/softmax_sum")
-        led.record(f"layer{i}/softmax", macs=3 * fill * nq)
-        led.record(f"layer{i}/pv/local", macs=fill * tk * g)
-        ar.charge(led, py, tk * g, f"layer{i}/pv")
-        gemv(f"layer{i}/o", lay.q, lay.hidden, "x")
-        norm(f"layer{i}/mlp_norm")
-        gemv(f"layer{i}/gate_up", lay.hidden, 2 * lay.ffn, "y")
-        led.record(f"layer{i}/swiglu", macs=4 * tf)
-        gemv(f"layer{i}/down", lay.ffn, lay.hidden, "x")
-    norm("final_norm")
-    gemv("lm_head", lay.hidden, lay.vocab, "y")
-    if greedy:
-        ar.charge(led, px, 1, "argmax/value")
-        ar.charge(led, px, 1, "argmax/index")
-        led.io(4, 1)
+    run = P.Pass(fill=fill, shifts=policy == "shift" and (context - 1) % mesh[0] != 0,
+                 capacity=cap, token_col=token_col)
+    led.memory("decode/resident", decode_resident_words(config, mesh, cap))
+    price(P.decode_head(lay), led, lay, allreduce, run)
+    price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run)
+    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce,
+          run)
     return led
 
 
@@ -146,14 +194,16 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
             ledger: Ledger | None = None) -> Ledger:
     """Ledger of prefilling ``tokens`` prompt tokens on ``mesh``, hand-off to decode included.
 
-    Exactly the records :meth:`llm.prefill.MeshPrefiller.run` writes to the prefill ledger
-    (tests tie the two on emulated meshes). The first token's final norm, LM head and pick run
-    on the decode mesh: see :func:`first_token`.
+    Exactly the records :class:`llm.prefill.MeshPrefiller` and the :class:`~llm.handoff.Handoff`
+    write to the prefill ledger (tests tie them on emulated meshes). The first token's final
+    norm, LM head and pick run on the decode mesh: see :func:`first_token`.
 
     Parameters
     ----------
     mesh, decode_mesh : (Py, Px)
         Prefill and decode virtual meshes (decode defaults to the prefill mesh).
+    allreduce : AllreduceSpec
+        Of every reduction on the prefill mesh and of the hand-off's hidden-state gather.
     ids : int[tokens], optional
         The prompt: the embedding lookup's routes depend on it. Default: a fixed
         pseudo-random prompt.
@@ -164,50 +214,21 @@ def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
     dlay = PhaseLayout(config, *(decode_mesh or mesh))
-    py, px = mesh
-    ar = allreduce
-    tp = padded(tokens, lay.unit)
-    tl, sl = tp // py, tp // px
-    hl, tk, tf = lay.hidden // px, lay.kv // px, lay.ffn // px
-    g, nkv = config.group_size, config.num_kv_heads
     if ids is None:
         ids = np.random.default_rng(0).integers(0, config.vocab_size, tokens)
-    ids = np.asarray(ids, dtype=np.int64)
-
-    def norm(name):
-        led.record(f"{name}/sumsq", macs=tl * hl)
-        ar.charge(led, px, tl, name)
-        led.record(f"{name}/scale", macs=2 * tl * hl)
-
-    def gemm(name, k, n):
-        estimate_meshgemm(tp, k, n, mesh, device, True, led, name)
-
-    led.memory("prefill/resident", prefill_weight_words(lay) + tl * hl
-               + 2 * config.num_layers * tl * tk)
-    led.io(4 * tokens, 1)
-    t = np.arange(tokens)
-    led.charge("embed", fetch_cost(ids // (lay.vocab // py), t // tl, py, hl))
-    for i in range(config.num_layers):
-        norm(f"layer{i}/attn_norm")
-        gemm(f"layer{i}/qkv", lay.hidden, lay.q + 2 * lay.kv)
-        led.record(f"layer{i}/rope", macs=2 * tl * tk * (g + 1))
-        estimate_grouped_gemm_t(g * tp, tp, lay.kv, nkv, mesh, device, led, f"layer{i}/scores")
-        ar.charge(led, px, tl * g * nkv, f"layer{i}/softmax_max")
-        ar.charge(led, px, tl * g * nkv, f"layer{i}/softmax_sum")
-        led.record(f"layer{i}/softmax", macs=4 * tl * sl * g * nkv)
-        estimate_grouped_meshgemm(g * tp, tp, lay.kv, nkv, mesh, device, False, led,
-                                  f"layer{i}/pv")
-        gemm(f"layer{i}/o", lay.q, lay.hidden)
-        norm(f"layer{i}/mlp_norm")
-        gemm(f"layer{i}/gate_up", lay.hidden, 2 * lay.ffn)
-        led.record(f"layer{i}/swiglu", macs=4 * tl * tf)
-        gemm(f"layer{i}/down", lay.ffn, lay.hidden)
-    record_handoff(led, lay, dlay, tokens, ar)
+    run = P.Pass(ids=tuple(int(t) for t in ids))
+    led.memory("prefill/resident", prefill_resident_words(lay, tokens))
+    price(P.prefill_head(lay, tokens), led, lay, allreduce, run)
+    price_layers(P.prefill_layer(lay, tokens), config.num_layers, led, lay, allreduce, run)
+    Handoff(lay, dlay, tokens, allreduce).charge(led)
     if all_logits:
-        norm("final_norm")
-        gemm("lm_head", lay.hidden, lay.vocab)
-        led.io(tp * lay.vocab * 4, 2 * (py + px))   # float32 logits gathered by the host
+        price(P.prefill_all_logits(lay, tokens), led, lay, allreduce, run)
     return led
+
+
+def prefill_resident_words(lay: PhaseLayout, tokens: int) -> int:
+    """Words per core prefill holds: its weights, the activations and every layer's K/V."""
+    return prefill_weight_words(lay) + P.prefill_activation_words(lay, tokens)
 
 
 def first_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
@@ -218,16 +239,8 @@ def first_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
-    py, px = mesh
-    ar = allreduce
-    ar.charge(led, py, 1, "final_norm")
-    led.record("final_norm/scale", macs=2 * (lay.hidden // py))
-    estimate_meshgemv(lay.hidden, lay.vocab, mesh, device, input_axis="y", spec=ar, ledger=led,
-                      name="lm_head")
-    if greedy:
-        ar.charge(led, px, 1, "argmax/value")
-        ar.charge(led, px, 1, "argmax/index")
-        led.io(4, 1)
+    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce,
+          P.Pass())
     return led
 
 

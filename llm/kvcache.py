@@ -19,6 +19,8 @@ import numpy as np
 
 from meshrt.fabric import Fabric
 
+from .program import kv_shift_cost
+
 
 class ContextFullError(RuntimeError):
     """The cache has no slot left for another token."""
@@ -77,6 +79,11 @@ class KVCache:
             return self.rows * self.capacity
         return self.length - int(self.count[-1]) + self.capacity
 
+    @property
+    def shifting(self) -> bool:
+        """Whether rows pass entries up for the token being run (between begin and end)."""
+        return self._plan is not None and len(self._plan[0]) > 0
+
     def valid(self) -> np.ndarray:
         """``bool[by, 1, capacity, 1]``: slots holding a token, for this rank's rows."""
         rows = self.fab.index(0)
@@ -127,7 +134,7 @@ class KVCache:
                 for i, r in enumerate(rows):
                     if r in receivers:
                         cache[i, :, tail[i]] = moved[i]
-            fab.ledger.record(f"{name}/shift", words=2 * words, hops=1)
+            fab.ledger.charge(f"{name}/shift", kv_shift_cost(words))
         if rows[-1] == self.rows - 1:        # this rank holds the bottom row: the new entry
             slot = (head[-1] + count[-1]) % self.capacity      # == the sent oldest if full
             self.k[layer][-1, :, slot] = k[-1]

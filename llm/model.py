@@ -78,7 +78,8 @@ class MeshModel:
     device : str or Device
         Device whose PLMR model prices the run.
     allreduce : AllreduceSpec
-        Allreduce of every reduction in decode (the command line builds it from its flags).
+        Allreduce of every reduction, in both phases and the hand-off (the command line builds
+        it from its flags).
     emulation : {"exact", "aggregated"}
         ``aggregated`` lets K-tree allreduces combine rank partials in one sweep per direction
         (see :class:`meshrt.fabric.Fabric`); results and ledger are the same, MPI messages fewer.
@@ -109,7 +110,8 @@ class MeshModel:
         if "prefill" in blocks:
             from .prefill import MeshPrefiller
             self.prefiller = MeshPrefiller(self.fabrics["prefill"], self.phase_layouts["prefill"],
-                                           *split_layers(blocks["prefill"], config.num_layers))
+                                           *split_layers(blocks["prefill"], config.num_layers),
+                                           allreduce=allreduce)
         self.position = 0
 
     # -- construction ------------------------------------------------------------------------
@@ -180,15 +182,35 @@ class MeshModel:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the context of "
                              f"{self.config.max_position_embeddings}")
         if self.prefiller is not None and self.position == 0:
-            out = self.prefiller.run(ids, self.decoder, all_logits=all_logits)
-            self.position = len(ids)
-            return out
+            return self._prefill_and_hand_off(ids, all_logits)
         logits, every = None, []
         for t in ids:  # no prefill engine: the prompt goes through decode steps
             logits = self.decode(t)
             if all_logits:
                 every.append(self.logits_to_host(logits))
         return (logits, np.array(every)) if all_logits else logits
+
+    def _prefill_and_hand_off(self, ids, all_logits: bool):
+        """Prefill on the prefill mesh, move the result with a :class:`~llm.handoff.Handoff`
+        (priced in the prefill ledger), load the decode cache, then the first logits."""
+        from .handoff import Handoff
+        from .kvcache import ContextFullError
+        cache = self.decoder.cache
+        hand = Handoff(self.phase_layouts["prefill"], self.phase_layouts["decode"], len(ids),
+                       self.allreduce)
+        if hand.dst_rows.max() > cache.capacity:
+            raise ContextFullError(f"prompt of {len(ids)} tokens needs {hand.dst_rows.max()} KV "
+                                   f"slots per decode core; capacity is {cache.capacity}")
+        out = self.prefiller.run(ids, all_logits=all_logits)
+        cache_rows, hidden = hand.forward(self.fabrics["prefill"], self.decode_fabric,
+                                          out["k"], out["v"], out["x"])
+        hand.charge(self.fabrics["prefill"].ledger)
+        cache.set_counts(hand.dst_rows)
+        for layer, (k_rows, v_rows) in enumerate(cache_rows):
+            cache.load(layer, k_rows, v_rows)
+        logits = self.decoder.logits(hidden, out["first_bad"], "the prompt's embeddings")
+        self.position = len(ids)
+        return (logits, out["all_logits"]) if all_logits else logits
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns its logits (decode X-vector ``f32[by, bx, V/Px]``)."""

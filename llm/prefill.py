@@ -1,4 +1,7 @@
-"""The prompt on the prefill mesh (MeshGEMM, grouped dist-GEMM-T), and the hand-off to decode.
+"""The prompt on the prefill mesh: MeshGEMM, grouped dist-GEMM-T, natural token-row tiles.
+
+The engine executes the prefill program of :mod:`llm.program` (the same op list the estimator
+prices): one handler per op kind, activations in a dict, data through the fabric.
 
 Activations are natural tiles: ``X[T, H]`` with tokens along y and features along x, core
 ``(py, px)`` holding ``X[t-seg py, h-seg px]``, ``f32[by, bx, T/Py, H/Px]``. ``T`` is padded to a
@@ -16,86 +19,24 @@ Every query head at once: a core's q segment is its K/V segment times ``G`` (que
 left operand aligned feature by feature with K and V; the group labels (K/V heads) keep heads
 apart in the grouped kernels. Nothing is transposed or replicated.
 
-Hand-off (:meth:`MeshPrefiller.handoff_kv`, :meth:`MeshPrefiller.handoff_hidden`): the K/V of
-every layer move from the prefill tiles to the decode cache layout through the data plane
-(features along x, then tokens along y), and the last token's hidden state becomes a decode
-Y-vector; both are priced in the prefill ledger.
+:meth:`MeshPrefiller.run` returns every layer's K/V and the last layer's output; moving them to
+the decode mesh is :class:`llm.handoff.Handoff`'s job.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from meshrt import darray
-from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast, broadcast_cost
+from meshrt.collectives import KTREE, AllreduceSpec, allreduce
 from meshrt.fabric import Fabric
-from meshrt.mesh import MeshError, X, Y, padded
-from meshrt.plmr import Cost
+from meshrt.mesh import X, Y
 from meshrt.ops.gemm import meshgemm
 from meshrt.ops.grouped import grouped_gemm_t, grouped_meshgemm
-from meshrt.relayout import fetch_rows, move_cost, rank_bounds, rebalance
+from meshrt.relayout import fetch_rows
 
-from .decode import rope_pairs
-from .kvcache import ContextFullError, balanced_counts
+from . import functional as F
+from . import program as P
 from .layout import PhaseLayout
-from .plan import decode_tile_shapes, weight_words_per_core
-from .reference import silu
-
-
-def handoff_plan(lay: PhaseLayout, dlay: PhaseLayout, tokens: int) -> dict:
-    """Item counts per core line of the K/V hand-off (pure arithmetic, shared with the
-    estimator). Lines of the two meshes share their first core (both meshes start at the same
-    corner of the wafer), so the shorter line is padded with empty cores.
-
-    Returns
-    -------
-    dict
-        ``src_cols``/``dst_cols``: real K/V features per core column of the prefill / decode
-        mesh; ``src_rows``/``dst_rows``: prompt tokens per core row; ``rows_per_core``: most
-        tokens in a prefill core row; ``feats_per_core``: most real features in a decode column.
-    """
-    kv = lay.config.kv_size
-    fp, fd = lay.kv // lay.px, dlay.kv // dlay.px
-    tl = padded(tokens, lay.unit) // lay.py
-    return {"src_cols": np.clip(kv - np.arange(lay.px) * fp, 0, fp),
-            "dst_cols": np.clip(kv - np.arange(dlay.px) * fd, 0, fd),
-            "src_rows": np.clip(tokens - np.arange(lay.py) * tl, 0, tl),
-            "dst_rows": balanced_counts(tokens, dlay.py),
-            "rows_per_core": min(tl, tokens), "feats_per_core": min(fd, kv)}
-
-
-def _line_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
-    n = max(len(a), len(b))
-    return np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))
-
-
-def weight_switch_cost(lay: PhaseLayout, dlay: PhaseLayout) -> Cost:
-    """Wafer cost of re-placing the weights from prefill tiles to decode tiles at the switch.
-
-    The emulator keeps both placements; the wafer holds one and reshuffles it over the NoC
-    (paper section 4.4). Every element walks from its prefill core to its decode core, all at
-    once: about half of them cross each bisection of the mesh, in both directions, so the
-    busiest link of the narrower cut carries ``W / (4 * side)`` words of the ``W`` in all; the
-    longest walk is corner to corner. Bandwidth-bound, so routing stages are not charged.
-    """
-    per_core = sum(weight_words_per_core(decode_tile_shapes(dlay)).values())
-    total = per_core * dlay.py * dlay.px
-    rows, cols = max(lay.py, dlay.py), max(lay.px, dlay.px)
-    return Cost(words=total / (4 * min(rows, cols)), hops=rows + cols - 2, routes=2)
-
-
-def record_handoff(led, lay: PhaseLayout, dlay: PhaseLayout, tokens: int,
-                   allreduce: AllreduceSpec = KTREE) -> None:
-    """Write the wafer cost of the weight, K/V and hidden-state hand-offs into ``led``."""
-    led.charge("handoff/weights", weight_switch_cost(lay, dlay))
-    plan = handoff_plan(lay, dlay, tokens)
-    per_item = 2 * lay.config.num_layers
-    for name, src, dst, words in (
-            ("handoff/kv/x", plan["src_cols"], plan["dst_cols"], plan["rows_per_core"]),
-            ("handoff/kv/y", plan["src_rows"], plan["dst_rows"], plan["feats_per_core"])):
-        led.charge(name, move_cost(*_line_pair(src, dst), words * per_item))
-    allreduce.charge(led, max(lay.px, dlay.px), lay.hidden, "handoff/hidden/gather")
-    row = (tokens - 1) // (padded(tokens, lay.unit) // lay.py)
-    led.charge("handoff/hidden/broadcast", broadcast_cost(max(lay.py, dlay.py), row, lay.hidden))
 
 
 class MeshPrefiller:
@@ -124,206 +65,147 @@ class MeshPrefiller:
         self.scale = np.float32(c.head_dim ** -0.5)
         blocks = [b for w in layers for b in w.values()] + list(glob.values())
         self.weight_words = sum(b.size for b in blocks) // (fab.by * fab.bx)
+        self.handlers = {
+            "embed_fetch": self._embed, "norm": self._norm, "gemm": self._gemm,
+            "rope": self._rope, "grouped_scores": self._scores, "softmax": self._softmax,
+            "grouped_pv": self._pv, "add": self._add, "swiglu": self._swiglu,
+            "prompt_logits": self._prompt_logits}
 
-    # -- pieces ----------------------------------------------------------------------------
-    def embed(self, ids: np.ndarray, tl: int) -> np.ndarray:
+    # -- op handlers -----------------------------------------------------------------------
+    def execute(self, ops: list, acts: dict, weights: dict) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned)."""
+        for op in ops:
+            out = self.handlers[op.kind](op, weights, *(acts[k] for k in op.inputs))
+            acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+        return acts
+
+    def _embed(self, op, w):
         """Embedding rows of the prompt fetched along y: ``f32[by, bx, T/Py, H/Px]``."""
-        table = self.glob["embed"]                               # f32[by, bx, V/Py, H/Px]
+        ids, tl = self._ids, op.dims["rows"]
+        table = w[op.weight]                                     # f32[by, bx, V/Py, H/Px]
         vr = table.shape[2]
         t = np.arange(ids.size)
         self.fab.ledger.io(4 * ids.size, 1)                      # the token ids enter the wafer
-        return fetch_rows(self.fab, table, Y, ids // vr, ids % vr, t // tl, t % tl, tl,
-                          name="embed")
+        return fetch_rows(self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl,
+                          name=op.name)
 
-    def rmsnorm(self, x: np.ndarray, gamma: np.ndarray, name: str) -> np.ndarray:
+    def _norm(self, op, w, x):
         """HF RMSNorm of every token row: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
-        c = self.lay.config
-        led = self.fab.ledger
-        rows, hl = x.shape[2], x.shape[3]
+        c, led = self.lay.config, self.fab.ledger
+        costs = P.norm_costs(x.shape[2], x.shape[3])
         ss = np.einsum("abti,abti->abt", x, x)                   # f32[by, bx, T/Py]
-        led.record(f"{name}/sumsq", macs=rows * hl)
-        ss = allreduce(self.fab, ss, X, "sum", self.spec, name=name)
-        inv = np.float32(1) / np.sqrt(ss / np.float32(c.hidden_size) + np.float32(c.rms_norm_eps))
-        led.record(f"{name}/scale", macs=2 * rows * hl)
-        return (x * inv[..., None].astype(np.float32)) * gamma[:, :, None, :]
+        led.charge(f"{op.name}/sumsq", costs["sumsq"])
+        ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, name=f"{op.name}/allreduce")
+        inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
+        led.charge(f"{op.name}/scale", costs["scale"])
+        return F.rms_scale(x, inv[..., None], w[op.weight][:, :, None, :])
 
-    def rope(self, i: int, q: np.ndarray, k: np.ndarray) -> tuple:
-        """Rotate q ``f32[by, bx, T/Py, q/Px]`` and k ``f32[by, bx, T/Py, kv/Px]`` at the
-        absolute positions of the local token rows."""
-        fab = self.fab
-        by, bx, tl, tk = k.shape
-        pos = (fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
-        angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]   # [by,bx,tl,tk]
-        cos, sin = np.cos(angle), np.sin(angle)
-        q = rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
-        k = rope_pairs(k[..., None], cos, sin)[..., 0]
-        fab.ledger.record(f"layer{i}/rope", macs=2 * tl * tk * (self.g + 1))
-        return q, k
+    def _gemm(self, op, w, x):
+        out = meshgemm(self.fab, x, w[op.weight], name=op.name)
+        return out + w[op.bias][:, :, None, :] if op.bias in w else out
 
-    def attention(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                  n_tokens: int) -> np.ndarray:
-        """Causal attention of all heads; q ``f32[by, bx, T/Py, q/Px]``, k, v
-        ``f32[by, bx, T/Py, kv/Px]``. Returns ``f32[by, bx, T/Py, q/Px]`` in q order."""
-        fab, led, g = self.fab, self.fab.ledger, self.g
-        heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, n_kv]
-        by, bx, tl, tk = k.shape
-        nkv = heads.shape[-1]
-        # rows (t, g), columns kv features: local column slicing of q, no data movement
-        qr = q.reshape(by, bx, tl, tk, g).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl * g, tk)
-        s = grouped_gemm_t(fab, qr, k, heads, name=f"layer{i}/scores")  # [by,bx,tl*g,S/Px,nkv]
-        sl = s.shape[3]
-        s = s.reshape(by, bx, tl, g, sl, nkv) * self.scale
-        t_glob = fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]        # [by, tl]
-        s_glob = fab.index(X)[:, None] * sl + np.arange(sl)[None, :]        # [bx, S/Px]
-        valid = ((s_glob[None, :, None, :] <= t_glob[:, None, :, None])
-                 & (s_glob < n_tokens)[None, :, None, :])[:, :, :, None, :, None]
-        s = np.where(valid, s, np.float32(-np.inf))
-        m = allreduce(fab, s.max(axis=4), X, "max", self.spec, name=f"layer{i}/softmax_max")
-        e = np.where(valid, np.exp(s - m[:, :, :, :, None, :]), np.float32(0))
-        z = allreduce(fab, e.sum(axis=4), X, "sum", self.spec, name=f"layer{i}/softmax_sum")
-        p = e / z[:, :, :, :, None, :]
-        led.record(f"layer{i}/softmax", macs=4 * tl * sl * g * nkv)
-        o = grouped_meshgemm(fab, p.reshape(by, bx, tl * g, sl, nkv), v, heads,
-                             b_preskewed=False, name=f"layer{i}/pv")   # [by, bx, tl*g, kv/Px]
-        return o.reshape(by, bx, tl, g, tk).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl, tk * g)
-
-    def layer(self, i: int, x: np.ndarray, n_tokens: int) -> tuple:
-        """One decoder block; returns ``(x, k, v)`` with this layer's K (rotated) and V."""
-        fab, w = self.fab, self.layers[i]
-        h = self.rmsnorm(x, w["attn_norm"], f"layer{i}/attn_norm")
-        qkv = meshgemm(fab, h, w["qkv"], name=f"layer{i}/qkv")    # per core q | k | v
-        if "qkv_bias" in w:
-            qkv = qkv + w["qkv_bias"][:, :, None, :]
+    def _rope(self, op, w, qkv):
+        """Split ``q | k | v`` and rotate q ``f32[by, bx, T/Py, q/Px]`` and k
+        ``f32[by, bx, T/Py, kv/Px]`` at the absolute positions of the local token rows."""
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
         q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
-        q, k = self.rope(i, q, k)
-        a = self.attention(i, q, k, np.ascontiguousarray(v), n_tokens)
-        o = meshgemm(fab, a, w["o"], name=f"layer{i}/o")
-        if "o_bias" in w:
-            o = o + w["o_bias"][:, :, None, :]
-        x = x + o
-        h = self.rmsnorm(x, w["mlp_norm"], f"layer{i}/mlp_norm")
-        gu = meshgemm(fab, h, w["gate_up"], name=f"layer{i}/gate_up")   # per core gate | up
-        if "gate_up_bias" in w:
-            gu = gu + w["gate_up_bias"][:, :, None, :]
+        by, bx, tl, _ = k.shape
+        pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
+        angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]   # [by,bx,tl,tk]
+        cos, sin = np.cos(angle), np.sin(angle)
+        q = F.rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
+        k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
+        self.fab.ledger.charge(op.name, P.rope_cost(tl, tk, self.g))
+        return q, k, np.ascontiguousarray(v)
+
+    def _scores(self, op, w, q, k):
+        """Scores of all heads ``f32[by, bx, T/Py, G, S/Px, n_kv]`` (causal mask: -inf)."""
+        fab, g = self.fab, self.g
+        heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, n_kv]
+        by, bx, tl, tk = k.shape
+        # rows (t, g), columns kv features: local column slicing of q, no data movement
+        qr = q.reshape(by, bx, tl, tk, g).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl * g, tk)
+        s = grouped_gemm_t(fab, qr, k, heads, name=op.name)     # [by, bx, tl*g, S/Px, nkv]
+        sl, nkv = s.shape[3], s.shape[4]
+        s = s.reshape(by, bx, tl, g, sl, nkv) * self.scale
+        return np.where(self._causal(tl, sl), s, np.float32(-np.inf))
+
+    def _causal(self, tl: int, sl: int) -> np.ndarray:
+        """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token."""
+        t_glob = self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]        # [by, tl]
+        s_glob = self.fab.index(X)[:, None] * sl + np.arange(sl)[None, :]        # [bx, S/Px]
+        return ((s_glob[None, :, None, :] <= t_glob[:, None, :, None])
+                & (s_glob < self._ids.size)[None, :, None, :])[:, :, :, None, :, None]
+
+    def _softmax(self, op, w, s):
+        """Softmax along the keys (split along x): max and sum allreduced along x."""
+        fab = self.fab
+        by, bx, tl, g, sl, nkv = s.shape
+        valid = self._causal(tl, sl)
+        m = allreduce(fab, s.max(axis=4), op.axis, "max", self.spec, name=f"{op.name}/max")
+        e = F.softmax_numerator(s, m[:, :, :, :, None, :], valid)
+        z = allreduce(fab, e.sum(axis=4), op.axis, "sum", self.spec, name=f"{op.name}/sum")
+        fab.ledger.charge(f"{op.name}/local", P.softmax_cost(tl * g * nkv, sl))
+        return F.softmax_normalize(e, z[:, :, :, :, None, :])
+
+    def _pv(self, op, w, p, v):
+        """``P V`` of all heads: ``f32[by, bx, T/Py, q/Px]`` in q order."""
+        by, bx, tl, g, sl, nkv = p.shape
+        tk = v.shape[3]
+        o = grouped_meshgemm(self.fab, p.reshape(by, bx, tl * g, sl, nkv), v,
+                             self.glob["kv_head"], b_preskewed=False, name=op.name)
+        return o.reshape(by, bx, tl, g, tk).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl, tk * g)
+
+    def _add(self, op, w, a, b):
+        return a + b
+
+    def _swiglu(self, op, w, gu):
         tf = gu.shape[-1] // 2
-        act = silu(gu[..., :tf]) * gu[..., tf:]
-        fab.ledger.record(f"layer{i}/swiglu", macs=4 * act.shape[2] * tf)
-        d = meshgemm(fab, act, w["down"], name=f"layer{i}/down")
-        if "down_bias" in w:
-            d = d + w["down_bias"][:, :, None, :]
-        return x + d, k, v
+        self.fab.ledger.charge(op.name, P.swiglu_cost(gu.shape[2], tf))
+        return F.swiglu(gu[..., :tf], gu[..., tf:])
 
-    # -- the hand-off ----------------------------------------------------------------------
-    def handoff_kv(self, ks: list, vs: list, n_tokens: int, decoder) -> None:
-        """Move every layer's K/V (``f32[by, bx, T/Py, kv/Px]`` here) into ``decoder.cache``.
-
-        Per rank: real K/V features move along x to the decode columns' ranges
-        (:func:`~meshrt.relayout.rebalance`), then real tokens along y to the decode rows'
-        balanced counts; then each rank cuts its share into decode cores and loads the cache.
-        """
-        fab, dfab, dlay = self.fab, decoder.fab, decoder.lay
-        lay = fab.layout
-        if (lay.ry, lay.rx) != (dfab.layout.ry, dfab.layout.rx):
-            raise MeshError(f"prefill ranks {lay.ry}x{lay.rx} and decode ranks "
-                            f"{dfab.layout.ry}x{dfab.layout.rx} differ")
-        plan = handoff_plan(self.lay, dlay, n_tokens)
-        nl2 = 2 * len(ks)
-        by, bx, tl, fp = ks[0].shape
-        data = np.stack(ks + vs)                                 # [2L, by, bx, T/Py, kv/Px]
-        data = data.transpose(0, 1, 3, 2, 4).reshape(nl2, by * tl, bx * fp)  # rank's rows x feats
-        ry, rx = fab.coords
-        src = rank_bounds(plan["src_cols"], lay.rx)
-        dst = rank_bounds(plan["dst_cols"], lay.rx)
-        data = rebalance(fab, data[:, :, :src[rx + 1] - src[rx]], X, 2, src, dst,
-                         name="handoff/kv")
-        src = rank_bounds(plan["src_rows"], lay.ry)
-        dst = rank_bounds(plan["dst_rows"], lay.ry)
-        data = rebalance(fab, data[:, :src[ry + 1] - src[ry]], Y, 1, src, dst,
-                         name="handoff/kv")
-        # cut into decode cores: [2L, tokens of this rank, bx_d, kv_d/Px_d]
-        fd = dlay.kv // dlay.px
-        full = np.zeros((nl2, data.shape[1], dfab.bx * fd), np.float32)
-        full[:, :, :data.shape[2]] = data
-        full = full.reshape(nl2, data.shape[1], dfab.bx, fd)
-        counts = plan["dst_rows"]
-        cache = decoder.cache
-        cache.set_counts(counts)
-        bounds = np.concatenate([[0], np.cumsum(counts[dfab.index(Y)])])
-        for layer in range(len(ks)):
-            cut = [[full[j, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-                   for j in (layer, len(ks) + layer)]
-            cache.load(layer, *cut)
-
-    def handoff_hidden(self, x: np.ndarray, n_tokens: int, decoder) -> np.ndarray:
-        """The last token's hidden state as a decode Y-vector ``f32[by_d, bx_d, H_d/Py_d]``.
-
-        The core row holding it writes its segments into a zero-filled full-length vector; a
-        sum along x completes the vector on that row and a broadcast along y gives it to every
-        core, so every decode core takes its segment locally.
-        """
-        fab, dfab, dlay = self.fab, decoder.fab, decoder.lay
-        by, bx, tl, hl = x.shape
-        row, slot = divmod(n_tokens - 1, tl)
-        full = np.zeros((by, bx, self.lay.px, hl), np.float32)
-        mine = np.flatnonzero(fab.index(Y) == row)
-        if mine.size:
-            full[mine[0], np.arange(bx), fab.index(X), :] = x[mine[0], :, slot, :]
-        full = full.reshape(by, bx, self.lay.px * hl)
-        full = allreduce(fab, full, X, "sum", self.spec, record=False,
-                         name="handoff/hidden/gather")
-        full = broadcast(fab, full, Y, row, record=False, name="handoff/hidden/broadcast")
-        h = self.lay.config.hidden_size
-        vec = np.zeros(dlay.hidden, np.float32)
-        vec[:h] = full[0, 0, :h]
-        seg = vec.reshape(dlay.py, dlay.hidden // dlay.py)[dfab.index(Y)]   # [by_d, H_d/Py_d]
-        return np.ascontiguousarray(np.broadcast_to(seg[:, None], (dfab.by, dfab.bx, seg.shape[1])))
-
-    def prompt_logits(self, x: np.ndarray, n_tokens: int) -> np.ndarray:
-        """Logits of every prompt token (final norm and LM head with MeshGEMM on this mesh),
-        gathered on every rank (control plane): ``f32[T, vocab]``."""
-        h = self.rmsnorm(x, self.glob["final_norm"], "final_norm")
-        out = meshgemm(self.fab, h, self.glob["lm_head"], name="lm_head")   # [by,bx,T/Py,V/Px]
-        return darray.gather_matrix(self.fab, out, (n_tokens, self.lay.config.vocab_size),
+    def _prompt_logits(self, op, w, logits):
+        """Every prompt token's logits gathered on every rank (control plane): f32[T, vocab]."""
+        return darray.gather_matrix(self.fab, logits, (self._ids.size, self.lay.config.vocab_size),
                                     to_all=True)
 
     # -- the whole prompt ------------------------------------------------------------------
-    def run(self, ids, decoder, all_logits: bool = False):
-        """Prefill ``ids`` and hand the result to ``decoder``.
-
-        Leaves ``decoder.cache`` holding the prompt's K/V (balanced over the decode rows).
+    def run(self, ids, all_logits: bool = False) -> dict:
+        """Prefill ``ids``.
 
         Returns
         -------
-        ndarray or (ndarray, ndarray)
-            The last token's logits as a decode X-vector ``f32[by_d, bx_d, V/Px_d]``; with
-            ``all_logits`` also every prompt token's logits ``f32[T, vocab]`` on every rank.
+        dict
+            ``k``, ``v``: per layer ``f32[by, bx, T/Py, kv/Px]`` (K rotated); ``x``: the last
+            layer's output ``f32[by, bx, T/Py, H/Px]``; ``first_bad``: the first layer whose
+            output held a non-finite value on this rank (``-1``: the embedding; ``None``);
+            with ``all_logits`` also ``all_logits``, every prompt token's logits
+            ``f32[T, vocab]`` on every rank.
         """
         ids = np.asarray([int(t) for t in ids], dtype=np.int64)
-        n = ids.size
         c = self.lay.config
-        if n == 0:
+        if ids.size == 0:
             raise ValueError("empty prompt")
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
-        need = int(balanced_counts(n, decoder.lay.py).max())
-        if need > decoder.cache.capacity:
-            raise ContextFullError(f"prompt of {n} tokens needs {need} KV slots per decode core; "
-                                   f"capacity is {decoder.cache.capacity}")
-        tl = padded(n, self.lay.unit) // self.lay.py
+        self._ids = ids
         led = self.fab.ledger
-        led.memory("prefill/resident", self.weight_words + tl * self.lay.hidden // self.lay.px
-                   + 2 * c.num_layers * tl * self.lay.kv // self.lay.px)
-        x = self.embed(ids, tl)
+        led.memory("prefill/resident",
+                   self.weight_words + P.prefill_activation_words(self.lay, ids.size))
+        x = self.execute(P.prefill_head(self.lay, ids.size), {}, self.glob)["x"]
+        first_bad = None if np.isfinite(x).all() else -1
         ks, vs = [], []
-        for i in range(len(self.layers)):
-            x, k, v = self.layer(i, x, n)
-            ks.append(k)
-            vs.append(v)
-        self.handoff_kv(ks, vs, n, decoder)
-        h = self.handoff_hidden(x, n, decoder)
-        record_handoff(led, self.lay, decoder.lay, n, self.spec)
-        logits = decoder.logits(h)
+        layer_ops = P.prefill_layer(self.lay, ids.size)
+        for i, w in enumerate(self.layers):
+            with led.section(f"layer{i}"):
+                acts = self.execute(layer_ops, {"x": x}, w)
+            x = acts["x"]
+            ks.append(acts["k"])
+            vs.append(acts["v"])
+            if first_bad is None and not np.isfinite(x).all():
+                first_bad = i
+        out = {"k": ks, "v": vs, "x": x, "first_bad": first_bad}
         if all_logits:
-            return logits, self.prompt_logits(x, n)
-        return logits
+            out["all_logits"] = self.execute(P.prefill_all_logits(self.lay, ids.size), {"x": x},
+                                             self.glob)["all_logits"]
+        return out

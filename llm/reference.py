@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import functional as F
 from . import rope
 from .checkpoint import Checkpoint, check_weights, lm_head_weight
 from .config import ModelConfig
@@ -23,19 +24,7 @@ from .config import ModelConfig
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis: x f32[..., H], weight f32[H] -> f32[..., H]."""
-    variance = np.mean(x * x, axis=-1, keepdims=True)
-    return x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))) * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    """``x * sigmoid(x)``, written with tanh so large ``|x|`` cannot overflow."""
-    return x * (np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * x)))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis in float32; ``-inf`` entries get probability 0."""
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
+    return F.rms_scale(x, F.rms_inverse(np.mean(x * x, axis=-1, keepdims=True), eps), weight)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
@@ -63,7 +52,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     scores = (qg @ kt) * np.float32(d ** -0.5)                     # f32[n_kv, g, T, S]
     future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]   # bool[T, S]
     scores = np.where(future, np.float32(-np.inf), scores)
-    probs = softmax(scores)
+    probs = F.softmax(scores)
     out = probs @ v.transpose(1, 0, 2)[:, None]                    # f32[n_kv, g, T, D]
     return out.transpose(2, 0, 1, 3).reshape(t, n_heads * d)
 
@@ -124,14 +113,14 @@ class ReferenceModel:
         q = self._linear(h, p + "self_attn.q_proj").reshape(t, c.num_heads, c.head_dim)
         k = self._linear(h, p + "self_attn.k_proj").reshape(t, c.num_kv_heads, c.head_dim)
         v = self._linear(h, p + "self_attn.v_proj").reshape(t, c.num_kv_heads, c.head_dim)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q, k = F.rope_half(q, cos, sin), F.rope_half(k, cos, sin)
         start = self.k_cache[i].shape[0]
         self.k_cache[i] = np.concatenate([self.k_cache[i], k])
         self.v_cache[i] = np.concatenate([self.v_cache[i], v])
         a = attention(q, self.k_cache[i], self.v_cache[i], start)     # f32[T, n_heads * D]
         x = x + self._linear(a, p + "self_attn.o_proj")
         h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        m = silu(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
+        m = F.swiglu(self._linear(h, p + "mlp.gate_proj"), self._linear(h, p + "mlp.up_proj"))
         return x + self._linear(m, p + "mlp.down_proj")
 
     def forward(self, tokens: Iterable[int]) -> np.ndarray:

@@ -88,12 +88,6 @@ def cos_sin(freq: np.ndarray, positions) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles), np.sin(angles)
 
 
-def rotate_half(x: np.ndarray) -> np.ndarray:
-    """``concat(-x2, x1)`` of the two halves of the last axis."""
-    half = x.shape[-1] // 2
-    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate queries or keys.
 
@@ -107,6 +101,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     Returns
     -------
     f32[T, H, D]
-        ``x * cos + rotate_half(x) * sin``.
+        ``x * cos + rotate_half(x) * sin``, i.e. :func:`llm.functional.rope_half`.
     """
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    from .functional import rope_half
+    return rope_half(x, cos, sin)
