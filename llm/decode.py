@@ -107,17 +107,16 @@ class MeshDecoder:
 
     def _norm(self, op, w, run, x):
         """HF RMSNorm of a Y-vector: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
-        c, led = self.lay.config, self.fab.ledger
-        costs = P.norm_costs(1, x.shape[-1])
+        c = self.lay.config
         ss = np.einsum("abi,abi->ab", x, x)[..., None]           # f32[by, bx, 1]
-        led.charge(f"{op.name}/sumsq", costs["sumsq"])
         ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
-        led.charge(f"{op.name}/scale", costs["scale"])
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return F.rms_scale(x, inv, w[op.weight])
 
     def _gemv(self, op, w, run, x):
-        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, name=op.name)
+        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, name=op.name,
+                       priced=P.gemv_tile(op, (self.lay.py, self.lay.px)))
         return out + w[op.bias] if op.bias in w else out
 
     def _rope(self, op, w, run, qkv):
@@ -128,11 +127,12 @@ class MeshDecoder:
         cos, sin = np.cos(angle), np.sin(angle)
         q = F.rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
         k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
-        self.fab.ledger.charge(op.name, P.rope_cost(1, tk, self.g))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return q, k, v
 
     def _kv_append(self, op, w, run, k, v):
         self.cache.append(self._layer, k, v, name=op.name)
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return ()
 
     def _scores(self, op, w, run, q):
@@ -143,7 +143,7 @@ class MeshDecoder:
         qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]   # [by,bx,tk,nkv,G]
         part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
         fill = self.cache.max_fill   # the wafer works on filled slots only: the fullest row
-        self.fab.ledger.charge(f"{op.name}/local", P.cache_attention_cost(fill, tk, self.g))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce",
                             words=fill * part.shape[-1])
         return np.where(self.cache.valid(), s * self.scale, -np.inf)
@@ -154,28 +154,26 @@ class MeshDecoder:
         m = self._allreduce(s.max(axis=2, keepdims=True), op.axis, "max", f"{op.name}/max")
         e = F.softmax_numerator(s, m, valid)
         z = self._allreduce(e.sum(axis=2, keepdims=True), op.axis, name=f"{op.name}/sum")
-        self.fab.ledger.charge(f"{op.name}/local",
-                               P.softmax_cost(s.shape[-1], self.cache.max_fill))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return F.softmax_normalize(e, z)
 
     def _pv(self, op, w, run, p):
         """``p . V`` over the cache, all heads: the attention output as an X-vector."""
         heads = self.glob["kv_head"]
         vc = self.cache.v[self._layer]
-        tk, nkv = vc.shape[-1], heads.shape[-1]
+        nkv = heads.shape[-1]
         o = np.matmul(np.swapaxes(vc, 2, 3), p)                  # f32[by, bx, kv/Px, nq]
         o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
-        self.fab.ledger.charge(f"{op.name}/local",
-                               P.cache_attention_cost(self.cache.max_fill, tk, self.g))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return self._allreduce(o.reshape(o.shape[:2] + (-1,)), op.axis,
-                               name=f"{op.name}/allreduce")
+                               name=f"{op.name}/allreduce", words=op.dims["tq"])
 
     def _add(self, op, w, run, a, b):
         return a + b
 
     def _swiglu(self, op, w, run, gu):
         tf = gu.shape[-1] // 2
-        self.fab.ledger.charge(op.name, P.swiglu_cost(1, tf))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _vocab_mask(self, op, w, run, logits):

@@ -9,6 +9,7 @@ LLaMA3-8B on 420 x 420 cores) are priced in milliseconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -47,6 +48,7 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
     for op in ops:
         d, name, kind = op.dims, op.name, op.kind
         cores = None if op.axis is None else mesh[op.axis]
+        local = P.local_costs(op, run)
         if kind == "embed_broadcast":
             led.io(4, 1)                                     # the token id enters the wafer
             led.charge(name, broadcast_cost(cores, run.token_col, d["seg"]))
@@ -56,55 +58,61 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
             led.charge(name, fetch_cost(ids // d["vocab_rows"], np.arange(ids.size) // d["rows"],
                                         cores, d["seg"]))
         elif kind == "norm":
-            costs = P.norm_costs(d["rows"], d["seg"])
-            led.charge(f"{name}/sumsq", costs["sumsq"])
             spec.charge(led, cores, d["rows"], f"{name}/allreduce")
-            led.charge(f"{name}/scale", costs["scale"])
         elif kind == "gemv":
             estimate_meshgemv(d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led,
                               name=name)
         elif kind == "gemm":
             estimate_meshgemm(d["m"], d["k"], d["n"], mesh, device, True, led, name)
-        elif kind == "rope":
-            led.charge(name, P.rope_cost(d["rows"], d["tk"], d["g"]))
         elif kind == "kv_append":
-            if run.shifts:
-                led.charge(f"{name}/shift", P.kv_shift_cost(d["tk"]))
-            led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * d["tk"])
+            led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * lay.kv // lay.px)
         elif kind == "cache_scores":
-            led.charge(f"{name}/local", P.cache_attention_cost(run.fill, d["tk"], d["g"]))
-            spec.charge(led, cores, run.fill * d["nkv"] * d["g"], f"{name}/allreduce")
+            spec.charge(led, cores, run.fill * d["heads"], f"{name}/allreduce")
         elif kind == "softmax":
-            keys = run.fill if d["keys"] is None else d["keys"]
             spec.charge(led, cores, d["queries"], f"{name}/max")
             spec.charge(led, cores, d["queries"], f"{name}/sum")
-            led.charge(f"{name}/local", P.softmax_cost(d["queries"], keys))
         elif kind == "cache_pv":
-            led.charge(f"{name}/local", P.cache_attention_cost(run.fill, d["tk"], d["g"]))
-            spec.charge(led, cores, d["tk"] * d["g"], f"{name}/allreduce")
+            spec.charge(led, cores, d["tq"], f"{name}/allreduce")
         elif kind == "grouped_scores":
             estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
         elif kind == "grouped_pv":
             estimate_grouped_meshgemm(d["m"], d["k"], d["n"], d["groups"], mesh, device, False,
                                       led, name)
-        elif kind == "swiglu":
-            led.charge(name, P.swiglu_cost(d["rows"], d["tf"]))
         elif kind == "argmax":
             spec.charge(led, cores, 1, f"{name}/value")
             spec.charge(led, cores, 1, f"{name}/index")
             led.io(4, 1)                                     # the token leaves the wafer
         elif kind == "prompt_logits":
             led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))   # float32, gathered by the host
-        elif kind not in ("add", "vocab_mask"):
+        elif kind not in ("add", "vocab_mask", "rope", "swiglu"):
             raise ValueError(f"no price for op kind {kind!r}")
+        P.charge_local(led, name, local)
 
 
 def price_layers(ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec,
                  run: P.Pass) -> None:
-    """:func:`price` a layer program once per layer, under the sections ``layer{i}``."""
+    """:func:`price` a layer program once per layer, under the sections ``layer{i}``.
+
+    Every layer does the same work, and each layer's records live under its own names, so the
+    first layer is priced once and its records are copied: the same figures as pricing every
+    layer, ``layers`` times faster.
+    """
+    if layers <= 0:
+        return
+    one = Ledger(led.device)
+    with one.section("layer0"):
+        price(ops, one, lay, spec, run)
     for i in range(layers):
-        with led.section(f"layer{i}"):
-            price(ops, led, lay, spec, run)
+        for name, t in one.ops.items():
+            dst = led.ops[f"layer{i}" + name[len("layer0"):]]
+            for f in dataclasses.fields(t):
+                setattr(dst, f.name, getattr(dst, f.name) + getattr(t, f.name))
+        led.io_bytes += one.io_bytes
+        led.io_cycles += one.io_cycles
+    if one.peak_memory > led.peak_memory:
+        led.peak_memory, led.peak_memory_op = one.peak_memory, one.peak_memory_op
+    if one.max_routes > led.max_routes:
+        led.max_routes, led.max_routes_op = one.max_routes, one.max_routes_op
 
 
 def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:

@@ -19,8 +19,6 @@ import numpy as np
 
 from meshrt.fabric import Fabric
 
-from .program import kv_shift_cost
-
 
 class ContextFullError(RuntimeError):
     """The cache has no slot left for another token."""
@@ -118,7 +116,8 @@ class KVCache:
     def append(self, layer: int, k: np.ndarray, v: np.ndarray, name: str = "kv_append") -> None:
         """Insert this token's ``k``, ``v`` (X-vectors ``f32[by, bx, kv/Px]``) into ``layer``.
 
-        Under the shift policy the rows ``senders`` pass their oldest entry one row up first.
+        Under the shift policy the rows ``senders`` pass their oldest entry one row up first
+        (:attr:`shifting`; the caller prices the move, see :func:`llm.program.kv_shift_cost`).
         """
         fab = self.fab
         senders, head, count = self._plan                          # state before this token
@@ -134,7 +133,6 @@ class KVCache:
                 for i, r in enumerate(rows):
                     if r in receivers:
                         cache[i, :, tail[i]] = moved[i]
-            fab.ledger.charge(f"{name}/shift", kv_shift_cost(words))
         if rows[-1] == self.rows - 1:        # this rank holds the bottom row: the new entry
             slot = (head[-1] + count[-1]) % self.capacity      # == the sent oldest if full
             self.k[layer][-1, :, slot] = k[-1]

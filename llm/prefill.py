@@ -91,17 +91,16 @@ class MeshPrefiller:
 
     def _norm(self, op, w, x):
         """HF RMSNorm of every token row: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
-        c, led = self.lay.config, self.fab.ledger
-        costs = P.norm_costs(x.shape[2], x.shape[3])
+        c = self.lay.config
         ss = np.einsum("abti,abti->abt", x, x)                   # f32[by, bx, T/Py]
-        led.charge(f"{op.name}/sumsq", costs["sumsq"])
         ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
-        led.charge(f"{op.name}/scale", costs["scale"])
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
         return F.rms_scale(x, inv[..., None], w[op.weight][:, :, None, :])
 
     def _gemm(self, op, w, x):
-        out = meshgemm(self.fab, x, w[op.weight], name=op.name)
+        d = op.dims
+        out = meshgemm(self.fab, x, w[op.weight], name=op.name, priced=(d["m"], d["k"], d["n"]))
         return out + w[op.bias][:, :, None, :] if op.bias in w else out
 
     def _rope(self, op, w, qkv):
@@ -115,7 +114,7 @@ class MeshPrefiller:
         cos, sin = np.cos(angle), np.sin(angle)
         q = F.rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
         k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
-        self.fab.ledger.charge(op.name, P.rope_cost(tl, tk, self.g))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
         return q, k, np.ascontiguousarray(v)
 
     def _scores(self, op, w, q, k):
@@ -125,7 +124,9 @@ class MeshPrefiller:
         by, bx, tl, tk = k.shape
         # rows (t, g), columns kv features: local column slicing of q, no data movement
         qr = q.reshape(by, bx, tl, tk, g).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl * g, tk)
-        s = grouped_gemm_t(fab, qr, k, heads, name=op.name)     # [by, bx, tl*g, S/Px, nkv]
+        d = op.dims
+        s = grouped_gemm_t(fab, qr, k, heads, name=op.name,     # [by, bx, tl*g, S/Px, nkv]
+                           priced=(d["m"], d["n"], d["d"]))
         sl, nkv = s.shape[3], s.shape[4]
         s = s.reshape(by, bx, tl, g, sl, nkv) * self.scale
         return np.where(self._causal(tl, sl), s, np.float32(-np.inf))
@@ -145,15 +146,17 @@ class MeshPrefiller:
         m = allreduce(fab, s.max(axis=4), op.axis, "max", self.spec, name=f"{op.name}/max")
         e = F.softmax_numerator(s, m[:, :, :, :, None, :], valid)
         z = allreduce(fab, e.sum(axis=4), op.axis, "sum", self.spec, name=f"{op.name}/sum")
-        fab.ledger.charge(f"{op.name}/local", P.softmax_cost(tl * g * nkv, sl))
+        P.charge_local(fab.ledger, op.name, P.local_costs(op, self._run))
         return F.softmax_normalize(e, z[:, :, :, :, None, :])
 
     def _pv(self, op, w, p, v):
         """``P V`` of all heads: ``f32[by, bx, T/Py, q/Px]`` in q order."""
         by, bx, tl, g, sl, nkv = p.shape
         tk = v.shape[3]
+        d = op.dims
         o = grouped_meshgemm(self.fab, p.reshape(by, bx, tl * g, sl, nkv), v,
-                             self.glob["kv_head"], b_preskewed=False, name=op.name)
+                             self.glob["kv_head"], b_preskewed=False, name=op.name,
+                             priced=(d["m"], d["k"], d["n"]))
         return o.reshape(by, bx, tl, g, tk).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl, tk * g)
 
     def _add(self, op, w, a, b):
@@ -161,7 +164,7 @@ class MeshPrefiller:
 
     def _swiglu(self, op, w, gu):
         tf = gu.shape[-1] // 2
-        self.fab.ledger.charge(op.name, P.swiglu_cost(gu.shape[2], tf))
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _prompt_logits(self, op, w, logits):
@@ -188,7 +191,7 @@ class MeshPrefiller:
             raise ValueError("empty prompt")
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
-        self._ids = ids
+        self._ids, self._run = ids, P.Pass(ids=tuple(ids.tolist()))
         led = self.fab.ledger
         led.memory("prefill/resident",
                    self.weight_words + P.prefill_activation_words(self.lay, ids.size))

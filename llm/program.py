@@ -126,15 +126,15 @@ def norm_costs(rows: int, seg: int) -> dict:
     return {"sumsq": Cost(macs=rows * seg), "scale": Cost(macs=2 * rows * seg)}
 
 
-def rope_cost(rows: int, kv_seg: int, group: int) -> Cost:
-    """Rotation of ``rows`` tokens' q (``group * kv_seg``) and k (``kv_seg``) features."""
-    return Cost(macs=2 * rows * kv_seg * (group + 1))
+def rope_cost(rows: int, q_seg: int, kv_seg: int) -> Cost:
+    """Rotation of ``rows`` tokens' q (``q_seg``) and k (``kv_seg``) features."""
+    return Cost(macs=2 * rows * (q_seg + kv_seg))
 
 
-def cache_attention_cost(fill: int, kv_seg: int, group: int) -> Cost:
-    """Decode scores (or P.V) over ``fill`` cached tokens: every K/V feature of the core meets
-    its ``group`` query heads."""
-    return Cost(macs=fill * kv_seg * group)
+def cache_attention_cost(fill: int, q_seg: int) -> Cost:
+    """Decode scores (or P.V) over ``fill`` cached tokens: every query feature of the core
+    meets the cached K (or V) feature it shares."""
+    return Cost(macs=fill * q_seg)
 
 
 def softmax_cost(queries: int, keys: int) -> Cost:
@@ -151,6 +151,25 @@ def kv_shift_cost(kv_seg: int) -> Cost:
     return Cost(words=2 * kv_seg, hops=1)
 
 
+def local_costs(op: Op, run: Pass) -> dict:
+    """``{part: Cost}`` of the local (non-kernel, non-collective) work of ``op`` in ``run``;
+    ledger name ``op.name/part`` (``""``: ``op.name``)."""
+    d, k = op.dims, op.kind
+    if k == "norm":
+        return norm_costs(d["rows"], d["seg"])
+    if k == "rope":
+        return {"": rope_cost(d["rows"], d["tq"], d["tk"])}
+    if k == "kv_append":
+        return {"shift": kv_shift_cost(d["tk"])} if run.shifts else {}
+    if k in ("cache_scores", "cache_pv"):
+        return {"local": cache_attention_cost(run.fill, d["tq"])}
+    if k == "softmax":
+        return {"local": softmax_cost(d["queries"], run.fill if d["keys"] is None else d["keys"])}
+    if k == "swiglu":
+        return {"": swiglu_cost(d["rows"], d["tf"])}
+    return {}
+
+
 def charge_local(led: Ledger, name: str, costs: dict) -> None:
     """Charge ``{part: Cost}`` as ``name/part`` (``""``: ``name`` itself)."""
     for part, cost in costs.items():
@@ -158,13 +177,39 @@ def charge_local(led: Ledger, name: str, costs: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Priced sizes: the padding the wafer carries
+# ----------------------------------------------------------------------------------------------
+
+def wafer_sizes(lay: PhaseLayout) -> dict:
+    """Feature sizes the ops are priced at: every real dimension padded, matrix by matrix, to a
+    multiple of ``lcm(Py, Px)`` (the mesh side on a square mesh), as the wafer pads it.
+
+    The emulator's layout pads further (:class:`~llm.layout.PhaseLayout`: K/V features to
+    ``2 lcm`` so RoPE pairs never split, query features to ``G`` times that so a core's query
+    heads sit on its K/V features); those extra zeros are computed but never priced.
+    """
+    c, u = lay.config, lay.unit
+    return {"hidden": lay.hidden, "ffn": lay.ffn, "vocab": lay.vocab,
+            "q": padded(c.q_size, u), "kv": padded(c.kv_size, u)}
+
+
+def gemv_tile(op: Op, mesh: tuple) -> tuple:
+    """Weight tile ``(rows, cols)`` a ``gemv`` op is priced at on ``mesh``."""
+    py, px = mesh
+    d = op.dims
+    if d["input_axis"] == "y":
+        return d["m"] // py, d["n"] // px
+    return d["m"] // px, d["n"] // py
+
+
+# ----------------------------------------------------------------------------------------------
 # Decode (MeshGEMV, Y/X-vector alternation)
 # ----------------------------------------------------------------------------------------------
 
 def _decode_sizes(lay: PhaseLayout) -> dict:
-    c = lay.config
-    return {"h_y": lay.hidden // lay.py, "tq": lay.q // lay.px, "tk": lay.kv // lay.px,
-            "tf": lay.ffn // lay.px, "g": c.group_size, "nkv": c.num_kv_heads}
+    c, w = lay.config, wafer_sizes(lay)
+    return {"h_y": w["hidden"] // lay.py, "tq": w["q"] // lay.px, "tk": w["kv"] // lay.px,
+            "tf": w["ffn"] // lay.px, "g": c.group_size, "nkv": c.num_kv_heads, **w}
 
 
 def _gemv(name, src, dst, m, n, input_axis, weight=None):
@@ -182,26 +227,23 @@ def decode_head(lay: PhaseLayout) -> list:
 def decode_layer(lay: PhaseLayout) -> list:
     """One decoder block on the Y-vector ``x`` (see :mod:`llm.decode` for the layouts)."""
     s = _decode_sizes(lay)
-    g, tk = s["g"], s["tk"]
+    g, tk, tq, nq = s["g"], s["tk"], s["tq"], s["g"] * s["nkv"]
     return [
         Op("norm", "attn_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
            weight="attn_norm"),
-        _gemv("qkv", "h", "qkv", lay.hidden, lay.q + 2 * lay.kv, "y"),
-        Op("rope", "rope", ("qkv",), ("q", "k", "v"),
-           dims={"rows": 1, "tq": s["tq"], "tk": tk, "g": g}),
+        _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], "y"),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": 1, "tq": tq, "tk": tk}),
         Op("kv_append", "kv_append", ("k", "v"), (), dims={"tk": tk}),
-        Op("cache_scores", "scores", ("q",), ("s",), axis=X,
-           dims={"tk": tk, "g": g, "nkv": s["nkv"]}),
-        Op("softmax", "softmax", ("s",), ("p",), axis=Y,
-           dims={"queries": g * s["nkv"], "keys": None}),
-        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tk": tk, "g": g}),
-        _gemv("o", "a", "o", lay.q, lay.hidden, "x"),
+        Op("cache_scores", "scores", ("q",), ("s",), axis=X, dims={"tq": tq, "heads": nq}),
+        Op("softmax", "softmax", ("s",), ("p",), axis=Y, dims={"queries": nq, "keys": None}),
+        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tq": tq}),
+        _gemv("o", "a", "o", s["q"], s["hidden"], "x"),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
         Op("norm", "mlp_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
            weight="mlp_norm"),
-        _gemv("gate_up", "h", "gu", lay.hidden, 2 * lay.ffn, "y"),
+        _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], "y"),
         Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": 1, "tf": s["tf"]}),
-        _gemv("down", "act", "d", lay.ffn, lay.hidden, "x"),
+        _gemv("down", "act", "d", s["ffn"], s["hidden"], "x"),
         Op("add", "mlp_residual", ("x", "d"), ("x",)),
     ]
 
@@ -211,7 +253,7 @@ def decode_logits(lay: PhaseLayout) -> list:
     s = _decode_sizes(lay)
     return [Op("norm", "final_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
                weight="final_norm"),
-            _gemv("lm_head", "h", "logits", lay.hidden, lay.vocab, "y"),
+            _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y"),
             Op("vocab_mask", "vocab_mask", ("logits",), ("logits",))]
 
 
@@ -225,11 +267,11 @@ def decode_pick(lay: PhaseLayout) -> list:
 # ----------------------------------------------------------------------------------------------
 
 def _prefill_sizes(lay: PhaseLayout, tokens: int) -> dict:
-    c = lay.config
+    c, w = lay.config, wafer_sizes(lay)
     tp = padded(tokens, lay.unit)
-    return {"tp": tp, "tl": tp // lay.py, "sl": tp // lay.px, "hl": lay.hidden // lay.px,
-            "tq": lay.q // lay.px, "tk": lay.kv // lay.px, "tf": lay.ffn // lay.px,
-            "g": c.group_size, "nkv": c.num_kv_heads}
+    return {"tp": tp, "tl": tp // lay.py, "sl": tp // lay.px, "hl": w["hidden"] // lay.px,
+            "tq": w["q"] // lay.px, "tk": w["kv"] // lay.px, "tf": w["ffn"] // lay.px,
+            "g": c.group_size, "nkv": c.num_kv_heads, **w}
 
 
 def _gemm(name, src, dst, m, k, n):
@@ -252,21 +294,20 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
     norm = {"rows": tl, "seg": s["hl"]}
     return [
         Op("norm", "attn_norm", ("x",), ("h",), axis=X, dims=norm, weight="attn_norm"),
-        _gemm("qkv", "h", "qkv", tp, lay.hidden, lay.q + 2 * lay.kv),
-        Op("rope", "rope", ("qkv",), ("q", "k", "v"),
-           dims={"rows": tl, "tq": s["tq"], "tk": s["tk"], "g": g}),
+        _gemm("qkv", "h", "qkv", tp, s["hidden"], s["q"] + 2 * s["kv"]),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]}),
         Op("grouped_scores", "scores", ("q", "k"), ("s",),
-           dims={"m": g * tp, "n": tp, "d": lay.kv, "groups": nkv}),
+           dims={"m": g * tp, "n": tp, "d": s["kv"], "groups": nkv}),
         Op("softmax", "softmax", ("s",), ("p",), axis=X,
            dims={"queries": tl * g * nkv, "keys": s["sl"]}),
         Op("grouped_pv", "pv", ("p", "v"), ("a",),
-           dims={"m": g * tp, "k": tp, "n": lay.kv, "groups": nkv}),
-        _gemm("o", "a", "o", tp, lay.q, lay.hidden),
+           dims={"m": g * tp, "k": tp, "n": s["kv"], "groups": nkv}),
+        _gemm("o", "a", "o", tp, s["q"], s["hidden"]),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
         Op("norm", "mlp_norm", ("x",), ("h",), axis=X, dims=norm, weight="mlp_norm"),
-        _gemm("gate_up", "h", "gu", tp, lay.hidden, 2 * lay.ffn),
+        _gemm("gate_up", "h", "gu", tp, s["hidden"], 2 * s["ffn"]),
         Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": tl, "tf": s["tf"]}),
-        _gemm("down", "act", "d", tp, lay.ffn, lay.hidden),
+        _gemm("down", "act", "d", tp, s["ffn"], s["hidden"]),
         Op("add", "mlp_residual", ("x", "d"), ("x",)),
     ]
 
@@ -276,7 +317,7 @@ def prefill_all_logits(lay: PhaseLayout, tokens: int) -> list:
     s = _prefill_sizes(lay, tokens)
     return [Op("norm", "final_norm", ("x",), ("h",), axis=X,
                dims={"rows": s["tl"], "seg": s["hl"]}, weight="final_norm"),
-            _gemm("lm_head", "h", "logits", s["tp"], lay.hidden, lay.vocab),
+            _gemm("lm_head", "h", "logits", s["tp"], s["hidden"], s["vocab"]),
             Op("prompt_logits", "prompt_logits", ("logits",), ("all_logits",),
                dims={"rows": s["tp"], "vocab": lay.vocab})]
 

@@ -169,3 +169,14 @@ def virtual_to_logical(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
         return t
     v = t.reshape(vy, vx, b, rs // b, a, ru // a).transpose(0, 2, 1, 4, 3, 5)
     return np.ascontiguousarray(v).reshape(vy * b, vx * a, rs // b, ru // a)
+
+
+def priced_plan(plan: GemmPlan, priced: tuple | None) -> GemmPlan:
+    """The plan the ledger prices: ``plan``, or that of the ``(m, k, n)`` shapes ``priced`` when
+    the blocks carry more padding than the modeled device would (never larger than ``plan``)."""
+    if priced is None:
+        return plan
+    cost = GemmPlan.for_shapes(*priced, (plan.py, plan.px))
+    if cost.tmb > plan.tmb or cost.tkb > plan.tkb or cost.tnb > plan.tnb:
+        raise ValueError(f"priced shapes {priced} exceed the blocks' plan {plan}")
+    return cost

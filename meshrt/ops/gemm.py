@@ -33,7 +33,7 @@ from ..fabric import Fabric
 from ..mesh import lcm
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
 from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, preskewed_b_tiles, \
-    virtual_to_logical
+    priced_plan, virtual_to_logical
 from .estimate import KERNEL_RINGS, record, shift_gemm_costs, shift_gemm_memory, \
     shift_gemm_routes, summa_costs, summa_memory, summa_roots, summa_routes, summa_step
 
@@ -77,12 +77,13 @@ def _as_f32(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
 
 
 def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewed: bool,
-                name: str) -> np.ndarray:
+                name: str, priced: tuple | None = None) -> np.ndarray:
     lay = fab.layout
     mesh = (lay.py, lay.px)
     plan = GemmPlan.from_blocks(lay, a.shape, b.shape, name)
     led = fab.ledger
-    costs = shift_gemm_costs(plan, kind, b_preskewed, led.device)
+    cost_plan = priced_plan(plan, priced)
+    costs = shift_gemm_costs(cost_plan, kind, b_preskewed, led.device)
     nl = plan.nl
     x_line, y_line = line_of(fab, 1, plan.a), line_of(fab, 0, plan.b)
     rows = np.arange(y_line.lo, y_line.hi)   # global logical rows / columns of this rank
@@ -113,13 +114,13 @@ def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewe
         a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
         b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
     record(led, name, costs[1:])
-    led.memory(name, shift_gemm_memory(plan))
-    led.routes(name, shift_gemm_routes(plan, kind, b_preskewed))
+    led.memory(name, shift_gemm_memory(cost_plan))
+    led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
     return logical_to_virtual(c, mesh)
 
 
 def meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,
-             name: str = "meshgemm") -> np.ndarray:
+             name: str = "meshgemm", priced: tuple | None = None) -> np.ndarray:
     """MeshGEMM ``C = A @ B`` on the interleaved two-hop rings.
 
     Parameters
@@ -129,13 +130,15 @@ def meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True
     b : ndarray
         ``[by, bx, K/Py, N/Px]`` tiles pre-skewed by ``prepare_b(..., "meshgemm")``; with
         ``b_preskewed=False`` natural tiles, skewed on the mesh first.
+    priced : (m, k, n), optional
+        Shapes the ledger prices (see :func:`meshrt.ops._tiles.priced_plan`).
 
     Returns
     -------
     ndarray
         ``f32[by, bx, M/Py, N/Px]``: ``C[M-seg py, N-seg px]``.
     """
-    return _shift_gemm(fab, a, b, "interleaved", b_preskewed, name)
+    return _shift_gemm(fab, a, b, "interleaved", b_preskewed, name, priced)
 
 
 def cannon(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,

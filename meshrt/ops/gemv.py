@@ -93,7 +93,8 @@ def memory_words(batch: int, tile_rows: int, tile_cols: int) -> int:
 
 
 def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
-             spec: AllreduceSpec = KTREE, name: str = "meshgemv") -> np.ndarray:
+             spec: AllreduceSpec = KTREE, name: str = "meshgemv",
+             priced: tuple | None = None) -> np.ndarray:
     """``y = x @ W`` on the mesh.
 
     Parameters
@@ -106,6 +107,9 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
         ``f32[by, bx, M/Py, N/Px]`` or ``f32[by, bx, M/Px, N/Py]``.
     spec : AllreduceSpec
         Allreduce of the partial products (MeshGEMV's K-tree by default).
+    priced : (int, int), optional
+        Weight tile ``(rows, cols)`` the ledger prices, when the blocks carry more padding than
+        the modeled device would (at most the block's tile).
 
     Returns
     -------
@@ -119,11 +123,16 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
                          f" (input_axis={input_axis!r})")
     batch = int(np.prod(x.shape[2:-1], dtype=np.int64))
     led = fab.ledger
-    led.charge(f"{name}/local", local_cost(batch, w.shape[2], w.shape[3]))
-    led.memory(name, memory_words(batch, w.shape[2], w.shape[3]))
+    tm, tn = priced if priced is not None else w.shape[2:]
+    if tm > w.shape[2] or tn > w.shape[3]:
+        raise ValueError(f"priced tile {tm}x{tn} exceeds the weight tile {w.shape[2:]}")
+    led.charge(f"{name}/local", local_cost(batch, tm, tn))
+    led.memory(name, memory_words(batch, tm, tn))
     part = local_gemv(x, w) if x.dtype == w.dtype else local_gemv(x.astype(np.float32),
                                                                   w.astype(np.float32))
-    return allreduce(fab, part, axis, "sum", spec, name=f"{name}/allreduce")
+    out = allreduce(fab, part, axis, "sum", spec, record=False, name=f"{name}/allreduce")
+    spec.charge(led, fab.layout.cores(axis), batch * tn, f"{name}/allreduce")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

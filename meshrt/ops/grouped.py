@@ -46,7 +46,7 @@ from ..fabric import Fabric
 from ..mesh import MeshError, ceil_div, lcm, pad_to
 from ..plmr import Cost, Device, Ledger, WSE2
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
-from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, virtual_to_logical
+from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, priced_plan, virtual_to_logical
 from .estimate import (gemm_t_routes, gemm_t_segments, gemm_t_step, pipelined_reduces, record,
                        shift_gemm_costs, shift_gemm_routes)
 from .gemm_t import plan_from_blocks
@@ -148,7 +148,7 @@ def _check_labels(labels: np.ndarray, shape: tuple, what: str) -> None:
 
 
 def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
-                   name: str = "grouped_gemm_t") -> np.ndarray:
+                   name: str = "grouped_gemm_t", priced: tuple | None = None) -> np.ndarray:
     """``C[:, :, g] = A[:, F_g] @ B[:, F_g]^T`` for every group ``g``, with no transpose.
 
     Parameters
@@ -159,6 +159,8 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
         ``[by, bx, N/Py, D/Px]``: ``B[row-seg py, feature-seg px]`` (rotates along y).
     labels : ndarray
         ``[by, bx, D/Px, G]``: one-hot group of each local feature (:func:`label_tiles`).
+    priced : (m, n, d), optional
+        Shapes the ledger prices (see :func:`meshrt.ops._tiles.priced_plan`).
 
     Returns
     -------
@@ -167,6 +169,8 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     """
     lay = fab.layout
     plan = plan_from_blocks(lay, a.shape, b.shape, name)
+    cost_plan = priced_plan(plan, None if priced is None else
+                            (priced[0], priced[2], priced[1]))
     _check_labels(labels, (lay.by, lay.bx, a.shape[3]), name)
     led = fab.ledger
     groups = labels.shape[3]
@@ -199,17 +203,18 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
                                  name=f"{name}/reduce")          # [by, bx, tmb, G, tnb]
             slot = (seg_s % cols_per)[my_rows][:, None]
             c[iy, ix, s, :, :, slot, :] += red
-        reduces[grouped_gemm_t_reduce(plan, seg // cols_per, groups)] += 1
+        reduces[grouped_gemm_t_reduce(cost_plan, seg // cols_per, groups)] += 1
         b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=bufs[t % 2], op=f"{name}/shift")
-    record(led, name, grouped_gemm_t_costs(plan, reduces))
-    led.memory(name, grouped_gemm_t_memory(plan, groups))
-    led.routes(name, gemm_t_routes(plan))
+    record(led, name, grouped_gemm_t_costs(cost_plan, reduces))
+    led.memory(name, grouped_gemm_t_memory(cost_plan, groups))
+    led.routes(name, gemm_t_routes(cost_plan))
     c = c.transpose(0, 1, 2, 3, 5, 6, 4)                         # [by, bx, b, tmb, a, tnb, G]
     return np.ascontiguousarray(c).reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
 
 
 def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
-                     b_preskewed: bool = False, name: str = "grouped_meshgemm") -> np.ndarray:
+                     b_preskewed: bool = False, name: str = "grouped_meshgemm",
+                     priced: tuple | None = None) -> np.ndarray:
     """``C[:, f] = sum_u A[:, u, g(f)] B[u, f]`` on MeshGEMM's interleaved rings.
 
     Parameters
@@ -221,6 +226,8 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
         by ``prepare_b(..., "meshgemm")`` with ``b_preskewed=True``.
     labels : ndarray
         ``[by, bx, N/Px, G]``: one-hot group of each local output column (of B's columns).
+    priced : (m, k, n), optional
+        Shapes the ledger prices (see :func:`meshrt.ops._tiles.priced_plan`).
 
     Returns
     -------
@@ -252,7 +259,8 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
     b_cur = virtual_to_logical(b, mesh)
     if not b_preskewed:
         b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], RING, op=f"{name}/skew")
-    costs = grouped_gemm_costs(plan, groups, b_preskewed, led.device)
+    cost_plan = priced_plan(plan, priced)
+    costs = grouped_gemm_costs(cost_plan, groups, b_preskewed, led.device)
     record(led, name, costs[:1])
     # labels per logical core, transposed: [by*b, bx*a, 1, G, tnb] (they never move)
     lab = labels.reshape(lay.by, lay.bx * ca, tnb, groups)
@@ -273,8 +281,8 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
         a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
         b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
     record(led, name, costs[1:])
-    led.memory(name, grouped_gemm_memory(plan, groups))
-    led.routes(name, shift_gemm_routes(plan, RING, b_preskewed))
+    led.memory(name, grouped_gemm_memory(cost_plan, groups))
+    led.routes(name, shift_gemm_routes(cost_plan, RING, b_preskewed))
     return logical_to_virtual(c, mesh)
 
 
