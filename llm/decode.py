@@ -25,7 +25,7 @@ import numpy as np
 
 from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
 from meshrt.fabric import Fabric
-from meshrt.mesh import X, Y
+from meshrt.mesh import X
 from meshrt.ops.gemv import meshgemv
 
 from . import functional as F
