@@ -123,6 +123,9 @@ def add_generate_parser(sub) -> None:
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt text from FILE")
     src.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,450,4996")
+    from .batch import BATCH_HELP, add_batch_args
+    add_batch_args(p, src)
+    p.epilog += "\n" + BATCH_HELP
     p.add_argument("--max-new-tokens", type=_positive, default=32, help="default 32")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy on the mesh (default); > 0 samples on the host")

@@ -162,6 +162,12 @@ def run(args) -> int:
         raise runtime.UsageError(str(e)) from None
     tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
     tokenizer = load_tokenizer(tok_dir, model.config)
+    wrap = comm if size > 1 else None
+    if getattr(args, "batch", None):
+        from .batch import run_batch
+        return run_batch(args, model, tokenizer, wrap, log,
+                         lambda ids, gen: result_record(model, tokenizer, ids, gen),
+                         lambda: _chat_template(args.model))
     ids = _prompt_ids(args, tokenizer)
     if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
         raise runtime.UsageError(
@@ -185,22 +191,31 @@ def run(args) -> int:
                    getattr(args, "kv_capacity", None))
     if stream:
         sys.stdout.write(streamer.flush() + "\n")
-    metrics = gen.metrics()
-    violations = sorted({v for led in model.ledgers().values() for v in led.violations()})
-    for v in violations:  # the emulator ran it; a real wafer of this device could not
+    out = result_record(model, tokenizer, ids, gen)
+    for v in out["violations"]:  # the emulator ran it; a real wafer of this device could not
         log.warning(f"PLMR: {v}")
-    metrics["violations"] = violations
     if rank == 0:
         if getattr(args, "json", False):
-            out = {"prompt_ids": ids, "new_ids": gen.new_ids,
-                   "text": tokenizer.decode(gen.new_ids), **metrics,
-                   "decode_mesh": [dl.py, dl.px], "prefill_mesh": [pl.py, pl.px],
-                   "ranks": [dl.ry, dl.rx], "device": model.decode_fabric.ledger.device.name,
-                   "kv_policy": model.kv_policy}
             print(json.dumps(out))
         elif not getattr(args, "quiet", False):
-            print(format_metrics(metrics, model.decode_fabric.ledger.device.name), file=sys.stderr)
+            print(format_metrics(out, model.decode_fabric.ledger.device.name), file=sys.stderr)
     return 0
+
+
+def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
+    """The ``generate --json`` record of one finished request (also a ``--batch`` result)."""
+    dl, pl = model.layouts["decode"], model.layouts["prefill"]
+    violations = sorted({v for led in model.ledgers().values() for v in led.violations()})
+    return {"prompt_ids": list(prompt_ids), "new_ids": gen.new_ids,
+            "text": tokenizer.decode(gen.new_ids), **gen.metrics(), "violations": violations,
+            "decode_mesh": [dl.py, dl.px], "prefill_mesh": [pl.py, pl.px],
+            "ranks": [dl.ry, dl.rx], "device": model.decode_fabric.ledger.device.name,
+            "kv_policy": model.kv_policy}
+
+
+def _chat_template(model_path):
+    from .chat_template import ChatTemplate
+    return ChatTemplate.from_model_dir(model_path)
 
 
 def format_metrics(m: dict, device: str) -> str:
