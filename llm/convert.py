@@ -1,4 +1,4 @@
-"""Converting a model into per-rank shards: HF checkpoints or random weights of a preset.
+"""Converting a model into per-rank shards: HF checkpoints, GGUF files, or random weights.
 
 The converter runs tile producers (one per phase) over the model's HF-named tensors and writes
 each rank's block of every global tile array into that rank's file (:mod:`llm.shards`). Under
@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,29 +42,52 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 # sources
 # ----------------------------------------------------------------------------------------------
 
-def load_source(source: str, seed: int = 0, layers: int | None = None,
-                max_context: int | None = None) -> tuple[ModelConfig, Mapping, str]:
-    """The model named by ``source``: an HF model directory, or ``random:PRESET``.
+@dataclass
+class ModelSource:
+    """What a conversion reads: the config, lazy HF-named float32 weights, a label for the
+    manifest, and the files that travel with the shards (tokenizer, chat template, ...).
+
+    Attributes
+    ----------
+    config : ModelConfig
+    weights : Mapping
+        ``HF name -> f32 array``, read or made on each access.
+    label : str
+    files : dict
+        ``{file name: Path to copy, or bytes to write}`` for the shard directory.
+    """
+
+    config: ModelConfig
+    weights: Mapping
+    label: str
+    files: dict = field(default_factory=dict)
+
+    def write_files(self, directory) -> None:
+        """Copy / write :attr:`files` into ``directory``."""
+        for name, content in self.files.items():
+            if isinstance(content, bytes):
+                (Path(directory) / name).write_bytes(content)
+            else:
+                shutil.copyfile(content, Path(directory) / name)
+
+
+def open_source(source: str, seed: int = 0, layers: int | None = None,
+                max_context: int | None = None) -> ModelSource:
+    """The model named by ``source``: an HF model directory, a GGUF file, or ``random:PRESET``.
 
     Parameters
     ----------
     source : str
-        Path of a directory with ``config.json`` and safetensors, or ``random:NAME`` for random
-        weights with the shapes of preset ``NAME`` (see :func:`llm.config.preset`).
+        Path of a directory with ``config.json`` and safetensors; path of a ``.gguf`` file
+        (:mod:`llm.gguf_source`; its tokenizer and chat template go with the shards); or
+        ``random:NAME`` for random weights with the shapes of preset ``NAME`` (see
+        :func:`llm.config.preset`).
     seed : int
         Seed of random weights.
     layers : int, optional
         Keep only the first ``layers`` decoder layers (benchmarks of big models).
     max_context : int, optional
         Shorter context than the model's ``max_position_embeddings``.
-
-    Returns
-    -------
-    config : ModelConfig
-    weights : Mapping
-        Lazy ``HF name -> f32 array`` (reads or makes a tensor on each access).
-    label : str
-        What the manifest records as the source.
     """
     if str(source).startswith(RANDOM_PREFIX):
         name = str(source)[len(RANDOM_PREFIX):]
@@ -75,14 +99,44 @@ def load_source(source: str, seed: int = 0, layers: int | None = None,
             config = config.replace(max_position_embeddings=int(max_context))
         label = f"random preset {config.name} seed {int(seed)}"
         config, label = _truncate(config, layers, label)
-        return config, RandomWeights(config, seed), label
+        return ModelSource(config, RandomWeights(config, seed), label)
     path = Path(source)
+    if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
+        return _gguf_source(path, layers, max_context)
     if not path.is_dir():
-        raise ConfigError(f"source {source!r} is neither a model directory nor "
+        raise ConfigError(f"source {source!r} is neither a model directory, a .gguf file nor "
                           f"'{RANDOM_PREFIX}PRESET' (e.g. {RANDOM_PREFIX}llama-100m)")
     config, weights = load_checkpoint(path, lazy=True, max_context=max_context)
     config, label = _truncate(config, layers, path.absolute().name)
-    return config, weights, label
+    files = {n: path / n for n in COPIED_FILES if (path / n).is_file()}
+    return ModelSource(config, weights, label, files)
+
+
+def _is_gguf(path: Path) -> bool:
+    from .gguf_source import is_gguf
+    return is_gguf(path)
+
+
+def _gguf_source(path: Path, layers, max_context) -> ModelSource:
+    from collections import Counter
+
+    from .gguf_source import GGUFWeights, load_gguf
+    from .gguf_tokenizer import tokenizer_files
+    config, weights, f = load_gguf(path, max_context)
+    kinds = Counter(weights.types().values())
+    label = (f"{path.name} (GGUF {', '.join(f'{n} {k}' for k, n in kinds.most_common())} "
+             "tensors, de-quantized)")
+    config, label = _truncate(config, layers, label)
+    if layers is not None:
+        weights = GGUFWeights(f, config)     # only the kept layers
+    return ModelSource(config, weights, label, tokenizer_files(f))
+
+
+def load_source(source: str, seed: int = 0, layers: int | None = None,
+                max_context: int | None = None) -> tuple[ModelConfig, Mapping, str]:
+    """``(config, weights, label)`` of :func:`open_source` (without the travelling files)."""
+    src = open_source(source, seed, layers, max_context)
+    return src.config, src.weights, src.label
 
 
 def _truncate(config: ModelConfig, layers: int | None, label: str) -> tuple[ModelConfig, str]:
@@ -180,7 +234,7 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
     out_dir : path
         Target directory; written as ``<out_dir>.tmp-<pid>`` and renamed when complete.
     source : str
-        HF model directory or ``random:PRESET`` (see :func:`load_source`).
+        HF model directory, GGUF file or ``random:PRESET`` (see :func:`open_source`).
     ranks : (int, int), optional
         Rank grid the shards are for; default: the squarest grid of the running process count
         that divides every mesh. The running process count must not exceed ``Ry * Rx``.
@@ -196,7 +250,7 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         tqdm bar on rank 0: ``None`` = when stderr is a terminal, ``True`` = always,
         ``False`` = never.
     seed, layers, max_context
-        See :func:`load_source`.
+        See :func:`open_source`.
     log : logging.Logger, optional
         Where rank 0 reports progress (``logging.getLogger("llm")`` by default).
     log_every : int
@@ -230,9 +284,9 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         raise MeshError(f"{nprocs} processes convert for a {grid_text(grid)} rank grid of only "
                         f"{nfiles} rank files: run with at most {nfiles} processes or pass "
                         f"--ranks for a grid of {nprocs} ranks")
-    config, weights, label = load_source(source, seed, layers, max_context)
-    source_dir = None if str(source).startswith(RANDOM_PREFIX) else Path(source)
-    copied = [] if source_dir is None else [n for n in COPIED_FILES if (source_dir / n).is_file()]
+    src = open_source(source, seed, layers, max_context)
+    config, weights, label = src.config, src.weights, src.label
+    copied = list(src.files)
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     created = created if comm is None else comm.bcast(created, root=0)
@@ -286,8 +340,7 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
             for _, recs in gathered:
                 files.update(recs)
             manifest["files"] = dict(sorted(files.items()))
-            for name in copied:     # tokenizer and HF config travel with the shards
-                shutil.copyfile(source_dir / name, tmp / name)
+            src.write_files(tmp)     # tokenizer and HF config travel with the shards
             publish(tmp, out_dir, manifest)
             result = ("ok", manifest)
         except (ShardError, OSError) as e:
