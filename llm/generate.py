@@ -48,18 +48,22 @@ class Generation:
 
 
 def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | None = None,
-             stop_ids=(), on_token=None, kv_capacity: int | None = None) -> Generation:
+             stop_ids=(), on_token=None, kv_capacity: int | None = None,
+             fresh: bool = True) -> Generation:
     """Prefill ``prompt_ids``, then decode up to ``max_new_tokens`` tokens.
 
     The first new token comes from the prompt's last logits; TTFT covers prefill and that pick.
     ``on_token(id)`` is called on every rank as each token is known (rank 0 prints it).
+    ``fresh=False`` keeps the KV cache: ``prompt_ids`` continue the tokens already in it, at
+    the positions that follow (a chat's next turn; the caller sized the cache).
     """
     led = model.ledgers()
     for ledger in led.values():
         ledger.reset()
     gen = Generation(list(prompt_ids))
     stop_ids = set(int(s) for s in stop_ids)
-    model.start(kv_capacity or model.capacity_for(len(prompt_ids) + max_new_tokens))
+    if fresh or model.decoder is None:
+        model.start(kv_capacity or model.capacity_for(len(prompt_ids) + max_new_tokens))
     t0 = time.perf_counter()
     logits = model.prefill(list(prompt_ids))
     token = model.pick(logits, sampler)
@@ -168,7 +172,13 @@ def run(args) -> int:
         return run_batch(args, model, tokenizer, wrap, log,
                          lambda ids, gen: result_record(model, tokenizer, ids, gen),
                          lambda: _chat_template(args.model))
-    ids = _prompt_ids(args, tokenizer)
+    if getattr(args, "chat", None) is not None:
+        from .chat import chat_prompt_ids
+        ids = chat_prompt_ids(args.model, tokenizer, args.chat, getattr(args, "system", None))
+    elif getattr(args, "system", None) is not None:
+        raise runtime.UsageError("--system goes with --chat")
+    else:
+        ids = _prompt_ids(args, tokenizer)
     if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
         raise runtime.UsageError(
             f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "

@@ -1,0 +1,264 @@
+"""Chat: ``generate --chat "question"`` and the interactive ``python -m llm chat``.
+
+Both render the conversation with the model's own chat template (:mod:`llm.chat_template`).
+
+``llm chat`` is a multi-turn session. Rank 0 reads the terminal (one line per user turn; the
+commands ``/reset`` and ``/exit``; end of input ends the session), broadcasts each line on the
+control plane, and every rank runs the mesh. The KV cache lives across turns: a new turn feeds
+only the tokens the cache does not hold yet (the previous reply's last token and the new turn's
+template text), at positions following the old ones, so an old turn is never prefilled again.
+The first turn of a conversation goes through the prefill engine; later turns through decode
+steps (:meth:`llm.model.MeshModel.prefill` at a position > 0).
+
+How the new tokens are found: the cache holds the ids ``fed`` (plus the last reply token,
+``pending``, which was picked but not fed yet). The new conversation text is rendered in full;
+if it starts with the text of ``fed + pending``, only the rest is tokenized and fed. Otherwise
+(a template that rewrites history) the conversation is prefilled again from the start, and the
+log says so.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from meshrt import runtime
+
+DEFAULT_CONTEXT = 2048
+
+
+def add_chat_args(p, prompt_group) -> None:
+    """``generate --chat QUESTION`` (a prompt source) and ``--system TEXT``."""
+    prompt_group.add_argument("--chat", metavar="QUESTION",
+                              help="ask QUESTION as a user turn of the model's chat template "
+                                   "(tokenizer_config.json chat_template; from GGUF: kept at "
+                                   "convert)")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="with --chat: system message (default: the template's own, if any)")
+
+
+def chat_prompt_ids(model_dir, tokenizer, question: str, system: str | None = None) -> list:
+    """Token ids of a one-question conversation, ending with the assistant's turn opener."""
+    from .chat_template import ChatTemplate, ChatTemplateError, chat_messages
+    try:
+        text = ChatTemplate.from_model_dir(model_dir).render(chat_messages(question, system))
+    except ChatTemplateError as e:
+        raise runtime.UsageError(str(e)) from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass
+class Turn:
+    """What one chat turn did."""
+
+    fed_ids: list          # tokens fed to the model this turn (the new ones only)
+    cached: int            # tokens the KV cache already held
+    reprefilled: bool      # the conversation had to be prefilled again from the start
+    generation: object     # llm.generate.Generation
+
+
+class ChatSession:
+    """A conversation on a :class:`~llm.model.MeshModel` with a KV cache kept across turns.
+
+    Parameters
+    ----------
+    model : MeshModel
+    tokenizer
+        ``encode``/``decode`` (``skip_special_tokens`` aware).
+    template : ChatTemplate
+    sampler : Sampler
+    stop_ids : set of int
+    max_new_tokens : int
+        Limit per reply.
+    context : int
+        Tokens the session's KV cache holds; a turn that would not fit starts a new
+        conversation (system message kept).
+    system : str, optional
+    """
+
+    def __init__(self, model, tokenizer, template, sampler, stop_ids, max_new_tokens: int,
+                 context: int, system: str | None = None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.sampler, self.stop_ids = sampler, set(stop_ids)
+        self.max_new_tokens, self.context = int(max_new_tokens), int(context)
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation; a fresh KV cache."""
+        self.messages = [] if self.system is None else [{"role": "system",
+                                                          "content": self.system}]
+        self.fed: list[int] = []
+        self.pending: int | None = None
+        self.model.start(self.model.capacity_for(self.context))
+
+    def _new_ids(self, text: str) -> tuple[list, bool]:
+        have = self.fed + ([] if self.pending is None else [self.pending])
+        if have:
+            have_text = self.tokenizer.decode(have, skip_special_tokens=False)
+            if text.startswith(have_text):
+                rest = text[len(have_text):]
+                ids = self.tokenizer.encode(rest, add_special_tokens=False) if rest else []
+                return ([] if self.pending is None else [self.pending]) + list(ids), False
+        return list(self.tokenizer.encode(text, add_special_tokens=False)), bool(have)
+
+    def ask(self, question: str, on_token=None) -> Turn:
+        """One user turn: feed the new tokens, generate the reply (``on_token`` per token)."""
+        from .generate import generate
+        messages = self.messages + [{"role": "user", "content": question}]
+        ids, rewrite = self._new_ids(self.template.render(messages))
+        if rewrite or len(self.fed) + len(ids) + self.max_new_tokens > self.context:
+            if not rewrite:     # the conversation is full: start again with this question
+                self.messages = self.messages[:1] if self.system is not None else []
+                messages = self.messages + [{"role": "user", "content": question}]
+            self.model.start(self.model.capacity_for(self.context))
+            self.fed, self.pending = [], None
+            ids = list(self.tokenizer.encode(self.template.render(messages),
+                                             add_special_tokens=False))
+            rewrite = True
+            if len(ids) + self.max_new_tokens > self.context:
+                raise runtime.UsageError(f"this turn ({len(ids)} tokens) + --max-new-tokens "
+                                         f"{self.max_new_tokens} does not fit the session "
+                                         f"context of {self.context} tokens (--context)")
+        cached = len(self.fed)
+        gen = generate(self.model, ids, self.max_new_tokens, self.sampler, self.stop_ids,
+                       on_token, fresh=False)
+        self.fed += ids + gen.new_ids[:-1]
+        self.pending = gen.new_ids[-1]
+        reply = [t for t in gen.new_ids if t not in self.stop_ids]
+        self.messages = messages + [{"role": "assistant",
+                                     "content": self.tokenizer.decode(reply)}]
+        return Turn(ids, cached, rewrite, gen)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+def add_chat_parser(sub, make_parser, add_mesh_args, add_run_args, positive) -> None:
+    """Register ``chat`` (helpers from :mod:`llm.__main__` build the shared options)."""
+    p = make_parser(
+        sub, "chat", "interactive multi-turn chat with the model's chat template",
+        "Talk to a chat model on the emulated wafer. Rank 0 reads one user turn per line from "
+        "the terminal (or a pipe); every rank runs the mesh. The KV cache is kept across turns: "
+        "each turn feeds only its new tokens, never an old turn again. Commands: /reset "
+        "(new conversation), /exit (or end of input).",
+        "examples:\n"
+        "  mpiexec -n 2 python -m mpi4py -m llm chat --model shards/smollm2\n"
+        "  printf 'Hi!\\nWhat did I just say?\\n' | mpiexec -n 2 python -m mpi4py -m llm chat "
+        "--model shards/smollm2 --json\n")
+    p.add_argument("--model", metavar="PATH", required=True,
+                   help="shard set (from convert) or HF model directory, with a chat template")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="system message (default: the template's own, if any)")
+    p.add_argument("--max-new-tokens", type=positive, default=256,
+                   help="longest reply, in tokens (default 256)")
+    p.add_argument("--context", type=positive, default=None, metavar="TOKENS",
+                   help=f"tokens the session keeps in the KV cache (default "
+                        f"{DEFAULT_CONTEXT} or the model's context if shorter); a turn that "
+                        "does not fit starts a new conversation")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_mesh_args(p, None, " (default: as converted; for an HF directory 2x2 cores per rank)")
+    add_run_args(p)
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of the shard files (sizes are still checked)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per turn on stdout (fed ids, cached count, reply ids, "
+                        "text, metrics) instead of streamed text")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-turn timing lines")
+
+
+def _read_line(rank: int, comm, interactive: bool):
+    """Rank 0 reads one line (``None`` at end of input); every rank gets it."""
+    line = None
+    if rank == 0:
+        if interactive:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        text = sys.stdin.readline()
+        line = None if text == "" else text.rstrip("\n")
+    if comm is not None:
+        line = comm.bcast(line, root=0)          # control plane: the user's turn
+    return line
+
+
+def run(args) -> int:
+    """Entry point of ``python -m llm chat``."""
+    import os
+
+    from meshrt.mesh import MeshError
+
+    from .chat_template import ChatTemplate, ChatTemplateError
+    from .generate import format_metrics, load_model
+    from .sampling import Sampler
+    from .tokenizer import StreamDecoder, load_tokenizer
+    comm = runtime.world()
+    rank, size = runtime.rank_and_size(comm)
+    comm = comm if size > 1 else None
+    log = runtime.setup_logging(comm, "WARNING" if args.quiet else "INFO", name="llm")
+    try:
+        template = ChatTemplate.from_model_dir(args.model)
+    except ChatTemplateError as e:
+        raise runtime.UsageError(str(e)) from None
+    try:
+        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise runtime.UsageError(str(e)) from None
+    try:
+        model = load_model(args, comm)
+    except MeshError as e:
+        raise runtime.UsageError(str(e)) from None
+    tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
+    tokenizer = load_tokenizer(tok_dir, model.config)
+    context = min(args.context or DEFAULT_CONTEXT, model.config.max_position_embeddings)
+    if args.max_new_tokens >= context:
+        raise runtime.UsageError(f"--max-new-tokens {args.max_new_tokens} must be smaller than "
+                                 f"the session context of {context} tokens")
+    session = ChatSession(model, tokenizer, template, sampler, model.config.eos_ids,
+                          args.max_new_tokens, context, args.system)
+    interactive = rank == 0 and sys.stdin.isatty()
+    log.info(f"chat with {model.config.name or model.config.family}: context {context} tokens, "
+             "/reset for a new conversation, /exit or end of input to stop")
+    turn_no = 0
+    while True:
+        line = _read_line(rank, comm, interactive)
+        if line is None or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            log.info("new conversation")
+            continue
+        if not line.strip():
+            continue
+        turn_no += 1
+        streamer = StreamDecoder(tokenizer)
+        stream = rank == 0 and not args.json
+
+        def on_token(t, streamer=streamer, stream=stream):
+            if stream and t not in session.stop_ids:
+                sys.stdout.write(streamer.push(t))
+                sys.stdout.flush()
+
+        turn = session.ask(line, on_token)
+        gen = turn.generation
+        if turn.reprefilled:
+            log.info("the conversation was prefilled again from its start")
+        if rank == 0:
+            if args.json:
+                reply = [t for t in gen.new_ids if t not in session.stop_ids]
+                print(json.dumps({"turn": turn_no, "fed_ids": turn.fed_ids,
+                                  "cached": turn.cached, "reprefilled": turn.reprefilled,
+                                  "new_ids": gen.new_ids, "text": tokenizer.decode(reply),
+                                  **gen.metrics()}), flush=True)
+            else:
+                sys.stdout.write(streamer.flush() + "\n")
+                sys.stdout.flush()
+                if not args.quiet:
+                    print(f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
+                          f"the cache] " + format_metrics(gen.metrics(), model.decode_fabric
+                                                          .ledger.device.name),
+                          file=sys.stderr, flush=True)
+    return 0
