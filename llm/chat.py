@@ -3,8 +3,9 @@
 Both render the conversation with the model's own chat template (:mod:`llm.chat_template`).
 
 ``llm chat`` is a multi-turn session. Rank 0 reads the terminal (one line per user turn; the
-commands ``/reset`` and ``/exit``; end of input ends the session), broadcasts each line on the
-control plane, and every rank runs the mesh. The KV cache lives across turns: a new turn feeds
+commands ``/reset`` and ``/exit``; end of input ends the session, but under ``mpiexec`` Open MPI
+does not pass the end of piped input on to rank 0, so a script must end with ``/exit``),
+broadcasts each line on the control plane, and every rank runs the mesh. The KV cache lives across turns: a new turn feeds
 only the tokens the cache does not hold yet (the previous reply's last token and the new turn's
 template text), at positions following the old ones, so an old turn is never prefilled again.
 The first turn of a conversation goes through the prefill engine; later turns through decode
@@ -142,10 +143,11 @@ def add_chat_parser(sub, make_parser, add_mesh_args, add_run_args, positive) -> 
         "Talk to a chat model on the emulated wafer. Rank 0 reads one user turn per line from "
         "the terminal (or a pipe); every rank runs the mesh. The KV cache is kept across turns: "
         "each turn feeds only its new tokens, never an old turn again. Commands: /reset "
-        "(new conversation), /exit (or end of input).",
+        "(new conversation), /exit (or end of input; under mpiexec, end piped input with "
+        "/exit: Open MPI does not forward the end of input to rank 0).",
         "examples:\n"
         "  mpiexec -n 2 python -m mpi4py -m llm chat --model shards/smollm2\n"
-        "  printf 'Hi!\\nWhat did I just say?\\n' | mpiexec -n 2 python -m mpi4py -m llm chat "
+        "  printf 'Hi!\\nWhat did I just say?\\n/exit\\n' | mpiexec -n 2 python -m mpi4py -m llm chat "
         "--model shards/smollm2 --json\n")
     p.add_argument("--model", metavar="PATH", required=True,
                    help="shard set (from convert) or HF model directory, with a chat template")

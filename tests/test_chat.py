@@ -21,11 +21,14 @@ pytest.importorskip("jinja2")
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
+    """Shard sets for 2 ranks (1x2) and for one process, and the weights as stored."""
     d = tmp_path_factory.mktemp("chat")
     stored = write_tiny_gguf(d / "tiny.gguf", seed=5)
     convert(d / "shards", str(d / "tiny.gguf"), ranks=(1, 2),
             meshes={"decode": (2, 2), "prefill": (2, 4)}, progress=False)
-    return d / "shards", stored
+    convert(d / "one", str(d / "tiny.gguf"), ranks=(1, 1),
+            meshes={"decode": (2, 2), "prefill": (1, 2)}, progress=False)
+    return d, stored
 
 
 def chat(shards, script, *extra, n=2, timeout=300):
@@ -37,12 +40,12 @@ def chat(shards, script, *extra, n=2, timeout=300):
 
 @needs_mpiexec
 def test_scripted_session_reuses_the_cache(chat_model):
-    shards, stored = chat_model
-    p = chat(shards, "the cat\n\n12 the cat\nthe\n", "--max-new-tokens", "6", "--json",
-             "--system", "be brief")
+    d, stored = chat_model
+    # Open MPI does not pass the end of piped input on to rank 0: the script says /exit
+    p = chat(d / "shards", "the cat\n\n12 the\n/exit\n", "--max-new-tokens", "4", "--json")
     assert p.returncode == 0, p.stderr
     turns = [json.loads(line) for line in p.stdout.splitlines()]
-    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert [t["turn"] for t in turns] == [1, 2]
     ref = ReferenceModel(tiny_config(), stored)
     history = []
     for t in turns:
@@ -50,25 +53,25 @@ def test_scripted_session_reuses_the_cache(chat_model):
         assert t["cached"] == len(history)
         if history:         # only the new turn: the last reply token, then the template text
             assert t["fed_ids"][0] == history_tail
-            assert len(t["fed_ids"]) < len(history)
+        assert t["prompt_tokens"] == len(t["fed_ids"])     # only these went through the model
         history += t["fed_ids"]
         # the reply equals a fresh greedy run over the whole history, stopping at <|im_end|>
-        assert t["new_ids"] == ref.generate(history, 6, stop_ids=(2,))
+        assert t["new_ids"] == ref.generate(history, 4, stop_ids=(2,))
         history += t["new_ids"][:-1]
         history_tail = t["new_ids"][-1]
-    assert turns[0]["fed_ids"][:4] == [1] + turns[0]["fed_ids"][1:4]   # <|im_start|> first
+    assert turns[0]["fed_ids"][0] == 1                      # <|im_start|> opens the template
 
 
-@needs_mpiexec
 def test_reset_exit_and_context_full(chat_model):
-    shards, _ = chat_model
-    p = chat(shards, "the cat\n/reset\nthe cat\n/exit\nnever read\n", "--max-new-tokens", "4",
-             "--json")
+    d, _ = chat_model
+    p = chat(d / "one", "the cat\n/reset\nthe cat\n/exit\nnever read\n", "--max-new-tokens",
+             "4", "--json", n=None)
     assert p.returncode == 0, p.stderr
     a, b = [json.loads(line) for line in p.stdout.splitlines()]
     assert b["cached"] == 0 and a["fed_ids"] == b["fed_ids"] and a["new_ids"] == b["new_ids"]
     # a session context too small for two turns starts a new conversation for the second one
-    p = chat(shards, "the cat\nthe cat\n", "--max-new-tokens", "4", "--json", "--context", "40")
+    p = chat(d / "one", "the cat\nthe cat\n", "--max-new-tokens", "4", "--json", "--context",
+             "40", n=None)
     assert p.returncode == 0, p.stderr
     a, b = [json.loads(line) for line in p.stdout.splitlines()]
     assert b["reprefilled"] and b["cached"] == 0 and b["fed_ids"] == a["fed_ids"]
