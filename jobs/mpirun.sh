@@ -14,11 +14,13 @@
 # Parameters (environment variables, or NAME=VALUE arguments before COMMAND; defaults in []):
 #   RANKS          MPI ranks [4]
 #   MODEL          HF model directory or random:PRESET [tests/fixtures/tiny-llama-gqa]
-#   SHARDS         shard directory [shards/<model name>-<RANKS>r-<DECODE_MESH>]
+#   SHARDS         shard directory; a relative path is taken from the directory you run this in
+#                  [<repository>/shards/<model>-<DTYPE>-r<RANK_GRID or RANKS>-p<PREFILL_MESH>-
+#                  d<DECODE_MESH>[-<LAYERS>l]: every setting that changes the files is in the name]
 #   DECODE_MESH    decode virtual mesh, PYxPX [8x8]
 #   PREFILL_MESH   prefill virtual mesh [as the decode mesh]
 #   RANK_GRID      rank grid RYxRX [the squarest grid that divides the meshes]
-#   DTYPE          float32 | float16 storage [float32]
+#   DTYPE          float32 | float16 | bfloat16 storage [float32]
 #   LAYERS         keep only the first N layers [all]
 #   FORCE          1 = replace an existing shard set [0]
 #   PROMPT         prompt text [Once upon a time]; PROMPT_IDS (e.g. 1,450,4996) instead
@@ -31,9 +33,13 @@
 #   THREADS        BLAS threads per rank [1]
 #   DRY_RUN        1 = print the commands instead of running them [0]
 #
-# Examples:
-#   jobs/mpirun.sh convert
+# Examples (the first three fit a 2-core machine with a few GB free):
+#   jobs/mpirun.sh convert                       # the tiny fixture model, 4 ranks: seconds
 #   RANKS=2 DECODE_MESH=4x4 jobs/mpirun.sh generate --prompt-ids 1,5,9 --max-new-tokens 8
+#   jobs/mpirun.sh PRESET=llama-100m bench --json --repeat 1    # ~100M random weights, 4 ranks:
+#                                                # about 2 GB and 2 minutes on 2 cores
+#   # LLaMA3-8B shapes, 1 layer: each rank makes the 128K-token embedding and lm_head (one rank
+#   # alone passed 9 GB): a big-memory node, not a 24 GB workstation
 #   jobs/mpirun.sh RANKS=4 PRESET=llama3-8b LAYERS=1 DECODE_MESH=64x64 bench --json
 set -euo pipefail
 
@@ -71,7 +77,9 @@ PRESET="${PRESET:-llama-100m}"
 THREADS="${THREADS:-1}"
 DRY_RUN="${DRY_RUN:-0}"
 model_name="$(basename "${MODEL#random:}")"
-SHARDS="${SHARDS:-shards/${model_name}-${RANKS}r-${DECODE_MESH}${LAYERS:+-${LAYERS}l}}"
+# In the repository (not the caller's directory), named by everything that changes the files, so
+# a later run never silently reuses a shard set made with other settings.
+SHARDS="${SHARDS:-$REPO/shards/${model_name}-${DTYPE}-r${RANK_GRID:-$RANKS}-p${PREFILL_MESH:-$DECODE_MESH}-d${DECODE_MESH}${LAYERS:+-${LAYERS}l}}"
 
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
