@@ -29,6 +29,7 @@ help:
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
+	@echo "make test-slurm   jobs/slurm.sbatch on a one-node SLURM cluster (root; installs slurm-wlm)"
 	@echo "make bench-hf     decode speed of the emulator vs transformers on a ~100M model"
 	@echo "make fixtures     regenerate the golden fixtures with transformers"
 	@echo "make clean        remove build products and the virtual environments"
@@ -55,6 +56,13 @@ test-mpi:
 	  echo "== mpiexec -n $$n"; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q --only-mpi --color=no < /dev/null; \
 	done
+
+# jobs/slurm.sbatch on a real one-node SLURM cluster: installs slurm-wlm, munge and libpmix2 with
+# apt-get if missing, starts the daemons, submits convert/generate jobs and failing jobs, stops the
+# daemons. Needs root; without root or apt it says so and passes (REQUIRE_SLURM=1 makes that fail).
+.PHONY: test-slurm
+test-slurm: install
+	timeout -k 10 600 tests/slurm/run.sh < /dev/null
 
 # Live comparison against HF transformers (torch CPU wheel, pinned) in a separate venv.
 ORACLE := .venv-oracle/bin/python
