@@ -8,6 +8,9 @@
 # COMMAND:
 #   convert   convert MODEL into the shard set SHARDS for RANKS ranks
 #   generate  convert first (unless SHARDS already exists; FORCE=1 converts again), then generate
+#   batch     `batch REQUESTS.jsonl [generate options]`: convert if needed, then run every request
+#             of the file with `generate --batch`, appending results to OUT; a rerun skips the
+#             requests already there (see jobs/requests.example.jsonl)
 #   bench     benchmark PRESET with random weights (or, if MODEL is set, convert it and
 #             benchmark the shard set)
 #
@@ -25,6 +28,7 @@
 #   FORCE          1 = replace an existing shard set [0]
 #   PROMPT         prompt text [Once upon a time]; PROMPT_IDS (e.g. 1,450,4996) instead
 #   MAX_NEW_TOKENS tokens to generate [32]
+#   OUT            batch: results file [<repository>/out/<REQUESTS name without .jsonl>.results.jsonl]
 #   PRESET         bench: model shapes [llama-100m]
 #   PYTHON         interpreter [.venv/bin/python if present, else python3]
 #   MPIEXEC        launcher [mpiexec next to PYTHON if present, else mpiexec]
@@ -36,6 +40,7 @@
 # Examples (the first three fit a 2-core machine with a few GB free):
 #   jobs/mpirun.sh convert                       # the tiny fixture model, 4 ranks: seconds
 #   RANKS=2 DECODE_MESH=4x4 jobs/mpirun.sh generate --prompt-ids 1,5,9 --max-new-tokens 8
+#   DECODE_MESH=4x4 jobs/mpirun.sh batch jobs/requests.example.jsonl
 #   jobs/mpirun.sh PRESET=llama-100m bench --json --repeat 1    # ~100M random weights, 4 ranks:
 #                                                # about 2 GB and 2 minutes on 2 cores
 #   # LLaMA3-8B shapes, 1 layer: each rank makes the 128K-token embedding and lm_head (one rank
@@ -57,8 +62,17 @@ COMMAND="$1"
 shift
 case "$COMMAND" in
     convert|generate|bench) ;;
+    batch)
+        if [[ $# -lt 1 || ! -f "$1" ]]; then
+            echo "error: batch needs a requests file (JSON lines), as in: batch REQUESTS.jsonl" \
+                 "[generate options]${1:+ (there is no file '$1')}" >&2
+            exit 2
+        fi
+        REQUESTS="$1"
+        shift
+        ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown command '$COMMAND' (convert, generate or bench)" >&2; exit 2 ;;
+    *) echo "error: unknown command '$COMMAND' (convert, generate, batch or bench)" >&2; exit 2 ;;
 esac
 
 RANKS="${RANKS:-4}"
@@ -80,6 +94,10 @@ model_name="$(basename "${MODEL#random:}")"
 # In the repository (not the caller's directory), named by everything that changes the files, so
 # a later run never silently reuses a shard set made with other settings.
 SHARDS="${SHARDS:-$REPO/shards/${model_name}-${DTYPE}-r${RANK_GRID:-$RANKS}-p${PREFILL_MESH:-$DECODE_MESH}-d${DECODE_MESH}${LAYERS:+-${LAYERS}l}}"
+if [[ "$COMMAND" == batch ]]; then
+    requests_name="$(basename "$REQUESTS")"
+    OUT="${OUT:-$REPO/out/${requests_name%.jsonl}.results.jsonl}"
+fi
 
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
@@ -146,10 +164,17 @@ case "$COMMAND" in
         prompt=(--prompt "$PROMPT")
         [[ -n "$PROMPT_IDS" ]] && prompt=(--prompt-ids "$PROMPT_IDS")
         for arg in "$@"; do    # a prompt among the extra arguments wins
-            case "$arg" in --prompt|--prompt=*|--prompt-ids*|--prompt-file*) prompt=() ;; esac
+            case "$arg" in --prompt|--prompt=*|--prompt-ids*|--prompt-file*|--chat*|--batch*) prompt=() ;; esac
         done
         run "${LAUNCH[@]}" generate --model "$SHARDS" ${prompt[@]+"${prompt[@]}"} \
             --max-new-tokens "$MAX_NEW_TOKENS" "$@"
+        ;;
+    batch)
+        convert_if_needed
+        [[ "$DRY_RUN" == 1 ]] || mkdir -p "$(dirname "$OUT")"
+        run "${LAUNCH[@]}" generate --model "$SHARDS" --batch "$REQUESTS" --out "$OUT" \
+            --max-new-tokens "$MAX_NEW_TOKENS" "$@"
+        echo "results in $OUT" >&2
         ;;
     bench)
         if [[ -n "$MODEL_GIVEN" ]]; then

@@ -15,8 +15,9 @@
 # same machine is left alone. munge serves its usual socket, /run/munge/munge.socket.2, as at a
 # site (PMIx then picks its munge security mode, which the Open MPI wheel lacks: the warning that
 # jobs/slurm.sbatch silences shows up here too); a munged already serving it is used, not
-# restarted. Outside that directory `up` only adds /run/munge and the symlink libpmix.so ->
-# libpmix.so.2 that Slurm's mpi/pmix plugin loads (Debian ships it only in libpmix-dev).
+# restarted. Outside that directory `up` only adds /run/munge, the symlink libpmix.so ->
+# libpmix.so.2 that Slurm's mpi/pmix plugin loads (Debian ships it only in libpmix-dev) and, if
+# the host name does not resolve, a line for it in /etc/hosts.
 #
 # The node declares more CPUs than the machine has (SLURM_TEST_CPUS [8]), so jobs with more tasks
 # than cores are scheduled instead of pending for ever; jobs/slurm.sbatch then lets waiting MPI
@@ -98,6 +99,11 @@ libpmix_link() {
 write_conf() {
     local host
     host="$(hostname -s)"
+    # slurmctld runs only on the host named by SlurmctldHost, and the daemons look the name up.
+    if ! getent hosts "$host" >/dev/null; then
+        say "adding '127.0.0.1 $host' to /etc/hosts (the host name did not resolve)"
+        echo "127.0.0.1 $host" >> /etc/hosts
+    fi
     cat > "$CONF" <<EOF
 # Written by tools/slurm_cluster.sh: a one-node test cluster; everything under $DIR.
 ClusterName=waferllm-test

@@ -8,7 +8,11 @@
 #     is the JSON record alone, and its tokens equal an `mpiexec -n 4` run of the same command;
 #   - no rank printed the PMIx security warning (PMIX_MCA_psec=native);
 #   - a job on 2 tasks given the 4-rank shard set ends FAILED with the loader's error in its log;
-#   - a job whose srun starts singletons (SRUN_MPI=pmi2) ends FAILED with the rank-count error.
+#   - a job whose srun starts singletons (SRUN_MPI=pmi2) ends FAILED with the rank-count error;
+#   - batch: a JSON-lines file of requests (one line bad) ends COMPLETED 0:0, its results equal
+#     `mpiexec -n 4 ... generate --batch`'s request by request, and the bad line is reported;
+#   - the batch job again on results cut as by a kill mid-write: the finished request is kept,
+#     the others run again, and the results equal mpiexec's once more.
 # The jobs get neither an activated venv nor the Makefile's Open MPI variables: the script has to
 # find .venv and set what it needs itself. Each job is polled with squeue every 0.5 s, under a
 # timeout. The daemons are stopped on exit (by pid), whatever happens.
@@ -76,6 +80,8 @@ MPI_ENV=(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
          PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMPI_MCA_pml=ob1
          OMPI_MCA_btl=self,sm OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1)
 
+# Daemons left by an earlier run that was killed outright (they are recorded by pid).
+"$CLUSTER" down 2>/dev/null || true
 if ! timeout -k 10 120 "$CLUSTER" up; then
     not_ok "the one-node cluster comes up" "${SLURM_TEST_DIR:-/tmp/waferllm-slurm}"/log/*.log
     cleanup
@@ -125,12 +131,16 @@ reference() {
         > "$WORK/$name.ref" 2> "$WORK/$name.ref.err" </dev/null
 }
 
+# same_tokens NAME [JOB_OUTPUT REFERENCE_OUTPUT ID...]: the job's tokens equal mpiexec's
+# (default: the generate --json records in $WORK/NAME.out and $WORK/NAME.ref).
 same_tokens() {
-    local out
-    if out="$(timeout 60 "$PY" tests/slurm/same_tokens.py "$WORK/$1.out" "$WORK/$1.ref" 2>&1)"; then
-        ok "$1: tokens equal mpiexec -n $TASKS ($out)"
+    local name="$1" out
+    shift
+    [[ $# -gt 0 ]] || set -- "$WORK/$name.out" "$WORK/$name.ref"
+    if out="$(timeout 60 "$PY" tests/slurm/same_tokens.py "$@" 2>&1)"; then
+        ok "$name: tokens equal mpiexec -n $TASKS ($out)"
     else
-        not_ok "$1: tokens differ from mpiexec -n $TASKS: $out" "$WORK/$1.err" "$WORK/$1.ref.err"
+        not_ok "$name: tokens differ from mpiexec -n $TASKS: $out" "$WORK/$name.err" "$WORK/$name.ref.err"
     fi
 }
 
@@ -186,6 +196,42 @@ if grep -q "^error: srun --mpi=pmi2 did not start one MPI job of $TASKS ranks" "
     ok "singletons: the script's rank check is in the job's log"
 else
     not_ok "singletons: no rank-check error in the job's log" "$WORK/singletons.err"
+fi
+
+# 6. batch: requests from a JSON-lines file (one of them bad), results appended to OUT
+REQUESTS="$WORK/requests.jsonl"
+cat > "$REQUESTS" <<END
+{"id": "mesh", "prompt": "$PROMPT", "max_new_tokens": 10}
+{"id": 2, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}
+this line is not JSON
+{"id": "sampled", "prompt": "Once upon a time", "temperature": 0.8, "top_p": 0.9, "seed": 3}
+END
+IDS=(mesh 2 sampled)
+RESULTS="$WORK/results.jsonl"
+submit batch --export="$COMMON,OUT=$RESULTS" -- batch "$REQUESTS"
+expect_state batch "COMPLETED 0:0"
+reference batch generate --model "$SHARDS" --batch "$REQUESTS" --out "$WORK/batch.ref.jsonl" \
+    --max-new-tokens "$NEW_TOKENS"
+same_tokens batch "$RESULTS" "$WORK/batch.ref.jsonl" "${IDS[@]}"
+if grep -q "requests.jsonl:3: .*skipped" "$WORK/batch.err"; then
+    ok "batch: the bad line 3 is reported and skipped"
+else
+    not_ok "batch: no report of the bad line 3 in the job's log" "$WORK/batch.err"
+fi
+
+# 7. the batch job again, as after a kill while it wrote its second result: the finished request
+#    is kept, the half-written line is cut off, and the other requests run again.
+head -n 1 "$RESULTS" > "$WORK/results.first"
+{ cat "$WORK/results.first"; sed -n 2p "$RESULTS" | head -c 40; } > "$WORK/results.partial"
+cp "$WORK/results.partial" "$RESULTS"
+submit batch-rerun --export="$COMMON,OUT=$RESULTS" -- batch "$REQUESTS"
+expect_state batch-rerun "COMPLETED 0:0"
+same_tokens batch-rerun "$RESULTS" "$WORK/batch.ref.jsonl" "${IDS[@]}"
+if [[ "$(head -n 1 "$RESULTS")" == "$(cat "$WORK/results.first")" ]] &&
+   grep -q "1 already in" "$WORK/batch-rerun.err"; then
+    ok "batch-rerun: the finished request was kept, not run again"
+else
+    not_ok "batch-rerun: the first result was not kept as it was" "$WORK/batch-rerun.err"
 fi
 
 cleanup
