@@ -58,8 +58,9 @@ test-mpi:
 	done
 
 # jobs/slurm.sbatch on a real one-node SLURM cluster: installs slurm-wlm, munge and libpmix2 with
-# apt-get if missing, starts the daemons, submits convert/generate jobs and failing jobs, stops the
-# daemons. Needs root; without root or apt it says so and passes (REQUIRE_SLURM=1 makes that fail).
+# apt-get if missing, starts the daemons, submits convert, generate, batch and failing jobs, and
+# stops the daemons. Needs root; without root or apt it says so and passes (REQUIRE_SLURM=1 makes
+# that fail).
 .PHONY: test-slurm
 test-slurm: install
 	timeout -k 10 600 tests/slurm/run.sh < /dev/null
