@@ -8,17 +8,43 @@ and no communication is needed to report them.
 
 Cost of one step (cycles)::
 
-    compute = macs / macs_per_cycle
-    comm    = alpha * hops + beta * routings + words * word_bytes / link_bytes_per_cycle
-    step    = max(compute, comm) if overlap else compute + comm
+    compute = macs / macs_per_cycle + vectors * vector_setup
+    comm    = alpha * hops + beta * routings + words * wavelet_cycles
+    step    = step_overhead + (max(compute, comm) if overlap else compute + comm)
+              + task_switch * activations   (see below)
 
 Streaming on the wafer is pipelined (a core forwards each word as it arrives), so a message's
 length is paid once per step, not once per hop.
+
+Where each term comes from:
+
+* ``macs_per_cycle``: the CE fetches two 32-bit operands per cycle (paper §7 setup); with fp16
+  data each operand carries two values, so a vector ``fmach`` retires 2 MACs per cycle.
+* ``vectors * vector_setup``: the CE runs local GEMV/GEMM as one vector (DSD) instruction per
+  input row (the public CSL code: ``@map`` of ``@fmach`` over the output slice), and each
+  instruction pays a set-up and pipeline fill that is not overlapped with the streaming of its
+  operands (the paper: "WSE-2 cores cannot fully overlap memory access with compute"). With the
+  small tiles of a large mesh this part does not shrink like the MACs do.
+* ``wavelet_cycles = ceil(word_bytes / link_bytes_per_cycle)``: a link carries one 32-bit
+  wavelet per cycle and the CSL code's fp16 fabric DSDs (``@fmovh``, ``@faddh``) put one
+  element in each wavelet, so an fp16 stream moves one element per cycle, not two.
+* ``task_switch``: activating a task on a core: the task switch, the set-up of its DSDs and
+  the switch to its fabric colours. Paid (a) when a core moves from one kernel to the next
+  (RMSNorm, then the QKV GEMV, then the scores, ...: the "kernel" of a record is its name up to
+  the first component after any ``layerN/``; a kernel repeated back to back, like the paper's
+  GEMV benchmark loop, pays it only once, when the ledger's first record starts it, which is
+  free) and (b) at every step of a task-chained kernel (``tasks=1``): MeshGEMM, Cannon, SUMMA
+  and dist-GEMM-T fire each compute-shift step from the completion callbacks of the previous
+  one (the public CSL code's task chain), while a K-tree allreduce runs its phases as blocking
+  fabric operations inside one task.
+* ``step_overhead``: a fixed cost per step inside a kernel (default 0: the paper's GEMV points
+  only fix ``27 beta + 4 step_overhead`` together, and are attributed to ``beta``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -47,6 +73,16 @@ class Device:
         Routable paths (colours) a core's router supports (R).
     word_bytes : int
         Bytes per stored element (2 for fp16).
+    vector_setup : float
+        Cycles of set-up per vector (DSD) instruction of local compute, not overlapped.
+    step_overhead : float
+        Fixed cycles per step inside a kernel.
+    task_switch : float
+        Cycles of one task activation (task switch, DSD set-up, fabric colour switch): paid
+        when a core starts a different kernel and at every step of a task-chained kernel.
+    reserved_bytes : float
+        Bytes per core not available to weights or KV cache: code, fabric queues, working
+        buffers of the kernels.
     """
 
     name: str
@@ -60,6 +96,10 @@ class Device:
     link_bytes_per_cycle: float = 4.0
     routing_paths: int = 24
     word_bytes: int = 2
+    vector_setup: float = 0.0
+    step_overhead: float = 0.0
+    task_switch: float = 0.0
+    reserved_bytes: float = 0.0
     note: str = ""
 
     def with_(self, **changes) -> "Device":
@@ -69,19 +109,28 @@ class Device:
     def seconds(self, cycles: float) -> float:
         return cycles / self.clock_hz
 
+    @property
+    def wavelet_cycles(self) -> float:
+        """Link cycles per streamed element: one element per wavelet, a wavelet per cycle."""
+        return float(max(1, -(-self.word_bytes // int(self.link_bytes_per_cycle))))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# WSE-2: 1.1 GHz, 48 KB per core, one 32-bit word per neighbour link per cycle, 24 routable
-# colours, a 757 x 996 fabric of which ~750 x 994 is usable. alpha is assumed (1 cycle per hop);
-# beta and macs_per_cycle are calibrated on the paper's two MeshGEMV points by
-# meshrt.calibrate.calibrate() (tests/test_calibrate.py re-derives them).
+# WSE-2: 1.1 GHz, 48 KB per core, one 32-bit wavelet per neighbour link per cycle (one fp16
+# element per wavelet), 2 fp16 MACs per cycle, 24 routable colours, a 757 x 996 fabric of which
+# 750 x 994 is usable (the SDK's fabric offsets). alpha = 1 cycle per hop. beta, vector_setup,
+# task_switch and reserved_bytes are fitted on the paper's allowed points (two MeshGEMV times,
+# LLaMA3-8B decode on 420x420, LLaMA3-8B KV capacity on 360x360) by llm.calibration.calibrate()
+# (tests/test_predict.py re-derives them; `python -m llm estimate --calibration` prints them).
 WSE2 = Device(name="wse2", cores_x=750, cores_y=994, mem_per_core=48 * 1024, clock_hz=1.1e9,
-              macs_per_cycle=1.80649, alpha=1.0, beta=8.98765, link_bytes_per_cycle=4.0,
-              routing_paths=24, word_bytes=2,
+              macs_per_cycle=2.0, alpha=1.0, beta=6.888889, link_bytes_per_cycle=4.0,
+              routing_paths=24, word_bytes=2, vector_setup=2.195652, step_overhead=0.0,
+              task_switch=273.3302, reserved_bytes=1554.049,
               note="Cerebras WSE-2: 850k cores, 48 KB SRAM/core, 1.1 GHz, 32-bit links; "
-                   "beta and MACs/cycle calibrated on the paper's MeshGEMV table")
+                   "beta, vector set-up, kernel switch and reserve calibrated on the paper's "
+                   "allowed points")
 # WSE-3: the paper gives no per-core figures ("same NoC, better per-core efficiency and memory");
 # the public scripts use a 762 x 1172 fabric. Until measured, it inherits WSE-2's calibration.
 WSE3 = WSE2.with_(name="wse3", cores_x=760, cores_y=1170,
@@ -115,6 +164,16 @@ def get_device(name_or_device) -> Device:
     return dev
 
 
+def kernel_of(name: str) -> str:
+    """The kernel a record belongs to: its name up to the first component after ``layerN/``
+    prefixes (``layer3/qkv/allreduce/level1`` -> ``layer3/qkv``)."""
+    parts = name.split("/")
+    i = 0
+    while i < len(parts) - 1 and re.fullmatch(r"layer\d+", parts[i]):
+        i += 1
+    return "/".join(parts[:i + 1])
+
+
 @dataclass(frozen=True)
 class Cost:
     """Closed-form wafer cost of ``count`` identical lockstep steps of the mesh.
@@ -134,6 +193,10 @@ class Cost:
         Whether compute and communication of a step overlap (double buffering).
     count : int
         Number of such steps.
+    vectors : int
+        Vector (DSD) instructions of local compute in one step (each pays ``vector_setup``).
+    tasks : int
+        Task activations per step (1 for a task-chained kernel's steps).
     routes : int
         Routing paths per core the steps need configured (0: none noted).
 
@@ -148,10 +211,13 @@ class Cost:
     overlap: bool = False
     count: int = 1
     routes: int = 0
+    vectors: int = 0
+    tasks: int = 0
 
     def step(self) -> tuple:
         """The per-step figures that make two costs the same step."""
-        return (self.macs, self.words, self.hops, self.routings, self.overlap, self.routes)
+        return (self.macs, self.words, self.hops, self.routings, self.overlap, self.routes,
+                self.vectors, self.tasks)
 
     def __mul__(self, k: int) -> "Cost":
         return dataclasses.replace(self, count=self.count * int(k))
@@ -182,6 +248,8 @@ class OpTotals:
     words: float = 0.0
     hops: int = 0
     routings: int = 0
+    vectors: int = 0
+    activations: int = 0
 
 
 @dataclass
@@ -202,6 +270,7 @@ class Ledger:
     io_bytes: float = 0.0             # host <-> wafer edge traffic
     io_cycles: float = 0.0
     _prefix: list = field(default_factory=list)
+    _kernel: str | None = None
 
     # -- recording -------------------------------------------------------------------------
     def _name(self, op: str) -> str:
@@ -216,18 +285,22 @@ class Ledger:
         finally:
             self._prefix.pop()
 
-    def step_cycles(self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False) -> tuple:
-        """``(total, compute, comm)`` cycles of one step, without recording it."""
+    def step_cycles(self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False,
+                    vectors=0) -> tuple:
+        """``(total, compute, comm)`` cycles of one step, without recording it.
+
+        ``total`` includes the device's fixed ``step_overhead``; ``compute`` and ``comm`` do not.
+        """
         d = self.device
-        compute = macs / d.macs_per_cycle
+        compute = macs / d.macs_per_cycle + vectors * d.vector_setup
         comm = 0.0
         if words or hops or routings:
-            comm = d.alpha * hops + d.beta * routings + words * d.word_bytes / d.link_bytes_per_cycle
-        total = max(compute, comm) if overlap else compute + comm
+            comm = d.alpha * hops + d.beta * routings + words * d.wavelet_cycles
+        total = d.step_overhead + (max(compute, comm) if overlap else compute + comm)
         return total, compute, comm
 
     def record(self, op: str, *, macs=0.0, words=0.0, hops=0, routings=0, overlap=False,
-               count=1) -> float:
+               count=1, vectors=0, tasks=0) -> float:
         """Record ``count`` identical lockstep steps of the mesh; returns their cycles.
 
         Parameters
@@ -240,23 +313,38 @@ class Ledger:
             Physical hops and software routing stages on the step's critical path.
         overlap : bool
             Whether compute and communication of the step overlap (double buffering).
+        vectors : int
+            Vector (DSD) instructions the busiest core issues for ``macs`` in one step (e.g.
+            one per input row of a local GEMV); each pays the device's ``vector_setup``.
+        tasks : int
+            Task activations per step (1 for the steps of a task-chained kernel); the first
+            record of a different kernel activates one in any case.
         """
-        total, compute, comm = self.step_cycles(macs, words, hops, routings, overlap)
-        t = self.ops[self._name(op)]
+        total, compute, comm = self.step_cycles(macs, words, hops, routings, overlap, vectors)
+        name = self._name(op)
+        kernel = kernel_of(name)
+        switch = int(self._kernel is not None and kernel != self._kernel)
+        self._kernel = kernel
+        activations = max(switch, tasks * count)
+        extra = activations * self.device.task_switch
+        t = self.ops[name]
         t.steps += count
-        t.cycles += total * count
+        t.activations += activations
+        t.cycles += total * count + extra
         t.compute_cycles += compute * count
         t.comm_cycles += comm * count
         t.macs += macs * count
         t.words += words * count
         t.hops += hops * count
         t.routings += routings * count
-        return total * count
+        t.vectors += vectors * count
+        return total * count + extra
 
     def charge(self, op: str, cost: Cost) -> float:
         """Record ``cost`` (its ``count`` steps and its routes) under ``op``; returns cycles."""
         cycles = self.record(op, macs=cost.macs, words=cost.words, hops=cost.hops,
-                             routings=cost.routings, overlap=cost.overlap, count=cost.count)
+                             routings=cost.routings, overlap=cost.overlap, count=cost.count,
+                             vectors=cost.vectors, tasks=cost.tasks)
         if cost.routes:
             self.routes(op, cost.routes)
         return cycles
@@ -279,6 +367,7 @@ class Ledger:
 
     def reset(self) -> None:
         self.ops.clear()
+        self._kernel = None
         self.peak_memory, self.peak_memory_op = 0.0, ""
         self.max_routes, self.max_routes_op = 0, ""
         self.io_bytes = self.io_cycles = 0.0

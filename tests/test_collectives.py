@@ -102,7 +102,7 @@ def test_ledger_matches_closed_form(axis):
     d = max(1, n - 2)
     assert (t.hops, t.routings, t.words) == (d, d, words)
     a, b = fab.ledger.device.alpha, fab.ledger.device.beta
-    comm = a * d + b * d + words * fab.ledger.device.word_bytes / fab.ledger.device.link_bytes_per_cycle
+    comm = a * d + b * d + words * fab.ledger.device.wavelet_cycles
     assert t.cycles == pytest.approx(max(comm, words / fab.ledger.device.macs_per_cycle))
 
     fab = fabric(lay)

@@ -41,14 +41,37 @@ def test_device_presets_and_overrides():
     assert get_device("mymesh") is mine
 
 
+def test_fixed_costs_per_vector_step_and_task():
+    dev = WSE2.with_(alpha=1.0, beta=0.0, macs_per_cycle=2.0, vector_setup=3.0,
+                     step_overhead=7.0, task_switch=100.0)
+    led = Ledger(dev)
+    # first record of a fresh ledger: no task switch; 4 vector instructions of set-up
+    assert led.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12
+    # same kernel, another phase: no switch
+    assert led.record("gemv/allreduce/level1", words=10, hops=2, overlap=True) == 7 + 12
+    # a different kernel: one task switch
+    assert led.record("norm/scale", macs=2) == 7 + 1 + 100
+    # a task-chained kernel: one activation per step (the switch into it included)
+    assert led.record("gemm/step", macs=20, count=3, tasks=1) == 3 * (7 + 10 + 100)
+    with led.section("layer0"):
+        led.record("qkv/local", macs=2)
+        led.record("qkv/allreduce", words=1, hops=1)
+    assert led.ops["layer0/qkv/allreduce"].activations == 0
+    assert led.totals().activations == 1 + 3 + 1
+    assert led.totals().vectors == 4
+    led.reset()
+    assert led.record("x", macs=2) == 8     # reset forgets the running kernel
+
+
 def test_ledger_cycles_overlap_and_violations():
-    led = Ledger(WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0))
-    # compute 100 cycles, comm 5 + 20 + 8 * 2 / 4 = 29 cycles
+    led = Ledger(WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0,
+                            task_switch=0.0, step_overhead=0.0))
+    # compute 100 cycles, comm 5 + 20 + 8 (one fp16 element per 32-bit wavelet) = 33 cycles
     assert led.record("a", macs=200, words=8, hops=5, routings=2, overlap=True) == 100
-    assert led.record("b", macs=200, words=8, hops=5, routings=2, overlap=False, count=2) == 258
+    assert led.record("b", macs=200, words=8, hops=5, routings=2, overlap=False, count=2) == 266
     t = led.totals()
     assert (t.steps, t.hops, t.routings, t.macs) == (3, 15, 6, 600)
-    assert t.cycles == 358 and t.compute_cycles == 300 and t.comm_cycles == 87
+    assert t.cycles == 366 and t.compute_cycles == 300 and t.comm_cycles == 99
     with led.section("layer0"):
         led.record("c", macs=2)
     assert "layer0/c" in led.ops

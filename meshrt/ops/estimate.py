@@ -92,9 +92,9 @@ def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Devic
     if not b_preskewed:
         skew += [y_fwd, ring_transfer(nl, kind, b, a, tile_b, reverse=True)]
     shift = _worse(device, x_fwd, y_fwd)
-    return [("skew", _worse(device, *skew) * skew_rounds(plan)),
+    return [("skew", _worse(device, *skew).with_(tasks=1) * skew_rounds(plan)),
             ("step", shift.with_(macs=a * b * plan.tmb * plan.tkb * plan.tnb, overlap=True,
-                                 count=nl))]
+                                 count=nl, vectors=a * b * plan.tkb * plan.tnb, tasks=1))]
 
 
 def shift_gemm_memory(plan: GemmPlan) -> int:
@@ -159,7 +159,8 @@ def summa_step(plan: GemmPlan, kb: int, device: Device) -> Cost:
 def summa_costs(plan: GemmPlan, steps: Counter) -> list:
     """Step costs from a tally ``{transfer Cost: count}`` of executed steps."""
     macs = plan.tile_c[0] * plan.tkb * plan.tile_c[1]
-    return [("step", t.with_(macs=macs, count=c))
+    vectors = plan.tkb * plan.tile_c[1]
+    return [("step", t.with_(macs=macs, count=c, vectors=vectors, tasks=1))
             for t, c in sorted(steps.items(), key=lambda tc: tc[0].step())]
 
 
@@ -211,7 +212,7 @@ def gemm_t_step(plan: GemmPlan) -> tuple:
     d_tile = a * plan.tkb
     shift = ring_transfer(plan.nl, "interleaved", b, 1, plan.tnb * d_tile)
     return "step", shift.with_(macs=b * plan.tmb * d_tile * plan.tnb, overlap=True,
-                               count=plan.nl)
+                               count=plan.nl, vectors=b * d_tile * plan.tnb, tasks=1)
 
 
 def gemm_t_reduce(plan: GemmPlan, roots: np.ndarray) -> Cost:

@@ -83,8 +83,13 @@ def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def local_cost(batch: int, tile_rows: int, tile_cols: int) -> Cost:
-    """Every core's ``[batch, tile_rows] @ [tile_rows, tile_cols]`` partial product."""
-    return Cost(macs=batch * tile_rows * tile_cols)
+    """Every core's ``[batch, tile_rows] @ [tile_rows, tile_cols]`` partial product.
+
+    The CE issues one vector ``fmach`` per input element (row of the tile) over the
+    ``tile_cols`` outputs (the public CSL code's ``@map`` over ``Mt``): ``batch * tile_rows``
+    vector instructions.
+    """
+    return Cost(macs=batch * tile_rows * tile_cols, vectors=batch * tile_rows)
 
 
 def memory_words(batch: int, tile_rows: int, tile_cols: int) -> int:
