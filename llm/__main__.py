@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "cores, and a PLMR ledger prices every step as the wafer would.",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{fetch,convert,generate,chat,bench,plan,info}",
+                           metavar="{fetch,convert,generate,chat,bench,plan,info,estimate}",
                            parser_class=_Parser)
     from .chat import add_chat_parser
     from .fetch import add_fetch_parser
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_plan_parser(sub)
     add_info_parser(sub)
+    from .estimate_cli import register
+    register(sub, _sub, COMMANDS)
     return p
 
 

@@ -312,10 +312,12 @@ def run_bench(args) -> int:
     rank, _ = runtime.rank_and_size(comm)
     log = runtime.setup_logging(comm)
     if args.what == "calibrate":
-        from .calibrate import calibrate, report
+        from .calibrate import report
         from .plmr import get_device
         if rank == 0:
-            print(report(calibrate(get_device(args.device))))
+            print(report(get_device(args.device)))
+            print("  (the full fit, with the decode and KV-capacity points: "
+                  "python -m llm estimate --calibration)")
         return 0
     fn = {"fabric": bench_fabric, "gemv": bench_gemv, "gemm": bench_gemm,
           "model": bench_model}[args.what]

@@ -1,77 +1,114 @@
-"""Calibrating the WSE-2 preset on the paper's published MeshGEMV points, and nothing else.
+"""Fitting device constants on measured points, and the paper's two MeshGEMV points.
 
 The paper (Table 6) gives two MeshGEMV times on WSE-2:
 
 * ``[1,16K] x [16K,16K]``: 0.0012 ms
 * ``[1,32K] x [32K,32K]``: 0.00203 ms
 
-Three constants of the device are unknown: ``alpha`` (cycles per hop), ``beta`` (cycles per
-software routing stage) and ``macs_per_cycle``. Two points cannot fix three unknowns, so:
+Their mesh is not stated; the largest the paper uses, 720 x 720, with the public code's K-tree
+setting for that size (two levels, 24 groups), is assumed. Both points are one kernel repeated
+back to back, so they never pay a kernel switch; the difference between them is the local GEMV
+growing from 23 x 23 to 46 x 46 elements per core, which fixes ``vector_setup``; their level
+fixes the latency of the routing stages (``beta``).
 
-1. ``alpha = 1`` cycle per hop: a WSE-2 router moves one 32-bit word to a neighbour per cycle.
-2. The mesh is the paper's largest GEMV mesh, 720 x 720 cores, with the public code's K-tree
-   setting for that size (two levels, 24 groups), fp16 words.
-3. ``beta`` and ``macs_per_cycle`` are solved so that :func:`meshrt.ops.gemv.estimate_meshgemv`
-   reproduces both times exactly (nested bisection; both times grow monotonically in ``beta`` and
-   in ``1/macs_per_cycle``).
-
-Everything else (GEMM, decode throughput, other meshes) is then predicted, never fitted.
-``python -m meshrt bench calibrate`` prints the derivation.
+:func:`fit` solves for any set of constants, one per point, by Newton steps on finite
+differences (the cost model is piecewise linear in its constants). The full WSE-2 calibration,
+which also uses a decode throughput and a KV capacity, lives in :mod:`llm.calibration`
+(``meshrt`` knows nothing of models).
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
+
 from .plmr import Device
 
-POINTS = (  # (M = N, seconds) from Table 6
+GEMV_POINTS = (  # (M = N, seconds) from Table 6
     (16384, 0.0012e-3),
     (32768, 0.00203e-3),
 )
+POINTS = GEMV_POINTS
 MESH = (720, 720)
 GROUPS = 24
-ALPHA = 1.0
 
 
 def modeled_seconds(device: Device, size: int) -> float:
+    """Modeled time of the ``[1, size] x [size, size]`` MeshGEMV of Table 6."""
     from .collectives import AllreduceSpec
     from .ops.gemv import estimate_meshgemv
     return estimate_meshgemv(size, size, MESH, device, spec=AllreduceSpec(groups=GROUPS)).seconds
 
 
-def _bisect(f, lo: float, hi: float, iters: int = 100) -> float:
-    """Root of an increasing function ``f`` on ``[lo, hi]``."""
+def gemv_points() -> list[tuple[str, float, Callable[[Device], float]]]:
+    """``(label, measured seconds, model(device) -> seconds)`` of the Table-6 points."""
+    return [(f"MeshGEMV [1,{n // 1024}K]x[{n // 1024}K,{n // 1024}K] on 720x720", t,
+             (lambda dev, n=n: modeled_seconds(dev, n))) for n, t in GEMV_POINTS]
+
+
+def fit(base: Device, names: list[str], points: list, start: list[float] | None = None,
+        iters: int = 60, tol: float = 1e-10) -> Device:
+    """``base`` with the constants ``names`` set so that every point is reproduced.
+
+    Parameters
+    ----------
+    names : list of str
+        Device fields to solve for, as many as ``points``.
+    points : list of (label, target, model)
+        ``model(device)`` returns the modeled value of a point whose measured value is
+        ``target``.
+
+    Raises
+    ------
+    ValueError
+        No non-negative solution: the points contradict the model's structure.
+    """
+    if len(names) != len(points):
+        raise ValueError("fit needs one point per constant")
+    theta = np.array(start if start is not None else [1.0] * len(names), dtype=float)
+    target = np.array([p[1] for p in points])
+
+    def values(th):
+        dev = base.with_(**dict(zip(names, map(float, th))))
+        return np.array([p[2](dev) for p in points]) / target
+
     for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if f(mid) > 0:
-            hi = mid
-        else:
-            lo = mid
-    return 0.5 * (lo + hi)
+        f = values(theta)
+        if np.max(np.abs(f - 1.0)) < tol:
+            break
+        jac = np.empty((len(names), len(names)))
+        for j in range(len(names)):
+            step = max(1e-3, 1e-4 * abs(theta[j]))
+            th = theta.copy()
+            th[j] += step
+            jac[:, j] = (values(th) - f) / step
+        theta = theta + np.linalg.solve(jac, 1.0 - f)
+    if np.any(theta < 0) or np.max(np.abs(values(theta) - 1.0)) > 1e-6:
+        raise ValueError(f"no non-negative fit of {names} on {[p[0] for p in points]}: "
+                         f"{dict(zip(names, theta))}")
+    return base.with_(**dict(zip(names, map(float, theta))))
 
 
-def calibrate(base: Device) -> Device:
-    """``base`` with ``alpha``, ``beta`` and ``macs_per_cycle`` set from :data:`POINTS`."""
-    (n1, t1), (n2, t2) = POINTS
+def residuals(device: Device, points: list) -> list[tuple[str, float, float, float]]:
+    """``(label, measured, modeled, modeled / measured - 1)`` of every point."""
+    out = []
+    for label, target, model in points:
+        v = model(device)
+        out.append((label, target, v, v / target - 1.0))
+    return out
 
-    def beta_for(cycles_per_mac: float) -> float:
-        dev = lambda b: base.with_(alpha=ALPHA, beta=b, macs_per_cycle=1.0 / cycles_per_mac)  # noqa
-        return _bisect(lambda b: modeled_seconds(dev(b), n1) - t1, 0.0, 1e4)
 
-    def residual(cycles_per_mac: float) -> float:
-        b = beta_for(cycles_per_mac)
-        dev = base.with_(alpha=ALPHA, beta=b, macs_per_cycle=1.0 / cycles_per_mac)
-        return modeled_seconds(dev, n2) - t2
-
-    cpm = _bisect(residual, 1e-3, 10.0)
-    beta = beta_for(cpm)
-    return base.with_(alpha=ALPHA, beta=beta, macs_per_cycle=1.0 / cpm)
+def format_residuals(rows) -> str:
+    return "\n".join(f"  {label}: paper {t:.6g}, model {v:.6g} ({r:+.2e})"
+                     for label, t, v, r in rows)
 
 
 def report(device: Device) -> str:
-    lines = [f"calibration of {device.name}: alpha={device.alpha:.4g} cycles/hop (assumed), "
-             f"beta={device.beta:.4g} cycles/routing, macs_per_cycle={device.macs_per_cycle:.4g}",
-             f"  assumed mesh {MESH[0]}x{MESH[1]}, K-tree with {GROUPS} groups, "
-             f"{device.word_bytes}-byte words"]
-    for n, t in POINTS:
-        lines.append(f"  GEMV [1,{n}]x[{n},{n}]: paper {t * 1e3:.5f} ms, "
-                     f"model {modeled_seconds(device, n) * 1e3:.5f} ms")
+    """The device constants and its residuals on the GEMV points."""
+    lines = [f"{device.name}: alpha={device.alpha:g} cycles/hop, beta={device.beta:.4g} "
+             f"cycles/routing, vector_setup={device.vector_setup:.4g} cycles, "
+             f"task_switch={device.task_switch:.4g} cycles, step_overhead="
+             f"{device.step_overhead:g}, macs_per_cycle={device.macs_per_cycle:g}",
+             f"  assumed GEMV mesh {MESH[0]}x{MESH[1]}, K-tree with {GROUPS} groups"]
+    lines.append(format_residuals(residuals(device, gemv_points())))
     return "\n".join(lines)
