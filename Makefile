@@ -19,7 +19,7 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-serial test-mpi test-oracle bench bench-hf fixtures model demo demo-tiny clean help
+.PHONY: install test test-serial test-mpi test-oracle bench bench-hf fixtures model demo demo-tiny predict clean help
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
@@ -28,6 +28,7 @@ help:
 	@echo "make model        fetch SmolLM2-135M-Instruct into the cache (\$$WAFERLLM_CACHE or ~/.cache/waferllm)"
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
+	@echo "make predict      modeled WSE-2 tables at the paper's settings, calibration, TPR plot (out/predict)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
 	@echo "make test-slurm   jobs/slurm.sbatch on a one-node SLURM cluster (root; installs slurm-wlm)"
 	@echo "make bench-hf     decode speed of the emulator vs transformers on a ~100M model"
@@ -120,6 +121,17 @@ bench: install
 	$(PY) -m meshrt bench model --kernel gemv --json $(BENCH_OUT)/model-gemv.json --plot $(BENCH_OUT)/model-gemv.png
 	timeout -k 10 1800 $(PY) -m llm bench --preset llama-100m --decode-mesh 8x8 --json > $(BENCH_OUT)/llm-100m.json
 	@echo "results in $(BENCH_OUT)/"
+
+# Closed-form predictions at the paper's settings (no emulation): JSON + markdown table, the
+# calibration residuals, and a plot of TPR against mesh side (matplotlib: optional, installed here).
+PREDICT_OUT ?= out/predict
+predict: install
+	mkdir -p $(PREDICT_OUT)
+	$(PY) -m pip install -q "matplotlib>=3.7"
+	timeout -k 10 600 $(PY) -m llm estimate --calibration > $(PREDICT_OUT)/calibration.txt
+	timeout -k 10 600 $(PY) -m llm estimate --paper-table $(PREDICT_OUT) --plot $(PREDICT_OUT)/tpr-vs-mesh.png
+	@cat $(PREDICT_OUT)/calibration.txt
+	@echo "results in $(PREDICT_OUT)/"
 
 clean:
 	rm -rf $(VENV) .venv-oracle build *.egg-info .pytest_cache

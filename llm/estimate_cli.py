@@ -116,7 +116,9 @@ def paper_table(device="wse2") -> dict:
     """Predictions at the paper's settings: decode at 420/540/660 (4K context), prefill at
     480/600/720 (4096-token prompt), end to end at 660->360 (8B) and 750->375 (13B)."""
     from .predict import decode_tpr
-    out = {"device": device, "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
+    from meshrt.plmr import get_device
+    dev = get_device(device)
+    out = {"device": dev.to_dict(), "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
     for name in PAPER_MODELS:
         config = _config(name)
         out["decode"][name] = {s: decode_tpr(config, (s, s), device, CONTEXT)
@@ -184,7 +186,8 @@ def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
         ax.set_title(what)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Modeled {device} throughput per request")
+    from meshrt.plmr import get_device
+    fig.suptitle(f"Modeled {get_device(device).name} throughput per request (llm estimate)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
