@@ -84,11 +84,15 @@ def test_ledger_cycles_overlap_and_violations():
 
 
 def test_cost_charge_equals_record_and_algebra():
-    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0)
+    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0)
     step = Cost(macs=200, words=8, hops=5, routings=2, overlap=False, routes=3)
     a, b = Ledger(dev), Ledger(dev)
+    # compute 100, comm 5 + 20 + 8 (one fp16 element per wavelet); first record: no task switch
     assert a.charge("x", step * 2) == b.record("x", macs=200, words=8, hops=5, routings=2,
-                                                 overlap=False, count=2) == 258
+                                                 overlap=False, count=2) == 266
+    tasked = step.with_(vectors=4, tasks=1)
+    assert a.charge("y", tasked) == b.record("y", macs=200, words=8, hops=5, routings=2,
+                                             vectors=4, tasks=1) == 133 + dev.task_switch
     assert a.ops == b.ops and a.max_routes == 3 and b.max_routes == 0
     assert (step + step * 2).count == 3 and (3 * step).count == 3
     with pytest.raises(ValueError, match="different steps"):

@@ -9,6 +9,7 @@ import pytest
 from llm.config import preset
 from llm.predict import decode_tpr, predict
 from llm.wafer import PlacementError, kv_capacity, place, stage_stack
+from meshrt.collectives import AllreduceSpec
 from meshrt.ops.estimate import estimate_cannon, estimate_meshgemm, estimate_summa
 from meshrt.ops.gemv import estimate_meshgemv
 from meshrt.plmr import WSE2
@@ -66,14 +67,14 @@ def test_meshgemm_efficiency_near_the_hardware_limit():
 
 @pytest.mark.parametrize("side", [300, 360, 480, 600, 720])
 def test_ktree_beats_pipeline_and_ring_beyond_300(side):
-    cyc = {a: estimate_meshgemv(16384, 16384, (side, side), WSE2, algo=a).cycles
+    cyc = {a: estimate_meshgemv(16384, 16384, (side, side), WSE2, spec=AllreduceSpec(a)).cycles
            for a in ("ktree", "pipeline", "ring")}
     assert cyc["ktree"] < cyc["pipeline"] and cyc["ktree"] < cyc["ring"]
 
 
 def test_meshgemv_against_the_pipeline_baseline_at_720():
     # the paper: MeshGEMV ~4.6x faster than Cerebras' pipeline-allreduce GEMV
-    kt, pl = (estimate_meshgemv(16384, 16384, (720, 720), WSE2, algo=a).cycles
+    kt, pl = (estimate_meshgemv(16384, 16384, (720, 720), WSE2, spec=AllreduceSpec(a)).cycles
               for a in ("ktree", "pipeline"))
     assert 3.0 < pl / kt < 8.0
 
