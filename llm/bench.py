@@ -38,7 +38,22 @@ def full_model_estimate(config, mesh, device, context: int, prompt: int, policy:
             <= device.mem_per_core,
             "kv_bytes_per_token_per_core": cap["bytes_per_token_per_core"],
             "kv_capacity_concat": cap["concat"], "kv_capacity_shift": cap["shift"],
-            "violations": led.violations()}
+            "violations": led.violations(), "wafer": _wafer(config, prefill_mesh or mesh, mesh,
+                                                            prompt, context, device, policy,
+                                                            allreduce)}
+
+
+def _wafer(config, pmesh, dmesh, prompt, context, device, policy, allreduce) -> dict:
+    """The request on the wafer, stages and transfers included (``llm estimate``'s figures)."""
+    from .predict import predict
+    from .wafer import PlacementError
+    try:
+        r = predict(config, pmesh, dmesh, prompt, max(1, context - prompt), device, policy,
+                    allreduce)
+    except PlacementError as e:
+        return {"error": str(e)}
+    return {k: r[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr", "kv_capacity",
+                              "stages", "wafers", "method", "violations")}
 
 
 def run(args) -> int:
@@ -129,5 +144,10 @@ def run(args) -> int:
                   f"({'fits' if est['fits_device'] else 'does not fit'} "
                   f"{device.mem_per_core // 1024} KiB), KV capacity concat "
                   f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens")
+            w = est["wafer"]
+            if "error" not in w:
+                print(f"  on the wafer (llm estimate): TTFT {w['ttft_s'] * 1e3:.3f} ms, TPR "
+                      f"{w['decode_tpr']:.1f} tok/s, e2e {w['e2e_tpr']:.1f} tok/s, stages "
+                      f"{w['stages']['prefill']}+{w['stages']['decode']}, {w['wafers']} wafer(s)")
             sys.stdout.flush()
     return 0

@@ -139,7 +139,10 @@ def pipeline_stages(config: ModelConfig, mesh: tuple[int, int], device: Device,
 
     The layers are split over ``S`` meshes of the same shape, consecutive layers per stage; the
     first stage also holds the embedding, the last the LM head. A token visits the stages in
-    turn, so time per token does not change, but each stage idles ``(S-1)/S`` of the time.
+    turn, so each stage idles ``(S-1)/S`` of the time, and the hand-over between stages adds
+    to the time per token. This count holds the weights only (the emulator's padded tiles);
+    :mod:`llm.wafer` also counts the KV budget, buffers and reserve, places the regions on
+    the fabric and prices the hand-overs (``wafer`` in :func:`plan`, ``llm estimate``).
 
     Returns
     -------
@@ -213,7 +216,27 @@ def plan(config: ModelConfig, decode_mesh=None, prefill_mesh=None, device="wse2"
         rec["mesh_choice"] = why
         out["phases"][ph] = rec
     out["fits"] = all(r["fits"] for r in out["phases"].values())
+    out["wafer"] = _wafer_placement(config, dev, out["phases"]["prefill"]["mesh"],
+                                    out["phases"]["decode"]["mesh"], context)
     return out
+
+
+def _wafer_placement(config: ModelConfig, device: Device, prefill_mesh, decode_mesh,
+                     context: int | None) -> dict:
+    """:func:`llm.wafer.place` of a request filling ``context`` (default 4096) tokens, half
+    prompt, half output; the reason when it cannot be placed."""
+    from .wafer import PlacementError, kv_capacity, place
+    ctx = context or 4096
+    try:
+        p = place(config, device, tuple(prefill_mesh), tuple(decode_mesh), max(1, ctx // 2),
+                  max(1, ctx - ctx // 2))
+        out = p.summary()
+        out["kv_capacity"] = {k: v for k, v in kv_capacity(
+            config, device, tuple(decode_mesh), p.decode.wafers).items()
+            if k in ("shift", "concat")}
+        return out
+    except PlacementError as e:
+        return {"error": str(e)}
 
 
 def _kib(n: float) -> str:
@@ -251,6 +274,18 @@ def format_plan(p: dict) -> str:
                 f"{r['stages']} of the time")
         elif r["stages"] is None:
             lines.append("  as a layer pipeline: no, one layer alone exceeds the core memory")
+    w = p.get("wafer", {})
+    if "error" in w:
+        lines.append(f"wafer placement: cannot place: {w['error']}")
+    elif w:
+        for ph in ("prefill", "decode"):
+            r = w[ph]
+            lines.append(f"wafer placement, {ph}: {r['stages']} stage(s) of {r['mesh'][0]}x"
+                         f"{r['mesh'][1]} ({r['layers_per_stage']} layers), "
+                         f"{r['wafers']} wafer(s), {r['method']}")
+        lines.append(f"  prefill and decode {'coexist' if w['coexist'] else 'do not coexist: weights re-placed at the switch'}; "
+                     f"KV capacity with all free memory: {w['kv_capacity']['shift']} tokens "
+                     f"(shift), {w['kv_capacity']['concat']} (concat)")
     s = p["smallest_square"]
     ctx = f" with KV for {p['context']} tokens" if p["context"] else ""
     lines.append("smallest square meshes that hold the weights" + ctx + ": "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
 
 from . import estimate
@@ -54,7 +55,8 @@ _DECODE_STEPS: dict = {}
 
 
 def decode_step_cycles(config: ModelConfig, mesh: tuple[int, int], device: Device,
-                       context: int, policy: str = "shift", prompt: int = 0) -> float:
+                       context: int, policy: str = "shift", prompt: int = 0,
+                       allreduce: AllreduceSpec = KTREE) -> float:
     """Cycles of one decode step (all layers, one mesh) with ``context`` cached tokens.
 
     Steps with the same fullest-row fill (and shift or not) cost the same: priced once.
@@ -62,14 +64,15 @@ def decode_step_cycles(config: ModelConfig, mesh: tuple[int, int], device: Devic
     py = mesh[0]
     fill = estimate.row_fill(policy, context, py, prompt)
     shifts = policy == "shift" and (context - 1) % py != 0
-    key = (config, tuple(mesh), device, policy, fill, shifts)
+    key = (config, tuple(mesh), device, policy, fill, shifts, allreduce)
     if key not in _DECODE_STEPS:
         if len(_DECODE_STEPS) > 4096:
             _DECODE_STEPS.clear()
 
         def cycles(cfg):
             return estimate.decode_token(cfg, tuple(mesh), device, context=context,
-                                         policy=policy, prompt=prompt).cycles
+                                         policy=policy, prompt=prompt,
+                                         allreduce=allreduce).cycles
         _DECODE_STEPS[key] = _affine(cycles, config)
     ends, layer = _DECODE_STEPS[key]
     return ends + config.num_layers * layer
@@ -77,9 +80,9 @@ def decode_step_cycles(config: ModelConfig, mesh: tuple[int, int], device: Devic
 
 @functools.lru_cache(maxsize=256)
 def _ttft_parts(config: ModelConfig, prefill_mesh: tuple, decode_mesh: tuple, tokens: int,
-                device: Device) -> tuple:
+                device: Device, allreduce: AllreduceSpec = KTREE) -> tuple:
     def parts(cfg):
-        r = estimate.ttft(cfg, prefill_mesh, tokens, decode_mesh, device)
+        r = estimate.ttft(cfg, prefill_mesh, tokens, decode_mesh, device, allreduce=allreduce)
         return (r["cycles"], _ops_cycles(r["prefill_ledger"], "handoff/weights"))
     one, two = parts(_with_layers(config, 1)), parts(_with_layers(config, 2))
     return tuple(2 * a - b for a, b in zip(one, two)), tuple(b - a for a, b in zip(one, two))
@@ -94,7 +97,7 @@ def transfer_cycles(device: Device, transfers: list[dict]) -> float:
 
 def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tuple[int, int],
             prompt: int, new_tokens: int, device: Device | str = "wse2",
-            policy: str = "shift") -> dict:
+            policy: str = "shift", allreduce: AllreduceSpec = KTREE) -> dict:
     """Modeled figures of one request (see the module docstring for the timeline).
 
     Returns
@@ -117,7 +120,8 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
     plan: WaferPlan = place(config, device, pmesh, dmesh, prompt, new_tokens)
     L = config.num_layers
 
-    (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(config, pmesh, dmesh, prompt, device)
+    (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(config, pmesh, dmesh, prompt, device,
+                                                       allreduce)
     ttft_cycles = t_ends + L * t_layer
     replace_cycles = w_ends + L * w_layer
     if plan.coexist:
@@ -127,10 +131,10 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
 
     dec_xfer = transfer_cycles(device, stage_transfers(plan.decode, config, 1))
     if new_tokens == 1:
-        steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt)]
+        steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt, allreduce)]
     else:
-        steps = [decode_step_cycles(config, dmesh, device, prompt + j - 1, policy, prompt)
-                 for j in range(2, new_tokens + 1)]
+        steps = [decode_step_cycles(config, dmesh, device, prompt + j - 1, policy, prompt,
+                                    allreduce) for j in range(2, new_tokens + 1)]
     steps = [s + dec_xfer for s in steps]
     tpot_cycles = sum(steps) / len(steps)
     decode_total = sum(steps) if new_tokens > 1 else 0.0

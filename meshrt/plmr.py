@@ -127,7 +127,7 @@ class Device:
 WSE2 = Device(name="wse2", cores_x=750, cores_y=994, mem_per_core=48 * 1024, clock_hz=1.1e9,
               macs_per_cycle=2.0, alpha=1.0, beta=6.888889, link_bytes_per_cycle=4.0,
               routing_paths=24, word_bytes=2, vector_setup=2.195652, step_overhead=0.0,
-              task_switch=273.3302, reserved_bytes=1554.049,
+              task_switch=322.6907, reserved_bytes=1554.049,
               note="Cerebras WSE-2: 850k cores, 48 KB SRAM/core, 1.1 GHz, 32-bit links; "
                    "beta, vector set-up, kernel switch and reserve calibrated on the paper's "
                    "allowed points")
