@@ -45,22 +45,26 @@ def test_fixed_costs_per_vector_step_and_task():
     dev = WSE2.with_(alpha=1.0, beta=0.0, macs_per_cycle=2.0, vector_setup=3.0,
                      step_overhead=7.0, task_switch=100.0)
     led = Ledger(dev)
-    # first record of a fresh ledger: no task switch; 4 vector instructions of set-up
-    assert led.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12
+    # the cores start a kernel: one task switch; 4 vector instructions of set-up
+    assert led.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12 + 100
     # same kernel, another phase: no switch
     assert led.record("gemv/allreduce/level1", words=10, hops=2, overlap=True) == 7 + 12
-    # a different kernel: one task switch
+    # a different kernel: one task switch, recorded as <kernel>/task_switch
     assert led.record("norm/scale", macs=2) == 7 + 1 + 100
-    # a task-chained kernel: one activation per step (the switch into it included)
-    assert led.record("gemm/step", macs=20, count=3, tasks=1) == 3 * (7 + 10 + 100)
+    assert led.ops["norm/task_switch"].activations == 1
+    # a task-chained kernel: one activation per step, plus the switch into it
+    assert led.record("gemm/step", macs=20, count=3, tasks=1) == 3 * (7 + 10 + 100) + 100
     with led.section("layer0"):
         led.record("qkv/local", macs=2)
         led.record("qkv/allreduce", words=1, hops=1)
     assert led.ops["layer0/qkv/allreduce"].activations == 0
-    assert led.totals().activations == 1 + 3 + 1
+    assert led.ops["layer0/qkv/task_switch"].activations == 1
+    assert led.totals().activations == 1 + 1 + (1 + 3) + 1
     assert led.totals().vectors == 4
     led.reset()
-    assert led.record("x", macs=2) == 8     # reset forgets the running kernel
+    assert led.record("x", macs=2) == 8 + 100    # reset: no kernel running
+    warm = Ledger(dev, kernel="gemv")             # a benchmark loop: the kernel already runs
+    assert warm.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12
 
 
 def test_ledger_cycles_overlap_and_violations():
@@ -84,15 +88,16 @@ def test_ledger_cycles_overlap_and_violations():
 
 
 def test_cost_charge_equals_record_and_algebra():
-    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0)
+    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0,
+                     task_switch=50.0)
     step = Cost(macs=200, words=8, hops=5, routings=2, overlap=False, routes=3)
     a, b = Ledger(dev), Ledger(dev)
-    # compute 100, comm 5 + 20 + 8 (one fp16 element per wavelet); first record: no task switch
+    # compute 100, comm 5 + 20 + 8 (one fp16 element per wavelet), and the switch into "x"
     assert a.charge("x", step * 2) == b.record("x", macs=200, words=8, hops=5, routings=2,
-                                                 overlap=False, count=2) == 266
+                                                 overlap=False, count=2) == 266 + 50
     tasked = step.with_(vectors=4, tasks=1)
     assert a.charge("y", tasked) == b.record("y", macs=200, words=8, hops=5, routings=2,
-                                             vectors=4, tasks=1) == 133 + dev.task_switch
+                                             vectors=4, tasks=1) == 133 + 50 + 50
     assert a.ops == b.ops and a.max_routes == 3 and b.max_routes == 0
     assert (step + step * 2).count == 3 and (3 * step).count == 3
     with pytest.raises(ValueError, match="different steps"):
