@@ -202,8 +202,8 @@ def run(args) -> int:
     if stream:
         sys.stdout.write(streamer.flush() + "\n")
     out = result_record(model, tokenizer, ids, gen)
-    for v in out["violations"]:  # the emulator ran it; a real wafer of this device could not
-        log.warning(f"PLMR: {v}")
+    for v in out["violations"] if rank == 0 else ():  # the same on every rank: say it once
+        log.warning(f"PLMR: {v}")   # the emulator ran it; a real wafer of this device could not
     if rank == 0:
         if getattr(args, "json", False):
             print(json.dumps(out))
