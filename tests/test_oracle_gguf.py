@@ -14,7 +14,10 @@ Compared, for several chat prompts rendered by the model's own template:
   decode 2x4, prefill 4x2): equal to transformers in float32;
 * shards in bfloat16 (same meshes): against transformers in bfloat16; where the greedy tokens
   part, the first divergence is reported (out/oracle-gguf.json) and what is asserted is
-  that the first tokens and the logits' top candidates agree.
+  that the first tokens and the logits' top candidates agree. (Measured: transformers in
+  bfloat16 computes activations in bfloat16 too, and parts from our bfloat16-stored run at
+  tokens 19 and 5 of two prompts; our run, which keeps float32 activations and accumulation,
+  matches transformers in float32 on all 3x32 tokens.)
 """
 import json
 import os
@@ -168,7 +171,7 @@ def test_float32_shards_equal_transformers(name, tmp_path_factory, prompts, hf_r
     for i, (ref_logits, ref_tokens) in enumerate(hf_results["float32"]):
         diff = float(np.abs(logits[i] - ref_logits).max())
         worst = max(worst, diff)
-        assert diff < 2e-3 * max(1.0, float(np.abs(ref_logits).max())), (i, diff)
+        assert diff < 1e-3, (i, diff)           # measured: 3.8e-5 (logits up to ~30)
         assert tokens[i].tolist() == ref_tokens, (i, _first_divergence(tokens[i], ref_tokens))
     report[name] = {"max_abs_logit_diff": worst, "greedy_tokens_equal": f"{len(prompts)}x{NEW}"}
 
