@@ -107,7 +107,12 @@ def add_convert_parser(sub) -> None:
                    help="keep only the first N decoder layers (benchmarks of big models)")
     p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",
                    help="shorter context than the model's max_position_embeddings")
-    p.add_argument("--force", action="store_true", help="replace an existing shard set")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing shard set at DIR (only a directory whose manifest is "
+                        "a shard manifest; only the files it lists are deleted)")
+    p.add_argument("--delete-other-files", action="store_true",
+                   help="with --force: also delete files in DIR that its manifest does not list "
+                        "(without it, such files make convert refuse)")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bar on rank 0: auto = when stderr is a terminal (default)")
     p.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
@@ -290,7 +295,8 @@ def cmd_convert(args, comm) -> int:
     convert(args.out, args.source, ranks=_grid_or_none(args.ranks), meshes=meshes,
             dtype=args.dtype, comm=comm, force=args.force,
             progress={"auto": None, "on": True, "off": False}[args.progress], seed=args.seed,
-            layers=args.layers, max_context=args.max_context)
+            layers=args.layers, max_context=args.max_context,
+            delete_other_files=args.delete_other_files)
     return 0
 
 

@@ -148,6 +148,10 @@ class Checkpoint(Mapping):
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for fname in set(weight_map.values()):
+                if not _inside(fname):
+                    raise CheckpointError(f"{index} names {fname!r}, a path outside the model "
+                                          "directory; refusing to read it")
         elif (self.model_dir / SINGLE_FILE).exists():
             weight_map = {name: SINGLE_FILE for name in self._file(SINGLE_FILE).names()}
         else:
@@ -195,6 +199,15 @@ class Checkpoint(Mapping):
     def shapes(self) -> dict:
         """Name -> shape of every tensor, from the headers."""
         return {name: self.shape(name) for name in self}
+
+
+def _inside(fname) -> bool:
+    """Whether an index entry names a file inside the model directory (no absolute path, no
+    ``..``; symlinks the directory itself holds, as in the HF cache, are the owner's choice)."""
+    if not isinstance(fname, str) or not fname or "\0" in fname:
+        return False
+    parts = fname.replace("\\", "/").split("/")
+    return not os.path.isabs(fname) and ".." not in parts
 
 
 def check_weights(config: ModelConfig, shapes: Mapping) -> None:

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from meshrt.mesh import MeshError, MeshLayout, default_rank_grid
 
-from .checkpoint import RandomWeights, load_checkpoint
+from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from .config import ConfigError, ModelConfig, preset
 from .layout import LAYOUT_VERSION, PhaseLayout
 from .mesh_weights import PHASE_TILES
-from .shard_writer import ShardWriter, prepare_target, publish
+from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
 from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
-                     grid_text, rank_coords)
+                     grid_text, raise_if_any, rank_coords)
 
 RANDOM_PREFIX = "random:"
 DEFAULT_DECODE_MESH = (8, 8)
@@ -215,6 +215,29 @@ class _Progress:
 # conversion
 # ----------------------------------------------------------------------------------------------
 
+def _write_failure(error: BaseException, rank: int, nprocs: int, tmp: Path) -> str:
+    """The one-line message of a failure to write this rank's files."""
+    where = f" on rank {rank}" if nprocs > 1 else ""
+    if isinstance(error, ShardError):
+        return str(error)
+    return (f"writing the shards failed{where} ({error}); nothing was written: free space "
+            f"in {tmp.parent} (or choose another --out) and convert again")
+
+
+def padding_note(config: ModelConfig, playout: PhaseLayout) -> str | None:
+    """A warning when a mesh is so large that zero padding outweighs the model's data."""
+    c = config
+    real = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "vocab": c.vocab_size,
+            "kv": c.num_kv_heads * c.head_dim, "q": c.num_heads * c.head_dim}
+    over = [f"{k} {v} -> {getattr(playout, k)}" for k, v in real.items()
+            if getattr(playout, k) > 2 * v]
+    if not over:
+        return None
+    return (f"the mesh is large for this model: zero padding exceeds the data ({', '.join(over)}); "
+            "memory and time go mostly to padding: a smaller --decode-mesh/--prefill-mesh fits "
+            "better")
+
+
 def _count(n: int) -> str:
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= size:
@@ -226,7 +249,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
             meshes: Mapping | None = None, dtype: str = "float32", comm=None,
             force: bool = False, progress: bool | None = None, seed: int = 0,
             layers: int | None = None, max_context: int | None = None,
-            log: logging.Logger | None = None, log_every: int = 20) -> dict:
+            log: logging.Logger | None = None, log_every: int = 20,
+            delete_other_files: bool = False) -> dict:
     """Convert ``source`` into a shard set at ``out_dir`` (collective over ``comm``).
 
     Parameters
@@ -245,7 +269,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
     comm : mpi4py communicator or None
         ``None`` = one process.
     force : bool
-        Replace an existing shard set at ``out_dir``.
+        Replace an existing shard set at ``out_dir`` (only a shard set, and only the files
+        its manifest lists; see :func:`llm.shard_writer.replaceable_files`).
     progress : bool or None
         tqdm bar on rank 0: ``None`` = when stderr is a terminal, ``True`` = always,
         ``False`` = never.
@@ -255,6 +280,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         Where rank 0 reports progress (``logging.getLogger("llm")`` by default).
     log_every : int
         A plain progress line every this many tensors when no live bar is shown.
+    delete_other_files : bool
+        With ``force``: also delete files in ``out_dir`` that its manifest does not list.
 
     Returns
     -------
@@ -264,7 +291,10 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
     Raises
     ------
     ShardError, ConfigError, MeshError, CheckpointError
-        Bad input, detected identically on every rank before anything is written.
+        Bad input, detected identically on every rank before anything is written; or a
+        failure to write (disk full), reported on every rank after the temporary directory
+        was removed. Any other exception is a bug: it is raised on its rank after that rank
+        removed the temporary directory.
     """
     log = log or logging.getLogger("llm")
     nprocs = 1 if comm is None else comm.Get_size()
@@ -284,7 +314,12 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         raise MeshError(f"{nprocs} processes convert for a {grid_text(grid)} rank grid of only "
                         f"{nfiles} rank files: run with at most {nfiles} processes or pass "
                         f"--ranks for a grid of {nprocs} ranks")
-    src = open_source(source, seed, layers, max_context)
+    try:
+        src = open_source(source, seed, layers, max_context)
+        problem = None
+    except (ConfigError, CheckpointError, NotImplementedError) as e:
+        problem = str(e)
+    raise_if_any(comm, problem)     # the source must read alike on every rank (shared FS)
     config, weights, label = src.config, src.weights, src.label
     copied = list(src.files)
 
@@ -295,17 +330,22 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
                 "parameters": config.num_parameters(), "source": label, "created": created,
                 "dtype": dtype, "rank_grid": list(grid), "copied_files": copied, "phases": {}}
 
-    tmp = prepare_target(out_dir, comm, force)
+    tmp = prepare_target(out_dir, comm, force, delete_other_files)
     if rank == 0:
+        for phase, lay in layouts.items():
+            note = padding_note(config, PhaseLayout(config, lay.py, lay.px))
+            if note:
+                log.warning(f"{phase} mesh {grid_text((lay.py, lay.px))}: {note}")
         log.info(f"convert {label} -> {out_dir}: {_count(config.num_parameters())} parameters, "
                  f"rank grid {grid_text(grid)}, "
                  + ", ".join(f"{ph} mesh {grid_text(m)}" for ph, m in meshes.items())
                  + f", {dtype}" + (f", {nprocs} processes" if nprocs > 1 else ""))
     mine = [rank_coords(k, grid) for k in range(nfiles) if k % nprocs == rank]
-    writer = ShardWriter(tmp, grid, mine, dtype)
+    writer, records, failure = None, {}, None
     bar = _Progress(rank == 0, len(meshes) * (config.num_layers + 1), progress, log, log_every)
     t0 = time.perf_counter()
     try:
+        writer = ShardWriter(tmp, grid, mine, dtype)
         for phase, lay in layouts.items():
             playout = PhaseLayout(config, lay.py, lay.px)
             tensors = {}
@@ -319,32 +359,46 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
                                          "layout": playout.describe(), "tensors": tensors}
         manifest["content_hash"] = content_hash(manifest)
         records = writer.finish(manifest["content_hash"])
-    except BaseException:
-        writer.abort()
-        if nprocs == 1:
-            shutil.rmtree(tmp, ignore_errors=True)
+    except (ShardError, OSError) as e:     # expected: disk full, float16 overflow, ...
+        failure = _write_failure(e, rank, nprocs, tmp)
+    except BaseException:                  # a bug or Ctrl-C: this rank cleans up, then ends
+        if writer is not None:
+            writer.abort()
+        remove_temporary(tmp)
         raise
     finally:
+        if failure is not None and writer is not None:
+            writer.abort()
         bar.close()
 
-    # control plane: every file's checksum to rank 0, which writes the manifest and renames
-    gathered = [(manifest["content_hash"], records)] if comm is None else comm.gather(
-        (manifest["content_hash"], records), root=0)
+    # control plane: every file's checksum (or its failure) to rank 0, which writes the
+    # manifest and renames; on any failure it removes the temporary directory instead
+    mine_result = (manifest.get("content_hash"), records, failure)
+    gathered = [mine_result] if comm is None else comm.gather(mine_result, root=0)
     result = None
     if rank == 0:
         try:
-            if len({h for h, _ in gathered}) != 1:
+            failures = [f for _, _, f in gathered if f]
+            if failures:
+                raise ShardError(failures[0] + (f" (and {len(failures) - 1} more rank(s))"
+                                                if len(failures) > 1 else ""))
+            if len({h for h, _, _ in gathered}) != 1:
                 raise ShardError("ranks produced different tensor lists or shapes (the tile "
                                  "producers are not deterministic); nothing was written")
             files = {}
-            for _, recs in gathered:
+            for _, recs, _ in gathered:
                 files.update(recs)
             manifest["files"] = dict(sorted(files.items()))
             src.write_files(tmp)     # tokenizer and HF config travel with the shards
-            publish(tmp, out_dir, manifest)
+            publish(tmp, out_dir, manifest, delete_other_files)
             result = ("ok", manifest)
         except (ShardError, OSError) as e:
-            result = ("error", str(e))
+            remove_temporary(tmp)
+            result = ("error", str(e) if isinstance(e, ShardError)
+                      else f"writing {out_dir} failed: {e}; nothing was written")
+        except BaseException:
+            remove_temporary(tmp)
+            raise
     status, payload = result if comm is None else comm.bcast(result, root=0)
     if status == "error":
         raise ShardError(payload)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -95,26 +96,30 @@ class ShardWriter:
         self.files = {}
 
 
-def prepare_target(out_dir, comm, force: bool) -> Path:
+#: Written into a temporary directory while a conversion runs: who owns it (host, pid, start).
+OWNER_NAME = ".convert-owner.json"
+
+
+def prepare_target(out_dir, comm, force: bool, delete_other_files: bool = False) -> Path:
     """Check the target and make the temporary directory (rank 0), the same answer on all ranks.
 
     Returns the temporary directory ``<out_dir>.tmp-<pid>`` (a sibling, so the final rename
     stays on one filesystem). Raises :class:`ShardError` on every rank if the target exists and
-    ``force`` is not set, or if the directory is not visible on every rank.
+    may not be replaced (see :func:`replaceable_files`), or if the directory is not visible on
+    every rank. Temporary directories of earlier conversions whose process is provably dead
+    (same host, that process gone) are removed; others are reported.
     """
     out = Path(out_dir).absolute()
     answer = None
     if comm_rank(comm) == 0:
         try:
-            _check_replaceable(out, force)
+            replaceable_files(out, force, delete_other_files)
             tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-            stale = sorted(p.name for p in out.parent.glob(f"{out.name}.tmp-*") if p != tmp)
-            if stale:
-                logging.getLogger("llm").warning(
-                    f"left over from interrupted conversions (safe to delete): {', '.join(stale)}")
+            _remove_dead_temporaries(out, tmp)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            (tmp / OWNER_NAME).write_text(json.dumps(_owner()) + "\n")
             answer = ("ok", str(tmp))
         except (ShardError, OSError) as e:
             answer = ("error", str(e))
@@ -123,30 +128,131 @@ def prepare_target(out_dir, comm, force: bool) -> Path:
         raise ShardError(text)
     tmp = Path(text)
     visible = tmp.is_dir()
-    raise_if_any(comm, None if visible else f"rank {comm_rank(comm)}",
-                 prefix=f"the output directory {tmp.parent} is not visible on every rank "
-                        "(use a filesystem shared by all nodes); missing on: ")
+    try:
+        raise_if_any(comm, None if visible else f"rank {comm_rank(comm)}",
+                     prefix=f"the output directory {tmp.parent} is not visible on every rank "
+                            "(use a filesystem shared by all nodes); missing on: ")
+    except ShardError:
+        if comm_rank(comm) == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
-def _check_replaceable(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
+def replaceable_files(out: Path, force: bool, delete_other_files: bool = False) -> list | None:
+    """What replacing ``out`` would delete, or :class:`ShardError` if it may not be replaced.
+
+    Only a shard set is ever replaced: an existing ``out`` needs ``force``, must be a real
+    directory (not a symlink) and either be empty or hold a ``manifest.json`` of this format.
+    Files its manifest does not list (``manifest.json`` itself, the rank files and the copied
+    tokenizer files) make it refuse, unless ``delete_other_files`` says to delete them too.
+
+    Returns
+    -------
+    list of str or None
+        ``None`` if ``out`` does not exist; else the names (relative to ``out``) the manifest
+        lists, which :func:`publish` deletes.
+    """
+    if not out.exists() and not out.is_symlink():
+        return None
     if not force:
         raise ShardError(f"{out} already exists: pass --force to replace it, or choose another "
                          "output directory")
-    if not out.is_dir():
+    if out.is_symlink() or not out.is_dir():
         raise ShardError(f"{out} exists and is not a directory; refusing to replace it")
-    if not (out / MANIFEST_NAME).exists() and any(out.iterdir()):
-        raise ShardError(f"{out} exists and is not a shard set (no {MANIFEST_NAME}); refusing "
-                         "to replace it even with --force")
+    entries = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    if not entries:
+        return []
+    listed = _listed_files(out)
+    others = [e for e in entries if e not in listed]
+    if others and not delete_other_files:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ShardError(f"{out} holds {len(others)} file(s) its shard manifest does not list "
+                         f"({shown}); refusing to delete them: move them away, or pass "
+                         "--delete-other-files as well")
+    return sorted(listed & set(entries))
 
 
-def publish(tmp_dir, out_dir, manifest: dict) -> Path:
+def _listed_files(out: Path) -> set:
+    """Names the shard manifest of ``out`` accounts for (ShardError if it has none)."""
+    mpath = out / MANIFEST_NAME
+    refuse = f"{out} is not a shard set ({{}}); refusing to replace it even with --force"
+    if not mpath.is_file():
+        raise ShardError(refuse.format(f"no {MANIFEST_NAME}"))
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ShardError(refuse.format(f"{MANIFEST_NAME} is not JSON")) from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise ShardError(refuse.format(f"its {MANIFEST_NAME} is not a {FORMAT_NAME} manifest"))
+    names = list(m.get("files") or {}) + list(m.get("copied_files") or [])
+    if not all(isinstance(n, str) and n and n == Path(n).name and n not in (".", "..")
+               for n in names):
+        raise ShardError(refuse.format(f"its {MANIFEST_NAME} lists paths, not file names"))
+    return {MANIFEST_NAME, *names}
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _start_time(pid: int) -> str | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_is_dead(tmp: Path) -> bool:
+    """Whether the conversion that made ``tmp`` provably ended (same host, process gone)."""
+    try:
+        owner = json.loads((tmp / OWNER_NAME).read_text())
+        host, pid, start = owner["host"], int(owner["pid"]), owner.get("start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return start is not None and _start_time(pid) not in (None, start)
+
+
+def _remove_dead_temporaries(out: Path, keep: Path) -> None:
+    log = logging.getLogger("llm")
+    alive = []
+    for path in sorted(out.parent.glob(f"{out.name}.tmp-*")):
+        if path == keep or not path.is_dir() or path.is_symlink():
+            continue
+        if _owner_is_dead(path):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning(f"removed {path.name}, left over by an interrupted conversion")
+        else:
+            alive.append(path.name)
+    if alive:
+        log.warning(f"not removed (another conversion may be writing them, or they come from "
+                    f"another host): {', '.join(alive)}")
+
+
+def remove_temporary(tmp) -> None:
+    """Delete a temporary shard directory after a failed conversion (errors ignored)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) -> Path:
     """Write the manifest last and rename the finished temporary directory to ``out_dir``.
 
     Called on one process (rank 0) after every rank file is complete. An existing ``out_dir``
-    (already checked by :func:`prepare_target`) is moved aside first and deleted at the end.
+    (already checked by :func:`prepare_target`) is moved aside first; then only the files its
+    manifest lists are deleted (everything, with ``delete_other_files``). Anything else that
+    appeared there meanwhile is kept in ``<out_dir>.old-<pid>`` and reported.
     """
     tmp, out = Path(tmp_dir), Path(out_dir).absolute()
     for fname, rec in manifest["files"].items():
@@ -154,14 +260,25 @@ def publish(tmp_dir, out_dir, manifest: dict) -> Path:
         if not path.exists() or path.stat().st_size != rec["bytes"]:
             raise ShardError(f"{path} is missing or incomplete after writing: are all ranks "
                              "writing to a shared filesystem?")
+    listed = replaceable_files(out, True, delete_other_files)
     staged = tmp / (MANIFEST_NAME + ".partial")
     staged.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(staged, tmp / MANIFEST_NAME)
+    (tmp / OWNER_NAME).unlink(missing_ok=True)
     old = None
-    if out.exists():
+    if listed is not None:
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.rename(out, old)
     os.rename(tmp, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if delete_other_files:
+            shutil.rmtree(old, ignore_errors=True)
+            return out
+        for name in listed:
+            (old / name).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:
+            logging.getLogger("llm").warning(
+                f"kept {old}: files appeared in {out} during the conversion")
     return out

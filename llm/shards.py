@@ -470,12 +470,49 @@ def check_rank_file(path: Path, m: Mapping, coords: tuple[int, int], verify: boo
         import h5py
         with h5py.File(fpath, "r", locking=False) as f:
             attrs = dict(f.attrs)
+            unsafe = foreign_storage(f)
     except OSError as e:
         return f"{fname} cannot be opened as HDF5 ({e}); convert again"
+    if unsafe:
+        return (f"{fname} refers to data outside itself ({unsafe}); shard files hold "
+                "only contiguous datasets of their own: convert again")
     if attrs.get("manifest_hash") != m["content_hash"]:
         return f"{fname} belongs to a different conversion than {MANIFEST_NAME}; convert again"
     if tuple(np.asarray(attrs.get("rank", (-1, -1))).tolist()) != tuple(coords):
         return f"{fname} holds the blocks of another rank; convert again"
+    return None
+
+
+def foreign_storage(group) -> str | None:
+    """The first object of an open HDF5 file or group whose data lives outside the file.
+
+    The sha256 of a rank file covers only its own bytes, so a dataset with external storage,
+    a virtual dataset, or a soft or external link could make a reader load any other file:
+    none of them is ever written by :class:`llm.shard_writer.ShardWriter`.
+
+    Returns
+    -------
+    str or None
+        ``"path: what"`` of the first such object, ``None`` if there is none.
+    """
+    import h5py
+    for name in group:
+        link = group.get(name, getlink=True)
+        path = f"{group.name.rstrip('/')}/{name}"
+        if isinstance(link, h5py.ExternalLink):
+            return f"{path}: external link to {link.filename}"
+        if isinstance(link, h5py.SoftLink):
+            return f"{path}: soft link to {link.path}"
+        obj = group[name]
+        if isinstance(obj, h5py.Group):
+            found = foreign_storage(obj)
+            if found:
+                return found
+        elif isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                return f"{path}: virtual dataset"
+            if obj.external:
+                return f"{path}: external storage in {obj.external[0][0]!r}"
     return None
 
 

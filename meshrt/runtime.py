@@ -15,11 +15,18 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 
 def world():
-    """``COMM_WORLD`` when running under an MPI launcher, else ``None`` (one process, no MPI)."""
+    """``COMM_WORLD`` when running under an MPI launcher, else ``None`` (one process, no MPI).
+
+    Raises :class:`LaunchError` when the launcher started several tasks but MPI sees this
+    process alone (see :func:`check_singleton`).
+    """
     if not launched_by_mpi():
+        check_singleton(1, os.environ)
         return None
     from mpi4py import MPI
-    return MPI.COMM_WORLD
+    comm = MPI.COMM_WORLD
+    check_singleton(comm.Get_size(), os.environ)
+    return comm
 
 
 def launched_by_mpi() -> bool:
@@ -27,6 +34,57 @@ def launched_by_mpi() -> bool:
     keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS",
             "SLURM_STEP_NUM_TASKS")
     return any(k in os.environ for k in keys) or os.environ.get("MESHRT_FORCE_MPI") == "1"
+
+
+# What each launcher says about the job, most specific first: (variable, launcher, what to fix).
+_SRUN_FIX = ("launch with srun --mpi=pmix (srun --mpi=list shows the plugins; the MPI that "
+             "mpi4py loads needs PMIx)")
+_MPIEXEC_FIX = ("use the mpiexec of the MPI library mpi4py loads (python -m mpi4py "
+                "--mpi-library shows it), and check that mpiexec did not fail during start-up")
+_TASK_COUNTS = (("OMPI_COMM_WORLD_SIZE", "mpiexec", _MPIEXEC_FIX),
+                ("PMI_SIZE", "the launcher", "under Slurm " + _SRUN_FIX + "; with mpiexec, "
+                 + _MPIEXEC_FIX),
+                ("SLURM_STEP_NUM_TASKS", "srun", _SRUN_FIX))
+_TASK_RANKS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def check_singleton(mpi_size: int, environ) -> None:
+    """Raise :class:`LaunchError` if the launcher started N > 1 tasks but MPI says 1.
+
+    That happens when ``srun`` starts the tasks without a PMI plugin the MPI library speaks
+    (``--mpi=none``/``pmi2`` with Open MPI 5), or when ``mpiexec`` failed during start-up: every
+    task then believes it is rank 0 of 1 and would run the whole job alone. The launcher's own
+    variables (``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``, ``SLURM_STEP_NUM_TASKS``; ``SLURM_NTASKS``
+    inside a step) give the task count; the most specific one present is trusted. A task rank
+    above 0 (``PMIX_RANK``, ``SLURM_PROCID``, ...) while MPI says 1 rank is the same fault.
+    """
+    if mpi_size != 1:
+        return
+    counts = list(_TASK_COUNTS)
+    if "SLURM_STEP_ID" in environ and "SLURM_STEP_NUM_TASKS" not in environ:
+        counts.append(("SLURM_NTASKS", "srun", _SRUN_FIX))
+    for var, launcher, fix in counts:
+        value = _int_env(environ, var)
+        if value is None:
+            continue
+        if value > 1:
+            raise LaunchError(f"{launcher} started {value} tasks ({var}={value}) but MPI sees "
+                              "this process alone (rank 0 of 1), so each task would run the "
+                              f"whole job by itself: {fix}")
+        break
+    for var in _TASK_RANKS:
+        value = _int_env(environ, var)
+        if value:
+            fix = _SRUN_FIX if var.startswith("SLURM") else _MPIEXEC_FIX
+            raise LaunchError(f"this is task {value} of a parallel launch ({var}={value}) but "
+                              f"MPI sees it alone (rank 0 of 1): {fix}")
+
+
+def _int_env(environ, var: str) -> int | None:
+    try:
+        return int(str(environ[var]).strip().split("(")[0])
+    except (KeyError, ValueError):
+        return None
 
 
 def rank_and_size(comm) -> tuple[int, int]:
@@ -67,25 +125,43 @@ def run_main(main, argv=None) -> int:
     On one process the exception is printed and the exit code is 1 (``SystemExit`` codes are
     kept, Ctrl-C gives 130). Under MPI the failing rank prints ``rank r/N`` and its traceback,
     then calls ``Abort`` so that ranks blocked in communication do not hang.
+
+    A :class:`UsageError` (bad input) normally arises on every rank alike: the ranks agree on
+    it over a private communicator (a non-blocking barrier), rank 0 prints the one ``error:``
+    line and every rank returns 2. If some ranks do not arrive within ``MESHRT_ERROR_WAIT``
+    seconds (default 10), the error was seen by only some ranks while the others are busy or
+    blocked: the rank prints its message itself and aborts the job, so nothing hangs and the
+    message is not lost. A closed stdout (``llm info | head``) ends quietly with code 141.
     """
-    comm = world()
-    rank, size = rank_and_size(comm)
+    comm, rank, size, agree = None, 0, 1, None
     try:
+        comm = world()
+        rank, size = rank_and_size(comm)
+        if size > 1:
+            agree = comm.Dup()       # exit agreement, never mixed with the job's own collectives
         rc = main(argv)
         return 0 if rc is None else int(rc)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-        if e.code not in (None, 0) and not isinstance(e.code, int):
-            # a message for the user: print it once (on rank 0) or from the rank that raised it
-            if rank == 0 or not getattr(e, "collective", False):
-                print(f"error: {e.code}", file=sys.stderr, flush=True)
-        if code and size > 1 and not getattr(e, "collective", False):
-            comm.Abort(code)
+        message = None if e.code in (None, 0) or isinstance(e.code, int) else str(e.code)
+        collective = getattr(e, "collective", False)
+        if size > 1 and code and collective:
+            collective = _all_ranks_arrive(agree, _error_wait())
+        if message is not None and (rank == 0 or not collective):
+            prefix = f"rank {rank}/{size}: " if size > 1 and not collective else ""
+            print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        if code and size > 1:
+            if not collective:
+                comm.Abort(code)
+            _finalize()     # all ranks agreed: end MPI cleanly (no abort under -m mpi4py)
         return code
     except KeyboardInterrupt:
         if size > 1:
             comm.Abort(130)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     except BaseException:
         prefix = f"rank {rank}/{size}: " if size > 1 else ""
         sys.stderr.write(f"{prefix}unhandled exception, ending the job\n{traceback.format_exc()}")
@@ -95,10 +171,54 @@ def run_main(main, argv=None) -> int:
         return 1
 
 
+def _finalize() -> None:
+    from mpi4py import MPI
+    if not MPI.Is_finalized():
+        MPI.Finalize()
+
+
+def _error_wait() -> float:
+    try:
+        return float(os.environ.get("MESHRT_ERROR_WAIT", "10"))
+    except ValueError:
+        return 10.0
+
+
+def _all_ranks_arrive(comm, timeout: float) -> bool:
+    """Whether every rank of ``comm`` enters a barrier within ``timeout`` seconds."""
+    import time
+    if comm is None:
+        return False
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away: send what is left to /dev/null (no second
+    BrokenPipeError when the interpreter flushes stdout at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 class UsageError(SystemExit):
-    """Bad input detected identically on every rank: print once on rank 0, exit 2, no Abort."""
+    """Bad input detected identically on every rank: print once on rank 0, exit 2, no Abort.
+
+    Raised on only some ranks, it still ends the job with its message (see :func:`run_main`).
+    """
 
     collective = True
 
     def __init__(self, message: str):
         super().__init__(message)
+
+
+class LaunchError(UsageError):
+    """The launcher started several tasks but MPI sees one (each would run alone)."""
