@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -220,7 +221,9 @@ def _write_failure(error: BaseException, rank: int, nprocs: int, tmp: Path) -> s
     where = f" on rank {rank}" if nprocs > 1 else ""
     if isinstance(error, ShardError):
         return str(error)
-    return (f"writing the shards failed{where} ({error}); nothing was written: free space "
+    errno = getattr(error, "errno", None)
+    what = os.strerror(errno) if errno else " ".join(str(error).split())
+    return (f"writing the shards failed{where} ({what}); nothing was written: free space "
             f"in {tmp.parent} (or choose another --out) and convert again")
 
 
@@ -395,7 +398,7 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         except (ShardError, OSError) as e:
             remove_temporary(tmp)
             result = ("error", str(e) if isinstance(e, ShardError)
-                      else f"writing {out_dir} failed: {e}; nothing was written")
+                      else _write_failure(e, 0, 1, tmp))
         except BaseException:
             remove_temporary(tmp)
             raise

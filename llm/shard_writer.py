@@ -49,8 +49,9 @@ class ShardWriter:
         self.directory = Path(directory)
         self.grid = tuple(grid)
         self.dtype_name = dtype
-        self.files = {tuple(c): h5py.File(self.directory / rank_file_name(c), "w")
-                      for c in coords}
+        self.files = {}
+        for c in coords:
+            self.files[tuple(c)] = _create_h5(self.directory / rank_file_name(c))
         self.bytes_written = 0
 
     def add(self, phase: str, name: str, tiles: np.ndarray, mesh: tuple[int, int]) -> None:
@@ -66,7 +67,11 @@ class ShardWriter:
                 raise ShardError(f"{phase}/{name} overflows float16 storage (values up to "
                                  f"{np.abs(tiles).max():.3g}); convert with --dtype bfloat16 "
                                  "or float32")
-            f.create_dataset(f"{phase}/{name}", data=block)     # contiguous, no chunking
+            try:
+                f.create_dataset(f"{phase}/{name}", data=block)     # contiguous, no chunking
+                f.flush()             # a full disk fails here, not later inside a destructor
+            except (OSError, RuntimeError) as e:
+                raise write_error(e, f.filename) from None
             self.bytes_written += block.nbytes
 
     def finish(self, manifest_hash: str) -> dict:
@@ -98,6 +103,30 @@ class ShardWriter:
 
 #: Written into a temporary directory while a conversion runs: who owns it (host, pid, start).
 OWNER_NAME = ".convert-owner.json"
+
+
+def _create_h5(path):
+    """A new HDF5 file whose writes go straight to disk (no sieve buffer), so that a full disk
+    fails the write that hit it, as an ``OSError``, instead of a later destructor."""
+    import h5py
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_sieve_buf_size(0)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    try:
+        fid = h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fapl=fapl)
+    except (OSError, RuntimeError) as e:
+        raise write_error(e, path) from None
+    return h5py.File(fid)
+
+
+def write_error(error: BaseException, filename) -> OSError:
+    """An HDF5 write failure as an ``OSError`` with the errno HDF5 reports (``ENOSPC``...)."""
+    import re
+    found = re.search(r"errno = (\d+)", str(error))
+    errno = int(found.group(1)) if found else getattr(error, "errno", None)
+    if errno:
+        return OSError(errno, os.strerror(errno), str(filename))
+    return OSError(f"writing {filename} failed: {' '.join(str(error).split())}")
 
 
 def prepare_target(out_dir, comm, force: bool, delete_other_files: bool = False) -> Path:

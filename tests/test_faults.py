@@ -192,3 +192,59 @@ def test_safetensors_index_outside_the_model_is_rejected(where, tmp_path):
     p, dt = run(["generate", "--model", model, "--prompt-ids", "1,2", "--max-new-tokens", "1"])
     assert_one_error(p, dt, "outside the model directory")
     assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. temporary directories of dead conversions are removed; live or foreign ones are kept
+# ----------------------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_next_convert_removes_temporaries_it_can_prove_dead(tmp_path):
+    import os
+    import socket
+    out = tmp_path / "out"
+    dead, foreign, live = (tmp_path / f"out.tmp-{k}" for k in (1, 2, 3))
+    for path, host, pid in ((dead, socket.gethostname(), _dead_pid()),
+                            (foreign, "another-node", 4242), (live, socket.gethostname(),
+                                                              os.getpid())):
+        path.mkdir()
+        (path / "rank000x000.h5").write_bytes(b"x" * 1000)
+        (path / ".convert-owner.json").write_text(json.dumps({"host": host, "pid": pid}))
+    before = snapshot(tmp_path, MODEL)
+    p, _ = run(_convert_args(out))
+    assert p.returncode == 0, p.stderr
+    assert not dead.exists() and foreign.exists() and live.exists()
+    assert "removed out.tmp-1" in p.stderr and "out.tmp-2, out.tmp-3" in p.stderr
+    assert changed(before, snapshot(tmp_path, MODEL), allowed=[out, dead]) == []
+
+
+def test_killed_convert_is_cleaned_up_by_the_next(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from faultcase import ENV, ROOT
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-m", "llm", "convert", "random:llama-100m",
+                            "--out", str(out), "--decode-mesh", "4x4", "-q"], cwd=ROOT, env=ENV,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("out.tmp-*/rank*.h5")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob("out.tmp-*")), "the conversion never started writing"
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+    assert list(tmp_path.glob("out.tmp-*")) and not out.exists()
+    p, dt = run(_convert_args(out))
+    assert p.returncode == 0 and dt < 30, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]

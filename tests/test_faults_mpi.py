@@ -1,0 +1,104 @@
+"""The fault matrix at the rank counts where the faults happen: whole ``mpiexec`` jobs.
+
+Each case asserts the exit code, the one ``error:`` line, the wall time (no hang) and that no
+file outside the intended output changed. The jobs use the documented launch form
+(``python -m mpi4py -m llm``) unless a case is about the form without ``-m mpi4py``.
+"""
+import shutil
+
+import pytest
+
+from faultcase import (FIXTURES, assert_one_error, changed, needs_mpiexec, run,
+                       snapshot)
+
+pytestmark = needs_mpiexec
+MODEL = FIXTURES / "tiny-llama-gqa"
+
+ONLY_SOME_RANKS = """
+from meshrt import runtime
+def main(argv):
+    comm = runtime.world()
+    if comm.Get_rank() in (1, 2):
+        raise runtime.UsageError("bad input seen by rank %d only" % comm.Get_rank())
+    comm.Barrier()      # rank 0 waits for ranks that will never come
+runtime.run_main(main)
+"""
+
+PER_RANK_CWD = """
+import os, runpy, sys
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+os.chdir(sys.argv[1 + rank])
+sys.argv = ["llm"] + sys.argv[1 + int(os.environ["OMPI_COMM_WORLD_SIZE"]):]
+runpy.run_module("llm", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["mpi4py-runner", "plain"])
+def test_usage_error_on_some_ranks_ends_the_job_with_its_message(safe, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(ONLY_SOME_RANKS)
+    p, dt = run([script], n=3, module=None, safe=safe, timeout=60)
+    assert p.returncode == 2, p.stderr
+    errors = [e for e in p.stderr.splitlines() if ": error: bad input seen by rank" in e]
+    assert 1 <= len(errors) <= 2 and errors[0].startswith(("rank 1/3", "rank 2/3")), p.stderr
+    assert "Traceback" not in p.stderr
+    assert dt < 30, f"took {dt:.1f} s"
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["mpi4py-runner", "plain"])
+def test_usage_error_on_every_rank_prints_once(safe, tmp_path):
+    p, dt = run(["info", tmp_path / "nothing-here"], n=4, safe=safe)
+    assert_one_error(p, dt, "does not exist")
+    assert "MPI_ABORT" not in p.stderr
+
+
+def test_force_refuses_unlisted_files_on_two_ranks(tmp_path):
+    out = tmp_path / "shards"
+    args = ["convert", MODEL, "--out", out, "--decode-mesh", "2x2", "-q"]
+    p, _ = run(args, n=2)
+    assert p.returncode == 0, p.stderr
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path, MODEL)
+    p, dt = run(args + ["--force"], n=2)
+    assert_one_error(p, dt, "notes.txt", "--delete-other-files")
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+SMALL_DISK = """
+import resource, runpy, signal, sys
+from mpi4py import MPI      # start MPI first: its shared-memory segments are files too
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+sys.argv = ["llm"] + sys.argv[2:]
+runpy.run_module("llm", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_disk_full_during_convert_leaves_nothing(n, tmp_path):
+    """Files stop growing past 256 KiB (as on a full disk) while every rank writes."""
+    script = tmp_path / "small_disk.py"
+    script.write_text(SMALL_DISK)
+    out = tmp_path / "out"
+    before = snapshot(tmp_path, MODEL)
+    p, dt = run([script, 256 << 10, "convert", "random:tiny-llama", "--out", out,
+                 "--decode-mesh", "4x4", "-q"], n=n if n > 1 else None, module=None)
+    assert_one_error(p, dt, "writing the shards failed", "File too large", "nothing was written")
+    assert changed(before, snapshot(tmp_path, MODEL)) == []        # no out, no .tmp- left
+
+
+def test_model_directory_missing_on_one_rank(tmp_path):
+    """No shared filesystem: the source exists only where rank 0 runs."""
+    here, there = tmp_path / "node0", tmp_path / "node1"
+    here.mkdir(), there.mkdir()
+    shutil.copytree(MODEL, here / "model")
+    script = tmp_path / "per_rank_cwd.py"
+    script.write_text(PER_RANK_CWD)
+    before = snapshot(tmp_path, MODEL)
+    p, dt = run([script, here, there, "convert", "model", "--out", tmp_path / "out",
+                 "--decode-mesh", "2x2", "-q"], n=2, module=None)
+    assert_one_error(p, dt, "neither a model directory")
+    p, dt = run([script, here, there, "generate", "--model", "model", "--prompt-ids", "1,2",
+                 "--max-new-tokens", "2"], n=2, module=None)
+    assert_one_error(p, dt, "model")
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
