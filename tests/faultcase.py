@@ -47,7 +47,8 @@ def run(args, n=None, env=None, timeout=60, module="llm", safe=True, preexec_fn=
 
 def error_lines(text: str) -> list[str]:
     """``error:`` lines of a run's stderr (also ``rank r/N: error:`` ones)."""
-    return [line for line in text.splitlines()
+    lines = [line.lstrip("\0 ") for line in text.splitlines()]   # mpiexec may insert NULs
+    return [line for line in lines
             if line.startswith("error:") or (line.startswith("rank ") and ": error:" in line)]
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from faultcase import (FIXTURES, assert_one_error, changed, needs_mpiexec, run,
+from faultcase import (FIXTURES, assert_one_error, changed, error_lines, needs_mpiexec, run,
                        snapshot)
 
 pytestmark = needs_mpiexec
@@ -39,7 +39,7 @@ def test_usage_error_on_some_ranks_ends_the_job_with_its_message(safe, tmp_path)
     script.write_text(ONLY_SOME_RANKS)
     p, dt = run([script], n=3, module=None, safe=safe, timeout=60)
     assert p.returncode == 2, p.stderr
-    errors = [e for e in p.stderr.splitlines() if ": error: bad input seen by rank" in e]
+    errors = [e for e in error_lines(p.stderr) if ": error: bad input seen by rank" in e]
     assert 1 <= len(errors) <= 2 and errors[0].startswith(("rank 1/3", "rank 2/3")), p.stderr
     assert "Traceback" not in p.stderr
     assert dt < 30, f"took {dt:.1f} s"
