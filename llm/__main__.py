@@ -65,6 +65,67 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _float(text: str) -> float:
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be >= 0 (0 = greedy)")
+    return value
+
+
+def _kib(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} KiB must be positive")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} must be in (0, 1] (1 = off)")
+    return value
+
+
+def _token_ids(text: str) -> str:
+    """argparse type: check ``1,450,4996`` now (the vocabulary is checked with the model)."""
+    parts = text.replace(",", " ").split()
+    bad = [p for p in parts if not p.isdigit()]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(
+            f"{(bad or [text])[0]!r} is not a token id (non-negative integers separated by "
+            "commas or spaces, e.g. 1,450,4996)")
+    return text
+
+
+#: The paper's name of the K-tree allreduce GEMV is MeshGEMV.
+ALLREDUCE_ALIASES = {"meshgemv": "ktree"}
+
+
+def _allreduce(text: str) -> str:
+    return ALLREDUCE_ALIASES.get(text.strip().lower(), text.strip().lower())
+
+
 def _sub(sub, name: str, help: str, description: str, epilog: str = ""):
     return sub.add_parser(name, help=help, description=description, epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +163,7 @@ def add_convert_parser(sub) -> None:
     _add_mesh_args(p, "8x8")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage dtype on disk (compute is always float32; default float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random:PRESET weights (default 0)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="seed of random:PRESET weights (default 0)")
     p.add_argument("--layers", type=_positive, default=None, metavar="N",
                    help="keep only the first N decoder layers (benchmarks of big models)")
     p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",
@@ -133,18 +194,22 @@ def add_generate_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt text from FILE")
-    src.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,450,4996")
+    src.add_argument("--prompt-ids", metavar="IDS", type=_token_ids,
+                     help="prompt as token ids, e.g. 1,450,4996 (no tokenizer needed; without "
+                          "one the output is token ids too)")
     from .batch import BATCH_HELP, add_batch_args
     from .chat import add_chat_args
     add_batch_args(p, src)
     add_chat_args(p, src)
     p.epilog += "\n" + BATCH_HELP
     p.add_argument("--max-new-tokens", type=_positive, default=32, help="default 32")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 = greedy on the mesh (default); > 0 samples on the host")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-k", type=_non_negative, default=0,
+                   help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=_probability, default=1.0,
+                   help="nucleus sampling mass, in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at the model's end-of-sequence tokens (benchmarks, tests)")
     p.add_argument("--stop", action="append", default=[], metavar="ID|TEXT",
@@ -153,7 +218,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",
                    help="HF directory: shorter context than the model's max_position_embeddings")
     p.add_argument("--kv-capacity", type=_positive, default=None, metavar="SLOTS",
-                   help="KV slots per core (default: enough for prompt + new tokens)")
+                   help="KV slots per core (default: enough for prompt + new tokens); when "
+                        "smaller, generation ends early with stopped_by kv_full")
     _add_run_args(p)
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of the shard files (sizes are still checked)")
@@ -171,8 +237,10 @@ def _add_run_args(p) -> None:
                    help="KV cache: shift (balanced rows, the paper's) or concat (default shift)")
     p.add_argument("--device", default="wse2",
                    help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...")
-    p.add_argument("--allreduce", choices=["ktree", "pipeline", "ring"], default="ktree",
-                   help="allreduce of every GEMV and reduction (default ktree)")
+    p.add_argument("--allreduce", type=_allreduce, choices=["ktree", "pipeline", "ring"],
+                   default="ktree",
+                   help="allreduce of every GEMV and reduction (default ktree; meshgemv, the "
+                        "paper's name, is ktree)")
     p.add_argument("--groups", type=_positive, default=None,
                    help="K-tree first-level group count (default: about sqrt of the line)")
     p.add_argument("--emulation", choices=["exact", "aggregated"], default="exact",
@@ -199,9 +267,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prompt-len", type=_positive, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=_positive, default=16, help="decoded tokens (default 16)")
     _add_run_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=_non_negative, default=0, help="seed of the random weights")
     p.add_argument("--repeat", type=_positive, default=3, help="timed runs, median reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--warmup", type=_non_negative, default=1,
+                   help="untimed runs first (default 1)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -228,7 +297,7 @@ def add_plan_parser(sub) -> None:
                    help="prefill mesh (default: the shard set's, else the decode mesh)")
     p.add_argument("--device", default="wse2", help="wse2 (default), wse3, or "
                                                     "NAME:field=value,... overrides")
-    p.add_argument("--kv-memory", type=float, default=None, metavar="KIB",
+    p.add_argument("--kv-memory", type=_kib, default=None, metavar="KIB",
                    help="KiB per core for the KV cache (default: what the weights leave free)")
     p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
                    help="tokens the KV cache must hold for a mesh to count as fitting")
@@ -403,7 +472,10 @@ def cmd_plan(args, comm) -> int:
             if prefill_mesh is None and "prefill" in phases:
                 prefill_mesh = tuple(phases["prefill"]["mesh"])
         else:
-            config = ModelConfig.from_json(args.model)
+            try:
+                config = ModelConfig.from_json(args.model)
+            except NotImplementedError as e:    # a model feature this code does not support
+                raise runtime.UsageError(f"{args.model}: {e}") from None
     else:
         config = preset(args.preset or "llama3-8b")
     if args.layers is not None:

@@ -8,7 +8,6 @@ request), each measured on this machine (wall clock) and modeled for the wafer (
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,10 +52,12 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
     """Prefill ``prompt_ids``, then decode up to ``max_new_tokens`` tokens.
 
     The first new token comes from the prompt's last logits; TTFT covers prefill and that pick.
-    ``on_token(id)`` is called on every rank as each token is known (rank 0 prints it).
+    ``on_token(id)`` is called on every rank as each token is known (rank 0 prints it). If the
+    KV cache fills up, generation ends with ``stopped_by == "kv_full"`` and keeps its tokens.
     ``fresh=False`` keeps the KV cache: ``prompt_ids`` continue the tokens already in it, at
     the positions that follow (a chat's next turn; the caller sized the cache).
     """
+    from .kvcache import ContextFullError
     led = model.ledgers()
     for ledger in led.values():
         ledger.reset()
@@ -84,7 +85,12 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
         if model.position >= model.config.max_position_embeddings:
             gen.stopped_by = "context_full"
             break
-        token = model.pick(model.decode(token), sampler)
+        try:
+            logits = model.decode(token)
+        except ContextFullError:        # raised alike on every rank, before any communication
+            gen.stopped_by = "kv_full"
+            break
+        token = model.pick(logits, sampler)
     gen.decode_s = time.perf_counter() - t1
     gen.modeled_decode_s = led["decode"].device.seconds(led["decode"].cycles - decode_start)
     return gen
@@ -108,14 +114,13 @@ def load_model(args, comm):
     ranks = mesh_arg(getattr(args, "ranks", None))
     dmesh = mesh_arg(getattr(args, "decode_mesh", None))
     pmesh = mesh_arg(getattr(args, "prefill_mesh", None))
-    if path is None or not os.path.isdir(path):
-        raise runtime.UsageError(f"--model {path!r} is not a directory (give a shard set made by "
-                                 "`python -m llm convert`, or an HF model directory)")
-    if os.path.exists(os.path.join(path, "manifest.json")):
+    from .preflight import agree, model_kind
+    if agree(comm, model_kind, path) == "shards":
         return MeshModel.from_shards(path, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
                                      ranks=ranks, verify=getattr(args, "verify", True), **kw)
     from .checkpoint import load_checkpoint
-    config, weights = load_checkpoint(path, max_context=getattr(args, "max_context", None))
+    config, weights = agree(comm, load_checkpoint, path,
+                            max_context=getattr(args, "max_context", None))
     size = 1 if comm is None else comm.Get_size()
     if dmesh is None:
         from meshrt.mesh import default_rank_grid
@@ -125,47 +130,36 @@ def load_model(args, comm):
                                   ranks=ranks, **kw)
 
 
-def _prompt_ids(args, tokenizer) -> list:
-    if getattr(args, "prompt_ids", None):
-        return [int(t) for t in str(args.prompt_ids).replace(",", " ").split()]
-    text = args.prompt
-    if getattr(args, "prompt_file", None):
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-    if text is None:
-        raise runtime.UsageError("give a prompt: --prompt TEXT, --prompt-file FILE or "
-                                 "--prompt-ids '1 2 3'")
-    return tokenizer.encode(text)
+def _prompt_ids(args, tokenizer, config=None) -> list:
+    from .preflight import prompt_ids
+    return prompt_ids(args, tokenizer, config)
 
 
 def _stop_ids(args, tokenizer, config) -> set:
-    out = set() if getattr(args, "ignore_eos", False) else set(config.eos_ids)
-    for item in getattr(args, "stop", None) or []:
-        for part in str(item).split(","):
-            part = part.strip()
-            if part.isdigit():
-                out.add(int(part))
-            elif part:
-                ids = tokenizer.encode(part, add_special_tokens=False)
-                if len(ids) != 1:
-                    raise runtime.UsageError(f"stop string {part!r} is {len(ids)} tokens; "
-                                             "give a single-token string or a token id")
-                out.add(ids[0])
-    return out
+    from .preflight import stop_ids
+    return stop_ids(args, tokenizer, config)
 
 
 def run(args) -> int:
     """Entry point of ``python -m llm generate``."""
-    from .tokenizer import StreamDecoder, load_tokenizer
+    from .preflight import check_kv_capacity, prepare
+    from .tokenizer import StreamDecoder
     comm = runtime.world()
     rank, size = runtime.rank_and_size(comm)
     log = runtime.setup_logging(comm, name="llm")
+    try:            # every value is checked before any weight is read
+        sampler = Sampler(getattr(args, "temperature", 0.0), getattr(args, "top_k", 0),
+                          getattr(args, "top_p", 1.0), getattr(args, "seed", None))
+    except ValueError as e:
+        raise runtime.UsageError(str(e)) from None
+    if getattr(args, "system", None) is not None and getattr(args, "chat", None) is None:
+        raise runtime.UsageError("--system goes with --chat")
+    request = prepare(args, comm if size > 1 else None)
+    tokenizer, ids, stop = request.tokenizer, request.ids, request.stop
     try:
         model = load_model(args, comm if size > 1 else None)
     except MeshError as e:
         raise runtime.UsageError(str(e)) from None
-    tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
-    tokenizer = load_tokenizer(tok_dir, model.config)
     wrap = comm if size > 1 else None
     if getattr(args, "batch", None):
         from .batch import run_batch
@@ -175,32 +169,29 @@ def run(args) -> int:
     if getattr(args, "chat", None) is not None:
         from .chat import chat_prompt_ids
         ids = chat_prompt_ids(args.model, tokenizer, args.chat, getattr(args, "system", None))
-    elif getattr(args, "system", None) is not None:
-        raise runtime.UsageError("--system goes with --chat")
-    else:
-        ids = _prompt_ids(args, tokenizer)
-    if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
-        raise runtime.UsageError(
-            f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
-            f"model context of {model.config.max_position_embeddings} tokens")
-    sampler = Sampler(getattr(args, "temperature", 0.0) or 0.0, getattr(args, "top_k", 0) or 0,
-                      getattr(args, "top_p", 1.0) or 1.0, getattr(args, "seed", None))
-    stop = _stop_ids(args, tokenizer, model.config)
+        if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
+            raise runtime.UsageError(
+                f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
+                f"the model context of {model.config.max_position_embeddings} tokens")
+    capacity = check_kv_capacity(model, len(ids), args.max_new_tokens,
+                                 getattr(args, "kv_capacity", None), log)
     dl, pl = model.layouts["decode"], model.layouts["prefill"]
     log.info(f"model {model.config.name or model.config.family}: {model.config.num_layers} layers; "
              f"prefill on {pl.py}x{pl.px}, decode on {dl}; {len(ids)} prompt tokens")
     stream = rank == 0 and not getattr(args, "no_stream", False) and not getattr(args, "json", False)
-    streamer = StreamDecoder(tokenizer)
+    streamer = StreamDecoder(tokenizer) if tokenizer is not None else None
 
     def on_token(t):
-        if stream:
-            sys.stdout.write(streamer.push(t))
+        if stream:       # without a tokenizer the ids themselves are the output
+            sys.stdout.write(streamer.push(t) if streamer else f"{t} ")
             sys.stdout.flush()
 
-    gen = generate(model, ids, args.max_new_tokens, sampler, stop, on_token,
-                   getattr(args, "kv_capacity", None))
+    try:
+        gen = generate(model, ids, args.max_new_tokens, sampler, stop, on_token, capacity)
+    except FloatingPointError as e:     # non-finite logits: the model or its weights are broken
+        raise runtime.UsageError(str(e)) from None
     if stream:
-        sys.stdout.write(streamer.flush() + "\n")
+        sys.stdout.write((streamer.flush() if streamer else "") + "\n")
     out = result_record(model, tokenizer, ids, gen)
     for v in out["violations"] if rank == 0 else ():  # the same on every rank: say it once
         log.warning(f"PLMR: {v}")   # the emulator ran it; a real wafer of this device could not
@@ -217,7 +208,8 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
     dl, pl = model.layouts["decode"], model.layouts["prefill"]
     violations = sorted({v for led in model.ledgers().values() for v in led.violations()})
     return {"prompt_ids": list(prompt_ids), "new_ids": gen.new_ids,
-            "text": tokenizer.decode(gen.new_ids), **gen.metrics(), "violations": violations,
+            "text": None if tokenizer is None else tokenizer.decode(gen.new_ids),
+            **gen.metrics(), "violations": violations,
             "decode_mesh": [dl.py, dl.px], "prefill_mesh": [pl.py, pl.px],
             "ranks": [dl.ry, dl.rx], "device": model.decode_fabric.ledger.device.name,
             "kv_policy": model.kv_policy}

@@ -89,6 +89,49 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
+class SentencePieceTokenizer:
+    """A SentencePiece ``tokenizer.model`` (LLaMA 1/2 style checkpoints without a
+    ``tokenizer.json``), through the optional ``sentencepiece`` package.
+
+    Raises ``ValueError`` naming the fix when the package is not installed (the byte-level
+    fallback would print garbage for such a model).
+    """
+
+    def __init__(self, path, bos_id: int | None = None, eos_ids: Iterable[int] = ()):
+        self.path = Path(path)
+        try:
+            import sentencepiece
+        except ImportError:
+            raise ValueError(f"{self.path.parent} has a SentencePiece tokenizer.model but no "
+                             "tokenizer.json: pip install sentencepiece (or pip install "
+                             "'waferllm-mpi[spm]') to read it, or save a tokenizer.json with "
+                             "transformers (AutoTokenizer.from_pretrained(DIR)"
+                             ".save_pretrained(DIR))") from None
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.bos_id = bos_id if bos_id is not None else _valid(self._sp.bos_id())
+        self.eos_ids = tuple(int(e) for e in eos_ids) or tuple(
+            e for e in [_valid(self._sp.eos_id())] if e is not None)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> ids; BOS first if requested (as LLaMA's tokenizer does)."""
+        ids = list(self._sp.encode(text))
+        if add_special_tokens and self.bos_id is not None:
+            ids.insert(0, int(self.bos_id))
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids -> text (BOS/EOS dropped when ``skip_special_tokens``; ids beyond the
+        tokenizer's pieces, as in a model vocabulary padded past it, give no text)."""
+        special = {self.bos_id, *self.eos_ids} if skip_special_tokens else set()
+        return self._sp.decode([int(i) for i in ids
+                                if int(i) not in special and 0 <= int(i) < self.vocab_size])
+
+
+def _valid(token_id: int) -> int | None:
+    return None if token_id is None or token_id < 0 else int(token_id)
+
+
 def _special_ids(model_dir: Path | None, config) -> tuple[int | None, tuple, int | None]:
     """(bos id, eos ids, vocab size) from a ModelConfig or the directory's JSON files."""
     if config is not None:
@@ -114,7 +157,8 @@ def load_tokenizer(model_dir=None, config=None):
     Parameters
     ----------
     model_dir : path, optional
-        Uses ``tokenizer.json`` if present, else the byte-level fallback.
+        Uses ``tokenizer.json`` if present, else a SentencePiece ``tokenizer.model``, else the
+        byte-level fallback.
     config : ModelConfig, optional
         Source of the BOS / EOS ids and vocabulary size (else ``config.json`` and
         ``generation_config.json`` of ``model_dir``). Without ``model_dir`` the result is the
@@ -122,7 +166,7 @@ def load_tokenizer(model_dir=None, config=None):
 
     Returns
     -------
-    HFTokenizer or ByteTokenizer
+    HFTokenizer, SentencePieceTokenizer or ByteTokenizer
         Both have ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``bos_id``, ``eos_ids``.
     """
     model_dir = None if model_dir is None else Path(model_dir)
@@ -131,6 +175,8 @@ def load_tokenizer(model_dir=None, config=None):
     bos, eos, vocab = _special_ids(model_dir, config)
     if model_dir is not None and (model_dir / "tokenizer.json").exists():
         return HFTokenizer(model_dir / "tokenizer.json", bos, eos)
+    if model_dir is not None and (model_dir / "tokenizer.model").exists():
+        return SentencePieceTokenizer(model_dir / "tokenizer.model", bos, eos)
     if vocab is None:
         raise ValueError(f"no tokenizer.json and no vocab_size in {model_dir}")
     return ByteTokenizer(int(vocab), bos, eos)

@@ -11,8 +11,15 @@ import sys
 from . import runtime  # noqa: F401  (sets BLAS threads before numpy loads)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are printed once (by rank 0) and end every rank with code 2."""
+
+    def error(self, message):
+        raise runtime.UsageError(f"{self.prog}: {message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m meshrt",
         description="A wafer-scale mesh emulated by MPI ranks. Every rank owns a block of virtual "
                     "cores; data moves only between neighbouring cores; a PLMR ledger prices "

@@ -23,6 +23,57 @@ from . import runtime
 from .collectives import AllreduceSpec
 
 
+#: Algorithms each benchmark runs; ``meshgemv`` is the paper's name of the K-tree GEMV.
+ALGOS = {"gemv": ("ktree", "pipeline", "ring"), "gemm": ("meshgemm", "cannon", "summa")}
+ALGO_ALIASES = {"meshgemv": "ktree"}
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    return check
+
+
+def _sizes(text: str) -> str:
+    """argparse type: a comma-separated list of positive integers (kept as text)."""
+    parts = [p.strip() for p in text.split(",")]
+    bad = [p for p in parts if not p.isdigit() or int(p) <= 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a positive integer (give a "
+                                         "comma-separated list such as 60,120)")
+    return text
+
+
+def check_args(args) -> None:
+    """Validate what argparse cannot see alone (``--algo`` per benchmark, ``--device``)
+    before any work; raises :class:`runtime.UsageError`. ``args.algo`` is normalised."""
+    kernel = args.kernel if args.what == "model" else args.what
+    if args.algo is not None:
+        if kernel not in ALGOS:
+            raise runtime.UsageError(f"--algo does not apply to bench {args.what}")
+        names = [a.strip().lower() for a in args.algo.split(",")]
+        if kernel == "gemv":
+            names = [ALGO_ALIASES.get(a, a) for a in names]
+        unknown = [a for a in names if a not in ALGOS[kernel]]
+        if unknown:
+            raise runtime.UsageError(f"--algo {unknown[0]!r}: {kernel} algorithms are "
+                                     f"{', '.join(ALGOS[kernel])}"
+                                     + (" (meshgemv = ktree)" if kernel == "gemv" else ""))
+        args.algo = ",".join(dict.fromkeys(names))
+    from .plmr import get_device
+    try:
+        get_device(args.device)
+    except ValueError as e:
+        raise runtime.UsageError(f"--device {args.device}: {e}") from None
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: emulator wall time and modeled wafer time",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,23 +86,23 @@ def add_bench_parser(sub) -> None:
                    help="virtual mesh (default: 512x512 for fabric, 128x128 gemv, 64x64 gemm)")
     p.add_argument("--ranks", default=None, metavar="RYxRX", help="rank grid (default: squarest)")
     p.add_argument("--algo", default=None,
-                   help="gemv: ktree|pipeline|ring (default ktree); gemm: meshgemm|cannon|summa; "
-                        "comma-separated lists allowed")
-    p.add_argument("--size", type=int, default=None,
+                   help="gemv: ktree|pipeline|ring (default ktree; meshgemv = ktree); gemm: "
+                        "meshgemm|cannon|summa; comma-separated lists allowed")
+    p.add_argument("--size", type=_count(1), default=None,
                    help="matrix size N (gemv: [1,N]x[N,N], gemm: NxNxN; default 8192 / 4096)")
-    p.add_argument("--tile", type=int, default=16, help="fabric: tile side per core (default 16)")
-    p.add_argument("--groups", type=int, default=None, help="K-tree first-level group count")
-    p.add_argument("--levels", type=int, default=2, help="K-tree levels (default 2)")
+    p.add_argument("--tile", type=_count(1), default=16, help="fabric: tile side per core (default 16)")
+    p.add_argument("--groups", type=_count(1), default=None, help="K-tree first-level group count")
+    p.add_argument("--levels", type=_count(1), default=2, help="K-tree levels (default 2)")
     p.add_argument("--device", default="wse2", help="device preset (wse2, wse3, or "
                                                     "NAME:field=value,... overrides)")
-    p.add_argument("--sides", default="60,120,180,240,360,480,600,720",
+    p.add_argument("--sides", type=_sizes, default="60,120,180,240,360,480,600,720",
                    help="model: mesh sides to sweep")
-    p.add_argument("--sizes", default=None,
+    p.add_argument("--sizes", type=_sizes, default=None,
                    help="model: matrix sizes (default gemm 2048,8192; gemv 2048,8192,16384,32768)")
     p.add_argument("--kernel", choices=["gemm", "gemv"], default="gemv", help="model: which kernel")
     p.add_argument("--check", action="store_true", help="compare with numpy, print the max error")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--repeat", type=_count(1), default=5, help="timed runs (median reported)")
+    p.add_argument("--warmup", type=_count(0), default=1, help="untimed runs first")
     p.add_argument("--json", metavar="FILE", default=None, help="write results as JSON ('-' = stdout)")
     p.add_argument("--csv", metavar="FILE", default=None, help="write results as CSV")
     p.add_argument("--plot", metavar="PNG", default=None, help="model: plot (needs matplotlib)")
@@ -308,6 +359,7 @@ def bench_model(args, comm, log) -> list[dict]:
 
 
 def run_bench(args) -> int:
+    check_args(args)
     comm = runtime.world()
     rank, _ = runtime.rank_and_size(comm)
     log = runtime.setup_logging(comm)

@@ -248,3 +248,235 @@ def test_killed_convert_is_cleaned_up_by_the_next(tmp_path):
     p, dt = run(_convert_args(out))
     assert p.returncode == 0 and dt < 30, p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3 and 4. bad values: one error line, exit 2, before any model loads
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, r11):
+    """A shard set whose rank file is corrupt: any error about the arguments proves they were
+    checked before the model was opened."""
+    out = tmp_path_factory.mktemp("damaged") / "shards"
+    shutil.copytree(r11, out)
+    path = out / rank_file_name((0, 0))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return out
+
+
+BAD_GENERATE = {
+    "temperature": (["--temperature", "-1"], ["--temperature", "-1 must be >= 0"]),
+    "top-p-high": (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+    "top-p-zero": (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+    "top-k": (["--top-k", "-3"], ["--top-k", "-3 must be >= 0"]),
+    "temperature-nan": (["--temperature", "nan"], ["--temperature", "not a finite number"]),
+    "ids-not-numbers": (["--prompt-ids", "1,two"], ["--prompt-ids", "'two' is not a token id"]),
+    "ids-out-of-vocab": (["--prompt-ids", "1,157"], ["token id 157 is outside the vocabulary",
+                                                     "0..156"]),
+    "stop-out-of-vocab": (["--prompt-ids", "1", "--stop", "999"], ["--stop", "999"]),
+    "prompt-file-missing": (["--prompt-file", "/nonexistent/prompt.txt"],
+                            ["--prompt-file", "No such file"]),
+    "allreduce": (["--allreduce", "tree"], ["--allreduce", "invalid choice"]),
+    "seed": (["--prompt-ids", "1", "--seed", "-1"], ["--seed"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE))
+def test_bad_generate_values_fail_before_the_model_loads(case, damaged):
+    extra, phrases = BAD_GENERATE[case]
+    if "--prompt-ids" not in extra and "--prompt-file" not in extra:
+        extra = ["--prompt-ids", "1,2"] + extra
+    before = snapshot(damaged)
+    p, dt = run(["generate", "--model", damaged, "--max-new-tokens", "2", *extra])
+    line = assert_one_error(p, dt, *phrases, within=15)
+    assert "corrupt" not in line
+    assert changed(before, snapshot(damaged)) == []
+
+
+def test_prompt_file_that_is_not_utf8(tmp_path, damaged):
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"\xff\xfe caf\xe9")
+    p, dt = run(["generate", "--model", damaged, "--prompt-file", bad])
+    assert_one_error(p, dt, "--prompt-file", "not UTF-8 text", within=15)
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("hidden_act", "gelu_new", "hidden_act 'gelu_new' is not supported"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
+     "rope type 'yarn' is not supported"),
+])
+def test_unsupported_model_features_fail_clearly(field, value, phrase, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    config[field] = value
+    (model / "config.json").write_text(json.dumps(config))
+    before = snapshot(tmp_path, MODEL)
+    p, dt = run(["generate", "--model", model, "--prompt-ids", "1,2"])
+    assert_one_error(p, dt, phrase)
+    p, dt = run(["convert", model, "--out", tmp_path / "out", "--decode-mesh", "2x2"])
+    assert_one_error(p, dt, phrase)
+    p, dt = run(["plan", "--model", model])
+    assert_one_error(p, dt, phrase)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+BAD_BENCH = {
+    "size-zero": (["gemv", "--size", "0"], ["--size", "0 must be >= 1"]),
+    "size-negative": (["gemm", "--size", "-5"], ["--size", "-5 must be >= 1"]),
+    "repeat-zero": (["gemm", "--repeat", "0"], ["--repeat", "0 must be >= 1"]),
+    "warmup-negative": (["gemv", "--warmup", "-1"], ["--warmup"]),
+    "algo": (["gemv", "--algo", "kree"], ["--algo 'kree'", "ktree, pipeline, ring"]),
+    "gemm-algo": (["gemm", "--algo", "meshgemv"], ["--algo 'meshgemv'", "meshgemm"]),
+    "sides": (["model", "--sides", "60,0"], ["--sides", "'0'"]),
+    "device": (["gemv", "--device", "wse9"], ["--device wse9", "unknown device"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BENCH))
+def test_bad_bench_values_fail_at_parse_time(case):
+    args, phrases = BAD_BENCH[case]
+    p, dt = run(["bench", *args], module="meshrt")
+    assert_one_error(p, dt, *phrases, within=10)
+
+
+def test_meshgemv_is_an_alias_of_ktree(tmp_path):
+    out = tmp_path / "gemv.json"
+    p, _ = run(["bench", "gemv", "--algo", "meshgemv,ktree", "--mesh", "2x2", "--size", "8",
+                "--repeat", "1", "--warmup", "0", "--json", out], module="meshrt")
+    assert p.returncode == 0, p.stderr
+    assert [r["algo"] for r in json.loads(out.read_text())] == ["ktree"]
+    runs = {}
+    for algo in ("meshgemv", "ktree"):
+        p, _ = run(["generate", "--model", MODEL, "--prompt-ids", "1,5,9", "--max-new-tokens",
+                    "4", "--allreduce", algo, "--json", "--ignore-eos"])
+        assert p.returncode == 0, p.stderr
+        runs[algo] = json.loads(p.stdout)["new_ids"]
+    assert runs["meshgemv"] == runs["ktree"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. a KV cache too small: refused before prefill for the prompt, kv_full for new tokens
+# ----------------------------------------------------------------------------------------------
+
+def _generate_json(*extra, model=MODEL):
+    p, _ = run(["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens", "8",
+                "--ignore-eos", "--json", *extra])
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), p
+
+
+@pytest.mark.parametrize("policy", ["shift", "concat"])
+def test_kv_full_keeps_the_tokens_made(policy):
+    full, _ = _generate_json("--kv-policy", policy)
+    assert full["stopped_by"] == "max_new_tokens" and len(full["new_ids"]) == 8
+    short, p = _generate_json("--kv-policy", policy, "--kv-capacity", "2")
+    assert short["stopped_by"] == "kv_full", short
+    assert 0 < len(short["new_ids"]) < 8
+    assert short["new_ids"] == full["new_ids"][:len(short["new_ids"])]
+    assert "stopped_by kv_full" in p.stderr                       # told before prefill
+    p, _ = run(["generate", "--model", MODEL, "--prompt-ids", "1,5,9", "--max-new-tokens", "8",
+                "--ignore-eos", "--kv-policy", policy, "--kv-capacity", "2"])
+    assert p.returncode == 0 and "(kv_full)" in p.stderr, p.stderr
+    assert p.stdout.strip() == short["text"].strip()              # the streamed text is kept
+
+
+def test_prompt_larger_than_the_kv_cache_is_refused_before_prefill():
+    p, dt = run(["generate", "--model", MODEL, "--prompt-ids", "1,2,3,4,5", "--kv-capacity",
+                 "1"])
+    assert_one_error(p, dt, "--kv-capacity 1 is too small for the prompt", "5 tokens")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. --prompt-ids without a tokenizer; 3. SentencePiece tokenizer.model
+# ----------------------------------------------------------------------------------------------
+
+def test_prompt_ids_without_a_tokenizer():
+    qwen = FIXTURES / "tiny-qwen2"                    # no tokenizer.json, vocabulary of 151
+    out, _ = _generate_json(model=qwen)
+    assert out["text"] is None and len(out["new_ids"]) == 8
+    p, _ = run(["generate", "--model", qwen, "--prompt-ids", "1,5,9", "--max-new-tokens", "8",
+                "--ignore-eos", "-q"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(t) for t in out["new_ids"]]
+    p, dt = run(["generate", "--model", qwen, "--prompt", "hello"])
+    assert_one_error(p, dt, "too small for the byte-level tokenizer", "--prompt-ids")
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """tiny-llama-gqa with a SentencePiece tokenizer.model instead of its tokenizer.json."""
+    spm = pytest.importorskip("sentencepiece")
+    base = tmp_path_factory.mktemp("spm")
+    model = base / "model"
+    shutil.copytree(MODEL, model)
+    (model / "tokenizer.json").unlink()
+    text = base / "corpus.txt"
+    text.write_text("\n".join(["the mesh passes the cache to its neighbours",
+                               "every core holds a tile of the weights",
+                               "tokens stream out as they are made"] * 20))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(model / "tokenizer"),
+                                   vocab_size=60, model_type="bpe", bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2)
+    return model
+
+
+def test_sentencepiece_tokenizer_model(spm_model):
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model / "tokenizer.model"))
+    ids = [1] + sp.encode("the mesh passes")
+    p, _ = run(["generate", "--model", spm_model, "--prompt", "the mesh passes", "--json",
+                "--max-new-tokens", "4", "--ignore-eos"])
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["prompt_ids"] == ids
+    assert out["text"] == sp.decode([t for t in out["new_ids"] if t not in (1, 2) and t < 60])
+
+
+def test_sentencepiece_without_the_package_fails_clearly(spm_model, tmp_path):
+    blocker = tmp_path / "block" / "sentencepiece"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {"PYTHONPATH": str(blocker.parent)}
+    p, dt = run(["generate", "--model", spm_model, "--prompt", "the mesh"], env=env)
+    assert_one_error(p, dt, "SentencePiece tokenizer.model but no tokenizer.json",
+                     "pip install sentencepiece")
+    p, _ = run(["generate", "--model", spm_model, "--prompt-ids", "1,5", "-q",
+                "--max-new-tokens", "2", "--ignore-eos"], env=env)
+    assert p.returncode == 0 and len(p.stdout.split()) == 2, p.stderr   # ids in, ids out
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. small ones
+# ----------------------------------------------------------------------------------------------
+
+def test_directory_that_is_neither_shards_nor_model(tmp_path):
+    (tmp_path / "README.md").write_text("hello")
+    before = snapshot(tmp_path)
+    p, dt = run(["generate", "--model", tmp_path, "--prompt-ids", "1"])
+    assert_one_error(p, dt, "is not a shard set (no manifest.json) or an HF model directory "
+                            "(no config.json)")
+    assert changed(before, snapshot(tmp_path)) == []
+
+
+def test_padding_beyond_the_data_warns(tmp_path):
+    p, _ = run(["convert", MODEL, "--out", tmp_path / "out", "--decode-mesh", "32x32", "-q"])
+    assert p.returncode == 0, p.stderr
+    assert "decode mesh 32x32: the mesh is large for this model: zero padding exceeds" in p.stderr
+    p, _ = run(["convert", MODEL, "--out", tmp_path / "ok", "--decode-mesh", "2x2", "-q"])
+    assert p.returncode == 0 and "padding" not in p.stderr, p.stderr
+
+
+def test_closed_stdout_ends_quietly(r11):
+    import os
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                # as `| head` does once it has enough
+    try:
+        p, dt = run(["info", r11], stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert p.returncode == 141 and dt < 20
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
