@@ -55,10 +55,15 @@ class Sampler:
             Most likely first (lower id first among equal logits).
         probs : f64[K]
             Renormalised probabilities of ``ids``; they sum to 1.
+
+        Raises
+        ------
+        FloatingPointError
+            If the logits hold NaN or the largest one is infinite.
         """
         x = np.asarray(logits, dtype=np.float64).reshape(-1)
         if np.isnan(x).any():
-            raise ValueError("logits contain NaN")
+            raise FloatingPointError("non-finite logits: NaN in the sampler's input")
         if self.greedy:
             return np.array([int(np.argmax(x))]), np.ones(1)
         order = np.argsort(-x, kind="stable")                     # int64[vocab], best first
@@ -66,7 +71,7 @@ class Sampler:
             order = order[:self.top_k]
         z = x[order] / self.temperature
         if not np.isfinite(z[0]):
-            raise ValueError("the largest logit must be finite")
+            raise FloatingPointError("non-finite logits: the largest logit is infinite")
         probs = np.exp(z - z[0])
         probs /= probs.sum()
         if self.top_p < 1.0:

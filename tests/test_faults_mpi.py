@@ -102,3 +102,37 @@ def test_model_directory_missing_on_one_rank(tmp_path):
                  "--max-new-tokens", "2"], n=2, module=None)
     assert_one_error(p, dt, "model")
     assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+@pytest.mark.parametrize("extra, phrases", [
+    (["--prompt-ids", "1,157"], ["token id 157 is outside the vocabulary"]),
+    (["--prompt-ids", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file", "No such file"]),
+    (["--prompt-ids", "1,2,3,4,5", "--kv-capacity", "1"], ["too small for the prompt"]),
+], ids=["vocab", "top-p", "prompt-file", "kv-prompt"])
+def test_bad_generate_input_on_two_ranks(extra, phrases, tmp_path):
+    before = snapshot(tmp_path, MODEL)
+    p, dt = run(["generate", "--model", MODEL, "--max-new-tokens", "4", *extra], n=2)
+    assert_one_error(p, dt, *phrases)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+def test_kv_full_on_two_ranks_keeps_the_tokens_of_one_rank():
+    import json
+    args = ["generate", "--model", MODEL, "--prompt-ids", "1,5,9", "--max-new-tokens", "8",
+            "--ignore-eos", "--json", "--decode-mesh", "2x2"]
+    p, _ = run(args)
+    assert p.returncode == 0, p.stderr
+    full = json.loads(p.stdout)["new_ids"]
+    p, dt = run(args + ["--kv-capacity", "2"], n=2)
+    assert p.returncode == 0 and dt < 60, p.stderr
+    out = json.loads(p.stdout)
+    assert out["stopped_by"] == "kv_full" and 0 < len(out["new_ids"]) < 8
+    assert out["new_ids"] == full[:len(out["new_ids"])]
+
+
+def test_prompt_ids_without_a_tokenizer_on_two_ranks():
+    p, dt = run(["generate", "--model", FIXTURES / "tiny-qwen2", "--prompt-ids", "1,5,9",
+                 "--max-new-tokens", "4", "--ignore-eos", "-q"], n=2)
+    assert p.returncode == 0 and dt < 60, p.stderr
+    assert len(p.stdout.split()) == 4 and all(t.isdigit() for t in p.stdout.split())
