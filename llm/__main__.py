@@ -163,7 +163,8 @@ def add_convert_parser(sub) -> None:
     _add_mesh_args(p, "8x8")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage dtype on disk (compute is always float32; default float32)")
-    p.add_argument("--seed", type=_non_negative, default=0, help="seed of random:PRESET weights (default 0)")
+    p.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of random:PRESET weights (default 0)")
     p.add_argument("--layers", type=_positive, default=None, metavar="N",
                    help="keep only the first N decoder layers (benchmarks of big models)")
     p.add_argument("--max-context", type=_positive, default=None, metavar="TOKENS",

@@ -90,7 +90,8 @@ def add_bench_parser(sub) -> None:
                         "meshgemm|cannon|summa; comma-separated lists allowed")
     p.add_argument("--size", type=_count(1), default=None,
                    help="matrix size N (gemv: [1,N]x[N,N], gemm: NxNxN; default 8192 / 4096)")
-    p.add_argument("--tile", type=_count(1), default=16, help="fabric: tile side per core (default 16)")
+    p.add_argument("--tile", type=_count(1), default=16,
+                   help="fabric: tile side per core (default 16)")
     p.add_argument("--groups", type=_count(1), default=None, help="K-tree first-level group count")
     p.add_argument("--levels", type=_count(1), default=2, help="K-tree levels (default 2)")
     p.add_argument("--device", default="wse2", help="device preset (wse2, wse3, or "
