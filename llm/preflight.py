@@ -161,7 +161,10 @@ class Request:
 
 
 def prepare(args, comm) -> Request:
-    """Validate ``--model`` and the prompt on every rank (agreed), before any weight is read."""
+    """Validate ``--model`` and the prompt on every rank (agreed), before any weight is read.
+
+    With ``--batch`` or ``--chat`` the prompts are not known yet: ``ids`` is empty.
+    """
     path = getattr(args, "model", None)
     kind = agree(comm, model_kind, path)
     config = agree(comm, read_config, path, kind, getattr(args, "max_context", None))
@@ -169,8 +172,10 @@ def prepare(args, comm) -> Request:
         not part.strip().isdigit() for item in getattr(args, "stop", None) or []
         for part in str(item).split(",") if part.strip())
     tokenizer = agree(comm, open_tokenizer, path, config, need_text)
-    ids = agree(comm, prompt_ids, args, tokenizer, config)
     stop = agree(comm, stop_ids, args, tokenizer, config)
+    if getattr(args, "batch", None) or getattr(args, "chat", None) is not None:
+        return Request(path, kind, config, tokenizer, [], stop)   # prompts come later
+    ids = agree(comm, prompt_ids, args, tokenizer, config)
     new = getattr(args, "max_new_tokens", 1)
     if len(ids) + new > config.max_position_embeddings:
         raise runtime.UsageError(

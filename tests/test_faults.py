@@ -480,3 +480,20 @@ def test_closed_stdout_ends_quietly(r11):
         os.close(write_end)
     assert p.returncode == 141 and dt < 20
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. non-finite logits end with one error line (the decode engine names the layer)
+# ----------------------------------------------------------------------------------------------
+
+def test_nan_weights_end_with_one_error_line(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name] = np.full_like(weights[name], np.nan)
+    save_file(weights, str(model / "model.safetensors"))
+    p, dt = run(["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens",
+                 "3", "--temperature", "0.7"])
+    assert_one_error(p, dt, "non-finite logits")
