@@ -150,10 +150,10 @@ def run_main(main, argv=None) -> int:
         if message is not None and (rank == 0 or not collective):
             prefix = f"rank {rank}/{size}: " if size > 1 and not collective else ""
             print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-        if code and size > 1:
-            if not collective:
-                comm.Abort(code)
-            _finalize()     # all ranks agreed: end MPI cleanly (no abort under -m mpi4py)
+        if code and size > 1 and not collective:
+            comm.Abort(code)
+        if code:
+            _finalize()     # every rank agreed: end MPI cleanly (no abort under -m mpi4py)
         return code
     except KeyboardInterrupt:
         if size > 1:
@@ -172,8 +172,8 @@ def run_main(main, argv=None) -> int:
 
 
 def _finalize() -> None:
-    from mpi4py import MPI
-    if not MPI.Is_finalized():
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
 
 

@@ -497,3 +497,11 @@ def test_nan_weights_end_with_one_error_line(tmp_path):
     p, dt = run(["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens",
                  "3", "--temperature", "0.7"])
     assert_one_error(p, dt, "non-finite logits")
+
+
+def test_singleton_under_the_mpi4py_runner_ends_without_an_abort(tmp_path):
+    env = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}
+    p, dt = run(["-m", "mpi4py", "-m", "llm", *_convert_args(tmp_path / "out")], env=env,
+                module=None)
+    assert_one_error(p, dt, "srun --mpi=pmix")
+    assert "abort" not in p.stderr.lower() and not (tmp_path / "out").exists()
