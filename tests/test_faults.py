@@ -486,17 +486,26 @@ def test_closed_stdout_ends_quietly(r11):
 # 5. non-finite logits end with one error line (the decode engine names the layer)
 # ----------------------------------------------------------------------------------------------
 
-def test_nan_weights_end_with_one_error_line(tmp_path):
+def nan_model(base):
+    """tiny-llama-gqa whose layer 1 MLP output projection is all NaN."""
     from safetensors.numpy import load_file, save_file
-    model = tmp_path / "model"
+    model = base / "nan-model"
     shutil.copytree(MODEL, model)
     weights = load_file(str(model / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj.weight"
     weights[name] = np.full_like(weights[name], np.nan)
     save_file(weights, str(model / "model.safetensors"))
+    return model
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.7"], ids=["greedy", "sampled"])
+def test_nan_weights_end_with_one_error_line(temperature, tmp_path):
+    model = nan_model(tmp_path)
+    before = snapshot(tmp_path, MODEL)
     p, dt = run(["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens",
-                 "3", "--temperature", "0.7"])
-    assert_one_error(p, dt, "non-finite logits")
+                 "3", "--temperature", temperature])
+    assert_one_error(p, dt, "non-finite", "layer 1")
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
 
 
 def test_singleton_under_the_mpi4py_runner_ends_without_an_abort(tmp_path):

@@ -136,3 +136,11 @@ def test_prompt_ids_without_a_tokenizer_on_two_ranks():
                  "--max-new-tokens", "4", "--ignore-eos", "-q"], n=2)
     assert p.returncode == 0 and dt < 60, p.stderr
     assert len(p.stdout.split()) == 4 and all(t.isdigit() for t in p.stdout.split())
+
+
+def test_nan_weights_on_two_ranks(tmp_path):
+    from test_faults import nan_model
+    model = nan_model(tmp_path)
+    p, dt = run(["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens", "3"],
+                n=2)
+    assert_one_error(p, dt, "non-finite", "layer 1")
