@@ -168,12 +168,13 @@ def prepare(args, comm) -> Request:
     path = getattr(args, "model", None)
     kind = agree(comm, model_kind, path)
     config = agree(comm, read_config, path, kind, getattr(args, "max_context", None))
-    need_text = not getattr(args, "prompt_ids", None) or any(
+    later = getattr(args, "batch", None) or getattr(args, "chat", None) is not None
+    need_text = later or not getattr(args, "prompt_ids", None) or any(
         not part.strip().isdigit() for item in getattr(args, "stop", None) or []
         for part in str(item).split(",") if part.strip())
     tokenizer = agree(comm, open_tokenizer, path, config, need_text)
     stop = agree(comm, stop_ids, args, tokenizer, config)
-    if getattr(args, "batch", None) or getattr(args, "chat", None) is not None:
+    if later:
         return Request(path, kind, config, tokenizer, [], stop)   # prompts come later
     ids = agree(comm, prompt_ids, args, tokenizer, config)
     new = getattr(args, "max_new_tokens", 1)
