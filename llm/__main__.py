@@ -269,6 +269,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--new-tokens", type=_positive, default=16, help="decoded tokens (default 16)")
     _add_run_args(p)
     p.add_argument("--seed", type=_non_negative, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="how random weights are held in memory (kernels widen 16-bit words to "
+                        "float32 per tile); default: the preset's dtype (llama3-8b bfloat16, "
+                        "llama-100m float32). A shard set keeps its own dtype")
     p.add_argument("--repeat", type=_positive, default=3, help="timed runs, median reported")
     p.add_argument("--warmup", type=_non_negative, default=1,
                    help="untimed runs first (default 1)")

@@ -56,6 +56,21 @@ def _wafer(config, pmesh, dmesh, prompt, context, device, policy, allreduce) -> 
                               "stages", "wafers", "method", "violations")}
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak resident set size so far (GiB)."""
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
+    return kib / 2**20
+
+
+def _max_over_ranks(comm, value: float) -> float:
+    """The largest ``value`` of any rank, on every rank (control plane, for reporting)."""
+    if comm is None or comm.Get_size() == 1:
+        return value
+    from mpi4py import MPI
+    return comm.allreduce(value, op=MPI.MAX)
+
+
 def run(args) -> int:
     """Entry point of ``python -m llm bench``."""
     from .checkpoint import RandomWeights
@@ -73,22 +88,28 @@ def run(args) -> int:
                          getattr(args, "groups", None))
     emulation = getattr(args, "emulation", "exact") or "exact"
     model_path = getattr(args, "model", None)
+    placing, storage = None, None
     if model_path:
         model = MeshModel.from_shards(model_path, comm if size > 1 else None, kv_policy=policy,
                                       device=device, allreduce=spec, emulation=emulation)
         full = model.config
+        storage = model.config.dtype
     else:
         name = getattr(args, "preset", None) or "llama-100m"
         full = preset(name)
         config = preset(name, layers=getattr(args, "layers", None))
         log.info(f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
                  f"decode {dmesh[0]}x{dmesh[1]}, prefill {pmesh[0]}x{pmesh[1]}, {size} ranks")
+        storage = getattr(args, "dtype", None) or (
+            config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32")
         t0 = time.perf_counter()
         weights = RandomWeights(config, getattr(args, "seed", 0) or 0)
         model = MeshModel.from_weights(config, weights, comm if size > 1 else None,
                                        decode_mesh=dmesh, prefill_mesh=pmesh, kv_policy=policy,
-                                       device=device, allreduce=spec, emulation=emulation)
-        log.info(f"placed in {time.perf_counter() - t0:.1f} s")
+                                       device=device, allreduce=spec, emulation=emulation,
+                                       storage=storage)
+        placing = _max_over_ranks(comm, time.perf_counter() - t0)
+        log.info(f"placed in {placing:.1f} s ({storage} weights)")
     prompt_len = getattr(args, "prompt_len", None) or 16
     new = getattr(args, "new_tokens", None) or 16
     rng = np.random.default_rng(0)
@@ -122,7 +143,9 @@ def run(args) -> int:
     out = {"model": model.config.name, "layers_run": model.config.num_layers,
            "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
            "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
-           "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation, "emulator": med,
+           "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation,
+           "weights_dtype": storage, "placing_s": placing,
+           "peak_rss_gib_per_rank": _max_over_ranks(comm, _peak_rss_gib()), "emulator": med,
            "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
            "modeled_peak_kib_per_core": led.peak_memory / 1024,
            "full_model_estimate": est}
@@ -133,7 +156,8 @@ def run(args) -> int:
             print(f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
                   f", {size} ranks, {prompt_len}+{new} tokens")
             print(f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
-                  f" ({med['tokens_per_s']:.1f} tok/s)")
+                  f" ({med['tokens_per_s']:.1f} tok/s); peak RSS "
+                  f"{out['peak_rss_gib_per_rank']:.2f} GiB per rank")
             print(f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
                   f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
                   f"(this run, {device.name})")

@@ -32,6 +32,8 @@ SINGLE_FILE = "model.safetensors"
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# dtypes whose rows are read straight from the file (little-endian words)
+_ROW_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 # Buffers some older checkpoints store that carry no weights (recomputed from the config).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -119,6 +121,20 @@ class SafetensorsFile:
         with safe_open(str(self.path), framework="np") as f:
             return np.asarray(f.get_tensor(name), dtype=np.float32)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (axis 0) of a tensor as float32, read alone from the file."""
+        info = self.header[name]
+        dtype, shape = info["dtype"], tuple(info["shape"])
+        if dtype not in _ROW_DTYPES:
+            return self.get(name)[start:stop]
+        start, stop, _ = slice(start, stop).indices(shape[0] if shape else 1)
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        begin = info["data_offsets"][0] + start * row * _ITEMSIZE[dtype]
+        words = np.fromfile(self.path, dtype=_ROW_DTYPES[dtype], count=max(stop - start, 0) * row,
+                            offset=self.data_start + begin)
+        vals = bf16_to_f32(words) if dtype == "BF16" else words.astype(np.float32)
+        return vals.reshape((max(stop - start, 0),) + shape[1:])
+
 
 class Checkpoint(Mapping):
     """A model directory as a lazy mapping ``HF tensor name -> f32 array``.
@@ -192,6 +208,10 @@ class Checkpoint(Mapping):
         """Shape of a tensor, from the header (nothing is read)."""
         return self._file(self._where[name]).shape(name)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor as float32; only those bytes are read."""
+        return self._file(self._where[name]).rows(name, start, stop)
+
     def dtype(self, name: str) -> str:
         """Stored safetensors dtype of a tensor."""
         return self._file(self._where[name]).dtype(name)
@@ -255,6 +275,14 @@ def load_checkpoint(model_dir, lazy: bool = False, max_context: int | None = Non
     ckpt = Checkpoint(model_dir, config)
     check_weights(config, ckpt.shapes())
     return config, (ckpt if lazy else {name: ckpt[name] for name in ckpt})
+
+
+def storage_dtype(ckpt: "Checkpoint") -> str:
+    """How to hold a checkpoint's weights in memory without changing a value: ``"bfloat16"`` or
+    ``"float16"`` when every matrix is stored so, else ``"float32"``."""
+    kinds = {ckpt.dtype(name) for name in ckpt if len(ckpt.shape(name)) == 2}
+    return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(
+        frozenset(kinds), "float32")
 
 
 def lm_head_weight(config: ModelConfig, weights: Mapping) -> np.ndarray:
@@ -349,6 +377,17 @@ class RandomWeights(Mapping):
         if name not in self._shapes:
             raise KeyError(name)
         return random_tensor(self.config, name, self.seed, shape=self._shapes[name])
+
+    def shape(self, name: str) -> tuple:
+        """Shape of a tensor (nothing is made)."""
+        return tuple(self._shapes[name])
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor, made alone (equal to ``self[name][start:stop]``)."""
+        if name not in self._shapes:
+            raise KeyError(name)
+        return random_tensor(self.config, name, self.seed, rows=slice(start, stop),
+                             shape=self._shapes[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)

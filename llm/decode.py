@@ -27,6 +27,7 @@ from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
 from meshrt.fabric import Fabric
 from meshrt.mesh import X
 from meshrt.ops.gemv import meshgemv
+from meshrt.precision import widen
 
 from . import functional as F
 from . import program as P
@@ -101,7 +102,11 @@ class MeshDecoder:
 
     def _embed(self, op, w, run):
         """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]``."""
-        mine = w[op.weight][:, :, self._token % self.vocab_seg, :]   # f32[by, bx, H/Py]
+        e = w[op.weight]                                         # [by, bx, V/Px, H/Py]
+        mine = np.zeros((self.fab.by, self.fab.bx, e.shape[3]), np.float32)
+        j = run.token_col - self.fab.origin[X]
+        if 0 <= j < self.fab.bx:     # only the core column holding the token reads its table
+            mine[:, j] = widen(e[:, j, self._token % self.vocab_seg, :])
         self.fab.ledger.io(4, 1)                                 # the token id enters the wafer
         return broadcast(self.fab, mine, op.axis, run.token_col, name=op.name)
 

@@ -118,8 +118,8 @@ def load_model(args, comm):
     if agree(comm, model_kind, path) == "shards":
         return MeshModel.from_shards(path, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
                                      ranks=ranks, verify=getattr(args, "verify", True), **kw)
-    from .checkpoint import load_checkpoint
-    config, weights = agree(comm, load_checkpoint, path,
+    from .checkpoint import load_checkpoint, storage_dtype
+    config, weights = agree(comm, load_checkpoint, path, lazy=True,
                             max_context=getattr(args, "max_context", None))
     size = 1 if comm is None else comm.Get_size()
     if dmesh is None:
@@ -127,7 +127,7 @@ def load_model(args, comm):
         ry, rx = ranks or default_rank_grid(size)
         dmesh = (2 * ry, 2 * rx)
     return MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
-                                  ranks=ranks, **kw)
+                                  ranks=ranks, storage=storage_dtype(weights), **kw)
 
 
 def _prompt_ids(args, tokenizer, config=None) -> list:

@@ -1,9 +1,10 @@
-"""Model weights as global tile arrays for the decode mesh (host side, offline).
+"""Model weights as tiles of the decode mesh: what every core holds, described once.
 
-Each function returns global tiles ``[Py, Px, ...]``; a rank keeps its block ``[by, bx, ...]``
-(``meshrt.darray.local_block``) and a converter writes exactly those blocks into the rank's shard.
-Layouts follow MeshGEMV (``meshrt.ops.gemv``): weights whose input is a Y-vector are tiles
-``W[in-seg py, out-seg px]``; weights whose input is an X-vector are stored transposed,
+:func:`decode_specs` describes every decode tensor without data (:mod:`llm.placement`); one
+rank's blocks are placed from them straight from the source (:meth:`llm.model.MeshModel
+.from_weights`), and :func:`decode_tiles` makes the global tiles ``[Py, Px, ...]`` a converter
+writes. Layouts follow MeshGEMV (``meshrt.ops.gemv``): weights whose input is a Y-vector are
+tiles ``W[in-seg py, out-seg px]``; weights whose input is an X-vector are stored transposed,
 ``W[in-seg px, out-seg py]``. Projections that read the same input are fused per core
 (q|k|v, gate|up): one local GEMV and one allreduce for all of them.
 """
@@ -13,100 +14,146 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from meshrt.ops.gemv import vector_tiles, weight_tiles
+from meshrt.ops.gemv import vector_tiles
 
-from .checkpoint import lm_head_weight
 from .layout import PhaseLayout
-from .prefill_weights import prefill_tiles
+from .placement import Const, Matrix, Part, Vector, feature_index, place
+from .prefill_weights import prefill_specs, prefill_tiles
 
 
-def _vec(lay: PhaseLayout, v: np.ndarray, perm, size: int, axis: str) -> np.ndarray:
-    return vector_tiles(lay.take(v, perm, 0, size), (lay.py, lay.px), axis)
+def lm_head_name(config) -> str:
+    """Source tensor of the output projection (the embeddings when tied)."""
+    return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
 
-def decode_layer_tiles(lay: PhaseLayout, w: Mapping, layer: int) -> dict:
-    """Global decode tiles of one layer. ``w`` maps HF tensor names to arrays.
+def linear_part(lay: PhaseLayout, name: str, out_perm, out_real: int, out_size: int, in_perm,
+                in_real: int, in_size: int) -> Part:
+    """An HF linear ``[out, in]`` with permuted, padded mesh features."""
+    return Part(name, feature_index(out_perm, out_real, out_size),
+                feature_index(in_perm, in_real, in_size))
 
-    Returns
-    -------
-    dict
-        ``attn_norm``, ``mlp_norm``: ``f32[Py, Px, H/Py]`` (Y-vectors);
-        ``qkv``: ``f32[Py, Px, H/Py, (q + 2 kv)/Px]`` (q|k|v per core);
-        ``o``: ``f32[Py, Px, q/Px, H/Py]`` (transposed placement);
-        ``gate_up``: ``f32[Py, Px, H/Py, 2 F/Px]``; ``down``: ``f32[Py, Px, F/Px, H/Py]``;
-        biases as X- or Y-vectors when the model has them.
-    """
+
+def layer_parts(lay: PhaseLayout, layer: int) -> dict:
+    """The HF linears of one layer as :class:`~llm.placement.Part` lists, by fused group."""
     c = lay.config
-    mesh = (lay.py, lay.px)
+    a = f"model.layers.{layer}.self_attn."
+    m = f"model.layers.{layer}.mlp."
+    h = c.hidden_size
+
+    def lin(name, out_perm, out_real, out_size, in_perm, in_real, in_size):
+        return linear_part(lay, name, out_perm, out_real, out_size, in_perm, in_real, in_size)
+    return {
+        "qkv": (lin(a + "q_proj.weight", lay.q_perm, None, lay.q, None, h, lay.hidden),
+                lin(a + "k_proj.weight", lay.kv_perm, None, lay.kv, None, h, lay.hidden),
+                lin(a + "v_proj.weight", lay.kv_perm, None, lay.kv, None, h, lay.hidden)),
+        "o": (lin(a + "o_proj.weight", None, h, lay.hidden, lay.q_perm, None, lay.q),),
+        "gate_up": tuple(lin(m + n + ".weight", None, c.intermediate_size, lay.ffn, None, h,
+                             lay.hidden) for n in ("gate_proj", "up_proj")),
+        "down": (lin(m + "down_proj.weight", None, h, lay.hidden, None, c.intermediate_size,
+                     lay.ffn),),
+    }
+
+
+def layer_vectors(lay: PhaseLayout, layer: int) -> dict:
+    """Norm weights and biases of one layer: ``key -> ((name, index), ...)`` per fused group."""
+    c = lay.config
     p = f"model.layers.{layer}."
-    a = p + "self_attn."
-    out = {}
-    out["attn_norm"] = _vec(lay, w[p + "input_layernorm.weight"], None, lay.hidden, "y")
-    out["mlp_norm"] = _vec(lay, w[p + "post_attention_layernorm.weight"], None, lay.hidden, "y")
-    parts = [(a + "q_proj", lay.q_perm, lay.q), (a + "k_proj", lay.kv_perm, lay.kv),
-             (a + "v_proj", lay.kv_perm, lay.kv)]
-    out["qkv"] = np.concatenate(
-        [weight_tiles(lay.linear(w[n + ".weight"], perm, size, None, lay.hidden), mesh, "y")
-         for n, perm, size in parts], axis=-1)
+    a, m = p + "self_attn.", p + "mlp."
+    h, f = c.hidden_size, c.intermediate_size
+    out = {"attn_norm": ((p + "input_layernorm.weight", feature_index(None, h, lay.hidden)),),
+           "mlp_norm": ((p + "post_attention_layernorm.weight",
+                         feature_index(None, h, lay.hidden)),)}
     if c.attention_bias:
-        out["qkv_bias"] = np.concatenate(
-            [_vec(lay, w[n + ".bias"], perm, size, "x") for n, perm, size in parts], axis=-1)
-    out["o"] = weight_tiles(lay.linear(w[a + "o_proj.weight"], None, lay.hidden, lay.q_perm, lay.q),
-                            mesh, "x")
+        out["qkv_bias"] = ((a + "q_proj.bias", feature_index(lay.q_perm, None, lay.q)),
+                           (a + "k_proj.bias", feature_index(lay.kv_perm, None, lay.kv)),
+                           (a + "v_proj.bias", feature_index(lay.kv_perm, None, lay.kv)))
     if c.attention_out_bias:
-        out["o_bias"] = _vec(lay, w[a + "o_proj.bias"], None, lay.hidden, "y")
-    m = p + "mlp."
-    out["gate_up"] = np.concatenate(
-        [weight_tiles(lay.linear(w[m + n + ".weight"], None, lay.ffn, None, lay.hidden), mesh, "y")
-         for n in ("gate_proj", "up_proj")], axis=-1)
-    out["down"] = weight_tiles(lay.linear(w[m + "down_proj.weight"], None, lay.hidden, None,
-                                          lay.ffn), mesh, "x")
+        out["o_bias"] = ((a + "o_proj.bias", feature_index(None, h, lay.hidden)),)
     if c.mlp_bias:
-        out["gate_up_bias"] = np.concatenate(
-            [_vec(lay, w[m + n + ".bias"], None, lay.ffn, "x") for n in ("gate_proj", "up_proj")],
-            axis=-1)
-        out["down_bias"] = _vec(lay, w[m + "down_proj.bias"], None, lay.hidden, "y")
+        out["gate_up_bias"] = tuple((m + n + ".bias", feature_index(None, f, lay.ffn))
+                                    for n in ("gate_proj", "up_proj"))
+        out["down_bias"] = ((m + "down_proj.bias", feature_index(None, h, lay.hidden)),)
     return out
 
 
-def decode_global_tiles(lay: PhaseLayout, w: Mapping) -> dict:
-    """Global decode tiles shared by all layers.
+def embedding_part(lay: PhaseLayout) -> Part:
+    """The embedding table as ``W[in=vocabulary, out=hidden]`` (stored ``[in, out]``)."""
+    c = lay.config
+    return Part("model.embed_tokens.weight", feature_index(None, c.hidden_size, lay.hidden),
+                feature_index(None, c.vocab_size, lay.vocab), table=True)
 
-    Returns
-    -------
-    dict
-        ``embed``: ``f32[Py, Px, V/Px, H/Py]`` (rows of vocabulary segment px, hidden segment
-        py: a lookup is a broadcast along x from the column holding the token);
-        ``final_norm``: Y-vector; ``lm_head``: ``f32[Py, Px, H/Py, V/Px]`` (absent when the
-        embeddings are tied: the embedding tiles serve, transposed per tile);
-        ``rope_freq``: ``f32[Py, Px, kv/Px]``; ``kv_head``: ``f32[Py, Px, kv/Px, n_kv]`` one-hot.
+
+def lm_head_part(lay: PhaseLayout) -> Part:
+    """The LM head as ``W[in=hidden, out=vocabulary]`` (an HF linear, or the tied table)."""
+    c = lay.config
+    return Part(lm_head_name(c), feature_index(None, c.vocab_size, lay.vocab),
+                feature_index(None, c.hidden_size, lay.hidden))
+
+
+def rope_tiles(lay: PhaseLayout) -> np.ndarray:
+    return vector_tiles(lay.rope_freq, (lay.py, lay.px), "x")
+
+
+def kv_head_tiles(lay: PhaseLayout) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(
+        vector_tiles(lay.head_onehot().T, (lay.py, lay.px), "x"), 2, 3))
+
+
+def decode_specs(lay: PhaseLayout) -> dict:
+    """Every decode tensor as a placement spec, in production order: the global keys, then
+    ``layer{i}/{key}``.
+
+    Tiles (global shapes; a rank holds ``[by, bx, ...]``)::
+
+        embed       [Py, Px, V/Px, H/Py]  rows of vocabulary segment px, hidden segment py: a
+                                          lookup is a broadcast along x from the column holding
+                                          the token
+        final_norm  [Py, Px, H/Py]        Y-vector
+        lm_head     [Py, Px, H/Py, V/Px]  absent when tied (the embedding tiles serve,
+                                          transposed per tile)
+        rope_freq   [Py, Px, kv/Px]; kv_head [Py, Px, kv/Px, n_kv] one-hot
+        layer{i}/attn_norm, mlp_norm  [Py, Px, H/Py]  (Y-vectors)
+        layer{i}/qkv      [Py, Px, H/Py, (q + 2 kv)/Px]  q|k|v per core
+        layer{i}/o        [Py, Px, q/Px, H/Py]           transposed placement
+        layer{i}/gate_up  [Py, Px, H/Py, 2 F/Px];  layer{i}/down [Py, Px, F/Px, H/Py]
+        biases as X- or Y-vectors when the model has them
     """
     c = lay.config
-    mesh = (lay.py, lay.px)
-    emb = lay.take(lay.take(w["model.embed_tokens.weight"], None, 0, lay.vocab), None, 1,
-                   lay.hidden)
-    out = {"embed": weight_tiles(emb, mesh, "x"),
-           "final_norm": _vec(lay, w["model.norm.weight"], None, lay.hidden, "y"),
-           "rope_freq": vector_tiles(lay.rope_freq, mesh, "x"),
-           "kv_head": np.ascontiguousarray(np.moveaxis(
-               vector_tiles(lay.head_onehot().T, mesh, "x"), 2, 3))}
+    h = c.hidden_size
+    specs = {"embed": Matrix((embedding_part(lay),), "gemv_x"),
+             "final_norm": Vector((("model.norm.weight", feature_index(None, h, lay.hidden)),),
+                                  "y"),
+             "rope_freq": Const(lambda: rope_tiles(lay)),
+             "kv_head": Const(lambda: kv_head_tiles(lay))}
     if not c.tie_word_embeddings:
-        out["lm_head"] = weight_tiles(lay.linear(lm_head_weight(c, w), None, lay.vocab, None,
-                                                 lay.hidden), mesh, "y")
-    return out
+        specs["lm_head"] = Matrix((lm_head_part(lay),), "gemv_y")
+    y_input = {"qkv": True, "o": False, "gate_up": True, "down": False}
+    vec_axis = {"attn_norm": "y", "mlp_norm": "y", "qkv_bias": "x", "o_bias": "y",
+                "gate_up_bias": "x", "down_bias": "y"}
+    for i in range(c.num_layers):
+        parts = layer_parts(lay, i)
+        vecs = layer_vectors(lay, i)
+        for key in ("attn_norm", "mlp_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
+                    "down", "gate_up_bias", "down_bias"):
+            if key in parts:
+                y = y_input[key]
+                specs[f"layer{i}/{key}"] = Matrix(parts[key], "gemv_y" if y else "gemv_x",
+                                                  fuse=lay.px if y else lay.py)
+            elif key in vecs:
+                specs[f"layer{i}/{key}"] = Vector(vecs[key], vec_axis[key])
+    return specs
 
 
 def decode_tiles(lay: PhaseLayout, w: Mapping):
-    """Every decode tile array as ``(name, tiles)``: ``layer{i}/{key}`` and the global ``{key}``.
+    """Every decode tile array as ``(name, global f32 tiles)``, in :func:`decode_specs` order.
 
     A generator, so a converter holds one tensor's tiles at a time.
     """
-    for key, tiles in decode_global_tiles(lay, w).items():
-        yield key, tiles
-    for i in range(lay.config.num_layers):
-        for key, tiles in decode_layer_tiles(lay, w, i).items():
-            yield f"layer{i}/{key}", tiles
+    for name, spec in decode_specs(lay).items():
+        yield name, place(spec, w, (lay.py, lay.px))
 
 
 #: phase -> tile producer ``f(PhaseLayout, hf_weights)`` yielding ``(name, global tiles)``.
 PHASE_TILES = {"decode": decode_tiles, "prefill": prefill_tiles}
+#: phase -> spec table ``f(PhaseLayout) -> {name: spec}``.
+PHASE_SPECS = {"decode": decode_specs, "prefill": prefill_specs}

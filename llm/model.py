@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .decode import MeshDecoder
 from .kvcache import KVCache
 from .layout import PhaseLayout
-from .mesh_weights import PHASE_TILES
+from .mesh_weights import PHASE_SPECS
 
 
 def split_layers(blocks: Mapping, layers: int) -> tuple[list, dict]:
@@ -52,6 +52,12 @@ def mesh_layouts(nranks: int, decode_mesh, prefill_mesh=None, ranks=None) -> dic
         raise MeshError(f"rank grid {ranks[0]}x{ranks[1]} needs {ranks[0] * ranks[1]} ranks but "
                         f"{nranks} are running")
     return {"decode": MeshLayout(*decode_mesh, *ranks), "prefill": MeshLayout(*prefill_mesh, *ranks)}
+
+
+def _bar(total: int, desc: str, show: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="tensor", disable=None if show else True,
+                leave=False, mininterval=1.0)
 
 
 def _coords(comm, lay: MeshLayout) -> tuple[int, int]:
@@ -118,18 +124,32 @@ class MeshModel:
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: Mapping, comm=None, decode_mesh=(2, 2),
                      prefill_mesh=None, ranks=None, phases: Iterable[str] | None = None,
+                     storage: str = "float32", progress: bool | None = None,
                      **kwargs) -> "MeshModel":
-        """Place HF-named weights held in memory (every rank holds them; small models)."""
+        """Place HF-named weights on this rank, streamed from ``weights``.
+
+        ``weights`` is any mapping of HF names to arrays: a dict, a lazy
+        :class:`~llm.checkpoint.Checkpoint` or :class:`~llm.checkpoint.RandomWeights` (read a
+        row range at a time). Each tensor is placed straight into this rank's block
+        (:mod:`llm.placement`), in ``storage`` words (``"float32"``, ``"float16"`` or
+        ``"bfloat16"``; kernels widen them to float32 per tile). Embedding tables stay in the
+        source and are read a row per lookup.
+        """
+        from .placement import place_phase
         nranks = 1 if comm is None else comm.Get_size()
         layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
-        producers = PHASE_TILES
         blocks = {}
-        for phase in (phases or producers):
+        rank = 0 if comm is None else comm.Get_rank()
+        for phase in (phases or PHASE_SPECS):
             lay = layouts[phase]
-            y0, x0 = lay.origin(_coords(comm, lay))
             playout = PhaseLayout(config, lay.py, lay.px)
-            blocks[phase] = {name: np.ascontiguousarray(t[y0:y0 + lay.by, x0:x0 + lay.bx])
-                             for name, t in producers[phase](playout, weights)}
+            specs = PHASE_SPECS[phase](playout)
+            bar = _bar(len(specs), f"placing {phase}", rank == 0 and progress is not False)
+            blocks[phase] = place_phase(phase, specs, weights, (lay.py, lay.px),
+                                        lay.origin(_coords(comm, lay)), (lay.by, lay.bx),
+                                        storage, config.tie_word_embeddings,
+                                        lambda _: bar.update(1))
+            bar.close()
         lay = layouts["decode"]
         return cls(config, comm, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx), **kwargs)
 
@@ -140,7 +160,19 @@ class MeshModel:
         from .shards import open_shards
         shards = open_shards(path, comm, decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
                              ranks=ranks, verify=verify)
-        blocks = {ph: {n: shards.read(ph, n) for n in shards.names(ph)} for ph in shards.phases}
+        from .placement import Matrix, StoredTable, residency
+        tied = shards.config.tie_word_embeddings
+        blocks = {}
+        for ph in shards.phases:
+            blocks[ph] = {}
+            mesh = shards.mesh(ph)
+            specs = PHASE_SPECS[ph](PhaseLayout(shards.config, *mesh))
+            for n in shards.names(ph):
+                if residency(ph, n, tied) == "resident":   # matrices stay in storage words
+                    blocks[ph][n] = shards.read(ph, n, words=isinstance(specs.get(n), Matrix))
+                else:       # left in the file: read on use, a row or a tensor at a time
+                    blocks[ph][n] = StoredTable(shards.dataset(ph, n), shards.dtype) \
+                        if n == "embed" else _StoredBlock(shards, ph, n)
         dm = shards.mesh("decode")
         pm = shards.mesh("prefill") if "prefill" in shards.phases else dm
         return cls(shards.config, comm, dm, blocks, pm, shards.ranks, **kwargs)
@@ -236,3 +268,18 @@ class MeshModel:
     def ledgers(self) -> dict[str, Ledger]:
         return {ph: fab.ledger for ph, fab in self.fabrics.items()}
 
+
+class _StoredBlock:
+    """A shard block read only when a kernel asks for it (``np.asarray``), then dropped."""
+
+    def __init__(self, shards, phase: str, name: str):
+        from meshrt.precision import word_dtype
+        self.shards, self.phase, self.name = shards, phase, name
+        self.shape = shards.block_shape(phase, name)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.dtype = word_dtype(shards.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.shards.read(self.phase, self.name, words=True)
+        return out if dtype is None else out.astype(dtype)

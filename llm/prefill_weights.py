@@ -23,114 +23,59 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from meshrt.mesh import to_tiles
-from meshrt.ops.gemm import prepare_b
-from meshrt.ops.gemv import vector_tiles
-
-from .checkpoint import lm_head_weight
 from .layout import PhaseLayout
+from .placement import Const, Matrix, Vector, place
 
 
-def _mesh(lay: PhaseLayout) -> tuple[int, int]:
-    return lay.py, lay.px
+def prefill_specs(lay: PhaseLayout) -> dict:
+    """Every prefill tensor as a placement spec (:mod:`llm.placement`), in production order:
+    the global keys, then ``layer{i}/{key}``.
 
+    Tiles (global shapes; a rank holds ``[by, bx, ...]``)::
 
-def _xvec(lay: PhaseLayout, v: np.ndarray, perm, size: int) -> np.ndarray:
-    """A per-feature vector as ``f32[Py, Px, size/Px]`` (segment px on every row of cores)."""
-    return vector_tiles(lay.take(v, perm, 0, size), _mesh(lay), "x")
-
-
-def per_core_columns(mats: list, px: int) -> np.ndarray:
-    """``[in, n_i]`` matrices side by side so that column segment ``px`` of the result is
-    ``[seg px of mats[0] | seg px of mats[1] | ...]``."""
-    rows = mats[0].shape[0]
-    return np.concatenate([m.reshape(rows, px, -1) for m in mats], axis=2).reshape(rows, -1)
-
-
-def _skewed(lay: PhaseLayout, w: np.ndarray) -> np.ndarray:
-    return prepare_b(w, _mesh(lay), "meshgemm")
-
-
-def prefill_layer_tiles(lay: PhaseLayout, w: Mapping, layer: int) -> dict:
-    """Global prefill tiles of one layer. ``w`` maps HF tensor names to arrays.
-
-    Returns
-    -------
-    dict
-        ``attn_norm``, ``mlp_norm``: ``f32[Py, Px, H/Px]``;
-        ``qkv``: ``f32[Py, Px, H/Py, (q + 2 kv)/Px]`` pre-skewed, per core ``q | k | v``;
-        ``o``: ``f32[Py, Px, q/Py, H/Px]`` pre-skewed (rows in q order);
-        ``gate_up``: ``f32[Py, Px, H/Py, 2 F/Px]`` pre-skewed, per core ``gate | up``;
-        ``down``: ``f32[Py, Px, F/Py, H/Px]`` pre-skewed;
-        biases ``f32[Py, Px, n/Px]`` (per core like their projection's columns) when present.
+        embed       [Py, Px, V/Py, H/Px]  natural (vocabulary rows along y, hidden features
+                                          along x: a lookup moves rows along y only)
+        final_norm  [Py, Px, H/Px]
+        lm_head     [Py, Px, H/Py, V/Px]  pre-skewed (the embeddings when tied), for the logits
+                                          of every prompt token (the first new token uses the
+                                          decode LM head)
+        rope_freq   [Py, Px, kv/Px]; kv_head [Py, Px, kv/Px, n_kv] one-hot
+        layer{i}/attn_norm, mlp_norm  [Py, Px, H/Px]
+        layer{i}/qkv      [Py, Px, H/Py, (q + 2 kv)/Px]  pre-skewed, per core q | k | v
+        layer{i}/o        [Py, Px, q/Py, H/Px]           pre-skewed (rows in q order)
+        layer{i}/gate_up  [Py, Px, H/Py, 2 F/Px]         pre-skewed, per core gate | up
+        layer{i}/down     [Py, Px, F/Py, H/Px]           pre-skewed
+        biases [Py, Px, n/Px] (per core like their projection's columns) when present
     """
+    from .mesh_weights import (embedding_part, kv_head_tiles, layer_parts, layer_vectors,
+                               lm_head_part, rope_tiles)
+    from .placement import feature_index
     c = lay.config
-    px = lay.px
-    p = f"model.layers.{layer}."
-    a = p + "self_attn."
-    m = p + "mlp."
-    out = {"attn_norm": _xvec(lay, w[p + "input_layernorm.weight"], None, lay.hidden),
-           "mlp_norm": _xvec(lay, w[p + "post_attention_layernorm.weight"], None, lay.hidden)}
-    parts = [(a + "q_proj", lay.q_perm, lay.q), (a + "k_proj", lay.kv_perm, lay.kv),
-             (a + "v_proj", lay.kv_perm, lay.kv)]
-    out["qkv"] = _skewed(lay, per_core_columns(
-        [lay.linear(w[n + ".weight"], perm, size, None, lay.hidden) for n, perm, size in parts],
-        px))
-    if c.attention_bias:
-        out["qkv_bias"] = np.concatenate(
-            [_xvec(lay, w[n + ".bias"], perm, size) for n, perm, size in parts], axis=-1)
-    out["o"] = _skewed(lay, lay.linear(w[a + "o_proj.weight"], None, lay.hidden, lay.q_perm,
-                                       lay.q))
-    if c.attention_out_bias:
-        out["o_bias"] = _xvec(lay, w[a + "o_proj.bias"], None, lay.hidden)
-    out["gate_up"] = _skewed(lay, per_core_columns(
-        [lay.linear(w[m + n + ".weight"], None, lay.ffn, None, lay.hidden)
-         for n in ("gate_proj", "up_proj")], px))
-    out["down"] = _skewed(lay, lay.linear(w[m + "down_proj.weight"], None, lay.hidden, None,
-                                          lay.ffn))
-    if c.mlp_bias:
-        out["gate_up_bias"] = np.concatenate(
-            [_xvec(lay, w[m + n + ".bias"], None, lay.ffn) for n in ("gate_proj", "up_proj")],
-            axis=-1)
-        out["down_bias"] = _xvec(lay, w[m + "down_proj.bias"], None, lay.hidden)
-    return out
-
-
-def prefill_global_tiles(lay: PhaseLayout, w: Mapping) -> dict:
-    """Global prefill tiles shared by all layers.
-
-    Returns
-    -------
-    dict
-        ``embed``: ``f32[Py, Px, V/Py, H/Px]``, natural (vocabulary rows along y, hidden
-        features along x: a lookup moves rows along y only);
-        ``final_norm``: ``f32[Py, Px, H/Px]``;
-        ``lm_head``: ``f32[Py, Px, H/Py, V/Px]`` pre-skewed (the embeddings when tied), for the
-        logits of every prompt token (the first new token uses the decode LM head);
-        ``rope_freq``: ``f32[Py, Px, kv/Px]``; ``kv_head``: ``f32[Py, Px, kv/Px, n_kv]`` one-hot.
-    """
-    c = lay.config
-    mesh = _mesh(lay)
-    emb = lay.take(lay.take(w["model.embed_tokens.weight"], None, 0, lay.vocab), None, 1,
-                   lay.hidden)
-    return {"embed": np.ascontiguousarray(to_tiles(emb, mesh)),
-            "final_norm": _xvec(lay, w["model.norm.weight"], None, lay.hidden),
-            "lm_head": _skewed(lay, lay.linear(lm_head_weight(c, w), None, lay.vocab, None,
-                                               lay.hidden)),
-            "rope_freq": vector_tiles(lay.rope_freq, mesh, "x"),
-            "kv_head": np.ascontiguousarray(np.moveaxis(
-                vector_tiles(lay.head_onehot().T, mesh, "x"), 2, 3))}
+    specs = {"embed": Matrix((embedding_part(lay),), "gemv_y"),
+             "final_norm": Vector((("model.norm.weight",
+                                    feature_index(None, c.hidden_size, lay.hidden)),), "x"),
+             "lm_head": Matrix((lm_head_part(lay),), "skew"),
+             "rope_freq": Const(lambda: rope_tiles(lay)),
+             "kv_head": Const(lambda: kv_head_tiles(lay))}
+    for i in range(c.num_layers):
+        parts = layer_parts(lay, i)
+        vecs = layer_vectors(lay, i)
+        for key in ("attn_norm", "mlp_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
+                    "down", "gate_up_bias", "down_bias"):
+            if key in parts:
+                specs[f"layer{i}/{key}"] = Matrix(parts[key], "skew", fuse=lay.px)
+            elif key in vecs:
+                specs[f"layer{i}/{key}"] = Vector(vecs[key], "x")
+    return specs
 
 
 def prefill_tiles(lay: PhaseLayout, w: Mapping):
-    """Every prefill tile array as ``(name, tiles)``: the global keys, then ``layer{i}/{key}``.
+    """Every prefill tile array as ``(name, global f32 tiles)``, in :func:`prefill_specs` order.
 
-    A generator, so a converter holds one layer's tiles at a time.
+    A generator, so a converter holds one tensor's tiles at a time.
     """
-    yield from prefill_global_tiles(lay, w).items()
-    for i in range(lay.config.num_layers):
-        for key, tiles in prefill_layer_tiles(lay, w, i).items():
-            yield f"layer{i}/{key}", tiles
+    for name, spec in prefill_specs(lay).items():
+        yield name, place(spec, w, (lay.py, lay.px))
 
 
 def prefill_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:

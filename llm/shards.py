@@ -341,15 +341,22 @@ class ShardSet:
         shape = self.global_shape(phase, name)
         return (shape[0] // self.ranks[0], shape[1] // self.ranks[1]) + shape[2:]
 
-    def read(self, phase: str, name: str) -> np.ndarray:
-        """This rank's block ``f32[by, bx, *tile]`` of tensor ``name`` of ``phase``."""
+    def read(self, phase: str, name: str, words: bool = False) -> np.ndarray:
+        """This rank's block ``f32[by, bx, *tile]`` of tensor ``name`` of ``phase``; with
+        ``words`` the stored words as they are (float16, or bfloat16 as ``uint16``)."""
         want = self.block_shape(phase, name)
-        data = self._h5()[f"{phase}/{name}"][()]
+        data = self.dataset(phase, name)[()]
         if data.shape != want:
             raise ShardError(f"{self.path / self.file_name}: {phase}/{name} has shape "
                              f"{data.shape}, expected {want}; convert again")
         self.bytes_read += data.nbytes
+        if words:
+            return data.astype(np.uint16, copy=False) if self.dtype == "bfloat16" else data
         return decode_storage(data, self.dtype)
+
+    def dataset(self, phase: str, name: str):
+        """The HDF5 dataset of this rank's block (read lazily by slicing)."""
+        return self._h5()[f"{phase}/{name}"]
 
     def read_phase(self, phase: str) -> dict:
         """Every block of ``phase``: ``{name: f32 block}`` in production order."""

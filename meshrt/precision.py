@@ -37,3 +37,45 @@ def as_storage(x: np.ndarray, dtype) -> np.ndarray:
     if isinstance(dtype, str) and dtype == "bfloat16":
         return round_to_bf16(x)
     return np.asarray(x).astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------- 16-bit weights in memory
+# Weights are held the way the wafer holds them: in their 16-bit storage words. A ``uint16``
+# array is bfloat16 words (numpy has no bfloat16 type), a ``float16`` array is IEEE half; kernels
+# widen them to float32 a piece at a time (:func:`widen`) and accumulate in float32.
+
+def word_dtype(storage: str) -> np.dtype:
+    """The numpy dtype that holds ``storage`` words: float32, float16, or uint16 for bfloat16."""
+    if storage == "bfloat16":
+        return np.dtype(np.uint16)
+    if storage in ("float32", "float16"):
+        return np.dtype(storage)
+    raise ValueError(f"storage dtype {storage!r} must be one of {', '.join(STORAGE_DTYPES)}")
+
+
+def to_words(x: np.ndarray, storage: str) -> np.ndarray:
+    """float32 values as ``storage`` words (:func:`word_dtype`); bfloat16 rounds to nearest even."""
+    if storage == "bfloat16":
+        return bf16_words(x)
+    return np.asarray(x).astype(word_dtype(storage), copy=False)
+
+
+def is_words(x: np.ndarray) -> bool:
+    """True for arrays of 16-bit storage words that must be widened before arithmetic."""
+    return x.dtype == np.uint16 or x.dtype == np.float16
+
+
+def widen(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Storage words (or float32) as float32 values, exactly; into ``out`` when given.
+
+    float32 input is returned as is (``out`` unused). bfloat16 words widen with one shift.
+    """
+    if x.dtype == np.float32:
+        return x
+    if out is None:
+        out = np.empty(x.shape, np.float32)
+    if x.dtype == np.uint16:
+        np.left_shift(x, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, x, casting="same_kind")
+    return out

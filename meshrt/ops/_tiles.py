@@ -180,3 +180,39 @@ def priced_plan(plan: GemmPlan, priced: tuple | None) -> GemmPlan:
     if cost.tmb > plan.tmb or cost.tkb > plan.tkb or cost.tnb > plan.tnb:
         raise ValueError(f"priced shapes {priced} exceed the blocks' plan {plan}")
     return cost
+
+
+def preskewed_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], positions: np.ndarray,
+                       order: np.ndarray, origin: tuple[int, int], block: tuple[int, int],
+                       storage: str = "float32", chunk_elements: int = 8 << 20) -> np.ndarray:
+    """Cores ``origin .. origin + block`` of :func:`preskewed_b_tiles`, built piece by piece.
+
+    ``get(rows, cols) -> f32[len(rows), len(cols)]`` reads entries of the padded ``B[K, N]``
+    (``K``, ``N`` multiples of ``Nl``). Pieces run over this rank's core columns (output
+    features, which a reader of ``[out, in]`` weights reads in contiguous runs); every piece
+    asks for the input rows its cores hold after the skew. Returns ``[by, bx, K/Py, N/Px]`` words.
+    """
+    from ..precision import to_words, word_dtype
+    py, px = mesh
+    nl = lcm(py, px)
+    k, n = shape
+    tkb, tnb = k // nl, n // nl
+    b, a = nl // py, nl // px
+    y0, x0 = origin
+    by, bx = block
+    out = np.empty((by, bx, b * tkb, a * tnb), word_dtype(storage))
+    ly = np.arange(y0 * b, (y0 + by) * b)                       # this rank's logical rows
+    step = max(1, chunk_elements // max(1, a * tnb * k))
+    for v0 in range(0, bx, step):
+        v1 = min(bx, v0 + step)
+        lx = np.arange((x0 + v0) * a, (x0 + v1) * a)             # logical columns of the piece
+        ind = order[(positions[ly][:, None] + positions[lx][None, :]) % nl]   # k-block per core
+        kblocks = np.unique(ind)
+        rows = (kblocks[:, None] * tkb + np.arange(tkb)[None, :]).ravel()
+        cols = (lx[:, None] * tnb + np.arange(tnb)[None, :]).ravel()
+        piece = get(rows, cols).reshape(len(kblocks), tkb, len(lx), tnb)
+        where = np.searchsorted(kblocks, ind)                    # [len(ly), len(lx)]
+        logical = piece[where, :, np.arange(len(lx))[None, :], :]   # [ly, lx, tkb, tnb]
+        t = logical.reshape(by, b, v1 - v0, a, tkb, tnb).transpose(0, 2, 1, 4, 3, 5)
+        out[:, v0:v1] = to_words(t.reshape(by, v1 - v0, b * tkb, a * tnb), storage)
+    return out

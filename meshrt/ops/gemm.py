@@ -19,7 +19,8 @@ A non-square mesh runs the square algorithm on the ``Nl x Nl`` logical mesh, eac
 standing for ``b x a`` logical cores (see :mod:`meshrt.ops._tiles`); logical moves inside a core
 are local copies, only tiles crossing a core boundary use the fabric.
 
-Storage may be float16 (half the words moved); products accumulate in float32.
+Storage may be 16-bit words (float16, or bfloat16 as ``uint16``, :mod:`meshrt.precision`): half
+the words move, and each step widens its operands to float32; products accumulate in float32.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from .. import darray
 from ..collectives import broadcast
 from ..fabric import Fabric
 from ..mesh import lcm
+from ..precision import widen
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
-from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, preskewed_b_tiles, \
-    priced_plan, virtual_to_logical
+from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, preskewed_b_region, \
+    preskewed_b_tiles, priced_plan, virtual_to_logical
 from .estimate import KERNEL_RINGS, record, shift_gemm_costs, shift_gemm_memory, \
     shift_gemm_routes, summa_costs, summa_memory, summa_roots, summa_routes, summa_step
 
@@ -70,16 +72,15 @@ def prepare_b(b: np.ndarray, mesh: tuple[int, int], algo: str = "meshgemm",
 # ----------------------------------------------------------------------------------------------
 
 def _as_f32(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
-    if buf is None:
-        return x
-    np.copyto(buf, x)
-    return buf
+    """``x`` as float32 values (16-bit storage words widened into ``buf``)."""
+    return x if buf is None else widen(x, out=buf)
 
 
 def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewed: bool,
                 name: str, priced: tuple | None = None) -> np.ndarray:
     lay = fab.layout
     mesh = (lay.py, lay.px)
+    a, b = np.asarray(a), np.asarray(b)     # a weight placed on demand is placed once here
     plan = GemmPlan.from_blocks(lay, a.shape, b.shape, name)
     led = fab.ledger
     cost_plan = priced_plan(plan, priced)
@@ -185,8 +186,7 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
                             name=f"{name}/broadcast")
         panel_b = broadcast(fab, b_blocks[:, :, kb % plan.b], 0, row, record=False,
                             name=f"{name}/broadcast")
-        c += np.matmul(panel_a.astype(np.float32, copy=False),
-                       panel_b.astype(np.float32, copy=False))
+        c += np.matmul(widen(panel_a), widen(panel_b))
         steps[summa_step(plan, kb, led.device)] += 1
     record(led, name, summa_costs(plan, steps))
     led.memory(name, summa_memory(plan))
@@ -233,3 +233,17 @@ def matmul(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, algo: str = 
     kwargs = {} if algo == "summa" else {"b_preskewed": b_preskewed}
     c_blk = KERNELS[algo](fab, a_blk, b_blk, **kwargs)
     return darray.gather_matrix(fab, c_blk, (m, n), root, to_all)
+
+
+def prepare_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], origin: tuple[int, int],
+                     block: tuple[int, int], algo: str = "meshgemm",
+                     storage: str = "float32") -> np.ndarray:
+    """One rank's block of :func:`prepare_b` (MeshGEMM/Cannon pre-skew) made straight from a
+    reader ``get(rows, cols)`` of the padded ``B[K, N]``: no global array is built.
+
+    Returns ``[by, bx, K/Py, N/Px]`` in ``storage`` words (:func:`meshrt.precision.word_dtype`).
+    """
+    if algo not in KERNEL_RINGS:
+        raise ValueError(f"pre-skewed placement is for {sorted(KERNEL_RINGS)}, not {algo!r}")
+    pos = ring_positions(lcm(*mesh), KERNEL_RINGS[algo])
+    return preskewed_b_region(get, shape, mesh, pos, np.argsort(pos), origin, block, storage)

@@ -21,6 +21,7 @@ from ..collectives import KTREE, AllreduceSpec, allreduce
 from ..fabric import Fabric
 from ..mesh import X, Y, ceil_div, pad_to
 from ..plmr import Cost, Device, Ledger
+from ..precision import is_words, widen
 
 AXIS = {"y": Y, "x": X}
 
@@ -75,11 +76,40 @@ def vector_from_tiles(tiles: np.ndarray, length: int, axis: str) -> np.ndarray:
     return v.reshape(v.shape[:-2] + (-1,))[..., :length]
 
 
-def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Every core's partial ``x_tile @ w_tile``: ``f32[by, bx, *batch, K] x f32[by, bx, K, N]``."""
+#: f32 elements of the buffer that 16-bit weights are widened into, a few core rows at a time
+#: (small enough to stay in cache between widening and multiplying).
+WIDEN_ELEMENTS = 1 << 18
+
+
+def _gemv_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if x.ndim == 3:
-        return np.einsum("abk,abkn->abn", x, w, optimize=False)
+        if w.shape[2] * w.shape[3] < 300:   # tiny tiles: one loop in einsum beats BLAS calls
+            return np.einsum("abk,abkn->abn", x, w, optimize=False)
+        return np.matmul(x[:, :, None, :], w)[:, :, 0, :]
     return np.matmul(x, w[:, :, None] if x.ndim > 4 else w)
+
+
+def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Every core's partial ``x_tile @ w_tile``: ``f32[by, bx, *batch, K] x [by, bx, K, N]``.
+
+    ``w`` may hold 16-bit storage words (:mod:`meshrt.precision`); they are widened to float32
+    a few core rows at a time into one small buffer, as a core widens its 16-bit weights, so
+    no float32 copy of the weights is ever made.
+    """
+    x = x.astype(np.float32, copy=False)
+    if not is_words(w):
+        return _gemv_f32(x, w.astype(np.float32, copy=False))
+    by = w.shape[0]
+    rows = max(1, WIDEN_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
+    buf = np.empty((min(rows, by),) + w.shape[1:], np.float32)
+    out = None
+    for a0 in range(0, by, rows):
+        a1 = min(by, a0 + rows)
+        part = _gemv_f32(x[a0:a1], widen(w[a0:a1], out=buf[:a1 - a0]))
+        if out is None:
+            out = np.empty((by,) + part.shape[1:], np.float32)
+        out[a0:a1] = part
+    return out
 
 
 def local_cost(batch: int, tile_rows: int, tile_cols: int) -> Cost:
@@ -133,8 +163,7 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
         raise ValueError(f"priced tile {tm}x{tn} exceeds the weight tile {w.shape[2:]}")
     led.charge(f"{name}/local", local_cost(batch, tm, tn))
     led.memory(name, memory_words(batch, tm, tn))
-    part = local_gemv(x, w) if x.dtype == w.dtype else local_gemv(x.astype(np.float32),
-                                                                  w.astype(np.float32))
+    part = local_gemv(x, w)
     out = allreduce(fab, part, axis, "sum", spec, record=False, name=f"{name}/allreduce")
     spec.charge(led, fab.layout.cores(axis), batch * tn, f"{name}/allreduce")
     return out
@@ -157,3 +186,78 @@ def estimate_meshgemv(m: int, n: int, mesh_shape: tuple[int, int], device: Devic
     led.memory(name, memory_words(batch, tm, tn))
     spec.charge(led, (py, px)[axis], batch * tn, f"{name}/allreduce")
     return led
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side, streamed: one rank's block straight from a reader, piece by piece
+# ----------------------------------------------------------------------------------------------
+
+#: f32 elements a streaming placer asks its reader for at once (about 32 MB).
+CHUNK_ELEMENTS = 8 << 20
+
+
+def core_chunks(n: int, per_core: int) -> list[tuple[int, int]]:
+    """Ranges ``[c0, c1)`` of ``n`` cores whose pieces (``per_core`` elements each) stay near
+    :data:`CHUNK_ELEMENTS`."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_core))
+    return [(c, min(n, c + step)) for c in range(0, n, step)]
+
+
+def weight_region(get, shape: tuple[int, int], mesh_shape: tuple[int, int], input_axis: str,
+                  origin: tuple[int, int], block: tuple[int, int], storage: str = "float32",
+                  reader_rows: str = "out") -> np.ndarray:
+    """Cores ``origin .. origin + block`` of :func:`weight_tiles`, built piece by piece.
+
+    Parameters
+    ----------
+    get : callable
+        ``get(rows, cols) -> f32[len(rows), len(cols)]``: entries of the (already padded)
+        ``W[M, N]``, for index arrays of rows and columns.
+    shape : (int, int)
+        ``(M, N)``, each divisible by the mesh side it is cut by.
+    origin, block : (int, int)
+        First core ``(py, px)`` and number of cores ``(by, bx)`` to make.
+    storage : str
+        Word type of the result (:func:`meshrt.precision.word_dtype`).
+    reader_rows : {"out", "in"}
+        Which index the reader reads fastest in contiguous runs (an HF linear is stored
+        ``[out, in]``, an embedding table ``[vocab, hidden]``); pieces follow it.
+
+    Returns
+    -------
+    ndarray
+        ``[by, bx, M/Py, N/Px]`` (``input_axis="y"``) or ``[by, bx, M/Px, N/Py]`` (``"x"``); no
+        global array is ever built.
+    """
+    from ..precision import to_words, word_dtype
+    py, px = mesh_shape
+    m, n = shape
+    y0, x0 = origin
+    by, bx = block
+    axis = _in_axis(input_axis)
+    # in-segments follow core rows for a Y input, core columns for an X input
+    tm, tn = (m // py, n // px) if axis == Y else (m // px, n // py)
+    out = np.empty((by, bx, tm, tn), word_dtype(storage))
+    in_cores, out_cores = ((by, y0), (bx, x0)) if axis == Y else ((bx, x0), (by, y0))
+    # pieces run over the cores of the reader's fast index; the other index is taken whole
+    along_out = reader_rows == "out"
+    n_along = out_cores[0] if along_out else in_cores[0]
+    per_core = (tn * in_cores[0] * tm) if along_out else (tm * out_cores[0] * tn)
+    for c0, c1 in core_chunks(n_along, per_core):
+        if along_out:
+            rows = np.arange(in_cores[1] * tm, (in_cores[1] + in_cores[0]) * tm)
+            cols = np.arange((out_cores[1] + c0) * tn, (out_cores[1] + c1) * tn)
+        else:
+            rows = np.arange((in_cores[1] + c0) * tm, (in_cores[1] + c1) * tm)
+            cols = np.arange(out_cores[1] * tn, (out_cores[1] + out_cores[0]) * tn)
+        piece = get(rows, cols)                                # f32[len(rows), len(cols)]
+        t = to_words(piece, storage).reshape(len(rows) // tm, tm, len(cols) // tn, tn)
+        t = t.transpose(0, 2, 1, 3)                            # [in cores, out cores, tm, tn]
+        if axis == X:
+            t = t.transpose(1, 0, 2, 3)                        # [out cores (rows), in cores]
+        if axis == Y:
+            dst = np.s_[:, c0:c1] if along_out else np.s_[c0:c1, :]
+        else:
+            dst = np.s_[c0:c1, :] if along_out else np.s_[:, c0:c1]
+        out[dst] = t
+    return out
