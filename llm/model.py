@@ -135,21 +135,20 @@ class MeshModel:
         ``"bfloat16"``; kernels widen them to float32 per tile). Embedding tables stay in the
         source and are read a row per lookup.
         """
-        from .placement import place_phase
+        from .placement import place_phases
         nranks = 1 if comm is None else comm.Get_size()
         layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
-        blocks = {}
         rank = 0 if comm is None else comm.Get_rank()
+        todo = {}
         for phase in (phases or PHASE_SPECS):
             lay = layouts[phase]
-            playout = PhaseLayout(config, lay.py, lay.px)
-            specs = PHASE_SPECS[phase](playout)
-            bar = _bar(len(specs), f"placing {phase}", rank == 0 and progress is not False)
-            blocks[phase] = place_phase(phase, specs, weights, (lay.py, lay.px),
-                                        lay.origin(_coords(comm, lay)), (lay.by, lay.bx),
-                                        storage, config.tie_word_embeddings,
-                                        lambda _: bar.update(1))
-            bar.close()
+            todo[phase] = (PHASE_SPECS[phase](PhaseLayout(config, lay.py, lay.px)),
+                           (lay.py, lay.px), lay.origin(_coords(comm, lay)), (lay.by, lay.bx))
+        n = len(set().union(*(specs for specs, *_ in todo.values())))
+        bar = _bar(n, "placing", rank == 0 and progress is not False)
+        blocks = place_phases(todo, weights, storage, config.tie_word_embeddings,
+                              lambda _: bar.update(1))
+        bar.close()
         lay = layouts["decode"]
         return cls(config, comm, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx), **kwargs)
 

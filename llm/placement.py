@@ -63,6 +63,45 @@ def read_rows(src: Mapping, name: str, idx: np.ndarray) -> np.ndarray:
 RUN_GAP = 64
 
 
+class TensorCache(Mapping):
+    """A source that keeps the most recently read whole tensors, up to ``budget`` bytes.
+
+    Placement reads one tensor several times (per piece, and once per phase); generating or
+    decoding it once is the expensive part. Tensors larger than the budget are passed through
+    row range by row range, never held whole.
+    """
+
+    def __init__(self, src: Mapping, budget: int = 512 << 20):
+        self.src, self.budget = src, int(budget)
+        self._held: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str):
+        return self.src[name]
+
+    def __iter__(self):
+        return iter(self.src)
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def shape(self, name: str) -> tuple:
+        return _source_shape(self.src, name)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name in self._held:
+            self._held[name] = self._held.pop(name)          # most recently used last
+            return self._held[name][start:stop]
+        shape = self.shape(name)
+        nbytes = 4 * int(np.prod(shape))
+        if nbytes > self.budget:
+            return _read_run(self.src, name, start, stop)
+        while self._held and sum(a.nbytes for a in self._held.values()) + nbytes > self.budget:
+            self._held.pop(next(iter(self._held)))
+        whole = _read_run(self.src, name, 0, shape[0] if shape else 1)
+        self._held[name] = whole
+        return whole[start:stop]
+
+
 def _read_run(src: Mapping, name: str, lo: int, hi: int) -> np.ndarray:
     if hasattr(src, "rows"):
         return src.rows(name, lo, hi)
@@ -76,9 +115,18 @@ def _source_shape(src, name: str) -> tuple:
 
 
 def _take_cols(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``a[:, idx]`` with zero columns where ``idx < 0``."""
+    """``a[:, idx]`` with zero columns where ``idx < 0`` (a view when ``idx`` is a range)."""
+    real = np.flatnonzero(idx >= 0)
+    if real.size and real[-1] == real.size - 1 and \
+            idx[real[-1]] - idx[0] == real.size - 1 and (np.diff(idx[real]) == 1).all():
+        run = a[:, idx[0]:idx[0] + real.size]          # a run of columns, then padding
+        if real.size == idx.size:
+            return run
+        out = np.zeros((a.shape[0], idx.size), a.dtype)
+        out[:, :real.size] = run
+        return out
     out = a[:, np.where(idx >= 0, idx, 0)]
-    if (idx < 0).any():
+    if real.size < idx.size:
         out[:, idx < 0] = 0
     return out
 
@@ -143,19 +191,34 @@ class Matrix:
             self._cols["map"] = (part, core * segs[part] + within - offs[part])
         return self._cols["map"]
 
+    def _read(self, src: Mapping, p: Part, rows: np.ndarray, pcols: np.ndarray) -> np.ndarray:
+        """``W_p[rows, pcols]`` of one part as float32 (a transposed view for a linear)."""
+        if p.table:      # source rows are the input features
+            return _take_cols(read_rows(src, p.name, p.in_idx[rows]), p.out_idx[pcols])
+        return _take_cols(read_rows(src, p.name, p.out_idx[pcols]), p.in_idx[rows]).T
+
     def get(self, src: Mapping, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Entries ``W[rows, cols]`` (mesh order, padded) as float32, read from ``src``."""
+        seg = self.out_size // self.fuse
+        if cols.size and cols[0] % seg == 0 and cols.size % seg == 0 and \
+                cols[-1] - cols[0] == cols.size - 1:
+            # whole cores of fused columns: each part's columns are one run, placed by slices
+            first, n = cols[0] // seg, cols.size // seg
+            out = np.empty((rows.size, n, seg), np.float32)
+            off = 0
+            for p in self.parts:
+                s = p.out_idx.size // self.fuse
+                pcols = np.arange(first * s, (first + n) * s)
+                out[:, :, off:off + s] = self._read(src, p, rows, pcols).reshape(rows.size, n, s)
+                off += s
+            return out.reshape(rows.size, cols.size)
         part_of, part_col = self._column_map()
         out = np.zeros((rows.size, cols.size), np.float32)
         for k, p in enumerate(self.parts):
             sel = np.flatnonzero(part_of[cols] == k)
             if not sel.size:
                 continue
-            pc = part_col[cols[sel]]
-            if p.table:      # source rows are the input features
-                out[:, sel] = _take_cols(read_rows(src, p.name, p.in_idx[rows]), p.out_idx[pc])
-            else:            # source rows are the output features
-                out[:, sel] = _take_cols(read_rows(src, p.name, p.out_idx[pc]), p.in_idx[rows]).T
+            out[:, sel] = self._read(src, p, rows, part_col[cols[sel]])
         return out
 
     def block(self, src: Mapping, mesh: tuple, origin: tuple, block: tuple,
@@ -343,22 +406,39 @@ def residency(phase: str, name: str, tied: bool) -> str:
     return "resident"
 
 
-def place_phase(phase: str, specs: dict, src: Mapping, mesh: tuple, origin: tuple, block: tuple,
-                storage: str = "float32", tied: bool = False, progress=None) -> dict:
-    """One rank's blocks of a phase: ``{name: block}`` in spec order, placed one tensor at a
-    time straight from ``src`` (``progress``: an optional callable ticked once per tensor)."""
-    out = {}
-    by, bx = block
-    for name, spec in specs.items():
-        how = residency(phase, name, tied)
-        if how == "rows":
-            out[name] = RowTable(src, spec.parts[0], (by, bx) + tile_shape(spec, mesh), origin,
-                                 "x" if spec.placement == "gemv_x" else "y", storage)
-        elif how == "lazy":
-            out[name] = LazyBlock(spec, src, mesh, origin, block,
-                                  (by, bx) + tile_shape(spec, mesh), storage)
-        else:
-            out[name] = place(spec, src, mesh, origin, block, storage)
+def place_one(phase: str, name: str, spec, src: Mapping, mesh: tuple, origin: tuple,
+              block: tuple, storage: str = "float32", tied: bool = False):
+    """One rank's block of one tensor of a phase, held as :func:`residency` says."""
+    how = residency(phase, name, tied)
+    shape = tuple(block) + (tile_shape(spec, mesh) if isinstance(spec, Matrix) else ())
+    if how == "rows":
+        return RowTable(src, spec.parts[0], shape, origin,
+                        "x" if spec.placement == "gemv_x" else "y", storage)
+    if how == "lazy":
+        return LazyBlock(spec, src, mesh, origin, block, shape, storage)
+    return place(spec, src, mesh, origin, block, storage)
+
+
+def place_phases(phases: dict, src: Mapping, storage: str = "float32", tied: bool = False,
+                 progress=None, cache_bytes: int = 512 << 20) -> dict:
+    """This rank's blocks of several phases, ``{phase: {name: block}}``.
+
+    ``phases`` maps a phase to ``(specs, mesh, origin, block)``. Tensors are placed one at a
+    time, every phase's copy of a tensor in turn, so each source tensor is read (or generated)
+    once through a :class:`TensorCache` of ``cache_bytes``. ``progress(name)`` is called after
+    each tensor.
+    """
+    cached = TensorCache(src, cache_bytes)
+    out = {ph: {} for ph in phases}
+    names = list(dict.fromkeys(n for specs, *_ in phases.values() for n in specs))
+    for name in names:
+        for ph, (specs, mesh, origin, block) in phases.items():
+            if name in specs:
+                # only resident blocks read through the cache; lazy ones keep the plain source
+                how = residency(ph, name, tied)
+                out[ph][name] = place_one(ph, name, specs[name],
+                                          cached if how == "resident" else src, mesh, origin,
+                                          block, storage, tied)
         if progress is not None:
             progress(name)
-    return out
+    return {ph: {n: out[ph][n] for n in specs} for ph, (specs, *_) in phases.items()}

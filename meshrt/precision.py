@@ -16,9 +16,16 @@ def bf16_words(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 words (``uint16``), rounded to nearest even."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = x.view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    words = (rounded >> np.uint32(16)).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), words)
+    r = bits >> np.uint32(16)              # in place from here: few passes, one temporary
+    r &= np.uint32(1)
+    r += np.uint32(0x7FFF)
+    r += bits
+    r >>= np.uint32(16)
+    words = r.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        words[nan] = np.uint16(0x7FC0)
+    return words
 
 
 def from_bf16_words(words: np.ndarray) -> np.ndarray:
