@@ -19,7 +19,7 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-serial test-mpi test-oracle bench bench-hf fixtures model demo demo-tiny predict clean help
+.PHONY: install test test-serial test-mpi test-oracle bench bench-hf bench-scale fixtures model demo demo-tiny predict clean help
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
@@ -32,6 +32,7 @@ help:
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
 	@echo "make test-slurm   jobs/slurm.sbatch on a one-node SLURM cluster (root; installs slurm-wlm)"
 	@echo "make bench-hf     decode speed of the emulator vs transformers on a ~100M model"
+	@echo "make bench-scale  one LLaMA3-8B layer on paper-size meshes (64..720), 2 ranks: JSON + PNG"
 	@echo "make fixtures     regenerate the golden fixtures with transformers"
 	@echo "make clean        remove build products and the virtual environments"
 
@@ -111,8 +112,14 @@ demo-tiny: install
 	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm convert $(DEMO_MODEL) --out out/demo-shards --ranks 2x2 --decode-mesh 4x4 --force < /dev/null
 	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm generate --model out/demo-shards --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 < /dev/null
 
+# Plots: matplotlib is an optional extra, installed by the targets that draw.
+PLOT_STAMP := $(VENV)/.plot-installed
+$(PLOT_STAMP): $(STAMP)
+	$(PY) -m pip install -q "matplotlib>=3.7"
+	touch $(PLOT_STAMP)
+
 BENCH_OUT ?= out/bench
-bench: install
+bench: install $(PLOT_STAMP)
 	mkdir -p $(BENCH_OUT)
 	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric --mesh 512x512 --json $(BENCH_OUT)/fabric.json < /dev/null
 	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemm --mesh 64x64 --size 4096 --algo meshgemm,cannon,summa --repeat 3 --check --json $(BENCH_OUT)/gemm.json < /dev/null
@@ -132,6 +139,13 @@ predict: install
 	timeout -k 10 600 $(PY) -m llm estimate --paper-table $(PREDICT_OUT) --plot $(PREDICT_OUT)/tpr-vs-mesh.png
 	@cat $(PREDICT_OUT)/calibration.txt
 	@echo "results in $(PREDICT_OUT)/"
+
+# Paper-scale emulation: one LLaMA3-8B layer decoding on 64..720-side meshes and prefilling 4096
+# tokens on 660x660, 2 ranks; plus a ~100M model against transformers. Needs ~8 GB and about an
+# hour on a 2-core machine; runs one configuration at a time.
+BENCH_SCALE_OUT ?= out/bench-scale
+bench-scale: install $(PLOT_STAMP) $(ORACLE)
+	timeout -k 10 10800 $(PY) tools/bench_scale.py --out $(BENCH_SCALE_OUT) --oracle $(ORACLE) < /dev/null
 
 clean:
 	rm -rf $(VENV) .venv-oracle build *.egg-info .pytest_cache
