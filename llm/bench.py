@@ -86,7 +86,7 @@ def run(args) -> int:
     policy = getattr(args, "kv_policy", "shift") or "shift"
     spec = AllreduceSpec(getattr(args, "allreduce", "ktree") or "ktree",
                          getattr(args, "groups", None))
-    emulation = getattr(args, "emulation", "exact") or "exact"
+    emulation = getattr(args, "emulation", "aggregated") or "aggregated"
     model_path = getattr(args, "model", None)
     placing, storage = None, None
     if model_path:

@@ -110,7 +110,7 @@ def load_model(args, comm):
     kw = dict(kv_policy=getattr(args, "kv_policy", "shift"), device=getattr(args, "device", "wse2"),
               allreduce=AllreduceSpec(getattr(args, "allreduce", "ktree"),
                                       getattr(args, "groups", None)),
-              emulation=getattr(args, "emulation", "exact"))
+              emulation=getattr(args, "emulation", "aggregated"))
     ranks = mesh_arg(getattr(args, "ranks", None))
     dmesh = mesh_arg(getattr(args, "decode_mesh", None))
     pmesh = mesh_arg(getattr(args, "prefill_mesh", None))
