@@ -126,6 +126,19 @@ def _allreduce(text: str) -> str:
     return ALLREDUCE_ALIASES.get(text.strip().lower(), text.strip().lower())
 
 
+#: Why both phases' weights stay placed (shown by generate and bench --help).
+WEIGHTS_NOTE = """
+
+Weights in memory: each rank holds its tiles only, in the storage dtype (float16/bfloat16
+words are widened to float32 a tile at a time). The embedding table is never placed: a lookup
+reads the token's row from the source. The prefill LM head is placed only when every prompt
+token's logits are asked for. The layer weights of both phases stay placed: the wafer
+re-places them at the switch (priced in the ledger as handoff/weights), but re-placing them in
+the emulator would add the placing time (minutes on paper-size meshes) to every prompt; in
+16-bit words the second copy costs what one float32 copy would (one LLaMA3-8B layer on
+420x420 cores: about 0.5 GB per phase in all ranks together)."""
+
+
 def _sub(sub, name: str, help: str, description: str, epilog: str = ""):
     return sub.add_parser(name, help=help, description=description, epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,8 +197,8 @@ def add_generate_parser(sub) -> None:
     p = _sub(sub, "generate", "generate tokens with a model on the emulated wafer",
              "Prefill the prompt and decode new tokens on the virtual meshes. The model is a "
              "shard set (validated against this job before anything is read) or an HF model "
-             "directory (placed in memory on every rank; small models). Tokens stream to stdout "
-             "on rank 0 as they are made.",
+             "directory (each rank reads and places its own tiles). Tokens stream to stdout "
+             "on rank 0 as they are made." + WEIGHTS_NOTE,
              "examples:\n"
              "  python -m llm generate --model tests/fixtures/tiny-llama-gqa --prompt-ids 1,5,9 "
              "--decode-mesh 2x2\n"
@@ -255,7 +268,7 @@ def add_bench_parser(sub) -> None:
     p = _sub(sub, "bench", "time a model on the emulator and model its wafer time",
              "Run prefill and decode of a preset at real shapes with random weights (or a shard "
              "set) and report the emulator's wall time beside the modeled wafer time, plus a "
-             "closed-form estimate for the whole model.",
+             "closed-form estimate for the whole model." + WEIGHTS_NOTE,
              "examples:\n"
              "  python -m llm bench --preset llama-100m --decode-mesh 8x8\n"
              "  mpiexec -n 4 python -m mpi4py -m llm bench --preset llama3-8b --layers 1 "
