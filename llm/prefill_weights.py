@@ -1,10 +1,15 @@
-"""Model weights as global tile arrays for the prefill mesh (host side, offline).
+"""Model weights as tiles of the prefill mesh: what every core holds, described once.
+
+:func:`prefill_specs` describes every prefill tensor without data (:mod:`llm.placement`); a
+rank's blocks are placed from the specs straight from the source, and :func:`prefill_tiles`
+makes the global tiles a converter writes.
 
 Prefill multiplies activations ``X[T, in]`` (natural tiles: tokens along y, features along x)
 by weights with MeshGEMM, so every projection ``W[in, out]`` (math layout, features permuted
-and padded by :class:`~llm.layout.PhaseLayout`) is stored **pre-skewed on the host** by
-``prepare_b(W, mesh, "meshgemm")``: tiles ``f32[Py, Px, in/Py, out/Px]``. The products come out
-in natural tiles again, so layers chain without re-layout.
+and padded by :class:`~llm.layout.PhaseLayout`) is stored **pre-skewed on the host** as
+``prepare_b(W, mesh, "meshgemm")`` would (:func:`meshrt.ops.gemm.prepare_b_region`): tiles
+``[Py, Px, in/Py, out/Px]``. The products come out in natural tiles again, so layers chain
+without re-layout.
 
 Projections that read the same input are fused *per core*: the output columns are arranged so
 that core column ``px`` holds ``[q seg px | k seg px | v seg px]`` (and ``[gate seg px | up seg
