@@ -358,7 +358,9 @@ def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = Tr
               name: str = "broadcast") -> np.ndarray:
     """Every core of each line along ``axis`` gets the tile of the line's root core.
 
-    ``root`` is an int or one root per line, as in :func:`reduce_to_root`.
+    ``root`` is an int or one root per line, as in :func:`reduce_to_root`. The result is a
+    read-only view that repeats the line's value along ``axis`` (every core holds the same
+    words; the emulator stores them once per rank).
     """
     n = fab.layout.cores(axis)
     if record:
@@ -366,13 +368,13 @@ def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = Tr
         fab.ledger.charge(name, broadcast_cost(n, root, words))
     r = np.asarray(root)
     if r.ndim == 0:  # one root for all lines: the stream flows outward from the root's rank
-        return np.broadcast_to(_from_root(fab, block, axis, int(r), name), block.shape).copy()
+        return np.broadcast_to(_from_root(fab, block, axis, int(r), name), block.shape)
     diff, _ = _root_mask(fab, axis, root)
     diff = diff.reshape(diff.shape + (1,) * (block.ndim - 2))
     mine = np.where(diff == 0, block, np.zeros((), block.dtype)).sum(axis=axis, keepdims=True,
                                                                         dtype=block.dtype)
     total = _line_total(fab, mine, axis, "sum", name)
-    return np.broadcast_to(total, block.shape).copy()
+    return np.broadcast_to(total, block.shape)
 
 
 def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) -> np.ndarray:
@@ -397,7 +399,8 @@ def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) 
 def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
               spec: AllreduceSpec = KTREE, record: bool = True,
               name: str | None = None) -> np.ndarray:
-    """Every core of each line along ``axis`` gets the reduction of its line.
+    """Every core of each line along ``axis`` gets the reduction of its line (a read-only view
+    repeating the line's value along ``axis``, as :func:`broadcast` returns).
 
     Parameters
     ----------
@@ -431,7 +434,7 @@ def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", 
         # partial joins one sweep per direction. Same sum, same ledger, fewer MPI messages.
         total = OPS[op].reduce(block, axis=axis, keepdims=True)
         total = _line_total(fab, total, axis, op, name)
-        return np.broadcast_to(total, block.shape).copy()
+        return np.broadcast_to(total, block.shape)
     vals = block
     for lvl, segs in enumerate(plan):
         vals = _segment_reduce(fab, vals, axis, segs, op, f"{name}/level{lvl + 1}")
