@@ -46,6 +46,7 @@
 #   # LLaMA3-8B shapes, 1 layer: each rank makes the 128K-token embedding and lm_head (one rank
 #   # alone passed 9 GB): a big-memory node, not a 24 GB workstation
 #   jobs/mpirun.sh RANKS=4 PRESET=llama3-8b LAYERS=1 DECODE_MESH=64x64 bench --json
+#     (one LLaMA3-8B layer in bfloat16: under 2 GB per rank; several minutes on 2 cores)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
