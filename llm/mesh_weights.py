@@ -76,6 +76,25 @@ def layer_vectors(lay: PhaseLayout, layer: int) -> dict:
     return out
 
 
+LAYER_KEYS = ("attn_norm", "mlp_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up", "down",
+              "gate_up_bias", "down_bias")
+
+
+def layer_tensors(lay: PhaseLayout, layer: int):
+    """The tensors of one layer in placement order, for every phase's registry.
+
+    Yields ``(key, parts, None)`` for a fused linear (:func:`layer_parts`) and
+    ``(key, None, entries)`` for a norm weight or bias (:func:`layer_vectors`); keys the
+    model does not have are skipped.
+    """
+    parts, vecs = layer_parts(lay, layer), layer_vectors(lay, layer)
+    for key in LAYER_KEYS:
+        if key in parts:
+            yield key, parts[key], None
+        elif key in vecs:
+            yield key, None, vecs[key]
+
+
 def embedding_part(lay: PhaseLayout) -> Part:
     """The embedding table as ``W[in=vocabulary, out=hidden]`` (stored ``[in, out]``)."""
     c = lay.config
@@ -131,16 +150,13 @@ def decode_specs(lay: PhaseLayout) -> dict:
     vec_axis = {"attn_norm": "y", "mlp_norm": "y", "qkv_bias": "x", "o_bias": "y",
                 "gate_up_bias": "x", "down_bias": "y"}
     for i in range(c.num_layers):
-        parts = layer_parts(lay, i)
-        vecs = layer_vectors(lay, i)
-        for key in ("attn_norm", "mlp_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
-                    "down", "gate_up_bias", "down_bias"):
-            if key in parts:
+        for key, matrix, vector in layer_tensors(lay, i):
+            if matrix is not None:
                 y = y_input[key]
-                specs[f"layer{i}/{key}"] = Matrix(parts[key], "gemv_y" if y else "gemv_x",
+                specs[f"layer{i}/{key}"] = Matrix(matrix, "gemv_y" if y else "gemv_x",
                                                   fuse=lay.px if y else lay.py)
-            elif key in vecs:
-                specs[f"layer{i}/{key}"] = Vector(vecs[key], vec_axis[key])
+            else:
+                specs[f"layer{i}/{key}"] = Vector(vector, vec_axis[key])
     return specs
 
 

@@ -52,8 +52,8 @@ def prefill_specs(lay: PhaseLayout) -> dict:
         layer{i}/down     [Py, Px, F/Py, H/Px]           pre-skewed
         biases [Py, Px, n/Px] (per core like their projection's columns) when present
     """
-    from .mesh_weights import (embedding_part, kv_head_tiles, layer_parts, layer_vectors,
-                               lm_head_part, rope_tiles)
+    from .mesh_weights import (embedding_part, kv_head_tiles, layer_tensors, lm_head_part,
+                               rope_tiles)
     from .placement import feature_index
     c = lay.config
     specs = {"embed": Matrix((embedding_part(lay),), "gemv_y"),
@@ -63,14 +63,9 @@ def prefill_specs(lay: PhaseLayout) -> dict:
              "rope_freq": Const(lambda: rope_tiles(lay)),
              "kv_head": Const(lambda: kv_head_tiles(lay))}
     for i in range(c.num_layers):
-        parts = layer_parts(lay, i)
-        vecs = layer_vectors(lay, i)
-        for key in ("attn_norm", "mlp_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
-                    "down", "gate_up_bias", "down_bias"):
-            if key in parts:
-                specs[f"layer{i}/{key}"] = Matrix(parts[key], "skew", fuse=lay.px)
-            elif key in vecs:
-                specs[f"layer{i}/{key}"] = Vector(vecs[key], "x")
+        for key, matrix, vector in layer_tensors(lay, i):
+            specs[f"layer{i}/{key}"] = (Matrix(matrix, "skew", fuse=lay.px) if matrix is not None
+                                        else Vector(vector, "x"))
     return specs
 
 
