@@ -8,9 +8,13 @@ Layers (imports point down only)::
     fabric       the only data-plane MPI user: neighbour exchange, relays, tracing
     mesh         pure maths: layouts, tiling, padding, the interleaved ring
     plmr         devices and the cost ledger
+    runtime      the control plane (ControlPlane: rank, broadcasts, agreement on errors),
+                 MPI start-up, rank-0 logging
 """
 from .mesh import MeshError, MeshLayout  # noqa: F401
 from .plmr import PRESETS, Device, Ledger, get_device  # noqa: F401
+from .runtime import Comm, ControlPlane  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["MeshError", "MeshLayout", "PRESETS", "Device", "Ledger", "get_device"]
+__all__ = ["MeshError", "MeshLayout", "PRESETS", "Device", "Ledger", "get_device",
+           "ControlPlane", "Comm"]

@@ -19,6 +19,7 @@ import numpy as np
 
 from .mesh import MeshError, MeshLayout, ring_next, ring_prev
 from .plmr import Ledger
+from .runtime import Comm, ControlPlane
 
 LO, HI = -1, +1
 
@@ -38,8 +39,9 @@ class Fabric:
 
     Parameters
     ----------
-    comm : mpi4py.MPI.Comm or None
-        Communicator whose size must equal ``layout.nranks``. ``None`` means one process, no MPI.
+    comm : ControlPlane, mpi4py.MPI.Comm or None
+        The ranks, whose number must equal ``layout.nranks``. ``None`` means one process, no
+        MPI. Rank ``r`` sits at ``ControlPlane.coords`` of the rank grid (row-major).
     layout : MeshLayout
         Virtual mesh and rank grid.
     ledger : Ledger, optional
@@ -53,12 +55,14 @@ class Fabric:
         either way), fewer MPI messages. Off by default: every phase runs as its own messages.
     """
 
-    def __init__(self, comm, layout: MeshLayout, *, ledger: Ledger | None = None,
-                 trace: bool = False, aggregate: bool = False):
-        size = 1 if comm is None else comm.Get_size()
+    def __init__(self, comm: ControlPlane | Comm | None, layout: MeshLayout, *,
+                 ledger: Ledger | None = None, trace: bool = False, aggregate: bool = False):
+        self.control = ControlPlane.of(comm)
+        size = self.control.size
         if size != layout.nranks:
             raise MeshError(f"rank grid {layout.ry}x{layout.rx} needs {layout.nranks} ranks but "
                             f"{size} are running (start with mpiexec -n {layout.nranks})")
+        comm = self.control.comm
         self.world = comm
         self.layout = layout
         self.ledger = ledger if ledger is not None else Ledger()
@@ -75,8 +79,8 @@ class Fabric:
             self._mpi = MPI
             self.cart = comm.Create_cart([layout.ry, layout.rx], periods=[False, False],
                                          reorder=False)
-            self.rank = self.cart.Get_rank()
-            self.coords = tuple(self.cart.Get_coords(self.rank))
+            self.rank = self.cart.Get_rank()      # == world rank: the grid is not reordered
+            self.coords = self.control.coords((layout.ry, layout.rx))
             self._peers = {}
             for axis in (0, 1):
                 src, dst = self.cart.Shift(axis, 1)

@@ -256,3 +256,21 @@ def skew_index(n: int) -> np.ndarray:
 
 def lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
+
+
+def grid_coords(rank: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """Position ``(ry, rx)`` of rank ``rank`` in a row-major ``Ry x Rx`` rank grid.
+
+    Row-major is the order of a non-reordered MPI Cartesian communicator, so this is what
+    ``Create_cart(..., reorder=False).Get_coords(rank)`` returns; it is the one place where a
+    rank number becomes a grid position.
+
+    Raises
+    ------
+    MeshError
+        If ``rank`` is not in ``0 .. Ry*Rx - 1``.
+    """
+    ry, rx = int(grid[0]), int(grid[1])
+    if not 0 <= int(rank) < ry * rx:
+        raise MeshError(f"rank {rank} is not in a {ry}x{rx} rank grid ({ry * rx} ranks)")
+    return divmod(int(rank), rx)

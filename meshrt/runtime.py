@@ -1,13 +1,27 @@
-"""Process-level plumbing: MPI start-up, rank-0 logging, and ending the whole job on any error.
+"""Process-level plumbing: MPI start-up, the control plane, rank-0 logging, and ending the whole
+job on any error.
 
-Nothing here carries algorithm data; it is all control plane.
+Nothing here carries algorithm data; it is all control plane. :class:`ControlPlane` is the one
+object through which code outside ``meshrt`` talks to the other ranks (broadcasts, gathers,
+agreement on errors); the data plane is :class:`meshrt.fabric.Fabric`.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import traceback
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .mesh import grid_coords
+
+if TYPE_CHECKING:
+    from mpi4py.MPI import Comm
+else:
+    Comm = Any   # mpi4py.MPI.Comm; mpi4py is imported only when a launcher started the job
+
+T = TypeVar("T")
 
 # Ranks share cores; BLAS threads per rank would oversubscribe them (set before numpy loads).
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -88,7 +102,206 @@ def _int_env(environ, var: str) -> int | None:
 
 
 def rank_and_size(comm) -> tuple[int, int]:
+    """``(rank, size)`` of a communicator, a :class:`ControlPlane`, or ``None`` (one process)."""
+    if isinstance(comm, ControlPlane):
+        return comm.rank, comm.size
     return (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+
+
+# ----------------------------------------------------------------------------------------------
+# the control plane
+# ----------------------------------------------------------------------------------------------
+
+_OPS = ("sum", "max", "min")
+
+
+class ControlPlane:
+    """The ranks of a job as seen by the host program: who am I, tell everyone, agree on errors.
+
+    It wraps an mpi4py communicator, or nothing: ``ControlPlane(None)`` (:meth:`single`) is one
+    process, size 1, and every method is a local operation without MPI. All methods are
+    collective over the communicator (every rank calls them in the same order) and move small
+    pickled Python objects; bulk tensor data goes through :class:`meshrt.fabric.Fabric`.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm or None
+        The communicator; ``None`` means one process.
+    """
+
+    def __init__(self, comm: Comm | None = None):
+        if isinstance(comm, ControlPlane):
+            raise TypeError("ControlPlane(comm) wraps a communicator; use ControlPlane.of(x) to "
+                            "accept either")
+        self.comm = comm
+        self._rank, self._size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+
+    @classmethod
+    def single(cls) -> "ControlPlane":
+        """One process, no MPI."""
+        return cls(None)
+
+    @classmethod
+    def world(cls) -> "ControlPlane":
+        """``COMM_WORLD`` under an MPI launcher, else one process (see :func:`world`)."""
+        return cls(world())
+
+    @classmethod
+    def of(cls, control: "ControlPlane | Comm | None") -> "ControlPlane":
+        """``control`` itself if it is a ControlPlane, else the ControlPlane of that
+        communicator (``None``: one process). For the edges of a program, where a raw
+        communicator arrives."""
+        return control if isinstance(control, ControlPlane) else cls(control)
+
+    def __repr__(self) -> str:
+        return f"ControlPlane(rank {self._rank} of {self._size})"
+
+    # -- who am I --------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's rank, ``0 .. size-1``."""
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        """Number of processes."""
+        return self._size
+
+    @property
+    def is_root(self) -> bool:
+        """Whether this is rank 0, the rank that reads inputs and writes output."""
+        return self._rank == 0
+
+    def coords(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """This rank's position ``(ry, rx)`` in a row-major ``Ry x Rx`` process grid.
+
+        Raises :class:`~meshrt.mesh.MeshError` if the grid does not hold ``size`` ranks.
+        """
+        from .mesh import MeshError
+        if int(grid[0]) * int(grid[1]) != self._size:
+            raise MeshError(f"rank grid {grid[0]}x{grid[1]} needs {int(grid[0]) * int(grid[1])} "
+                            f"ranks but {self._size} are running")
+        return grid_coords(self._rank, grid)
+
+    # -- collectives on Python objects -----------------------------------------------------
+    def bcast(self, value: T, root: int = 0) -> T:
+        """``root``'s ``value`` on every rank."""
+        return value if self._size == 1 else self.comm.bcast(value, root=root)
+
+    def gather(self, value: T, root: int = 0) -> list[T] | None:
+        """Every rank's ``value`` in rank order on ``root``; ``None`` on the other ranks."""
+        return [value] if self._size == 1 else self.comm.gather(value, root=root)
+
+    def allgather(self, value: T) -> list[T]:
+        """Every rank's ``value`` in rank order, on every rank."""
+        return [value] if self._size == 1 else self.comm.allgather(value)
+
+    def allreduce(self, value: T, op: str = "sum") -> T:
+        """``value`` reduced over all ranks with ``op`` (``"sum"``, ``"max"`` or ``"min"``),
+        on every rank."""
+        if op not in _OPS:
+            raise ValueError(f"allreduce op {op!r}: use one of {', '.join(_OPS)}")
+        if self._size == 1:
+            return value
+        from mpi4py import MPI
+        return self.comm.allreduce(value, op={"sum": MPI.SUM, "max": MPI.MAX,
+                                              "min": MPI.MIN}[op])
+
+    def allreduce_max(self, value: T) -> T:
+        """The largest ``value`` of all ranks, on every rank (e.g. the slowest rank's time)."""
+        return self.allreduce(value, op="max")
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives."""
+        if self._size > 1:
+            self.comm.Barrier()
+
+    # -- agreement on errors ---------------------------------------------------------------
+    def agree(self, fn: Callable[[], T], *, on: str = "root",
+              catch: type[BaseException] | tuple[type[BaseException], ...] = (Exception,
+                                                                              SystemExit),
+              ) -> T:
+        """Run the check ``fn()`` on one rank or on all, and fail on every rank alike.
+
+        A check that raises on some ranks only would leave the others blocked in their next
+        collective. ``agree`` makes the outcome common: either every rank returns, or every
+        rank raises an exception of the same type with the same message.
+
+        Parameters
+        ----------
+        fn : callable
+            The check, called without arguments (bind them with ``lambda`` or ``partial``).
+        on : {"root", "all"}
+            ``"root"``: only rank 0 runs ``fn`` (it reads a file, asks the user) and its result
+            is broadcast. ``"all"``: every rank runs ``fn`` (each checks its own file); when it
+            fails on some ranks, the exception of the lowest failing rank is raised everywhere,
+            its message prefixed ``"on rank R: "`` unless every rank failed.
+        catch : exception type or tuple
+            What ``fn`` may raise to be agreed on (default: ``Exception`` and ``SystemExit``,
+            which includes :class:`UsageError`). Anything else propagates on the raising rank
+            alone, as a crash does (:func:`run_main` then ends the job).
+
+        Returns
+        -------
+        object
+            ``on="root"``: rank 0's value, on every rank. ``on="all"``: this rank's own value.
+        """
+        if on not in ("root", "all"):
+            raise ValueError(f"agree(on={on!r}): use 'root' or 'all'")
+        if self._size == 1:
+            return fn()
+        if on == "root":
+            outcome = None
+            if self.is_root:
+                try:
+                    outcome = ("ok", fn())
+                except catch as e:
+                    outcome = ("error", _portable(e))
+                    mine = e
+            status, payload = self.comm.bcast(outcome, root=0)
+            if status == "ok":
+                return payload
+            if self.is_root:
+                raise mine
+            raise payload
+        value, mine = None, None
+        try:
+            value = fn()
+        except catch as e:
+            mine = e
+        failures = self.comm.allgather(None if mine is None else _portable(mine))
+        failed = [(r, e) for r, e in enumerate(failures) if e is not None]
+        if not failed:
+            return value
+        first, error = failed[0]
+        if len(failed) < self._size:
+            error = _with_prefix(error, f"on rank {first}: ")
+        elif first == self._rank:
+            raise mine
+        raise error from mine
+
+
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (to be sent to other ranks), else a ``RuntimeError``
+    carrying its type name and message."""
+    try:
+        copy = pickle.loads(pickle.dumps(e))
+        if type(copy) is type(e) and str(copy) == str(e):
+            return e
+    except Exception:   # noqa: BLE001 - any failure to round-trip means: send a plain copy
+        pass
+    return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _with_prefix(e: BaseException, prefix: str) -> BaseException:
+    """A copy of ``e`` whose message starts with ``prefix`` (``e`` itself if its arguments are
+    not a single message)."""
+    if len(e.args) == 1 and isinstance(e.args[0], str):
+        try:
+            return type(e)(prefix + e.args[0])
+        except Exception:   # noqa: BLE001 - a constructor of another shape: keep the original
+            pass
+    return e
 
 
 class _RankFilter(logging.Filter):
