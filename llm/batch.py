@@ -36,9 +36,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from meshrt import runtime
+
+from .options import BatchOptions, GenerateOptions, StopOptions
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
 SETTING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
@@ -112,14 +113,13 @@ class RequestReader:
         ``encode(text, add_special_tokens=...)``.
     config : ModelConfig
         Vocabulary, context length and EOS ids.
-    defaults : argparse.Namespace
-        The command's ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
-        ``stop``, ``ignore_eos``.
+    defaults : GenerateOptions
+        The command's ``max_new_tokens``, sampling and stop options.
     template_loader : callable, optional
         ``() -> ChatTemplate``; called on the first ``messages`` request.
     """
 
-    def __init__(self, tokenizer, config, defaults, template_loader=None):
+    def __init__(self, tokenizer, config, defaults: GenerateOptions, template_loader=None):
         self.tokenizer, self.config, self.defaults = tokenizer, config, defaults
         self._template_loader = template_loader
         self._template = None
@@ -164,18 +164,18 @@ class RequestReader:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _stop_ids(self, obj) -> list:
-        from .generate import _stop_ids
-        stop = obj.get("stop", self.defaults.stop or [])
+        from .preflight import stop_ids
+        stop = obj.get("stop", list(self.defaults.stop.stop))
         if isinstance(stop, (str, int)) and not isinstance(stop, bool):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
             raise BadRequest("stop must be a list of token ids or strings")
-        ignore_eos = obj.get("ignore_eos", self.defaults.ignore_eos)
+        ignore_eos = obj.get("ignore_eos", self.defaults.stop.ignore_eos)
         if not isinstance(ignore_eos, bool):
             raise BadRequest(f"ignore_eos must be true or false, got {ignore_eos!r}")
         try:
-            ids = _stop_ids(SimpleNamespace(stop=[str(s) for s in stop], ignore_eos=ignore_eos),
-                            self.tokenizer, self.config)
+            ids = stop_ids(StopOptions(tuple(str(s) for s in stop), ignore_eos),
+                           self.tokenizer, self.config)
         except runtime.UsageError as e:
             raise BadRequest(str(e).removeprefix("error: ")) from None
         return sorted(ids)
@@ -198,13 +198,13 @@ class RequestReader:
             raise BadRequest("'id' (a string or an integer) is required")
         if id_key(rid) in self.seen:
             raise BadRequest(f"duplicate id {rid!r}")
-        d = self.defaults
+        d, sampling = self.defaults, self.defaults.sampling
         req = Request(id=rid, line=line, prompt_ids=self._prompt_ids(obj),
                       max_new_tokens=_int(obj, "max_new_tokens", d.max_new_tokens, low=1),
-                      temperature=_float(obj, "temperature", d.temperature or 0.0),
-                      top_k=_int(obj, "top_k", d.top_k or 0, low=0),
-                      top_p=_float(obj, "top_p", d.top_p if d.top_p is not None else 1.0),
-                      seed=_int(obj, "seed", d.seed, low=0),
+                      temperature=_float(obj, "temperature", sampling.temperature),
+                      top_k=_int(obj, "top_k", sampling.top_k, low=0),
+                      top_p=_float(obj, "top_p", sampling.top_p),
+                      seed=_int(obj, "seed", sampling.seed, low=0),
                       stop_ids=self._stop_ids(obj))
         try:
             Sampler(req.temperature, req.top_k, req.top_p, req.seed)
@@ -293,39 +293,43 @@ class ResultWriter:
 # the job
 # ----------------------------------------------------------------------------------------------
 
-def _prepare(args, model, tokenizer, template_loader, log) -> tuple:
+def _prepare(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, template_loader,
+             log) -> tuple:
     """Rank 0: check the files and read the requests -> ``("ok", pending, problems, n_done)``."""
-    if not args.out:
+    if not batch.out:
         raise BadRequest("--batch needs --out FILE (where the results go)")
-    if os.path.abspath(args.out) == os.path.abspath(args.batch):
+    if os.path.abspath(batch.out) == os.path.abspath(batch.requests):
         raise BadRequest("--out must not be the --batch file")
-    reader = RequestReader(tokenizer, model.config, args, template_loader)
-    requests, problems = read_requests(args.batch, reader)
+    reader = RequestReader(tokenizer, model.config, defaults, template_loader)
+    requests, problems = read_requests(batch.requests, reader)
     for number, message in problems:
-        log.warning(f"{args.batch}:{number}: {message}; "
-                    + ("stopping (--strict)" if args.strict else "skipped"))
-    if problems and args.strict:
+        log.warning(f"{batch.requests}:{number}: {message}; "
+                    + ("stopping (--strict)" if batch.strict else "skipped"))
+    if problems and batch.strict:
         number, message = problems[0]
-        raise BadRequest(f"{args.batch}:{number}: {message} (--strict: nothing was run; "
+        raise BadRequest(f"{batch.requests}:{number}: {message} (--strict: nothing was run; "
                          f"{len(problems)} bad line{'s' if len(problems) > 1 else ''})")
-    done, cut = finished_ids(args.out)
+    done, cut = finished_ids(batch.out)
     if cut:
-        log.warning(f"{args.out}: cut off a half-written last line ({cut} bytes); its request "
+        log.warning(f"{batch.out}: cut off a half-written last line ({cut} bytes); its request "
                     "runs again")
     pending = [r for r in requests if id_key(r.id) not in done]
-    log.info(f"batch {args.batch}: {len(requests)} requests, {len(requests) - len(pending)} "
-             f"already in {args.out}, {len(pending)} to run"
+    log.info(f"batch {batch.requests}: {len(requests)} requests, {len(requests) - len(pending)} "
+             f"already in {batch.out}, {len(pending)} to run"
              + (f", {len(problems)} bad lines skipped" if problems else ""))
     return pending, problems
 
 
-def run_batch(args, model, tokenizer, comm, log, record, template_loader=None) -> int:
-    """Run every pending request of ``args.batch`` (collective over ``comm``).
+def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, comm, log, record,
+              template_loader=None) -> int:
+    """Run every pending request of ``batch.requests`` (collective over ``comm``).
 
     Parameters
     ----------
-    args : argparse.Namespace
-        ``batch``, ``out``, ``strict`` and the generate defaults.
+    batch : BatchOptions
+        The requests file, the results file and whether a bad line stops the job.
+    defaults : GenerateOptions
+        What a request does not say (token limit, sampling, stop, KV capacity).
     model : MeshModel
     tokenizer
     comm : mpi4py communicator or None
@@ -349,7 +353,7 @@ def run_batch(args, model, tokenizer, comm, log, record, template_loader=None) -
     answer = None
     if rank == 0:
         try:
-            answer = ("ok",) + _prepare(args, model, tokenizer, template_loader, log)
+            answer = ("ok",) + _prepare(batch, defaults, model, tokenizer, template_loader, log)
         except BadRequest as e:
             answer = ("error", str(e))
     if comm is not None:
@@ -357,7 +361,7 @@ def run_batch(args, model, tokenizer, comm, log, record, template_loader=None) -
     if answer[0] == "error":
         raise runtime.UsageError(answer[1])
     pending = answer[1]
-    writer = ResultWriter(args.out) if rank == 0 else None
+    writer = ResultWriter(batch.out) if rank == 0 else None
     bar = tqdm(total=len(pending), unit="req", desc="batch", disable=True if rank else None,
                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
     tokens, finished, t0 = 0, 0, time.perf_counter()
@@ -365,7 +369,7 @@ def run_batch(args, model, tokenizer, comm, log, record, template_loader=None) -
         for req in pending:
             sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
             gen = generate(model, req.prompt_ids, req.max_new_tokens, sampler, req.stop_ids,
-                           None, getattr(args, "kv_capacity", None))
+                           None, defaults.kv_capacity)
             tokens += len(gen.new_ids)
             rate = tokens / (time.perf_counter() - t0)
             if writer is not None:
@@ -381,5 +385,5 @@ def run_batch(args, model, tokenizer, comm, log, record, template_loader=None) -
         if writer is not None:
             writer.close()
     log.info(f"batch: {len(pending)} requests, {tokens} tokens in "
-             f"{time.perf_counter() - t0:.1f} s -> {args.out}")
+             f"{time.perf_counter() - t0:.1f} s -> {batch.out}")
     return 0

@@ -1,4 +1,4 @@
-"""``python -m llm bench``: a model at real shapes on the emulated wafer, measured and modeled.
+"""Benchmark of a model at real shapes on the emulated wafer, measured and modeled.
 
 Random weights at a preset's real shapes (optionally only its first ``--layers`` layers, so that
 paper-size meshes fit in this machine's memory), or a converted shard set. Reports, side by side:
@@ -10,16 +10,14 @@ paper-size meshes fit in this machine's memory), or a converted shard set. Repor
 """
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 
 import numpy as np
 
-from meshrt import runtime
-from meshrt.collectives import AllreduceSpec
 from meshrt.plmr import get_device
+
+from .options import BenchOptions
 
 
 def full_model_estimate(config, mesh, device, context: int, prompt: int, policy: str,
@@ -71,51 +69,49 @@ def _max_over_ranks(comm, value: float) -> float:
     return comm.allreduce(value, op=MPI.MAX)
 
 
-def run(args) -> int:
-    """Entry point of ``python -m llm bench``."""
+def run_bench(options: BenchOptions, comm, log) -> dict:
+    """Place the model, run prefill + decode ``warmup + repeat`` times, return the record.
+
+    Collective over ``comm``. The record holds the run's settings, the emulator's medians
+    (``emulator``), the modeled figures of this run and the closed-form estimate of the whole
+    model (``full_model_estimate``); :func:`format_report` prints it.
+    """
     from .checkpoint import RandomWeights
     from .config import preset
-    from .generate import generate, mesh_arg
+    from .generate import generate
     from .model import MeshModel
-    comm = runtime.world()
-    rank, size = runtime.rank_and_size(comm)
-    log = runtime.setup_logging(comm, name="llm")
-    device = get_device(getattr(args, "device", "wse2"))
-    dmesh = mesh_arg(getattr(args, "decode_mesh", None) or "8x8", "decode mesh")
-    pmesh = mesh_arg(getattr(args, "prefill_mesh", None), "prefill mesh") or dmesh
-    policy = getattr(args, "kv_policy", "shift") or "shift"
-    spec = AllreduceSpec(getattr(args, "allreduce", "ktree") or "ktree",
-                         getattr(args, "groups", None))
-    emulation = getattr(args, "emulation", "aggregated") or "aggregated"
-    model_path = getattr(args, "model", None)
+    size = 1 if comm is None else comm.Get_size()
+    device = get_device(options.run.device)
+    dmesh = options.mesh.decode or (8, 8)
+    pmesh = options.mesh.prefill or dmesh
+    policy, spec, emulation = options.run.kv_policy, options.run.allreduce_spec(), \
+        options.run.emulation
     placing, storage = None, None
-    if model_path:
-        model = MeshModel.from_shards(model_path, comm if size > 1 else None, kv_policy=policy,
-                                      device=device, allreduce=spec, emulation=emulation)
+    if options.model:
+        model = MeshModel.from_shards(options.model, comm, kv_policy=policy, device=device,
+                                      allreduce=spec, emulation=emulation)
         full = model.config
         storage = model.config.dtype
     else:
-        name = getattr(args, "preset", None) or "llama-100m"
+        name = options.preset
         full = preset(name)
-        config = preset(name, layers=getattr(args, "layers", None))
+        config = preset(name, layers=options.layers)
         log.info(f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
                  f"decode {dmesh[0]}x{dmesh[1]}, prefill {pmesh[0]}x{pmesh[1]}, {size} ranks")
-        storage = getattr(args, "dtype", None) or (
+        storage = options.dtype or (
             config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32")
         t0 = time.perf_counter()
-        weights = RandomWeights(config, getattr(args, "seed", 0) or 0)
-        model = MeshModel.from_weights(config, weights, comm if size > 1 else None,
-                                       decode_mesh=dmesh, prefill_mesh=pmesh, kv_policy=policy,
-                                       device=device, allreduce=spec, emulation=emulation,
-                                       storage=storage)
+        weights = RandomWeights(config, options.seed)
+        model = MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh,
+                                       prefill_mesh=pmesh, kv_policy=policy, device=device,
+                                       allreduce=spec, emulation=emulation, storage=storage)
         placing = _max_over_ranks(comm, time.perf_counter() - t0)
         log.info(f"placed in {placing:.1f} s ({storage} weights)")
-    prompt_len = getattr(args, "prompt_len", None) or 16
-    new = getattr(args, "new_tokens", None) or 16
+    prompt_len, new = options.prompt_len, options.new_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.config.vocab_size, prompt_len).tolist()
     runs = []
-    for i in range((getattr(args, "warmup", 1) or 0) + (getattr(args, "repeat", 3) or 1)):
+    for i in range(options.warmup + options.repeat):
         if comm is not None and size > 1:
             comm.Barrier()
         step_times = []
@@ -129,7 +125,7 @@ def run(args) -> int:
         gen = generate(model, ids, new, None, (), on_token)
         m = gen.metrics()
         m["median_tpot_s"] = statistics.median(step_times[1:]) if len(step_times) > 1 else None
-        if i >= (getattr(args, "warmup", 1) or 0):
+        if i >= options.warmup:
             runs.append(m)
     med = {k: statistics.median([r[k] for r in runs]) for k in
            ("ttft_s", "tpot_s", "median_tpot_s", "tokens_per_s", "modeled_ttft_s",
@@ -140,38 +136,40 @@ def run(args) -> int:
     t = led.totals()
     for v in sorted({v for ledger in model.ledgers().values() for v in ledger.violations()}):
         log.warning(f"PLMR: {v}")
-    out = {"model": model.config.name, "layers_run": model.config.num_layers,
-           "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
-           "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
-           "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation,
-           "weights_dtype": storage, "placing_s": placing,
-           "peak_rss_gib_per_rank": _max_over_ranks(comm, _peak_rss_gib()), "emulator": med,
-           "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
-           "modeled_peak_kib_per_core": led.peak_memory / 1024,
-           "full_model_estimate": est}
-    if rank == 0:
-        if getattr(args, "json", False):
-            print(json.dumps(out, indent=2))
-        else:
-            print(f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
-                  f", {size} ranks, {prompt_len}+{new} tokens")
-            print(f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
-                  f" ({med['tokens_per_s']:.1f} tok/s); peak RSS "
-                  f"{out['peak_rss_gib_per_rank']:.2f} GiB per rank")
-            print(f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
-                  f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
-                  f"(this run, {device.name})")
-            print(f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
-                  f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
-                  f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
-                  f"{est['weights_kib_per_core']:.1f} KiB/core "
-                  f"({'fits' if est['fits_device'] else 'does not fit'} "
-                  f"{device.mem_per_core // 1024} KiB), KV capacity concat "
-                  f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens")
-            w = est["wafer"]
-            if "error" not in w:
-                print(f"  on the wafer (llm estimate): TTFT {w['ttft_s'] * 1e3:.3f} ms, TPR "
-                      f"{w['decode_tpr']:.1f} tok/s, e2e {w['e2e_tpr']:.1f} tok/s, stages "
-                      f"{w['stages']['prefill']}+{w['stages']['decode']}, {w['wafers']} wafer(s)")
-            sys.stdout.flush()
-    return 0
+    return {"model": model.config.name, "layers_run": model.config.num_layers,
+            "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
+            "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
+            "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation,
+            "weights_dtype": storage, "placing_s": placing,
+            "peak_rss_gib_per_rank": _max_over_ranks(comm, _peak_rss_gib()), "emulator": med,
+            "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
+            "modeled_peak_kib_per_core": led.peak_memory / 1024,
+            "full_model_estimate": est}
+
+
+def format_report(out: dict, mem_per_core: int) -> str:
+    """The :func:`run_bench` record as a few lines of text (``mem_per_core``: the device's
+    core memory in bytes)."""
+    med, est = out["emulator"], out["full_model_estimate"]
+    dmesh, device = out["decode_mesh"], out["device"]
+    lines = [f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
+             f", {out['ranks']} ranks, {out['prompt_tokens']}+{out['new_tokens']} tokens",
+             f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
+             f" ({med['tokens_per_s']:.1f} tok/s); peak RSS "
+             f"{out['peak_rss_gib_per_rank']:.2f} GiB per rank",
+             f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
+             f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
+             f"(this run, {device})",
+             f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
+             f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
+             f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
+             f"{est['weights_kib_per_core']:.1f} KiB/core "
+             f"({'fits' if est['fits_device'] else 'does not fit'} "
+             f"{mem_per_core // 1024} KiB), KV capacity concat "
+             f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens"]
+    w = est["wafer"]
+    if "error" not in w:
+        lines.append(f"  on the wafer (llm estimate): TTFT {w['ttft_s'] * 1e3:.3f} ms, TPR "
+                     f"{w['decode_tpr']:.1f} tok/s, e2e {w['e2e_tpr']:.1f} tok/s, stages "
+                     f"{w['stages']['prefill']}+{w['stages']['decode']}, {w['wafers']} wafer(s)")
+    return "\n".join(lines)

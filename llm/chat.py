@@ -19,8 +19,6 @@ log says so.
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 
 from meshrt import runtime
@@ -120,100 +118,3 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant",
                                      "content": self.tokenizer.decode(reply)}]
         return Turn(ids, cached, rewrite, gen)
-
-
-# ----------------------------------------------------------------------------------------------
-# the command
-# ----------------------------------------------------------------------------------------------
-
-def _read_line(rank: int, comm, interactive: bool):
-    """Rank 0 reads one line (``None`` at end of input); every rank gets it."""
-    line = None
-    if rank == 0:
-        if interactive:
-            sys.stderr.write("you> ")
-            sys.stderr.flush()
-        text = sys.stdin.readline()
-        line = None if text == "" else text.rstrip("\n")
-    if comm is not None:
-        line = comm.bcast(line, root=0)          # control plane: the user's turn
-    return line
-
-
-def run(args) -> int:
-    """Entry point of ``python -m llm chat``."""
-    import os
-
-    from meshrt.mesh import MeshError
-
-    from .chat_template import ChatTemplate, ChatTemplateError
-    from .generate import format_metrics, load_model
-    from .sampling import Sampler
-    from .tokenizer import StreamDecoder, load_tokenizer
-    comm = runtime.world()
-    rank, size = runtime.rank_and_size(comm)
-    comm = comm if size > 1 else None
-    log = runtime.setup_logging(comm, "WARNING" if args.quiet else "INFO", name="llm")
-    try:
-        template = ChatTemplate.from_model_dir(args.model)
-    except ChatTemplateError as e:
-        raise runtime.UsageError(str(e)) from None
-    try:
-        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    except ValueError as e:
-        raise runtime.UsageError(str(e)) from None
-    try:
-        model = load_model(args, comm)
-    except MeshError as e:
-        raise runtime.UsageError(str(e)) from None
-    tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
-    tokenizer = load_tokenizer(tok_dir, model.config)
-    context = min(args.context or DEFAULT_CONTEXT, model.config.max_position_embeddings)
-    if args.max_new_tokens >= context:
-        raise runtime.UsageError(f"--max-new-tokens {args.max_new_tokens} must be smaller than "
-                                 f"the session context of {context} tokens")
-    session = ChatSession(model, tokenizer, template, sampler, model.config.eos_ids,
-                          args.max_new_tokens, context, args.system)
-    interactive = rank == 0 and sys.stdin.isatty()
-    log.info(f"chat with {model.config.name or model.config.family}: context {context} tokens, "
-             "/reset for a new conversation, /exit or end of input to stop")
-    turn_no = 0
-    while True:
-        line = _read_line(rank, comm, interactive)
-        if line is None or line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            session.reset()
-            log.info("new conversation")
-            continue
-        if not line.strip():
-            continue
-        turn_no += 1
-        streamer = StreamDecoder(tokenizer)
-        stream = rank == 0 and not args.json
-
-        def on_token(t, streamer=streamer, stream=stream):
-            if stream and t not in session.stop_ids:
-                sys.stdout.write(streamer.push(t))
-                sys.stdout.flush()
-
-        turn = session.ask(line, on_token)
-        gen = turn.generation
-        if turn.reprefilled:
-            log.info("the conversation was prefilled again from its start")
-        if rank == 0:
-            if args.json:
-                reply = [t for t in gen.new_ids if t not in session.stop_ids]
-                print(json.dumps({"turn": turn_no, "fed_ids": turn.fed_ids,
-                                  "cached": turn.cached, "reprefilled": turn.reprefilled,
-                                  "new_ids": gen.new_ids, "text": tokenizer.decode(reply),
-                                  **gen.metrics()}), flush=True)
-            else:
-                sys.stdout.write(streamer.flush() + "\n")
-                sys.stdout.flush()
-                if not args.quiet:
-                    print(f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
-                          f"the cache] " + format_metrics(gen.metrics(), model.decode_fabric
-                                                          .ledger.device.name),
-                          file=sys.stderr, flush=True)
-    return 0

@@ -1,21 +1,17 @@
-"""``python -m llm generate``: a prompt in, tokens streamed out, wall and modeled wafer metrics.
+"""Generation on the mesh: load a model, prefill a prompt, decode tokens, report the metrics.
 
-Rank 0 is the host: it reads the prompt, streams tokens to stdout and prints the summary. Every
-rank runs the mesh. Metrics use the names serving people read: TTFT (time to first token), TPOT
-(time per output token after the first), tokens/s, and TPR = 1/TPOT (the paper's throughput per
-request), each measured on this machine (wall clock) and modeled for the wafer (PLMR ledger).
+The command (``python -m llm generate``, :mod:`llm.cli.generate`) reads the prompt on rank 0,
+streams tokens and prints the summary; every rank runs the mesh. Metrics use the names
+serving people read: TTFT (time to first token), TPOT (time per output token after the first),
+tokens/s, and TPR = 1/TPOT (the paper's throughput per request), each measured on this
+machine (wall clock) and modeled for the wafer (PLMR ledger).
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import dataclass, field
 
-from meshrt import runtime
-from meshrt.collectives import AllreduceSpec
-from meshrt.mesh import MeshError, parse_grid
-
+from .options import ModelSource
 from .sampling import Sampler
 
 
@@ -96,111 +92,31 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
     return gen
 
 
-def mesh_arg(value, what: str = "virtual mesh"):
-    """``None``, ``"4x4"`` or ``(4, 4)`` -> ``None`` or ``(4, 4)``."""
-    if value is None or isinstance(value, tuple):
-        return value
-    return parse_grid(value, what)
+def load_model(source: ModelSource, comm):
+    """The :class:`MeshModel` of ``source.path`` (a shard set or an HF model directory).
 
-
-def load_model(args, comm):
-    """The :class:`MeshModel` named by ``--model`` (a shard set or an HF model directory)."""
+    The path is checked on every rank and the ranks agree on what it is before anything is
+    read; an HF directory without a decode mesh gets 2x2 cores per rank.
+    """
     from .model import MeshModel
-    path = args.model
-    kw = dict(kv_policy=getattr(args, "kv_policy", "shift"), device=getattr(args, "device", "wse2"),
-              allreduce=AllreduceSpec(getattr(args, "allreduce", "ktree"),
-                                      getattr(args, "groups", None)),
-              emulation=getattr(args, "emulation", "aggregated"))
-    ranks = mesh_arg(getattr(args, "ranks", None))
-    dmesh = mesh_arg(getattr(args, "decode_mesh", None))
-    pmesh = mesh_arg(getattr(args, "prefill_mesh", None))
     from .preflight import agree, model_kind
+    path, mesh, kw = source.path, source.mesh, source.run.model_kwargs()
     if agree(comm, model_kind, path) == "shards":
-        return MeshModel.from_shards(path, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
-                                     ranks=ranks, verify=getattr(args, "verify", True), **kw)
+        return MeshModel.from_shards(path, comm, decode_mesh=mesh.decode,
+                                     prefill_mesh=mesh.prefill, ranks=mesh.ranks,
+                                     verify=source.verify, **kw)
     from .checkpoint import load_checkpoint, storage_dtype
     config, weights = agree(comm, load_checkpoint, path, lazy=True,
-                            max_context=getattr(args, "max_context", None))
+                            max_context=source.max_context)
     size = 1 if comm is None else comm.Get_size()
+    dmesh = mesh.decode
     if dmesh is None:
         from meshrt.mesh import default_rank_grid
-        ry, rx = ranks or default_rank_grid(size)
+        ry, rx = mesh.ranks or default_rank_grid(size)
         dmesh = (2 * ry, 2 * rx)
-    return MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh, prefill_mesh=pmesh,
-                                  ranks=ranks, storage=storage_dtype(weights), **kw)
-
-
-def _prompt_ids(args, tokenizer, config=None) -> list:
-    from .preflight import prompt_ids
-    return prompt_ids(args, tokenizer, config)
-
-
-def _stop_ids(args, tokenizer, config) -> set:
-    from .preflight import stop_ids
-    return stop_ids(args, tokenizer, config)
-
-
-def run(args) -> int:
-    """Entry point of ``python -m llm generate``."""
-    from .preflight import check_kv_capacity, prepare
-    from .tokenizer import StreamDecoder
-    comm = runtime.world()
-    rank, size = runtime.rank_and_size(comm)
-    log = runtime.setup_logging(comm, name="llm")
-    try:            # every value is checked before any weight is read
-        sampler = Sampler(getattr(args, "temperature", 0.0), getattr(args, "top_k", 0),
-                          getattr(args, "top_p", 1.0), getattr(args, "seed", None))
-    except ValueError as e:
-        raise runtime.UsageError(str(e)) from None
-    if getattr(args, "system", None) is not None and getattr(args, "chat", None) is None:
-        raise runtime.UsageError("--system goes with --chat")
-    request = prepare(args, comm if size > 1 else None)
-    tokenizer, ids, stop = request.tokenizer, request.ids, request.stop
-    try:
-        model = load_model(args, comm if size > 1 else None)
-    except MeshError as e:
-        raise runtime.UsageError(str(e)) from None
-    wrap = comm if size > 1 else None
-    if getattr(args, "batch", None):
-        from .batch import run_batch
-        return run_batch(args, model, tokenizer, wrap, log,
-                         lambda ids, gen: result_record(model, tokenizer, ids, gen),
-                         lambda: _chat_template(args.model))
-    if getattr(args, "chat", None) is not None:
-        from .chat import chat_prompt_ids
-        ids = chat_prompt_ids(args.model, tokenizer, args.chat, getattr(args, "system", None))
-        if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
-            raise runtime.UsageError(
-                f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
-                f"the model context of {model.config.max_position_embeddings} tokens")
-    capacity = check_kv_capacity(model, len(ids), args.max_new_tokens,
-                                 getattr(args, "kv_capacity", None), log)
-    dl, pl = model.layouts["decode"], model.layouts["prefill"]
-    log.info(f"model {model.config.name or model.config.family}: {model.config.num_layers} layers; "
-             f"prefill on {pl.py}x{pl.px}, decode on {dl}; {len(ids)} prompt tokens")
-    stream = rank == 0 and not getattr(args, "no_stream", False) and not getattr(args, "json", False)
-    streamer = StreamDecoder(tokenizer) if tokenizer is not None else None
-
-    def on_token(t):
-        if stream:       # without a tokenizer the ids themselves are the output
-            sys.stdout.write(streamer.push(t) if streamer else f"{t} ")
-            sys.stdout.flush()
-
-    try:
-        gen = generate(model, ids, args.max_new_tokens, sampler, stop, on_token, capacity)
-    except FloatingPointError as e:     # non-finite logits: the model or its weights are broken
-        raise runtime.UsageError(str(e)) from None
-    if stream:
-        sys.stdout.write((streamer.flush() if streamer else "") + "\n")
-    out = result_record(model, tokenizer, ids, gen)
-    for v in out["violations"] if rank == 0 else ():  # the same on every rank: say it once
-        log.warning(f"PLMR: {v}")   # the emulator ran it; a real wafer of this device could not
-    if rank == 0:
-        if getattr(args, "json", False):
-            print(json.dumps(out))
-        elif not getattr(args, "quiet", False):
-            print(format_metrics(out, model.decode_fabric.ledger.device.name), file=sys.stderr)
-    return 0
+    return MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh,
+                                  prefill_mesh=mesh.prefill, ranks=mesh.ranks,
+                                  storage=storage_dtype(weights), **kw)
 
 
 def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
@@ -215,12 +131,8 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
             "kv_policy": model.kv_policy}
 
 
-def _chat_template(model_path):
-    from .chat_template import ChatTemplate
-    return ChatTemplate.from_model_dir(model_path)
-
-
 def format_metrics(m: dict, device: str) -> str:
+    """One line of wall-clock and modeled metrics of a :meth:`Generation.metrics` record."""
     return (f"{m['new_tokens']} tokens ({m['stopped_by']}): "
             f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
             f"{m['tokens_per_s']:.1f} tok/s on this machine | modeled {device}: "

@@ -14,6 +14,7 @@ from meshrt import runtime
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
+from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
 from .shards import MANIFEST_NAME, ShardError, all_gather, read_manifest
 
 #: Failures of bad input or of the environment (a user can fix them): one message, exit 2.
@@ -105,17 +106,17 @@ def parse_ids(text: str, vocab_size: int | None = None, what: str = "--prompt-id
     return ids
 
 
-def prompt_ids(args, tokenizer, config: ModelConfig) -> list:
+def prompt_ids(prompt: PromptSpec, tokenizer, config: ModelConfig) -> list:
     """The prompt's token ids from ``--prompt-ids``, ``--prompt`` or ``--prompt-file``."""
-    if getattr(args, "prompt_ids", None):
-        return parse_ids(args.prompt_ids, config.vocab_size)
-    text = getattr(args, "prompt", None)
-    if getattr(args, "prompt_file", None):
+    if prompt.ids:
+        return parse_ids(prompt.ids, config.vocab_size)
+    text = prompt.text
+    if prompt.file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(prompt.file, encoding="utf-8") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise runtime.UsageError(f"--prompt-file {args.prompt_file}: {_message(e)}") from None
+            raise runtime.UsageError(f"--prompt-file {prompt.file}: {_message(e)}") from None
     if text is None:
         raise runtime.UsageError("give a prompt: --prompt TEXT, --prompt-file FILE or "
                                  "--prompt-ids '1 2 3'")
@@ -128,10 +129,10 @@ def prompt_ids(args, tokenizer, config: ModelConfig) -> list:
     return ids
 
 
-def stop_ids(args, tokenizer, config: ModelConfig) -> set:
+def stop_ids(stop: StopOptions, tokenizer, config: ModelConfig) -> set:
     """EOS ids (unless ``--ignore-eos``) plus every ``--stop`` token id or one-token text."""
-    out = set() if getattr(args, "ignore_eos", False) else set(config.eos_ids)
-    for item in getattr(args, "stop", None) or []:
+    out = set() if stop.ignore_eos else set(config.eos_ids)
+    for item in stop.stop:
         for part in str(item).split(","):
             part = part.strip()
             if part.isdigit():
@@ -160,24 +161,24 @@ class Request:
     stop: set = field(default_factory=set)
 
 
-def prepare(args, comm) -> Request:
-    """Validate ``--model`` and the prompt on every rank (agreed), before any weight is read.
+def prepare(source: ModelSource, request: GenerateOptions, comm) -> Request:
+    """Validate the model path and the prompt on every rank (agreed), before any weight is read.
 
-    With ``--batch`` or ``--chat`` the prompts are not known yet: ``ids`` is empty.
+    With a batch or chat prompt the prompts are not known yet: ``ids`` is empty.
     """
-    path = getattr(args, "model", None)
+    path = source.path
     kind = agree(comm, model_kind, path)
-    config = agree(comm, read_config, path, kind, getattr(args, "max_context", None))
-    later = getattr(args, "batch", None) or getattr(args, "chat", None) is not None
-    need_text = later or not getattr(args, "prompt_ids", None) or any(
-        not part.strip().isdigit() for item in getattr(args, "stop", None) or []
+    config = agree(comm, read_config, path, kind, source.max_context)
+    later = request.prompt.later
+    need_text = later or not request.prompt.ids or any(
+        not part.strip().isdigit() for item in request.stop.stop
         for part in str(item).split(",") if part.strip())
     tokenizer = agree(comm, open_tokenizer, path, config, need_text)
-    stop = agree(comm, stop_ids, args, tokenizer, config)
+    stop = agree(comm, stop_ids, request.stop, tokenizer, config)
     if later:
         return Request(path, kind, config, tokenizer, [], stop)   # prompts come later
-    ids = agree(comm, prompt_ids, args, tokenizer, config)
-    new = getattr(args, "max_new_tokens", 1)
+    ids = agree(comm, prompt_ids, request.prompt, tokenizer, config)
+    new = request.max_new_tokens
     if len(ids) + new > config.max_position_embeddings:
         raise runtime.UsageError(
             f"prompt ({len(ids)} tokens) + --max-new-tokens {new} exceeds the model context of "

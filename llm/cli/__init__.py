@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
     for command in COMMANDS.values():
         command.add_parser(sub)
+    p.set_defaults(quiet=False)     # commands without -q/--quiet log at INFO
     return p
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         comm = runtime.world()
         if comm is not None and comm.Get_size() == 1:
             comm = None
-        runtime.setup_logging(comm, "WARNING" if getattr(args, "quiet", False) else "INFO",
+        runtime.setup_logging(comm, "WARNING" if args.quiet else "INFO",
                               name="llm")
         try:
             return COMMANDS[args.command].run(args, comm)

@@ -1,14 +1,21 @@
 """``python -m llm bench``: a model at real shapes, emulator wall time beside modeled wafer time."""
 from __future__ import annotations
 
-from .common import WEIGHTS_NOTE, add_mesh_args, add_run_args, non_negative, positive, subparser
+import json
+import sys
+
+from meshrt import runtime
+
+from ..options import BenchOptions
+from .common import (WEIGHTS_NOTE, add_mesh_args, add_run_args, mesh_spec, non_negative,
+                     positive, run_options, subparser)
 
 
 def add_parser(sub) -> None:
     p = subparser(sub, "bench", "time a model on the emulator and model its wafer time",
                   "Run prefill and decode of a preset at real shapes with random weights (or a "
-                  "shard set) and report the emulator's wall time beside the modeled wafer time, plus a "
-                  "closed-form estimate for the whole model." + WEIGHTS_NOTE,
+                  "shard set) and report the emulator's wall time beside the modeled wafer "
+                  "time, plus a closed-form estimate for the whole model." + WEIGHTS_NOTE,
                   "examples:\n"
                   "  python -m llm bench --preset llama-100m --decode-mesh 8x8\n"
                   "  mpiexec -n 4 python -m mpi4py -m llm bench --preset llama3-8b --layers 1 "
@@ -33,6 +40,22 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
+def options(args) -> BenchOptions:
+    return BenchOptions(preset=args.preset, model=args.model, layers=args.layers,
+                        mesh=mesh_spec(args), run=run_options(args), prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens, seed=args.seed, dtype=args.dtype,
+                        repeat=args.repeat, warmup=args.warmup)
+
+
 def run(args, comm) -> int:
-    from ..bench import run as bench_command
-    return bench_command(args)
+    """Measure on every rank; rank 0 prints the record (``--json``) or a summary."""
+    from meshrt.plmr import get_device
+
+    from ..bench import format_report, run_bench
+    log = runtime.setup_logging(comm, name="llm")
+    out = run_bench(options(args), comm, log)
+    if comm is None or comm.Get_rank() == 0:
+        print(json.dumps(out, indent=2) if args.json
+              else format_report(out, get_device(args.device).mem_per_core))
+        sys.stdout.flush()
+    return 0

@@ -1,7 +1,15 @@
 """``python -m llm chat``: an interactive multi-turn session (see :mod:`llm.chat`)."""
 from __future__ import annotations
 
-from .common import add_mesh_args, add_run_args, positive, subparser
+import json
+import os
+import sys
+
+from meshrt import runtime
+
+from ..options import ModelSource
+from .common import (add_mesh_args, add_run_args, mesh_spec, positive, run_options,
+                     sampling_options, subparser)
 
 
 def add_parser(sub) -> None:
@@ -41,6 +49,91 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-turn timing lines")
 
 
+def read_line(rank: int, comm, interactive: bool):
+    """Rank 0 reads one line (``None`` at end of input); every rank gets it."""
+    line = None
+    if rank == 0:
+        if interactive:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        text = sys.stdin.readline()
+        line = None if text == "" else text.rstrip("\n")
+    if comm is not None:
+        line = comm.bcast(line, root=0)          # control plane: the user's turn
+    return line
+
+
 def run(args, comm) -> int:
-    from ..chat import run as chat_command
-    return chat_command(args)
+    """The session: load the model once, then one turn per line read on rank 0."""
+    from meshrt.mesh import MeshError
+
+    from ..chat import DEFAULT_CONTEXT, ChatSession
+    from ..chat_template import ChatTemplate, ChatTemplateError
+    from ..generate import format_metrics, load_model
+    from ..tokenizer import StreamDecoder, load_tokenizer
+    rank = 0 if comm is None else comm.Get_rank()
+    log = runtime.setup_logging(comm, "WARNING" if args.quiet else "INFO", name="llm")
+    try:
+        template = ChatTemplate.from_model_dir(args.model)
+    except ChatTemplateError as e:
+        raise runtime.UsageError(str(e)) from None
+    try:
+        sampler = sampling_options(args).sampler()
+    except ValueError as e:
+        raise runtime.UsageError(str(e)) from None
+    source = ModelSource(args.model, mesh_spec(args), run_options(args), verify=args.verify)
+    try:
+        model = load_model(source, comm)
+    except MeshError as e:
+        raise runtime.UsageError(str(e)) from None
+    tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
+    tokenizer = load_tokenizer(tok_dir, model.config)
+    context = min(args.context or DEFAULT_CONTEXT, model.config.max_position_embeddings)
+    if args.max_new_tokens >= context:
+        raise runtime.UsageError(f"--max-new-tokens {args.max_new_tokens} must be smaller than "
+                                 f"the session context of {context} tokens")
+    session = ChatSession(model, tokenizer, template, sampler, model.config.eos_ids,
+                          args.max_new_tokens, context, args.system)
+    interactive = rank == 0 and sys.stdin.isatty()
+    log.info(f"chat with {model.config.name or model.config.family}: context {context} tokens, "
+             "/reset for a new conversation, /exit or end of input to stop")
+    turn_no = 0
+    while True:
+        line = read_line(rank, comm, interactive)
+        if line is None or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            log.info("new conversation")
+            continue
+        if not line.strip():
+            continue
+        turn_no += 1
+        streamer = StreamDecoder(tokenizer)
+        stream = rank == 0 and not args.json
+
+        def on_token(t, streamer=streamer, stream=stream):
+            if stream and t not in session.stop_ids:
+                sys.stdout.write(streamer.push(t))
+                sys.stdout.flush()
+
+        turn = session.ask(line, on_token)
+        gen = turn.generation
+        if turn.reprefilled:
+            log.info("the conversation was prefilled again from its start")
+        if rank == 0:
+            if args.json:
+                reply = [t for t in gen.new_ids if t not in session.stop_ids]
+                print(json.dumps({"turn": turn_no, "fed_ids": turn.fed_ids,
+                                  "cached": turn.cached, "reprefilled": turn.reprefilled,
+                                  "new_ids": gen.new_ids, "text": tokenizer.decode(reply),
+                                  **gen.metrics()}), flush=True)
+            else:
+                sys.stdout.write(streamer.flush() + "\n")
+                sys.stdout.flush()
+                if not args.quiet:
+                    print(f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
+                          f"the cache] " + format_metrics(gen.metrics(), model.decode_fabric
+                                                          .ledger.device.name),
+                          file=sys.stderr, flush=True)
+    return 0

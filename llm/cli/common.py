@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..options import MeshSpec, RunOptions, SamplingOptions
+
 #: The paper's name of the K-tree allreduce GEMV is MeshGEMV.
 ALLREDUCE_ALIASES = {"meshgemv": "ktree"}
 
@@ -151,3 +153,23 @@ def grid_or_none(text):
     """``None`` or ``"4x4"`` -> ``None`` or ``(4, 4)``."""
     from meshrt.mesh import parse_grid
     return None if text is None else parse_grid(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# parsed arguments -> typed options
+# ----------------------------------------------------------------------------------------------
+
+def mesh_spec(args) -> MeshSpec:
+    """``--decode-mesh``, ``--prefill-mesh``, ``--ranks`` (checked by argparse already)."""
+    return MeshSpec.parse(args.decode_mesh, args.prefill_mesh, args.ranks)
+
+
+def run_options(args) -> RunOptions:
+    """``--kv-policy``, ``--device``, ``--allreduce``, ``--groups``, ``--emulation``."""
+    return RunOptions(kv_policy=args.kv_policy, device=args.device, allreduce=args.allreduce,
+                      groups=args.groups, emulation=args.emulation)
+
+
+def sampling_options(args) -> SamplingOptions:
+    """``--temperature``, ``--top-k``, ``--top-p``, ``--seed``."""
+    return SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)

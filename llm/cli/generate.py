@@ -1,8 +1,15 @@
 """``python -m llm generate``: a prompt (or a batch file, or a chat question) in, tokens out."""
 from __future__ import annotations
 
-from .common import (WEIGHTS_NOTE, add_mesh_args, add_run_args, non_negative, positive,
-                     probability, subparser, temperature, token_ids)
+import json
+import sys
+
+from meshrt import runtime
+
+from ..options import BatchOptions, GenerateOptions, ModelSource, PromptSpec, StopOptions
+from .common import (WEIGHTS_NOTE, add_mesh_args, add_run_args, mesh_spec, non_negative,
+                     positive, probability, run_options, sampling_options, subparser,
+                     temperature, token_ids)
 
 
 def add_parser(sub) -> None:
@@ -76,6 +83,78 @@ def add_chat_args(p, prompt_group) -> None:
                    help="with --chat: system message (default: the template's own, if any)")
 
 
+def options(args) -> tuple[ModelSource, GenerateOptions]:
+    """Where the model comes from, and the request."""
+    source = ModelSource(args.model, mesh_spec(args), run_options(args), verify=args.verify,
+                         max_context=args.max_context)
+    prompt = PromptSpec(text=args.prompt, file=args.prompt_file, ids=args.prompt_ids,
+                        chat=args.chat, system=args.system, batch=args.batch)
+    request = GenerateOptions(prompt, args.max_new_tokens, sampling_options(args),
+                              StopOptions(tuple(args.stop), args.ignore_eos), args.kv_capacity)
+    return source, request
+
+
 def run(args, comm) -> int:
-    from ..generate import run as generate_command
-    return generate_command(args)
+    """Check everything, load the model, then one request (streamed) or a whole batch."""
+    from meshrt.mesh import MeshError
+
+    from ..generate import format_metrics, generate, load_model, result_record
+    from ..preflight import check_kv_capacity, prepare
+    from ..tokenizer import StreamDecoder
+    rank = 0 if comm is None else comm.Get_rank()
+    log = runtime.setup_logging(comm, name="llm")
+    source, request = options(args)
+    try:            # every value is checked before any weight is read
+        sampler = request.sampling.sampler()
+    except ValueError as e:
+        raise runtime.UsageError(str(e)) from None
+    if request.prompt.system is not None and request.prompt.chat is None:
+        raise runtime.UsageError("--system goes with --chat")
+    checked = prepare(source, request, comm)
+    tokenizer, ids, stop = checked.tokenizer, checked.ids, checked.stop
+    try:
+        model = load_model(source, comm)
+    except MeshError as e:
+        raise runtime.UsageError(str(e)) from None
+    if request.prompt.batch:
+        from ..batch import run_batch
+        from ..chat_template import ChatTemplate
+        return run_batch(BatchOptions(request.prompt.batch, args.out, args.strict), request,
+                         model, tokenizer, comm, log,
+                         lambda ids, gen: result_record(model, tokenizer, ids, gen),
+                         lambda: ChatTemplate.from_model_dir(source.path))
+    if request.prompt.chat is not None:
+        from ..chat import chat_prompt_ids
+        ids = chat_prompt_ids(source.path, tokenizer, request.prompt.chat, request.prompt.system)
+        if len(ids) + request.max_new_tokens > model.config.max_position_embeddings:
+            raise runtime.UsageError(
+                f"prompt ({len(ids)} tokens) + --max-new-tokens {request.max_new_tokens} exceeds "
+                f"the model context of {model.config.max_position_embeddings} tokens")
+    capacity = check_kv_capacity(model, len(ids), request.max_new_tokens, request.kv_capacity,
+                                 log)
+    dl, pl = model.layouts["decode"], model.layouts["prefill"]
+    log.info(f"model {model.config.name or model.config.family}: {model.config.num_layers} layers; "
+             f"prefill on {pl.py}x{pl.px}, decode on {dl}; {len(ids)} prompt tokens")
+    stream = rank == 0 and not args.no_stream and not args.json
+    streamer = StreamDecoder(tokenizer) if tokenizer is not None else None
+
+    def on_token(t):
+        if stream:       # without a tokenizer the ids themselves are the output
+            sys.stdout.write(streamer.push(t) if streamer else f"{t} ")
+            sys.stdout.flush()
+
+    try:
+        gen = generate(model, ids, request.max_new_tokens, sampler, stop, on_token, capacity)
+    except FloatingPointError as e:     # non-finite logits: the model or its weights are broken
+        raise runtime.UsageError(str(e)) from None
+    if stream:
+        sys.stdout.write((streamer.flush() if streamer else "") + "\n")
+    out = result_record(model, tokenizer, ids, gen)
+    for v in out["violations"] if rank == 0 else ():  # the same on every rank: say it once
+        log.warning(f"PLMR: {v}")   # the emulator ran it; a real wafer of this device could not
+    if rank == 0:
+        if args.json:
+            print(json.dumps(out))
+        elif not args.quiet:
+            print(format_metrics(out, model.decode_fabric.ledger.device.name), file=sys.stderr)
+    return 0
