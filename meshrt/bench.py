@@ -10,12 +10,10 @@ Two kinds of figures, never mixed up:
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,85 +26,41 @@ ALGOS = {"gemv": ("ktree", "pipeline", "ring"), "gemm": ("meshgemm", "cannon", "
 ALGO_ALIASES = {"meshgemv": "ktree"}
 
 
-def _count(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
-        return value
-    return check
+#: The virtual mesh of each benchmark when none is given.
+DEFAULT_MESH = {"fabric": "512x512", "gemv": "128x128", "gemm": "64x64"}
 
 
-def _sizes(text: str) -> str:
-    """argparse type: a comma-separated list of positive integers (kept as text)."""
-    parts = [p.strip() for p in text.split(",")]
-    bad = [p for p in parts if not p.isdigit() or int(p) <= 0]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a positive integer (give a "
-                                         "comma-separated list such as 60,120)")
-    return text
+@dataclass(frozen=True)
+class BenchSpec:
+    """How a kernel benchmark runs.
 
+    Attributes
+    ----------
+    repeat, warmup : int
+        Timed runs (median reported) and untimed runs first.
+    device : str
+        PLMR device of the modeled time: ``wse2``, ``wse3`` or ``NAME:field=value,...``.
+    algos : tuple of str
+        Algorithms to run, names of :data:`ALGOS` (empty: the benchmark's default).
+    size : int or None
+        Matrix size N (gemv ``[1,N]x[N,N]``, gemm ``NxNxN``; ``None``: 8192 / 4096).
+    tile : int
+        fabric: tile side per core.
+    groups, levels : int
+        K-tree first-level group count (``None``: about the square root of the line), levels.
+    check : bool
+        Compare with numpy and report the largest error.
+    """
 
-def check_args(args) -> None:
-    """Validate what argparse cannot see alone (``--algo`` per benchmark, ``--device``)
-    before any work; raises :class:`runtime.UsageError`. ``args.algo`` is normalised."""
-    kernel = args.kernel if args.what == "model" else args.what
-    if args.algo is not None:
-        if kernel not in ALGOS:
-            raise runtime.UsageError(f"--algo does not apply to bench {args.what}")
-        names = [a.strip().lower() for a in args.algo.split(",")]
-        if kernel == "gemv":
-            names = [ALGO_ALIASES.get(a, a) for a in names]
-        unknown = [a for a in names if a not in ALGOS[kernel]]
-        if unknown:
-            raise runtime.UsageError(f"--algo {unknown[0]!r}: {kernel} algorithms are "
-                                     f"{', '.join(ALGOS[kernel])}"
-                                     + (" (meshgemv = ktree)" if kernel == "gemv" else ""))
-        args.algo = ",".join(dict.fromkeys(names))
-    from .plmr import get_device
-    try:
-        get_device(args.device)
-    except ValueError as e:
-        raise runtime.UsageError(f"--device {args.device}: {e}") from None
-
-
-def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: emulator wall time and modeled wafer time",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=__doc__)
-    p.add_argument("what", choices=["fabric", "gemv", "gemm", "model", "calibrate"],
-                   help="fabric: shifts and allreduce vs raw MPI and numpy copies; gemv/gemm: a "
-                        "kernel vs numpy on the same matrices; model: modeled time vs mesh side "
-                        "(no emulation); calibrate: how the device constants were derived")
-    p.add_argument("--mesh", default=None, metavar="PYxPX",
-                   help="virtual mesh (default: 512x512 for fabric, 128x128 gemv, 64x64 gemm)")
-    p.add_argument("--ranks", default=None, metavar="RYxRX", help="rank grid (default: squarest)")
-    p.add_argument("--algo", default=None,
-                   help="gemv: ktree|pipeline|ring (default ktree; meshgemv = ktree); gemm: "
-                        "meshgemm|cannon|summa; comma-separated lists allowed")
-    p.add_argument("--size", type=_count(1), default=None,
-                   help="matrix size N (gemv: [1,N]x[N,N], gemm: NxNxN; default 8192 / 4096)")
-    p.add_argument("--tile", type=_count(1), default=16,
-                   help="fabric: tile side per core (default 16)")
-    p.add_argument("--groups", type=_count(1), default=None, help="K-tree first-level group count")
-    p.add_argument("--levels", type=_count(1), default=2, help="K-tree levels (default 2)")
-    p.add_argument("--device", default="wse2", help="device preset (wse2, wse3, or "
-                                                    "NAME:field=value,... overrides)")
-    p.add_argument("--sides", type=_sizes, default="60,120,180,240,360,480,600,720",
-                   help="model: mesh sides to sweep")
-    p.add_argument("--sizes", type=_sizes, default=None,
-                   help="model: matrix sizes (default gemm 2048,8192; gemv 2048,8192,16384,32768)")
-    p.add_argument("--kernel", choices=["gemm", "gemv"], default="gemv", help="model: which kernel")
-    p.add_argument("--check", action="store_true", help="compare with numpy, print the max error")
-    p.add_argument("--repeat", type=_count(1), default=5, help="timed runs (median reported)")
-    p.add_argument("--warmup", type=_count(0), default=1, help="untimed runs first")
-    p.add_argument("--json", metavar="FILE", default=None, help="write results as JSON ('-' = stdout)")
-    p.add_argument("--csv", metavar="FILE", default=None, help="write results as CSV")
-    p.add_argument("--plot", metavar="PNG", default=None, help="model: plot (needs matplotlib)")
+    repeat: int = 5
+    warmup: int = 1
+    device: str = "wse2"
+    algos: tuple = ()
+    size: int | None = None
+    tile: int = 16
+    groups: int | None = None
+    levels: int = 2
+    check: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,42 +85,18 @@ def _timed(fn, comm, repeat: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _layout(args, default_mesh: str, nranks: int):
-    from .__main__ import layout_from_args
-    if args.mesh is None:
-        args.mesh = default_mesh
-    return layout_from_args(args, nranks)
-
-
-def _emit(rows: list[dict], args, rank: int) -> None:
-    if rank != 0:
-        return
-    if args.json:
-        text = json.dumps(rows, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    if args.csv and rows:
-        keys = sorted({k for r in rows for k in r})
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-
-
 # ----------------------------------------------------------------------------------------------
 # fabric
 # ----------------------------------------------------------------------------------------------
 
-def bench_fabric(args, comm, log) -> list[dict]:
+def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
+    """Ring shifts and allreduces on the layout ``lay`` (a :class:`MeshLayout`) against a raw
+    ``Sendrecv`` loop and numpy copies of the same bytes."""
     from .collectives import allreduce
     from .fabric import Fabric
-    rank, size = runtime.rank_and_size(comm)
-    lay = _layout(args, "512x512", size)
+    rank, _ = runtime.rank_and_size(comm)
     fab = Fabric(comm, lay)
-    t = args.tile
+    t = spec.tile
     block = np.random.default_rng(rank).standard_normal((lay.by, lay.bx, t, t)).astype(np.float32)
     mb = block.nbytes / 2**20
     log.info(f"fabric bench: {lay}, tile {t}x{t} f32, {mb:.1f} MiB per rank")
@@ -189,9 +119,9 @@ def bench_fabric(args, comm, log) -> list[dict]:
         return go
 
     for axis, name in ((1, "x"), (0, "y")):
-        t_ring = _timed(lambda: fab.ring_shift(block, axis), comm, args.repeat, args.warmup)
-        t_raw = _timed(raw(axis), comm, args.repeat, args.warmup)
-        t_copy = _timed(lambda: block.copy(), comm, args.repeat, args.warmup)
+        t_ring = _timed(lambda: fab.ring_shift(block, axis), comm, spec.repeat, spec.warmup)
+        t_raw = _timed(raw(axis), comm, spec.repeat, spec.warmup)
+        t_copy = _timed(lambda: block.copy(), comm, spec.repeat, spec.warmup)
         rows.append({"bench": f"ring_shift_{name}", "mesh": f"{lay.py}x{lay.px}",
                      "ranks": f"{lay.ry}x{lay.rx}", "tile": t, "block_mib": mb,
                      "seconds": t_ring, "raw_sendrecv_plus_copy_s": t_raw, "numpy_copy_s": t_copy,
@@ -200,12 +130,12 @@ def bench_fabric(args, comm, log) -> list[dict]:
     vec = block.reshape(lay.by, lay.bx, -1)[..., :t]
     for algo in ("ktree", "pipeline"):
         fab.ledger.reset()
-        spec = (AllreduceSpec(algo, args.groups, args.levels) if algo == "ktree"
-                else AllreduceSpec(algo))
-        t_ar = _timed(lambda: allreduce(fab, vec, 0, spec=spec), comm, args.repeat, args.warmup)
+        ar = (AllreduceSpec(algo, spec.groups, spec.levels) if algo == "ktree"
+              else AllreduceSpec(algo))
+        t_ar = _timed(lambda: allreduce(fab, vec, 0, spec=ar), comm, spec.repeat, spec.warmup)
         t_sum = _timed(lambda: np.broadcast_to(vec.sum(0, keepdims=True), vec.shape).copy(),
-                       comm, args.repeat, args.warmup)
-        per_call = fab.ledger.seconds / (args.repeat + args.warmup)
+                       comm, spec.repeat, spec.warmup)
+        per_call = fab.ledger.seconds / (spec.repeat + spec.warmup)
         rows.append({"bench": f"allreduce_{algo}_y", "mesh": f"{lay.py}x{lay.px}",
                      "ranks": f"{lay.ry}x{lay.rx}", "vector": t, "seconds": t_ar,
                      "numpy_local_sum_s": t_sum, "ratio_vs_local_sum": t_ar / t_sum,
@@ -217,34 +147,34 @@ def bench_fabric(args, comm, log) -> list[dict]:
 # kernels
 # ----------------------------------------------------------------------------------------------
 
-def bench_gemv(args, comm, log) -> list[dict]:
+def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
+    """MeshGEMV ``[1,N]x[N,N]`` per algorithm on ``lay`` against a numpy product."""
     from . import darray
     from .fabric import Fabric
     from .ops import gemv as G
     from .plmr import Ledger, get_device
-    rank, size = runtime.rank_and_size(comm)
-    lay = _layout(args, "128x128", size)
-    n = args.size or 8192
+    rank, _ = runtime.rank_and_size(comm)
+    n = spec.size or 8192
     mesh = (lay.py, lay.px)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((n, n), dtype=np.float32)
     x = rng.standard_normal(n, dtype=np.float32)
-    t_np = _timed(lambda: x @ w, None, args.repeat, args.warmup)
+    t_np = _timed(lambda: x @ w, None, spec.repeat, spec.warmup)
     rows = []
-    for algo in (args.algo or "ktree").split(","):
-        fab = Fabric(comm, lay, ledger=Ledger(get_device(args.device)))
+    for algo in spec.algos or ("ktree",):
+        fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)))
         wb = darray.local_block(fab, G.weight_tiles(w, mesh, "y"))
         xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
         log.info(f"gemv {algo}: [1,{n}]x[{n},{n}] on {lay}")
-        spec = AllreduceSpec(algo, args.groups, args.levels)
-        t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", spec), comm, args.repeat, args.warmup)
-        est = G.estimate_meshgemv(n, n, mesh, get_device(args.device), spec=spec)
+        ar = AllreduceSpec(algo, spec.groups, spec.levels)
+        t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", ar), comm, spec.repeat, spec.warmup)
+        est = G.estimate_meshgemv(n, n, mesh, get_device(spec.device), spec=ar)
         row = {"bench": "gemv", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
                "ranks": f"{lay.ry}x{lay.rx}", "seconds": t, "numpy_s": t_np,
                "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
                "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
-        if args.check:
-            yb = G.meshgemv(fab, xb, wb, "y", spec)
+        if spec.check:
+            yb = G.meshgemv(fab, xb, wb, "y", ar)
             tiles = darray.gather(fab, yb)
             if rank == 0:
                 row["max_abs_err"] = float(np.abs(G.vector_from_tiles(tiles, n, "x") - x @ w).max())
@@ -252,36 +182,36 @@ def bench_gemv(args, comm, log) -> list[dict]:
     return rows
 
 
-def bench_gemm(args, comm, log) -> list[dict]:
+def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
+    """MeshGEMM, Cannon or SUMMA ``NxNxN`` on ``lay`` against a numpy product."""
     from . import darray
     from .fabric import Fabric
     from .ops import gemm as M
     from .ops.estimate import ESTIMATORS
     from .plmr import Ledger, get_device
-    rank, size = runtime.rank_and_size(comm)
-    lay = _layout(args, "64x64", size)
+    rank, _ = runtime.rank_and_size(comm)
     mesh = (lay.py, lay.px)
-    n = args.size or 4096
+    n = spec.size or 4096
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    t_np = _timed(lambda: a @ b, None, args.repeat, args.warmup)
+    t_np = _timed(lambda: a @ b, None, spec.repeat, spec.warmup)
     kernels = {"meshgemm": M.meshgemm, "cannon": M.cannon, "summa": M.summa}
     rows = []
-    for algo in (args.algo or "meshgemm").split(","):
+    for algo in spec.algos or ("meshgemm",):
         if algo not in kernels:
-            raise runtime.UsageError(f"--algo {algo!r}: choose from {', '.join(kernels)}")
-        fab = Fabric(comm, lay, ledger=Ledger(get_device(args.device)))
+            raise ValueError(f"gemm algorithm {algo!r}: choose from {', '.join(kernels)}")
+        fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)))
         log.info(f"gemm {algo}: {n}^3 on {lay}")
         ab = darray.local_block(fab, M.prepare_a(a, mesh))
         bb = darray.local_block(fab, M.prepare_b(b, mesh, algo))
-        t = _timed(lambda: kernels[algo](fab, ab, bb), comm, args.repeat, args.warmup)
-        est = ESTIMATORS[algo](n, n, n, mesh, get_device(args.device))
+        t = _timed(lambda: kernels[algo](fab, ab, bb), comm, spec.repeat, spec.warmup)
+        est = ESTIMATORS[algo](n, n, n, mesh, get_device(spec.device))
         row = {"bench": "gemm", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
                "ranks": f"{lay.ry}x{lay.rx}", "seconds": t, "numpy_s": t_np,
                "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
                "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
-        if args.check:
+        if spec.check:
             c = darray.gather_matrix(fab, kernels[algo](fab, ab, bb), (n, n))
             if rank == 0:
                 row["max_abs_err"] = float(np.abs(c - a @ b).max())
@@ -343,41 +273,19 @@ def plot_rows(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
-def bench_model(args, comm, log) -> list[dict]:
+def bench_model(kernel: str, sides, sizes, spec: BenchSpec, plot: str | None = None,
+                comm=None) -> list[dict]:
+    """Modeled time against mesh side (no emulation); ``sizes`` empty: the kernel's defaults;
+    ``plot``: a PNG path, drawn on rank 0."""
     from .plmr import get_device
-    device = get_device(args.device)
-    sides = [int(s) for s in args.sides.split(",")]
-    if args.kernel == "gemv":
-        sizes = [int(s) for s in (args.sizes or "2048,8192,16384,32768").split(",")]
-        algos = (args.algo or "ktree,pipeline,ring").split(",")
+    device = get_device(spec.device)
+    if kernel == "gemv":
+        sizes = list(sizes or (2048, 8192, 16384, 32768))
+        algos = list(spec.algos or ALGOS["gemv"])
     else:
-        sizes = [int(s) for s in (args.sizes or "2048,8192").split(",")]
-        algos = (args.algo or "meshgemm,cannon,summa").split(",")
-    rows = model_rows(args.kernel, sides, sizes, algos, device, args.levels)
-    if args.plot and runtime.rank_and_size(comm)[0] == 0:
-        plot_rows(rows, args.plot, f"{args.kernel.upper()} on {device.name}")
+        sizes = list(sizes or (2048, 8192))
+        algos = list(spec.algos or ALGOS["gemm"])
+    rows = model_rows(kernel, list(sides), sizes, algos, device, spec.levels)
+    if plot and runtime.rank_and_size(comm)[0] == 0:
+        plot_rows(rows, plot, f"{kernel.upper()} on {device.name}")
     return rows
-
-
-def run_bench(args) -> int:
-    check_args(args)
-    comm = runtime.world()
-    rank, _ = runtime.rank_and_size(comm)
-    log = runtime.setup_logging(comm)
-    if args.what == "calibrate":
-        from .calibrate import report
-        from .plmr import get_device
-        if rank == 0:
-            print(report(get_device(args.device)))
-            print("  (the full fit, with the decode and KV-capacity points: "
-                  "python -m llm estimate --calibration)")
-        return 0
-    fn = {"fabric": bench_fabric, "gemv": bench_gemv, "gemm": bench_gemm,
-          "model": bench_model}[args.what]
-    rows = fn(args, comm, log)
-    if rank == 0:
-        for r in rows:
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in r.items() if v is not None))
-    _emit(rows, args, rank)
-    return 0
