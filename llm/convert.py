@@ -7,7 +7,7 @@ time, from the lazy source) and keeps only the blocks of the rank files it write
 may also run on fewer processes than the rank grid it converts for (e.g. one process on a login
 node for a 64-rank job): rank file ``k`` is written by process ``k % nprocs``.
 
-Each phase's weight placement is a producer in :data:`llm.mesh_weights.PHASE_TILES`,
+Each phase's weight placement is a producer in :data:`llm.phase_weights.PHASE_TILES`,
 ``producer(PhaseLayout, weights) -> iterator of (name, global tiles [Py, Px, ...])``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from meshrt.mesh import MeshError, MeshLayout, default_rank_grid
 from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from .config import ConfigError, ModelConfig, preset
 from .layout import LAYOUT_VERSION, PhaseLayout
-from .mesh_weights import PHASE_TILES
+from .phase_weights import PHASE_TILES
 from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
 from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
                      grid_text, raise_if_any, rank_coords)

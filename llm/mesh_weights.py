@@ -18,7 +18,6 @@ from meshrt.ops.gemv import vector_tiles
 
 from .layout import PhaseLayout
 from .placement import Const, Matrix, Part, Vector, feature_index, place
-from .prefill_weights import prefill_specs, prefill_tiles
 
 
 def lm_head_name(config) -> str:
@@ -167,9 +166,3 @@ def decode_tiles(lay: PhaseLayout, w: Mapping):
     """
     for name, spec in decode_specs(lay).items():
         yield name, place(spec, w, (lay.py, lay.px))
-
-
-#: phase -> tile producer ``f(PhaseLayout, hf_weights)`` yielding ``(name, global tiles)``.
-PHASE_TILES = {"decode": decode_tiles, "prefill": prefill_tiles}
-#: phase -> spec table ``f(PhaseLayout) -> {name: spec}``.
-PHASE_SPECS = {"decode": decode_specs, "prefill": prefill_specs}

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .decode import MeshDecoder
 from .kvcache import KVCache
 from .layout import PhaseLayout
-from .mesh_weights import PHASE_SPECS
+from .phase_weights import PHASE_SPECS
 
 
 def split_layers(blocks: Mapping, layers: int) -> tuple[list, dict]:

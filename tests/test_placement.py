@@ -10,7 +10,7 @@ from llm.checkpoint import Checkpoint, RandomWeights, load_checkpoint, random_we
     save_model_dir
 from llm.config import preset
 from llm.layout import PhaseLayout
-from llm.mesh_weights import PHASE_SPECS
+from llm.phase_weights import PHASE_SPECS
 from llm.model import MeshModel
 from llm.placement import LazyBlock, RowTable, place, tile_shape
 from meshrt import darray
