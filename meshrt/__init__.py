@@ -11,10 +11,15 @@ Layers (imports point down only)::
     runtime      the control plane (ControlPlane: rank, broadcasts, agreement on errors),
                  MPI start-up, rank-0 logging
 """
-from .mesh import MeshError, MeshLayout  # noqa: F401
-from .plmr import PRESETS, Device, Ledger, get_device  # noqa: F401
-from .runtime import Comm, ControlPlane  # noqa: F401
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+from .mesh import MeshError, MeshLayout
+from .plmr import PRESETS, Device, Ledger, get_device
+from .runtime import Comm, ControlPlane
+
+try:  # The version is written once, in pyproject.toml; an installed package carries it.
+    __version__ = version("waferllm-mpi")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 __all__ = ["MeshError", "MeshLayout", "PRESETS", "Device", "Ledger", "get_device",
-           "ControlPlane", "Comm"]
+           "ControlPlane", "Comm", "__version__"]
