@@ -92,7 +92,7 @@ class ChatTemplate:
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
 
     @classmethod
-    def from_model_dir(cls, model_dir) -> "ChatTemplate":
+    def from_model_dir(cls, model_dir) -> ChatTemplate:
         """The template of a model directory or shard set (its ``tokenizer_config.json``)."""
         path = Path(model_dir) / CONFIG_NAME
         if not path.is_file():

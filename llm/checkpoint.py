@@ -277,7 +277,7 @@ def load_checkpoint(model_dir, lazy: bool = False, max_context: int | None = Non
     return config, (ckpt if lazy else {name: ckpt[name] for name in ckpt})
 
 
-def storage_dtype(ckpt: "Checkpoint") -> str:
+def storage_dtype(ckpt: Checkpoint) -> str:
     """How to hold a checkpoint's weights in memory without changing a value: ``"bfloat16"`` or
     ``"float16"`` when every matrix is stored so, else ``"float32"``."""
     kinds = {ckpt.dtype(name) for name in ckpt if len(ckpt.shape(name)) == 2}

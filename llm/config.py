@@ -225,7 +225,7 @@ class ModelConfig:
             total += n
         return total
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -238,7 +238,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         """Rebuild a config written by :meth:`to_dict`; unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -247,7 +247,7 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf_dict(cls, d: dict, max_context: int | None = None, name: str = "") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict, max_context: int | None = None, name: str = "") -> ModelConfig:
         """Map an HF ``config.json`` dict (transformers 4 or 5 layout) onto a config.
 
         Parameters
@@ -322,7 +322,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json(cls, path, max_context: int | None = None) -> "ModelConfig":
+    def from_json(cls, path, max_context: int | None = None) -> ModelConfig:
         """Read an HF ``config.json`` (or a model directory holding one)."""
         path = Path(path)
         if path.is_dir():

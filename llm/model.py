@@ -51,7 +51,8 @@ def mesh_layouts(nranks: int, decode_mesh, prefill_mesh=None, ranks=None) -> dic
     if ranks[0] * ranks[1] != nranks:
         raise MeshError(f"rank grid {ranks[0]}x{ranks[1]} needs {ranks[0] * ranks[1]} ranks but "
                         f"{nranks} are running")
-    return {"decode": MeshLayout(*decode_mesh, *ranks), "prefill": MeshLayout(*prefill_mesh, *ranks)}
+    return {"decode": MeshLayout(*decode_mesh, *ranks),
+            "prefill": MeshLayout(*prefill_mesh, *ranks)}
 
 
 def _bar(total: int, desc: str, show: bool):

@@ -283,7 +283,9 @@ def format_plan(p: dict) -> str:
             lines.append(f"wafer placement, {ph}: {r['stages']} stage(s) of {r['mesh'][0]}x"
                          f"{r['mesh'][1]} ({r['layers_per_stage']} layers), "
                          f"{r['wafers']} wafer(s), {r['method']}")
-        lines.append(f"  prefill and decode {'coexist' if w['coexist'] else 'do not coexist: weights re-placed at the switch'}; "
+        together = ("coexist" if w["coexist"]
+                    else "do not coexist: weights re-placed at the switch")
+        lines.append(f"  prefill and decode {together}; "
                      f"KV capacity with all free memory: {w['kv_capacity']['shift']} tokens "
                      f"(shift), {w['kv_capacity']['concat']} (concat)")
     s = p["smallest_square"]

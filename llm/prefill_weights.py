@@ -52,8 +52,7 @@ def prefill_specs(lay: PhaseLayout) -> dict:
         layer{i}/down     [Py, Px, F/Py, H/Px]           pre-skewed
         biases [Py, Px, n/Px] (per core like their projection's columns) when present
     """
-    from .mesh_weights import (embedding_part, kv_head_tiles, layer_tensors, lm_head_part,
-                               rope_tiles)
+    from .mesh_weights import embedding_part, kv_head_tiles, layer_tensors, lm_head_part, rope_tiles
     from .placement import feature_index
     c = lay.config
     specs = {"embed": Matrix((embedding_part(lay),), "gemv_y"),

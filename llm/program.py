@@ -227,7 +227,7 @@ def decode_head(lay: PhaseLayout) -> list:
 def decode_layer(lay: PhaseLayout) -> list:
     """One decoder block on the Y-vector ``x`` (see :mod:`llm.decode` for the layouts)."""
     s = _decode_sizes(lay)
-    g, tk, tq, nq = s["g"], s["tk"], s["tq"], s["g"] * s["nkv"]
+    tk, tq, nq = s["tk"], s["tq"], s["g"] * s["nkv"]
     return [
         Op("norm", "attn_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
            weight="attn_norm"),
@@ -295,7 +295,8 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
     return [
         Op("norm", "attn_norm", ("x",), ("h",), axis=X, dims=norm, weight="attn_norm"),
         _gemm("qkv", "h", "qkv", tp, s["hidden"], s["q"] + 2 * s["kv"]),
-        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]}),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"),
+           dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]}),
         Op("grouped_scores", "scores", ("q", "k"), ("s",),
            dims={"m": g * tp, "n": tp, "d": s["kv"], "groups": nkv}),
         Op("softmax", "softmax", ("s",), ("p",), axis=X,

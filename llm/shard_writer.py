@@ -18,9 +18,9 @@ import numpy as np
 
 from meshrt.mesh import MeshLayout
 
-from .shards import (encode_storage, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORAGE_DTYPES, ShardError,
-                     comm_rank, file_sha256, grid_text, raise_if_any, rank_file_name,
-                     root_bcast)
+from .shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORAGE_DTYPES, ShardError,
+                     comm_rank, encode_storage, file_sha256, grid_text, raise_if_any,
+                     rank_file_name, root_bcast)
 
 
 class ShardWriter:
@@ -42,7 +42,6 @@ class ShardWriter:
     """
 
     def __init__(self, directory, grid: tuple[int, int], coords: list, dtype: str):
-        import h5py
         if dtype not in STORAGE_DTYPES:
             raise ShardError(f"storage dtype {dtype!r} is not supported; use one of "
                              f"{', '.join(STORAGE_DTYPES)}")

@@ -18,7 +18,7 @@ which also uses a decode throughput and a KV capacity, lives in :mod:`llm.calibr
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

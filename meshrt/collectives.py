@@ -127,7 +127,7 @@ def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None =
     out = []
     for segs in ktree_plan(n_cores, levels, groups):
         hops = routings = 0
-        for lo, hi, root, mem in segs:
+        for _lo, _hi, root, mem in segs:
             i = mem.index(root)
             below, above = mem[:i], mem[i + 1:]
             hops = max(hops, root - mem[0], mem[-1] - root)

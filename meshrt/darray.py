@@ -63,7 +63,8 @@ def gather(fabric: Fabric, block: np.ndarray, root: int = 0, to_all: bool = Fals
     if fabric.nranks == 1:
         return block.copy()
     comm = fabric.world
-    recv = np.empty((lay.ry, lay.rx) + block.shape, block.dtype) if (to_all or comm.Get_rank() == root) else None
+    receives = to_all or comm.Get_rank() == root
+    recv = np.empty((lay.ry, lay.rx) + block.shape, block.dtype) if receives else None
     if to_all:
         comm.Allgather(block, recv)
     else:

@@ -124,7 +124,8 @@ class Fabric:
             self.trace.append(TraceRecord(op, int(peer), int(nbytes), sent))
 
     def send(self, array: np.ndarray, axis: int, side: int, op: str = "send") -> None:
-        """Blocking send of ``array`` to the neighbour on ``side`` of ``axis`` (no-op at an edge)."""
+        """Blocking send of ``array`` to the neighbour on ``side`` of ``axis`` (no-op at an
+        edge)."""
         peer = self.peer(axis, side)
         if peer is None:
             return

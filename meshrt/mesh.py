@@ -108,13 +108,14 @@ class MeshLayout:
                             + "; ".join(bad))
 
     @classmethod
-    def parse(cls, mesh: str, ranks: str | None = None, nranks: int | None = None) -> "MeshLayout":
+    def parse(cls, mesh: str, ranks: str | None = None, nranks: int | None = None) -> MeshLayout:
         """Build from ``"PYxPX"`` and either ``"RYxRX"`` or a rank count (then pick a grid)."""
         py, px = parse_grid(mesh, "virtual mesh")
         if ranks is not None:
             ry, rx = parse_grid(ranks, "rank grid")
             if nranks is not None and ry * rx != nranks:
-                raise MeshError(f"rank grid {ry}x{rx} needs {ry * rx} ranks but {nranks} are running")
+                raise MeshError(f"rank grid {ry}x{rx} needs {ry * rx} ranks but {nranks} "
+                                "are running")
         else:
             ry, rx = default_rank_grid(nranks or 1, py, px)
         return cls(py, px, ry, rx)
@@ -154,7 +155,8 @@ class MeshLayout:
         return py // self.by, px // self.bx
 
     def __str__(self) -> str:
-        return f"{self.py}x{self.px} cores on {self.ry}x{self.rx} ranks ({self.by}x{self.bx} per rank)"
+        return (f"{self.py}x{self.px} cores on {self.ry}x{self.rx} ranks "
+                f"({self.by}x{self.bx} per rank)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +168,8 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def padded(n: int, parts: int, multiple: int = 1) -> int:
-    """Smallest length ``>= n`` that splits into ``parts`` equal segments, each a multiple of ``multiple``."""
+    """Smallest length ``>= n`` that splits into ``parts`` equal segments, each a multiple of
+    ``multiple``."""
     step = parts * multiple
     return ceil_div(n, step) * step
 

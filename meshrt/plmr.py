@@ -103,7 +103,7 @@ class Device:
     reserved_bytes: float = 0.0
     note: str = ""
 
-    def with_(self, **changes) -> "Device":
+    def with_(self, **changes) -> Device:
         """A copy with some fields changed (e.g. ``wse2.with_(mem_per_core=96 * 1024)``)."""
         return dataclasses.replace(self, **changes)
 
@@ -220,19 +220,19 @@ class Cost:
         return (self.macs, self.words, self.hops, self.routings, self.overlap, self.routes,
                 self.vectors, self.tasks)
 
-    def __mul__(self, k: int) -> "Cost":
+    def __mul__(self, k: int) -> Cost:
         return dataclasses.replace(self, count=self.count * int(k))
 
     __rmul__ = __mul__
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         if not isinstance(other, Cost):
             return NotImplemented
         if self.step() != other.step():
             raise ValueError(f"cannot add costs of different steps: {self} + {other}")
         return dataclasses.replace(self, count=self.count + other.count)
 
-    def with_(self, **changes) -> "Cost":
+    def with_(self, **changes) -> Cost:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -365,7 +365,8 @@ class Ledger:
             self.max_routes, self.max_routes_op = paths_per_core, self._name(op)
 
     def io(self, nbytes: float, edge_links: int = 1) -> None:
-        """Host <-> wafer transfer of ``nbytes`` through ``edge_links`` edge links (not mesh time)."""
+        """Host <-> wafer transfer of ``nbytes`` through ``edge_links`` edge links (not mesh
+        time)."""
         self.io_bytes += nbytes
         self.io_cycles += nbytes / (self.device.link_bytes_per_cycle * max(1, edge_links))
 
@@ -399,7 +400,8 @@ class Ledger:
         out = []
         d = self.device
         if self.peak_memory > d.mem_per_core:
-            out.append(f"memory: {self.peak_memory / 1024:.1f} KiB per core in {self.peak_memory_op} "
+            out.append(f"memory: {self.peak_memory / 1024:.1f} KiB per core in "
+                       f"{self.peak_memory_op} "
                        f"exceeds {d.mem_per_core / 1024:.0f} KiB on {d.name}")
         if self.max_routes > d.routing_paths:
             out.append(f"routing: {self.max_routes} paths per core in {self.max_routes_op} exceed "
@@ -437,8 +439,10 @@ class Ledger:
         t = self.totals()
         lines.append(f"{'total':40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
                      f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}")
-        lines.append(f"modeled time on {self.device.name}: {self.device.seconds(t.cycles) * 1e3:.4f} ms; "
-                     f"peak memory {self.peak_memory / 1024:.2f} KiB/core; routes {self.max_routes}/core")
+        lines.append(f"modeled time on {self.device.name}: "
+                     f"{self.device.seconds(t.cycles) * 1e3:.4f} ms; "
+                     f"peak memory {self.peak_memory / 1024:.2f} KiB/core; "
+                     f"routes {self.max_routes}/core")
         for v in self.violations():
             lines.append("VIOLATION " + v)
         return "\n".join(lines)

@@ -58,7 +58,8 @@ def rebalance(fab: Fabric, data: np.ndarray, axis: int, item_axis: int, src_boun
     if len(src) != nr + 1 or len(dst) != nr + 1 or src[-1] != dst[-1] or src[0] != dst[0]:
         raise ValueError(f"bounds must have {nr + 1} entries with equal ends: {src}, {dst}")
     if data.shape[item_axis] != src[r + 1] - src[r]:
-        raise ValueError(f"rank holds {data.shape[item_axis]} items, bounds say {src[r + 1] - src[r]}")
+        raise ValueError(f"rank holds {data.shape[item_axis]} items, "
+                         f"bounds say {src[r + 1] - src[r]}")
     held, lo = data, int(src[r])
 
     def shape_of(count):
@@ -167,7 +168,7 @@ def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, ds
         side = HI if upward else LO
         cut_in, cut_out = (lo, hi) if upward else (hi, lo)
 
-        def crossing(cut):
+        def crossing(cut, upward=upward):
             if upward:
                 return np.flatnonzero((src_core < cut) & (dst_core >= cut))
             return np.flatnonzero((src_core >= cut) & (dst_core < cut))

@@ -37,7 +37,7 @@ def pytest_runtest_makereport(item, call):
     if rep.failed and call.when in ("setup", "call"):
         comm = _world_size()
         if comm is not None and comm.Get_size() > 1:
-            sys.stderr.write(f"\nrank {comm.Get_rank()}: {item.nodeid} failed:\n{rep.longreprtext}\n"
-                             "aborting the MPI job\n")
+            sys.stderr.write(f"\nrank {comm.Get_rank()}: {item.nodeid} failed:\n"
+                             f"{rep.longreprtext}\naborting the MPI job\n")
             sys.stderr.flush()
             comm.Abort(1)

@@ -37,7 +37,8 @@ def core_ids(fab: Fabric, extra=()) -> np.ndarray:
     ys = fab.index(0)[:, None]
     xs = fab.index(1)[None, :]
     ids = (ys * fab.layout.px + xs).astype(np.float64)
-    return np.broadcast_to(ids.reshape(ids.shape + (1,) * len(extra)), ids.shape + tuple(extra)).copy()
+    shape = ids.shape + tuple(extra)
+    return np.broadcast_to(ids.reshape(ids.shape + (1,) * len(extra)), shape).copy()
 
 
 def assert_neighbour_only(fab: Fabric) -> None:

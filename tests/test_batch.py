@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_cli import ENV, MPIEXEC, ROOT, needs_mpiexec
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-llama-gqa")

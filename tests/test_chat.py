@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from gguf_fixture import tiny_config, write_tiny_gguf
+from test_cli import ENV, MPIEXEC, ROOT, needs_mpiexec
 
-from gguf_fixture import write_tiny_gguf, tiny_config
 from llm.convert import convert
 from llm.reference import ReferenceModel
-from test_cli import ENV, MPIEXEC, ROOT, needs_mpiexec
 
 pytest.importorskip("gguf")
 pytest.importorskip("jinja2")
@@ -47,7 +47,7 @@ def test_scripted_session_reuses_the_cache(chat_model):
     turns = [json.loads(line) for line in p.stdout.splitlines()]
     assert [t["turn"] for t in turns] == [1, 2]
     ref = ReferenceModel(tiny_config(), stored)
-    history = []
+    history, history_tail = [], None
     for t in turns:
         assert not t["reprefilled"]
         assert t["cached"] == len(history)

@@ -1,10 +1,10 @@
 """Collectives along x and y: rank-encoded data, closed-form answers, ledger and trace checks."""
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, core_ids, fabric, layouts, world
 
 from meshrt import collectives as C
 from meshrt.mesh import MeshLayout
-from meshtest import assert_neighbour_only, core_ids, fabric, layouts, world
 
 pytestmark = pytest.mark.mpi
 

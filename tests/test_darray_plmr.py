@@ -1,10 +1,10 @@
 """Host scatter/gather of tiled matrices, and the PLMR device/ledger bookkeeping."""
 import numpy as np
 import pytest
+from meshtest import fabric, layouts, world
 
 from meshrt import darray
 from meshrt.plmr import PRESETS, WSE2, Cost, Device, Ledger, get_device, register_device
-from meshtest import fabric, layouts, world
 
 
 @pytest.mark.mpi

@@ -2,12 +2,12 @@
 import os
 
 import pytest
+from meshtest import rank_grids, world
 
 from llm.checkpoint import load_checkpoint
 from llm.config import preset
 from llm.estimate import decode_token, decode_weight_words, kv_capacity
 from llm.model import MeshModel
-from meshtest import rank_grids, world
 
 pytestmark = pytest.mark.mpi
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

@@ -1,9 +1,9 @@
 """Fabric exchanges with rank-encoded data and closed-form answers, on any number of ranks."""
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, core_ids, fabric, layouts, world
 
 from meshrt.mesh import ring_next, ring_prev
-from meshtest import assert_neighbour_only, core_ids, fabric, layouts, world
 
 pytestmark = pytest.mark.mpi
 

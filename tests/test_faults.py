@@ -11,8 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from faultcase import FIXTURES, assert_one_error, changed, run, snapshot
+
 from llm.convert import convert
 from llm.shards import MANIFEST_NAME, file_sha256, rank_file_name, read_manifest
 
@@ -230,6 +230,7 @@ def test_killed_convert_is_cleaned_up_by_the_next(tmp_path):
     import subprocess
     import sys
     import time
+
     from faultcase import ENV, ROOT
     out = tmp_path / "out"
     job = subprocess.Popen([sys.executable, "-m", "llm", "convert", "random:llama-100m",

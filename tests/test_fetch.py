@@ -10,9 +10,9 @@ import sys
 import zipfile
 
 import pytest
+from test_cli import ENV, ROOT
 
 from llm import fetch as F
-from test_cli import ENV, ROOT
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 

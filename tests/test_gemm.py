@@ -1,6 +1,7 @@
 """GEMM kernels (MeshGEMM, Cannon, SUMMA, dist-GEMM-T) against numpy, on any number of ranks."""
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, core_ids, fabric, layouts, rank_grids, world
 
 from meshrt import darray
 from meshrt.fabric import Fabric
@@ -9,7 +10,6 @@ from meshrt.ops import estimate as E
 from meshrt.ops import gemm as G
 from meshrt.ops import gemm_t as GT
 from meshrt.ops._lines import line_of, permute_line, ring_dest, shift_lines_back
-from meshtest import assert_neighbour_only, core_ids, fabric, layouts, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 

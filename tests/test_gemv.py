@@ -1,12 +1,12 @@
 """MeshGEMV and its allreduce baselines against numpy, on any number of ranks."""
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, fabric, layouts, world
 
 from meshrt import darray
 from meshrt.collectives import AllreduceSpec
 from meshrt.mesh import MeshLayout
 from meshrt.ops import gemv as G
-from meshtest import assert_neighbour_only, fabric, layouts, world
 
 pytestmark = pytest.mark.mpi
 

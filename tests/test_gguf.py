@@ -9,16 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+from gguf_fixture import CHAT_TEMPLATE, byte_alphabet, tiny_config, vocabulary, write_tiny_gguf
+from test_cli import ENV, ROOT
 
-from gguf_fixture import (CHAT_TEMPLATE, byte_alphabet, tiny_config, vocabulary,
-                          write_tiny_gguf)
 from llm.convert import convert
 from llm.generate import generate
 from llm.gguf_source import GGUFError, load_gguf, permute_rows, unpermute_rows
 from llm.gguf_tokenizer import tokenizer_files
 from llm.model import MeshModel
 from llm.reference import ReferenceModel
-from test_cli import ENV, ROOT
 
 pytest.importorskip("gguf")
 

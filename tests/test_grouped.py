@@ -1,11 +1,11 @@
 """Grouped dist-GEMM-T and grouped MeshGEMM against numpy, on any number of ranks."""
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, fabric, layouts, rank_grids, world
 
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout
 from meshrt.ops import grouped as GR
-from meshtest import assert_neighbour_only, fabric, layouts, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 

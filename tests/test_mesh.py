@@ -2,9 +2,21 @@
 import numpy as np
 import pytest
 
-from meshrt.mesh import (MeshError, MeshLayout, default_rank_grid, from_tiles, pad_to, padded,
-                         parse_grid, ring_next, ring_order, ring_pos, ring_prev, skew_index,
-                         to_tiles)
+from meshrt.mesh import (
+    MeshError,
+    MeshLayout,
+    default_rank_grid,
+    from_tiles,
+    pad_to,
+    padded,
+    parse_grid,
+    ring_next,
+    ring_order,
+    ring_pos,
+    ring_prev,
+    skew_index,
+    to_tiles,
+)
 
 
 def test_parse_grid():

@@ -8,11 +8,11 @@ import os
 
 import numpy as np
 import pytest
+from meshtest import greedy_steps, rank_grids, world
 
 from llm.checkpoint import load_checkpoint
 from llm.model import MeshModel
 from meshrt.collectives import AllreduceSpec
-from meshtest import greedy_steps, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 

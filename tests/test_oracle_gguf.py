@@ -22,7 +22,6 @@ Compared, for several chat prompts rendered by the model's own template:
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

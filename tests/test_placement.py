@@ -5,9 +5,15 @@ import os
 
 import numpy as np
 import pytest
+from meshtest import fabric, layouts, world
 
-from llm.checkpoint import Checkpoint, RandomWeights, load_checkpoint, random_weights, \
-    save_model_dir
+from llm.checkpoint import (
+    Checkpoint,
+    RandomWeights,
+    load_checkpoint,
+    random_weights,
+    save_model_dir,
+)
 from llm.config import preset
 from llm.layout import PhaseLayout
 from llm.phase_weights import PHASE_SPECS
@@ -18,7 +24,6 @@ from meshrt.mesh import lcm
 from meshrt.ops import gemv as V
 from meshrt.ops.gemm import meshgemm, prepare_a, prepare_b, prepare_b_region
 from meshrt.precision import round_to_bf16, to_words, widen
-from meshtest import fabric, layouts, world
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RECTS = [(0, 0, None), (1, 1, None)]   # whole mesh; the cores off the first row and column

@@ -146,6 +146,7 @@ def test_request_figures_are_consistent():
 
 def test_decode_step_cost_is_affine_in_the_layers():
     import dataclasses
+
     from llm.estimate import decode_token
     from llm.predict import decode_step_cycles
     c = dataclasses.replace(preset("llama3-8b"), num_layers=5)

@@ -9,13 +9,13 @@ import os
 
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, greedy_steps, rank_grids, world
 
 from llm import estimate as E
 from llm.checkpoint import load_checkpoint
 from llm.config import preset
 from llm.kvcache import ContextFullError
 from llm.model import MeshModel
-from meshtest import assert_neighbour_only, greedy_steps, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 

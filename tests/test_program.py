@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from meshtest import rank_grids, world
 
 from llm import estimate as E
 from llm import program as P
@@ -18,7 +19,6 @@ from llm.handoff import Handoff
 from llm.layout import PhaseLayout
 from llm.model import MeshModel
 from meshrt.collectives import AllreduceSpec
-from meshtest import rank_grids, world
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

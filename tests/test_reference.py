@@ -15,9 +15,18 @@ import numpy as np
 import pytest
 
 from llm import rope
-from llm.checkpoint import (Checkpoint, CheckpointError, SafetensorsFile, bf16_to_f32,
-                            check_weights, f32_to_bf16_words, load_checkpoint, random_tensor,
-                            random_weights, save_model_dir)
+from llm.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    SafetensorsFile,
+    bf16_to_f32,
+    check_weights,
+    f32_to_bf16_words,
+    load_checkpoint,
+    random_tensor,
+    random_weights,
+    save_model_dir,
+)
 from llm.config import PRESETS, ConfigError, ModelConfig, preset
 from llm.reference import ReferenceModel, attention
 from llm.sampling import Sampler

@@ -1,10 +1,16 @@
 """Re-distributing ordered items along rank lines, with closed-form answers."""
 import numpy as np
 import pytest
-
-from meshrt.relayout import bounds_from_counts, fetch_cost, fetch_rows, move_cost, rank_bounds, \
-    rebalance
 from meshtest import assert_neighbour_only, fabric, layouts, world
+
+from meshrt.relayout import (
+    bounds_from_counts,
+    fetch_cost,
+    fetch_rows,
+    move_cost,
+    rank_bounds,
+    rebalance,
+)
 
 pytestmark = pytest.mark.mpi
 
@@ -14,7 +20,7 @@ def test_rebalance_moves_ranges_in_order(axis):
     rng = np.random.default_rng(5)
     for lay in layouts(world().Get_size()):
         nr = lay.ranks(axis)
-        for trial in range(4):
+        for _trial in range(4):
             total = int(rng.integers(0, 40))
             # the same random cuts on every rank (same seed sequence)
             cuts_src = np.sort(rng.integers(0, total + 1, nr - 1))

@@ -14,17 +14,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshrt.darray import local_block
-from meshrt.precision import round_to_bf16
-from meshrt.fabric import Fabric
-from meshrt.mesh import MeshLayout, default_rank_grid
 from llm.checkpoint import load_checkpoint
 from llm.convert import RandomWeights, convert, load_source
 from llm.layout import PhaseLayout
 from llm.mesh_weights import decode_tiles
 from llm.plan import decode_tile_shapes
-from llm.shards import (MANIFEST_NAME, ShardError, ShardSet, content_hash, open_shards,
-                        rank_file_name, read_manifest)
+from llm.shards import (
+    MANIFEST_NAME,
+    ShardError,
+    ShardSet,
+    content_hash,
+    open_shards,
+    rank_file_name,
+    read_manifest,
+)
+from meshrt.darray import local_block
+from meshrt.fabric import Fabric
+from meshrt.mesh import MeshLayout, default_rank_grid
+from meshrt.precision import round_to_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

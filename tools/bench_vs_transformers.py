@@ -35,7 +35,8 @@ def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> 
     model = LlamaForCausalLM(hf).eval()
     state = {k: torch.from_numpy(v) for k, v in random_weights(config).items()}
     model.load_state_dict(state, strict=False)
-    ids = torch.from_numpy(np.random.default_rng(0).integers(3, config.vocab_size, prompt_len))[None]
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(3, config.vocab_size, prompt_len))[None]
     times = []
     for _ in range(repeat + 1):
         with torch.no_grad():

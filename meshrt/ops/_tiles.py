@@ -37,13 +37,13 @@ class GemmPlan:
     tnb: int
 
     @classmethod
-    def for_shapes(cls, m: int, k: int, n: int, mesh: tuple[int, int]) -> "GemmPlan":
+    def for_shapes(cls, m: int, k: int, n: int, mesh: tuple[int, int]) -> GemmPlan:
         py, px = mesh
         nl = lcm(py, px)
         return cls(py, px, ceil_div(m, nl), ceil_div(k, nl), ceil_div(n, nl))
 
     @classmethod
-    def from_blocks(cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B") -> "GemmPlan":
+    def from_blocks(cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B") -> GemmPlan:
         """The plan of rank blocks ``a: [by, bx, M/Py, K/Px]`` and ``b: [by, bx, K/Py, N/Px]``."""
         py, px = layout.py, layout.px
         nl = lcm(py, px)

@@ -29,11 +29,12 @@ paths the multicast must be relayed in software, so each hop also costs a routin
 from __future__ import annotations
 
 from collections import Counter
+
 import numpy as np
 
 from ..collectives import broadcast_cost, chain_cost
 from ..mesh import ring_order
-from ..plmr import Cost, Device, Ledger, WSE2
+from ..plmr import WSE2, Cost, Device, Ledger
 from ._lines import physical_hops, physical_load, ring_dest, ring_positions
 from ._tiles import GemmPlan
 

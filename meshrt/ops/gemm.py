@@ -34,10 +34,27 @@ from ..fabric import Fabric
 from ..mesh import lcm
 from ..precision import widen
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
-from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, preskewed_b_region, \
-    preskewed_b_tiles, priced_plan, virtual_to_logical
-from .estimate import KERNEL_RINGS, record, shift_gemm_costs, shift_gemm_memory, \
-    shift_gemm_routes, summa_costs, summa_memory, summa_roots, summa_routes, summa_step
+from ._tiles import (
+    GemmPlan,
+    logical_to_virtual,
+    natural_tiles,
+    preskewed_b_region,
+    preskewed_b_tiles,
+    priced_plan,
+    virtual_to_logical,
+)
+from .estimate import (
+    KERNEL_RINGS,
+    record,
+    shift_gemm_costs,
+    shift_gemm_memory,
+    shift_gemm_routes,
+    summa_costs,
+    summa_memory,
+    summa_roots,
+    summa_routes,
+    summa_step,
+)
 
 ALGOS = ("meshgemm", "cannon", "summa")
 

@@ -28,8 +28,14 @@ from ..fabric import Fabric
 from ..mesh import MeshError, lcm
 from ._lines import line_of, permute_line, ring_dest
 from ._tiles import GemmPlan, natural_tiles
-from .estimate import gemm_t_costs, gemm_t_memory, gemm_t_reduce, gemm_t_routes, \
-    gemm_t_segments, record
+from .estimate import (
+    gemm_t_costs,
+    gemm_t_memory,
+    gemm_t_reduce,
+    gemm_t_routes,
+    gemm_t_segments,
+    record,
+)
 
 
 def plan_from_blocks(layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B^T") -> GemmPlan:

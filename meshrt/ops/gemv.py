@@ -39,8 +39,10 @@ def weight_tiles(w: np.ndarray, mesh_shape: tuple[int, int], input_axis: str = "
     Returns
     -------
     ndarray
-        ``input_axis="y"``: ``tiles[py, px] = W[in-seg py, out-seg px]``, ``f32[Py, Px, M/Py, N/Px]``.
-        ``input_axis="x"``: ``tiles[py, px] = W[in-seg px, out-seg py]``, ``f32[Py, Px, M/Px, N/Py]``.
+        ``input_axis="y"``: ``tiles[py, px] = W[in-seg py, out-seg px]``,
+        ``f32[Py, Px, M/Py, N/Px]``.
+        ``input_axis="x"``: ``tiles[py, px] = W[in-seg px, out-seg py]``,
+        ``f32[Py, Px, M/Px, N/Py]``.
         Segments are zero-padded, so padding never changes a result.
     """
     py, px = mesh_shape
@@ -154,8 +156,8 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
     """
     axis = _in_axis(input_axis)
     if x.shape[-1] != w.shape[2]:
-        raise ValueError(f"vector segment {x.shape[-1]} does not match weight tile rows {w.shape[2]}"
-                         f" (input_axis={input_axis!r})")
+        raise ValueError(f"vector segment {x.shape[-1]} does not match weight tile rows "
+                         f"{w.shape[2]} (input_axis={input_axis!r})")
     batch = int(np.prod(x.shape[2:-1], dtype=np.int64))
     led = fab.ledger
     tm, tn = priced if priced is not None else w.shape[2:]

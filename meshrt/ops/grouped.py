@@ -44,11 +44,18 @@ from .. import darray
 from ..collectives import chain_cost, reduce_to_root
 from ..fabric import Fabric
 from ..mesh import MeshError, ceil_div, lcm, pad_to
-from ..plmr import Cost, Device, Ledger, WSE2
+from ..plmr import WSE2, Cost, Device, Ledger
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
 from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, priced_plan, virtual_to_logical
-from .estimate import (gemm_t_routes, gemm_t_segments, gemm_t_step, pipelined_reduces, record,
-                       shift_gemm_costs, shift_gemm_routes)
+from .estimate import (
+    gemm_t_routes,
+    gemm_t_segments,
+    gemm_t_step,
+    pipelined_reduces,
+    record,
+    shift_gemm_costs,
+    shift_gemm_routes,
+)
 from .gemm_t import plan_from_blocks
 
 RING = "interleaved"
