@@ -41,3 +41,14 @@ def pytest_runtest_makereport(item, call):
                              f"{rep.longreprtext}\naborting the MPI job\n")
             sys.stderr.flush()
             comm.Abort(1)
+
+
+@pytest.fixture
+def device_presets():
+    """The table of named devices (:data:`meshrt.plmr.PRESETS`), restored after the test, so a
+    device that a test registers (:func:`meshrt.plmr.register_device`) does not outlive it."""
+    from meshrt.plmr import PRESETS
+    saved = dict(PRESETS)
+    yield PRESETS
+    PRESETS.clear()
+    PRESETS.update(saved)

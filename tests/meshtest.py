@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshLayout, divisors
@@ -56,3 +57,19 @@ def greedy_steps(model, logits, steps: int):
         logits = model.decode(ids[-1])
         step_logits.append(model.logits_to_host(logits))
     return ids, np.array(step_logits)
+
+
+def layout_id(lay: MeshLayout) -> str:
+    """A short test id: ``4x6-on-2x2`` is a 4x6 virtual mesh on a 2x2 rank grid."""
+    return f"{lay.py}x{lay.px}-on-{lay.ry}x{lay.rx}"
+
+
+def as_params(lays) -> list:
+    """Layouts as pytest parameters named by :func:`layout_id`, so a failing layout is named in
+    the report and the others still run."""
+    return [pytest.param(lay, id=layout_id(lay)) for lay in lays]
+
+
+def layout_params(blocks=((1, 1), (2, 3), (3, 2), (4, 4))) -> list:
+    """:func:`layouts` for this run's ranks, as pytest parameters (:func:`as_params`)."""
+    return as_params(layouts(world().Get_size(), blocks))

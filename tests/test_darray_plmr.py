@@ -1,33 +1,33 @@
 """Host scatter/gather of tiled matrices, and the PLMR device/ledger bookkeeping."""
 import numpy as np
 import pytest
-from meshtest import fabric, layouts, world
+from meshtest import fabric, layout_params, world
 
 from meshrt import darray
 from meshrt.plmr import PRESETS, WSE2, Cost, Device, Ledger, get_device, register_device
 
 
 @pytest.mark.mpi
-def test_scatter_gather_roundtrip_and_io_priced():
+@pytest.mark.parametrize("lay", layout_params())
+def test_scatter_gather_roundtrip_and_io_priced(lay):
     rng = np.random.default_rng(1)
-    for lay in layouts(world().Get_size()):
-        a = rng.standard_normal((13, 17)) if world().Get_rank() == 0 else None
-        a_all = world().bcast(a, root=0) if world().Get_size() > 1 else a
-        fab = fabric(lay)
-        block = darray.scatter_matrix(fab, a)
-        tm, tn = -(-13 // lay.py), -(-17 // lay.px)
-        assert block.shape == (lay.by, lay.bx, tm, tn)
-        y0, x0 = fab.origin
-        np.testing.assert_array_equal(block[0, 0, 0, 0], np.pad(a_all, ((0, tm * lay.py - 13),
-                                                                   (0, tn * lay.px - 17)))
-                                      [y0 * tm, x0 * tn])
-        back = darray.gather_matrix(fab, block, (13, 17), to_all=True)
-        np.testing.assert_array_equal(back, a_all)
-        assert fab.ledger.io_bytes == 2 * block.nbytes * fab.nranks
-        assert fab.trace == []  # host I/O is control plane: no data-plane messages
+    a = rng.standard_normal((13, 17)) if world().Get_rank() == 0 else None
+    a_all = world().bcast(a, root=0) if world().Get_size() > 1 else a
+    fab = fabric(lay)
+    block = darray.scatter_matrix(fab, a)
+    tm, tn = -(-13 // lay.py), -(-17 // lay.px)
+    assert block.shape == (lay.by, lay.bx, tm, tn)
+    y0, x0 = fab.origin
+    np.testing.assert_array_equal(block[0, 0, 0, 0], np.pad(a_all, ((0, tm * lay.py - 13),
+                                                               (0, tn * lay.px - 17)))
+                                  [y0 * tm, x0 * tn])
+    back = darray.gather_matrix(fab, block, (13, 17), to_all=True)
+    np.testing.assert_array_equal(back, a_all)
+    assert fab.ledger.io_bytes == 2 * block.nbytes * fab.nranks
+    assert fab.trace == []  # host I/O is control plane: no data-plane messages
 
 
-def test_device_presets_and_overrides():
+def test_device_presets_and_overrides(device_presets):
     assert set(PRESETS) >= {"wse2", "wse3"}
     d = get_device("wse2:mem_per_core=98304,alpha=2")
     assert d.mem_per_core == 98304 and d.alpha == 2.0 and d.beta == WSE2.beta
@@ -38,7 +38,7 @@ def test_device_presets_and_overrides():
     mine = Device(name="mymesh", cores_x=64, cores_y=64, mem_per_core=1 << 20, clock_hz=1e9,
                   macs_per_cycle=4, alpha=1, beta=4)
     register_device(mine)
-    assert get_device("mymesh") is mine
+    assert get_device("mymesh") is mine and device_presets["mymesh"] is mine
 
 
 def test_fixed_costs_per_vector_step_and_task():

@@ -1,7 +1,7 @@
 """The closed-form decode estimate equals the ledger of an emulated decode step."""
-import os
 
 import pytest
+from goldens import FIXTURES
 from meshtest import rank_grids, world
 
 from llm.checkpoint import load_checkpoint
@@ -10,13 +10,12 @@ from llm.estimate import decode_token, decode_weight_words, kv_capacity
 from llm.model import MeshModel
 
 pytestmark = pytest.mark.mpi
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-qwen2"])
 @pytest.mark.parametrize("policy", ["shift", "concat"])
 def test_decode_estimate_equals_ledger(name, policy):
-    config, weights = load_checkpoint(os.path.join(FIXTURES, name))
+    config, weights = load_checkpoint(FIXTURES / name)
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
     for mesh in ((ry, rx), (2 * ry, 3 * rx)):
@@ -44,7 +43,7 @@ def test_decode_estimate_equals_ledger(name, policy):
 
 
 def test_resident_memory_matches_blocks():
-    config, weights = load_checkpoint(os.path.join(FIXTURES, "tiny-qwen2"))
+    config, weights = load_checkpoint(FIXTURES / "tiny-qwen2")
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[0]
     mesh = (3 * ry, 2 * rx)

@@ -11,7 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from faultcase import FIXTURES, assert_one_error, changed, run, snapshot
+from faultcase import assert_one_error, changed, run, snapshot
+from goldens import FIXTURES
 
 from llm.convert import convert
 from llm.shards import MANIFEST_NAME, file_sha256, rank_file_name, read_manifest

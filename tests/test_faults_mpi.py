@@ -7,7 +7,8 @@ file outside the intended output changed. The jobs use the documented launch for
 import shutil
 
 import pytest
-from faultcase import FIXTURES, assert_one_error, changed, error_lines, needs_mpiexec, run, snapshot
+from faultcase import assert_one_error, changed, error_lines, needs_mpiexec, run, snapshot
+from goldens import FIXTURES
 
 pytestmark = needs_mpiexec
 MODEL = FIXTURES / "tiny-llama-gqa"

@@ -1,7 +1,16 @@
 """GEMM kernels (MeshGEMM, Cannon, SUMMA, dist-GEMM-T) against numpy, on any number of ranks."""
 import numpy as np
 import pytest
-from meshtest import assert_neighbour_only, core_ids, fabric, layouts, rank_grids, world
+from meshtest import (
+    as_params,
+    assert_neighbour_only,
+    core_ids,
+    fabric,
+    layout_params,
+    layouts,
+    rank_grids,
+    world,
+)
 
 from meshrt import darray
 from meshrt.fabric import Fabric
@@ -40,48 +49,48 @@ def _matrices(m, k, n, seed=0, dtype=np.float32):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_permute_line_is_the_fabric_ring_and_the_cyclic_shift(axis):
-    for lay in layouts(world().Get_size()):
-        fab = fabric(lay)
-        n = lay.cores(axis)
-        line = line_of(fab, axis)
-        block = core_ids(fab, (2, 3))
-        for reverse in (False, True):
-            want = fab.ring_shift(block, axis, reverse=reverse)
-            got = permute_line(fab, block, axis, ring_dest(n, "interleaved", reverse), line)
-            np.testing.assert_array_equal(got, want)
-        # Cannon's cyclic shift by one: the wrap tile crosses the whole line
-        got = permute_line(fab, block, axis, ring_dest(n, "linear"), line)
-        ids = np.arange(lay.py * lay.px, dtype=np.float64).reshape(lay.py, lay.px)
-        rolled = np.roll(ids, 1, axis=axis)
-        y0, x0 = fab.origin
-        np.testing.assert_array_equal(got[..., 0, 0], rolled[y0:y0 + lay.by, x0:x0 + lay.bx])
-        assert_neighbour_only(fab)
+@pytest.mark.parametrize("lay", layout_params())
+def test_permute_line_is_the_fabric_ring_and_the_cyclic_shift(axis, lay):
+    fab = fabric(lay)
+    n = lay.cores(axis)
+    line = line_of(fab, axis)
+    block = core_ids(fab, (2, 3))
+    for reverse in (False, True):
+        want = fab.ring_shift(block, axis, reverse=reverse)
+        got = permute_line(fab, block, axis, ring_dest(n, "interleaved", reverse), line)
+        np.testing.assert_array_equal(got, want)
+    # Cannon's cyclic shift by one: the wrap tile crosses the whole line
+    got = permute_line(fab, block, axis, ring_dest(n, "linear"), line)
+    ids = np.arange(lay.py * lay.px, dtype=np.float64).reshape(lay.py, lay.px)
+    rolled = np.roll(ids, 1, axis=axis)
+    y0, x0 = fab.origin
+    np.testing.assert_array_equal(got[..., 0, 0], rolled[y0:y0 + lay.by, x0:x0 + lay.bx])
+    assert_neighbour_only(fab)
 
 
-def test_permute_line_on_a_refined_line_and_skew_back():
-    for lay in layouts(world().Get_size()):
-        fab = fabric(lay)
-        refine = 3
-        line = line_of(fab, 1, refine)
-        n = line.n
-        rows = np.arange(lay.by)
-        # logical tile (row r, logical column j) holds r * 1000 + j
-        block = (fab.index(0)[:, None] * 1000 + np.arange(line.lo, line.hi)[None, :]).astype(float)
-        dest = ring_dest(n, "interleaved")
-        got = permute_line(fab, block, 1, dest, line)
-        src = ring_prev(n)
-        np.testing.assert_array_equal(got, fab.index(0)[:, None] * 1000 + src[line.lo:line.hi])
-        # each row moves back by its own amount, the shorter way round
-        amounts = (fab.index(0) * 5 + 1) % n
-        got = shift_lines_back(fab, block, 1, line, amounts)
-        pos = ring_pos(n)
-        order = np.argsort(pos)
-        cols = np.arange(line.lo, line.hi)
-        for r in rows:
-            want = order[(pos[cols] + amounts[r]) % n]
-            np.testing.assert_array_equal(got[r], fab.index(0)[r] * 1000 + want)
-        assert_neighbour_only(fab)
+@pytest.mark.parametrize("lay", layout_params())
+def test_permute_line_on_a_refined_line_and_skew_back(lay):
+    fab = fabric(lay)
+    refine = 3
+    line = line_of(fab, 1, refine)
+    n = line.n
+    rows = np.arange(lay.by)
+    # logical tile (row r, logical column j) holds r * 1000 + j
+    block = (fab.index(0)[:, None] * 1000 + np.arange(line.lo, line.hi)[None, :]).astype(float)
+    dest = ring_dest(n, "interleaved")
+    got = permute_line(fab, block, 1, dest, line)
+    src = ring_prev(n)
+    np.testing.assert_array_equal(got, fab.index(0)[:, None] * 1000 + src[line.lo:line.hi])
+    # each row moves back by its own amount, the shorter way round
+    amounts = (fab.index(0) * 5 + 1) % n
+    got = shift_lines_back(fab, block, 1, line, amounts)
+    pos = ring_pos(n)
+    order = np.argsort(pos)
+    cols = np.arange(line.lo, line.hi)
+    for r in rows:
+        want = order[(pos[cols] + amounts[r]) % n]
+        np.testing.assert_array_equal(got[r], fab.index(0)[r] * 1000 + want)
+    assert_neighbour_only(fab)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,24 +115,24 @@ def test_gemm_matches_numpy(algo):
 
 
 @pytest.mark.parametrize("algo", ["meshgemm", "cannon"])
-def test_right_operand_skewed_on_the_mesh(algo):
+@pytest.mark.parametrize("lay", as_params(_meshes(world().Get_size())[::2]))
+def test_right_operand_skewed_on_the_mesh(algo, lay):
     a, b = _matrices(19, 23, 17, seed=1)
-    for lay in _meshes(world().Get_size())[::2]:
-        fab = fabric(lay)
-        got = G.matmul(fab, a, b, algo=algo, b_preskewed=False, to_all=True)
-        np.testing.assert_allclose(got, a @ b, rtol=1e-5, atol=1e-4, err_msg=str(lay))
-        assert_neighbour_only(fab)
+    fab = fabric(lay)
+    got = G.matmul(fab, a, b, algo=algo, b_preskewed=False, to_all=True)
+    np.testing.assert_allclose(got, a @ b, rtol=1e-5, atol=1e-4, err_msg=str(lay))
+    assert_neighbour_only(fab)
 
 
 @pytest.mark.parametrize("algo", G.ALGOS)
-def test_float16_storage_accumulates_in_float32(algo):
+@pytest.mark.parametrize("lay", as_params(_few(world().Get_size())))
+def test_float16_storage_accumulates_in_float32(algo, lay):
     a, b = _matrices(24, 40, 16, seed=2, dtype=np.float16)
     want = a.astype(np.float32) @ b.astype(np.float32)
-    for lay in _few(world().Get_size()):
-        fab = fabric(lay)
-        got = G.matmul(fab, a, b, algo=algo, dtype=np.float16, to_all=True)
-        assert got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    fab = fabric(lay)
+    got = G.matmul(fab, a, b, algo=algo, dtype=np.float16, to_all=True)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_gemm_t_matches_numpy():
@@ -144,19 +153,19 @@ def test_gemm_t_matches_numpy():
                 np.testing.assert_allclose(got, x @ y.T, rtol=1e-5, atol=1e-4, err_msg=str(lay))
 
 
-def test_gemm_chain_keeps_the_natural_layout():
+@pytest.mark.parametrize("lay", as_params(_few(world().Get_size())))
+def test_gemm_chain_keeps_the_natural_layout(lay):
     """Scores feed S @ V directly: gemm_t's output is MeshGEMM's left operand, V skewed on mesh."""
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((20, 12)).astype(np.float32) for _ in range(3))
-    for lay in _few(world().Get_size()):
-        fab = fabric(lay)
-        mesh = (lay.py, lay.px)
-        qt, kt = GT.prepare_gemm_t(q, k, mesh)
-        s = GT.gemm_t(fab, darray.local_block(fab, qt), darray.local_block(fab, kt))
-        vb = darray.local_block(fab, G.prepare_b(v, mesh, "summa"))
-        o = G.meshgemm(fab, s, vb, b_preskewed=False)
-        got = darray.gather_matrix(fab, o, (20, 12), to_all=True)
-        np.testing.assert_allclose(got, q @ k.T @ v, rtol=1e-4, atol=1e-3)
+    fab = fabric(lay)
+    mesh = (lay.py, lay.px)
+    qt, kt = GT.prepare_gemm_t(q, k, mesh)
+    s = GT.gemm_t(fab, darray.local_block(fab, qt), darray.local_block(fab, kt))
+    vb = darray.local_block(fab, G.prepare_b(v, mesh, "summa"))
+    o = G.meshgemm(fab, s, vb, b_preskewed=False)
+    got = darray.gather_matrix(fab, o, (20, 12), to_all=True)
+    np.testing.assert_allclose(got, q @ k.T @ v, rtol=1e-4, atol=1e-3)
 
 
 def test_host_preskew_is_the_papers_index():
@@ -190,29 +199,29 @@ def test_one_rank_touches_no_mpi():
 # The schedule: traced bytes, ledger and the analytic estimators
 # ----------------------------------------------------------------------------------------------
 
-def test_meshgemm_bytes_equal_the_schedule():
+@pytest.mark.parametrize("lay", as_params(_meshes(world().Get_size())))
+def test_meshgemm_bytes_equal_the_schedule(lay):
     """Each ring step passes one logical tile per logical line across each rank boundary."""
     m, k, n = 23, 31, 19
     a, b = _matrices(m, k, n)
-    for lay in _meshes(world().Get_size()):
-        fab = fabric(lay)
-        mesh = (lay.py, lay.px)
-        plan = E.GemmPlan.for_shapes(m, k, n, mesh)
-        ab = darray.local_block(fab, G.prepare_a(a, mesh))
-        bb = darray.local_block(fab, G.prepare_b(b, mesh))
-        G.meshgemm(fab, ab, bb)
-        nbr_x = sum(fab.peer(1, s) is not None for s in (-1, 1))
-        nbr_y = sum(fab.peer(0, s) is not None for s in (-1, 1))
-        item = 4
-        tile_a, tile_b = plan.tmb * plan.tkb * item, plan.tkb * plan.tnb * item
-        rows = np.arange(fab.origin[0] * plan.b, (fab.origin[0] + lay.by) * plan.b)
-        p = ring_pos(plan.nl)[rows]
-        skew_steps = np.minimum(p, plan.nl - p).sum()
-        want = (skew_steps * nbr_x * tile_a
-                + plan.nl * (nbr_x * len(rows) * tile_a + nbr_y * lay.bx * plan.a * tile_b))
-        assert sum(r.nbytes for r in fab.trace if r.sent) == want
-        assert sum(r.nbytes for r in fab.trace if not r.sent) == want
-        assert_neighbour_only(fab)
+    fab = fabric(lay)
+    mesh = (lay.py, lay.px)
+    plan = E.GemmPlan.for_shapes(m, k, n, mesh)
+    ab = darray.local_block(fab, G.prepare_a(a, mesh))
+    bb = darray.local_block(fab, G.prepare_b(b, mesh))
+    G.meshgemm(fab, ab, bb)
+    nbr_x = sum(fab.peer(1, s) is not None for s in (-1, 1))
+    nbr_y = sum(fab.peer(0, s) is not None for s in (-1, 1))
+    item = 4
+    tile_a, tile_b = plan.tmb * plan.tkb * item, plan.tkb * plan.tnb * item
+    rows = np.arange(fab.origin[0] * plan.b, (fab.origin[0] + lay.by) * plan.b)
+    p = ring_pos(plan.nl)[rows]
+    skew_steps = np.minimum(p, plan.nl - p).sum()
+    want = (skew_steps * nbr_x * tile_a
+            + plan.nl * (nbr_x * len(rows) * tile_a + nbr_y * lay.bx * plan.a * tile_b))
+    assert sum(r.nbytes for r in fab.trace if r.sent) == want
+    assert sum(r.nbytes for r in fab.trace if not r.sent) == want
+    assert_neighbour_only(fab)
 
 
 def _kernel_ops(fab, name):
@@ -222,41 +231,42 @@ def _kernel_ops(fab, name):
 @pytest.mark.parametrize("algo,preskewed", [("meshgemm", True), ("meshgemm", False),
                                             ("cannon", True), ("cannon", False),
                                             ("summa", True)])
-def test_ledger_equals_estimate(algo, preskewed):
+@pytest.mark.parametrize("lay", as_params(_few(world().Get_size())
+                                          + [MeshLayout(1, 1)] * (world().Get_size() == 1)))
+def test_ledger_equals_estimate(algo, preskewed, lay):
     m, k, n = 29, 37, 23
     a, b = _matrices(m, k, n)
     estimate = {"meshgemm": E.estimate_meshgemm, "cannon": E.estimate_cannon}
-    for lay in _few(world().Get_size()) + [MeshLayout(1, 1)] * (world().Get_size() == 1):
-        fab = fabric(lay)
-        G.matmul(fab, a, b, algo=algo, b_preskewed=preskewed)
-        mesh = (lay.py, lay.px)
-        if algo == "summa":
-            est = E.estimate_summa(m, k, n, mesh)
-        else:
-            est = estimate[algo](m, k, n, mesh, b_preskewed=preskewed)
-        got = _kernel_ops(fab, algo)
-        assert got.keys() == est.ops.keys()
-        for op in got:
-            assert got[op] == est.ops[op], op
-        assert fab.ledger.peak_memory == est.peak_memory
-        assert fab.ledger.max_routes == est.max_routes
+    fab = fabric(lay)
+    G.matmul(fab, a, b, algo=algo, b_preskewed=preskewed)
+    mesh = (lay.py, lay.px)
+    if algo == "summa":
+        est = E.estimate_summa(m, k, n, mesh)
+    else:
+        est = estimate[algo](m, k, n, mesh, b_preskewed=preskewed)
+    got = _kernel_ops(fab, algo)
+    assert got.keys() == est.ops.keys()
+    for op in got:
+        assert got[op] == est.ops[op], op
+    assert fab.ledger.peak_memory == est.peak_memory
+    assert fab.ledger.max_routes == est.max_routes
 
 
-def test_gemm_t_ledger_equals_estimate():
+@pytest.mark.parametrize("lay", as_params(_few(world().Get_size())))
+def test_gemm_t_ledger_equals_estimate(lay):
     rng = np.random.default_rng(6)
     m, n, d = 21, 26, 17
     q = rng.standard_normal((m, d)).astype(np.float32)
     k = rng.standard_normal((n, d)).astype(np.float32)
-    for lay in _few(world().Get_size()):
-        fab = fabric(lay)
-        GT.matmul_t(fab, q, k)
-        est = E.estimate_gemm_t(m, n, d, (lay.py, lay.px))
-        got = _kernel_ops(fab, "gemm_t")
-        assert got.keys() == est.ops.keys()
-        for op in got:
-            assert got[op] == est.ops[op], op
-        assert fab.ledger.peak_memory == est.peak_memory
-        assert fab.ledger.max_routes == est.max_routes
+    fab = fabric(lay)
+    GT.matmul_t(fab, q, k)
+    est = E.estimate_gemm_t(m, n, d, (lay.py, lay.px))
+    got = _kernel_ops(fab, "gemm_t")
+    assert got.keys() == est.ops.keys()
+    for op in got:
+        assert got[op] == est.ops[op], op
+    assert fab.ledger.peak_memory == est.peak_memory
+    assert fab.ledger.max_routes == est.max_routes
 
 
 def test_paper_scale_estimates():
@@ -290,18 +300,18 @@ def test_non_square_mesh_uses_the_lcm_partition():
 
 
 @pytest.mark.mpi
-def test_bfloat16_style_storage():
+@pytest.mark.parametrize("lay", as_params(layouts(world().Get_size())[:2]))
+def test_bfloat16_style_storage(lay):
     """Operands stored at bfloat16 precision, products accumulated in float32."""
     from meshrt.precision import round_to_bf16
     rng = np.random.default_rng(11)
     a = rng.standard_normal((21, 19)).astype(np.float32)
     b = rng.standard_normal((19, 23)).astype(np.float32)
-    for lay in layouts(world().Get_size())[:2]:
-        fab = fabric(lay)
-        mesh = (lay.py, lay.px)
-        ab = darray.local_block(fab, G.prepare_a(a, mesh, dtype="bfloat16"))
-        bb = darray.local_block(fab, G.prepare_b(b, mesh, "meshgemm", dtype="bfloat16"))
-        assert np.array_equal(ab, round_to_bf16(ab))
-        c = darray.gather_matrix(fab, G.meshgemm(fab, ab, bb), (21, 23), to_all=True)
-        want = round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)
-        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)
+    fab = fabric(lay)
+    mesh = (lay.py, lay.px)
+    ab = darray.local_block(fab, G.prepare_a(a, mesh, dtype="bfloat16"))
+    bb = darray.local_block(fab, G.prepare_b(b, mesh, "meshgemm", dtype="bfloat16"))
+    assert np.array_equal(ab, round_to_bf16(ab))
+    c = darray.gather_matrix(fab, G.meshgemm(fab, ab, bb), (21, 23), to_all=True)
+    want = round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)

@@ -1,7 +1,7 @@
 """MeshGEMV and its allreduce baselines against numpy, on any number of ranks."""
 import numpy as np
 import pytest
-from meshtest import assert_neighbour_only, fabric, layouts, world
+from meshtest import assert_neighbour_only, fabric, layout_params, world
 
 from meshrt import darray
 from meshrt.collectives import AllreduceSpec
@@ -25,36 +25,36 @@ def _run(fab, x, w, input_axis, **kw):
 @pytest.mark.parametrize("input_axis", ["y", "x"])
 @pytest.mark.parametrize("algo,kw", [("ktree", {}), ("ktree", {"groups": 2}),
                                      ("ktree", {"levels": 3}), ("pipeline", {}), ("ring", {})])
-def test_meshgemv_matches_numpy(input_axis, algo, kw):
+@pytest.mark.parametrize("lay", layout_params())
+def test_meshgemv_matches_numpy(input_axis, algo, kw, lay):
     rng = np.random.default_rng(7)
-    for lay in layouts(world().Get_size()):
-        for m, n in ((37, 29), (12, 48)):
-            x = rng.standard_normal(m).astype(np.float32)
-            w = rng.standard_normal((m, n)).astype(np.float32)
-            fab = fabric(lay)
-            if kw.get("groups", 0) > lay.cores(0 if input_axis == "y" else 1):
-                continue
-            y, yb = _run(fab, x, w, input_axis, spec=AllreduceSpec(algo, **kw))
-            np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
-            assert_neighbour_only(fab)
-            # output replicated along the other axis: every replica equal
-            axis = 0 if input_axis == "y" else 1
-            np.testing.assert_array_equal(yb, np.broadcast_to(yb.take([0], axis=axis), yb.shape))
-
-
-def test_meshgemv_batched_and_chained_alternation():
-    rng = np.random.default_rng(3)
-    for lay in layouts(world().Get_size()):
+    for m, n in ((37, 29), (12, 48)):
+        x = rng.standard_normal(m).astype(np.float32)
+        w = rng.standard_normal((m, n)).astype(np.float32)
         fab = fabric(lay)
-        mesh = (lay.py, lay.px)
-        x = rng.standard_normal((2, 23)).astype(np.float32)
-        w1 = rng.standard_normal((23, 31)).astype(np.float32)
-        w2 = rng.standard_normal((31, 17)).astype(np.float32)
-        xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
-        h = G.meshgemv(fab, xb, darray.local_block(fab, G.weight_tiles(w1, mesh, "y")), "y")
-        y = G.meshgemv(fab, h, darray.local_block(fab, G.weight_tiles(w2, mesh, "x")), "x")
-        got = G.vector_from_tiles(darray.gather(fab, y, to_all=True), 17, "y")
-        np.testing.assert_allclose(got, x @ w1 @ w2, rtol=1e-4, atol=1e-3)
+        if kw.get("groups", 0) > lay.cores(0 if input_axis == "y" else 1):
+            continue
+        y, yb = _run(fab, x, w, input_axis, spec=AllreduceSpec(algo, **kw))
+        np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
+        assert_neighbour_only(fab)
+        # output replicated along the other axis: every replica equal
+        axis = 0 if input_axis == "y" else 1
+        np.testing.assert_array_equal(yb, np.broadcast_to(yb.take([0], axis=axis), yb.shape))
+
+
+@pytest.mark.parametrize("lay", layout_params())
+def test_meshgemv_batched_and_chained_alternation(lay):
+    rng = np.random.default_rng(3)
+    fab = fabric(lay)
+    mesh = (lay.py, lay.px)
+    x = rng.standard_normal((2, 23)).astype(np.float32)
+    w1 = rng.standard_normal((23, 31)).astype(np.float32)
+    w2 = rng.standard_normal((31, 17)).astype(np.float32)
+    xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
+    h = G.meshgemv(fab, xb, darray.local_block(fab, G.weight_tiles(w1, mesh, "y")), "y")
+    y = G.meshgemv(fab, h, darray.local_block(fab, G.weight_tiles(w2, mesh, "x")), "x")
+    got = G.vector_from_tiles(darray.gather(fab, y, to_all=True), 17, "y")
+    np.testing.assert_allclose(got, x @ w1 @ w2, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("algo", ["ktree", "pipeline", "ring"])

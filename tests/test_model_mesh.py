@@ -4,25 +4,18 @@ Greedy tokens must be identical and logits close (atol 1e-4; logits have std ~1.
 reference itself agrees with transformers to ~1e-5). Results must not depend on the rank count,
 the virtual mesh or the KV policy.
 """
-import os
 
 import numpy as np
 import pytest
+from goldens import golden
 from meshtest import greedy_steps, rank_grids, world
 
-from llm.checkpoint import load_checkpoint
 from llm.model import MeshModel
 from meshrt.collectives import AllreduceSpec
 
 pytestmark = pytest.mark.mpi
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ATOL = 1e-4
-
-
-def golden(name):
-    config, weights = load_checkpoint(os.path.join(FIXTURES, name))
-    return config, weights, np.load(os.path.join(FIXTURES, name, "expected.npz"))
 
 
 def meshes(size):

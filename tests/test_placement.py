@@ -1,11 +1,11 @@
 """Streamed placement: a rank's block straight from the source equals its slice of the global
 tiles; 16-bit weights stay 16-bit in memory and kernels widen them exactly; embedding tables
 read only the rows looked up."""
-import os
 
 import numpy as np
 import pytest
-from meshtest import fabric, layouts, world
+from goldens import FIXTURES
+from meshtest import as_params, fabric, layouts, world
 
 from llm.checkpoint import (
     Checkpoint,
@@ -25,7 +25,6 @@ from meshrt.ops import gemv as V
 from meshrt.ops.gemm import meshgemm, prepare_a, prepare_b, prepare_b_region
 from meshrt.precision import round_to_bf16, to_words, widen
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RECTS = [(0, 0, None), (1, 1, None)]   # whole mesh; the cores off the first row and column
 
 
@@ -105,18 +104,18 @@ def test_local_gemv_widens_16_bit_words_exactly():
 
 
 @pytest.mark.mpi
-def test_meshgemm_on_bfloat16_words():
+@pytest.mark.parametrize("lay", as_params(layouts(world().Get_size())[:2]))
+def test_meshgemm_on_bfloat16_words(lay):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((21, 19)).astype(np.float32)
     b = rng.standard_normal((19, 23)).astype(np.float32)
-    for lay in layouts(world().Get_size())[:2]:
-        fab = fabric(lay)
-        mesh = (lay.py, lay.px)
-        bw = darray.local_block(fab, to_words(prepare_b(b, mesh, "meshgemm"), "bfloat16"))
-        c = darray.gather_matrix(fab, meshgemm(fab, darray.local_block(fab, prepare_a(a, mesh)),
-                                               bw), (21, 23), to_all=True)
-        np.testing.assert_allclose(c, a.astype(np.float64) @ round_to_bf16(b), rtol=1e-5,
-                                   atol=1e-4)
+    fab = fabric(lay)
+    mesh = (lay.py, lay.px)
+    bw = darray.local_block(fab, to_words(prepare_b(b, mesh, "meshgemm"), "bfloat16"))
+    c = darray.gather_matrix(fab, meshgemm(fab, darray.local_block(fab, prepare_a(a, mesh)),
+                                           bw), (21, 23), to_all=True)
+    np.testing.assert_allclose(c, a.astype(np.float64) @ round_to_bf16(b), rtol=1e-5,
+                               atol=1e-4)
 
 
 @pytest.mark.mpi
@@ -124,7 +123,7 @@ def test_bfloat16_model_holds_words_and_matches_bfloat16_shards(tmp_path_factory
     """Weights placed in bfloat16 from an HF checkpoint give the same tokens and logits as the
     float32 placement of the same bfloat16-rounded values; embeddings are never placed."""
     comm = world()
-    config, weights = load_checkpoint(os.path.join(FIXTURES, "tiny-llama-gqa"), lazy=True)
+    config, weights = load_checkpoint(FIXTURES / "tiny-llama-gqa", lazy=True)
     rounded = {k: round_to_bf16(v) for k, v in weights.items()}
     n = comm.Get_size()
     kw = dict(comm=comm if n > 1 else None, decode_mesh=(2, 2 * n), prefill_mesh=(3, 3 * n),

@@ -5,28 +5,21 @@ mesh prefill must reproduce the golden tokens and logits, whatever the rank coun
 virtual meshes (equal, different shapes, prefill larger than decode) and the KV policy. The
 data plane stays neighbour-only and the closed-form estimate equals the ledger.
 """
-import os
 
 import numpy as np
 import pytest
+from goldens import golden
 from meshtest import assert_neighbour_only, greedy_steps, rank_grids, world
 
 from llm import estimate as E
-from llm.checkpoint import load_checkpoint
 from llm.config import preset
 from llm.kvcache import ContextFullError
 from llm.model import MeshModel
 
 pytestmark = pytest.mark.mpi
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ATOL = 1e-4
 NAMES = ["tiny-llama-gqa", "tiny-qwen2"]
-
-
-def golden(name):
-    config, weights = load_checkpoint(os.path.join(FIXTURES, name))
-    return config, weights, np.load(os.path.join(FIXTURES, name, "expected.npz"))
 
 
 def pairs(size):

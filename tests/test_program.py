@@ -4,10 +4,10 @@ The estimator-equals-ledger tests (test_estimate.py, test_prefill.py) run these 
 emulated meshes; here: the programs use every op kind, every ledger record belongs to exactly
 one op, and a non-finite value is caught and traced to the first layer that produced it.
 """
-import os
 
 import numpy as np
 import pytest
+from goldens import FIXTURES
 from meshtest import rank_grids, world
 
 from llm import estimate as E
@@ -19,8 +19,6 @@ from llm.handoff import Handoff
 from llm.layout import PhaseLayout
 from llm.model import MeshModel
 from meshrt.collectives import AllreduceSpec
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def _programs(config, mesh, tokens):
@@ -82,7 +80,7 @@ def test_handoff_cost_names_and_spec():
 @pytest.mark.mpi
 @pytest.mark.parametrize("layer,phases", [(1, ["decode"]), (0, ["decode", "prefill"])])
 def test_non_finite_logits_name_the_first_bad_layer(layer, phases):
-    config, weights = load_checkpoint(os.path.join(FIXTURES, "tiny-llama-gqa"))
+    config, weights = load_checkpoint(FIXTURES / "tiny-llama-gqa")
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
     poisoned = dict(weights)

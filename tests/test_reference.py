@@ -9,10 +9,10 @@ its cached and uncached runs. The tolerance below is ten times that.
 import json
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
+from goldens import FIXTURES, golden
 
 from llm import rope
 from llm.checkpoint import (
@@ -32,7 +32,6 @@ from llm.reference import ReferenceModel, attention
 from llm.sampling import Sampler
 from llm.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_NAMES = ["tiny-llama-gqa", "tiny-qwen2"]
 ATOL = 1e-4
 
@@ -58,13 +57,6 @@ def llama31_v5():
     d["dtype"] = "bfloat16"
     d["head_dim"] = 128
     return d
-
-
-def load_fixture(name):
-    config, weights = load_checkpoint(FIXTURES / name)
-    with np.load(FIXTURES / name / "expected.npz") as z:
-        expected = {k: z[k] for k in z.files}
-    return config, weights, expected
 
 
 # ---------------------------------------------------------------------- config
@@ -206,7 +198,7 @@ def test_rope_linear_and_rotation():
 # ---------------------------------------------------------------------- reference vs HF
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_reference_matches_transformers(name):
-    config, weights, exp = load_fixture(name)
+    config, weights, exp = golden(name)
     model = ReferenceModel(config, weights)
     prefill = model.prefill(exp["prompt_ids"])
     assert prefill.dtype == np.float32 and prefill.shape == exp["prefill_logits"].shape
@@ -220,7 +212,7 @@ def test_reference_matches_transformers(name):
 
 
 def test_generate_stops_at_eos():
-    config, weights, exp = load_fixture("tiny-llama-gqa")
+    config, weights, exp = golden("tiny-llama-gqa")
     greedy = exp["greedy_ids"].tolist()
     assert 2 in greedy                      # the fixture's greedy path emits its EOS id
     streamed = []
@@ -259,7 +251,7 @@ def test_attention_gqa_matches_repeated_heads():
 # ---------------------------------------------------------------------- checkpoints
 def test_lazy_and_sharded_checkpoints(tmp_path):
     from safetensors.numpy import save_file
-    config, weights, exp = load_fixture("tiny-qwen2")
+    config, weights, exp = golden("tiny-qwen2")
     lazy = Checkpoint(FIXTURES / "tiny-qwen2")
     assert set(lazy) == set(weights) and "lm_head.weight" not in lazy
     for name in weights:

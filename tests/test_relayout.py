@@ -1,7 +1,7 @@
 """Re-distributing ordered items along rank lines, with closed-form answers."""
 import numpy as np
 import pytest
-from meshtest import assert_neighbour_only, fabric, layouts, world
+from meshtest import assert_neighbour_only, fabric, layout_params
 
 from meshrt.relayout import (
     bounds_from_counts,
@@ -16,27 +16,27 @@ pytestmark = pytest.mark.mpi
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_rebalance_moves_ranges_in_order(axis):
+@pytest.mark.parametrize("lay", layout_params())
+def test_rebalance_moves_ranges_in_order(axis, lay):
     rng = np.random.default_rng(5)
-    for lay in layouts(world().Get_size()):
-        nr = lay.ranks(axis)
-        for _trial in range(4):
-            total = int(rng.integers(0, 40))
-            # the same random cuts on every rank (same seed sequence)
-            cuts_src = np.sort(rng.integers(0, total + 1, nr - 1))
-            cuts_dst = np.sort(rng.integers(0, total + 1, nr - 1))
-            src = np.concatenate([[0], cuts_src, [total]])
-            dst = np.concatenate([[0], cuts_dst, [total]])
-            fab = fabric(lay)
-            r = fab.coords[axis]
-            other = fab.coords[1 - axis]
-            items = np.arange(src[r], src[r + 1], dtype=np.float64)
-            data = np.stack([items, items * 0 + other], axis=1)   # (items, 2): id and line tag
-            got = rebalance(fab, data, axis, 0, src, dst)
-            want = np.arange(dst[r], dst[r + 1], dtype=np.float64)
-            np.testing.assert_array_equal(got[:, 0], want)
-            np.testing.assert_array_equal(got[:, 1], np.full(want.shape, other))
-            assert_neighbour_only(fab)
+    nr = lay.ranks(axis)
+    for _trial in range(4):
+        total = int(rng.integers(0, 40))
+        # the same random cuts on every rank (same seed sequence)
+        cuts_src = np.sort(rng.integers(0, total + 1, nr - 1))
+        cuts_dst = np.sort(rng.integers(0, total + 1, nr - 1))
+        src = np.concatenate([[0], cuts_src, [total]])
+        dst = np.concatenate([[0], cuts_dst, [total]])
+        fab = fabric(lay)
+        r = fab.coords[axis]
+        other = fab.coords[1 - axis]
+        items = np.arange(src[r], src[r + 1], dtype=np.float64)
+        data = np.stack([items, items * 0 + other], axis=1)   # (items, 2): id and line tag
+        got = rebalance(fab, data, axis, 0, src, dst)
+        want = np.arange(dst[r], dst[r + 1], dtype=np.float64)
+        np.testing.assert_array_equal(got[:, 0], want)
+        np.testing.assert_array_equal(got[:, 1], np.full(want.shape, other))
+        assert_neighbour_only(fab)
 
 
 def test_move_cost_closed_form():
@@ -50,28 +50,28 @@ def test_move_cost_closed_form():
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_fetch_rows_delivers_items_anywhere_on_the_line(axis):
+@pytest.mark.parametrize("lay", layout_params())
+def test_fetch_rows_delivers_items_anywhere_on_the_line(axis, lay):
     rng = np.random.default_rng(7)
-    for lay in layouts(world().Get_size()):
-        fab = fabric(lay)
-        n, rows, slots = lay.cores(axis), 5, 4
-        tiles = np.arange(lay.py * lay.px * rows * 2, dtype=np.float64).reshape(
-            lay.py, lay.px, rows, 2)
-        y0, x0 = fab.origin
-        mine = tiles[y0:y0 + lay.by, x0:x0 + lay.bx]
-        where = rng.permutation(n * slots)[:min(11, n * slots)]     # distinct target slots
-        dst_core, dst_slot = where // slots, where % slots
-        src_core = rng.integers(0, n, where.size)
-        src_slot = rng.integers(0, rows, where.size)
-        got = fetch_rows(fab, mine, axis, src_core, src_slot, dst_core, dst_slot, slots)
-        want = np.zeros((lay.py, lay.px, slots, 2))
-        for s, t, d, e in zip(src_core, src_slot, dst_core, dst_slot):
-            if axis == 0:
-                want[d, :, e] = tiles[s, :, t]
-            else:
-                want[:, d, e] = tiles[:, s, t]
-        np.testing.assert_array_equal(got, want[y0:y0 + lay.by, x0:x0 + lay.bx])
-        assert_neighbour_only(fab)
+    fab = fabric(lay)
+    n, rows, slots = lay.cores(axis), 5, 4
+    tiles = np.arange(lay.py * lay.px * rows * 2, dtype=np.float64).reshape(
+        lay.py, lay.px, rows, 2)
+    y0, x0 = fab.origin
+    mine = tiles[y0:y0 + lay.by, x0:x0 + lay.bx]
+    where = rng.permutation(n * slots)[:min(11, n * slots)]     # distinct target slots
+    dst_core, dst_slot = where // slots, where % slots
+    src_core = rng.integers(0, n, where.size)
+    src_slot = rng.integers(0, rows, where.size)
+    got = fetch_rows(fab, mine, axis, src_core, src_slot, dst_core, dst_slot, slots)
+    want = np.zeros((lay.py, lay.px, slots, 2))
+    for s, t, d, e in zip(src_core, src_slot, dst_core, dst_slot):
+        if axis == 0:
+            want[d, :, e] = tiles[s, :, t]
+        else:
+            want[:, d, e] = tiles[:, s, t]
+    np.testing.assert_array_equal(got, want[y0:y0 + lay.by, x0:x0 + lay.bx])
+    assert_neighbour_only(fab)
 
 
 def test_fetch_cost_closed_form():

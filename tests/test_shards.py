@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from goldens import FIXTURES
 
 from llm.checkpoint import load_checkpoint
 from llm.convert import RandomWeights, convert, load_source
@@ -34,7 +35,6 @@ from meshrt.mesh import MeshLayout, default_rank_grid
 from meshrt.precision import round_to_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = ["tiny-llama-gqa", "tiny-qwen2"]
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
