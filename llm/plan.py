@@ -14,6 +14,7 @@ from meshrt.plmr import Device, get_device
 
 from .config import ModelConfig
 from .layout import PhaseLayout
+from .prefill_weights import prefill_tile_shapes
 
 
 def decode_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
@@ -44,20 +45,6 @@ def decode_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
         for key, shape in layer.items():
             shapes[f"layer{i}/{key}"] = shape
     return shapes
-
-
-def prefill_tile_shapes(lay: PhaseLayout) -> tuple[dict[str, tuple], bool]:
-    """Prefill tile shapes and whether they are exact.
-
-    Uses ``llm.prefill_weights.prefill_tile_shapes`` when that exists; otherwise estimates the
-    prefill placement as the decode placement on the prefill mesh (same padded matrices, one
-    copy per core), and says so.
-    """
-    try:
-        from .prefill_weights import prefill_tile_shapes as exact
-    except Exception:  # noqa: BLE001 - absent or unfinished: fall back to the estimate
-        return decode_tile_shapes(lay), False
-    return exact(lay), True
 
 
 def _words(shape: tuple) -> int:
@@ -100,10 +87,7 @@ def phase_memory(config: ModelConfig, mesh: tuple[int, int], device: Device,
         (tokens); ``fits`` and ``reason``.
     """
     lay = PhaseLayout(config, *mesh)
-    if phase == "decode":
-        shapes, exact = decode_tile_shapes(lay), True
-    else:
-        shapes, exact = prefill_tile_shapes(lay)
+    shapes = decode_tile_shapes(lay) if phase == "decode" else prefill_tile_shapes(lay)
     wb = device.word_bytes
     breakdown = {k: v * wb for k, v in weight_words_per_core(shapes).items()}
     weights = sum(breakdown.values())
@@ -111,7 +95,7 @@ def phase_memory(config: ModelConfig, mesh: tuple[int, int], device: Device,
     free = (device.mem_per_core - weights) if kv_memory is None else int(kv_memory)
     slots = max(0, free) // slot
     out = {"phase": phase, "mesh": list(mesh), "cores": mesh[0] * mesh[1],
-           "weights_exact": exact, "weights_bytes": weights, "weights_breakdown": breakdown,
+           "weights_bytes": weights, "weights_breakdown": breakdown,
            "kv_slot_bytes": slot, "kv_bytes_per_token": slot / mesh[0],
            "kv_free_bytes": free, "kv_slots": int(slots),
            "capacity_shift": int(slots * mesh[0]), "capacity_concat": int(slots)}
@@ -176,7 +160,7 @@ def smallest_square_mesh(config: ModelConfig, device: Device, phase: str = "deco
     the KV cache of ``context`` tokens; ``None`` if no square mesh on the device does."""
     for side in range(1, min(device.cores_x, device.cores_y) + 1):
         lay = PhaseLayout(config, side, side)
-        shapes = decode_tile_shapes(lay) if phase == "decode" else prefill_tile_shapes(lay)[0]
+        shapes = decode_tile_shapes(lay) if phase == "decode" else prefill_tile_shapes(lay)
         weights = sum(weight_words_per_core(shapes).values()) * device.word_bytes
         if weights > device.mem_per_core:
             continue
@@ -254,8 +238,7 @@ def format_plan(p: dict) -> str:
         b = r["weights_breakdown"]
         lines += [
             f"{ph} mesh {py}x{px} ({r['cores']} cores; {r['mesh_choice']}):",
-            f"  weights per core: {_kib(r['weights_bytes'])}"
-            f"{'' if r['weights_exact'] else ' (estimate: decode placement on this mesh)'} = "
+            f"  weights per core: {_kib(r['weights_bytes'])} = "
             f"embed {_kib(b['embed'])} + lm_head {_kib(b['lm_head'])} + layers "
             f"{_kib(b['layers'])} + other {_kib(b['other'])}",
             f"  KV per token: {r['kv_slot_bytes']} B on each core of the row holding it, "

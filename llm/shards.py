@@ -358,10 +358,6 @@ class ShardSet:
         """The HDF5 dataset of this rank's block (read lazily by slicing)."""
         return self._h5()[f"{phase}/{name}"]
 
-    def read_phase(self, phase: str) -> dict:
-        """Every block of ``phase``: ``{name: f32 block}`` in production order."""
-        return {name: self.read(phase, name) for name in self.names(phase)}
-
     def describe(self) -> str:
         """Human-readable summary (as ``python -m llm info`` prints it)."""
         return describe_manifest(self.manifest, self.path)

@@ -31,8 +31,7 @@ def _rank_blocks(fabric: Fabric, tiles: np.ndarray):
     return np.ascontiguousarray(np.moveaxis(t, 2, 1))  # (ry, rx, by, bx, *tile)
 
 
-def scatter(fabric: Fabric, tiles: np.ndarray | None, root: int = 0, io_op: str = "io/scatter",
-            ) -> np.ndarray:
+def scatter(fabric: Fabric, tiles: np.ndarray | None, root: int = 0) -> np.ndarray:
     """Distribute a global ``(Py, Px, *tile)`` tile array held by ``root``.
 
     Returns this rank's ``(by, bx, *tile)`` block. Non-root ranks pass ``None``.
