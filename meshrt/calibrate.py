@@ -19,6 +19,7 @@ which also uses a decode throughput and a KV capacity, lives in :mod:`llm.calibr
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def modeled_seconds(device: Device, size: int) -> float:
 def gemv_points() -> list[tuple[str, float, Callable[[Device], float]]]:
     """``(label, measured seconds, model(device) -> seconds)`` of the Table-6 points."""
     return [(f"MeshGEMV [1,{n // 1024}K]x[{n // 1024}K,{n // 1024}K] on 720x720", t,
-             (lambda dev, n=n: modeled_seconds(dev, n))) for n, t in GEMV_POINTS]
+             partial(modeled_seconds, size=n)) for n, t in GEMV_POINTS]
 
 
 def fit(base: Device, names: list[str], points: list, start: list[float] | None = None,

@@ -86,7 +86,8 @@ def ktree_groups(n_cores: int, levels: int = 2, groups: int | None = None) -> li
     if levels < 1:
         raise ValueError(f"levels={levels} must be >= 1")
     size = max(2, math.ceil(n_cores ** (1.0 / levels) - 1e-9))
-    out, members = [], n_cores
+    out: list[int] = []
+    members = n_cores
     for _ in range(levels):
         if members <= 1:
             break
@@ -124,7 +125,7 @@ def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list
 @functools.lru_cache(maxsize=1024)
 def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None = None) -> tuple:
     """Per-phase costs of the K-tree allreduce: one :class:`Cost` per level, then the broadcast."""
-    out = []
+    out: list[Cost] = []
     for segs in ktree_plan(n_cores, levels, groups):
         hops = routings = 0
         for _lo, _hi, root, mem in segs:
@@ -206,8 +207,8 @@ KTREE = AllreduceSpec()
 # Emulation engines
 # ----------------------------------------------------------------------------------------------
 
-def _sweep(fab: Fabric, axis: int, own: np.ndarray, ufunc, send_up: bool,
-           recv_up: bool, send_down: bool, recv_down: bool, name: str):
+def _sweep(fab: Fabric, axis: int, own: np.ndarray | tuple[np.ndarray, np.ndarray], ufunc,
+           send_up: bool, recv_up: bool, send_down: bool, recv_down: bool, name: str):
     """Pass a carry up the rank line and another down it; returns ``(from_below, from_above)``.
 
     ``own`` is this rank's contribution to both carries (or a pair ``(up, down)``). A rank
@@ -272,11 +273,15 @@ def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, segs, op: str, nam
 
     first, last = at(0), at(len(runs) - 1)
     if side(s0 - 1) == -1:   # the segment below runs up into this rank
-        red[first] = ufunc(fab.recv(red[first].shape, red.dtype, axis, LO, op=name), red[first])
+        got = fab.recv(red[first].shape, red.dtype, axis, LO, op=name)
+        assert got is not None   # the segment crosses the edge: a neighbour exists
+        red[first] = ufunc(got, red[first])
     if runs[-1][1] == -1:    # ... and on into the next
         fab.send(red[last], axis, HI, op=name)
     if side(e) == +1:        # the segment above runs down into this rank
-        red[last] = ufunc(red[last], fab.recv(red[last].shape, red.dtype, axis, HI, op=name))
+        got = fab.recv(red[last].shape, red.dtype, axis, HI, op=name)
+        assert got is not None
+        red[last] = ufunc(red[last], got)
     if runs[0][1] == +1:
         fab.send(red[first], axis, LO, op=name)
     out = np.full_like(vals, ident)
@@ -388,7 +393,9 @@ def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) 
         sl[axis] = slice(root - fab.origin[axis], root - fab.origin[axis] + 1)
         value = np.ascontiguousarray(block[tuple(sl)])
     else:
-        value = fab.recv(shape, block.dtype, axis, HI if r < owner else LO, op=name)
+        got = fab.recv(shape, block.dtype, axis, HI if r < owner else LO, op=name)
+        assert got is not None   # the owner is on that side
+        value = got
     if r <= owner:
         fab.send(value, axis, LO, op=name)
     if r >= owner:

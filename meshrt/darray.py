@@ -45,7 +45,8 @@ def scatter(fabric: Fabric, tiles: np.ndarray | None, root: int = 0) -> np.ndarr
         lay = fabric.layout
         block_shape = (lay.by, lay.bx, *shape[2:])
         out = np.empty(block_shape, dtype=np.dtype(dtype))
-        send = _rank_blocks(fabric, tiles) if comm.Get_rank() == root else None
+        send = _rank_blocks(fabric, tiles) if tiles is not None and comm.Get_rank() == root \
+            else None
         # reorder=False in the Cartesian grid keeps rank order == row-major rank coordinates
         comm.Scatter(send, out, root=root)
     fabric.ledger.io(out.nbytes * fabric.nranks, _edge_links(fabric))

@@ -55,6 +55,8 @@ class Fabric:
         either way), fewer MPI messages. Off by default: every phase runs as its own messages.
     """
 
+    _peers: dict[tuple[int, int], int | None]   # (axis, side) -> neighbour rank or None
+
     def __init__(self, comm: ControlPlane | Comm | None, layout: MeshLayout, *,
                  ledger: Ledger | None = None, trace: bool = False, aggregate: bool = False):
         self.control = ControlPlane.of(comm)
@@ -130,6 +132,7 @@ class Fabric:
         if peer is None:
             return
         buf = np.ascontiguousarray(array)
+        assert self.cart is not None   # a peer exists only on a grid of several ranks
         self.cart.Send(buf, dest=peer, tag=axis)
         self._note(op, peer, buf.nbytes, True)
 
@@ -139,6 +142,7 @@ class Fabric:
         if peer is None:
             return None
         buf = np.empty(shape, dtype=dtype)
+        assert self.cart is not None
         self.cart.Recv(buf, source=peer, tag=axis)
         self._note(op, peer, buf.nbytes, False)
         return buf
@@ -152,6 +156,7 @@ class Fabric:
         src = self.peer(axis, -to_side)
         if dst is None and src is None:
             return None
+        assert self.cart is not None and self._mpi is not None
         PROC_NULL = self._mpi.PROC_NULL
         buf = np.ascontiguousarray(array)
         out = np.empty_like(buf)
@@ -249,7 +254,7 @@ class Fabric:
         for d in np.unique(local[inside] - pos[inside]):  # a few strided copies, not a gather
             _copy_strided(out, block, pos[inside & (local - pos == d)], int(d), axis)
         for j in np.flatnonzero(~inside):  # at most 2w cores near the edges
-            dst = [slice(None)] * block.ndim
+            dst: list = [slice(None)] * block.ndim
             dst[axis] = j
             srcsl = [slice(None)] * block.ndim
             srcsl[axis] = local[j] + w if local[j] < 0 else local[j] - b

@@ -64,7 +64,8 @@ def default_rank_grid(nranks: int, py: int | None = None, px: int | None = None)
         key = (abs(ry - rx), ry > rx)
         if best is None or key < best[0]:
             best = (key, (ry, rx))
-    if best is None:
+    if best is None:   # only when both sides are given: a free side always fits R = 1
+        assert py is not None and px is not None
         raise MeshError(
             f"{nranks} ranks cannot tile a {py}x{px} virtual mesh: need Ry | {py} and Rx | {px}; "
             f"rank counts that fit: {valid_rank_counts(py, px)}")

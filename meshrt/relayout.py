@@ -158,7 +158,7 @@ def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, ds
     lo = fab.origin[axis]
     hi = lo + b
     out = np.zeros((b, tab.shape[1], n_slots) + tab.shape[3:], dtype=table.dtype)
-    got = {}                                                   # item -> [other, *item]
+    got: dict[int, np.ndarray] = {}                            # item -> [other, *item]
 
     def local(k):
         return tab[k_src_local[k], :, src_slot[k]]
@@ -178,6 +178,7 @@ def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, ds
             if len(ids):
                 slab = fab.recv((len(ids),) + tab.shape[1:2] + tab.shape[3:], table.dtype, axis,
                                 -side, op=name)
+                assert slab is not None   # the cut is inside the line: a neighbour exists
                 got.update(zip(ids.tolist(), slab))
         if 0 < cut_out < n:
             ids = crossing(cut_out)

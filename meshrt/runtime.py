@@ -364,12 +364,14 @@ def run_main(main, argv=None) -> int:
             prefix = f"rank {rank}/{size}: " if size > 1 and not collective else ""
             print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
         if code and size > 1 and not collective:
+            assert comm is not None   # size > 1: under a launcher
             comm.Abort(code)
         if code:
             _finalize()     # every rank agreed: end MPI cleanly (no abort under -m mpi4py)
         return code
     except KeyboardInterrupt:
         if size > 1:
+            assert comm is not None   # size > 1: under a launcher
             comm.Abort(130)
         return 130
     except BrokenPipeError:
@@ -380,6 +382,7 @@ def run_main(main, argv=None) -> int:
         sys.stderr.write(f"{prefix}unhandled exception, ending the job\n{traceback.format_exc()}")
         sys.stderr.flush()
         if size > 1:
+            assert comm is not None   # size > 1: under a launcher
             comm.Abort(1)
         return 1
 

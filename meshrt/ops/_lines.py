@@ -156,6 +156,7 @@ def permute_line(fab: Fabric, block: np.ndarray, axis: int, dest: np.ndarray, li
                 shape = list(block.shape)
                 shape[axis] = len(ids)
                 slab = fab.recv(tuple(shape), block.dtype, axis, -side, op=op)
+                assert slab is not None   # the cut is inside the line: a neighbour exists
                 for k, i in enumerate(ids):
                     got[int(i)] = slab[_at(nd, axis, k)]
         if 0 < out_cut < n:
@@ -200,7 +201,7 @@ def shift_lines_back(fab: Fabric, block: np.ndarray, axis: int, line: Line, amou
                 permute_line(fab, cur[sl], axis, dest, line, out=buf[sl], op=op)
                 cur[sl] = buf[sl]
     result = np.empty_like(cur)
-    idx = [slice(None)] * block.ndim
+    idx: list = [slice(None)] * block.ndim
     idx[other] = order
     result[tuple(idx)] = cur
     return result

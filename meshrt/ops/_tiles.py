@@ -171,7 +171,7 @@ def virtual_to_logical(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(v).reshape(vy * b, vx * a, rs // b, ru // a)
 
 
-def priced_plan(plan: GemmPlan, priced: tuple | None) -> GemmPlan:
+def priced_plan(plan: GemmPlan, priced: tuple[int, int, int] | None) -> GemmPlan:
     """The plan the ledger prices: ``plan``, or that of the ``(m, k, n)`` shapes ``priced`` when
     the blocks carry more padding than the modeled device would (never larger than ``plan``)."""
     if priced is None:

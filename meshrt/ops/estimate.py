@@ -29,6 +29,7 @@ paths the multicast must be relayed in software, so each hop also costs a routin
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -270,4 +271,5 @@ def estimate_gemm_t(m: int, n: int, d: int, mesh: tuple[int, int], device: Devic
     return led
 
 
-ESTIMATORS = {"meshgemm": estimate_meshgemm, "cannon": estimate_cannon, "summa": estimate_summa}
+ESTIMATORS: dict[str, Callable[..., Ledger]] = {
+    "meshgemm": estimate_meshgemm, "cannon": estimate_cannon, "summa": estimate_summa}

@@ -25,6 +25,7 @@ the words move, and each step widens its operands to float32; products accumulat
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from .. import darray
 from ..collectives import broadcast
 from ..fabric import Fabric
 from ..mesh import lcm
+from ..plmr import Cost
 from ..precision import widen
 from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
 from ._tiles import (
@@ -196,7 +198,7 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
     a_blocks = a.reshape(by, bx, tm, plan.a, plan.tkb)     # [.., tm, K-block within core, tkb]
     b_blocks = b.reshape(by, bx, plan.b, plan.tkb, tn)
     c = np.zeros((by, bx, tm, tn), np.float32)
-    steps = Counter()
+    steps: Counter[Cost] = Counter()
     for kb in range(plan.nl):
         col, row = summa_roots(plan, kb)
         panel_a = broadcast(fab, a_blocks[:, :, :, kb % plan.a], 1, col, record=False,
@@ -215,7 +217,8 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
 # Convenience: host matrices in, host matrix out
 # ----------------------------------------------------------------------------------------------
 
-KERNELS = {"meshgemm": meshgemm, "cannon": cannon, "summa": summa}
+KERNELS: dict[str, Callable[..., np.ndarray]] = {"meshgemm": meshgemm, "cannon": cannon,
+                                                 "summa": summa}
 
 
 def _host_shapes(fab: Fabric, *arrays, root: int = 0) -> list:
@@ -243,8 +246,8 @@ def matmul(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, algo: str = 
     mesh = (fab.layout.py, fab.layout.px)
     is_root = fab.nranks == 1 or fab.world.Get_rank() == root
     b_algo = algo if b_preskewed else "natural"
-    ta = prepare_a(a, mesh, dtype) if is_root else None
-    tb = prepare_b(b, mesh, b_algo, dtype) if is_root else None
+    ta = prepare_a(a, mesh, dtype) if is_root and a is not None else None
+    tb = prepare_b(b, mesh, b_algo, dtype) if is_root and b is not None else None
     a_blk = darray.scatter(fab, ta, root)
     b_blk = darray.scatter(fab, tb, root)
     kwargs = {} if algo == "summa" else {"b_preskewed": b_preskewed}

@@ -26,6 +26,7 @@ from .. import darray
 from ..collectives import reduce_to_root
 from ..fabric import Fabric
 from ..mesh import MeshError, lcm
+from ..plmr import Cost
 from ._lines import line_of, permute_line, ring_dest
 from ._tiles import GemmPlan, natural_tiles
 from .estimate import (
@@ -99,7 +100,7 @@ def gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "gemm_t") -> n
     iy, ix = np.arange(by)[:, None], np.arange(bx)[None, :]
     my_rows = fab.index(0)
     dest = ring_dest(plan.nl, "interleaved")
-    reduces = Counter()
+    reduces: Counter[Cost] = Counter()
     for t in range(plan.nl):
         # [by, bx, b, D/Px, tnb]: B^T as a view
         b_t = b_cur.reshape(by, rows_per, bx, tnb, td).transpose(0, 2, 1, 4, 3)
@@ -125,7 +126,7 @@ def matmul_t(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, dtype=np.f
 
     Returns ``C[M, N]`` on ``root`` (every rank with ``to_all``), ``None`` elsewhere.
     """
-    shapes = [None if x is None else tuple(x.shape) for x in (a, b)]
+    shapes: list = [None if x is None else tuple(x.shape) for x in (a, b)]
     if fab.nranks > 1:
         shapes = fab.world.bcast(shapes, root=root)
     (m, d), (n, d2) = shapes
@@ -133,6 +134,7 @@ def matmul_t(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, dtype=np.f
         raise ValueError(f"feature dimensions differ: A is {m}x{d}, B is {n}x{d2}")
     mesh = (fab.layout.py, fab.layout.px)
     is_root = fab.nranks == 1 or fab.world.Get_rank() == root
-    ta, tb = prepare_gemm_t(a, b, mesh, dtype) if is_root else (None, None)
+    ta, tb = (prepare_gemm_t(a, b, mesh, dtype) if is_root and a is not None and b is not None
+              else (None, None))
     c_blk = gemm_t(fab, darray.scatter(fab, ta, root), darray.scatter(fab, tb, root))
     return darray.gather_matrix(fab, c_blk, (m, n), root, to_all)

@@ -111,6 +111,7 @@ def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         if out is None:
             out = np.empty((by,) + part.shape[1:], np.float32)
         out[a0:a1] = part
+    assert out is not None   # by >= 1
     return out
 
 

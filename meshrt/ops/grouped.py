@@ -198,7 +198,7 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     iy, ix = np.arange(by)[:, None], np.arange(bx)[None, :]
     my_rows = fab.index(0)
     dest = ring_dest(plan.nl, RING)
-    reduces = Counter()
+    reduces: Counter[Cost] = Counter()
     for t in range(plan.nl):
         b_t = b_cur.reshape(by, rows_per, bx, tnb, td).transpose(0, 2, 1, 4, 3)  # B^T view
         part = np.matmul(al, b_t.astype(f32, copy=False))       # [by, bx, b, tmb*G, tnb]
