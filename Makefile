@@ -19,7 +19,7 @@ export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lint test test-serial test-mpi test-oracle bench bench-hf bench-scale fixtures model demo demo-tiny predict clean help
+.PHONY: install lint format-check test test-serial test-mpi test-oracle bench bench-hf bench-scale fixtures model demo demo-tiny predict clean help
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
@@ -52,6 +52,10 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# What `ruff format` would change; not part of lint until the tree is formatted in one commit.
+format-check: install
+	$(VENV)/bin/ruff format --check .
 
 test: install
 	$(MAKE) test-serial test-mpi
