@@ -79,8 +79,8 @@ class Fabric:
         else:
             from mpi4py import MPI
             self._mpi = MPI
-            self.cart = comm.Create_cart([layout.ry, layout.rx], periods=[False, False],
-                                         reorder=False)
+            self.cart = self.control.communicator.Create_cart(
+                [layout.ry, layout.rx], periods=[False, False], reorder=False)
             self.rank = self.cart.Get_rank()      # == world rank: the grid is not reordered
             self.coords = self.control.coords((layout.ry, layout.rx))
             self._peers = {}

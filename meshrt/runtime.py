@@ -12,12 +12,13 @@ import os
 import pickle
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .mesh import grid_coords
 
 if TYPE_CHECKING:
-    from mpi4py.MPI import Comm
+    from mpi4py.MPI import Intracomm as Comm  # COMM_WORLD and the communicators made from it
 else:
     Comm = Any   # mpi4py.MPI.Comm; mpi4py is imported only when a launcher started the job
 
@@ -137,17 +138,17 @@ class ControlPlane:
         self._rank, self._size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
 
     @classmethod
-    def single(cls) -> "ControlPlane":
+    def single(cls) -> ControlPlane:
         """One process, no MPI."""
         return cls(None)
 
     @classmethod
-    def world(cls) -> "ControlPlane":
+    def world(cls) -> ControlPlane:
         """``COMM_WORLD`` under an MPI launcher, else one process (see :func:`world`)."""
         return cls(world())
 
     @classmethod
-    def of(cls, control: "ControlPlane | Comm | None") -> "ControlPlane":
+    def of(cls, control: ControlPlane | Comm | None) -> ControlPlane:
         """``control`` itself if it is a ControlPlane, else the ControlPlane of that
         communicator (``None``: one process). For the edges of a program, where a raw
         communicator arrives."""
@@ -168,6 +169,13 @@ class ControlPlane:
         return self._size
 
     @property
+    def communicator(self) -> Comm:
+        """The MPI communicator of a plane of several ranks (one process has none)."""
+        if self.comm is None:
+            raise RuntimeError("a one-process control plane has no communicator")
+        return self.comm
+
+    @property
     def is_root(self) -> bool:
         """Whether this is rank 0, the rank that reads inputs and writes output."""
         return self._rank == 0
@@ -186,15 +194,15 @@ class ControlPlane:
     # -- collectives on Python objects -----------------------------------------------------
     def bcast(self, value: T, root: int = 0) -> T:
         """``root``'s ``value`` on every rank."""
-        return value if self._size == 1 else self.comm.bcast(value, root=root)
+        return value if self._size == 1 else self.communicator.bcast(value, root=root)
 
     def gather(self, value: T, root: int = 0) -> list[T] | None:
         """Every rank's ``value`` in rank order on ``root``; ``None`` on the other ranks."""
-        return [value] if self._size == 1 else self.comm.gather(value, root=root)
+        return [value] if self._size == 1 else self.communicator.gather(value, root=root)
 
     def allgather(self, value: T) -> list[T]:
         """Every rank's ``value`` in rank order, on every rank."""
-        return [value] if self._size == 1 else self.comm.allgather(value)
+        return [value] if self._size == 1 else self.communicator.allgather(value)
 
     def allreduce(self, value: T, op: str = "sum") -> T:
         """``value`` reduced over all ranks with ``op`` (``"sum"``, ``"max"`` or ``"min"``),
@@ -204,7 +212,7 @@ class ControlPlane:
         if self._size == 1:
             return value
         from mpi4py import MPI
-        return self.comm.allreduce(value, op={"sum": MPI.SUM, "max": MPI.MAX,
+        return self.communicator.allreduce(value, op={"sum": MPI.SUM, "max": MPI.MAX,
                                               "min": MPI.MIN}[op])
 
     def allreduce_max(self, value: T) -> T:
@@ -214,7 +222,7 @@ class ControlPlane:
     def barrier(self) -> None:
         """Wait until every rank arrives."""
         if self._size > 1:
-            self.comm.Barrier()
+            self.communicator.Barrier()
 
     # -- agreement on errors ---------------------------------------------------------------
     def agree(self, fn: Callable[[], T], *, on: str = "root",
@@ -251,32 +259,33 @@ class ControlPlane:
         if self._size == 1:
             return fn()
         if on == "root":
-            outcome = None
+            outcome: tuple[str, Any] | None = None
             if self.is_root:
                 try:
                     outcome = ("ok", fn())
                 except catch as e:
                     outcome = ("error", _portable(e))
-                    mine = e
-            status, payload = self.comm.bcast(outcome, root=0)
+                    own = e
+            status, payload = self.communicator.bcast(outcome, root=0)
             if status == "ok":
                 return payload
             if self.is_root:
-                raise mine
+                raise own
             raise payload
-        value, mine = None, None
+        value: Any = None
+        mine: BaseException | None = None
         try:
             value = fn()
         except catch as e:
             mine = e
-        failures = self.comm.allgather(None if mine is None else _portable(mine))
+        failures = self.communicator.allgather(None if mine is None else _portable(mine))
         failed = [(r, e) for r, e in enumerate(failures) if e is not None]
         if not failed:
             return value
         first, error = failed[0]
         if len(failed) < self._size:
             error = _with_prefix(error, f"on rank {first}: ")
-        elif first == self._rank:
+        elif first == self._rank and mine is not None:
             raise mine
         raise error from mine
 
