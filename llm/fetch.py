@@ -21,7 +21,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
 CACHE_ENV = "WAFERLLM_CACHE"
 PIP_TIMEOUT_S = 900
 

@@ -20,7 +20,6 @@ import numpy as np
 from . import runtime
 from .collectives import AllreduceSpec
 
-
 #: Algorithms each benchmark runs; ``meshgemv`` is the paper's name of the K-tree GEMV.
 ALGOS = {"gemv": ("ktree", "pipeline", "ring"), "gemm": ("meshgemm", "cannon", "summa")}
 ALGO_ALIASES = {"meshgemv": "ktree"}

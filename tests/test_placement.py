@@ -16,8 +16,8 @@ from llm.checkpoint import (
 )
 from llm.config import preset
 from llm.layout import PhaseLayout
-from llm.phase_weights import PHASE_SPECS
 from llm.model import MeshModel
+from llm.phase_weights import PHASE_SPECS
 from llm.placement import LazyBlock, RowTable, place, tile_shape
 from meshrt import darray
 from meshrt.mesh import lcm

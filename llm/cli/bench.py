@@ -7,8 +7,16 @@ import sys
 from meshrt import runtime
 
 from ..options import BenchOptions
-from .common import (WEIGHTS_NOTE, add_mesh_args, add_run_args, mesh_spec, non_negative,
-                     positive, run_options, subparser)
+from .common import (
+    WEIGHTS_NOTE,
+    add_mesh_args,
+    add_run_args,
+    mesh_spec,
+    non_negative,
+    positive,
+    run_options,
+    subparser,
+)
 
 
 def add_parser(sub) -> None:

@@ -8,8 +8,15 @@ import sys
 from meshrt import runtime
 
 from ..options import ModelSource
-from .common import (add_mesh_args, add_run_args, mesh_spec, positive, run_options,
-                     sampling_options, subparser)
+from .common import (
+    add_mesh_args,
+    add_run_args,
+    mesh_spec,
+    positive,
+    run_options,
+    sampling_options,
+    subparser,
+)
 
 
 def add_parser(sub) -> None:

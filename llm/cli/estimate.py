@@ -119,8 +119,9 @@ def sweep(preset_name: str, sides, device="wse2", context: int = CONTEXT) -> lis
 def paper_table(device="wse2") -> dict:
     """Predictions at the paper's settings: decode at 420/540/660 (4K context), prefill at
     480/600/720 (4096-token prompt), end to end at 660->360 (8B) and 750->375 (13B)."""
-    from ..predict import decode_tpr
     from meshrt.plmr import get_device
+
+    from ..predict import decode_tpr
     dev = get_device(device)
     out = {"device": dev.to_dict(), "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
     for name in PAPER_MODELS:

@@ -7,9 +7,20 @@ import sys
 from meshrt import runtime
 
 from ..options import BatchOptions, GenerateOptions, ModelSource, PromptSpec, StopOptions
-from .common import (WEIGHTS_NOTE, add_mesh_args, add_run_args, mesh_spec, non_negative,
-                     positive, probability, run_options, sampling_options, subparser,
-                     temperature, token_ids)
+from .common import (
+    WEIGHTS_NOTE,
+    add_mesh_args,
+    add_run_args,
+    mesh_spec,
+    non_negative,
+    positive,
+    probability,
+    run_options,
+    sampling_options,
+    subparser,
+    temperature,
+    token_ids,
+)
 
 
 def add_parser(sub) -> None:
