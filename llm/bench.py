@@ -43,15 +43,9 @@ def full_model_estimate(config, mesh, device, context: int, prompt: int, policy:
 
 def _wafer(config, pmesh, dmesh, prompt, context, device, policy, allreduce) -> dict:
     """The request on the wafer, stages and transfers included (``llm estimate``'s figures)."""
-    from .predict import predict
-    from .wafer import PlacementError
-    try:
-        r = predict(config, pmesh, dmesh, prompt, max(1, context - prompt), device, policy,
-                    allreduce)
-    except PlacementError as e:
-        return {"error": str(e)}
-    return {k: r[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr", "kv_capacity",
-                              "stages", "wafers", "method", "violations")}
+    from .predict import modeled_wafer
+    return modeled_wafer(config, pmesh, dmesh, prompt, context - prompt, device, policy,
+                         allreduce)
 
 
 def _peak_rss_gib() -> float:
@@ -167,9 +161,6 @@ def format_report(out: dict, mem_per_core: int) -> str:
              f"({'fits' if est['fits_device'] else 'does not fit'} "
              f"{mem_per_core // 1024} KiB), KV capacity concat "
              f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens"]
-    w = est["wafer"]
-    if "error" not in w:
-        lines.append(f"  on the wafer (llm estimate): TTFT {w['ttft_s'] * 1e3:.3f} ms, TPR "
-                     f"{w['decode_tpr']:.1f} tok/s, e2e {w['e2e_tpr']:.1f} tok/s, stages "
-                     f"{w['stages']['prefill']}+{w['stages']['decode']}, {w['wafers']} wafer(s)")
+    from .predict import format_modeled_wafer
+    lines.append("  " + format_modeled_wafer(est["wafer"], device))
     return "\n".join(lines)

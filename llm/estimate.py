@@ -6,6 +6,13 @@ records :class:`llm.decode.MeshDecoder` writes when it runs a token, :func:`pref
 :func:`first_token`, summed by :func:`ttft`) those of :class:`llm.prefill.MeshPrefiller` and the
 hand-off (tests tie them on emulated meshes). No data is touched, so paper-scale meshes (e.g.
 LLaMA3-8B on 420 x 420 cores) are priced in milliseconds.
+
+Prefill attention is priced over the whole ``T x T`` square, not its causal half: every
+lockstep step of dist-GEMM-T and of the P.V MeshGEMM is priced by its busiest core, and the
+core row holding the last prompt segment needs every key segment at every step, so skipping
+the masked blocks shortens no step on a square mesh (it saves energy, not time). The paper's
+public prefill kernel likewise applies no mask and computes every block
+(``waferllm-code-notes.md`` §4.2); see the README's pricing rules.
 """
 from __future__ import annotations
 

@@ -121,11 +121,15 @@ def load_model(source: ModelSource, comm):
 
 def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
     """The ``generate --json`` record of one finished request (also a ``--batch`` result)."""
+    from .predict import modeled_wafer
     dl, pl = model.layouts["decode"], model.layouts["prefill"]
     violations = sorted({v for led in model.ledgers().values() for v in led.violations()})
+    wafer = modeled_wafer(model.config, (pl.py, pl.px), (dl.py, dl.px), len(prompt_ids),
+                          len(gen.new_ids), model.decode_fabric.ledger.device, model.kv_policy,
+                          model.allreduce)
     return {"prompt_ids": list(prompt_ids), "new_ids": gen.new_ids,
             "text": None if tokenizer is None else tokenizer.decode(gen.new_ids),
-            **gen.metrics(), "violations": violations,
+            **gen.metrics(), "violations": violations, "wafer": wafer,
             "decode_mesh": [dl.py, dl.px], "prefill_mesh": [pl.py, pl.px],
             "ranks": [dl.ry, dl.rx], "device": model.decode_fabric.ledger.device.name,
             "kv_policy": model.kv_policy}
@@ -133,8 +137,10 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
 
 def format_metrics(m: dict, device: str) -> str:
     """One line of wall-clock and modeled metrics of a :meth:`Generation.metrics` record."""
+    from .predict import format_modeled_wafer
+    wafer = "\n" + format_modeled_wafer(m["wafer"], device) if "wafer" in m else ""
     return (f"{m['new_tokens']} tokens ({m['stopped_by']}): "
             f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
             f"{m['tokens_per_s']:.1f} tok/s on this machine | modeled {device}: "
             f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {m['modeled_tpot_s'] * 1e3:.4f} ms, "
-            f"TPR {m['modeled_tpr']:.1f} tok/s")
+            f"TPR {m['modeled_tpr']:.1f} tok/s" + wafer)

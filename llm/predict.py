@@ -34,7 +34,7 @@ from .config import ModelConfig
 from .wafer import (PlacementError, Shelves, WaferPlan, kv_capacity, place, place_phase,
                     stage_transfers)
 
-__all__ = ["predict", "PlacementError"]
+__all__ = ["predict", "modeled_wafer", "format_modeled_wafer", "PlacementError"]
 
 
 def _with_layers(config: ModelConfig, n: int) -> ModelConfig:
@@ -106,7 +106,10 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
         ``ttft_s``, ``prefill_tpr`` (``prompt / ttft_s``), ``tpot_s``, ``decode_tpr``,
         ``e2e_tpr``, ``kv_capacity`` {shift, concat}, ``stages`` {prefill, decode}, ``cores``
         {prefill, decode, wafer}, ``fits``, ``violations``, ``wafers``, ``method``,
-        ``placement`` (details) and ``parts_s`` (TTFT and decode breakdown).
+        ``placement`` (details), ``parts_s`` (TTFT and decode breakdown) and
+        ``inter_wafer_handovers`` {prefill, decode_per_token}: stage hand-overs that cross
+        wafers, priced as on-wafer hand-overs (the wafer-to-wafer link is excluded, see
+        :data:`llm.wafer.INTER_WAFER_NOTE`).
 
     Raises
     ------
@@ -126,10 +129,12 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
     replace_cycles = w_ends + L * w_layer
     if plan.coexist:
         ttft_cycles -= replace_cycles
-    pre_xfer = transfer_cycles(device, stage_transfers(plan.prefill, config, prompt))
+    pre_transfers = stage_transfers(plan.prefill, config, prompt)
+    pre_xfer = transfer_cycles(device, pre_transfers)
     ttft_cycles += pre_xfer
 
-    dec_xfer = transfer_cycles(device, stage_transfers(plan.decode, config, 1))
+    dec_transfers = stage_transfers(plan.decode, config, 1)
+    dec_xfer = transfer_cycles(device, dec_transfers)
     if new_tokens == 1:
         steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt, allreduce)]
     else:
@@ -150,7 +155,7 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
                           f"{context} of this request")
     if plan.wafers > 1:
         violations.append(f"the model needs {plan.wafers} wafers; priced as a layer subset on "
-                          "one wafer, scaled per layer (inter-wafer links not priced)")
+                          "one wafer, scaled per layer (inter-wafer links excluded)")
     wafer_cores = device.cores_x * device.cores_y
     return {
         "model": config.name or config.family, "device": device.name,
@@ -171,6 +176,9 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
                     "weight_replacement": 0.0 if plan.coexist else device.seconds(replace_cycles),
                     "decode_stage_transfers_per_token": device.seconds(dec_xfer),
                     "decode_total": device.seconds(decode_total)},
+        "inter_wafer_handovers": {"prefill": sum(t["inter_wafer"] for t in pre_transfers),
+                                  "decode_per_token": sum(t["inter_wafer"]
+                                                          for t in dec_transfers)},
         "placement": plan.summary(),
     }
 
@@ -185,3 +193,43 @@ def decode_tpr(config: ModelConfig, mesh: tuple[int, int], device: Device | str 
     cycles = decode_step_cycles(config, tuple(mesh), device, context) \
         + transfer_cycles(device, stage_transfers(pl, config, 1))
     return 1.0 / device.seconds(cycles)
+
+
+#: The figures :func:`modeled_wafer` reports (a subset of :func:`predict`'s).
+MODELED_KEYS = ("ttft_s", "prefill_tpr", "tpot_s", "decode_tpr", "e2e_tpr", "kv_capacity",
+                "stages", "cores", "wafers", "method", "fits", "violations")
+
+
+def modeled_wafer(config: ModelConfig, prefill_mesh: tuple[int, int],
+                  decode_mesh: tuple[int, int], prompt: int, new_tokens: int,
+                  device: Device | str = "wse2", policy: str = "shift",
+                  allreduce: AllreduceSpec = KTREE) -> dict:
+    """The wafer's figures of one request, as ``llm estimate`` gives them, for other reports.
+
+    ``generate`` and ``bench`` call this with their run's config, meshes and token counts so
+    that every command reports the wafer through :func:`predict`. ``new_tokens`` below 1
+    counts as 1 (a request that stopped before its first decode step).
+
+    Returns
+    -------
+    dict
+        The :data:`MODELED_KEYS` of :func:`predict`, or ``{"error": reason}`` when the
+        configuration cannot be placed on ``device`` (e.g. one layer does not fit a core of a
+        small mesh).
+    """
+    try:
+        r = predict(config, prefill_mesh, decode_mesh, max(1, int(prompt)),
+                    max(1, int(new_tokens)), device, policy, allreduce)
+    except PlacementError as e:
+        return {"error": str(e)}
+    return {k: r[k] for k in MODELED_KEYS}
+
+
+def format_modeled_wafer(m: dict, device: str) -> str:
+    """One line of :func:`modeled_wafer`'s figures (or why there are none)."""
+    if "error" in m:
+        return f"modeled wafer ({device}, whole model): not placeable: {m['error']}"
+    return (f"modeled wafer ({device}, whole model, as llm estimate): TTFT "
+            f"{m['ttft_s'] * 1e3:.3f} ms, TPOT {m['tpot_s'] * 1e3:.4f} ms, decode TPR "
+            f"{m['decode_tpr']:.1f} tok/s, e2e TPR {m['e2e_tpr']:.1f} tok/s, stages "
+            f"{m['stages']['prefill']}+{m['stages']['decode']}, {m['wafers']} wafer(s)")

@@ -30,6 +30,9 @@ re-placed over the fabric (priced by the hand-off in :mod:`llm.estimate`). A pha
 do not fit one wafer is priced as the paper measured CodeLLaMA-34B and QWen2-72B: its layers
 are run on one wafer a subset at a time and the cost is scaled per layer
 (``method = "layer-subset"``); ``wafers`` reports how many wafers would hold the model at once.
+The links between wafers are not priced (:data:`INTER_WAFER_NOTE`, stated in ``method``): a
+hand-over that would cross to another wafer costs what the on-wafer hand-over to the adjacent
+region costs, which is what a one-wafer layer-subset measurement contains.
 A mesh larger than the fabric, or a layer that alone does not fit a core, is a
 :class:`PlacementError`.
 """
@@ -41,6 +44,13 @@ from dataclasses import dataclass, field
 from meshrt.plmr import Device
 
 from .config import ModelConfig
+
+
+#: What a multi-wafer prediction leaves out, and why (reported in ``method``).
+INTER_WAFER_NOTE = ("inter-wafer links excluded: a hand-over between stages on different "
+                    "wafers is priced as an on-wafer hand-over to the adjacent region, as in a "
+                    "one-wafer layer-subset measurement; the paper gives no wafer-to-wafer "
+                    "link figure to price the link itself")
 
 
 class PlacementError(ValueError):
@@ -222,10 +232,18 @@ def transfer_cost(phase: PhasePlacement, a: Stage, b: Stage, config: ModelConfig
     Decode moves the Y-vector (each row's segment; the ``Px`` columns carry ``Py`` segments);
     prefill moves the ``T x hidden`` activation tile, a column's ``ceil(T/Py)`` rows each
     crossing that column's link.
+
+    A hand-over between stages on different wafers (``inter_wafer``) is priced as the hand-over
+    to the adjacent region below on one wafer: that is what the paper's measurement of a model
+    larger than a wafer contains (a layer subset run on one wafer, scaled per layer, §7 setup).
+    The wafer-to-wafer link itself is not priced: the paper gives no figure for it (no
+    multi-wafer run), and no allowed calibration point could fix one; see
+    :data:`INTER_WAFER_NOTE`.
     """
     py, px = phase.mesh
     h = config.hidden_size
-    if a.origin is None or b.origin is None or a.wafer != b.wafer:
+    inter = a.wafer != b.wafer
+    if a.origin is None or b.origin is None or inter:
         hops = py   # a layer subset (or the next wafer) priced as the adjacent region below
     else:
         hops = abs(a.origin[0] - b.origin[0]) + abs(a.origin[1] - b.origin[1])
@@ -233,7 +251,7 @@ def transfer_cost(phase: PhasePlacement, a: Stage, b: Stage, config: ModelConfig
         words = _cd(py, px) * _cd(h, py)
     else:
         words = _cd(tokens, py) * py * _cd(h, px)
-    return {"words": words, "hops": hops, "routings": 0}
+    return {"words": words, "hops": hops, "routings": 0, "inter_wafer": inter}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +276,8 @@ class WaferPlan:
     def method(self) -> str:
         if self.wafers > 1:
             return ("layer-subset: layers priced on one wafer a subset at a time and scaled "
-                    "per layer (the paper's method for models larger than a wafer)")
+                    "per layer (the paper's method for models larger than a wafer); "
+                    + INTER_WAFER_NOTE)
         return "placed: every stage of both phases on one wafer"
 
     def summary(self) -> dict:

@@ -22,15 +22,48 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Trends the paper states (§5.2 of the notes); none of these is a fit target
 # ----------------------------------------------------------------------------------------------
 
+FLAT_72B = ("modeled per-layer decode time of the 64-head models is flat between 420 and 540 "
+            "(GEMV compute shrinking as 1/N^2 balances the K-tree's N-hop latency growth, and "
+            "the all-heads scores allreduce carries fill x 64 words, shrinking with the mesh); "
+            "no physically justified missing cost was found, see the docstring")
+
+
+@pytest.mark.parametrize("name", [
+    "llama3-8b", "llama2-13b",
+    pytest.param("codellama-34b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
+    pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B))])
+def test_decode_tpr_falls_from_420_through_540_to_660(name):
+    """The paper: decode TPR falls from 420x420 to 660x660 for every model (420 > 540 > 660).
+
+    Known gap for CodeLLaMA-34B and QWen2-72B (expected failures). What was checked:
+
+    * Stage hand-overs and the layer-subset method: the hand-overs per layer fall as the mesh
+      grows (fewer, larger stages), so they favour the larger mesh; inter-wafer links are not
+      in the paper's one-wafer measurement.
+    * Per-hop latency: the two Table-6 GEMV points (720x720) bound ``alpha`` to at most about
+      1.3 cycles per hop even with ``beta`` = 0, so the K-tree's N-hop growth cannot be much
+      steeper than modeled; the fitted ``task_switch`` is a per-kernel constant (the GEMV
+      points, one kernel repeated, contain none of it).
+    * Grouping attention by head (paper §4.4: "running ... locally after grouping by head";
+      each head's scores reduced over the columns holding it, softmax over a core's own
+      heads) removes the shrinking all-heads scores term: priced that way, CodeLLaMA-34B's
+      per-layer time becomes monotone in the mesh but QWen2-72B's is still lower at 540
+      than at 420 (by about 1%), and the emulator would have to run the same schedule.
+
+    The two tests stay expected failures until a cost with a source explains the fall.
+    """
+    c = preset(name)
+    tpr = [decode_tpr(c, (s, s), WSE2, 4096) for s in (420, 540, 660)]
+    assert tpr[0] > tpr[1] > tpr[2]
+
+
 @pytest.mark.parametrize("name", [
     "llama3-8b", "llama2-13b", "codellama-34b",
-    pytest.param("qwen2-72b", marks=pytest.mark.xfail(
-        strict=True, reason="modeled decode TPR of the 64-head model is flat in the mesh: its "
-                            "scores allreduce carries fill x 64 heads, shrinking with the mesh"))])
-def test_decode_tpr_falls_from_420_to_660(name):
+    pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B))])
+def test_decode_tpr_at_660_is_below_420(name):
+    """The endpoints of the stated trend hold for all but the 72B model (same gap as above)."""
     c = preset(name)
-    tpr = {s: decode_tpr(c, (s, s), WSE2, 4096) for s in (420, 660)}
-    assert tpr[660] < tpr[420]
+    assert decode_tpr(c, (660, 660), WSE2, 4096) < decode_tpr(c, (420, 420), WSE2, 4096)
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
@@ -172,6 +205,39 @@ def test_estimate_cli_json_keys():
     assert set(r["kv_capacity"]) == {"shift", "concat"}
     assert set(r["stages"]) == {"prefill", "decode"}
     assert set(r["cores"]) == {"prefill", "decode", "wafer"}
+
+
+def test_estimate_help_is_plain_text():
+    p = _cli("--help")
+    assert p.returncode == 0
+    assert "``" not in p.stdout and "--paper-table" in p.stdout
+
+
+def test_multi_wafer_method_states_that_inter_wafer_links_are_excluded():
+    r = predict(preset("qwen2-72b"), (660, 660), (660, 660), 4096, 2)
+    assert r["wafers"] > 1 and "inter-wafer links excluded" in r["method"]
+    # every decode stage hand-over that leaves a wafer is counted (one wafer per 660 region)
+    assert r["inter_wafer_handovers"]["decode_per_token"] == r["stages"]["decode"] - 1
+    one = predict(preset("tiny-llama"), (16, 16), (8, 8), 32, 4)
+    assert "inter-wafer" not in one["method"]
+    assert one["inter_wafer_handovers"] == {"prefill": 0, "decode_per_token": 0}
+
+
+def test_modeled_wafer_reports_what_estimate_reports():
+    from llm.predict import format_modeled_wafer, modeled_wafer
+    c = preset("llama3-8b")
+    m = modeled_wafer(c, (660, 660), (360, 360), 2048, 128)
+    r = predict(c, (660, 660), (360, 360), 2048, 128)
+    assert {k: m[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr")} == \
+        {k: r[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr")}
+    line = format_modeled_wafer(m, "wse2")
+    assert f"{r['decode_tpr']:.1f} tok/s" in line and "\n" not in line
+    # a request that stopped before its first decode step is priced as one new token
+    assert modeled_wafer(c, (660, 660), (360, 360), 2048, 0) == \
+        modeled_wafer(c, (660, 660), (360, 360), 2048, 1)
+    bad = modeled_wafer(preset("llama-100m"), (8, 8), (8, 8), 16, 4)
+    assert "one layer alone" in bad["error"]
+    assert "not placeable" in format_modeled_wafer(bad, "wse2")
 
 
 def test_estimate_cli_bad_input_is_a_one_line_error():

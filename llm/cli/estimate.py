@@ -21,6 +21,15 @@ E2E_RUNS = {"llama3-8b": (660, 360), "llama2-13b": (750, 375)}
 E2E_LENGTHS = ((2048, 128), (4096, 128), (2048, 2048), (4096, 4096))
 CONTEXT = 4096
 
+DESCRIPTION = """\
+python -m llm estimate: closed-form predictions of the wafer, no emulation, no weights.
+
+One request (--preset, the two meshes, prompt and output lengths) as one JSON object; --sweep
+tabulates square meshes; --plot draws TPR against mesh side for the paper's four models;
+--paper-table writes the prediction table of the paper's settings (JSON and markdown);
+--calibration prints the device constants and their residuals on the allowed points.
+"""
+
 EPILOG = """\
 examples:
   python -m llm estimate --preset llama3-8b --prefill-mesh 660x660 --decode-mesh 360x360 \\
@@ -32,7 +41,8 @@ examples:
 Decode TPR is 1/TPOT (TPOT: mean over new tokens 2..M, or the one step at context N when
 M = 1); prefill TPR is N / TTFT; e2e TPR is M / (TTFT + all decode time). Models larger than
 one wafer are priced as a subset of layers on one wafer, scaled per layer (reported as
-"wafers" and "method").
+"wafers" and "method"); the links between wafers are not priced (the paper gives no figure
+for them), and "method" says so.
 """
 
 
@@ -40,8 +50,7 @@ def add_parser(sub):
     """Register ``estimate`` on the subcommand set ``sub``."""
     p = subparser(sub, "estimate",
                   help="closed-form wafer predictions (TTFT, TPOT, TPR, KV capacity)",
-                  description=__doc__.splitlines()[0] + "\n\n"
-                  + " ".join(__doc__.splitlines()[2:]),
+                  description=DESCRIPTION,
                   epilog=EPILOG)
     p.add_argument("--preset", default=None, help="model preset (e.g. llama3-8b, qwen2-72b)")
     p.add_argument("--prefill-mesh", default=None, metavar="PYxPX",
