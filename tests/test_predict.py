@@ -46,9 +46,12 @@ def test_decode_tpr_falls_from_420_through_540_to_660(name):
       points, one kernel repeated, contain none of it).
     * Grouping attention by head (paper §4.4: "running ... locally after grouping by head";
       each head's scores reduced over the columns holding it, softmax over a core's own
-      heads) removes the shrinking all-heads scores term: priced that way, CodeLLaMA-34B's
-      per-layer time becomes monotone in the mesh but QWen2-72B's is still lower at 540
-      than at 420 (by about 1%), and the emulator would have to run the same schedule.
+      heads) removes the shrinking all-heads scores term. Priced that way (one-layer cycles
+      at 420/540/660), per query head: 34B 13041/13143/14090 (monotone), 72B
+      13764/13622/14416; per K/V head (this project's feature layout): 34B
+      13892/13892/14758, 72B 14616/14371/15085. QWen2-72B stays 1-2% faster per layer at
+      540 than at 420 either way, and the emulator would have to run that schedule too; it
+      is not in the model.
 
     The two tests stay expected failures until a cost with a source explains the fall.
     """
