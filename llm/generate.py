@@ -136,7 +136,8 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
 
 
 def format_metrics(m: dict, device: str) -> str:
-    """One line of wall-clock and modeled metrics of a :meth:`Generation.metrics` record."""
+    """Wall-clock and modeled metrics of a :meth:`Generation.metrics` record in one line, then
+    the whole model's wafer figures (:func:`llm.predict.format_modeled_wafer`) when it has them."""
     from .predict import format_modeled_wafer
     wafer = "\n" + format_modeled_wafer(m["wafer"], device) if "wafer" in m else ""
     return (f"{m['new_tokens']} tokens ({m['stopped_by']}): "
