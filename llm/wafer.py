@@ -45,7 +45,6 @@ from meshrt.plmr import Device
 
 from .config import ModelConfig
 
-
 #: What a multi-wafer prediction leaves out, and why (reported in ``method``).
 INTER_WAFER_NOTE = ("inter-wafer links excluded: a hand-over between stages on different "
                     "wafers is priced as an on-wafer hand-over to the adjacent region, as in a "
