@@ -48,9 +48,10 @@ class MeshDecoder:
     lay : PhaseLayout
         Feature placement on ``fab``'s virtual mesh.
     layers : list of dict
-        Per layer, this rank's blocks of :func:`llm.mesh_weights.decode_layer_tiles`.
+        Per layer, this rank's blocks of the ``layer{i}/...`` tensors of
+        :func:`llm.mesh_weights.decode_specs` (keys without the prefix).
     glob : dict
-        This rank's blocks of :func:`llm.mesh_weights.decode_global_tiles`.
+        This rank's blocks of the global tensors of :func:`llm.mesh_weights.decode_specs`.
     cache : KVCache
     allreduce : AllreduceSpec
         Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).

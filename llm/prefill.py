@@ -49,9 +49,10 @@ class MeshPrefiller:
     lay : PhaseLayout
         Feature placement on ``fab``'s virtual mesh.
     layers : list of dict
-        Per layer, this rank's blocks of :func:`llm.prefill_weights.prefill_layer_tiles`.
+        Per layer, this rank's blocks of the ``layer{i}/...`` tensors of
+        :func:`llm.prefill_weights.prefill_specs` (keys without the prefix).
     glob : dict
-        This rank's blocks of :func:`llm.prefill_weights.prefill_global_tiles`.
+        This rank's blocks of the global tensors of :func:`llm.prefill_weights.prefill_specs`.
     allreduce : AllreduceSpec
         Allreduce of the RMSNorm and softmax reductions along x (K-tree by default).
     """
@@ -72,11 +73,19 @@ class MeshPrefiller:
             "prompt_logits": self._prompt_logits}
 
     # -- op handlers -----------------------------------------------------------------------
-    def execute(self, ops: list, acts: dict, weights: dict) -> dict:
-        """Run ``ops`` on the activations ``acts`` (updated in place and returned)."""
-        for op in ops:
+    def execute(self, ops: list, acts: dict, weights: dict, keep: tuple = ()) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned).
+
+        An activation is dropped after the last op that reads it unless it is in ``keep`` (at
+        4096 tokens one layer's scores and probabilities are gigabytes per rank).
+        """
+        last = {k: i for i, op in enumerate(ops) for k in op.inputs}
+        for i, op in enumerate(ops):
             out = self.handlers[op.kind](op, weights, *(acts[k] for k in op.inputs))
             acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+            for k in op.inputs:
+                if last[k] == i and k not in keep and k not in op.outputs:
+                    del acts[k]
         return acts
 
     def _embed(self, op, w):
@@ -128,8 +137,10 @@ class MeshPrefiller:
         s = grouped_gemm_t(fab, qr, k, heads, name=op.name,     # [by, bx, tl*g, S/Px, nkv]
                            priced=(d["m"], d["n"], d["d"]))
         sl, nkv = s.shape[3], s.shape[4]
-        s = s.reshape(by, bx, tl, g, sl, nkv) * self.scale
-        return np.where(self._causal(tl, sl), s, np.float32(-np.inf))
+        s = s.reshape(by, bx, tl, g, sl, nkv)
+        s *= self.scale                                          # in place: s is ours
+        np.copyto(s, np.float32(-np.inf), where=~self._causal(tl, sl))
+        return s
 
     def _causal(self, tl: int, sl: int) -> np.ndarray:
         """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token."""
@@ -144,10 +155,14 @@ class MeshPrefiller:
         by, bx, tl, g, sl, nkv = s.shape
         valid = self._causal(tl, sl)
         m = allreduce(fab, s.max(axis=4), op.axis, "max", self.spec, name=f"{op.name}/max")
-        e = F.softmax_numerator(s, m[:, :, :, :, None, :], valid)
+        # F.softmax_numerator and F.softmax_normalize, in one buffer (gigabytes at 4096 tokens)
+        e = np.subtract(s, m[:, :, :, :, None, :])
+        np.exp(e, out=e)
+        np.copyto(e, np.float32(0), where=~valid)
         z = allreduce(fab, e.sum(axis=4), op.axis, "sum", self.spec, name=f"{op.name}/sum")
         P.charge_local(fab.ledger, op.name, P.local_costs(op, self._run))
-        return F.softmax_normalize(e, z[:, :, :, :, None, :])
+        e /= z[:, :, :, :, None, :]
+        return e
 
     def _pv(self, op, w, p, v):
         """``P V`` of all heads: ``f32[by, bx, T/Py, q/Px]`` in q order."""
@@ -201,7 +216,7 @@ class MeshPrefiller:
         layer_ops = P.prefill_layer(self.lay, ids.size)
         for i, w in enumerate(self.layers):
             with led.section(f"layer{i}"):
-                acts = self.execute(layer_ops, {"x": x}, w)
+                acts = self.execute(layer_ops, {"x": x}, w, keep=("x", "k", "v"))
             x = acts["x"]
             ks.append(acts["k"])
             vs.append(acts["v"])

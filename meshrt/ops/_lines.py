@@ -205,3 +205,144 @@ def shift_lines_back(fab: Fabric, block: np.ndarray, axis: int, line: Line, amou
     idx[other] = order
     result[tuple(idx)] = cur
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregated emulation: tiles tracked by identity
+# ----------------------------------------------------------------------------------------------
+
+class TrackedLines:
+    """Read-only tiles moving along lines, emulated by identity (aggregated emulation).
+
+    Every tile of a line has an identity ``0 .. n-1`` (the operand block it carries, e.g. its
+    K segment), and every line holds each identity once. :attr:`store` keeps every tile this
+    rank has held so far, by identity. A move relabels the cores (identities ``ids[:, perm]``,
+    one small permutation per step) and copies only
+    the tiles whose path crosses a rank boundary, in exactly the neighbour messages
+    :func:`permute_line` and :func:`shift_lines_back` send (same peers, shapes and order), so
+    the trace is the same. A tile that has not reached this rank can never be sent or used:
+    :meth:`complete` checks that every tile passed through before a kernel computes with them.
+
+    Parameters
+    ----------
+    block : ndarray
+        This rank's tiles ``[..., line.size (at axis), ...]``; the other leading axis enumerates
+        the rank's lines (as :func:`permute_line`). Not modified.
+    axis : int
+        Axis of the lines (0: columns of cores, 1: rows of cores).
+    line : Line
+        This rank's share of every line.
+    ids : ndarray
+        ``int[lines, line.n]``: identity of the tile at every logical core of every line.
+
+    Attributes
+    ----------
+    store : ndarray
+        Like ``block`` with the line axis extended to ``line.n`` and indexed by identity.
+    """
+
+    def __init__(self, fab: Fabric, block: np.ndarray, axis: int, line: Line, ids: np.ndarray):
+        self.fab, self.axis, self.line = fab, axis, line
+        self.ids = np.array(ids, dtype=np.int64)
+        self.tile = block.shape[2:]
+        shape = list(block.shape)
+        shape[axis] = line.n
+        self.store = np.empty(shape, block.dtype)
+        self.present = np.zeros(self.ids.shape, bool)
+        home = self.ids[:, line.lo:line.hi]
+        if (home == np.arange(line.lo, line.hi)).all():   # natural tiles: one slice copy
+            where = [slice(None)] * block.ndim
+            where[axis] = slice(line.lo, line.hi)
+            self.store[tuple(where)] = block
+            self.present[:, line.lo:line.hi] = True
+        else:
+            self._put(np.arange(self.ids.shape[0]), home,
+                      block if axis == 1 else np.swapaxes(block, 0, 1))
+        self.perm = np.arange(line.n)      # the tiles now at the cores: ids[:, perm]
+
+    def _where(self, lines: np.ndarray, ids: np.ndarray) -> tuple:
+        lines = lines[:, None]
+        return (lines, ids) if self.axis == 1 else (ids, lines)
+
+    def _put(self, lines: np.ndarray, ids: np.ndarray, tiles: np.ndarray) -> None:
+        """``tiles[l, k]`` (line-major) is the tile of identity ``ids[l, k]`` of line ``lines[l]``."""
+        self.store[self._where(lines, ids)] = tiles
+        self.present[lines[:, None], ids] = True
+
+    def _get(self, lines: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        if not self.present[lines[:, None], ids].all():
+            raise RuntimeError("aggregated emulation: a tile would leave a rank it never reached")
+        tiles = self.store[self._where(lines, ids)]                   # [lines, k, *tile]
+        return tiles if self.axis == 1 else np.swapaxes(tiles, 0, 1)
+
+    def _exchange(self, dest: np.ndarray, lines: np.ndarray, now, op: str) -> None:
+        """The neighbour messages of one :func:`permute_line` step of ``lines`` (in message
+        order); ``now(src)`` gives the identities at cores ``src`` of those lines."""
+        fab, axis, line = self.fab, self.axis, self.line
+        n, lo, hi = line.n, line.lo, line.hi
+        if lo == 0 and hi == n:
+            return
+        for side in (HI, LO):
+            upward = side == HI
+            in_cut, out_cut = (lo, hi) if upward else (hi, lo)
+            if 0 < in_cut < n:
+                src = crossing(dest, in_cut, upward)
+                if len(src):
+                    shape = [len(lines), len(src)] if axis == 1 else [len(src), len(lines)]
+                    slab = fab.recv(tuple(shape) + self.tile, self.store.dtype, axis, -side,
+                                    op=op)
+                    self._put(lines, now(src), slab if axis == 1 else np.swapaxes(slab, 0, 1))
+            if 0 < out_cut < n:
+                src = crossing(dest, out_cut, upward)
+                if len(src):
+                    fab.send(self._get(lines, now(src)), axis, side, op=op)
+
+    def permute(self, dest: np.ndarray, op: str = "permute_line") -> None:
+        """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line."""
+        n = self.line.n
+        lines = np.arange(self.ids.shape[0])
+        self._exchange(dest, lines, lambda src: self.ids[:, self.perm[src]], op)
+        inv = np.empty(n, dtype=np.int64)
+        inv[dest] = np.arange(n)
+        self.perm = self.perm[inv]
+
+    def shift_lines_back(self, amounts: np.ndarray, kind: str = "interleaved",
+                         op: str = "skew") -> None:
+        """:func:`shift_lines_back`: line ``l`` moves back ``amounts[l]`` ring positions, in
+        the same rounds and messages."""
+        n = self.line.n
+        self.ids = self.ids[:, self.perm]
+        self.perm = np.arange(n)
+        amounts = np.asarray(amounts) % n
+        forward_steps = (n - amounts) % n
+        reverse = amounts < forward_steps
+        steps = np.where(reverse, amounts, forward_steps)
+        order = np.lexsort((-steps, reverse))
+        steps_sorted, reverse_sorted = steps[order], reverse[order]
+        n_fwd = int(np.count_nonzero(~reverse_sorted))
+        groups = []
+        for start, group_steps, dest in (
+                (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
+                (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True))):
+            inv = np.empty(n, dtype=np.int64)
+            inv[dest] = np.arange(n)
+            groups.append([start, group_steps, dest, inv, np.arange(n)])
+        final = self.ids.copy()
+        for r in range(int(steps.max()) if steps.size else 0):
+            for grp in groups:
+                start, group_steps, dest, inv, moved = grp
+                count = int(np.count_nonzero(group_steps > r))
+                if count:
+                    lines = order[start:start + count]
+                    self._exchange(dest, lines,
+                                   lambda src: self.ids[lines[:, None], moved[src][None, :]], op)
+                    grp[4] = moved = moved[inv]
+                    done = lines[group_steps[:count] == r + 1]   # lines whose last round this is
+                    final[done] = self.ids[done][:, moved]
+        self.ids = final
+
+    def complete(self) -> np.ndarray:
+        """:attr:`store` once every tile of every line has passed through this rank."""
+        if not self.present.all():
+            raise RuntimeError("aggregated emulation: some tiles never reached this rank")
+        return self.store

@@ -35,7 +35,14 @@ from ..fabric import Fabric
 from ..mesh import lcm
 from ..plmr import Cost
 from ..precision import widen
-from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
+from ._lines import (
+    TrackedLines,
+    line_of,
+    permute_line,
+    ring_dest,
+    ring_positions,
+    shift_lines_back,
+)
 from ._tiles import (
     GemmPlan,
     logical_to_virtual,
@@ -109,6 +116,14 @@ def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewe
     rows = np.arange(y_line.lo, y_line.hi)   # global logical rows / columns of this rank
     cols = np.arange(x_line.lo, x_line.hi)
     pos = ring_positions(nl, kind)
+    if fab.aggregate:
+        ta, tb = track_shift_operands(fab, virtual_to_logical(a, mesh),
+                                      virtual_to_logical(b, mesh), kind, b_preskewed, name,
+                                      lambda: record(led, name, costs[:1]))
+        record(led, name, costs[1:])
+        led.memory(name, shift_gemm_memory(cost_plan))
+        led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
+        return logical_to_virtual(stored_product(ta.complete(), tb.complete()), mesh)
 
     # a_cur: [by*b, bx*a, tmb, tkb]   b_cur: [by*b, bx*a, tkb, tnb]   (logical tiles)
     a_cur = shift_lines_back(fab, virtual_to_logical(a, mesh), 1, x_line, pos[rows], kind,
@@ -137,6 +152,89 @@ def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewe
     led.memory(name, shift_gemm_memory(cost_plan))
     led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
     return logical_to_virtual(c, mesh)
+
+
+def track_shift_operands(fab: Fabric, a_log: np.ndarray, b_log: np.ndarray, kind: str,
+                         b_preskewed: bool, name: str, after_skew=None):
+    """The skews and the ``Nl`` shift steps of MeshGEMM/Cannon on tracked tiles (aggregated
+    emulation): the same neighbour messages as the exact schedule, local moves relabelled.
+
+    ``a_log``: logical tiles ``[by*b, bx*a, tmb, tkb*]`` (natural); ``b_log``: ``[by*b, bx*a,
+    tkb, tnb]`` (pre-skewed, or natural with ``b_preskewed=False``). Returns the
+    :class:`~meshrt.ops._lines.TrackedLines` of A (lines along x, identity = K segment) and of
+    B (lines along y, identity = K segment).
+    """
+    lay = fab.layout
+    nl = lcm(lay.py, lay.px)
+    x_line, y_line = line_of(fab, 1, nl // lay.px), line_of(fab, 0, nl // lay.py)
+    rows = np.arange(y_line.lo, y_line.hi)
+    cols = np.arange(x_line.lo, x_line.hi)
+    pos = ring_positions(nl, kind)
+    order = np.argsort(pos)
+    ta = TrackedLines(fab, a_log, 1, x_line, np.broadcast_to(np.arange(nl), (len(rows), nl)))
+    ta.shift_lines_back(pos[rows], kind, op=f"{name}/skew")
+    if b_preskewed:   # logical core (i, j) holds K segment order[(pos i + pos j) mod Nl]
+        b_ids = order[(pos[None, :] + pos[cols][:, None]) % nl]
+    else:
+        b_ids = np.broadcast_to(np.arange(nl), (len(cols), nl))
+    tb = TrackedLines(fab, b_log, 0, y_line, b_ids)
+    if not b_preskewed:
+        tb.shift_lines_back(pos[cols], kind, op=f"{name}/skew")
+    if after_skew is not None:
+        after_skew()
+    dest = ring_dest(nl, kind)
+    for _ in range(nl):
+        ta.permute(dest, op=f"{name}/shift")
+        tb.permute(dest, op=f"{name}/shift")
+    return ta, tb
+
+
+def stored_product(a_store: np.ndarray, b_store: np.ndarray, col_groups=None,
+                   chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """What every core of the rank accumulates over the shift steps, as one GEMM per chunk.
+
+    Parameters
+    ----------
+    a_store : ndarray
+        ``[R, Nl, tmb, tkb]`` (or ``[R, Nl, tmb, tkb * G]``, group-minor, with ``col_groups``):
+        A's tiles of the rank's logical rows by K segment.
+    b_store : ndarray
+        ``[Nl, C, tkb, tnb]``: B's tiles of the rank's logical columns by K segment (16-bit
+        words are widened a chunk at a time).
+    col_groups : ndarray, optional
+        ``[C * tnb, G]`` one-hot group of every output column: column ``f`` multiplies A's group
+        ``g(f)`` slice (:func:`meshrt.ops.grouped.grouped_meshgemm`); a zero row gives 0.
+
+    Returns
+    -------
+    ndarray
+        ``f32[R, C, tmb, tnb]``: every logical core's ``sum_k A[r, k] @ B[k, c]``.
+    """
+    r, nl, tmb = a_store.shape[:3]
+    _, c, tkb, tnb = b_store.shape
+    out = np.zeros((r, tmb, c, tnb), np.float32)
+    if col_groups is None:
+        a_mat = widen(np.ascontiguousarray(a_store.transpose(0, 2, 1, 3))).reshape(r * tmb, -1)
+        step = max(1, chunk_bytes // max(1, 4 * nl * tkb * tnb))
+        for c0 in range(0, c, step):               # B widened a chunk of columns at a time
+            c1 = min(c, c0 + step)
+            b_mat = widen(b_store[:, c0:c1]).transpose(0, 2, 1, 3).reshape(nl * tkb, -1)
+            out[:, :, c0:c1] = (a_mat @ b_mat).reshape(r, tmb, c1 - c0, tnb)
+        return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
+    groups = col_groups.shape[1]
+    b_mat = widen(b_store).transpose(0, 2, 1, 3).reshape(nl * tkb, c * tnb)
+    cols = [(g, np.flatnonzero(col_groups[:, g])) for g in range(groups)]
+    cols = [(g, f, b_mat[:, f] * col_groups[f, g]) for g, f in cols if f.size]
+    flat = out.reshape(r * tmb, c * tnb)
+    a5 = a_store.reshape(r, nl, tmb, tkb, groups)
+    step = max(1, chunk_bytes // max(1, 4 * nl * tmb * tkb * groups))
+    for r0 in range(0, r, step):                   # A made group-major a chunk of rows at a time
+        r1 = min(r, r0 + step)
+        a_g = widen(np.ascontiguousarray(a5[r0:r1].transpose(4, 0, 2, 1, 3)))
+        a_g = a_g.reshape(groups, (r1 - r0) * tmb, nl * tkb)
+        for g, f, b_g in cols:
+            flat[r0 * tmb:r1 * tmb, f] = a_g[g] @ b_g
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
 
 
 def meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,

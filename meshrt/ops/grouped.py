@@ -45,7 +45,16 @@ from ..collectives import chain_cost, reduce_to_root
 from ..fabric import Fabric
 from ..mesh import MeshError, ceil_div, lcm, pad_to
 from ..plmr import WSE2, Cost, Device, Ledger
-from ._lines import line_of, permute_line, ring_dest, ring_positions, shift_lines_back
+from ._lines import (
+    HI,
+    LO,
+    TrackedLines,
+    line_of,
+    permute_line,
+    ring_dest,
+    ring_positions,
+    shift_lines_back,
+)
 from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, priced_plan, virtual_to_logical
 from .estimate import (
     gemm_t_routes,
@@ -56,6 +65,7 @@ from .estimate import (
     shift_gemm_costs,
     shift_gemm_routes,
 )
+from .gemm import stored_product, track_shift_operands
 from .gemm_t import plan_from_blocks
 
 RING = "interleaved"
@@ -185,6 +195,12 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
     f32 = np.float32
     y_line = line_of(fab, 0, rows_per)
+    if fab.aggregate and (labels == labels[:1]).all():
+        c = _grouped_gemm_t_aggregated(fab, a, b, labels, plan, cost_plan, name)
+        record(led, name, grouped_gemm_t_costs(cost_plan, _gemm_t_tally(cost_plan, groups)))
+        led.memory(name, grouped_gemm_t_memory(cost_plan, groups))
+        led.routes(name, gemm_t_routes(cost_plan))
+        return c
     # al: [by, bx, b, tmb*G, D/Px]: A's rows masked by each group's features (A stays: once)
     lab_t = np.swapaxes(labels, 2, 3).astype(f32, copy=False)            # [by, bx, G, D/Px]
     al = a.reshape(by, bx, rows_per, tmb, 1, td).astype(f32, copy=False) \
@@ -217,6 +233,76 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     led.routes(name, gemm_t_routes(cost_plan))
     c = c.transpose(0, 1, 2, 3, 5, 6, 4)                         # [by, bx, b, tmb, a, tnb, G]
     return np.ascontiguousarray(c).reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
+
+
+def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmPlan, cost_plan: GemmPlan,
+                               name: str) -> np.ndarray:
+    """:func:`grouped_gemm_t` in aggregated emulation: the same neighbour messages, computed
+    per rank instead of per core.
+
+    B's ring steps run on tracked tiles (:class:`~meshrt.ops._lines.TrackedLines`), so the rank
+    ends up with every B segment its rows held. The rank's part of every row's partial over its
+    feature columns is then one GEMM per group, ``RP[r, n] = A[r, F_rank] B[n, F_rank]^T``, and
+    each step's chain reduces pass along x the carries the wafer's chains pass across the rank
+    boundaries (lines whose root lies on the sender's side send nothing on the wafer; their
+    slots in the message carry 0). B's shift messages all come before the reduce messages:
+    the same messages, in another order.
+    """
+    lay = fab.layout
+    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.b, plan.a
+    tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
+    groups = labels.shape[3]
+    f32 = np.float32
+    nl = plan.nl
+    y_line = line_of(fab, 0, rows_per)
+    b_cur = b.reshape(by, bx, rows_per, tnb, td).transpose(0, 2, 1, 3, 4)
+    b_cur = b_cur.reshape(by * rows_per, bx, tnb, td)
+    tb = TrackedLines(fab, b_cur, 0, y_line, np.broadcast_to(np.arange(nl), (bx, nl)))
+    dest = ring_dest(nl, RING)
+    for _ in range(nl):
+        tb.permute(dest, op=f"{name}/shift")
+    b_mat = tb.complete().transpose(0, 2, 1, 3).reshape(nl * tnb, bx * td)   # [N, F_rank]
+    a_mat = a.transpose(0, 2, 1, 3).reshape(by * rows_per * tmb, bx * td)  # [M_rank, F_rank]
+    feat = labels[0].reshape(bx * td, groups).astype(f32, copy=False)
+    present = np.flatnonzero(feat.any(axis=0))
+    rp = np.empty((len(present), by * rows_per, tmb, nl, tnb), f32)   # RP per present group
+    for i, g in enumerate(present):
+        f = np.flatnonzero(feat[:, g])
+        rp[i] = ((a_mat[:, f] * feat[f, g]) @ b_mat[:, f].T).reshape(rp.shape[1:])
+    del b_mat, a_mat
+    c = np.zeros((by, bx, rows_per, tmb, cols_per, tnb, groups), f32)
+    x0, x1 = fab.origin[1], fab.origin[1] + bx
+    r, nr = fab.coords[1], lay.rx
+    vrows = fab.index(0)
+    for t in range(nl):
+        seg = gemm_t_segments(plan, t)                           # [Nl] per logical row
+        for s in range(rows_per):
+            lrows = np.arange(by) * rows_per + s                 # the rank's logical rows
+            n_seg = seg[vrows * rows_per + s]                    # B segment held by each
+            part = np.zeros((by, 1, tmb, groups, tnb), f32)      # the rank's partial per row
+            # rp[:, lrows, :, n_seg] is [by, Gp, tmb, tnb] (advanced axes first)
+            part[:, 0][:, :, present] = rp[:, lrows, :, n_seg].transpose(0, 2, 1, 3)
+            root = (n_seg // cols_per)[:, None, None, None, None]
+            below = above = None
+            if r > 0:
+                below = fab.recv(part.shape, f32, 1, LO, op=f"{name}/reduce")
+            if r < nr - 1:
+                carry = part if below is None else part + below
+                fab.send(np.where(root >= x1, carry, f32(0)), 1, HI, op=f"{name}/reduce")
+            if r < nr - 1:
+                above = fab.recv(part.shape, f32, 1, HI, op=f"{name}/reduce")
+            if r > 0:
+                carry = part if above is None else part + above
+                fab.send(np.where(root < x0, carry, f32(0)), 1, LO, op=f"{name}/reduce")
+            total = part
+            if below is not None:
+                total = below + total
+            if above is not None:
+                total = total + above
+            mine = np.flatnonzero((root[:, 0, 0, 0, 0] >= x0) & (root[:, 0, 0, 0, 0] < x1))
+            c[mine, n_seg[mine] // cols_per - x0, s, :, n_seg[mine] % cols_per] = \
+                total[mine, 0].transpose(0, 1, 3, 2)
+    return c.reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
 
 
 def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
@@ -261,6 +347,18 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
 
     # a_cur: [by*b, bx*a, tmb, tkb*G] (K-major, group-minor)   b_cur: [by*b, bx*a, tkb, tnb]
     a_flat = a.reshape(a.shape[:3] + (a.shape[3] * groups,))
+    if fab.aggregate and (labels == labels[:1]).all():
+        # aggregated emulation: the same messages; each core's products summed as one GEMM
+        cost_plan = priced_plan(plan, priced)
+        costs = grouped_gemm_costs(cost_plan, groups, b_preskewed, led.device)
+        ta, tb = track_shift_operands(fab, virtual_to_logical(a_flat, mesh),
+                                      virtual_to_logical(b, mesh), RING, b_preskewed, name,
+                                      lambda: record(led, name, costs[:1]))
+        record(led, name, costs[1:])
+        led.memory(name, grouped_gemm_memory(cost_plan, groups))
+        led.routes(name, shift_gemm_routes(cost_plan, RING, b_preskewed))
+        col_groups = labels[0].reshape(-1, groups).astype(f32, copy=False)
+        return logical_to_virtual(stored_product(ta.complete(), tb.complete(), col_groups), mesh)
     a_cur = shift_lines_back(fab, virtual_to_logical(a_flat, mesh), 1, x_line, pos[rows], RING,
                              op=f"{name}/skew")
     b_cur = virtual_to_logical(b, mesh)

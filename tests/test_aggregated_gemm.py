@@ -1,0 +1,102 @@
+"""Aggregated emulation of the GEMM kernels: the exact schedule's messages, ledger and results.
+
+In aggregated emulation MeshGEMM, Cannon and the grouped kernels move tiles by identity
+(:class:`meshrt.ops._lines.TrackedLines`) and compute each rank's products as whole GEMMs. The
+neighbour messages (peer, size, direction, name) must be those of the exact schedule, the
+ledger identical, and the results equal to numpy's up to float32 summation order.
+"""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from meshrt.mesh import MeshLayout
+from meshrt.ops._lines import TrackedLines, line_of
+from meshrt.ops.gemm import cannon, matmul, prepare_a, prepare_b
+from meshrt.ops.grouped import matmul_grouped, matmul_t_grouped
+from meshrt.precision import to_words
+from meshtest import assert_neighbour_only, fabric, rank_grids, world
+
+pytestmark = pytest.mark.mpi
+
+LABELS = np.array([0] * 5 + [1] * 6 + [2] * 3)          # 14 features in 3 groups
+
+
+def meshes(size: int):
+    """Square and non-square meshes on every rank grid of ``size`` ranks."""
+    for ry, rx in rank_grids(size):
+        for by, bx in ((2, 2), (1, 3), (3, 2)):
+            yield MeshLayout(ry * by, rx * bx, ry, rx)
+
+
+def messages(fab) -> Counter:
+    return Counter((t.op, t.peer, t.nbytes, t.sent) for t in fab.trace)
+
+
+def run_both(lay, kernel):
+    out = {}
+    for agg in (False, True):
+        fab = fabric(lay, aggregate=agg)
+        out[agg] = (kernel(fab), messages(fab), fab.ledger.summary(), fab.ledger.cycles)
+        assert_neighbour_only(fab)
+    (r0, m0, s0, c0), (r1, m1, s1, c1) = out[False], out[True]
+    assert m0 == m1
+    assert s0 == s1 and c0 == c1
+    return r0, r1
+
+
+def test_meshgemm_aggregated_matches_exact():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((13, 17)).astype(np.float32)
+    b = rng.standard_normal((17, 11)).astype(np.float32)
+    for lay in meshes(world().Get_size()):
+        for preskewed in (True, False):
+            r0, r1 = run_both(lay, lambda f: matmul(f, a, b, b_preskewed=preskewed, to_all=True))
+            np.testing.assert_allclose(r1, a @ b, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+
+
+def test_cannon_bfloat16_words_aggregated_matches_exact():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((10, 12)).astype(np.float32)
+    b = rng.standard_normal((12, 8)).astype(np.float32)
+    for lay in meshes(world().Get_size()):
+        def kernel(fab):
+            mesh = (lay.py, lay.px)
+            ta = prepare_a(a, mesh)
+            tb = to_words(prepare_b(b, mesh, "cannon"), "bfloat16")   # uint16 words
+            sl = (slice(fab.origin[0], fab.origin[0] + lay.by),
+                  slice(fab.origin[1], fab.origin[1] + lay.bx))
+            return cannon(fab, ta[sl], tb[sl])
+        r0, r1 = run_both(lay, kernel)
+        np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_kernels_aggregated_match_exact():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((9, 14)).astype(np.float32)
+    k = rng.standard_normal((10, 14)).astype(np.float32)
+    p = rng.standard_normal((9, 10, 3)).astype(np.float32)
+    v = rng.standard_normal((10, 14)).astype(np.float32)
+    want_t = np.stack([q[:, LABELS == g] @ k[:, LABELS == g].T for g in range(3)], axis=-1)
+    want_pv = np.stack([p[:, :, LABELS[f]] @ v[:, f] for f in range(14)], axis=1)
+    for lay in meshes(world().Get_size()):
+        r0, r1 = run_both(lay, lambda f: matmul_t_grouped(f, q, k, LABELS, 3, to_all=True))
+        np.testing.assert_allclose(r1, want_t, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+        r0, r1 = run_both(lay, lambda f: matmul_grouped(f, p, v, LABELS, to_all=True))
+        np.testing.assert_allclose(r1, want_pv, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+
+
+def test_tracked_tiles_cannot_leave_a_rank_they_never_reached():
+    lay = MeshLayout(2, 2 * world().Get_size(), 1, world().Get_size())
+    fab = fabric(lay, aggregate=True)
+    line = line_of(fab, 1)
+    block = np.zeros((lay.by, lay.bx, 1, 1), np.float32)
+    tracked = TrackedLines(fab, block, 1, line, np.broadcast_to(np.arange(line.n), (2, line.n)))
+    if fab.nranks == 1:
+        assert tracked.complete() is tracked.store
+    else:
+        with pytest.raises(RuntimeError, match="never reached"):
+            tracked.complete()
