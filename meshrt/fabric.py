@@ -52,7 +52,11 @@ class Fabric:
         Emulation shortcut for collectives whose result does not depend on their phases (the
         K-tree allreduce): each rank's partial joins a single sweep per direction instead of one
         sweep per tree level. Still neighbour-only, same ledger (the wafer's schedule is priced
-        either way), fewer MPI messages. Off by default: every phase runs as its own messages.
+        either way), fewer MPI messages. The GEMM kernels (MeshGEMM, Cannon, the grouped
+        dist-GEMM-T and MeshGEMM) then move tiles by identity and compute each rank's products
+        as whole GEMMs, with the exact schedule's messages (:class:`meshrt.ops._lines.
+        TrackedLines`). Off by default: every phase runs as its own messages and every core
+        multiplies its own tiles at every step.
     """
 
     _peers: dict[tuple[int, int], int | None]   # (axis, side) -> neighbour rank or None
