@@ -9,13 +9,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from meshtest import assert_neighbour_only, fabric, rank_grids, world
 
 from meshrt.mesh import MeshLayout
 from meshrt.ops._lines import TrackedLines, line_of
 from meshrt.ops.gemm import cannon, matmul, prepare_a, prepare_b
 from meshrt.ops.grouped import matmul_grouped, matmul_t_grouped
 from meshrt.precision import to_words
-from meshtest import assert_neighbour_only, fabric, rank_grids, world
 
 pytestmark = pytest.mark.mpi
 
@@ -51,7 +51,8 @@ def test_meshgemm_aggregated_matches_exact():
     b = rng.standard_normal((17, 11)).astype(np.float32)
     for lay in meshes(world().Get_size()):
         for preskewed in (True, False):
-            r0, r1 = run_both(lay, lambda f: matmul(f, a, b, b_preskewed=preskewed, to_all=True))
+            r0, r1 = run_both(lay, lambda f, pre=preskewed: matmul(f, a, b, b_preskewed=pre,
+                                                                   to_all=True))
             np.testing.assert_allclose(r1, a @ b, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
 
@@ -61,7 +62,7 @@ def test_cannon_bfloat16_words_aggregated_matches_exact():
     a = rng.standard_normal((10, 12)).astype(np.float32)
     b = rng.standard_normal((12, 8)).astype(np.float32)
     for lay in meshes(world().Get_size()):
-        def kernel(fab):
+        def kernel(fab, lay=lay):
             mesh = (lay.py, lay.px)
             ta = prepare_a(a, mesh)
             tb = to_words(prepare_b(b, mesh, "cannon"), "bfloat16")   # uint16 words

@@ -265,7 +265,7 @@ class TrackedLines:
         return (lines, ids) if self.axis == 1 else (ids, lines)
 
     def _put(self, lines: np.ndarray, ids: np.ndarray, tiles: np.ndarray) -> None:
-        """``tiles[l, k]`` (line-major) is the tile of identity ``ids[l, k]`` of line ``lines[l]``."""
+        """``tiles[l, k]`` (line-major): the tile of identity ``ids[l, k]`` of ``lines[l]``."""
         self.store[self._where(lines, ids)] = tiles
         self.present[lines[:, None], ids] = True
 
@@ -291,6 +291,7 @@ class TrackedLines:
                     shape = [len(lines), len(src)] if axis == 1 else [len(src), len(lines)]
                     slab = fab.recv(tuple(shape) + self.tile, self.store.dtype, axis, -side,
                                     op=op)
+                    assert slab is not None                  # 0 < cut < n: a neighbour
                     self._put(lines, now(src), slab if axis == 1 else np.swapaxes(slab, 0, 1))
             if 0 < out_cut < n:
                 src = crossing(dest, out_cut, upward)
@@ -326,19 +327,19 @@ class TrackedLines:
                 (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True))):
             inv = np.empty(n, dtype=np.int64)
             inv[dest] = np.arange(n)
-            groups.append([start, group_steps, dest, inv, np.arange(n)])
+            groups.append((start, group_steps, dest, inv))
+        moved = [np.arange(n), np.arange(n)]        # each group's composed permutation
         final = self.ids.copy()
         for r in range(int(steps.max()) if steps.size else 0):
-            for grp in groups:
-                start, group_steps, dest, inv, moved = grp
+            for gi, (start, group_steps, dest, inv) in enumerate(groups):
                 count = int(np.count_nonzero(group_steps > r))
                 if count:
                     lines = order[start:start + count]
-                    self._exchange(dest, lines,
-                                   lambda src: self.ids[lines[:, None], moved[src][None, :]], op)
-                    grp[4] = moved = moved[inv]
+                    self._exchange(dest, lines, lambda src, lines=lines, m=moved[gi]:
+                                   self.ids[lines[:, None], m[src][None, :]], op)
+                    moved[gi] = moved[gi][inv]
                     done = lines[group_steps[:count] == r + 1]   # lines whose last round this is
-                    final[done] = self.ids[done][:, moved]
+                    final[done] = self.ids[done][:, moved[gi]]
         self.ids = final
 
     def complete(self) -> np.ndarray:

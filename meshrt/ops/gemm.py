@@ -223,8 +223,8 @@ def stored_product(a_store: np.ndarray, b_store: np.ndarray, col_groups=None,
         return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
     groups = col_groups.shape[1]
     b_mat = widen(b_store).transpose(0, 2, 1, 3).reshape(nl * tkb, c * tnb)
-    cols = [(g, np.flatnonzero(col_groups[:, g])) for g in range(groups)]
-    cols = [(g, f, b_mat[:, f] * col_groups[f, g]) for g, f in cols if f.size]
+    picked = [(g, np.flatnonzero(col_groups[:, g])) for g in range(groups)]
+    cols = [(g, f, b_mat[:, f] * col_groups[f, g]) for g, f in picked if f.size]
     flat = out.reshape(r * tmb, c * tnb)
     a5 = a_store.reshape(r, nl, tmb, tkb, groups)
     step = max(1, chunk_bytes // max(1, 4 * nl * tmb * tkb * groups))
