@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from meshrt.plmr import get_device
+from meshrt.runtime import ControlPlane
 
 from .options import BenchOptions
 
@@ -82,7 +83,8 @@ def run_bench(options: BenchOptions, comm, log) -> dict:
         options.run.emulation
     placing, storage = None, None
     if options.model:
-        model = MeshModel.from_shards(options.model, comm, kv_policy=policy, device=device,
+        model = MeshModel.from_shards(options.model, ControlPlane.of(comm), kv_policy=policy,
+                                      device=device,
                                       allreduce=spec, emulation=emulation)
         full = model.config
         storage = model.config.dtype
@@ -96,7 +98,7 @@ def run_bench(options: BenchOptions, comm, log) -> dict:
             config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32")
         t0 = time.perf_counter()
         weights = RandomWeights(config, options.seed)
-        model = MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh,
+        model = MeshModel.from_weights(config, weights, ControlPlane.of(comm), decode_mesh=dmesh,
                                        prefill_mesh=pmesh, kv_policy=policy, device=device,
                                        allreduce=spec, emulation=emulation, storage=storage)
         placing = _max_over_ranks(comm, time.perf_counter() - t0)

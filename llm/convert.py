@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from meshrt.mesh import MeshError, MeshLayout, default_rank_grid
+from meshrt.mesh import MeshError, MeshLayout, default_rank_grid, grid_coords
+from meshrt.runtime import ControlPlane
 
 from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from .config import ConfigError, ModelConfig, preset
@@ -31,7 +32,7 @@ from .layout import LAYOUT_VERSION, PhaseLayout
 from .phase_weights import PHASE_TILES
 from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
 from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
-                     grid_text, raise_if_any, rank_coords)
+                     grid_text)
 
 RANDOM_PREFIX = "random:"
 DEFAULT_DECODE_MESH = (8, 8)
@@ -249,12 +250,13 @@ def _count(n: int) -> str:
 
 
 def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
-            meshes: Mapping | None = None, dtype: str = "float32", comm=None,
+            meshes: Mapping | None = None, dtype: str = "float32",
+            control: ControlPlane | None = None,
             force: bool = False, progress: bool | None = None, seed: int = 0,
             layers: int | None = None, max_context: int | None = None,
             log: logging.Logger | None = None, log_every: int = 20,
             delete_other_files: bool = False) -> dict:
-    """Convert ``source`` into a shard set at ``out_dir`` (collective over ``comm``).
+    """Convert ``source`` into a shard set at ``out_dir`` (collective over ``control``).
 
     Parameters
     ----------
@@ -269,8 +271,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         ``{phase: (Py, Px)}``; default ``{"decode": (8, 8)}``.
     dtype : {"float32", "float16", "bfloat16"}
         Storage dtype (compute is float32; 16-bit storage halves the files).
-    comm : mpi4py communicator or None
-        ``None`` = one process.
+    control : ControlPlane, optional
+        The converting processes; by default one process.
     force : bool
         Replace an existing shard set at ``out_dir`` (only a shard set, and only the files
         its manifest lists; see :func:`llm.shard_writer.replaceable_files`).
@@ -300,8 +302,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         removed the temporary directory.
     """
     log = log or logging.getLogger("llm")
-    nprocs = 1 if comm is None else comm.Get_size()
-    rank = 0 if comm is None else comm.Get_rank()
+    control = control or ControlPlane.single()
+    nprocs, rank = control.size, control.rank
     meshes = {phase: tuple(int(v) for v in mesh)
               for phase, mesh in (meshes or {"decode": DEFAULT_DECODE_MESH}).items()}
     if "decode" not in meshes:
@@ -317,23 +319,25 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         raise MeshError(f"{nprocs} processes convert for a {grid_text(grid)} rank grid of only "
                         f"{nfiles} rank files: run with at most {nfiles} processes or pass "
                         f"--ranks for a grid of {nprocs} ranks")
-    try:
-        src = open_source(source, seed, layers, max_context)
-        problem = None
-    except (ConfigError, CheckpointError, NotImplementedError) as e:
-        problem = str(e)
-    raise_if_any(comm, problem)     # the source must read alike on every rank (shared FS)
+    def open_own_source():
+        try:
+            return open_source(source, seed, layers, max_context)
+        except (ConfigError, CheckpointError, NotImplementedError) as e:
+            raise ShardError(str(e)) from None
+
+    # the source must read alike on every rank (shared FS)
+    src = control.agree(open_own_source, on="all", catch=ShardError)
     config, weights, label = src.config, src.weights, src.label
     copied = list(src.files)
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    created = created if comm is None else comm.bcast(created, root=0)
+    created = control.bcast(created)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "layout_version": LAYOUT_VERSION, "config": config.to_dict(),
                 "parameters": config.num_parameters(), "source": label, "created": created,
                 "dtype": dtype, "rank_grid": list(grid), "copied_files": copied, "phases": {}}
 
-    tmp = prepare_target(out_dir, comm, force, delete_other_files)
+    tmp = prepare_target(out_dir, control, force, delete_other_files)
     if rank == 0:
         for phase, lay in layouts.items():
             note = padding_note(config, PhaseLayout(config, lay.py, lay.px))
@@ -343,7 +347,7 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
                  f"rank grid {grid_text(grid)}, "
                  + ", ".join(f"{ph} mesh {grid_text(m)}" for ph, m in meshes.items())
                  + f", {dtype}" + (f", {nprocs} processes" if nprocs > 1 else ""))
-    mine = [rank_coords(k, grid) for k in range(nfiles) if k % nprocs == rank]
+    mine = [grid_coords(k, grid) for k in range(nfiles) if k % nprocs == rank]
     writer, records, failure = None, {}, None
     bar = _Progress(rank == 0, len(meshes) * (config.num_layers + 1), progress, log, log_every)
     t0 = time.perf_counter()
@@ -376,10 +380,9 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
 
     # control plane: every file's checksum (or its failure) to rank 0, which writes the
     # manifest and renames; on any failure it removes the temporary directory instead
-    mine_result = (manifest.get("content_hash"), records, failure)
-    gathered = [mine_result] if comm is None else comm.gather(mine_result, root=0)
-    result = None
-    if rank == 0:
+    gathered = control.gather((manifest.get("content_hash"), records, failure))
+
+    def publish_on_root() -> dict:
         try:
             failures = [f for _, _, f in gathered if f]
             if failures:
@@ -394,17 +397,18 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
             manifest["files"] = dict(sorted(files.items()))
             src.write_files(tmp)     # tokenizer and HF config travel with the shards
             publish(tmp, out_dir, manifest, delete_other_files)
-            result = ("ok", manifest)
-        except (ShardError, OSError) as e:
+            return manifest
+        except ShardError:
             remove_temporary(tmp)
-            result = ("error", str(e) if isinstance(e, ShardError)
-                      else _write_failure(e, 0, 1, tmp))
+            raise
+        except OSError as e:
+            remove_temporary(tmp)
+            raise ShardError(_write_failure(e, 0, 1, tmp)) from None
         except BaseException:
             remove_temporary(tmp)
             raise
-    status, payload = result if comm is None else comm.bcast(result, root=0)
-    if status == "error":
-        raise ShardError(payload)
+
+    payload = control.agree(publish_on_root, catch=ShardError)
     if rank == 0:
         total = sum(r["bytes"] for r in payload["files"].values())
         log.info(f"wrote {Path(out_dir)}: {len(payload['files'])} rank files, "

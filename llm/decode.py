@@ -234,15 +234,13 @@ class MeshDecoder:
         """
         real = self.vocab_index < self.lay.config.vocab_size
         bad = not np.isfinite(np.where(real[None], logits, 0)).all()
-        world = self.fab.world if self.fab.nranks > 1 else None
-        if world is not None:
-            bad = world.allreduce(bad, op=_mpi_op("LOR"))
+        control = self.fab.control
+        bad = control.allreduce_max(bad)
         if not bad:
             return
         layers = len(self.layers)
         first = layers if first_bad is None else first_bad
-        if world is not None:
-            first = world.allreduce(first, op=_mpi_op("MIN"))
+        first = control.allreduce(first, op="min")
         where = (source if first < 0 else f"layer {first}" if first < layers
                  else "the final norm or the LM head (every layer's output was finite)")
         raise NonFiniteError(f"non-finite logits: non-finite values first appear in {where}")
@@ -259,7 +257,3 @@ class MeshDecoder:
         tiles = darray.gather(self.fab, logits, to_all=True)
         return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
 
-
-def _mpi_op(name: str):
-    from mpi4py import MPI
-    return getattr(MPI, name)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from meshrt.runtime import ControlPlane
+
 from .options import ModelSource
 from .sampling import Sampler
 
@@ -101,12 +103,13 @@ def load_model(source: ModelSource, comm):
     from .model import MeshModel
     from .preflight import agree, model_kind
     path, mesh, kw = source.path, source.mesh, source.run.model_kwargs()
-    if agree(comm, model_kind, path) == "shards":
-        return MeshModel.from_shards(path, comm, decode_mesh=mesh.decode,
+    control = ControlPlane.of(comm)
+    if agree(control, model_kind, path) == "shards":
+        return MeshModel.from_shards(path, control, decode_mesh=mesh.decode,
                                      prefill_mesh=mesh.prefill, ranks=mesh.ranks,
                                      verify=source.verify, **kw)
     from .checkpoint import load_checkpoint, storage_dtype
-    config, weights = agree(comm, load_checkpoint, path, lazy=True,
+    config, weights = agree(control, load_checkpoint, path, lazy=True,
                             max_context=source.max_context)
     size = 1 if comm is None else comm.Get_size()
     dmesh = mesh.decode
@@ -114,7 +117,7 @@ def load_model(source: ModelSource, comm):
         from meshrt.mesh import default_rank_grid
         ry, rx = mesh.ranks or default_rank_grid(size)
         dmesh = (2 * ry, 2 * rx)
-    return MeshModel.from_weights(config, weights, comm, decode_mesh=dmesh,
+    return MeshModel.from_weights(config, weights, control, decode_mesh=dmesh,
                                   prefill_mesh=mesh.prefill, ranks=mesh.ranks,
                                   storage=storage_dtype(weights), **kw)
 

@@ -19,6 +19,7 @@ from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout
 from meshrt.plmr import Ledger, get_device
+from meshrt.runtime import ControlPlane
 
 from .config import ModelConfig
 from .decode import MeshDecoder
@@ -61,20 +62,14 @@ def _bar(total: int, desc: str, show: bool):
                 leave=False, mininterval=1.0)
 
 
-def _coords(comm, lay: MeshLayout) -> tuple[int, int]:
-    """Rank coordinates in the (row-major, not reordered) Cartesian rank grid."""
-    rank = 0 if comm is None else comm.Get_rank()
-    return divmod(rank, lay.rx)
-
-
 class MeshModel:
     """A LLaMA-family model placed on an emulated wafer.
 
     Parameters
     ----------
     config : ModelConfig
-    comm : mpi4py communicator or None
-        ``None`` runs in one process without MPI.
+    control : ControlPlane or None
+        The ranks; ``None`` runs in one process without MPI.
     decode_mesh, prefill_mesh : (int, int)
         Virtual meshes ``(Py, Px)`` of the two phases (prefill defaults to the decode mesh).
     ranks : (int, int), optional
@@ -92,17 +87,16 @@ class MeshModel:
         (see :class:`meshrt.fabric.Fabric`); results and ledger are the same, MPI messages fewer.
     """
 
-    def __init__(self, config: ModelConfig, comm, decode_mesh, blocks: Mapping,
-                 prefill_mesh=None, ranks=None, kv_policy: str = "shift",
+    def __init__(self, config: ModelConfig, control: ControlPlane | None, decode_mesh,
+                 blocks: Mapping, prefill_mesh=None, ranks=None, kv_policy: str = "shift",
                  device="wse2", allreduce: AllreduceSpec = KTREE, emulation: str = "exact"):
         self.config = config
-        self.comm = comm
-        nranks = 1 if comm is None else comm.Get_size()
-        self.layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
+        self.control = control = control or ControlPlane.single()
+        self.layouts = mesh_layouts(control.size, decode_mesh, prefill_mesh, ranks)
         device = get_device(device)
         if emulation not in ("exact", "aggregated"):
             raise ValueError(f"emulation must be 'exact' or 'aggregated', not {emulation!r}")
-        self.fabrics = {ph: Fabric(comm if nranks > 1 else None, lay, ledger=Ledger(device),
+        self.fabrics = {ph: Fabric(control, lay, ledger=Ledger(device),
                                    aggregate=emulation == "aggregated")
                         for ph, lay in self.layouts.items()}
         self.phase_layouts = {ph: PhaseLayout(config, lay.py, lay.px)
@@ -123,10 +117,10 @@ class MeshModel:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_weights(cls, config: ModelConfig, weights: Mapping, comm=None, decode_mesh=(2, 2),
-                     prefill_mesh=None, ranks=None, phases: Iterable[str] | None = None,
-                     storage: str = "float32", progress: bool | None = None,
-                     **kwargs) -> "MeshModel":
+    def from_weights(cls, config: ModelConfig, weights: Mapping,
+                     control: ControlPlane | None = None, decode_mesh=(2, 2), prefill_mesh=None,
+                     ranks=None, phases: Iterable[str] | None = None, storage: str = "float32",
+                     progress: bool | None = None, **kwargs) -> "MeshModel":
         """Place HF-named weights on this rank, streamed from ``weights``.
 
         ``weights`` is any mapping of HF names to arrays: a dict, a lazy
@@ -137,28 +131,30 @@ class MeshModel:
         source and are read a row per lookup.
         """
         from .placement import place_phases
-        nranks = 1 if comm is None else comm.Get_size()
-        layouts = mesh_layouts(nranks, decode_mesh, prefill_mesh, ranks)
-        rank = 0 if comm is None else comm.Get_rank()
+        control = control or ControlPlane.single()
+        layouts = mesh_layouts(control.size, decode_mesh, prefill_mesh, ranks)
         todo = {}
         for phase in (phases or PHASE_SPECS):
             lay = layouts[phase]
             todo[phase] = (PHASE_SPECS[phase](PhaseLayout(config, lay.py, lay.px)),
-                           (lay.py, lay.px), lay.origin(_coords(comm, lay)), (lay.by, lay.bx))
+                           (lay.py, lay.px), lay.origin(control.coords((lay.ry, lay.rx))),
+                           (lay.by, lay.bx))
         n = len(set().union(*(specs for specs, *_ in todo.values())))
-        bar = _bar(n, "placing", rank == 0 and progress is not False)
+        bar = _bar(n, "placing", control.is_root and progress is not False)
         blocks = place_phases(todo, weights, storage, config.tie_word_embeddings,
                               lambda _: bar.update(1))
         bar.close()
         lay = layouts["decode"]
-        return cls(config, comm, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx), **kwargs)
+        return cls(config, control, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx),
+                   **kwargs)
 
     @classmethod
-    def from_shards(cls, path, comm=None, decode_mesh=None, prefill_mesh=None, ranks=None,
-                    verify: bool = True, **kwargs) -> "MeshModel":
+    def from_shards(cls, path, control: ControlPlane | None = None, decode_mesh=None,
+                    prefill_mesh=None, ranks=None, verify: bool = True,
+                    **kwargs) -> "MeshModel":
         """Load this rank's blocks from a converted shard set (validated first)."""
         from .shards import open_shards
-        shards = open_shards(path, comm, decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
+        shards = open_shards(path, control, decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
                              ranks=ranks, verify=verify)
         from .placement import Matrix, StoredTable, residency
         tied = shards.config.tie_word_embeddings
@@ -175,7 +171,7 @@ class MeshModel:
                         if n == "embed" else _StoredBlock(shards, ph, n)
         dm = shards.mesh("decode")
         pm = shards.mesh("prefill") if "prefill" in shards.phases else dm
-        return cls(shards.config, comm, dm, blocks, pm, shards.ranks, **kwargs)
+        return cls(shards.config, control, dm, blocks, pm, shards.ranks, **kwargs)
 
     # -- running ---------------------------------------------------------------------------
     @property
@@ -257,10 +253,8 @@ class MeshModel:
         if sampler is None or getattr(sampler, "greedy", False):
             return self.decoder.argmax(logits)
         full = self.decoder.gather_logits(logits)
-        tok = sampler(full) if (self.comm is None or self.comm.Get_rank() == 0) else None
-        if self.comm is not None and self.comm.Get_size() > 1:
-            tok = self.comm.bcast(tok, root=0)   # control plane: the host's choice
-        return int(tok)
+        tok = sampler(full) if self.control.is_root else None
+        return int(self.control.bcast(tok))      # control plane: the host's choice
 
     def logits_to_host(self, logits: np.ndarray) -> np.ndarray:
         return self.decoder.gather_logits(logits)

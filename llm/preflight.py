@@ -11,33 +11,29 @@ import os
 from dataclasses import dataclass, field
 
 from meshrt import runtime
+from meshrt.runtime import ControlPlane
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
 from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
-from .shards import MANIFEST_NAME, ShardError, all_gather, read_manifest
+from .shards import MANIFEST_NAME, ShardError, read_manifest
 
 #: Failures of bad input or of the environment (a user can fix them): one message, exit 2.
 EXPECTED = (runtime.UsageError, ConfigError, CheckpointError, ShardError, NotImplementedError,
             OSError, UnicodeDecodeError)
 
 
-def agree(comm, fn, *args, **kwargs):
+def agree(control: ControlPlane, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on every rank; if it fails on any rank with an :data:`EXPECTED`
     error, every rank raises ``UsageError`` with the first rank's message (rank-named when
     not every rank failed alike)."""
-    try:
-        value, problem = fn(*args, **kwargs), None
-    except EXPECTED as e:
-        value, problem = None, _message(e)
-    problems = all_gather(comm, problem)
-    failed = [(r, p) for r, p in enumerate(problems) if p]
-    if failed:
-        rank, message = failed[0]
-        if len(failed) < len(problems):
-            message = f"on rank {rank}: {message}"
-        raise runtime.UsageError(message)
-    return value
+    def check():
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED as e:
+            raise runtime.UsageError(_message(e)) from None
+
+    return control.agree(check, on="all", catch=runtime.UsageError)
 
 
 def _message(e: BaseException) -> str:
@@ -161,23 +157,23 @@ class Request:
     stop: set = field(default_factory=set)
 
 
-def prepare(source: ModelSource, request: GenerateOptions, comm) -> Request:
+def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane) -> Request:
     """Validate the model path and the prompt on every rank (agreed), before any weight is read.
 
     With a batch or chat prompt the prompts are not known yet: ``ids`` is empty.
     """
     path = source.path
-    kind = agree(comm, model_kind, path)
-    config = agree(comm, read_config, path, kind, source.max_context)
+    kind = agree(control, model_kind, path)
+    config = agree(control, read_config, path, kind, source.max_context)
     later = request.prompt.later
     need_text = later or not request.prompt.ids or any(
         not part.strip().isdigit() for item in request.stop.stop
         for part in str(item).split(",") if part.strip())
-    tokenizer = agree(comm, open_tokenizer, path, config, need_text)
-    stop = agree(comm, stop_ids, request.stop, tokenizer, config)
+    tokenizer = agree(control, open_tokenizer, path, config, need_text)
+    stop = agree(control, stop_ids, request.stop, tokenizer, config)
     if later:
         return Request(path, kind, config, tokenizer, [], stop)   # prompts come later
-    ids = agree(comm, prompt_ids, request.prompt, tokenizer, config)
+    ids = agree(control, prompt_ids, request.prompt, tokenizer, config)
     new = request.max_new_tokens
     if len(ids) + new > config.max_position_embeddings:
         raise runtime.UsageError(

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from meshrt.mesh import MeshLayout
+from meshrt.runtime import ControlPlane
 
 from .shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORAGE_DTYPES, ShardError,
-                     comm_rank, encode_storage, file_sha256, grid_text, raise_if_any,
-                     rank_file_name, root_bcast)
+                     encode_storage, file_sha256, grid_text, rank_file_name)
 
 
 class ShardWriter:
@@ -128,7 +128,8 @@ def write_error(error: BaseException, filename) -> OSError:
     return OSError(f"writing {filename} failed: {' '.join(str(error).split())}")
 
 
-def prepare_target(out_dir, comm, force: bool, delete_other_files: bool = False) -> Path:
+def prepare_target(out_dir, control: ControlPlane, force: bool,
+                   delete_other_files: bool = False) -> Path:
     """Check the target and make the temporary directory (rank 0), the same answer on all ranks.
 
     Returns the temporary directory ``<out_dir>.tmp-<pid>`` (a sibling, so the final rename
@@ -138,8 +139,8 @@ def prepare_target(out_dir, comm, force: bool, delete_other_files: bool = False)
     (same host, that process gone) are removed; others are reported.
     """
     out = Path(out_dir).absolute()
-    answer = None
-    if comm_rank(comm) == 0:
+
+    def make_temporary() -> str:
         try:
             replaceable_files(out, force, delete_other_files)
             tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -148,22 +149,19 @@ def prepare_target(out_dir, comm, force: bool, delete_other_files: bool = False)
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             (tmp / OWNER_NAME).write_text(json.dumps(_owner()) + "\n")
-            answer = ("ok", str(tmp))
-        except (ShardError, OSError) as e:
-            answer = ("error", str(e))
-    status, text = root_bcast(comm, answer)
-    if status == "error":
-        raise ShardError(text)
-    tmp = Path(text)
-    visible = tmp.is_dir()
-    try:
-        raise_if_any(comm, None if visible else f"rank {comm_rank(comm)}",
-                     prefix=f"the output directory {tmp.parent} is not visible on every rank "
-                            "(use a filesystem shared by all nodes); missing on: ")
-    except ShardError:
-        if comm_rank(comm) == 0:
+        except OSError as e:
+            raise ShardError(str(e)) from None
+        return str(tmp)
+
+    tmp = Path(control.agree(make_temporary, catch=ShardError))
+    missing = [r for r, seen in enumerate(control.allgather(tmp.is_dir())) if not seen]
+    if missing:
+        if control.is_root:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise ShardError(f"the output directory {tmp.parent} is not visible on every rank (use a "
+                         "filesystem shared by all nodes); missing on: "
+                         + "; ".join(f"rank {r}" for r in missing[:4])
+                         + ("; ..." if len(missing) > 4 else ""))
     return tmp
 
 

@@ -7,8 +7,8 @@ A **shard set** is a directory::
     rank000x001.h5         rank (0, 1)'s blocks
     ...
 
-Rank ``(ry, rx)`` of an ``Ry x Rx`` rank grid is MPI rank ``ry * Rx + rx`` (row-major, the order
-of a non-reordered Cartesian communicator, as :class:`meshrt.fabric.Fabric` builds it). Its file
+Rank ``(ry, rx)`` of an ``Ry x Rx`` rank grid is MPI rank ``ry * Rx + rx`` (row-major,
+:meth:`meshrt.runtime.ControlPlane.coords`, the order :class:`meshrt.fabric.Fabric` uses). Its file
 holds, per phase, one contiguous dataset per tensor, ``/{phase}/{name}`` (for example
 ``/decode/layer0/qkv``), equal to the rank's block ``[by, bx, *tile]`` of the global tile array
 ``[Py, Px, *tile]``. Root attributes name the rank and the manifest's content hash, so a file
@@ -54,9 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
-from meshrt.mesh import MeshError, MeshLayout
+from meshrt.mesh import MeshError, MeshLayout, grid_coords
 from meshrt.precision import STORAGE_DTYPES as PRECISIONS
 from meshrt.precision import bf16_words, from_bf16_words
+from meshrt.runtime import ControlPlane
 
 from .config import ConfigError, ModelConfig
 from .layout import LAYOUT_VERSION
@@ -90,17 +91,12 @@ class ShardError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# names, hashes, control-plane helpers
+# names and hashes
 # ----------------------------------------------------------------------------------------------
 
 def rank_file_name(coords: tuple[int, int]) -> str:
     """File name of rank ``(ry, rx)``: ``rank{ry:03d}x{rx:03d}.h5``."""
     return f"rank{coords[0]:03d}x{coords[1]:03d}.h5"
-
-
-def rank_coords(rank: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """``(ry, rx)`` of MPI rank ``rank`` in a row-major ``Ry x Rx`` grid."""
-    return divmod(int(rank), int(grid[1]))
 
 
 def content_hash(manifest: Mapping) -> str:
@@ -125,39 +121,6 @@ def grid_text(grid) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def comm_size(comm) -> int:
-    """Processes in ``comm`` (1 for ``None``)."""
-    return 1 if comm is None else comm.Get_size()
-
-
-def comm_rank(comm) -> int:
-    """This process's rank in ``comm`` (0 for ``None``)."""
-    return 0 if comm is None else comm.Get_rank()
-
-
-def root_bcast(comm, value):
-    """Rank 0's ``value`` on every rank (control plane)."""
-    return value if comm_size(comm) == 1 else comm.bcast(value, root=0)
-
-
-def all_gather(comm, value) -> list:
-    """Every rank's ``value``, in rank order, on every rank (control plane)."""
-    return [value] if comm_size(comm) == 1 else comm.allgather(value)
-
-
-def raise_if_any(comm, problem: str | None, prefix: str = "") -> None:
-    """Raise the same :class:`ShardError` on every rank if any rank reports a problem.
-
-    A per-rank condition (a missing or corrupt file of one rank) must end the job on all ranks
-    alike: the problems are gathered on the control plane first.
-    """
-    problems = all_gather(comm, problem)
-    distinct = list(dict.fromkeys(p for p in problems if p))
-    if distinct:
-        shown = "; ".join(distinct[:4]) + ("; ..." if len(distinct) > 4 else "")
-        raise ShardError(prefix + shown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +179,7 @@ def parse_manifest(text: str, path) -> dict:
     if m["dtype"] not in STORAGE_DTYPES:
         raise ShardError(f"{mpath}: unknown storage dtype {m['dtype']!r}")
     grid = tuple(m["rank_grid"])
-    expected = {rank_file_name(rank_coords(r, grid)) for r in range(grid[0] * grid[1])}
+    expected = {rank_file_name(grid_coords(r, grid)) for r in range(grid[0] * grid[1])}
     if set(m["files"]) != expected:
         raise ShardError(f"{mpath} lists files {sorted(m['files'])[:4]}... but a "
                          f"{grid_text(grid)} rank grid needs {sorted(expected)[:4]}...")
@@ -519,21 +482,21 @@ def foreign_storage(group) -> str | None:
     return None
 
 
-def open_shards(path, comm=None, meshes: Mapping | None = None, *, decode_mesh=None,
-                prefill_mesh=None, ranks=None, verify: bool = True) -> ShardSet:
+def open_shards(path, control: ControlPlane | None = None, meshes: Mapping | None = None, *,
+                decode_mesh=None, prefill_mesh=None, ranks=None, verify: bool = True) -> ShardSet:
     """Open a shard set for this run after validating it on every rank.
 
-    Collective over ``comm``: rank 0 reads the manifest and broadcasts it; every rank checks it
-    against the run (rank count, rank grid, each requested phase mesh) and checks its own file
-    (exists, size, sha256 if ``verify``, root attributes); problems are gathered so that every
-    rank raises the same :class:`ShardError`. No tensor is read here.
+    Collective over ``control``: rank 0 reads the manifest and broadcasts it; every rank checks
+    it against the run (rank count, rank grid, each requested phase mesh) and checks its own
+    file (exists, size, sha256 if ``verify``, root attributes); the ranks agree on the outcome,
+    so that every rank raises the same :class:`ShardError`. No tensor is read here.
 
     Parameters
     ----------
     path : path
         The shard directory.
-    comm : mpi4py communicator or None
-        ``None`` = one process.
+    control : ControlPlane, optional
+        The ranks of the run; by default one process.
     meshes : dict, optional
         ``{phase: (Py, Px) or MeshLayout}`` the run wants; phases left out (or ``None``) take
         the manifest's mesh.
@@ -549,20 +512,18 @@ def open_shards(path, comm=None, meshes: Mapping | None = None, *, decode_mesh=N
     ShardSet
         This rank's view; :meth:`ShardSet.read` gives its float32 blocks.
     """
+    control = control or ControlPlane.single()
     path = Path(path).absolute()
-    answer = None
-    if comm_rank(comm) == 0:
-        try:
-            answer = ("ok", _read_manifest_text(path))
-        except ShardError as e:
-            answer = ("error", str(e))
-    status, text = root_bcast(comm, answer)
-    if status == "error":
-        raise ShardError(text)
+    text = control.agree(lambda: _read_manifest_text(path), catch=ShardError)
     m = parse_manifest(text, path)
     wanted = _wanted_meshes(meshes, decode_mesh, prefill_mesh)
-    check_against_run(m, comm_size(comm), wanted, ranks)
-    coords = rank_coords(comm_rank(comm), m["rank_grid"])
-    problem = check_rank_file(path, m, coords, verify)
-    raise_if_any(comm, problem, prefix=f"shard set {path} is damaged: ")
+    check_against_run(m, control.size, wanted, ranks)
+    coords = control.coords(m["rank_grid"])
+
+    def check_own_file():
+        problem = check_rank_file(path, m, coords, verify)
+        if problem:
+            raise ShardError(f"shard set {path} is damaged: {problem}")
+
+    control.agree(check_own_file, on="all", catch=ShardError)
     return ShardSet(path, m, coords)

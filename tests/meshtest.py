@@ -6,12 +6,19 @@ import pytest
 
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshLayout, divisors
+from meshrt.runtime import ControlPlane
 
 
 def world():
     """``COMM_WORLD`` (size 1 in a serial run)."""
     from mpi4py import MPI
     return MPI.COMM_WORLD
+
+
+def control_plane() -> ControlPlane:
+    """The ranks of this run (one process, no MPI, in a serial run)."""
+    comm = world()
+    return ControlPlane(comm if comm.Get_size() > 1 else None)
 
 
 def rank_grids(size: int):

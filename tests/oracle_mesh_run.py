@@ -20,7 +20,7 @@ def main(argv):
     shards, prompts_file, out, new = argv[1], argv[2], argv[3], int(argv[4])
     comm = runtime.world()
     comm = comm if comm is not None and comm.Get_size() > 1 else None
-    model = MeshModel.from_shards(shards, comm)
+    model = MeshModel.from_shards(shards, runtime.ControlPlane.of(comm))
     prompts = json.loads(open(prompts_file).read())
     logits, tokens = [], []
     for ids in prompts:

@@ -2,7 +2,7 @@
 
 import pytest
 from goldens import FIXTURES
-from meshtest import rank_grids, world
+from meshtest import control_plane, rank_grids, world
 
 from llm.checkpoint import load_checkpoint
 from llm.config import preset
@@ -19,7 +19,7 @@ def test_decode_estimate_equals_ledger(name, policy):
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
     for mesh in ((ry, rx), (2 * ry, 3 * rx)):
-        model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+        model = MeshModel.from_weights(config, weights, control_plane(),
                                        decode_mesh=mesh, phases=["decode"], kv_policy=policy)
         cap = 9
         model.start(cap)
@@ -47,7 +47,7 @@ def test_resident_memory_matches_blocks():
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[0]
     mesh = (3 * ry, 2 * rx)
-    model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+    model = MeshModel.from_weights(config, weights, control_plane(),
                                    decode_mesh=mesh, phases=["decode"])
     model.start(4)
     fab = model.decode_fabric

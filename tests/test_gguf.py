@@ -18,6 +18,7 @@ from llm.gguf_source import GGUFError, load_gguf, permute_rows, unpermute_rows
 from llm.gguf_tokenizer import tokenizer_files
 from llm.model import MeshModel
 from llm.reference import ReferenceModel
+from meshrt.runtime import ControlPlane
 
 pytest.importorskip("gguf")
 
@@ -154,6 +155,7 @@ def _world():
 def test_convert_gguf_on_every_rank_count(mpi_tmp_path):
     from meshrt.mesh import default_rank_grid
     comm = _world()
+    control = ControlPlane.of(comm)
     size = 1 if comm is None else comm.Get_size()
     path = mpi_tmp_path / "tiny.gguf"
     rank = 0 if comm is None else comm.Get_rank()
@@ -163,8 +165,8 @@ def test_convert_gguf_on_every_rank_count(mpi_tmp_path):
     out = mpi_tmp_path / "shards"
     convert(out, str(path), ranks=(ry, rx), meshes={"decode": (2 * ry, 2 * rx),
                                                     "prefill": (2 * ry, 4 * rx)},
-            comm=comm, progress=False)
-    model = MeshModel.from_shards(out, comm)
+            control=control, progress=False)
+    model = MeshModel.from_shards(out, control)
     prompt = [1, 119, 260, 264, 35, 52]
     gen = generate(model, prompt, 8, stop_ids=())
     assert gen.new_ids == ReferenceModel(tiny_config(), stored).generate(prompt, 8, stop_ids=())

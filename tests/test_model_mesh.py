@@ -8,7 +8,7 @@ the virtual mesh or the KV policy.
 import numpy as np
 import pytest
 from goldens import golden
-from meshtest import greedy_steps, rank_grids, world
+from meshtest import control_plane, greedy_steps, rank_grids, world
 
 from llm.model import MeshModel
 from meshrt.collectives import AllreduceSpec
@@ -44,7 +44,7 @@ def test_mesh_decode_matches_transformers(name, policy):
     config, weights, exp = golden(name)
     comm = world()
     for mesh in meshes(comm.Get_size()):
-        model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+        model = MeshModel.from_weights(config, weights, control_plane(),
                                        decode_mesh=mesh, phases=["decode"], kv_policy=policy)
         prompt_logits, ids, step_logits = run_model(model, exp)
         np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0,
@@ -58,7 +58,7 @@ def test_allreduce_algorithms_agree():
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[0]
     for algo in ("pipeline", "ring"):
-        model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+        model = MeshModel.from_weights(config, weights, control_plane(),
                                        decode_mesh=(2 * ry, 2 * rx), phases=["decode"],
                                        allreduce=AllreduceSpec(algo))
         _, ids, step_logits = run_model(model, exp, steps=4)
@@ -70,7 +70,7 @@ def test_aggregated_emulation_same_tokens():
     config, weights, exp = golden("tiny-qwen2")
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
-    model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+    model = MeshModel.from_weights(config, weights, control_plane(),
                                    decode_mesh=(2 * ry, 3 * rx), phases=["decode"],
                                    emulation="aggregated")
     prompt_logits, ids, _ = run_model(model, exp, steps=6)

@@ -24,6 +24,7 @@ from meshrt.mesh import lcm
 from meshrt.ops import gemv as V
 from meshrt.ops.gemm import meshgemm, prepare_a, prepare_b, prepare_b_region
 from meshrt.precision import round_to_bf16, to_words, widen
+from meshrt.runtime import ControlPlane
 
 RECTS = [(0, 0, None), (1, 1, None)]   # whole mesh; the cores off the first row and column
 
@@ -126,8 +127,8 @@ def test_bfloat16_model_holds_words_and_matches_bfloat16_shards(tmp_path_factory
     config, weights = load_checkpoint(FIXTURES / "tiny-llama-gqa", lazy=True)
     rounded = {k: round_to_bf16(v) for k, v in weights.items()}
     n = comm.Get_size()
-    kw = dict(comm=comm if n > 1 else None, decode_mesh=(2, 2 * n), prefill_mesh=(3, 3 * n),
-              ranks=(1, n))
+    kw = dict(control=ControlPlane(comm if n > 1 else None), decode_mesh=(2, 2 * n),
+              prefill_mesh=(3, 3 * n), ranks=(1, n))
     words = MeshModel.from_weights(config, weights, storage="bfloat16", **kw)
     plain = MeshModel.from_weights(config, rounded, **kw)
     assert words.blocks["decode"]["layer0/qkv"].dtype == np.uint16

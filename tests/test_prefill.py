@@ -9,7 +9,7 @@ data plane stays neighbour-only and the closed-form estimate equals the ledger.
 import numpy as np
 import pytest
 from goldens import golden
-from meshtest import assert_neighbour_only, greedy_steps, rank_grids, world
+from meshtest import assert_neighbour_only, control_plane, greedy_steps, rank_grids, world
 
 from llm import estimate as E
 from llm.config import preset
@@ -34,7 +34,7 @@ def pairs(size):
 
 def model_for(config, weights, prefill_mesh, decode_mesh, policy="shift", trace=True):
     comm = world()
-    model = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+    model = MeshModel.from_weights(config, weights, control_plane(),
                                    decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
                                    kv_policy=policy)
     if trace:

@@ -8,7 +8,7 @@ one op, and a non-finite value is caught and traced to the first layer that prod
 import numpy as np
 import pytest
 from goldens import FIXTURES
-from meshtest import rank_grids, world
+from meshtest import control_plane, rank_grids, world
 
 from llm import estimate as E
 from llm import program as P
@@ -88,7 +88,7 @@ def test_non_finite_logits_name_the_first_bad_layer(layer, phases):
     w = np.array(weights[name], dtype=np.float32)
     w[3, 5] = np.nan
     poisoned[name] = w
-    model = MeshModel.from_weights(config, poisoned, comm if comm.Get_size() > 1 else None,
+    model = MeshModel.from_weights(config, poisoned, control_plane(),
                                    decode_mesh=(ry, 2 * rx), prefill_mesh=(2 * ry, rx),
                                    phases=phases)
     model.start(8)
@@ -97,7 +97,7 @@ def test_non_finite_logits_name_the_first_bad_layer(layer, phases):
             model.prefill([3, 5, 7])
         else:
             model.decode(3)
-    clean = MeshModel.from_weights(config, weights, comm if comm.Get_size() > 1 else None,
+    clean = MeshModel.from_weights(config, weights, control_plane(),
                                    decode_mesh=(ry, 2 * rx), phases=["decode"])
     clean.start(8)
     assert np.isfinite(clean.logits_to_host(clean.decode(3))).all()

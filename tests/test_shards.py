@@ -33,6 +33,7 @@ from meshrt.darray import local_block
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshLayout, default_rank_grid
 from meshrt.precision import round_to_bf16
+from meshrt.runtime import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["tiny-llama-gqa", "tiny-qwen2"]
@@ -70,14 +71,15 @@ def _fabric(comm, mesh, grid):
 @pytest.mark.parametrize("model", MODELS)
 def test_convert_and_read_back_exactly(model, mpi_tmp_path):
     comm = _world()
+    control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
     out = mpi_tmp_path / f"{model}-shards"
     manifest = convert(out, str(FIXTURES / model), ranks=grid, meshes={"decode": mesh},
-                       comm=comm, progress=False)
+                       control=control, progress=False)
     assert manifest["rank_grid"] == list(grid)
     assert not list(mpi_tmp_path.glob("*.tmp-*")), "temporary directory left behind"
 
-    shards = open_shards(out, comm, decode_mesh=mesh)
+    shards = open_shards(out, control, decode_mesh=mesh)
     config, weights = load_checkpoint(FIXTURES / model)
     assert shards.config == config and shards.mesh("decode") == mesh and shards.ranks == grid
     fab = _fabric(comm, mesh, grid)
@@ -102,14 +104,15 @@ def _as_float16(x):
                                                ("bfloat16", round_to_bf16, 4e-3)])
 def test_16bit_storage_and_random_preset(mpi_tmp_path, dtype, stored, rtol):
     comm = _world()
+    control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
     out = mpi_tmp_path / f"random-{dtype}"
     manifest = convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh},
-                       dtype=dtype, comm=comm, seed=3, layers=1, progress=False)
+                       dtype=dtype, control=control, seed=3, layers=1, progress=False)
     assert manifest["dtype"] == dtype and manifest["config"]["num_layers"] == 1
     assert manifest["source"] == "random preset tiny-llama seed 3 (first 1 of 2 layers)"
     config, weights, _ = load_source("random:tiny-llama", seed=3, layers=1)
-    shards = open_shards(out, comm)                      # meshes taken from the manifest
+    shards = open_shards(out, control)                      # meshes taken from the manifest
     fab = _fabric(comm, shards.mesh("decode"), shards.ranks)
     for name, tiles in decode_tiles(PhaseLayout(config, *mesh), weights):
         block = shards.read("decode", name)
@@ -123,15 +126,16 @@ def test_16bit_storage_and_random_preset(mpi_tmp_path, dtype, stored, rtol):
 @pytest.mark.mpi
 def test_validation_errors_are_the_same_on_every_rank(mpi_tmp_path):
     comm = _world()
+    control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
     out = mpi_tmp_path / "validate"
-    convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh}, comm=comm,
+    convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh}, control=control,
             layers=1, progress=False)
     wrong = (mesh[0] * 2, mesh[1])
     with pytest.raises(ShardError, match=f"run with --decode-mesh {mesh[0]}x{mesh[1]}"):
-        open_shards(out, comm, decode_mesh=wrong)
+        open_shards(out, control, decode_mesh=wrong)
     with pytest.raises(ShardError, match="holds no prefill|hold no prefill"):
-        open_shards(out, comm, prefill_mesh=mesh)
+        open_shards(out, control, prefill_mesh=mesh)
     if comm is not None:
         comm.Barrier()
         if comm.Get_rank() == 0:              # damage the last rank's file only
@@ -140,9 +144,9 @@ def test_validation_errors_are_the_same_on_every_rank(mpi_tmp_path):
                 f.write(b"\0")
         comm.Barrier()
         with pytest.raises(ShardError, match="truncated or was replaced"):
-            open_shards(out, comm)            # every rank raises, not only the last one
+            open_shards(out, control)            # every rank raises, not only the last one
     with pytest.raises(ShardError, match="already exists: pass --force"):
-        convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh}, comm=comm,
+        convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh}, control=control,
                 layers=1, progress=False)
 
 

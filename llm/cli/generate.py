@@ -121,7 +121,7 @@ def run(args, comm) -> int:
         raise runtime.UsageError(str(e)) from None
     if request.prompt.system is not None and request.prompt.chat is None:
         raise runtime.UsageError("--system goes with --chat")
-    checked = prepare(source, request, comm)
+    checked = prepare(source, request, runtime.ControlPlane.of(comm))
     tokenizer, ids, stop = checked.tokenizer, checked.ids, checked.stop
     try:
         model = load_model(source, comm)

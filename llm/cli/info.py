@@ -39,16 +39,9 @@ def run(args, comm) -> int:
         raise runtime.UsageError("info needs a shard directory or --preset NAME")
     if args.verify:
         return verify(args, comm)
-    from ..shards import ShardError, describe_manifest, read_manifest, root_bcast
-    answer = None
-    if rank == 0:
-        try:
-            answer = ("ok", read_manifest(args.shards))
-        except ShardError as e:
-            answer = ("error", str(e))
-    status, payload = root_bcast(comm, answer)
-    if status == "error":
-        raise ShardError(payload)
+    from ..shards import ShardError, describe_manifest, read_manifest
+    payload = runtime.ControlPlane.of(comm).agree(lambda: read_manifest(args.shards),
+                                                  catch=ShardError)
     if rank == 0:
         print(json.dumps(payload, indent=1) if args.json else describe_manifest(payload,
                                                                                 args.shards))
@@ -61,7 +54,8 @@ def verify(args, comm) -> int:
 
     from ..shards import open_shards
     t0 = time.perf_counter()
-    shards = open_shards(args.shards, comm, decode_mesh=grid_or_none(args.decode_mesh),
+    shards = open_shards(args.shards, runtime.ControlPlane.of(comm),
+                         decode_mesh=grid_or_none(args.decode_mesh),
                          prefill_mesh=grid_or_none(args.prefill_mesh),
                          ranks=grid_or_none(args.ranks), verify=args.checksum)
     t1 = time.perf_counter()
