@@ -320,9 +320,9 @@ def _prepare(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, t
     return pending, problems
 
 
-def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, comm, log, record,
+def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, plane, log, record,
               template_loader=None) -> int:
-    """Run every pending request of ``batch.requests`` (collective over ``comm``).
+    """Run every pending request of ``batch.requests`` (collective over ``plane``).
 
     Parameters
     ----------
@@ -332,7 +332,7 @@ def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, 
         What a request does not say (token limit, sampling, stop, KV capacity).
     model : MeshModel
     tokenizer
-    comm : mpi4py communicator or None
+    plane : meshrt.runtime.ControlPlane
     log : logging.Logger
     record : callable
         ``(prompt_ids, Generation) -> dict``, the ``generate --json`` record (called everywhere,
@@ -349,15 +349,14 @@ def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, 
 
     from .generate import generate
     from .sampling import Sampler
-    rank = 0 if comm is None else comm.Get_rank()
+    rank = plane.rank
     answer = None
     if rank == 0:
         try:
             answer = ("ok",) + _prepare(batch, defaults, model, tokenizer, template_loader, log)
         except BadRequest as e:
             answer = ("error", str(e))
-    if comm is not None:
-        answer = comm.bcast(answer, root=0)        # control plane: the checked requests
+    answer = plane.bcast(answer)        # control plane: the checked requests
     if answer[0] == "error":
         raise runtime.UsageError(answer[1])
     pending = answer[1]

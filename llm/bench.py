@@ -56,18 +56,10 @@ def _peak_rss_gib() -> float:
     return kib / 2**20
 
 
-def _max_over_ranks(comm, value: float) -> float:
-    """The largest ``value`` of any rank, on every rank (control plane, for reporting)."""
-    if comm is None or comm.Get_size() == 1:
-        return value
-    from mpi4py import MPI
-    return comm.allreduce(value, op=MPI.MAX)
-
-
-def run_bench(options: BenchOptions, comm, log) -> dict:
+def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     """Place the model, run prefill + decode ``warmup + repeat`` times, return the record.
 
-    Collective over ``comm``. The record holds the run's settings, the emulator's medians
+    Collective over ``plane``. The record holds the run's settings, the emulator's medians
     (``emulator``), the modeled figures of this run and the closed-form estimate of the whole
     model (``full_model_estimate``); :func:`format_report` prints it.
     """
@@ -75,7 +67,7 @@ def run_bench(options: BenchOptions, comm, log) -> dict:
     from .config import preset
     from .generate import generate
     from .model import MeshModel
-    size = 1 if comm is None else comm.Get_size()
+    size = plane.size
     device = get_device(options.run.device)
     dmesh = options.mesh.decode or (8, 8)
     pmesh = options.mesh.prefill or dmesh
@@ -83,7 +75,7 @@ def run_bench(options: BenchOptions, comm, log) -> dict:
         options.run.emulation
     placing, storage = None, None
     if options.model:
-        model = MeshModel.from_shards(options.model, ControlPlane.of(comm), kv_policy=policy,
+        model = MeshModel.from_shards(options.model, plane, kv_policy=policy,
                                       device=device,
                                       allreduce=spec, emulation=emulation)
         full = model.config
@@ -98,18 +90,17 @@ def run_bench(options: BenchOptions, comm, log) -> dict:
             config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32")
         t0 = time.perf_counter()
         weights = RandomWeights(config, options.seed)
-        model = MeshModel.from_weights(config, weights, ControlPlane.of(comm), decode_mesh=dmesh,
+        model = MeshModel.from_weights(config, weights, plane, decode_mesh=dmesh,
                                        prefill_mesh=pmesh, kv_policy=policy, device=device,
                                        allreduce=spec, emulation=emulation, storage=storage)
-        placing = _max_over_ranks(comm, time.perf_counter() - t0)
+        placing = plane.allreduce_max(time.perf_counter() - t0)
         log.info(f"placed in {placing:.1f} s ({storage} weights)")
     prompt_len, new = options.prompt_len, options.new_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.config.vocab_size, prompt_len).tolist()
     runs = []
     for i in range(options.warmup + options.repeat):
-        if comm is not None and size > 1:
-            comm.Barrier()
+        plane.barrier()
         step_times = []
         last = [time.perf_counter()]
 
@@ -137,7 +128,7 @@ def run_bench(options: BenchOptions, comm, log) -> dict:
             "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
             "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation,
             "weights_dtype": storage, "placing_s": placing,
-            "peak_rss_gib_per_rank": _max_over_ranks(comm, _peak_rss_gib()), "emulator": med,
+            "peak_rss_gib_per_rank": plane.allreduce_max(_peak_rss_gib()), "emulator": med,
             "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
             "modeled_peak_kib_per_core": led.peak_memory / 1024,
             "full_model_estimate": est}

@@ -94,30 +94,29 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
     return gen
 
 
-def load_model(source: ModelSource, comm):
+def load_model(source: ModelSource, plane: ControlPlane):
     """The :class:`MeshModel` of ``source.path`` (a shard set or an HF model directory).
 
     The path is checked on every rank and the ranks agree on what it is before anything is
-    read; an HF directory without a decode mesh gets 2x2 cores per rank.
+    read; an HF directory without a decode mesh gets 2x2 cores per rank. Collective over
+    ``plane`` (a :class:`meshrt.runtime.ControlPlane`).
     """
     from .model import MeshModel
     from .preflight import agree, model_kind
     path, mesh, kw = source.path, source.mesh, source.run.model_kwargs()
-    control = ControlPlane.of(comm)
-    if agree(control, model_kind, path) == "shards":
-        return MeshModel.from_shards(path, control, decode_mesh=mesh.decode,
+    if agree(plane, model_kind, path) == "shards":
+        return MeshModel.from_shards(path, plane, decode_mesh=mesh.decode,
                                      prefill_mesh=mesh.prefill, ranks=mesh.ranks,
                                      verify=source.verify, **kw)
     from .checkpoint import load_checkpoint, storage_dtype
-    config, weights = agree(control, load_checkpoint, path, lazy=True,
+    config, weights = agree(plane, load_checkpoint, path, lazy=True,
                             max_context=source.max_context)
-    size = 1 if comm is None else comm.Get_size()
     dmesh = mesh.decode
     if dmesh is None:
         from meshrt.mesh import default_rank_grid
-        ry, rx = mesh.ranks or default_rank_grid(size)
+        ry, rx = mesh.ranks or default_rank_grid(plane.size)
         dmesh = (2 * ry, 2 * rx)
-    return MeshModel.from_weights(config, weights, control, decode_mesh=dmesh,
+    return MeshModel.from_weights(config, weights, plane, decode_mesh=dmesh,
                                   prefill_mesh=mesh.prefill, ranks=mesh.ranks,
                                   storage=storage_dtype(weights), **kw)
 

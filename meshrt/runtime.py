@@ -326,7 +326,9 @@ class _RankFilter(logging.Filter):
 def setup_logging(comm=None, level: str | int = "INFO", all_ranks: bool | None = None,
                   name: str = "meshrt") -> logging.Logger:
     """A logger that prints on rank 0 only (all ranks for warnings, or with
-    ``MESHRT_LOG_ALL_RANKS=1``), each line prefixed ``[rank/size]`` under MPI."""
+    ``MESHRT_LOG_ALL_RANKS=1``), each line prefixed ``[rank/size]`` under MPI.
+
+    ``comm`` is a :class:`ControlPlane`, a communicator, or ``None`` (one process)."""
     rank, size = rank_and_size(comm)
     if all_ranks is None:
         all_ranks = os.environ.get("MESHRT_LOG_ALL_RANKS", "0") == "1"

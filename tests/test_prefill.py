@@ -33,7 +33,6 @@ def pairs(size):
 
 
 def model_for(config, weights, prefill_mesh, decode_mesh, policy="shift", trace=True):
-    comm = world()
     model = MeshModel.from_weights(config, weights, control_plane(),
                                    decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
                                    kv_policy=policy)

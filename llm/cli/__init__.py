@@ -36,7 +36,7 @@ examples:
 
 
 #: The sub-commands in ``--help`` order; each module has ``add_parser(sub)`` and
-#: ``run(args, comm)``.
+#: ``run(args, plane)`` (``plane``: the job's :class:`meshrt.runtime.ControlPlane`).
 COMMANDS = {"fetch": fetch, "convert": convert, "generate": generate, "chat": chat,
             "bench": bench, "plan": plan, "info": info, "estimate": estimate}
 
@@ -71,13 +71,12 @@ def main(argv=None) -> int:
         from ..config import ConfigError
         from ..shards import ShardError
         args = build_parser().parse_args(argv)
-        comm = runtime.world()
-        if comm is not None and comm.Get_size() == 1:
-            comm = None
-        runtime.setup_logging(comm, "WARNING" if args.quiet else "INFO",
-                              name="llm")
+        plane = runtime.ControlPlane.world()
+        if plane.size == 1:
+            plane = runtime.ControlPlane.single()    # one process: no communicator at all
+        runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
         try:
-            return COMMANDS[args.command].run(args, comm)
+            return COMMANDS[args.command].run(args, plane)
         except (ShardError, ConfigError, CheckpointError, MeshError) as e:
             # validation errors: detected alike on every rank, so print once and end cleanly
             raise runtime.UsageError(str(e)) from None

@@ -55,14 +55,14 @@ def options(args) -> BenchOptions:
                         repeat=args.repeat, warmup=args.warmup)
 
 
-def run(args, comm) -> int:
+def run(args, plane) -> int:
     """Measure on every rank; rank 0 prints the record (``--json``) or a summary."""
     from meshrt.plmr import get_device
 
     from ..bench import format_report, run_bench
-    log = runtime.setup_logging(comm, name="llm")
-    out = run_bench(options(args), comm, log)
-    if comm is None or comm.Get_rank() == 0:
+    log = runtime.setup_logging(plane, name="llm")
+    out = run_bench(options(args), plane, log)
+    if plane.is_root:
         print(json.dumps(out, indent=2) if args.json
               else format_report(out, get_device(args.device).mem_per_core))
         sys.stdout.flush()

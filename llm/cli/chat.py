@@ -56,21 +56,19 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-turn timing lines")
 
 
-def read_line(rank: int, comm, interactive: bool):
+def read_line(plane, interactive: bool):
     """Rank 0 reads one line (``None`` at end of input); every rank gets it."""
     line = None
-    if rank == 0:
+    if plane.is_root:
         if interactive:
             sys.stderr.write("you> ")
             sys.stderr.flush()
         text = sys.stdin.readline()
         line = None if text == "" else text.rstrip("\n")
-    if comm is not None:
-        line = comm.bcast(line, root=0)          # control plane: the user's turn
-    return line
+    return plane.bcast(line)          # control plane: the user's turn
 
 
-def run(args, comm) -> int:
+def run(args, plane) -> int:
     """The session: load the model once, then one turn per line read on rank 0."""
     from meshrt.mesh import MeshError
 
@@ -78,8 +76,8 @@ def run(args, comm) -> int:
     from ..chat_template import ChatTemplate, ChatTemplateError
     from ..generate import format_metrics, load_model
     from ..tokenizer import StreamDecoder, load_tokenizer
-    rank = 0 if comm is None else comm.Get_rank()
-    log = runtime.setup_logging(comm, "WARNING" if args.quiet else "INFO", name="llm")
+    rank = plane.rank
+    log = runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
     try:
         template = ChatTemplate.from_model_dir(args.model)
     except ChatTemplateError as e:
@@ -90,7 +88,7 @@ def run(args, comm) -> int:
         raise runtime.UsageError(str(e)) from None
     source = ModelSource(args.model, mesh_spec(args), run_options(args), verify=args.verify)
     try:
-        model = load_model(source, comm)
+        model = load_model(source, plane)
     except MeshError as e:
         raise runtime.UsageError(str(e)) from None
     tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
@@ -106,7 +104,7 @@ def run(args, comm) -> int:
              "/reset for a new conversation, /exit or end of input to stop")
     turn_no = 0
     while True:
-        line = read_line(rank, comm, interactive)
+        line = read_line(plane, interactive)
         if line is None or line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":

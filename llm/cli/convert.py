@@ -1,8 +1,6 @@
 """``python -m llm convert``: a model (HF directory, GGUF file or random preset) -> shard set."""
 from __future__ import annotations
 
-from meshrt.runtime import ControlPlane
-
 from .common import add_mesh_args, grid_or_none, non_negative, positive, subparser
 
 
@@ -44,12 +42,12 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
 
 
-def run(args, comm) -> int:
+def run(args, plane) -> int:
     from ..convert import convert
     decode = grid_or_none(args.decode_mesh)
     meshes = {"decode": decode, "prefill": grid_or_none(args.prefill_mesh) or decode}
     convert(args.out, args.source, ranks=grid_or_none(args.ranks), meshes=meshes,
-            dtype=args.dtype, control=ControlPlane.of(comm), force=args.force,
+            dtype=args.dtype, control=plane, force=args.force,
             progress={"auto": None, "on": True, "off": False}[args.progress], seed=args.seed,
             layers=args.layers, max_context=args.max_context,
             delete_other_files=args.delete_other_files)

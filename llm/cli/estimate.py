@@ -207,7 +207,7 @@ def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run(args, comm=None) -> int:
+def run(args, plane=None) -> int:
     from meshrt.plmr import get_device
     try:
         device = get_device(args.device)

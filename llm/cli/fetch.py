@@ -28,22 +28,15 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only the path")
 
 
-def run(args, comm) -> int:
-    """Rank 0 fetches; the other ranks wait for its answer."""
+def run(args, plane) -> int:
+    """Rank 0 fetches; every rank gets its answer (or its error) through ``plane.agree``."""
     from ..fetch import FetchError, fetch
-    comm = runtime.world()
-    rank, size = runtime.rank_and_size(comm)
-    log = runtime.setup_logging(comm, name="llm")
-    answer = None
-    if rank == 0:
-        try:
-            answer = ("ok", str(fetch(args.name, args.cache_dir, args.wheel, log)))
-        except (FetchError, OSError) as e:
-            answer = ("error", str(e))
-    if size > 1:
-        answer = comm.bcast(answer, root=0)
-    if answer[0] == "error":
-        raise runtime.UsageError(answer[1])
-    if rank == 0:
-        print(answer[1])
+    log = runtime.setup_logging(plane, name="llm")
+    try:
+        path = plane.agree(lambda: str(fetch(args.name, args.cache_dir, args.wheel, log)),
+                           catch=(FetchError, OSError))
+    except (FetchError, OSError) as e:
+        raise runtime.UsageError(str(e)) from None
+    if plane.is_root:
+        print(path)
     return 0

@@ -105,15 +105,15 @@ def options(args) -> tuple[ModelSource, GenerateOptions]:
     return source, request
 
 
-def run(args, comm) -> int:
+def run(args, plane) -> int:
     """Check everything, load the model, then one request (streamed) or a whole batch."""
     from meshrt.mesh import MeshError
 
     from ..generate import format_metrics, generate, load_model, result_record
     from ..preflight import check_kv_capacity, prepare
     from ..tokenizer import StreamDecoder
-    rank = 0 if comm is None else comm.Get_rank()
-    log = runtime.setup_logging(comm, name="llm")
+    rank = plane.rank
+    log = runtime.setup_logging(plane, name="llm")
     source, request = options(args)
     try:            # every value is checked before any weight is read
         sampler = request.sampling.sampler()
@@ -121,17 +121,17 @@ def run(args, comm) -> int:
         raise runtime.UsageError(str(e)) from None
     if request.prompt.system is not None and request.prompt.chat is None:
         raise runtime.UsageError("--system goes with --chat")
-    checked = prepare(source, request, runtime.ControlPlane.of(comm))
+    checked = prepare(source, request, plane)
     tokenizer, ids, stop = checked.tokenizer, checked.ids, checked.stop
     try:
-        model = load_model(source, comm)
+        model = load_model(source, plane)
     except MeshError as e:
         raise runtime.UsageError(str(e)) from None
     if request.prompt.batch:
         from ..batch import run_batch
         from ..chat_template import ChatTemplate
         return run_batch(BatchOptions(request.prompt.batch, args.out, args.strict), request,
-                         model, tokenizer, comm, log,
+                         model, tokenizer, plane, log,
                          lambda ids, gen: result_record(model, tokenizer, ids, gen),
                          lambda: ChatTemplate.from_model_dir(source.path))
     if request.prompt.chat is not None:

@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def run(args, comm) -> int:
-    rank = 0 if comm is None else comm.Get_rank()
+def run(args, plane) -> int:
+    rank = plane.rank
     if args.preset is not None:
         if rank == 0:
             print_preset(args.preset, args.layers, args.json)
@@ -38,23 +38,22 @@ def run(args, comm) -> int:
     if args.shards is None:
         raise runtime.UsageError("info needs a shard directory or --preset NAME")
     if args.verify:
-        return verify(args, comm)
+        return verify(args, plane)
     from ..shards import ShardError, describe_manifest, read_manifest
-    payload = runtime.ControlPlane.of(comm).agree(lambda: read_manifest(args.shards),
-                                                  catch=ShardError)
+    payload = plane.agree(lambda: read_manifest(args.shards), catch=ShardError)
     if rank == 0:
         print(json.dumps(payload, indent=1) if args.json else describe_manifest(payload,
                                                                                 args.shards))
     return 0
 
 
-def verify(args, comm) -> int:
+def verify(args, plane) -> int:
     """Open the shard set as a job would and read every tensor; print the slowest rank's times."""
     import time
 
     from ..shards import open_shards
     t0 = time.perf_counter()
-    shards = open_shards(args.shards, runtime.ControlPlane.of(comm),
+    shards = open_shards(args.shards, plane,
                          decode_mesh=grid_or_none(args.decode_mesh),
                          prefill_mesh=grid_or_none(args.prefill_mesh),
                          ranks=grid_or_none(args.ranks), verify=args.checksum)
@@ -69,10 +68,7 @@ def verify(args, comm) -> int:
     rec = {"shards": str(shards.path), "ranks": shards.ranks[0] * shards.ranks[1],
            "rank_grid": list(shards.ranks), "tensors": count, "bytes_read": shards.bytes_read,
            "validate_s": t1 - t0, "read_s": t2 - t1}
-    if comm is not None and comm.Get_size() > 1:
-        rows = comm.gather(rec, root=0)
-    else:
-        rows = [rec]
+    rows = plane.gather(rec)
     if rows is not None:
         slowest = max(r["validate_s"] + r["read_s"] for r in rows)
         total = sum(r["bytes_read"] for r in rows)

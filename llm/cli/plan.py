@@ -38,10 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def run(args, comm) -> int:
+def run(args, plane) -> int:
     from ..config import ModelConfig, preset
     from ..plan import format_plan, plan
-    rank = 0 if comm is None else comm.Get_rank()
+    rank = plane.rank
     decode_mesh, prefill_mesh = grid_or_none(args.decode_mesh), grid_or_none(args.prefill_mesh)
     if args.model is not None:
         from pathlib import Path
