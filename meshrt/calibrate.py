@@ -13,7 +13,7 @@ fixes the latency of the routing stages (``beta``).
 
 :func:`fit` solves for any set of constants, one per point, by Newton steps on finite
 differences (the cost model is piecewise linear in its constants). The full WSE-2 calibration,
-which also uses a decode throughput and a KV capacity, lives in :mod:`llm.calibration`
+which also uses a decode throughput and a KV capacity, lives in :mod:`llm.cost.calibration`
 (``meshrt`` knows nothing of models).
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ type, plus a byte-level BPE tokenizer of 256 byte tokens, three control tokens a
 """
 import numpy as np
 
-from llm.config import ModelConfig
+from llm.modeling.config import ModelConfig
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at", "1 2"]

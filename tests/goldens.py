@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.checkpoint import load_checkpoint
+from llm.storage.checkpoint import load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOLDEN_MODELS = ("tiny-llama-gqa", "tiny-qwen2")

@@ -16,7 +16,7 @@ from meshrt import runtime
 
 
 def main(argv):
-    from llm.model import MeshModel
+    from llm.engine.model import MeshModel
     shards, prompts_file, out, new = argv[1], argv[2], argv[3], int(argv[4])
     comm = runtime.world()
     comm = comm if comm is not None and comm.Get_size() > 1 else None

@@ -71,7 +71,7 @@ def test_batch_results_equal_single_runs_and_bad_lines_are_skipped(model_dir, tm
         assert got["a"][key] == ref[key]
     assert len(got[2]["new_ids"]) == 4 and got[2]["prompt_ids"] == [1, 5, 9]
     # messages go through the model's chat template (BOS text of the template is one token)
-    from llm.tokenizer import load_tokenizer
+    from llm.text.tokenizer import load_tokenizer
     tok = load_tokenizer(model_dir)
     text = "<s>user: the cache\nassistant:"
     assert got["chat"]["prompt_ids"] == tok.encode(text, add_special_tokens=False)

@@ -1,7 +1,7 @@
 """The WSE-2 preset is what the calibration derives from the paper's allowed points."""
 import pytest
 
-from llm.calibration import KV_POINT, calibrate, kv_points, time_points
+from llm.cost.calibration import KV_POINT, calibrate, kv_points, time_points
 from meshrt.calibrate import gemv_points, residuals
 from meshrt.plmr import WSE2
 

@@ -12,8 +12,8 @@ import pytest
 from gguf_fixture import tiny_config, write_tiny_gguf
 from test_cli import ENV, MPIEXEC, ROOT, needs_mpiexec
 
-from llm.convert import convert
-from llm.reference import ReferenceModel
+from llm.modeling.reference import ReferenceModel
+from llm.storage.convert import convert
 
 pytest.importorskip("gguf")
 pytest.importorskip("jinja2")

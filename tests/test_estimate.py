@@ -4,10 +4,10 @@ import pytest
 from goldens import FIXTURES
 from meshtest import control_plane, rank_grids, world
 
-from llm.checkpoint import load_checkpoint
-from llm.config import preset
-from llm.estimate import decode_token, decode_weight_words, kv_capacity
-from llm.model import MeshModel
+from llm.cost.estimate import decode_token, decode_weight_words, kv_capacity
+from llm.engine.model import MeshModel
+from llm.modeling.config import preset
+from llm.storage.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.mpi
 
@@ -64,7 +64,7 @@ def test_kv_capacity_shift_holds_rows_times_more():
 
 
 def test_layer_pipeline_when_one_mesh_cannot_hold_the_weights():
-    from llm.plan import plan
+    from llm.cost.plan import plan
     from meshrt.plmr import WSE2
     p = plan(preset("llama2-13b"), decode_mesh=(375, 375), prefill_mesh=(375, 375))
     d = p["phases"]["decode"]

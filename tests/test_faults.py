@@ -14,8 +14,8 @@ import pytest
 from faultcase import assert_one_error, changed, run, snapshot
 from goldens import FIXTURES
 
-from llm.convert import convert
-from llm.shards import MANIFEST_NAME, file_sha256, rank_file_name, read_manifest
+from llm.storage.convert import convert
+from llm.storage.shards import MANIFEST_NAME, file_sha256, rank_file_name, read_manifest
 
 MODEL = FIXTURES / "tiny-llama-gqa"
 

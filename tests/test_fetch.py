@@ -12,7 +12,7 @@ import zipfile
 import pytest
 from test_cli import ENV, ROOT
 
-from llm import fetch as F
+from llm.storage import fetch as F
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 

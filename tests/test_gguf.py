@@ -12,12 +12,12 @@ import pytest
 from gguf_fixture import CHAT_TEMPLATE, byte_alphabet, tiny_config, vocabulary, write_tiny_gguf
 from test_cli import ENV, ROOT
 
-from llm.convert import convert
-from llm.generate import generate
-from llm.gguf_source import GGUFError, load_gguf, permute_rows, unpermute_rows
-from llm.gguf_tokenizer import tokenizer_files
-from llm.model import MeshModel
-from llm.reference import ReferenceModel
+from llm.engine.model import MeshModel
+from llm.modeling.reference import ReferenceModel
+from llm.serve.generate import generate
+from llm.storage.convert import convert
+from llm.storage.gguf_source import GGUFError, load_gguf, permute_rows, unpermute_rows
+from llm.storage.gguf_tokenizer import tokenizer_files
 from meshrt.runtime import ControlPlane
 
 pytest.importorskip("gguf")

@@ -10,7 +10,7 @@ import pytest
 from goldens import golden
 from meshtest import control_plane, greedy_steps, rank_grids, world
 
-from llm.model import MeshModel
+from llm.engine.model import MeshModel
 from meshrt.collectives import AllreduceSpec
 
 pytestmark = pytest.mark.mpi

@@ -86,9 +86,9 @@ def hf():
 def ours():
     from tokenizers import Tokenizer
 
-    from llm.chat_template import ChatTemplate
-    from llm.gguf_source import GGUFFile
-    from llm.gguf_tokenizer import build_tokenizer, tokenizer_config, tokenizer_metadata
+    from llm.storage.gguf_source import GGUFFile
+    from llm.storage.gguf_tokenizer import build_tokenizer, tokenizer_config, tokenizer_metadata
+    from llm.text.chat_template import ChatTemplate
     meta = tokenizer_metadata(GGUFFile(GGUF))
     tok = Tokenizer.from_str(build_tokenizer(meta).to_str())
     cfg = tokenizer_config(meta)

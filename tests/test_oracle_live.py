@@ -6,9 +6,12 @@ Run in the oracle venv (``requirements-oracle.txt``)::
     .venv-oracle/bin/python -m pytest -q tests/test_oracle_live.py
 
 Each case builds a small random model with transformers, saves it with ``save_pretrained``, reads
-it back with :mod:`llm.checkpoint` and compares prefill logits, every decode step's logits and the
-greedy tokens with :class:`llm.reference.ReferenceModel`. It also checks that transformers loads
-the directories :func:`llm.checkpoint.save_model_dir` writes, and that bfloat16 is read exactly.
+it back with :mod:`llm.storage.checkpoint` and compares prefill logits, every decode step's logits
+and the
+greedy tokens with :class:`llm.modeling.reference.ReferenceModel`. It also checks that transformers
+loads
+the directories :func:`llm.storage.checkpoint.save_model_dir` writes, and that bfloat16 is read
+exactly.
 """
 import numpy as np
 import pytest
@@ -16,9 +19,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llm.checkpoint import Checkpoint, load_checkpoint, random_weights, save_model_dir  # noqa: E402
-from llm.config import ModelConfig  # noqa: E402
-from llm.reference import ReferenceModel  # noqa: E402
+from llm.modeling.config import ModelConfig  # noqa: E402
+from llm.modeling.reference import ReferenceModel  # noqa: E402
+from llm.storage.checkpoint import Checkpoint, load_checkpoint, random_weights, save_model_dir  # noqa: E402
 
 ATOL = 1e-4
 NEW_TOKENS = 8
@@ -147,7 +150,7 @@ def test_mesh_model_matches_live_transformers(case, tmp_path):
     """The whole mesh path (prefill on a 3x2 mesh, hand-off, decode on 2x3) against transformers,
     in one process: every bias, RoPE scaling, GQA/MHA, tied embeddings, head_dim * heads !=
     hidden."""
-    from llm.model import MeshModel
+    from llm.engine.model import MeshModel
     cls_name, rope, kwargs = CASES[case]
     cls, config = hf_config(cls_name, rope, **kwargs)
     model = randomise(cls(config).to(torch.float32).eval(), seed=len(case))

@@ -7,18 +7,18 @@ import pytest
 from goldens import FIXTURES
 from meshtest import as_params, fabric, layouts, world
 
-from llm.checkpoint import (
+from llm.engine.model import MeshModel
+from llm.modeling.config import preset
+from llm.placement.layout import PhaseLayout
+from llm.placement.phase_weights import PHASE_SPECS
+from llm.placement.streamed import LazyBlock, RowTable, place, tile_shape
+from llm.storage.checkpoint import (
     Checkpoint,
     RandomWeights,
     load_checkpoint,
     random_weights,
     save_model_dir,
 )
-from llm.config import preset
-from llm.layout import PhaseLayout
-from llm.model import MeshModel
-from llm.phase_weights import PHASE_SPECS
-from llm.placement import LazyBlock, RowTable, place, tile_shape
 from meshrt import darray
 from meshrt.mesh import lcm
 from meshrt.ops import gemv as V

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from llm.config import preset
-from llm.predict import decode_tpr, predict
-from llm.wafer import PlacementError, kv_capacity, place, stage_stack
+from llm.cost.predict import decode_tpr, predict
+from llm.cost.wafer import PlacementError, kv_capacity, place, stage_stack
+from llm.modeling.config import preset
 from meshrt.collectives import AllreduceSpec
 from meshrt.ops.estimate import estimate_cannon, estimate_meshgemm, estimate_summa
 from meshrt.ops.gemv import estimate_meshgemv
@@ -183,8 +183,8 @@ def test_request_figures_are_consistent():
 def test_decode_step_cost_is_affine_in_the_layers():
     import dataclasses
 
-    from llm.estimate import decode_token
-    from llm.predict import decode_step_cycles
+    from llm.cost.estimate import decode_token
+    from llm.cost.predict import decode_step_cycles
     c = dataclasses.replace(preset("llama3-8b"), num_layers=5)
     full = decode_token(c, (48, 48), WSE2, context=300).cycles
     assert decode_step_cycles(c, (48, 48), WSE2, 300) == pytest.approx(full, rel=1e-12)
@@ -227,7 +227,7 @@ def test_multi_wafer_method_states_that_inter_wafer_links_are_excluded():
 
 
 def test_modeled_wafer_reports_what_estimate_reports():
-    from llm.predict import format_modeled_wafer, modeled_wafer
+    from llm.cost.predict import format_modeled_wafer, modeled_wafer
     c = preset("llama3-8b")
     m = modeled_wafer(c, (660, 660), (360, 360), 2048, 128)
     r = predict(c, (660, 660), (360, 360), 2048, 128)

@@ -11,10 +11,10 @@ import pytest
 from goldens import golden
 from meshtest import assert_neighbour_only, control_plane, greedy_steps, rank_grids, world
 
-from llm import estimate as E
-from llm.config import preset
-from llm.kvcache import ContextFullError
-from llm.model import MeshModel
+from llm.cost import estimate as E
+from llm.engine.kvcache import ContextFullError
+from llm.engine.model import MeshModel
+from llm.modeling.config import preset
 
 pytestmark = pytest.mark.mpi
 

@@ -10,14 +10,14 @@ import pytest
 from goldens import FIXTURES
 from meshtest import control_plane, rank_grids, world
 
-from llm import estimate as E
-from llm import program as P
-from llm.checkpoint import load_checkpoint
-from llm.config import preset
-from llm.decode import NonFiniteError
-from llm.handoff import Handoff
-from llm.layout import PhaseLayout
-from llm.model import MeshModel
+from llm.cost import estimate as E
+from llm.engine import program as P
+from llm.engine.decode import NonFiniteError
+from llm.engine.handoff import Handoff
+from llm.engine.model import MeshModel
+from llm.modeling.config import preset
+from llm.placement.layout import PhaseLayout
+from llm.storage.checkpoint import load_checkpoint
 from meshrt.collectives import AllreduceSpec
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from goldens import FIXTURES, golden
 
-from llm import rope
-from llm.checkpoint import (
+from llm.modeling import rope
+from llm.modeling.config import PRESETS, ConfigError, ModelConfig, preset
+from llm.modeling.reference import ReferenceModel, attention
+from llm.storage.checkpoint import (
     Checkpoint,
     CheckpointError,
     SafetensorsFile,
@@ -27,10 +29,8 @@ from llm.checkpoint import (
     random_weights,
     save_model_dir,
 )
-from llm.config import PRESETS, ConfigError, ModelConfig, preset
-from llm.reference import ReferenceModel, attention
-from llm.sampling import Sampler
-from llm.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
+from llm.text.sampling import Sampler
+from llm.text.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 
 FIXTURE_NAMES = ["tiny-llama-gqa", "tiny-qwen2"]
 ATOL = 1e-4

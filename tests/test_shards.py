@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from goldens import FIXTURES
 
-from llm.checkpoint import load_checkpoint
-from llm.convert import RandomWeights, convert, load_source
-from llm.layout import PhaseLayout
-from llm.mesh_weights import decode_tiles
-from llm.plan import decode_tile_shapes
-from llm.shards import (
+from llm.cost.plan import decode_tile_shapes
+from llm.placement.layout import PhaseLayout
+from llm.placement.mesh_weights import decode_tiles
+from llm.storage.checkpoint import load_checkpoint
+from llm.storage.convert import RandomWeights, convert, load_source
+from llm.storage.shards import (
     MANIFEST_NAME,
     ShardError,
     ShardSet,
@@ -187,9 +187,9 @@ def test_plan_shapes_match_the_tile_producer(model):
 
 
 def test_plan_agrees_with_the_closed_form_estimator():
-    estimate = pytest.importorskip("llm.estimate")
-    from llm.config import preset
-    from llm.plan import phase_memory
+    estimate = pytest.importorskip("llm.cost.estimate")
+    from llm.cost.plan import phase_memory
+    from llm.modeling.config import preset
     from meshrt.plmr import get_device
     device = get_device("wse2")
     for name, mesh in [("llama3-8b", (600, 600)), ("qwen2-72b", (720, 700)),

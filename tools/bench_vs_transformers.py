@@ -18,8 +18,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from llm.checkpoint import random_weights  # noqa: E402
-from llm.config import preset  # noqa: E402
+from llm.modeling.config import preset  # noqa: E402
+from llm.storage.checkpoint import random_weights  # noqa: E402
 
 
 def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> dict:

@@ -141,8 +141,8 @@ def build_tokenizer(path: Path, vocab_size: int) -> None:
 def check_with_reference(model_dir: Path, expected: dict) -> dict:
     """Compare this repository's numpy reference model with the oracle (for the report)."""
     sys.path.insert(0, str(ROOT))
-    from llm.checkpoint import load_checkpoint
-    from llm.reference import ReferenceModel
+    from llm.modeling.reference import ReferenceModel
+    from llm.storage.checkpoint import load_checkpoint
     config, weights = load_checkpoint(model_dir)
     ref = ReferenceModel(config, weights)
     prefill = ref.prefill(expected["prompt_ids"])
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures")
     parser.add_argument("--no-check", action="store_true",
-                        help="skip the comparison with llm.reference")
+                        help="skip the comparison with llm.modeling.reference")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name, spec in MODELS.items():
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
               f"min top1-top2 margin {result['min_margin']:.3f}, "
               f"logit std {result['prefill_logits'].std():.2f}")
         if not args.no_check:
-            print(f"  llm.reference: {check_with_reference(final, expected)}")
+            print(f"  llm.modeling.reference: {check_with_reference(final, expected)}")
     return 0
 
 

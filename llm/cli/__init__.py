@@ -67,9 +67,9 @@ def main(argv=None) -> int:
     def _main(argv):
         from meshrt.mesh import MeshError
 
-        from ..checkpoint import CheckpointError
-        from ..config import ConfigError
-        from ..shards import ShardError
+        from ..modeling.config import ConfigError
+        from ..storage.checkpoint import CheckpointError
+        from ..storage.shards import ShardError
         args = build_parser().parse_args(argv)
         plane = runtime.ControlPlane.world()
         if plane.size == 1:

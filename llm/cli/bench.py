@@ -6,7 +6,7 @@ import sys
 
 from meshrt import runtime
 
-from ..options import BenchOptions
+from ..serve.options import BenchOptions
 from .common import (
     WEIGHTS_NOTE,
     add_mesh_args,
@@ -59,7 +59,7 @@ def run(args, plane) -> int:
     """Measure on every rank; rank 0 prints the record (``--json``) or a summary."""
     from meshrt.plmr import get_device
 
-    from ..bench import format_report, run_bench
+    from ..serve.bench import format_report, run_bench
     log = runtime.setup_logging(plane, name="llm")
     out = run_bench(options(args), plane, log)
     if plane.is_root:

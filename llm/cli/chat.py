@@ -1,4 +1,4 @@
-"""``python -m llm chat``: an interactive multi-turn session (see :mod:`llm.chat`)."""
+"""``python -m llm chat``: an interactive multi-turn session (see :mod:`llm.serve.chat`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 from meshrt import runtime
 
-from ..options import ModelSource
+from ..serve.options import ModelSource
 from .common import (
     add_mesh_args,
     add_run_args,
@@ -20,7 +20,7 @@ from .common import (
 
 
 def add_parser(sub) -> None:
-    from ..chat import DEFAULT_CONTEXT
+    from ..serve.chat import DEFAULT_CONTEXT
     p = subparser(
         sub, "chat", "interactive multi-turn chat with the model's chat template",
         "Talk to a chat model on the emulated wafer. Rank 0 reads one user turn per line from "
@@ -72,10 +72,10 @@ def run(args, plane) -> int:
     """The session: load the model once, then one turn per line read on rank 0."""
     from meshrt.mesh import MeshError
 
-    from ..chat import DEFAULT_CONTEXT, ChatSession
-    from ..chat_template import ChatTemplate, ChatTemplateError
-    from ..generate import format_metrics, load_model
-    from ..tokenizer import StreamDecoder, load_tokenizer
+    from ..serve.chat import DEFAULT_CONTEXT, ChatSession
+    from ..serve.generate import format_metrics, load_model
+    from ..text.chat_template import ChatTemplate, ChatTemplateError
+    from ..text.tokenizer import StreamDecoder, load_tokenizer
     rank = plane.rank
     log = runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..options import MeshSpec, RunOptions, SamplingOptions
+from ..serve.options import MeshSpec, RunOptions, SamplingOptions
 
 #: The paper's name of the K-tree allreduce GEMV is MeshGEMV.
 ALLREDUCE_ALIASES = {"meshgemv": "ktree"}

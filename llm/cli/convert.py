@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 
 def run(args, plane) -> int:
-    from ..convert import convert
+    from ..storage.convert import convert
     decode = grid_or_none(args.decode_mesh)
     meshes = {"decode": decode, "prefill": grid_or_none(args.prefill_mesh) or decode}
     convert(args.out, args.source, ranks=grid_or_none(args.ranks), meshes=meshes,

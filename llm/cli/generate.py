@@ -6,7 +6,7 @@ import sys
 
 from meshrt import runtime
 
-from ..options import BatchOptions, GenerateOptions, ModelSource, PromptSpec, StopOptions
+from ..serve.options import BatchOptions, GenerateOptions, ModelSource, PromptSpec, StopOptions
 from .common import (
     WEIGHTS_NOTE,
     add_mesh_args,
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt-ids", metavar="IDS", type=token_ids,
                      help="prompt as token ids, e.g. 1,450,4996 (no tokenizer needed; without "
                           "one the output is token ids too)")
-    from ..batch import BATCH_HELP
+    from ..serve.batch import BATCH_HELP
     add_batch_args(p, src)
     add_chat_args(p, src)
     p.epilog += "\n" + BATCH_HELP
@@ -109,9 +109,9 @@ def run(args, plane) -> int:
     """Check everything, load the model, then one request (streamed) or a whole batch."""
     from meshrt.mesh import MeshError
 
-    from ..generate import format_metrics, generate, load_model, result_record
-    from ..preflight import check_kv_capacity, prepare
-    from ..tokenizer import StreamDecoder
+    from ..serve.generate import format_metrics, generate, load_model, result_record
+    from ..serve.preflight import check_kv_capacity, prepare
+    from ..text.tokenizer import StreamDecoder
     rank = plane.rank
     log = runtime.setup_logging(plane, name="llm")
     source, request = options(args)
@@ -128,14 +128,14 @@ def run(args, plane) -> int:
     except MeshError as e:
         raise runtime.UsageError(str(e)) from None
     if request.prompt.batch:
-        from ..batch import run_batch
-        from ..chat_template import ChatTemplate
+        from ..serve.batch import run_batch
+        from ..text.chat_template import ChatTemplate
         return run_batch(BatchOptions(request.prompt.batch, args.out, args.strict), request,
                          model, tokenizer, plane, log,
                          lambda ids, gen: result_record(model, tokenizer, ids, gen),
                          lambda: ChatTemplate.from_model_dir(source.path))
     if request.prompt.chat is not None:
-        from ..chat import chat_prompt_ids
+        from ..serve.chat import chat_prompt_ids
         ids = chat_prompt_ids(source.path, tokenizer, request.prompt.chat, request.prompt.system)
         if len(ids) + request.max_new_tokens > model.config.max_position_embeddings:
             raise runtime.UsageError(

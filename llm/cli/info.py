@@ -39,7 +39,7 @@ def run(args, plane) -> int:
         raise runtime.UsageError("info needs a shard directory or --preset NAME")
     if args.verify:
         return verify(args, plane)
-    from ..shards import ShardError, describe_manifest, read_manifest
+    from ..storage.shards import ShardError, describe_manifest, read_manifest
     payload = plane.agree(lambda: read_manifest(args.shards), catch=ShardError)
     if rank == 0:
         print(json.dumps(payload, indent=1) if args.json else describe_manifest(payload,
@@ -51,7 +51,7 @@ def verify(args, plane) -> int:
     """Open the shard set as a job would and read every tensor; print the slowest rank's times."""
     import time
 
-    from ..shards import open_shards
+    from ..storage.shards import open_shards
     t0 = time.perf_counter()
     shards = open_shards(args.shards, plane,
                          decode_mesh=grid_or_none(args.decode_mesh),
@@ -87,7 +87,7 @@ def verify(args, plane) -> int:
 
 
 def print_preset(name: str, layers, as_json: bool) -> None:
-    from ..config import preset
+    from ..modeling.config import preset
     c = preset(name, layers=layers)
     shapes = c.tensor_shapes()
     if as_json:

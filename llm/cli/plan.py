@@ -39,14 +39,14 @@ def add_parser(sub) -> None:
 
 
 def run(args, plane) -> int:
-    from ..config import ModelConfig, preset
-    from ..plan import format_plan, plan
+    from ..cost.plan import format_plan, plan
+    from ..modeling.config import ModelConfig, preset
     rank = plane.rank
     decode_mesh, prefill_mesh = grid_or_none(args.decode_mesh), grid_or_none(args.prefill_mesh)
     if args.model is not None:
         from pathlib import Path
 
-        from ..shards import MANIFEST_NAME, read_manifest
+        from ..storage.shards import MANIFEST_NAME, read_manifest
         if (Path(args.model) / MANIFEST_NAME).exists():
             m = read_manifest(args.model)
             config = ModelConfig.from_dict(m["config"])

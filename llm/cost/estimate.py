@@ -1,0 +1,287 @@
+"""Closed-form wafer cost of decoding one token and of prefill, for meshes too large to emulate.
+
+Both walk the phase's program (:mod:`llm.engine.program`), the same op list the emulator executes,
+and
+price every op from its shapes alone (:func:`price`): :func:`decode_token` writes exactly the
+records :class:`llm.engine.decode.MeshDecoder` writes when it runs a token, :func:`prefill` (with
+:func:`first_token`, summed by :func:`ttft`) those of :class:`llm.engine.prefill.MeshPrefiller` and
+the
+hand-off (tests tie them on emulated meshes). No data is touched, so paper-scale meshes (e.g.
+LLaMA3-8B on 420 x 420 cores) are priced in milliseconds.
+
+Prefill attention is priced over the whole ``T x T`` square, not its causal half: every
+lockstep step of dist-GEMM-T and of the P.V MeshGEMM is priced by its busiest core, and the
+core row holding the last prompt segment needs every key segment at every step, so skipping
+the masked blocks shortens no step on a square mesh (it saves energy, not time). The paper's
+public prefill kernel likewise applies no mask and computes every block
+(``waferllm-code-notes.md`` §4.2); see the README's pricing rules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from meshrt.collectives import KTREE, AllreduceSpec, broadcast_cost
+from meshrt.ops.estimate import estimate_meshgemm
+from meshrt.ops.gemv import estimate_meshgemv
+from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
+from meshrt.plmr import Device, Ledger, get_device
+from meshrt.relayout import fetch_cost
+
+from ..engine import program as P
+from ..engine.handoff import Handoff
+from ..engine.kvcache import balanced_counts
+from ..modeling.config import ModelConfig
+from ..placement.layout import PhaseLayout
+from ..placement.prefill_weights import prefill_weight_words
+from .plan import decode_tile_shapes, kv_slot_words, weight_words_per_core
+
+
+def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass) -> None:
+    """Write into ``led`` the records the emulator writes when it executes ``ops``.
+
+    Parameters
+    ----------
+    ops : list of Op
+        A program from :mod:`llm.engine.program`.
+    lay : PhaseLayout
+        The phase's layout (its mesh is the mesh the ops run on).
+    spec : AllreduceSpec
+    run : Pass
+        The pass-dependent figures (cache fill, prompt ids, ...).
+    """
+    mesh = (lay.py, lay.px)
+    device = led.device
+    for op in ops:
+        d, name, kind = op.dims, op.name, op.kind
+        cores = None if op.axis is None else mesh[op.axis]
+        local = P.local_costs(op, run)
+        if kind == "embed_broadcast":
+            led.io(4, 1)                                     # the token id enters the wafer
+            led.charge(name, broadcast_cost(cores, run.token_col, d["seg"]))
+        elif kind == "embed_fetch":
+            ids = np.asarray(run.ids, dtype=np.int64)
+            led.io(4 * ids.size, 1)
+            led.charge(name, fetch_cost(ids // d["vocab_rows"], np.arange(ids.size) // d["rows"],
+                                        cores, d["seg"]))
+        elif kind == "norm":
+            spec.charge(led, cores, d["rows"], f"{name}/allreduce")
+        elif kind == "gemv":
+            estimate_meshgemv(d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led,
+                              name=name)
+        elif kind == "gemm":
+            estimate_meshgemm(d["m"], d["k"], d["n"], mesh, device, True, led, name)
+        elif kind == "kv_append":
+            led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * lay.kv // lay.px)
+        elif kind == "cache_scores":
+            spec.charge(led, cores, run.fill * d["heads"], f"{name}/allreduce")
+        elif kind == "softmax":
+            spec.charge(led, cores, d["queries"], f"{name}/max")
+            spec.charge(led, cores, d["queries"], f"{name}/sum")
+        elif kind == "cache_pv":
+            spec.charge(led, cores, d["tq"], f"{name}/allreduce")
+        elif kind == "grouped_scores":
+            estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
+        elif kind == "grouped_pv":
+            estimate_grouped_meshgemm(d["m"], d["k"], d["n"], d["groups"], mesh, device, False,
+                                      led, name)
+        elif kind == "argmax":
+            spec.charge(led, cores, 1, f"{name}/value")
+            spec.charge(led, cores, 1, f"{name}/index")
+            led.io(4, 1)                                     # the token leaves the wafer
+        elif kind == "prompt_logits":
+            led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))   # float32, gathered by the host
+        elif kind not in ("add", "vocab_mask", "rope", "swiglu"):
+            raise ValueError(f"no price for op kind {kind!r}")
+        P.charge_local(led, name, local)
+
+
+def price_layers(ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec,
+                 run: P.Pass) -> None:
+    """:func:`price` a layer program once per layer, under the sections ``layer{i}``.
+
+    Every layer does the same work, and each layer's records live under its own names, so the
+    first layer is priced once and its records are copied: the same figures as pricing every
+    layer, ``layers`` times faster.
+    """
+    if layers <= 0:
+        return
+    one = Ledger(led.device)
+    with one.section("layer0"):
+        price(ops, one, lay, spec, run)
+    for i in range(layers):
+        for name, t in one.ops.items():
+            dst = led.ops[f"layer{i}" + name[len("layer0"):]]
+            for f in dataclasses.fields(t):
+                setattr(dst, f.name, getattr(dst, f.name) + getattr(t, f.name))
+        led.io_bytes += one.io_bytes
+        led.io_cycles += one.io_cycles
+    if one.peak_memory > led.peak_memory:
+        led.peak_memory, led.peak_memory_op = one.peak_memory, one.peak_memory_op
+    if one.max_routes > led.max_routes:
+        led.max_routes, led.max_routes_op = one.max_routes, one.max_routes_op
+
+
+def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:
+    """Tokens in the fullest row of a cache holding ``tokens`` (``prompt`` of them from prefill)."""
+    if tokens <= 0:
+        return 0
+    if policy == "shift":
+        return math.ceil(tokens / rows)
+    # concat: the prompt is spread like the shift policy, every later token joins the bottom row
+    spread = balanced_counts(min(prompt, tokens), rows)
+    return int(max(spread.max(initial=0), spread[-1] + tokens - min(prompt, tokens)))
+
+
+def decode_resident_words(config: ModelConfig, mesh: tuple[int, int], capacity: int) -> int:
+    """Words per core the decode phase holds: its weights and a cache of ``capacity`` slots."""
+    return decode_weight_words(config, mesh) + capacity * kv_words_per_token(config, mesh)
+
+
+def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
+                 context: int = 1, policy: str = "shift", prompt: int = 0, token_col: int = 0,
+                 allreduce: AllreduceSpec = KTREE, greedy: bool = True,
+                 ledger: Ledger | None = None, kv_capacity: int | None = None) -> Ledger:
+    """Ledger of one decode step with ``context`` tokens in the cache after it.
+
+    Parameters
+    ----------
+    mesh : (Py, Px)
+        Decode virtual mesh.
+    context : int
+        Cache length including this token.
+    token_col : int
+        Mesh column holding the input token's embedding row (sets the lookup broadcast).
+    allreduce : AllreduceSpec
+    greedy : bool
+        Whether the next token is picked on the mesh (argmax) after this step.
+    kv_capacity : int, optional
+        Slots per core reserved for the cache (for the memory figure).
+    """
+    device = get_device(device)
+    led = ledger if ledger is not None else Ledger(device)
+    lay = PhaseLayout(config, *mesh)
+    fill = row_fill(policy, context, mesh[0], prompt)
+    cap = kv_capacity if kv_capacity is not None else fill
+    run = P.Pass(fill=fill, shifts=policy == "shift" and (context - 1) % mesh[0] != 0,
+                 capacity=cap, token_col=token_col)
+    led.memory("decode/resident", decode_resident_words(config, mesh, cap))
+    price(P.decode_head(lay), led, lay, allreduce, run)
+    price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run)
+    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce,
+          run)
+    return led
+
+
+def decode_weight_words(config: ModelConfig, mesh: tuple[int, int]) -> int:
+    """Weight elements stored per core for decode (one copy, fused tiles, tied embeddings once)."""
+    shapes = decode_tile_shapes(PhaseLayout(config, *mesh))
+    return sum(weight_words_per_core(shapes).values())
+
+
+def kv_words_per_token(config: ModelConfig, mesh: tuple[int, int]) -> int:
+    """K and V elements one token adds to one core of its row (all layers)."""
+    return kv_slot_words(PhaseLayout(config, *mesh))
+
+
+def kv_capacity(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
+                free_bytes: float | None = None) -> dict:
+    """Tokens the decode KV cache can hold in each core's free memory, per policy.
+
+    ``free_bytes`` defaults to the device memory minus the decode weights per core.
+    """
+    device = get_device(device)
+    if free_bytes is None:
+        free_bytes = device.mem_per_core - decode_weight_words(config, mesh) * device.word_bytes
+    per_token = kv_words_per_token(config, mesh) * device.word_bytes
+    slots = max(0, int(free_bytes // per_token))
+    return {"free_bytes_per_core": free_bytes, "bytes_per_token_per_core": per_token,
+            "concat": slots, "shift": slots * mesh[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill (time to first token)
+# ----------------------------------------------------------------------------------------------
+
+def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
+            device: Device | str = "wse2", decode_mesh: tuple[int, int] | None = None,
+            allreduce: AllreduceSpec = KTREE, ids=None, all_logits: bool = False,
+            ledger: Ledger | None = None) -> Ledger:
+    """Ledger of prefilling ``tokens`` prompt tokens on ``mesh``, hand-off to decode included.
+
+    Exactly the records :class:`llm.engine.prefill.MeshPrefiller` and the
+    :class:`~llm.engine.handoff.Handoff`
+    write to the prefill ledger (tests tie them on emulated meshes). The first token's final
+    norm, LM head and pick run on the decode mesh: see :func:`first_token`.
+
+    Parameters
+    ----------
+    mesh, decode_mesh : (Py, Px)
+        Prefill and decode virtual meshes (decode defaults to the prefill mesh).
+    allreduce : AllreduceSpec
+        Of every reduction on the prefill mesh and of the hand-off's hidden-state gather.
+    ids : int[tokens], optional
+        The prompt: the embedding lookup's routes depend on it. Default: a fixed
+        pseudo-random prompt.
+    all_logits : bool
+        Also price the LM head of every prompt token on the prefill mesh and its gathering.
+    """
+    device = get_device(device)
+    led = ledger if ledger is not None else Ledger(device)
+    lay = PhaseLayout(config, *mesh)
+    dlay = PhaseLayout(config, *(decode_mesh or mesh))
+    if ids is None:
+        ids = np.random.default_rng(0).integers(0, config.vocab_size, tokens)
+    run = P.Pass(ids=tuple(int(t) for t in ids))
+    led.memory("prefill/resident", prefill_resident_words(lay, tokens))
+    price(P.prefill_head(lay, tokens), led, lay, allreduce, run)
+    price_layers(P.prefill_layer(lay, tokens), config.num_layers, led, lay, allreduce, run)
+    Handoff(lay, dlay, tokens, allreduce).charge(led)
+    if all_logits:
+        price(P.prefill_all_logits(lay, tokens), led, lay, allreduce, run)
+    return led
+
+
+def prefill_resident_words(lay: PhaseLayout, tokens: int) -> int:
+    """Words per core prefill holds: its weights, the activations and every layer's K/V."""
+    return prefill_weight_words(lay) + P.prefill_activation_words(lay, tokens)
+
+
+def first_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
+                allreduce: AllreduceSpec = KTREE, greedy: bool = True,
+                ledger: Ledger | None = None) -> Ledger:
+    """Decode-mesh records of the first token after prefill: final norm and LM head of the
+    handed-off hidden state, then (``greedy``) the argmax on the mesh."""
+    device = get_device(device)
+    led = ledger if ledger is not None else Ledger(device)
+    lay = PhaseLayout(config, *mesh)
+    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce,
+          P.Pass())
+    return led
+
+
+def ttft(config: ModelConfig, prefill_mesh: tuple[int, int], tokens: int,
+         decode_mesh: tuple[int, int] | None = None, device: Device | str = "wse2",
+         **kwargs) -> dict:
+    """Modeled time to first token: prefill (with the hand-off) plus the first pick.
+
+    Returns
+    -------
+    dict
+        ``seconds``, ``cycles``, ``prefill_cycles``, ``first_token_cycles``,
+        ``compute_cycles``, ``comm_cycles``, ``peak_memory_bytes``, ``violations`` and the two
+        ledgers (``prefill_ledger``, ``first_token_ledger``).
+    """
+    device = get_device(device)
+    decode_mesh = decode_mesh or prefill_mesh
+    pre = prefill(config, prefill_mesh, tokens, device, decode_mesh, **kwargs)
+    first = first_token(config, decode_mesh, device,
+                        **{k: v for k, v in kwargs.items() if k == "allreduce"})
+    a, b = pre.totals(), first.totals()
+    cycles = a.cycles + b.cycles
+    return {"seconds": device.seconds(cycles), "cycles": cycles, "prefill_cycles": a.cycles,
+            "first_token_cycles": b.cycles, "compute_cycles": a.compute_cycles + b.compute_cycles,
+            "comm_cycles": a.comm_cycles + b.comm_cycles, "peak_memory_bytes": pre.peak_memory,
+            "violations": pre.violations(), "prefill_ledger": pre, "first_token_ledger": first}

@@ -1,0 +1,235 @@
+"""Closed-form predictions of a whole run on the wafer: TTFT, TPOT, end-to-end and KV capacity.
+
+Combines the layer schedules priced by :mod:`llm.cost.estimate` (the same records the emulator
+writes) with the wafer placement of :mod:`llm.cost.wafer` (pipeline stages, the transfers between
+them, whether prefill and decode coexist). No emulation and no weights.
+
+All layers of a model are the same, so every schedule is priced for a 1-layer and a 2-layer
+copy of the model: ``cost(L) = ends + L * layer`` exactly, because every record of the
+schedule is either per layer or once per run (``layer = cost(2) - cost(1)``,
+``ends = 2 cost(1) - cost(2)``). A decode step depends on its context only through the fullest
+cache row (and whether the cache shifts), so steps with the same row fill are priced once.
+
+Timeline of a request with a ``N``-token prompt and ``M`` new tokens (batch 1)::
+
+    TTFT    = prefill of N tokens (all stages, their transfers, the hand-off to decode)
+              + the first token's final norm, LM head and pick on the decode mesh
+    t_j     = decode step j (j = 2..M) with N + j - 1 cached tokens, all stages + transfers
+    TPOT    = mean t_j (the single step at context N when M = 1)
+    e2e TPR = M / (TTFT + sum t_j)
+
+When both phases' regions fit the wafer together, the weights stay where they are and the
+hand-off's weight re-placement is not paid; otherwise it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from meshrt.collectives import KTREE, AllreduceSpec
+from meshrt.plmr import Device, Ledger, get_device
+
+from . import estimate
+from ..modeling.config import ModelConfig
+from .wafer import (PlacementError, Shelves, WaferPlan, kv_capacity, place, place_phase,
+                    stage_transfers)
+
+__all__ = ["predict", "modeled_wafer", "format_modeled_wafer", "PlacementError"]
+
+
+def _with_layers(config: ModelConfig, n: int) -> ModelConfig:
+    return dataclasses.replace(config, num_layers=n)
+
+
+def _affine(fn, config: ModelConfig) -> tuple[float, float]:
+    """``(ends, per_layer)`` cycles of ``fn(config_with_n_layers)`` for ``n`` = 1 and 2."""
+    one, two = fn(_with_layers(config, 1)), fn(_with_layers(config, 2))
+    return 2 * one - two, two - one
+
+
+def _ops_cycles(led: Ledger, suffix: str) -> float:
+    return sum(t.cycles for name, t in led.ops.items() if name.endswith(suffix))
+
+
+_DECODE_STEPS: dict = {}
+
+
+def decode_step_cycles(config: ModelConfig, mesh: tuple[int, int], device: Device,
+                       context: int, policy: str = "shift", prompt: int = 0,
+                       allreduce: AllreduceSpec = KTREE) -> float:
+    """Cycles of one decode step (all layers, one mesh) with ``context`` cached tokens.
+
+    Steps with the same fullest-row fill (and shift or not) cost the same: priced once.
+    """
+    py = mesh[0]
+    fill = estimate.row_fill(policy, context, py, prompt)
+    shifts = policy == "shift" and (context - 1) % py != 0
+    key = (config, tuple(mesh), device, policy, fill, shifts, allreduce)
+    if key not in _DECODE_STEPS:
+        if len(_DECODE_STEPS) > 4096:
+            _DECODE_STEPS.clear()
+
+        def cycles(cfg):
+            return estimate.decode_token(cfg, tuple(mesh), device, context=context,
+                                         policy=policy, prompt=prompt,
+                                         allreduce=allreduce).cycles
+        _DECODE_STEPS[key] = _affine(cycles, config)
+    ends, layer = _DECODE_STEPS[key]
+    return ends + config.num_layers * layer
+
+
+@functools.lru_cache(maxsize=256)
+def _ttft_parts(config: ModelConfig, prefill_mesh: tuple, decode_mesh: tuple, tokens: int,
+                device: Device, allreduce: AllreduceSpec = KTREE) -> tuple:
+    def parts(cfg):
+        r = estimate.ttft(cfg, prefill_mesh, tokens, decode_mesh, device, allreduce=allreduce)
+        return (r["cycles"], _ops_cycles(r["prefill_ledger"], "handoff/weights"))
+    one, two = parts(_with_layers(config, 1)), parts(_with_layers(config, 2))
+    return tuple(2 * a - b for a, b in zip(one, two)), tuple(b - a for a, b in zip(one, two))
+
+
+def transfer_cycles(device: Device, transfers: list[dict]) -> float:
+    """Cycles of the stage hand-overs: each a kernel of its own on pre-routed paths."""
+    led = Ledger(device)
+    return sum(led.step_cycles(words=t["words"], hops=t["hops"], routings=t["routings"])[0]
+               + device.task_switch for t in transfers)
+
+
+def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tuple[int, int],
+            prompt: int, new_tokens: int, device: Device | str = "wse2",
+            policy: str = "shift", allreduce: AllreduceSpec = KTREE) -> dict:
+    """Modeled figures of one request (see the module docstring for the timeline).
+
+    Returns
+    -------
+    dict
+        ``ttft_s``, ``prefill_tpr`` (``prompt / ttft_s``), ``tpot_s``, ``decode_tpr``,
+        ``e2e_tpr``, ``kv_capacity`` {shift, concat}, ``stages`` {prefill, decode}, ``cores``
+        {prefill, decode, wafer}, ``fits``, ``violations``, ``wafers``, ``method``,
+        ``placement`` (details), ``parts_s`` (TTFT and decode breakdown) and
+        ``inter_wafer_handovers`` {prefill, decode_per_token}: stage hand-overs that cross
+        wafers, priced as on-wafer hand-overs (the wafer-to-wafer link is excluded, see
+        :data:`llm.cost.wafer.INTER_WAFER_NOTE`).
+
+    Raises
+    ------
+    PlacementError
+        The configuration cannot be placed (see :func:`llm.cost.wafer.place`).
+    """
+    device = get_device(device)
+    if prompt < 1 or new_tokens < 1:
+        raise ValueError("prompt and new_tokens must be at least 1")
+    pmesh, dmesh = tuple(prefill_mesh), tuple(decode_mesh)
+    plan: WaferPlan = place(config, device, pmesh, dmesh, prompt, new_tokens)
+    L = config.num_layers
+
+    (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(config, pmesh, dmesh, prompt, device,
+                                                       allreduce)
+    ttft_cycles = t_ends + L * t_layer
+    replace_cycles = w_ends + L * w_layer
+    if plan.coexist:
+        ttft_cycles -= replace_cycles
+    pre_transfers = stage_transfers(plan.prefill, config, prompt)
+    pre_xfer = transfer_cycles(device, pre_transfers)
+    ttft_cycles += pre_xfer
+
+    dec_transfers = stage_transfers(plan.decode, config, 1)
+    dec_xfer = transfer_cycles(device, dec_transfers)
+    if new_tokens == 1:
+        steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt, allreduce)]
+    else:
+        steps = [decode_step_cycles(config, dmesh, device, prompt + j - 1, policy, prompt,
+                                    allreduce) for j in range(2, new_tokens + 1)]
+    steps = [s + dec_xfer for s in steps]
+    tpot_cycles = sum(steps) / len(steps)
+    decode_total = sum(steps) if new_tokens > 1 else 0.0
+
+    ttft_s = device.seconds(ttft_cycles)
+    tpot_s = device.seconds(tpot_cycles)
+    e2e_s = ttft_s + device.seconds(decode_total)
+    kv = kv_capacity(config, device, dmesh, wafers=plan.decode.wafers)
+    violations = []
+    context = prompt + new_tokens
+    if kv["shift"] < context:
+        violations.append(f"the KV cache holds {kv['shift']} tokens (shift), fewer than the "
+                          f"{context} of this request")
+    if plan.wafers > 1:
+        violations.append(f"the model needs {plan.wafers} wafers; priced as a layer subset on "
+                          "one wafer, scaled per layer (inter-wafer links excluded)")
+    wafer_cores = device.cores_x * device.cores_y
+    return {
+        "model": config.name or config.family, "device": device.name,
+        "prefill_mesh": list(pmesh), "decode_mesh": list(dmesh),
+        "prompt_len": prompt, "new_tokens": new_tokens, "policy": policy,
+        "ttft_s": ttft_s, "prefill_tpr": prompt / ttft_s,
+        "tpot_s": tpot_s, "decode_tpr": 1.0 / tpot_s,
+        "e2e_tpr": new_tokens / e2e_s,
+        "kv_capacity": {"shift": kv["shift"], "concat": kv["concat"]},
+        "stages": {"prefill": len(plan.prefill.stages), "decode": len(plan.decode.stages)},
+        "cores": {"prefill": len(plan.prefill.stages) * plan.prefill.cores,
+                  "decode": len(plan.decode.stages) * plan.decode.cores,
+                  "wafer": wafer_cores},
+        "fits": not violations, "violations": violations,
+        "wafers": plan.wafers, "method": plan.method,
+        "parts_s": {"prefill_and_first_token": device.seconds(ttft_cycles - pre_xfer),
+                    "prefill_stage_transfers": device.seconds(pre_xfer),
+                    "weight_replacement": 0.0 if plan.coexist else device.seconds(replace_cycles),
+                    "decode_stage_transfers_per_token": device.seconds(dec_xfer),
+                    "decode_total": device.seconds(decode_total)},
+        "inter_wafer_handovers": {"prefill": sum(t["inter_wafer"] for t in pre_transfers),
+                                  "decode_per_token": sum(t["inter_wafer"]
+                                                          for t in dec_transfers)},
+        "placement": plan.summary(),
+    }
+
+
+def decode_tpr(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
+               context: int = 4096) -> float:
+    """Decode TPR of one step with ``context`` cached tokens on a decode-only placement
+    (stages and their transfers included): the figure of the paper's decode tables."""
+    device = get_device(device)
+    pl = place_phase(config, device, tuple(mesh), "decode", context, context,
+                     Shelves(device.cores_y, device.cores_x))
+    cycles = decode_step_cycles(config, tuple(mesh), device, context) \
+        + transfer_cycles(device, stage_transfers(pl, config, 1))
+    return 1.0 / device.seconds(cycles)
+
+
+#: The figures :func:`modeled_wafer` reports (a subset of :func:`predict`'s).
+MODELED_KEYS = ("ttft_s", "prefill_tpr", "tpot_s", "decode_tpr", "e2e_tpr", "kv_capacity",
+                "stages", "cores", "wafers", "method", "fits", "violations")
+
+
+def modeled_wafer(config: ModelConfig, prefill_mesh: tuple[int, int],
+                  decode_mesh: tuple[int, int], prompt: int, new_tokens: int,
+                  device: Device | str = "wse2", policy: str = "shift",
+                  allreduce: AllreduceSpec = KTREE) -> dict:
+    """The wafer's figures of one request, as ``llm estimate`` gives them, for other reports.
+
+    ``generate`` and ``bench`` call this with their run's config, meshes and token counts so
+    that every command reports the wafer through :func:`predict`. ``new_tokens`` below 1
+    counts as 1 (a request that stopped before its first decode step).
+
+    Returns
+    -------
+    dict
+        The :data:`MODELED_KEYS` of :func:`predict`, or ``{"error": reason}`` when the
+        configuration cannot be placed on ``device`` (e.g. one layer does not fit a core of a
+        small mesh).
+    """
+    try:
+        r = predict(config, prefill_mesh, decode_mesh, max(1, int(prompt)),
+                    max(1, int(new_tokens)), device, policy, allreduce)
+    except PlacementError as e:
+        return {"error": str(e)}
+    return {k: r[k] for k in MODELED_KEYS}
+
+
+def format_modeled_wafer(m: dict, device: str) -> str:
+    """One line of :func:`modeled_wafer`'s figures (or why there are none)."""
+    if "error" in m:
+        return f"modeled wafer ({device}, whole model): not placeable: {m['error']}"
+    return (f"modeled wafer ({device}, whole model, as llm estimate): TTFT "
+            f"{m['ttft_s'] * 1e3:.3f} ms, TPOT {m['tpot_s'] * 1e3:.4f} ms, decode TPR "
+            f"{m['decode_tpr']:.1f} tok/s, e2e TPR {m['e2e_tpr']:.1f} tok/s, stages "
+            f"{m['stages']['prefill']}+{m['stages']['decode']}, {m['wafers']} wafer(s)")

@@ -1,0 +1,259 @@
+"""One decode step of the model on the mesh: MeshGEMV, Y/X-vector alternation, no transposes.
+
+The engine executes the decode program of :mod:`llm.engine.program` (the same op list the estimator
+prices): one handler per op kind, activations in a dict, data through the fabric.
+
+Layouts (see :mod:`meshrt.ops.gemv`): ``Y`` = ``f32[by, bx, seg]`` holding segment ``py``,
+replicated along x; ``X`` = holding segment ``px``, replicated along y. Per layer::
+
+    x (Y) -> RMSNorm (allreduce y) -> q|k|v = GEMV (X) -> RoPE -> KV append (shift)
+          -> scores (allreduce x) -> softmax over the sequence (allreduce y: max, sum)
+          -> p.V (allreduce y, X) -> o = GEMV (Y) -> residual
+          -> RMSNorm -> gate|up = GEMV (X) -> SwiGLU -> down = GEMV (Y) -> residual
+
+Attention runs for all heads at once: thanks to the feature layout (:mod:`llm.placement.layout`) the
+query features on a core are exactly the ``G`` heads that share the core's K/V features, so
+per-head partial scores form locally and a single reduction along x completes them.
+
+Every step checks its logits: if any is not finite, :class:`NonFiniteError` names the first
+layer whose output held a non-finite value (each layer's output is checked as it is produced;
+a few element tests per core, against the layer's GEMVs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
+from meshrt.fabric import Fabric
+from meshrt.mesh import X
+from meshrt.ops.gemv import meshgemv
+from meshrt.precision import widen
+
+from ..modeling import functional as F
+from ..placement.layout import PhaseLayout
+from . import program as P
+from .kvcache import KVCache
+
+
+class NonFiniteError(FloatingPointError):
+    """A decode step produced non-finite logits."""
+
+
+class MeshDecoder:
+    """The model's decode path on one fabric.
+
+    Parameters
+    ----------
+    fab : Fabric
+    lay : PhaseLayout
+        Feature placement on ``fab``'s virtual mesh.
+    layers : list of dict
+        Per layer, this rank's blocks of the ``layer{i}/...`` tensors of
+        :func:`llm.placement.mesh_weights.decode_specs` (keys without the prefix).
+    glob : dict
+        This rank's blocks of the global tensors of :func:`llm.placement.mesh_weights.decode_specs`.
+    cache : KVCache
+    allreduce : AllreduceSpec
+        Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).
+    """
+
+    def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict, cache: KVCache,
+                 allreduce: AllreduceSpec = KTREE):
+        self.fab, self.lay, self.layers, self.cache = fab, lay, layers, cache
+        self.spec = allreduce
+        self.glob = dict(glob)
+        if "lm_head" not in self.glob:  # tied: the embedding tiles E[v-seg px, h-seg py], used
+            self.glob["lm_head"] = np.swapaxes(self.glob["embed"], 2, 3)   # transposed per tile
+        c = lay.config
+        self.g = c.group_size
+        self.scale = np.float32(c.head_dim ** -0.5)
+        self.vocab_seg = lay.vocab // lay.px
+        self.vocab_index = (fab.index(X)[:, None] * self.vocab_seg
+                            + np.arange(self.vocab_seg)[None, :])       # int[bx, V/Px]
+        self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
+        self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
+        self.handlers = {
+            "embed_broadcast": self._embed, "norm": self._norm, "gemv": self._gemv,
+            "rope": self._rope, "kv_append": self._kv_append, "cache_scores": self._scores,
+            "softmax": self._softmax, "cache_pv": self._pv, "add": self._add,
+            "swiglu": self._swiglu, "vocab_mask": self._vocab_mask, "argmax": self._argmax}
+
+    # -- the executor ----------------------------------------------------------------------
+    def execute(self, ops: list, acts: dict, weights: dict, run: P.Pass) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned)."""
+        for op in ops:
+            out = self.handlers[op.kind](op, weights, run, *(acts[k] for k in op.inputs))
+            acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+        return acts
+
+    def _pass(self, token: int) -> P.Pass:
+        c = self.cache
+        return P.Pass(fill=c.max_fill, shifts=c.shifting, capacity=c.capacity,
+                      token_col=int(token) // self.vocab_seg)
+
+    # -- op handlers -----------------------------------------------------------------------
+    def _allreduce(self, a, axis, op="sum", name="allreduce", words=None):
+        """Allreduce of ``a`` along ``axis``; ``words`` overrides the priced vector length (the
+        emulator reduces whole fixed-size buffers, the wafer only their filled part)."""
+        if words is None:
+            return allreduce(self.fab, a, axis, op, self.spec, name=name)
+        out = allreduce(self.fab, a, axis, op, self.spec, record=False, name=name)
+        self.spec.charge(self.fab.ledger, self.fab.layout.cores(axis), words, name)
+        return out
+
+    def _embed(self, op, w, run):
+        """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]``."""
+        e = w[op.weight]                                         # [by, bx, V/Px, H/Py]
+        mine = np.zeros((self.fab.by, self.fab.bx, e.shape[3]), np.float32)
+        j = run.token_col - self.fab.origin[X]
+        if 0 <= j < self.fab.bx:     # only the core column holding the token reads its table
+            mine[:, j] = widen(e[:, j, self._token % self.vocab_seg, :])
+        self.fab.ledger.io(4, 1)                                 # the token id enters the wafer
+        return broadcast(self.fab, mine, op.axis, run.token_col, name=op.name)
+
+    def _norm(self, op, w, run, x):
+        """HF RMSNorm of a Y-vector: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
+        c = self.lay.config
+        ss = np.einsum("abi,abi->ab", x, x)[..., None]           # f32[by, bx, 1]
+        ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
+        inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        return F.rms_scale(x, inv, w[op.weight])
+
+    def _gemv(self, op, w, run, x):
+        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, name=op.name,
+                       priced=P.gemv_tile(op, (self.lay.py, self.lay.px)))
+        return out + w[op.bias] if op.bias in w else out
+
+    def _rope(self, op, w, run, qkv):
+        """Split ``q | k | v`` (X-vectors) and rotate q and k at the token's position."""
+        tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
+        q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
+        angle = np.float32(self._pos) * self.glob["rope_freq"]   # f32[by, bx, kv/Px]
+        cos, sin = np.cos(angle), np.sin(angle)
+        q = F.rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
+        k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        return q, k, v
+
+    def _kv_append(self, op, w, run, k, v):
+        self.cache.append(self._layer, k, v, name=op.name)
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        return ()
+
+    def _scores(self, op, w, run, q):
+        """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf)."""
+        heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, nkv]
+        kc = self.cache.k[self._layer]                           # f32[by, bx, cap, kv/Px]
+        tk, nkv = kc.shape[-1], heads.shape[-1]
+        qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]   # [by,bx,tk,nkv,G]
+        part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
+        fill = self.cache.max_fill   # the wafer works on filled slots only: the fullest row
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce",
+                            words=fill * part.shape[-1])
+        return np.where(self.cache.valid(), s * self.scale, -np.inf)
+
+    def _softmax(self, op, w, run, s):
+        """Softmax over the sequence (split along y): max and sum allreduced along y."""
+        valid = self.cache.valid()                               # bool[by, 1, cap, 1]
+        m = self._allreduce(s.max(axis=2, keepdims=True), op.axis, "max", f"{op.name}/max")
+        e = F.softmax_numerator(s, m, valid)
+        z = self._allreduce(e.sum(axis=2, keepdims=True), op.axis, name=f"{op.name}/sum")
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        return F.softmax_normalize(e, z)
+
+    def _pv(self, op, w, run, p):
+        """``p . V`` over the cache, all heads: the attention output as an X-vector."""
+        heads = self.glob["kv_head"]
+        vc = self.cache.v[self._layer]
+        nkv = heads.shape[-1]
+        o = np.matmul(np.swapaxes(vc, 2, 3), p)                  # f32[by, bx, kv/Px, nq]
+        o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        return self._allreduce(o.reshape(o.shape[:2] + (-1,)), op.axis,
+                               name=f"{op.name}/allreduce", words=op.dims["tq"])
+
+    def _add(self, op, w, run, a, b):
+        return a + b
+
+    def _swiglu(self, op, w, run, gu):
+        tf = gu.shape[-1] // 2
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        return F.swiglu(gu[..., :tf], gu[..., tf:])
+
+    def _vocab_mask(self, op, w, run, logits):
+        real = self.vocab_index < self.lay.config.vocab_size
+        return np.where(real[None], logits, -np.inf).astype(np.float32)
+
+    def _argmax(self, op, w, run, logits):
+        """Greedy token on the mesh: max along x, then the lowest index holding it."""
+        local = logits.max(axis=-1, keepdims=True)
+        best = self._allreduce(local, op.axis, "max", f"{op.name}/value")
+        idx = np.where(logits == best, self.vocab_index[None], np.iinfo(np.int64).max)
+        neg = -idx.min(axis=-1, keepdims=True).astype(np.float64)
+        tok = -self._allreduce(neg, op.axis, "max", f"{op.name}/index")
+        self.fab.ledger.io(4, 1)                                 # the token leaves the wafer
+        return int(tok.reshape(-1)[0])
+
+    # -- the step --------------------------------------------------------------------------
+    def logits(self, x: np.ndarray, first_bad: int | None = None,
+               source: str = "the hidden state handed over from prefill") -> np.ndarray:
+        """Final norm and LM head: logits as an X-vector ``f32[by, bx, V/Px]`` (padding -inf).
+
+        Checked (:meth:`check`): ``first_bad`` is the first layer (on this rank) whose output was
+        not finite, ``source`` names where ``x`` comes from when none was.
+        """
+        logits = self.execute(self.logit_ops, {"x": x}, self.glob, P.Pass())["logits"]
+        self.check(logits, first_bad, source)
+        return logits
+
+    def step(self, token: int, pos: int) -> np.ndarray:
+        """Run ``token`` at position ``pos``; returns its logits (X-vector)."""
+        self.cache.begin_token()
+        self._token, self._pos = int(token), pos
+        run = self._pass(token)
+        x = self.execute(self.head_ops, {}, self.glob, run)["x"]
+        first_bad = None if np.isfinite(x).all() else -1
+        led = self.fab.ledger
+        for i in range(len(self.layers)):
+            self._layer = i
+            with led.section(f"layer{i}"):
+                x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+            if first_bad is None and not np.isfinite(x).all():
+                first_bad = i
+        self.cache.end_token()
+        return self.logits(x, first_bad, f"the embedding of token {token}")
+
+    def check(self, logits: np.ndarray, first_bad: int | None, source: str) -> None:
+        """Raise :class:`NonFiniteError` if any real logit is not finite.
+
+        One flag per rank, combined over the ranks (control plane), per step; the message
+        names the first layer whose output held a non-finite value on any rank (``-1``: the
+        input ``source`` already did; none: the final norm or the LM head made them).
+        """
+        real = self.vocab_index < self.lay.config.vocab_size
+        bad = not np.isfinite(np.where(real[None], logits, 0)).all()
+        control = self.fab.control
+        bad = control.allreduce_max(bad)
+        if not bad:
+            return
+        layers = len(self.layers)
+        first = layers if first_bad is None else first_bad
+        first = control.allreduce(first, op="min")
+        where = (source if first < 0 else f"layer {first}" if first < layers
+                 else "the final norm or the LM head (every layer's output was finite)")
+        raise NonFiniteError(f"non-finite logits: non-finite values first appear in {where}")
+
+    # -- picking the next token -----------------------------------------------------------
+    def argmax(self, logits: np.ndarray) -> int:
+        """Greedy token on the mesh: max along x, then the lowest index holding it."""
+        return self.execute(self.pick_ops, {"logits": logits}, self.glob, P.Pass())["token"]
+
+    def gather_logits(self, logits: np.ndarray) -> np.ndarray:
+        """All ``vocab_size`` logits on every rank (control plane, for sampling and tests)."""
+        from meshrt import darray
+        from meshrt.ops.gemv import vector_from_tiles
+        tiles = darray.gather(self.fab, logits, to_all=True)
+        return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
+

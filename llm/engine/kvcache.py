@@ -1,0 +1,162 @@
+"""The decode KV cache on the mesh: shift-based (the paper's) or concatenation (the baseline).
+
+The sequence is split along y, features along x: core ``(py, px)`` holds the K and V entries of
+some tokens (its row's share of the sequence) for K/V feature segment ``px``. Each row keeps its
+tokens in a ring buffer of ``capacity`` slots; the rows, top to bottom, hold consecutive runs of
+the sequence, so the logical order is preserved.
+
+* **shift**: a new entry enters the bottom row; when rows are unbalanced, every row in the run of
+  fuller rows passes its *oldest* entry to the row above, all at once (one hop each). Rows then
+  hold ``n // Py`` or ``n // Py + 1`` tokens, the fuller ones at the bottom.
+* **concat**: every new entry is appended to the bottom row, which fills up ``Py`` times sooner.
+
+The bookkeeping (ring heads and fill counts per row) is pure arithmetic on the token count, so
+every rank holds the same copy without communicating.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from meshrt.fabric import Fabric
+
+
+class ContextFullError(RuntimeError):
+    """The cache has no slot left for another token."""
+
+
+def balanced_counts(n_tokens: int, rows: int) -> np.ndarray:
+    """Tokens per row under the shift policy: ``n // rows`` each, one more in the bottom rows."""
+    base, extra = divmod(n_tokens, rows)
+    counts = np.full(rows, base, dtype=np.int64)
+    if extra:
+        counts[rows - extra:] += 1
+    return counts
+
+
+class KVCache:
+    """Per-layer K and V blocks ``f32[by, bx, capacity, kv/Px]`` with a shared row bookkeeping.
+
+    Parameters
+    ----------
+    fab : Fabric
+        The decode mesh.
+    layers, kv_per_core : int
+        Number of layers and K/V features per core (``kv/Px``).
+    capacity : int
+        Slots per core (per row's ring buffer).
+    policy : {"shift", "concat"}
+    """
+
+    def __init__(self, fab: Fabric, layers: int, kv_per_core: int, capacity: int,
+                 policy: str = "shift"):
+        if policy not in ("shift", "concat"):
+            raise ValueError(f"KV policy must be 'shift' or 'concat', not {policy!r}")
+        self.fab, self.policy, self.capacity = fab, policy, int(capacity)
+        self.rows = fab.layout.py
+        shape = (fab.by, fab.bx, self.capacity, kv_per_core)
+        self.k = [np.zeros(shape, np.float32) for _ in range(layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(layers)]
+        self.head = np.zeros(self.rows, np.int64)
+        self.count = np.zeros(self.rows, np.int64)
+        self._plan = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def max_fill(self) -> int:
+        """Tokens in the fullest row: the per-core attention work on the critical path."""
+        return int(self.count.max(initial=0))
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the cache can hold under its policy (given what is in it now)."""
+        if self.policy == "shift":
+            return self.rows * self.capacity
+        return self.length - int(self.count[-1]) + self.capacity
+
+    @property
+    def shifting(self) -> bool:
+        """Whether rows pass entries up for the token being run (between begin and end)."""
+        return self._plan is not None and len(self._plan[0]) > 0
+
+    def valid(self) -> np.ndarray:
+        """``bool[by, 1, capacity, 1]``: slots holding a token, for this rank's rows."""
+        rows = self.fab.index(0)
+        slot = np.arange(self.capacity)
+        age = (slot[None, :] - self.head[rows][:, None]) % self.capacity
+        return (age < self.count[rows][:, None])[:, None, :, None]
+
+    def begin_token(self) -> None:
+        """Plan the movement for the next token (the same for every layer)."""
+        n = self.length
+        if n + 1 > self.max_tokens:
+            raise ContextFullError(
+                f"KV cache full: {n} tokens fill the {self.policy} cache "
+                f"({self.rows} rows x {self.capacity} slots per core"
+                f"{'' if self.policy == 'shift' else ', new tokens only in the bottom row'})")
+        if self.policy == "shift":
+            extra = n % self.rows
+            senders = np.arange(self.rows - extra, self.rows) if extra else np.arange(0)
+        else:
+            senders = np.arange(0)
+        self._plan = (senders, self.head.copy(), self.count.copy())
+        if len(senders):  # the bookkeeping moves at once: attention sees the new token
+            self.head[senders] = (self.head[senders] + 1) % self.capacity
+            self.count[senders] -= 1
+            self.count[senders - 1] += 1
+        self.count[-1] += 1
+
+    def end_token(self) -> None:
+        self._plan = None
+
+    # -- data movement ---------------------------------------------------------------------
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray, name: str = "kv_append") -> None:
+        """Insert this token's ``k``, ``v`` (X-vectors ``f32[by, bx, kv/Px]``) into ``layer``.
+
+        Under the shift policy the rows ``senders`` pass their oldest entry one row up first
+        (:attr:`shifting`; the caller prices the move, see
+        :func:`llm.engine.program.kv_shift_cost`).
+        """
+        fab = self.fab
+        senders, head, count = self._plan                          # state before this token
+        rows = fab.index(0)
+        words = k.shape[-1]
+        if len(senders):
+            local = np.arange(fab.by)
+            receivers = set((senders - 1).tolist())
+            for cache in (self.k[layer], self.v[layer]):
+                oldest = cache[local, :, head[rows]]                # f32[by, bx, kv/Px]
+                moved = fab.shift(oldest, 0, -1, op=name)           # row py gets row py+1's
+                tail = (head[rows] + count[rows]) % self.capacity
+                for i, r in enumerate(rows):
+                    if r in receivers:
+                        cache[i, :, tail[i]] = moved[i]
+        if rows[-1] == self.rows - 1:        # this rank holds the bottom row: the new entry
+            slot = (head[-1] + count[-1]) % self.capacity      # == the sent oldest if full
+            self.k[layer][-1, :, slot] = k[-1]
+            self.v[layer][-1, :, slot] = v[-1]
+        fab.ledger.memory("kv_cache", 2 * len(self.k) * self.capacity * words)
+
+    def load(self, layer: int, k_rows: list, v_rows: list) -> None:
+        """Fill ``layer`` from per-local-row token lists ``f32[count_r, bx, kv/Px]`` (prefill)."""
+        for i, (kr, vr) in enumerate(zip(k_rows, v_rows)):
+            n = kr.shape[0]
+            self.k[layer][i, :, :n] = np.moveaxis(kr, 0, 1)
+            self.v[layer][i, :, :n] = np.moveaxis(vr, 0, 1)
+
+    def set_counts(self, counts) -> None:
+        """Bookkeeping after :meth:`load`: every row starts at slot 0 with ``counts[r]`` tokens."""
+        counts = np.asarray(counts, np.int64)
+        if counts.max(initial=0) > self.capacity:
+            raise ContextFullError(f"prompt needs {counts.max()} slots per core; capacity is "
+                                   f"{self.capacity}")
+        self.head[:] = 0
+        self.count[:] = counts
+
+    def order(self) -> list[tuple[int, int]]:
+        """``(row, slot)`` of every cached token in logical order (for tests and inspection)."""
+        return [(r, int((self.head[r] + j) % self.capacity))
+                for r in range(self.rows) for j in range(int(self.count[r]))]

@@ -1,0 +1,230 @@
+"""The prompt on the prefill mesh: MeshGEMM, grouped dist-GEMM-T, natural token-row tiles.
+
+The engine executes the prefill program of :mod:`llm.engine.program` (the same op list the estimator
+prices): one handler per op kind, activations in a dict, data through the fabric.
+
+Activations are natural tiles: ``X[T, H]`` with tokens along y and features along x, core
+``(py, px)`` holding ``X[t-seg py, h-seg px]``, ``f32[by, bx, T/Py, H/Px]``. ``T`` is padded to a
+multiple of ``lcm(Py, Px)``; padded token rows are zero at the start, are never attended to (the
+causal mask also masks padding keys) and so never change a real row. Per layer::
+
+    X -> RMSNorm (sum along x) -> q|k|v = MeshGEMM -> RoPE (absolute positions, adjacent pairs)
+      -> scores = grouped dist-GEMM-T (groups = K/V heads) -> causal mask, softmax along keys
+         (max and sum along x) -> P.V = grouped MeshGEMM (V skewed on the mesh)
+      -> O-proj = MeshGEMM -> residual -> RMSNorm -> gate|up = MeshGEMM -> SwiGLU
+      -> down = MeshGEMM -> residual
+
+Every query head at once: a core's q segment is its K/V segment times ``G`` (query feature
+``kv_feature * G + g``), so ``q`` viewed as rows ``(t, g)`` and columns ``kv_feature`` is a
+left operand aligned feature by feature with K and V; the group labels (K/V heads) keep heads
+apart in the grouped kernels. Nothing is transposed or replicated.
+
+:meth:`MeshPrefiller.run` returns every layer's K/V and the last layer's output; moving them to
+the decode mesh is :class:`llm.engine.handoff.Handoff`'s job.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from meshrt import darray
+from meshrt.collectives import KTREE, AllreduceSpec, allreduce
+from meshrt.fabric import Fabric
+from meshrt.mesh import X, Y
+from meshrt.ops.gemm import meshgemm
+from meshrt.ops.grouped import grouped_gemm_t, grouped_meshgemm
+from meshrt.relayout import fetch_rows
+
+from ..modeling import functional as F
+from ..placement.layout import PhaseLayout
+from . import program as P
+
+
+class MeshPrefiller:
+    """The model's prefill path on one fabric.
+
+    Parameters
+    ----------
+    fab : Fabric
+        The prefill mesh (same rank grid as the decode mesh).
+    lay : PhaseLayout
+        Feature placement on ``fab``'s virtual mesh.
+    layers : list of dict
+        Per layer, this rank's blocks of the ``layer{i}/...`` tensors of
+        :func:`llm.placement.prefill_weights.prefill_specs` (keys without the prefix).
+    glob : dict
+        This rank's blocks of the global tensors of
+        :func:`llm.placement.prefill_weights.prefill_specs`.
+    allreduce : AllreduceSpec
+        Allreduce of the RMSNorm and softmax reductions along x (K-tree by default).
+    """
+
+    def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict,
+                 allreduce: AllreduceSpec = KTREE):
+        self.fab, self.lay, self.layers, self.glob = fab, lay, layers, glob
+        self.spec = allreduce
+        c = lay.config
+        self.g = c.group_size
+        self.scale = np.float32(c.head_dim ** -0.5)
+        blocks = [b for w in layers for b in w.values()] + list(glob.values())
+        self.weight_words = sum(b.size for b in blocks) // (fab.by * fab.bx)
+        self.handlers = {
+            "embed_fetch": self._embed, "norm": self._norm, "gemm": self._gemm,
+            "rope": self._rope, "grouped_scores": self._scores, "softmax": self._softmax,
+            "grouped_pv": self._pv, "add": self._add, "swiglu": self._swiglu,
+            "prompt_logits": self._prompt_logits}
+
+    # -- op handlers -----------------------------------------------------------------------
+    def execute(self, ops: list, acts: dict, weights: dict, keep: tuple = ()) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned).
+
+        An activation is dropped after the last op that reads it unless it is in ``keep`` (at
+        4096 tokens one layer's scores and probabilities are gigabytes per rank).
+        """
+        last = {k: i for i, op in enumerate(ops) for k in op.inputs}
+        for i, op in enumerate(ops):
+            out = self.handlers[op.kind](op, weights, *(acts[k] for k in op.inputs))
+            acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+            for k in op.inputs:
+                if last[k] == i and k not in keep and k not in op.outputs:
+                    del acts[k]
+        return acts
+
+    def _embed(self, op, w):
+        """Embedding rows of the prompt fetched along y: ``f32[by, bx, T/Py, H/Px]``."""
+        ids, tl = self._ids, op.dims["rows"]
+        table = w[op.weight]                                     # f32[by, bx, V/Py, H/Px]
+        vr = table.shape[2]
+        t = np.arange(ids.size)
+        self.fab.ledger.io(4 * ids.size, 1)                      # the token ids enter the wafer
+        return fetch_rows(self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl,
+                          name=op.name)
+
+    def _norm(self, op, w, x):
+        """HF RMSNorm of every token row: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
+        c = self.lay.config
+        ss = np.einsum("abti,abti->abt", x, x)                   # f32[by, bx, T/Py]
+        ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, name=f"{op.name}/allreduce")
+        inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
+        return F.rms_scale(x, inv[..., None], w[op.weight][:, :, None, :])
+
+    def _gemm(self, op, w, x):
+        d = op.dims
+        out = meshgemm(self.fab, x, w[op.weight], name=op.name, priced=(d["m"], d["k"], d["n"]))
+        return out + w[op.bias][:, :, None, :] if op.bias in w else out
+
+    def _rope(self, op, w, qkv):
+        """Split ``q | k | v`` and rotate q ``f32[by, bx, T/Py, q/Px]`` and k
+        ``f32[by, bx, T/Py, kv/Px]`` at the absolute positions of the local token rows."""
+        tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
+        q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
+        by, bx, tl, _ = k.shape
+        pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
+        angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]   # [by,bx,tl,tk]
+        cos, sin = np.cos(angle), np.sin(angle)
+        q = F.rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
+        k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
+        return q, k, np.ascontiguousarray(v)
+
+    def _scores(self, op, w, q, k):
+        """Scores of all heads ``f32[by, bx, T/Py, G, S/Px, n_kv]`` (causal mask: -inf)."""
+        fab, g = self.fab, self.g
+        heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, n_kv]
+        by, bx, tl, tk = k.shape
+        # rows (t, g), columns kv features: local column slicing of q, no data movement
+        qr = q.reshape(by, bx, tl, tk, g).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl * g, tk)
+        d = op.dims
+        s = grouped_gemm_t(fab, qr, k, heads, name=op.name,     # [by, bx, tl*g, S/Px, nkv]
+                           priced=(d["m"], d["n"], d["d"]))
+        sl, nkv = s.shape[3], s.shape[4]
+        s = s.reshape(by, bx, tl, g, sl, nkv)
+        s *= self.scale                                          # in place: s is ours
+        np.copyto(s, np.float32(-np.inf), where=~self._causal(tl, sl))
+        return s
+
+    def _causal(self, tl: int, sl: int) -> np.ndarray:
+        """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token."""
+        t_glob = self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]        # [by, tl]
+        s_glob = self.fab.index(X)[:, None] * sl + np.arange(sl)[None, :]        # [bx, S/Px]
+        return ((s_glob[None, :, None, :] <= t_glob[:, None, :, None])
+                & (s_glob < self._ids.size)[None, :, None, :])[:, :, :, None, :, None]
+
+    def _softmax(self, op, w, s):
+        """Softmax along the keys (split along x): max and sum allreduced along x."""
+        fab = self.fab
+        by, bx, tl, g, sl, nkv = s.shape
+        valid = self._causal(tl, sl)
+        m = allreduce(fab, s.max(axis=4), op.axis, "max", self.spec, name=f"{op.name}/max")
+        # F.softmax_numerator and F.softmax_normalize, in one buffer (gigabytes at 4096 tokens)
+        e = np.subtract(s, m[:, :, :, :, None, :])
+        np.exp(e, out=e)
+        np.copyto(e, np.float32(0), where=~valid)
+        z = allreduce(fab, e.sum(axis=4), op.axis, "sum", self.spec, name=f"{op.name}/sum")
+        P.charge_local(fab.ledger, op.name, P.local_costs(op, self._run))
+        e /= z[:, :, :, :, None, :]
+        return e
+
+    def _pv(self, op, w, p, v):
+        """``P V`` of all heads: ``f32[by, bx, T/Py, q/Px]`` in q order."""
+        by, bx, tl, g, sl, nkv = p.shape
+        tk = v.shape[3]
+        d = op.dims
+        o = grouped_meshgemm(self.fab, p.reshape(by, bx, tl * g, sl, nkv), v,
+                             self.glob["kv_head"], b_preskewed=False, name=op.name,
+                             priced=(d["m"], d["k"], d["n"]))
+        return o.reshape(by, bx, tl, g, tk).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl, tk * g)
+
+    def _add(self, op, w, a, b):
+        return a + b
+
+    def _swiglu(self, op, w, gu):
+        tf = gu.shape[-1] // 2
+        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
+        return F.swiglu(gu[..., :tf], gu[..., tf:])
+
+    def _prompt_logits(self, op, w, logits):
+        """Every prompt token's logits gathered on every rank (control plane): f32[T, vocab]."""
+        return darray.gather_matrix(self.fab, logits, (self._ids.size, self.lay.config.vocab_size),
+                                    to_all=True)
+
+    # -- the whole prompt ------------------------------------------------------------------
+    def run(self, ids, all_logits: bool = False) -> dict:
+        """Prefill ``ids``.
+
+        Returns
+        -------
+        dict
+            ``k``, ``v``: per layer ``f32[by, bx, T/Py, kv/Px]`` (K rotated); ``x``: the last
+            layer's output ``f32[by, bx, T/Py, H/Px]``; ``first_bad``: the first layer whose
+            output held a non-finite value on this rank (``-1``: the embedding; ``None``);
+            with ``all_logits`` also ``all_logits``, every prompt token's logits
+            ``f32[T, vocab]`` on every rank.
+        """
+        ids = np.asarray([int(t) for t in ids], dtype=np.int64)
+        c = self.lay.config
+        if ids.size == 0:
+            raise ValueError("empty prompt")
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
+        self._ids, self._run = ids, P.Pass(ids=tuple(ids.tolist()))
+        led = self.fab.ledger
+        led.memory("prefill/resident",
+                   self.weight_words + P.prefill_activation_words(self.lay, ids.size))
+        x = self.execute(P.prefill_head(self.lay, ids.size), {}, self.glob)["x"]
+        first_bad = None if np.isfinite(x).all() else -1
+        ks, vs = [], []
+        layer_ops = P.prefill_layer(self.lay, ids.size)
+        for i, w in enumerate(self.layers):
+            with led.section(f"layer{i}"):
+                acts = self.execute(layer_ops, {"x": x}, w, keep=("x", "k", "v"))
+            x = acts["x"]
+            ks.append(acts["k"])
+            vs.append(acts["v"])
+            if first_bad is None and not np.isfinite(x).all():
+                first_bad = i
+        out = {"k": ks, "v": vs, "x": x, "first_bad": first_bad}
+        if all_logits:
+            out["all_logits"] = self.execute(P.prefill_all_logits(self.lay, ids.size), {"x": x},
+                                             self.glob)["all_logits"]
+        return out

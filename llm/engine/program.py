@@ -1,0 +1,337 @@
+"""The layer program: what one token (decode) or one prompt (prefill) does on the mesh, as data.
+
+Each phase's work is an ordered list of :class:`Op` built from the model config and the phase's
+:class:`~llm.placement.layout.PhaseLayout`: the per-token head (embedding), one decoder layer
+(repeated
+for every layer under the ledger section ``layer{i}``) and the tail (final norm, LM head, the
+pick). Two consumers walk the same list:
+
+* the emulator (:class:`llm.engine.decode.MeshDecoder`, :class:`llm.engine.prefill.MeshPrefiller`)
+executes
+  every op on real blocks, moving data through the fabric; the kernels and collectives it calls
+  write the ledger;
+* the estimator (:mod:`llm.cost.estimate`) prices every op from its shapes alone (no data, like a
+  model built on a meta device), writing exactly the same ledger records.
+
+An op names its ledger record once, here (``name``); sub-records are ``name/<part>``. Its
+``inputs`` and ``outputs`` name the activations it reads and writes (the emulator keeps them in
+a dict per layer), ``axis`` is the mesh axis its reduction runs along, ``dims`` its per-core
+sizes. The closed-form cost of the local (non-kernel) work of every kind is a function of those
+sizes below, shared by both consumers; kernels and collectives price themselves
+(:mod:`meshrt.ops`, :mod:`meshrt.collectives`).
+
+Op kinds
+--------
+==================  =========================================================================
+kind                what it does (decode: vectors; prefill: token-row tiles)
+==================  =========================================================================
+``embed_broadcast`` decode: the token's embedding row, multicast along x from its column
+``embed_fetch``     prefill: the prompt's embedding rows fetched along y to their token rows
+``norm``            RMSNorm: local sum of squares, allreduce along ``axis``, scale
+``gemv``            MeshGEMV ``x @ W`` (+ bias), K-tree (or the run's) allreduce
+``gemm``            MeshGEMM ``X @ W`` (+ bias)
+``rope``            split ``q | k | v`` and rotate q, k at their absolute positions
+``kv_append``       decode: the new K/V into the cache (shift policy: rows pass their oldest)
+``cache_scores``    decode: ``q . K`` over the cache: local products, allreduce along x
+``grouped_scores``  prefill: ``Q K^T`` per K/V head (grouped dist-GEMM-T)
+``softmax``         mask, max and sum allreduced along ``axis``, normalise
+``cache_pv``        decode: ``P . V`` over the cache: local products, allreduce along y
+``grouped_pv``      prefill: ``P V`` per K/V head (grouped MeshGEMM, V skewed on the mesh)
+``add``             residual ``x + y`` (free: no record)
+``swiglu``          ``silu(gate) * up``
+``vocab_mask``      padded vocabulary entries of the logits set to ``-inf`` (free)
+``argmax``          greedy pick on the mesh: max, then lowest index, along x
+``prompt_logits``   prefill ``all_logits``: the LM head of every prompt token, gathered
+==================  =========================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshrt.mesh import X, Y, padded
+from meshrt.plmr import Cost, Ledger
+
+from ..placement.layout import PhaseLayout
+
+KINDS = ("embed_broadcast", "embed_fetch", "norm", "gemv", "gemm", "rope", "kv_append",
+         "cache_scores", "grouped_scores", "softmax", "cache_pv", "grouped_pv", "add", "swiglu",
+         "vocab_mask", "argmax", "prompt_logits")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a phase's program.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+    name : str
+        Ledger name (inside the layer's section for layer ops).
+    inputs, outputs : tuple of str
+        Activations read and written.
+    axis : int, optional
+        Mesh axis (:data:`~meshrt.mesh.Y` or :data:`~meshrt.mesh.X`) of the op's reduction.
+    dims : dict
+        Per-core sizes of the kind (see each builder); ``None`` values come from the pass
+        (e.g. the cache fill of a decode step).
+    weight, bias : str, optional
+        Keys of the op's weight blocks.
+    """
+
+    kind: str
+    name: str
+    inputs: tuple = ()
+    outputs: tuple = ()
+    axis: int | None = None
+    dims: dict = field(default_factory=dict)
+    weight: str | None = None
+    bias: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown op kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one execution of a program depends on beyond the shapes.
+
+    Attributes
+    ----------
+    fill : int
+        Decode: tokens in the fullest cache row after this token's append (attention work).
+    shifts : bool
+        Decode: whether the shift policy moves entries between rows for this token.
+    capacity : int
+        Decode: cache slots per core (memory figure).
+    token_col : int
+        Decode: mesh column holding the input token's embedding row.
+    ids : sequence of int
+        Prefill: the prompt (its embedding lookup's routes depend on it).
+    """
+
+    fill: int = 0
+    shifts: bool = False
+    capacity: int = 0
+    token_col: int = 0
+    ids: tuple = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Local work of each kind, as a function of per-core sizes (shared by emulator and estimator)
+# ----------------------------------------------------------------------------------------------
+
+def norm_costs(rows: int, seg: int) -> dict:
+    """RMSNorm of ``rows`` vectors whose ``seg`` features sit on a core: sum of squares, then
+    scale (multiply by the inverse RMS and the weight)."""
+    return {"sumsq": Cost(macs=rows * seg), "scale": Cost(macs=2 * rows * seg)}
+
+
+def rope_cost(rows: int, q_seg: int, kv_seg: int) -> Cost:
+    """Rotation of ``rows`` tokens' q (``q_seg``) and k (``kv_seg``) features."""
+    return Cost(macs=2 * rows * (q_seg + kv_seg))
+
+
+def cache_attention_cost(fill: int, q_seg: int) -> Cost:
+    """Decode scores (or P.V) over ``fill`` cached tokens: every query feature of the core
+    meets the cached K (or V) feature it shares."""
+    return Cost(macs=fill * q_seg)
+
+
+def softmax_cost(queries: int, keys: int) -> Cost:
+    """Scale, subtract the max, exponentiate, normalise: four operations per score."""
+    return Cost(macs=4 * queries * keys)
+
+
+def swiglu_cost(rows: int, ffn_seg: int) -> Cost:
+    return Cost(macs=4 * rows * ffn_seg)
+
+
+def kv_shift_cost(kv_seg: int) -> Cost:
+    """The shift policy's move: every row of the run passes one K and one V entry one hop up."""
+    return Cost(words=2 * kv_seg, hops=1)
+
+
+def local_costs(op: Op, run: Pass) -> dict:
+    """``{part: Cost}`` of the local (non-kernel, non-collective) work of ``op`` in ``run``;
+    ledger name ``op.name/part`` (``""``: ``op.name``)."""
+    d, k = op.dims, op.kind
+    if k == "norm":
+        return norm_costs(d["rows"], d["seg"])
+    if k == "rope":
+        return {"": rope_cost(d["rows"], d["tq"], d["tk"])}
+    if k == "kv_append":
+        return {"shift": kv_shift_cost(d["tk"])} if run.shifts else {}
+    if k in ("cache_scores", "cache_pv"):
+        return {"local": cache_attention_cost(run.fill, d["tq"])}
+    if k == "softmax":
+        return {"local": softmax_cost(d["queries"], run.fill if d["keys"] is None else d["keys"])}
+    if k == "swiglu":
+        return {"": swiglu_cost(d["rows"], d["tf"])}
+    return {}
+
+
+def charge_local(led: Ledger, name: str, costs: dict) -> None:
+    """Charge ``{part: Cost}`` as ``name/part`` (``""``: ``name`` itself)."""
+    for part, cost in costs.items():
+        led.charge(f"{name}/{part}" if part else name, cost)
+
+
+# ----------------------------------------------------------------------------------------------
+# Priced sizes: the padding the wafer carries
+# ----------------------------------------------------------------------------------------------
+
+def wafer_sizes(lay: PhaseLayout) -> dict:
+    """Feature sizes the ops are priced at: every real dimension padded, matrix by matrix, to a
+    multiple of ``lcm(Py, Px)`` (the mesh side on a square mesh), as the wafer pads it.
+
+    The emulator's layout pads further (:class:`~llm.placement.layout.PhaseLayout`: K/V features to
+    ``2 lcm`` so RoPE pairs never split, query features to ``G`` times that so a core's query
+    heads sit on its K/V features); those extra zeros are computed but never priced.
+    """
+    c, u = lay.config, lay.unit
+    return {"hidden": lay.hidden, "ffn": lay.ffn, "vocab": lay.vocab,
+            "q": padded(c.q_size, u), "kv": padded(c.kv_size, u)}
+
+
+def gemv_tile(op: Op, mesh: tuple) -> tuple:
+    """Weight tile ``(rows, cols)`` a ``gemv`` op is priced at on ``mesh``."""
+    py, px = mesh
+    d = op.dims
+    if d["input_axis"] == "y":
+        return d["m"] // py, d["n"] // px
+    return d["m"] // px, d["n"] // py
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode (MeshGEMV, Y/X-vector alternation)
+# ----------------------------------------------------------------------------------------------
+
+def _decode_sizes(lay: PhaseLayout) -> dict:
+    c, w = lay.config, wafer_sizes(lay)
+    return {"h_y": w["hidden"] // lay.py, "tq": w["q"] // lay.px, "tk": w["kv"] // lay.px,
+            "tf": w["ffn"] // lay.px, "g": c.group_size, "nkv": c.num_kv_heads, **w}
+
+
+def _gemv(name, src, dst, m, n, input_axis, weight=None):
+    return Op("gemv", name, (src,), (dst,), dims={"m": m, "n": n, "input_axis": input_axis},
+              weight=weight or name, bias=f"{weight or name}_bias")
+
+
+def decode_head(lay: PhaseLayout) -> list:
+    """The token's embedding row as a Y-vector ``x``."""
+    s = _decode_sizes(lay)
+    return [Op("embed_broadcast", "embed", (), ("x",), axis=X, dims={"seg": s["h_y"]},
+               weight="embed")]
+
+
+def decode_layer(lay: PhaseLayout) -> list:
+    """One decoder block on the Y-vector ``x`` (see :mod:`llm.engine.decode` for the layouts)."""
+    s = _decode_sizes(lay)
+    tk, tq, nq = s["tk"], s["tq"], s["g"] * s["nkv"]
+    return [
+        Op("norm", "attn_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
+           weight="attn_norm"),
+        _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], "y"),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": 1, "tq": tq, "tk": tk}),
+        Op("kv_append", "kv_append", ("k", "v"), (), dims={"tk": tk}),
+        Op("cache_scores", "scores", ("q",), ("s",), axis=X, dims={"tq": tq, "heads": nq}),
+        Op("softmax", "softmax", ("s",), ("p",), axis=Y, dims={"queries": nq, "keys": None}),
+        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tq": tq}),
+        _gemv("o", "a", "o", s["q"], s["hidden"], "x"),
+        Op("add", "attn_residual", ("x", "o"), ("x",)),
+        Op("norm", "mlp_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
+           weight="mlp_norm"),
+        _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], "y"),
+        Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": 1, "tf": s["tf"]}),
+        _gemv("down", "act", "d", s["ffn"], s["hidden"], "x"),
+        Op("add", "mlp_residual", ("x", "d"), ("x",)),
+    ]
+
+
+def decode_logits(lay: PhaseLayout) -> list:
+    """Final norm and LM head: the logits as an X-vector (padding ``-inf``)."""
+    s = _decode_sizes(lay)
+    return [Op("norm", "final_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
+               weight="final_norm"),
+            _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y"),
+            Op("vocab_mask", "vocab_mask", ("logits",), ("logits",))]
+
+
+def decode_pick(lay: PhaseLayout) -> list:
+    """The greedy pick on the mesh."""
+    return [Op("argmax", "argmax", ("logits",), ("token",), axis=X)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill (MeshGEMM, grouped dist-GEMM-T, natural token-row tiles)
+# ----------------------------------------------------------------------------------------------
+
+def _prefill_sizes(lay: PhaseLayout, tokens: int) -> dict:
+    c, w = lay.config, wafer_sizes(lay)
+    tp = padded(tokens, lay.unit)
+    return {"tp": tp, "tl": tp // lay.py, "sl": tp // lay.px, "hl": w["hidden"] // lay.px,
+            "tq": w["q"] // lay.px, "tk": w["kv"] // lay.px, "tf": w["ffn"] // lay.px,
+            "g": c.group_size, "nkv": c.num_kv_heads, **w}
+
+
+def _gemm(name, src, dst, m, k, n):
+    return Op("gemm", name, (src,), (dst,), dims={"m": m, "k": k, "n": n}, weight=name,
+              bias=f"{name}_bias")
+
+
+def prefill_head(lay: PhaseLayout, tokens: int) -> list:
+    """The prompt's embedding rows, ``x`` as ``[T/Py, H/Px]`` tiles."""
+    s = _prefill_sizes(lay, tokens)
+    return [Op("embed_fetch", "embed", (), ("x",), axis=Y,
+               dims={"rows": s["tl"], "seg": s["hl"], "vocab_rows": lay.vocab // lay.py},
+               weight="embed")]
+
+
+def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
+    """One decoder block on every prompt token (see :mod:`llm.engine.prefill` for the layouts)."""
+    s = _prefill_sizes(lay, tokens)
+    tp, tl, g, nkv = s["tp"], s["tl"], s["g"], s["nkv"]
+    norm = {"rows": tl, "seg": s["hl"]}
+    return [
+        Op("norm", "attn_norm", ("x",), ("h",), axis=X, dims=norm, weight="attn_norm"),
+        _gemm("qkv", "h", "qkv", tp, s["hidden"], s["q"] + 2 * s["kv"]),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"),
+           dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]}),
+        Op("grouped_scores", "scores", ("q", "k"), ("s",),
+           dims={"m": g * tp, "n": tp, "d": s["kv"], "groups": nkv}),
+        Op("softmax", "softmax", ("s",), ("p",), axis=X,
+           dims={"queries": tl * g * nkv, "keys": s["sl"]}),
+        Op("grouped_pv", "pv", ("p", "v"), ("a",),
+           dims={"m": g * tp, "k": tp, "n": s["kv"], "groups": nkv}),
+        _gemm("o", "a", "o", tp, s["q"], s["hidden"]),
+        Op("add", "attn_residual", ("x", "o"), ("x",)),
+        Op("norm", "mlp_norm", ("x",), ("h",), axis=X, dims=norm, weight="mlp_norm"),
+        _gemm("gate_up", "h", "gu", tp, s["hidden"], 2 * s["ffn"]),
+        Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": tl, "tf": s["tf"]}),
+        _gemm("down", "act", "d", tp, s["ffn"], s["hidden"]),
+        Op("add", "mlp_residual", ("x", "d"), ("x",)),
+    ]
+
+
+def prefill_all_logits(lay: PhaseLayout, tokens: int) -> list:
+    """Every prompt token's logits on the prefill mesh (scoring; not on the first-token path)."""
+    s = _prefill_sizes(lay, tokens)
+    return [Op("norm", "final_norm", ("x",), ("h",), axis=X,
+               dims={"rows": s["tl"], "seg": s["hl"]}, weight="final_norm"),
+            _gemm("lm_head", "h", "logits", s["tp"], s["hidden"], s["vocab"]),
+            Op("prompt_logits", "prompt_logits", ("logits",), ("all_logits",),
+               dims={"rows": s["tp"], "vocab": lay.vocab})]
+
+
+def prefill_activation_words(lay: PhaseLayout, tokens: int) -> int:
+    """Words per core prefill holds besides its weights: the activations ``[T/Py, H/Px]`` and
+    every layer's K and V ``[T/Py, kv/Px]``."""
+    tl = padded(tokens, lay.unit) // lay.py
+    return tl * lay.hidden // lay.px + 2 * lay.config.num_layers * tl * lay.kv // lay.px
+
+
+def layer_ops(program: list) -> set:
+    """The kinds a program uses (for coverage checks)."""
+    return {op.kind for op in program}

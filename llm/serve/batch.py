@@ -1,0 +1,388 @@
+"""Batch generation: ``llm generate --batch requests.jsonl --out results.jsonl``.
+
+The model is loaded once; the requests run one after the other on the mesh.
+
+Input: one JSON object per line (blank lines are ignored)::
+
+    {"id": "q1", "prompt": "Once upon a time", "max_new_tokens": 40}
+    {"id": 2, "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0.7}
+    {"id": "raw", "prompt_ids": [1, 450, 4996]}
+
+``id`` (a string or an integer, unique) and exactly one of ``prompt``, ``messages`` (rendered
+with the model's chat template) or ``prompt_ids`` are required. Optional per request:
+``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop`` (a list of token
+ids or single-token strings), ``ignore_eos``; they default to the command line's values.
+
+Output: one JSON object per finished request, appended and flushed (and fsync'ed) as soon as it
+completes: the request's ``id`` and input ``line``, then the same record ``generate --json``
+prints (``prompt_ids``, ``new_ids``, ``text``, ``stopped_by``, timings, modeled wafer time,
+meshes). Results therefore come in completion order, one line each.
+
+Resuming: a rerun with the same ``--out`` skips every id already there, so a killed job loses at
+most the request in flight. A last line without its newline (the job died while writing it) is
+cut off before anything is appended and its request runs again; any other line that is not a
+result stops the job with an error (the file is left untouched).
+
+A bad input line (not JSON, unknown keys, no prompt, a prompt that does not fit the context, a
+duplicate id, ...) is reported with its line number and skipped; with ``--strict`` the job stops
+before generating anything. Requests are checked on rank 0 and the checked list is broadcast, so
+every rank runs the same requests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshrt import runtime
+
+from .options import BatchOptions, GenerateOptions, StopOptions
+
+PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
+SETTING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
+KNOWN_KEYS = frozenset(("id",) + PROMPT_KEYS + SETTING_KEYS)
+
+BATCH_HELP = ("""\
+batch mode (--batch FILE --out FILE):
+  FILE holds one JSON request per line: "id" plus one of "prompt", "messages" (chat, rendered
+  with the model's template) or "prompt_ids", and optionally max_new_tokens, temperature, top_k,
+  top_p, seed, stop, ignore_eos (defaults: this command's options). The model is loaded once.
+  Each result is appended to --out as one JSON line (id, line, prompt_ids, new_ids, text,
+  stopped_by, and the metrics of --json) and flushed when its request finishes. A rerun skips
+  the ids already in --out; a half-written last line (a job killed while writing it) is cut off
+  and its request runs again. A bad request line is reported with its number and skipped, or
+  stops the job before any generation with --strict.
+""")
+
+
+class BadRequest(ValueError):
+    """One request line that cannot run; the message says why."""
+
+
+@dataclass
+class Request:
+    """A checked request: everything a rank needs to run it."""
+
+    id: object
+    line: int
+    prompt_ids: list
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = 0
+    stop_ids: list = field(default_factory=list)
+
+
+def id_key(value) -> str:
+    """Canonical form of a request id (so that 7 and "7" stay different)."""
+    return json.dumps(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading requests (rank 0)
+# ----------------------------------------------------------------------------------------------
+
+def _int(obj, key, default, low=None):
+    value = obj.get(key, default)
+    if value is None and key == "seed":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise BadRequest(f"{key} must be >= {low}, got {value}")
+    return value
+
+
+def _float(obj, key, default):
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+class RequestReader:
+    """Turns request lines into :class:`Request` s (tokenizing, templating, checking).
+
+    Parameters
+    ----------
+    tokenizer
+        ``encode(text, add_special_tokens=...)``.
+    config : ModelConfig
+        Vocabulary, context length and EOS ids.
+    defaults : GenerateOptions
+        The command's ``max_new_tokens``, sampling and stop options.
+    template_loader : callable, optional
+        ``() -> ChatTemplate``; called on the first ``messages`` request.
+    """
+
+    def __init__(self, tokenizer, config, defaults: GenerateOptions, template_loader=None):
+        self.tokenizer, self.config, self.defaults = tokenizer, config, defaults
+        self._template_loader = template_loader
+        self._template = None
+        self.seen: set = set()
+
+    def _chat_prompt(self, messages) -> str:
+        from ..text.chat_template import ChatTemplateError
+        if self._template is None:
+            if self._template_loader is None:
+                raise BadRequest("'messages' needs the model's chat template, and this model "
+                                 "has none")
+            try:
+                self._template = self._template_loader()
+            except ChatTemplateError as e:
+                raise BadRequest(str(e)) from None
+        try:
+            return self._template.render(messages)
+        except ChatTemplateError as e:
+            raise BadRequest(str(e)) from None
+
+    def _prompt_ids(self, obj) -> list:
+        given = [k for k in PROMPT_KEYS if k in obj]
+        if len(given) != 1:
+            raise BadRequest(f"give exactly one of {', '.join(PROMPT_KEYS)} "
+                             f"({'none' if not given else ' and '.join(given)} given)")
+        key = given[0]
+        if key == "prompt_ids":
+            ids = obj[key]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                    for t in ids):
+                raise BadRequest("prompt_ids must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise BadRequest(f"prompt_ids {bad[:3]} are outside the vocabulary "
+                                 f"(0..{self.config.vocab_size - 1})")
+            return list(ids)
+        if key == "prompt":
+            if not isinstance(obj[key], str):
+                raise BadRequest("prompt must be a string")
+            return list(self.tokenizer.encode(obj[key]))
+        text = self._chat_prompt(obj[key])
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _stop_ids(self, obj) -> list:
+        from .preflight import stop_ids
+        stop = obj.get("stop", list(self.defaults.stop.stop))
+        if isinstance(stop, (str, int)) and not isinstance(stop, bool):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
+            raise BadRequest("stop must be a list of token ids or strings")
+        ignore_eos = obj.get("ignore_eos", self.defaults.stop.ignore_eos)
+        if not isinstance(ignore_eos, bool):
+            raise BadRequest(f"ignore_eos must be true or false, got {ignore_eos!r}")
+        try:
+            ids = stop_ids(StopOptions(tuple(str(s) for s in stop), ignore_eos),
+                           self.tokenizer, self.config)
+        except runtime.UsageError as e:
+            raise BadRequest(str(e).removeprefix("error: ")) from None
+        return sorted(ids)
+
+    def parse(self, text: str, line: int) -> Request:
+        """One line -> :class:`Request`; raises :class:`BadRequest`."""
+        from ..text.sampling import Sampler
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise BadRequest(f"not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("a request must be a JSON object")
+        unknown = sorted(set(obj) - KNOWN_KEYS)
+        if unknown:
+            raise BadRequest(f"unknown keys {', '.join(unknown)} (known: "
+                             f"{', '.join(sorted(KNOWN_KEYS))})")
+        rid = obj.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise BadRequest("'id' (a string or an integer) is required")
+        if id_key(rid) in self.seen:
+            raise BadRequest(f"duplicate id {rid!r}")
+        d, sampling = self.defaults, self.defaults.sampling
+        req = Request(id=rid, line=line, prompt_ids=self._prompt_ids(obj),
+                      max_new_tokens=_int(obj, "max_new_tokens", d.max_new_tokens, low=1),
+                      temperature=_float(obj, "temperature", sampling.temperature),
+                      top_k=_int(obj, "top_k", sampling.top_k, low=0),
+                      top_p=_float(obj, "top_p", sampling.top_p),
+                      seed=_int(obj, "seed", sampling.seed, low=0),
+                      stop_ids=self._stop_ids(obj))
+        try:
+            Sampler(req.temperature, req.top_k, req.top_p, req.seed)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if not req.prompt_ids:
+            raise BadRequest("the prompt is empty")
+        need = len(req.prompt_ids) + req.max_new_tokens
+        if need > self.config.max_position_embeddings:
+            raise BadRequest(f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens "
+                             f"{req.max_new_tokens} exceeds the model context of "
+                             f"{self.config.max_position_embeddings} tokens")
+        self.seen.add(id_key(rid))
+        return req
+
+
+def read_requests(path, reader: RequestReader) -> tuple[list, list]:
+    """``(requests, problems)`` of a JSON-lines file; ``problems`` = ``[(line, message)]``."""
+    requests, problems = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    requests.append(reader.parse(text, number))
+                except BadRequest as e:
+                    problems.append((number, str(e)))
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{path} is not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise BadRequest(f"cannot read --batch {path}: {e.strerror or e}") from None
+    return requests, problems
+
+
+# ----------------------------------------------------------------------------------------------
+# the results file (rank 0)
+# ----------------------------------------------------------------------------------------------
+
+def finished_ids(out_path) -> tuple[set, int]:
+    """Ids already in the results file, after cutting off a half-written last line.
+
+    Returns ``(ids, bytes_cut)``. Raises :class:`BadRequest` if a complete line is not a result
+    (the file is then left as it is).
+    """
+    path = Path(out_path)
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise BadRequest(f"--out {out_path}: directory {path.parent} does not exist")
+        return set(), 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1           # everything after the last newline is half-written
+    done = set()
+    for number, raw in enumerate(data[:keep].splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+            done.add(id_key(rec["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise BadRequest(f"--out {out_path}:{number} is not a result line of this command; "
+                             "refusing to append to it (choose another --out)") from None
+    cut = len(data) - keep
+    if cut:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return done, cut
+
+
+class ResultWriter:
+    """Appends one JSON line per result, flushed and fsync'ed, so a crash loses no result."""
+
+    def __init__(self, path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the job
+# ----------------------------------------------------------------------------------------------
+
+def _prepare(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, template_loader,
+             log) -> tuple:
+    """Rank 0: check the files and read the requests -> ``("ok", pending, problems, n_done)``."""
+    if not batch.out:
+        raise BadRequest("--batch needs --out FILE (where the results go)")
+    if os.path.abspath(batch.out) == os.path.abspath(batch.requests):
+        raise BadRequest("--out must not be the --batch file")
+    reader = RequestReader(tokenizer, model.config, defaults, template_loader)
+    requests, problems = read_requests(batch.requests, reader)
+    for number, message in problems:
+        log.warning(f"{batch.requests}:{number}: {message}; "
+                    + ("stopping (--strict)" if batch.strict else "skipped"))
+    if problems and batch.strict:
+        number, message = problems[0]
+        raise BadRequest(f"{batch.requests}:{number}: {message} (--strict: nothing was run; "
+                         f"{len(problems)} bad line{'s' if len(problems) > 1 else ''})")
+    done, cut = finished_ids(batch.out)
+    if cut:
+        log.warning(f"{batch.out}: cut off a half-written last line ({cut} bytes); its request "
+                    "runs again")
+    pending = [r for r in requests if id_key(r.id) not in done]
+    log.info(f"batch {batch.requests}: {len(requests)} requests, {len(requests) - len(pending)} "
+             f"already in {batch.out}, {len(pending)} to run"
+             + (f", {len(problems)} bad lines skipped" if problems else ""))
+    return pending, problems
+
+
+def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, plane, log, record,
+              template_loader=None) -> int:
+    """Run every pending request of ``batch.requests`` (collective over ``plane``).
+
+    Parameters
+    ----------
+    batch : BatchOptions
+        The requests file, the results file and whether a bad line stops the job.
+    defaults : GenerateOptions
+        What a request does not say (token limit, sampling, stop, KV capacity).
+    model : MeshModel
+    tokenizer
+    plane : meshrt.runtime.ControlPlane
+    log : logging.Logger
+    record : callable
+        ``(prompt_ids, Generation) -> dict``, the ``generate --json`` record (called everywhere,
+        used on rank 0).
+    template_loader : callable, optional
+        ``() -> ChatTemplate`` for ``messages`` requests.
+
+    Returns
+    -------
+    int
+        Exit status: 0, also when bad lines were skipped (they are in the log).
+    """
+    from tqdm import tqdm
+
+    from ..text.sampling import Sampler
+    from .generate import generate
+    rank = plane.rank
+    answer = None
+    if rank == 0:
+        try:
+            answer = ("ok",) + _prepare(batch, defaults, model, tokenizer, template_loader, log)
+        except BadRequest as e:
+            answer = ("error", str(e))
+    answer = plane.bcast(answer)        # control plane: the checked requests
+    if answer[0] == "error":
+        raise runtime.UsageError(answer[1])
+    pending = answer[1]
+    writer = ResultWriter(batch.out) if rank == 0 else None
+    bar = tqdm(total=len(pending), unit="req", desc="batch", disable=True if rank else None,
+               file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    tokens, finished, t0 = 0, 0, time.perf_counter()
+    try:
+        for req in pending:
+            sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
+            gen = generate(model, req.prompt_ids, req.max_new_tokens, sampler, req.stop_ids,
+                           None, defaults.kv_capacity)
+            tokens += len(gen.new_ids)
+            rate = tokens / (time.perf_counter() - t0)
+            if writer is not None:
+                writer.write({"id": req.id, "line": req.line, **record(req.prompt_ids, gen)})
+                finished += 1
+                bar.update(1)
+                bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+                if bar.disable:
+                    log.info(f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
+                             f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s")
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    log.info(f"batch: {len(pending)} requests, {tokens} tokens in "
+             f"{time.perf_counter() - t0:.1f} s -> {batch.out}")
+    return 0

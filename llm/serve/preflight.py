@@ -1,0 +1,204 @@
+"""What ``generate`` checks before any model loads: the model path, config, tokenizer and prompt.
+
+Every check that reads the filesystem runs on every rank and the ranks agree on the outcome
+(:func:`agree`): a model directory missing on one node (no shared filesystem) ends every rank
+with the same one-line message instead of a hang or a traceback on that rank alone.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from meshrt import runtime
+from meshrt.runtime import ControlPlane
+
+from ..modeling.config import ConfigError, ModelConfig
+from ..storage.checkpoint import CheckpointError
+from ..storage.shards import MANIFEST_NAME, ShardError, read_manifest
+from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
+
+#: Failures of bad input or of the environment (a user can fix them): one message, exit 2.
+EXPECTED = (runtime.UsageError, ConfigError, CheckpointError, ShardError, NotImplementedError,
+            OSError, UnicodeDecodeError)
+
+
+def agree(control: ControlPlane, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on every rank; if it fails on any rank with an :data:`EXPECTED`
+    error, every rank raises ``UsageError`` with the first rank's message (rank-named when
+    not every rank failed alike)."""
+    def check():
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED as e:
+            raise runtime.UsageError(_message(e)) from None
+
+    return control.agree(check, on="all", catch=runtime.UsageError)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return str(e.code)
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
+
+
+def model_kind(path) -> str:
+    """``"shards"`` or ``"hf"`` for the directory ``path`` (``UsageError`` if neither)."""
+    if path is None:
+        raise runtime.UsageError("give the model: --model DIR (a shard set made by `python -m "
+                                 "llm convert`, or an HF model directory)")
+    if not os.path.isdir(path):
+        raise runtime.UsageError(f"--model {path}: no such directory (give a shard set made by "
+                                 "`python -m llm convert`, or an HF model directory)")
+    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        return "shards"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    raise runtime.UsageError(f"--model {path} is not a shard set (no {MANIFEST_NAME}) or an HF "
+                             "model directory (no config.json)")
+
+
+def read_config(path, kind: str, max_context: int | None = None) -> ModelConfig:
+    """The model's config from the manifest or ``config.json`` (nothing else is read)."""
+    if kind == "shards":
+        return ModelConfig.from_dict(read_manifest(path)["config"])
+    return ModelConfig.from_json(path, max_context=max_context)
+
+
+def open_tokenizer(path, config: ModelConfig, need_text: bool):
+    """The model's tokenizer, or ``None`` when it has none and only token ids are used.
+
+    ``need_text``: the prompt or a stop string is text, so a tokenizer is required.
+    """
+    from ..text.tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(path, config)
+    except ValueError as e:     # no tokenizer file and a vocabulary too small for bytes
+        if need_text:
+            raise runtime.UsageError(f"{e}; or give the prompt as token ids (--prompt-ids)") \
+                from None
+        return None
+
+
+def parse_ids(text: str, vocab_size: int | None = None, what: str = "--prompt-ids") -> list:
+    """``"1,2 3"`` -> ``[1, 2, 3]``, each a token id of the vocabulary (``UsageError`` if not)."""
+    parts = str(text).replace(",", " ").split()
+    if not parts:
+        raise runtime.UsageError(f"{what} is empty; give token ids such as 1,450,4996")
+    bad = [p for p in parts if not p.isdigit()]
+    if bad:
+        raise runtime.UsageError(f"{what}: {bad[0]!r} is not a token id (non-negative "
+                                 "integers, separated by commas or spaces)")
+    ids = [int(p) for p in parts]
+    if vocab_size is not None:
+        out = [i for i in ids if i >= vocab_size]
+        if out:
+            raise runtime.UsageError(f"{what}: token id {out[0]} is outside the vocabulary "
+                                     f"(0..{vocab_size - 1})")
+    return ids
+
+
+def prompt_ids(prompt: PromptSpec, tokenizer, config: ModelConfig) -> list:
+    """The prompt's token ids from ``--prompt-ids``, ``--prompt`` or ``--prompt-file``."""
+    if prompt.ids:
+        return parse_ids(prompt.ids, config.vocab_size)
+    text = prompt.text
+    if prompt.file:
+        try:
+            with open(prompt.file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise runtime.UsageError(f"--prompt-file {prompt.file}: {_message(e)}") from None
+    if text is None:
+        raise runtime.UsageError("give a prompt: --prompt TEXT, --prompt-file FILE or "
+                                 "--prompt-ids '1 2 3'")
+    if tokenizer is None:
+        raise runtime.UsageError("this model has no tokenizer: give the prompt as token ids "
+                                 "(--prompt-ids)")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise runtime.UsageError("the prompt is empty")
+    return ids
+
+
+def stop_ids(stop: StopOptions, tokenizer, config: ModelConfig) -> set:
+    """EOS ids (unless ``--ignore-eos``) plus every ``--stop`` token id or one-token text."""
+    out = set() if stop.ignore_eos else set(config.eos_ids)
+    for item in stop.stop:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part.isdigit():
+                out.update(parse_ids(part, config.vocab_size, "--stop"))
+            elif part:
+                if tokenizer is None:
+                    raise runtime.UsageError(f"--stop {part!r}: this model has no tokenizer; "
+                                             "give token ids")
+                ids = tokenizer.encode(part, add_special_tokens=False)
+                if len(ids) != 1:
+                    raise runtime.UsageError(f"stop string {part!r} is {len(ids)} tokens; "
+                                             "give a single-token string or a token id")
+                out.add(ids[0])
+    return out
+
+
+@dataclass
+class Request:
+    """A validated generation request: everything known before the model loads."""
+
+    path: str
+    kind: str
+    config: ModelConfig
+    tokenizer: object
+    ids: list
+    stop: set = field(default_factory=set)
+
+
+def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane) -> Request:
+    """Validate the model path and the prompt on every rank (agreed), before any weight is read.
+
+    With a batch or chat prompt the prompts are not known yet: ``ids`` is empty.
+    """
+    path = source.path
+    kind = agree(control, model_kind, path)
+    config = agree(control, read_config, path, kind, source.max_context)
+    later = request.prompt.later
+    need_text = later or not request.prompt.ids or any(
+        not part.strip().isdigit() for item in request.stop.stop
+        for part in str(item).split(",") if part.strip())
+    tokenizer = agree(control, open_tokenizer, path, config, need_text)
+    stop = agree(control, stop_ids, request.stop, tokenizer, config)
+    if later:
+        return Request(path, kind, config, tokenizer, [], stop)   # prompts come later
+    ids = agree(control, prompt_ids, request.prompt, tokenizer, config)
+    new = request.max_new_tokens
+    if len(ids) + new > config.max_position_embeddings:
+        raise runtime.UsageError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {new} exceeds the model context of "
+            f"{config.max_position_embeddings} tokens")
+    return Request(path, kind, config, tokenizer, ids, stop)
+
+
+def check_kv_capacity(model, prompt_tokens: int, new_tokens: int, capacity: int | None, log):
+    """Before prefill: the prompt must fit the KV cache; warn if the new tokens will not.
+
+    Returns the capacity (slots per core) to start the cache with.
+    """
+    need = model.capacity_for(prompt_tokens + new_tokens)
+    if capacity is None:
+        return need
+    rows = model.layouts["decode"].py
+    prompt_slots = math.ceil(prompt_tokens / rows)      # the prompt is spread over the rows
+    if capacity < prompt_slots:
+        raise runtime.UsageError(
+            f"--kv-capacity {capacity} is too small for the prompt: {prompt_tokens} tokens "
+            f"need {prompt_slots} slots per core on {rows} rows (prompt + new tokens need "
+            f"{need})")
+    if capacity < need:
+        log.warning(f"--kv-capacity {capacity} holds fewer than the prompt + "
+                    f"{new_tokens} new tokens ({need} slots per core needed): generation stops "
+                    "when the KV cache is full (stopped_by kv_full)")
+    return capacity
