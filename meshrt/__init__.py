@@ -4,7 +4,7 @@ Layers (imports point down only)::
 
     ops          MeshGEMM, dist-GEMM-T, MeshGEMV and the SUMMA / Cannon / allreduce baselines
     collectives  chain reduce, broadcast, ring / pipeline / K-tree allreduce along x or y
-    darray       scatter/gather of tiled matrices between the host and the mesh (control plane)
+    hostio       scatter/gather of tiled matrices between the host and the mesh (control plane)
     fabric       the only data-plane MPI user: neighbour exchange, relays, tracing
     mesh         pure maths: layouts, tiling, padding, the interleaved ring
     plmr         devices and the cost ledger

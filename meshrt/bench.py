@@ -148,7 +148,7 @@ def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
 
 def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
     """MeshGEMV ``[1,N]x[N,N]`` per algorithm on ``lay`` against a numpy product."""
-    from . import darray
+    from . import hostio
     from .fabric import Fabric
     from .ops import gemv as G
     from .plmr import Ledger, get_device
@@ -162,8 +162,8 @@ def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
     rows = []
     for algo in spec.algos or ("ktree",):
         fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)))
-        wb = darray.local_block(fab, G.weight_tiles(w, mesh, "y"))
-        xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
+        wb = hostio.local_block(fab, G.weight_tiles(w, mesh, "y"))
+        xb = hostio.local_block(fab, G.vector_tiles(x, mesh, "y"))
         log.info(f"gemv {algo}: [1,{n}]x[{n},{n}] on {lay}")
         ar = AllreduceSpec(algo, spec.groups, spec.levels)
         t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", ar), comm, spec.repeat, spec.warmup)
@@ -174,7 +174,7 @@ def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
                "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
         if spec.check:
             yb = G.meshgemv(fab, xb, wb, "y", ar)
-            tiles = darray.gather(fab, yb)
+            tiles = hostio.gather(fab, yb)
             if rank == 0:
                 row["max_abs_err"] = float(np.abs(G.vector_from_tiles(tiles, n, "x") - x @ w).max())
         rows.append(row)
@@ -183,7 +183,7 @@ def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
 
 def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
     """MeshGEMM, Cannon or SUMMA ``NxNxN`` on ``lay`` against a numpy product."""
-    from . import darray
+    from . import hostio
     from .fabric import Fabric
     from .ops import gemm as M
     from .ops.estimate import ESTIMATORS
@@ -202,8 +202,8 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
             raise ValueError(f"gemm algorithm {algo!r}: choose from {', '.join(kernels)}")
         fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)))
         log.info(f"gemm {algo}: {n}^3 on {lay}")
-        ab = darray.local_block(fab, M.prepare_a(a, mesh))
-        bb = darray.local_block(fab, M.prepare_b(b, mesh, algo))
+        ab = hostio.local_block(fab, M.prepare_a(a, mesh))
+        bb = hostio.local_block(fab, M.prepare_b(b, mesh, algo))
         t = _timed(lambda: kernels[algo](fab, ab, bb), comm, spec.repeat, spec.warmup)
         est = ESTIMATORS[algo](n, n, n, mesh, get_device(spec.device))
         row = {"bench": "gemm", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
@@ -211,7 +211,7 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
                "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
                "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
         if spec.check:
-            c = darray.gather_matrix(fab, kernels[algo](fab, ab, bb), (n, n))
+            c = hostio.gather_matrix(fab, kernels[algo](fab, ab, bb), (n, n))
             if rank == 0:
                 row["max_abs_err"] = float(np.abs(c - a @ b).max())
         rows.append(row)

@@ -98,7 +98,7 @@ def ktree_groups(n_cores: int, levels: int = 2, groups: int | None = None) -> li
 
 
 @functools.lru_cache(maxsize=256)
-def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list[list[tuple]]:
+def ktree_levels(n_cores: int, levels: int = 2, groups: int | None = None) -> list[list[tuple]]:
     """Segments of each K-tree level: ``[(lo, hi, root, members), ...]`` per level.
 
     Level 1 groups consecutive cores; level ``l`` groups consecutive roots of level ``l-1``. A
@@ -126,7 +126,7 @@ def ktree_plan(n_cores: int, levels: int = 2, groups: int | None = None) -> list
 def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None = None) -> tuple:
     """Per-phase costs of the K-tree allreduce: one :class:`Cost` per level, then the broadcast."""
     out: list[Cost] = []
-    for segs in ktree_plan(n_cores, levels, groups):
+    for segs in ktree_levels(n_cores, levels, groups):
         hops = routings = 0
         for _lo, _hi, root, mem in segs:
             i = mem.index(root)
@@ -141,7 +141,7 @@ def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None =
 
 
 def ktree_root(n_cores: int, levels: int = 2, groups: int | None = None) -> int:
-    plan = ktree_plan(n_cores, levels, groups)
+    plan = ktree_levels(n_cores, levels, groups)
     return plan[-1][0][2] if plan else 0
 
 
@@ -432,7 +432,7 @@ def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", 
                     name: str = "allreduce_ktree") -> np.ndarray:
     """K-tree allreduce (MeshGEMV): grouped chain reduces level by level, then a multicast."""
     n = fab.layout.cores(axis)
-    plan = ktree_plan(n, levels, groups)
+    plan = ktree_levels(n, levels, groups)
     if record:
         words = int(np.prod(block.shape[2:]))
         AllreduceSpec("ktree", groups, levels).charge(fab.ledger, n, words, name)

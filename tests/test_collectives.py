@@ -78,7 +78,7 @@ def test_allreduce_every_core_gets_line_result(axis, op, algo, kw, lay):
 
 def test_ktree_plan_and_cost_closed_form():
     # 12 cores, 3 groups of 4 with roots 2, 6, 10; second level roots 2, 6, 10 -> 6
-    plan = C.ktree_plan(12, groups=3)
+    plan = C.ktree_levels(12, groups=3)
     assert [s[2] for s in plan[0]] == [2, 6, 10]
     assert [s[2] for s in plan[1]] == [6]
     cost = C.ktree_cost(12, words=5, groups=3)

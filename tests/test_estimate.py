@@ -64,12 +64,12 @@ def test_kv_capacity_shift_holds_rows_times_more():
 
 
 def test_layer_pipeline_when_one_mesh_cannot_hold_the_weights():
-    from llm.cost.plan import plan
+    from llm.cost.memory_budget import memory_budget
     from meshrt.plmr import WSE2
-    p = plan(preset("llama2-13b"), decode_mesh=(375, 375), prefill_mesh=(375, 375))
+    p = memory_budget(preset("llama2-13b"), decode_mesh=(375, 375), prefill_mesh=(375, 375))
     d = p["phases"]["decode"]
     assert not d["fits"] and d["stages"] == 5 and d["stages_fit_device"]
     assert d["stage_weights_bytes"] <= WSE2.mem_per_core < d["weights_bytes"]
     assert d["stage_cores"] == 5 * 375 * 375
-    small = plan(preset("tiny-llama"), decode_mesh=(8, 8))["phases"]["decode"]
+    small = memory_budget(preset("tiny-llama"), decode_mesh=(8, 8))["phases"]["decode"]
     assert small["fits"] and small["stages"] == 1

@@ -12,7 +12,7 @@ from meshtest import (
     world,
 )
 
-from meshrt import darray
+from meshrt import hostio
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout, lcm, ring_next, ring_pos, ring_prev, skew_index
 from meshrt.ops import estimate as E
@@ -161,10 +161,10 @@ def test_gemm_chain_keeps_the_natural_layout(lay):
     fab = fabric(lay)
     mesh = (lay.py, lay.px)
     qt, kt = GT.prepare_gemm_t(q, k, mesh)
-    s = GT.gemm_t(fab, darray.local_block(fab, qt), darray.local_block(fab, kt))
-    vb = darray.local_block(fab, G.prepare_b(v, mesh, "summa"))
+    s = GT.gemm_t(fab, hostio.local_block(fab, qt), hostio.local_block(fab, kt))
+    vb = hostio.local_block(fab, G.prepare_b(v, mesh, "summa"))
     o = G.meshgemm(fab, s, vb, b_preskewed=False)
-    got = darray.gather_matrix(fab, o, (20, 12), to_all=True)
+    got = hostio.gather_matrix(fab, o, (20, 12), to_all=True)
     np.testing.assert_allclose(got, q @ k.T @ v, rtol=1e-4, atol=1e-3)
 
 
@@ -206,9 +206,9 @@ def test_meshgemm_bytes_equal_the_schedule(lay):
     a, b = _matrices(m, k, n)
     fab = fabric(lay)
     mesh = (lay.py, lay.px)
-    plan = E.GemmPlan.for_shapes(m, k, n, mesh)
-    ab = darray.local_block(fab, G.prepare_a(a, mesh))
-    bb = darray.local_block(fab, G.prepare_b(b, mesh))
+    plan = E.GemmTiling.for_shapes(m, k, n, mesh)
+    ab = hostio.local_block(fab, G.prepare_a(a, mesh))
+    bb = hostio.local_block(fab, G.prepare_b(b, mesh))
     G.meshgemm(fab, ab, bb)
     nbr_x = sum(fab.peer(1, s) is not None for s in (-1, 1))
     nbr_y = sum(fab.peer(0, s) is not None for s in (-1, 1))
@@ -288,7 +288,7 @@ def test_paper_scale_estimates():
 
 
 def test_non_square_mesh_uses_the_lcm_partition():
-    plan = E.GemmPlan.for_shapes(37, 29, 41, (4, 6))
+    plan = E.GemmTiling.for_shapes(37, 29, 41, (4, 6))
     assert (plan.nl, plan.a, plan.b) == (12, 2, 3)
     assert plan.tile_a == (3 * 4, 2 * 3) and plan.padded == (48, 36, 48)
     led = E.estimate_meshgemm(37, 29, 41, (4, 6))
@@ -309,9 +309,9 @@ def test_bfloat16_style_storage(lay):
     b = rng.standard_normal((19, 23)).astype(np.float32)
     fab = fabric(lay)
     mesh = (lay.py, lay.px)
-    ab = darray.local_block(fab, G.prepare_a(a, mesh, dtype="bfloat16"))
-    bb = darray.local_block(fab, G.prepare_b(b, mesh, "meshgemm", dtype="bfloat16"))
+    ab = hostio.local_block(fab, G.prepare_a(a, mesh, dtype="bfloat16"))
+    bb = hostio.local_block(fab, G.prepare_b(b, mesh, "meshgemm", dtype="bfloat16"))
     assert np.array_equal(ab, round_to_bf16(ab))
-    c = darray.gather_matrix(fab, G.meshgemm(fab, ab, bb), (21, 23), to_all=True)
+    c = hostio.gather_matrix(fab, G.meshgemm(fab, ab, bb), (21, 23), to_all=True)
     want = round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)

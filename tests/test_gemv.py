@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, fabric, layout_params, world
 
-from meshrt import darray
+from meshrt import hostio
 from meshrt.collectives import AllreduceSpec
 from meshrt.mesh import MeshLayout
 from meshrt.ops import gemv as G
@@ -14,11 +14,11 @@ pytestmark = pytest.mark.mpi
 def _run(fab, x, w, input_axis, **kw):
     lay = fab.layout
     mesh = (lay.py, lay.px)
-    wb = darray.local_block(fab, G.weight_tiles(w, mesh, input_axis))
-    xb = darray.local_block(fab, G.vector_tiles(x, mesh, input_axis))
+    wb = hostio.local_block(fab, G.weight_tiles(w, mesh, input_axis))
+    xb = hostio.local_block(fab, G.vector_tiles(x, mesh, input_axis))
     yb = G.meshgemv(fab, xb, wb, input_axis, **kw)
     out_axis = "x" if input_axis == "y" else "y"
-    tiles = darray.gather(fab, yb, to_all=True)
+    tiles = hostio.gather(fab, yb, to_all=True)
     return G.vector_from_tiles(tiles, w.shape[1], out_axis), yb
 
 
@@ -50,10 +50,10 @@ def test_meshgemv_batched_and_chained_alternation(lay):
     x = rng.standard_normal((2, 23)).astype(np.float32)
     w1 = rng.standard_normal((23, 31)).astype(np.float32)
     w2 = rng.standard_normal((31, 17)).astype(np.float32)
-    xb = darray.local_block(fab, G.vector_tiles(x, mesh, "y"))
-    h = G.meshgemv(fab, xb, darray.local_block(fab, G.weight_tiles(w1, mesh, "y")), "y")
-    y = G.meshgemv(fab, h, darray.local_block(fab, G.weight_tiles(w2, mesh, "x")), "x")
-    got = G.vector_from_tiles(darray.gather(fab, y, to_all=True), 17, "y")
+    xb = hostio.local_block(fab, G.vector_tiles(x, mesh, "y"))
+    h = G.meshgemv(fab, xb, hostio.local_block(fab, G.weight_tiles(w1, mesh, "y")), "y")
+    y = G.meshgemv(fab, h, hostio.local_block(fab, G.weight_tiles(w2, mesh, "x")), "x")
+    got = G.vector_from_tiles(hostio.gather(fab, y, to_all=True), 17, "y")
     np.testing.assert_allclose(got, x @ w1 @ w2, rtol=1e-4, atol=1e-3)
 
 

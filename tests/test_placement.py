@@ -10,7 +10,7 @@ from meshtest import as_params, fabric, layouts, world
 from llm.engine.model import MeshModel
 from llm.modeling.config import preset
 from llm.placement.layout import PhaseLayout
-from llm.placement.phase_weights import PHASE_SPECS
+from llm.placement.phase_tiles import PHASE_SPECS
 from llm.placement.streamed import LazyBlock, RowTable, place, tile_shape
 from llm.storage.checkpoint import (
     Checkpoint,
@@ -19,7 +19,7 @@ from llm.storage.checkpoint import (
     random_weights,
     save_model_dir,
 )
-from meshrt import darray
+from meshrt import hostio
 from meshrt.mesh import lcm
 from meshrt.ops import gemv as V
 from meshrt.ops.gemm import meshgemm, prepare_a, prepare_b, prepare_b_region
@@ -112,8 +112,8 @@ def test_meshgemm_on_bfloat16_words(lay):
     b = rng.standard_normal((19, 23)).astype(np.float32)
     fab = fabric(lay)
     mesh = (lay.py, lay.px)
-    bw = darray.local_block(fab, to_words(prepare_b(b, mesh, "meshgemm"), "bfloat16"))
-    c = darray.gather_matrix(fab, meshgemm(fab, darray.local_block(fab, prepare_a(a, mesh)),
+    bw = hostio.local_block(fab, to_words(prepare_b(b, mesh, "meshgemm"), "bfloat16"))
+    c = hostio.gather_matrix(fab, meshgemm(fab, hostio.local_block(fab, prepare_a(a, mesh)),
                                            bw), (21, 23), to_all=True)
     np.testing.assert_allclose(c, a.astype(np.float64) @ round_to_bf16(b), rtol=1e-5,
                                atol=1e-4)

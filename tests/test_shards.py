@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from goldens import FIXTURES
 
-from llm.cost.plan import decode_tile_shapes
+from llm.cost.memory_budget import decode_tile_shapes
+from llm.placement.decode_tiles import decode_tiles
 from llm.placement.layout import PhaseLayout
-from llm.placement.mesh_weights import decode_tiles
 from llm.storage.checkpoint import load_checkpoint
 from llm.storage.convert import RandomWeights, convert, load_source
 from llm.storage.shards import (
@@ -29,8 +29,8 @@ from llm.storage.shards import (
     rank_file_name,
     read_manifest,
 )
-from meshrt.darray import local_block
 from meshrt.fabric import Fabric
+from meshrt.hostio import local_block
 from meshrt.mesh import MeshLayout, default_rank_grid
 from meshrt.precision import round_to_bf16
 from meshrt.runtime import ControlPlane
@@ -188,7 +188,7 @@ def test_plan_shapes_match_the_tile_producer(model):
 
 def test_plan_agrees_with_the_closed_form_estimator():
     estimate = pytest.importorskip("llm.cost.estimate")
-    from llm.cost.plan import phase_memory
+    from llm.cost.memory_budget import phase_memory
     from llm.modeling.config import preset
     from meshrt.plmr import get_device
     device = get_device("wse2")

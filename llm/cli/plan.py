@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def run(args, plane) -> int:
-    from ..cost.plan import format_plan, plan
+    from ..cost.memory_budget import format_memory_budget, memory_budget
     from ..modeling.config import ModelConfig, preset
     rank = plane.rank
     decode_mesh, prefill_mesh = grid_or_none(args.decode_mesh), grid_or_none(args.prefill_mesh)
@@ -64,11 +64,11 @@ def run(args, plane) -> int:
     if args.layers is not None:
         config = config.replace(num_layers=min(args.layers, config.num_layers))
     try:
-        result = plan(config, decode_mesh, prefill_mesh, args.device,
+        result = memory_budget(config, decode_mesh, prefill_mesh, args.device,
                       None if args.kv_memory is None else int(args.kv_memory * 1024),
                       args.context)
     except ValueError as e:   # unknown device or device field
         raise runtime.UsageError(str(e)) from None
     if rank == 0:
-        print(json.dumps(result, indent=1) if args.json else format_plan(result))
+        print(json.dumps(result, indent=1) if args.json else format_memory_budget(result))
     return 0

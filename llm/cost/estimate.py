@@ -35,8 +35,8 @@ from ..engine.handoff import Handoff
 from ..engine.kvcache import balanced_counts
 from ..modeling.config import ModelConfig
 from ..placement.layout import PhaseLayout
-from ..placement.prefill_weights import prefill_weight_words
-from .plan import decode_tile_shapes, kv_slot_words, weight_words_per_core
+from ..placement.prefill_tiles import prefill_weight_words
+from .memory_budget import decode_tile_shapes, kv_slot_words, weight_words_per_core
 
 
 def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass) -> None:

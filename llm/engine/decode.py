@@ -49,9 +49,9 @@ class MeshDecoder:
         Feature placement on ``fab``'s virtual mesh.
     layers : list of dict
         Per layer, this rank's blocks of the ``layer{i}/...`` tensors of
-        :func:`llm.placement.mesh_weights.decode_specs` (keys without the prefix).
+        :func:`llm.placement.decode_tiles.decode_specs` (keys without the prefix).
     glob : dict
-        This rank's blocks of the global tensors of :func:`llm.placement.mesh_weights.decode_specs`.
+        This rank's blocks of the global tensors of :func:`llm.placement.decode_tiles.decode_specs`.
     cache : KVCache
     allreduce : AllreduceSpec
         Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).
@@ -252,8 +252,8 @@ class MeshDecoder:
 
     def gather_logits(self, logits: np.ndarray) -> np.ndarray:
         """All ``vocab_size`` logits on every rank (control plane, for sampling and tests)."""
-        from meshrt import darray
+        from meshrt import hostio
         from meshrt.ops.gemv import vector_from_tiles
-        tiles = darray.gather(self.fab, logits, to_all=True)
+        tiles = hostio.gather(self.fab, logits, to_all=True)
         return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
 

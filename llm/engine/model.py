@@ -23,7 +23,7 @@ from meshrt.runtime import ControlPlane
 
 from ..modeling.config import ModelConfig
 from ..placement.layout import PhaseLayout
-from ..placement.phase_weights import PHASE_SPECS
+from ..placement.phase_tiles import PHASE_SPECS
 from .decode import MeshDecoder
 from .kvcache import KVCache
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshrt import darray
+from meshrt import hostio
 from meshrt.collectives import KTREE, AllreduceSpec, allreduce
 from meshrt.fabric import Fabric
 from meshrt.mesh import X, Y
@@ -50,10 +50,10 @@ class MeshPrefiller:
         Feature placement on ``fab``'s virtual mesh.
     layers : list of dict
         Per layer, this rank's blocks of the ``layer{i}/...`` tensors of
-        :func:`llm.placement.prefill_weights.prefill_specs` (keys without the prefix).
+        :func:`llm.placement.prefill_tiles.prefill_specs` (keys without the prefix).
     glob : dict
         This rank's blocks of the global tensors of
-        :func:`llm.placement.prefill_weights.prefill_specs`.
+        :func:`llm.placement.prefill_tiles.prefill_specs`.
     allreduce : AllreduceSpec
         Allreduce of the RMSNorm and softmax reductions along x (K-tree by default).
     """
@@ -185,7 +185,7 @@ class MeshPrefiller:
 
     def _prompt_logits(self, op, w, logits):
         """Every prompt token's logits gathered on every rank (control plane): f32[T, vocab]."""
-        return darray.gather_matrix(self.fab, logits, (self._ids.size, self.lay.config.vocab_size),
+        return hostio.gather_matrix(self.fab, logits, (self._ids.size, self.lay.config.vocab_size),
                                     to_all=True)
 
     # -- the whole prompt ------------------------------------------------------------------

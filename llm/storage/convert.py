@@ -8,7 +8,7 @@ time, from the lazy source) and keeps only the blocks of the rank files it write
 may also run on fewer processes than the rank grid it converts for (e.g. one process on a login
 node for a 64-rank job): rank file ``k`` is written by process ``k % nprocs``.
 
-Each phase's weight placement is a producer in :data:`llm.placement.phase_weights.PHASE_TILES`,
+Each phase's weight placement is a producer in :data:`llm.placement.phase_tiles.PHASE_TILES`,
 ``producer(PhaseLayout, weights) -> iterator of (name, global tiles [Py, Px, ...])``.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from meshrt.runtime import ControlPlane
 from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from ..modeling.config import ConfigError, ModelConfig, preset
 from ..placement.layout import LAYOUT_VERSION, PhaseLayout
-from ..placement.phase_weights import PHASE_TILES
+from ..placement.phase_tiles import PHASE_TILES
 from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
 from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
                      grid_text)

@@ -19,7 +19,7 @@ from ..precision import as_storage
 
 
 @dataclass(frozen=True)
-class GemmPlan:
+class GemmTiling:
     """``C[M, N] = A[M, K] @ B[K, N]`` on a ``py x px`` mesh, in logical tiles.
 
     Parameters
@@ -37,13 +37,13 @@ class GemmPlan:
     tnb: int
 
     @classmethod
-    def for_shapes(cls, m: int, k: int, n: int, mesh: tuple[int, int]) -> GemmPlan:
+    def for_shapes(cls, m: int, k: int, n: int, mesh: tuple[int, int]) -> GemmTiling:
         py, px = mesh
         nl = lcm(py, px)
         return cls(py, px, ceil_div(m, nl), ceil_div(k, nl), ceil_div(n, nl))
 
     @classmethod
-    def from_blocks(cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B") -> GemmPlan:
+    def from_blocks(cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B") -> GemmTiling:
         """The plan of rank blocks ``a: [by, bx, M/Py, K/Px]`` and ``b: [by, bx, K/Py, N/Px]``."""
         py, px = layout.py, layout.px
         nl = lcm(py, px)
@@ -171,12 +171,12 @@ def virtual_to_logical(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(v).reshape(vy * b, vx * a, rs // b, ru // a)
 
 
-def priced_plan(plan: GemmPlan, priced: tuple[int, int, int] | None) -> GemmPlan:
+def priced_plan(plan: GemmTiling, priced: tuple[int, int, int] | None) -> GemmTiling:
     """The plan the ledger prices: ``plan``, or that of the ``(m, k, n)`` shapes ``priced`` when
     the blocks carry more padding than the modeled device would (never larger than ``plan``)."""
     if priced is None:
         return plan
-    cost = GemmPlan.for_shapes(*priced, (plan.py, plan.px))
+    cost = GemmTiling.for_shapes(*priced, (plan.py, plan.px))
     if cost.tmb > plan.tmb or cost.tkb > plan.tkb or cost.tnb > plan.tnb:
         raise ValueError(f"priced shapes {priced} exceed the blocks' plan {plan}")
     return cost

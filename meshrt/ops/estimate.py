@@ -37,7 +37,7 @@ from ..collectives import broadcast_cost, chain_cost
 from ..mesh import ring_order
 from ..plmr import WSE2, Cost, Device, Ledger
 from ._lines import physical_hops, physical_load, ring_dest, ring_positions
-from ._tiles import GemmPlan
+from ._tiles import GemmTiling
 
 COLOURS_PER_RING = {"interleaved": 3, "linear": 2}
 KERNEL_RINGS = {"meshgemm": "interleaved", "cannon": "linear"}
@@ -75,12 +75,12 @@ def ring_transfer(nl: int, kind: str, refine: int, lines: int, tile_words: int,
 # MeshGEMM and Cannon
 # ----------------------------------------------------------------------------------------------
 
-def skew_rounds(plan: GemmPlan) -> int:
+def skew_rounds(plan: GemmTiling) -> int:
     """Uniform rounds of the on-mesh skew: every line moves at most ``Nl // 2`` ring steps."""
     return plan.nl // 2
 
 
-def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Device,
+def shift_gemm_costs(plan: GemmTiling, kind: str, b_preskewed: bool, device: Device,
                      a_factor: int = 1) -> list:
     """Skew and main-loop costs of MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``).
 
@@ -99,14 +99,14 @@ def shift_gemm_costs(plan: GemmPlan, kind: str, b_preskewed: bool, device: Devic
                                  count=nl, vectors=a * b * plan.tkb * plan.tnb, tasks=1))]
 
 
-def shift_gemm_memory(plan: GemmPlan) -> int:
+def shift_gemm_memory(plan: GemmTiling) -> int:
     """Words per core: double-buffered A and B tiles plus the C tile."""
     a_words = plan.tile_a[0] * plan.tile_a[1]
     b_words = plan.tile_b[0] * plan.tile_b[1]
     return 2 * a_words + 2 * b_words + plan.tile_c[0] * plan.tile_c[1]
 
 
-def shift_gemm_routes(plan: GemmPlan, kind: str, b_preskewed: bool) -> int:
+def shift_gemm_routes(plan: GemmTiling, kind: str, b_preskewed: bool) -> int:
     """Routing paths per core: the x and y rings, plus forward and reverse skew rings."""
     rings = (plan.px > 1) * 3 + (plan.py > 1) * (1 if b_preskewed else 3)
     return COLOURS_PER_RING[kind] * rings
@@ -114,7 +114,7 @@ def shift_gemm_routes(plan: GemmPlan, kind: str, b_preskewed: bool) -> int:
 
 def _estimate_shift_gemm(kernel, m, k, n, mesh, device, b_preskewed, ledger, name):
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmPlan.for_shapes(m, k, n, mesh)
+    plan = GemmTiling.for_shapes(m, k, n, mesh)
     kind = KERNEL_RINGS[kernel]
     record(led, name, shift_gemm_costs(plan, kind, b_preskewed, led.device))
     led.memory(name, shift_gemm_memory(plan))
@@ -140,12 +140,12 @@ def estimate_cannon(m: int, k: int, n: int, mesh: tuple[int, int], device: Devic
 # SUMMA
 # ----------------------------------------------------------------------------------------------
 
-def summa_roots(plan: GemmPlan, kb: int) -> tuple[int, int]:
+def summa_roots(plan: GemmTiling, kb: int) -> tuple[int, int]:
     """``(column, row)`` of the cores that own the ``kb``-th K block of A and of B."""
     return kb // plan.a, kb // plan.b
 
 
-def summa_step(plan: GemmPlan, kb: int, device: Device) -> Cost:
+def summa_step(plan: GemmTiling, kb: int, device: Device) -> Cost:
     """Transfer of step ``kb``'s two concurrent multicasts (the slower one)."""
     col, row = summa_roots(plan, kb)
     tm, tn = plan.tile_c
@@ -158,7 +158,7 @@ def summa_step(plan: GemmPlan, kb: int, device: Device) -> Cost:
     return _worse(device, *out)
 
 
-def summa_costs(plan: GemmPlan, steps: Counter) -> list:
+def summa_costs(plan: GemmTiling, steps: Counter) -> list:
     """Step costs from a tally ``{transfer Cost: count}`` of executed steps."""
     macs = plan.tile_c[0] * plan.tkb * plan.tile_c[1]
     vectors = plan.tkb * plan.tile_c[1]
@@ -166,14 +166,14 @@ def summa_costs(plan: GemmPlan, steps: Counter) -> list:
             for t, c in sorted(steps.items(), key=lambda tc: tc[0].step())]
 
 
-def summa_memory(plan: GemmPlan) -> int:
+def summa_memory(plan: GemmTiling) -> int:
     """Words per core: A, B and C tiles plus the two received panels (peak memory grows)."""
     tm, tn = plan.tile_c
     return (tm * plan.tile_a[1] + plan.tile_b[0] * tn + tm * tn
             + tm * plan.tkb + plan.tkb * tn)
 
 
-def summa_routes(plan: GemmPlan) -> int:
+def summa_routes(plan: GemmTiling) -> int:
     """One multicast route per possible root of the core's row and column."""
     return (plan.px if plan.px > 1 else 0) + (plan.py if plan.py > 1 else 0)
 
@@ -182,7 +182,7 @@ def estimate_summa(m: int, k: int, n: int, mesh: tuple[int, int], device: Device
                    ledger: Ledger | None = None, name: str = "summa") -> Ledger:
     """The ledger :func:`meshrt.ops.gemm.summa` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmPlan.for_shapes(m, k, n, mesh)
+    plan = GemmTiling.for_shapes(m, k, n, mesh)
     tally = Counter(summa_step(plan, kb, led.device) for kb in range(plan.nl))
     record(led, name, summa_costs(plan, tally))
     led.memory(name, summa_memory(plan))
@@ -194,7 +194,7 @@ def estimate_summa(m: int, k: int, n: int, mesh: tuple[int, int], device: Device
 # dist-GEMM-T
 # ----------------------------------------------------------------------------------------------
 
-def gemm_t_segments(plan: GemmPlan, t: int) -> np.ndarray:
+def gemm_t_segments(plan: GemmTiling, t: int) -> np.ndarray:
     """Sequence segment of B held by every logical row at step ``t``; ``[Nl]``.
 
     B rotates forward on the interleaved ring with no skew, so logical row ``i`` holds segment
@@ -205,7 +205,7 @@ def gemm_t_segments(plan: GemmPlan, t: int) -> np.ndarray:
     return ring_order(nl)[(ring_positions(nl, "interleaved") - t) % nl]
 
 
-def gemm_t_step(plan: GemmPlan) -> tuple:
+def gemm_t_step(plan: GemmTiling) -> tuple:
     """Local ``A_tile @ B_tile^T`` for the ``b`` logical rows, overlapped with the B ring shift.
 
     ``plan`` describes ``C[M, N] = A[M, D] @ B[N, D]^T`` with ``tkb`` the logical D segment.
@@ -217,7 +217,7 @@ def gemm_t_step(plan: GemmPlan) -> tuple:
                                count=plan.nl, vectors=b * d_tile * plan.tnb, tasks=1)
 
 
-def gemm_t_reduce(plan: GemmPlan, roots: np.ndarray) -> Cost:
+def gemm_t_reduce(plan: GemmTiling, roots: np.ndarray) -> Cost:
     """One step's chain reduces toward ``roots``."""
     return chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb)
 
@@ -241,19 +241,19 @@ def pipelined_reduces(reduces: Counter) -> list:
             ("reduce_drain", Cost(hops=hops, routings=routings))]
 
 
-def gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
+def gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
     """Step costs, with the chain reduces tallied ``{Cost: count}``."""
     return [gemm_t_step(plan)] + pipelined_reduces(reduces)
 
 
-def gemm_t_memory(plan: GemmPlan) -> int:
+def gemm_t_memory(plan: GemmTiling) -> int:
     """Words per core: A, double-buffered B, C and one partial-product tile."""
     tm, td = plan.tile_a
     tn_b = plan.b * plan.tnb
     return tm * td + 2 * tn_b * td + tm * plan.a * plan.tnb + tm * plan.tnb
 
 
-def gemm_t_routes(plan: GemmPlan) -> int:
+def gemm_t_routes(plan: GemmTiling) -> int:
     """The y ring (3 colours) and the two chain directions along x."""
     return (3 if plan.py > 1 else 0) + (2 if plan.px > 1 else 0)
 
@@ -262,7 +262,7 @@ def estimate_gemm_t(m: int, n: int, d: int, mesh: tuple[int, int], device: Devic
                     ledger: Ledger | None = None, name: str = "gemm_t") -> Ledger:
     """The ledger :func:`meshrt.ops.gemm_t.gemm_t` writes for ``[m, d] @ [n, d]^T``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmPlan.for_shapes(m, d, n, mesh)
+    plan = GemmTiling.for_shapes(m, d, n, mesh)
     tally = Counter(gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a)
                     for t in range(plan.nl))
     record(led, name, gemm_t_costs(plan, tally))

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import darray
+from .. import hostio
 from ..collectives import broadcast
 from ..fabric import Fabric
 from ..mesh import lcm
@@ -44,7 +44,7 @@ from ._lines import (
     shift_lines_back,
 )
 from ._tiles import (
-    GemmPlan,
+    GemmTiling,
     logical_to_virtual,
     natural_tiles,
     preskewed_b_region,
@@ -107,7 +107,7 @@ def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewe
     lay = fab.layout
     mesh = (lay.py, lay.px)
     a, b = np.asarray(a), np.asarray(b)     # a weight placed on demand is placed once here
-    plan = GemmPlan.from_blocks(lay, a.shape, b.shape, name)
+    plan = GemmTiling.from_blocks(lay, a.shape, b.shape, name)
     led = fab.ledger
     cost_plan = priced_plan(plan, priced)
     costs = shift_gemm_costs(cost_plan, kind, b_preskewed, led.device)
@@ -289,7 +289,7 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
         ``f32[by, bx, M/Py, N/Px]``: ``C[M-seg py, N-seg px]``.
     """
     lay = fab.layout
-    plan = GemmPlan.from_blocks(lay, a.shape, b.shape, name)
+    plan = GemmTiling.from_blocks(lay, a.shape, b.shape, name)
     led = fab.ledger
     by, bx = lay.by, lay.bx
     tm, tn = plan.tile_c
@@ -346,11 +346,11 @@ def matmul(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, algo: str = 
     b_algo = algo if b_preskewed else "natural"
     ta = prepare_a(a, mesh, dtype) if is_root and a is not None else None
     tb = prepare_b(b, mesh, b_algo, dtype) if is_root and b is not None else None
-    a_blk = darray.scatter(fab, ta, root)
-    b_blk = darray.scatter(fab, tb, root)
+    a_blk = hostio.scatter(fab, ta, root)
+    b_blk = hostio.scatter(fab, tb, root)
     kwargs = {} if algo == "summa" else {"b_preskewed": b_preskewed}
     c_blk = KERNELS[algo](fab, a_blk, b_blk, **kwargs)
-    return darray.gather_matrix(fab, c_blk, (m, n), root, to_all)
+    return hostio.gather_matrix(fab, c_blk, (m, n), root, to_all)
 
 
 def prepare_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], origin: tuple[int, int],

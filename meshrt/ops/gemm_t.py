@@ -22,13 +22,13 @@ from collections import Counter
 
 import numpy as np
 
-from .. import darray
+from .. import hostio
 from ..collectives import reduce_to_root
 from ..fabric import Fabric
 from ..mesh import MeshError, lcm
 from ..plmr import Cost
 from ._lines import line_of, permute_line, ring_dest
-from ._tiles import GemmPlan, natural_tiles
+from ._tiles import GemmTiling, natural_tiles
 from .estimate import (
     gemm_t_costs,
     gemm_t_memory,
@@ -39,7 +39,7 @@ from .estimate import (
 )
 
 
-def plan_from_blocks(layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B^T") -> GemmPlan:
+def plan_from_blocks(layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B^T") -> GemmTiling:
     """The plan of ``a: [by, bx, M/Py, D/Px]`` and ``b: [by, bx, N/Py, D/Px]``.
 
     Its ``tkb`` is the logical dim segment and ``tnb`` the logical segment of B's sequence.
@@ -58,7 +58,7 @@ def plan_from_blocks(layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B^
     if a_shape[3] != b_shape[3]:
         raise MeshError(f"{what}: A tiles hold {a_shape[3]} features per core, "
                         f"B tiles {b_shape[3]}")
-    return GemmPlan(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[2] // per_y)
+    return GemmTiling(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[2] // per_y)
 
 
 def prepare_gemm_t(a: np.ndarray, b: np.ndarray, mesh: tuple[int, int], dtype=np.float32):
@@ -136,5 +136,5 @@ def matmul_t(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, dtype=np.f
     is_root = fab.nranks == 1 or fab.world.Get_rank() == root
     ta, tb = (prepare_gemm_t(a, b, mesh, dtype) if is_root and a is not None and b is not None
               else (None, None))
-    c_blk = gemm_t(fab, darray.scatter(fab, ta, root), darray.scatter(fab, tb, root))
-    return darray.gather_matrix(fab, c_blk, (m, n), root, to_all)
+    c_blk = gemm_t(fab, hostio.scatter(fab, ta, root), hostio.scatter(fab, tb, root))
+    return hostio.gather_matrix(fab, c_blk, (m, n), root, to_all)

@@ -40,7 +40,7 @@ from collections import Counter
 
 import numpy as np
 
-from .. import darray
+from .. import hostio
 from ..collectives import chain_cost, reduce_to_root
 from ..fabric import Fabric
 from ..mesh import MeshError, ceil_div, lcm, pad_to
@@ -55,7 +55,7 @@ from ._lines import (
     ring_positions,
     shift_lines_back,
 )
-from ._tiles import GemmPlan, logical_to_virtual, natural_tiles, priced_plan, virtual_to_logical
+from ._tiles import GemmTiling, logical_to_virtual, natural_tiles, priced_plan, virtual_to_logical
 from .estimate import (
     gemm_t_routes,
     gemm_t_segments,
@@ -118,30 +118,30 @@ def grouped_a_tiles(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> n
 # Closed-form costs (shared by the kernels and the estimators)
 # ----------------------------------------------------------------------------------------------
 
-def grouped_gemm_costs(plan: GemmPlan, groups: int, b_preskewed: bool, device: Device) -> list:
+def grouped_gemm_costs(plan: GemmTiling, groups: int, b_preskewed: bool, device: Device) -> list:
     """Skew and main-loop costs of :func:`grouped_meshgemm`: MeshGEMM's, with A tiles ``G``
     times longer."""
     return shift_gemm_costs(plan, RING, b_preskewed, device, a_factor=groups)
 
 
-def grouped_gemm_memory(plan: GemmPlan, groups: int) -> int:
+def grouped_gemm_memory(plan: GemmTiling, groups: int) -> int:
     """Words per core: double-buffered grouped A and B tiles, the C tile, the labels."""
     a_words = plan.tile_a[0] * plan.tile_a[1] * groups
     b_words = plan.tile_b[0] * plan.tile_b[1]
     return 2 * a_words + 2 * b_words + plan.tile_c[0] * plan.tile_c[1] + plan.tile_c[1] * groups
 
 
-def grouped_gemm_t_reduce(plan: GemmPlan, roots: np.ndarray, groups: int) -> Cost:
+def grouped_gemm_t_reduce(plan: GemmTiling, roots: np.ndarray, groups: int) -> Cost:
     """One step's chain reduces of ``G`` partials toward ``roots``."""
     return chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb * groups)
 
 
-def grouped_gemm_t_costs(plan: GemmPlan, reduces: Counter) -> list:
+def grouped_gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
     """dist-GEMM-T's step (same MACs and B shift) and the tallied grouped chain reduces."""
     return [gemm_t_step(plan)] + pipelined_reduces(reduces)
 
 
-def grouped_gemm_t_memory(plan: GemmPlan, groups: int) -> int:
+def grouped_gemm_t_memory(plan: GemmTiling, groups: int) -> int:
     """Words per core: A, double-buffered B, labels, and the C and partial tiles per group."""
     tm, td = plan.tile_a
     tn_b = plan.b * plan.tnb
@@ -149,7 +149,7 @@ def grouped_gemm_t_memory(plan: GemmPlan, groups: int) -> int:
             + groups * (tm * plan.a * plan.tnb + tm * plan.tnb))
 
 
-def _gemm_t_tally(plan: GemmPlan, groups: int) -> Counter:
+def _gemm_t_tally(plan: GemmTiling, groups: int) -> Counter:
     return Counter(grouped_gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a, groups)
                    for t in range(plan.nl))
 
@@ -235,7 +235,7 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     return np.ascontiguousarray(c).reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
 
 
-def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmPlan, cost_plan: GemmPlan,
+def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmTiling, cost_plan: GemmTiling,
                                name: str) -> np.ndarray:
     """:func:`grouped_gemm_t` in aggregated emulation: the same neighbour messages, computed
     per rank instead of per core.
@@ -332,7 +332,7 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
     if a.ndim != 5:
         raise MeshError(f"{name}: A block must be [by, bx, M/Py, K/Px, G], got {a.shape}")
     groups = a.shape[4]
-    plan = GemmPlan.from_blocks(lay, a.shape[:4], b.shape, name)
+    plan = GemmTiling.from_blocks(lay, a.shape[:4], b.shape, name)
     _check_labels(labels, (lay.by, lay.bx, b.shape[3]), name)
     if labels.shape[3] != groups:
         raise MeshError(f"{name}: A carries {groups} groups, labels {labels.shape[3]}")
@@ -410,9 +410,9 @@ def matmul_t_grouped(fab: Fabric, a, b, labels, n_groups: int, root: int = 0,
     ta = natural_tiles(a, mesh) if is_root else None
     tb = natural_tiles(b, mesh) if is_root else None
     tl = label_tiles(labels, n_groups, mesh) if is_root else None
-    c = grouped_gemm_t(fab, darray.scatter(fab, ta, root), darray.scatter(fab, tb, root),
-                       darray.scatter(fab, tl, root))
-    tiles = darray.gather(fab, c, root, to_all)
+    c = grouped_gemm_t(fab, hostio.scatter(fab, ta, root), hostio.scatter(fab, tb, root),
+                       hostio.scatter(fab, tl, root))
+    tiles = hostio.gather(fab, c, root, to_all)
     if tiles is None:
         return None
     py, px, tm, tn, g = tiles.shape
@@ -431,9 +431,9 @@ def matmul_grouped(fab: Fabric, a, b, labels, b_preskewed: bool = False, root: i
     ta = grouped_a_tiles(a, mesh) if is_root else None
     tb = prepare_b(b, mesh, "meshgemm" if b_preskewed else "natural") if is_root else None
     tl = label_tiles(labels, g, mesh) if is_root else None
-    c = grouped_meshgemm(fab, darray.scatter(fab, ta, root), darray.scatter(fab, tb, root),
-                         darray.scatter(fab, tl, root), b_preskewed=b_preskewed)
-    return darray.gather_matrix(fab, c, (m, n), root, to_all)
+    c = grouped_meshgemm(fab, hostio.scatter(fab, ta, root), hostio.scatter(fab, tb, root),
+                         hostio.scatter(fab, tl, root), b_preskewed=b_preskewed)
+    return hostio.gather_matrix(fab, c, (m, n), root, to_all)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def estimate_grouped_gemm_t(m: int, n: int, d: int, groups: int, mesh: tuple[int
                             name: str = "grouped_gemm_t") -> Ledger:
     """The ledger :func:`grouped_gemm_t` writes for ``[m, d] x [n, d]^T`` with ``groups``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmPlan.for_shapes(m, d, n, mesh)
+    plan = GemmTiling.for_shapes(m, d, n, mesh)
     record(led, name, grouped_gemm_t_costs(plan, _gemm_t_tally(plan, groups)))
     led.memory(name, grouped_gemm_t_memory(plan, groups))
     led.routes(name, gemm_t_routes(plan))
@@ -458,7 +458,7 @@ def estimate_grouped_meshgemm(m: int, k: int, n: int, groups: int, mesh: tuple[i
                               name: str = "grouped_meshgemm") -> Ledger:
     """The ledger :func:`grouped_meshgemm` writes for ``[m, k, G] x [k, n]``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmPlan.for_shapes(m, k, n, mesh)
+    plan = GemmTiling.for_shapes(m, k, n, mesh)
     record(led, name, grouped_gemm_costs(plan, groups, b_preskewed, led.device))
     led.memory(name, grouped_gemm_memory(plan, groups))
     led.routes(name, shift_gemm_routes(plan, RING, b_preskewed))

@@ -21,7 +21,7 @@ is exactly ``G`` times its K/V segment.
 Per-feature vectors (norm weights, biases, RoPE frequencies, K/V head labels) are stored like
 decode's X-vectors: core ``(py, px)`` holds feature segment ``px``.
 
-Names follow :func:`llm.placement.mesh_weights.decode_tiles`: ``layer{i}/{key}`` and global keys.
+Names follow :func:`llm.placement.decode_tiles.decode_tiles`: ``layer{i}/{key}`` and global keys.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def prefill_specs(lay: PhaseLayout) -> dict:
         layer{i}/down     [Py, Px, F/Py, H/Px]           pre-skewed
         biases [Py, Px, n/Px] (per core like their projection's columns) when present
     """
-    from .mesh_weights import embedding_part, kv_head_tiles, layer_tensors, lm_head_part, rope_tiles
+    from .decode_tiles import embedding_part, kv_head_tiles, layer_tensors, lm_head_part, rope_tiles
     from .streamed import feature_index
     c = lay.config
     specs = {"embed": Matrix((embedding_part(lay),), "gemv_y"),

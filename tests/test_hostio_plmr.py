@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from meshtest import fabric, layout_params, world
 
-from meshrt import darray
+from meshrt import hostio
 from meshrt.plmr import PRESETS, WSE2, Cost, Device, Ledger, get_device, register_device
 
 
@@ -14,14 +14,14 @@ def test_scatter_gather_roundtrip_and_io_priced(lay):
     a = rng.standard_normal((13, 17)) if world().Get_rank() == 0 else None
     a_all = world().bcast(a, root=0) if world().Get_size() > 1 else a
     fab = fabric(lay)
-    block = darray.scatter_matrix(fab, a)
+    block = hostio.scatter_matrix(fab, a)
     tm, tn = -(-13 // lay.py), -(-17 // lay.px)
     assert block.shape == (lay.by, lay.bx, tm, tn)
     y0, x0 = fab.origin
     np.testing.assert_array_equal(block[0, 0, 0, 0], np.pad(a_all, ((0, tm * lay.py - 13),
                                                                (0, tn * lay.px - 17)))
                                   [y0 * tm, x0 * tn])
-    back = darray.gather_matrix(fab, block, (13, 17), to_all=True)
+    back = hostio.gather_matrix(fab, block, (13, 17), to_all=True)
     np.testing.assert_array_equal(back, a_all)
     assert fab.ledger.io_bytes == 2 * block.nbytes * fab.nranks
     assert fab.trace == []  # host I/O is control plane: no data-plane messages

@@ -1,9 +1,11 @@
-"""Moving whole tiled arrays between the host and the mesh (control plane, priced as edge I/O).
+"""Host I/O: whole tiled arrays scattered from the host to the mesh and gathered back.
 
-A global array of tiles has shape ``(Py, Px, *tile)``; a rank holds the block
-``tiles[y0:y0+by, x0:x0+bx]`` of shape ``(by, bx, *tile)``. The host is rank 0. These calls use
-``COMM_WORLD`` collectives (``Scatterv``/``Gatherv``), which is allowed because they model the
-wafer's host I/O, not core-to-core traffic; the ledger prices them as edge I/O.
+Not a distributed array type: functions that move a global array of tiles, shape
+``(Py, Px, *tile)``, between the host (rank ``root``, default 0) and the ranks, each of which
+holds the block ``tiles[y0:y0+by, x0:x0+bx]`` of shape ``(by, bx, *tile)``. With several ranks
+they use the fabric's world communicator (``bcast`` of the shape, ``Scatter``, ``Gather`` or
+``Allgather`` of equal blocks in rank order); that is allowed because they model the wafer's host
+I/O, not core-to-core traffic, and the ledger prices them as edge I/O. One rank copies.
 """
 from __future__ import annotations
 

@@ -15,12 +15,12 @@ from meshrt.plmr import Device, get_device
 
 from ..modeling.config import ModelConfig
 from ..placement.layout import PhaseLayout
-from ..placement.prefill_weights import prefill_tile_shapes
+from ..placement.prefill_tiles import prefill_tile_shapes
 
 
 def decode_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
     """Global tile shape ``(Py, Px, *tile)`` of every tensor
-    :func:`llm.placement.mesh_weights.decode_tiles`
+    :func:`llm.placement.decode_tiles.decode_tiles`
     produces, computed without weights (names as there: ``embed``, ``layer0/qkv``, ...)."""
     c = lay.config
     py, px = lay.py, lay.px
@@ -128,7 +128,7 @@ def pipeline_stages(config: ModelConfig, mesh: tuple[int, int], device: Device,
     turn, so each stage idles ``(S-1)/S`` of the time, and the hand-over between stages adds
     to the time per token. This count holds the weights only (the emulator's padded tiles);
     :mod:`llm.cost.wafer` also counts the KV budget, buffers and reserve, places the regions on
-    the fabric and prices the hand-overs (``wafer`` in :func:`plan`, ``llm estimate``).
+    the fabric and prices the hand-overs (``wafer`` in :func:`memory_budget`, ``llm estimate``).
 
     Returns
     -------
@@ -174,9 +174,9 @@ def smallest_square_mesh(config: ModelConfig, device: Device, phase: str = "deco
     return None
 
 
-def plan(config: ModelConfig, decode_mesh=None, prefill_mesh=None, device="wse2",
+def memory_budget(config: ModelConfig, decode_mesh=None, prefill_mesh=None, device="wse2",
          kv_memory: int | None = None, context: int | None = None) -> dict:
-    """Memory plan of ``config`` on ``device``: the given meshes (or the smallest square ones
+    """Memory budget of ``config`` on ``device``: the given meshes (or the smallest square ones
     that fit) and the smallest square meshes that fit. See :func:`phase_memory`."""
     dev = get_device(device)
     out = {"model": config.name or config.family, "family": config.family,
@@ -229,8 +229,8 @@ def _kib(n: float) -> str:
     return f"{n / 1024:.2f} KiB" if n < 1024 * 1024 else f"{n / 2**20:.2f} MiB"
 
 
-def format_plan(p: dict) -> str:
-    """Human-readable form of :func:`plan`'s result."""
+def format_memory_budget(p: dict) -> str:
+    """Human-readable form of :func:`memory_budget`'s result."""
     lines = [f"model:  {p['model']} ({p['family']}), {p['layers']} layers, "
              f"{p['parameters'] / 1e6:.1f} M parameters",
              f"device: {p['device']}, {p['device_cores'][0]}x{p['device_cores'][1]} cores, "
