@@ -1,15 +1,20 @@
-"""The project's layers import one way: no import cycle among its modules, meshrt knows no llm.
+"""The project's layers import one way: no import cycle, meshrt knows no llm, llm's rooms in order.
 
 A static check (the source is parsed, nothing is imported): every ``import`` and ``from ...
 import`` statement counts, also those inside functions, since a lazy import only hides a cycle.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("meshrt", "llm")
+#: llm's rooms, lowest first: a room imports only from the rooms before it (and from itself).
+ROOMS = ("modeling", "text", "placement", "storage", "engine", "cost", "serve", "cli")
+#: rooms that need no mesh at all: they import nothing from meshrt.
+MESH_FREE = ("modeling", "text")
 
 
 def module_names(root: Path = ROOT) -> dict:
@@ -99,6 +104,57 @@ def test_meshrt_imports_nothing_from_llm():
     leaks = sorted(f"{m} imports {t}" for m, targets in graph.items() if m.startswith("meshrt")
                    for t in targets if t == "llm" or t.startswith("llm."))
     assert not leaks, "; ".join(leaks)
+
+
+def room_of(module: str):
+    """The room of an llm module (``llm.engine.model`` -> ``"engine"``), else ``None``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "llm" and len(parts) > 1 and parts[1] in ROOMS else None
+
+
+def room_violations(graph: dict) -> list:
+    """Every import of an llm room from a room after it, or of meshrt from a mesh-free room."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        room = room_of(module)
+        if room is None:
+            continue
+        for target in sorted(targets):
+            other = room_of(target)
+            if other is not None and ROOMS.index(other) > ROOMS.index(room):
+                out.append(f"{module} ({room}) imports {target} ({other})")
+            if room in MESH_FREE and target.split(".")[0] == "meshrt":
+                out.append(f"{module} ({room}, mesh-free) imports {target}")
+    return out
+
+
+def test_every_llm_module_lives_in_a_room():
+    homeless = [m for m in import_graph() if m.startswith("llm.") and room_of(m) is None
+                and m != "llm.__main__"]
+    assert not homeless, f"llm modules outside the rooms {ROOMS}: {homeless}"
+
+
+def test_rooms_import_in_order():
+    violations = room_violations(import_graph())
+    assert not violations, "; ".join(violations)
+
+
+def test_the_room_order_is_the_documented_one():
+    """llm/__init__.py lists the rooms in the order this test enforces."""
+    doc = ast.get_docstring(ast.parse((ROOT / "llm" / "__init__.py").read_text()))
+    listed = re.findall(r"^\d+\. :mod:`llm\.(\w+)`", doc, re.M)
+    assert tuple(listed) == ROOMS
+
+
+@pytest.mark.parametrize("graph, found", [
+    ({"llm.engine.a": {"llm.modeling.b", "llm.engine.c", "meshrt.fabric"}}, []),
+    ({"llm.storage.a": {"llm.engine.model"}},
+     ["llm.storage.a (storage) imports llm.engine.model (engine)"]),
+    ({"llm.text.t": {"meshrt.mesh"}}, ["llm.text.t (text, mesh-free) imports meshrt.mesh"]),
+    ({"llm.cli.x": {"llm.serve.generate", "llm.cost.predict"}, "llm": {"llm.cli.x"}}, []),
+], ids=["downward", "upward", "mesh-free", "top-room"])
+def test_the_room_check_finds_upward_imports(graph, found):
+    assert room_violations(graph) == found
 
 
 @pytest.mark.parametrize("sources, cycle", [

@@ -17,12 +17,11 @@ from goldens import FIXTURES, golden
 from llm.modeling import rope
 from llm.modeling.config import PRESETS, ConfigError, ModelConfig, preset
 from llm.modeling.reference import ReferenceModel, attention
+from llm.modeling.weights import CheckpointError, check_weights
 from llm.storage.checkpoint import (
     Checkpoint,
-    CheckpointError,
     SafetensorsFile,
     bf16_to_f32,
-    check_weights,
     f32_to_bf16_words,
     load_checkpoint,
     random_tensor,

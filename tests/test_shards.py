@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from goldens import FIXTURES
 
-from llm.cost.memory_budget import decode_tile_shapes
-from llm.placement.decode_tiles import decode_tiles
+from llm.placement.decode_tiles import decode_tile_shapes, decode_tiles
 from llm.placement.layout import PhaseLayout
 from llm.storage.checkpoint import load_checkpoint
 from llm.storage.convert import RandomWeights, convert, load_source

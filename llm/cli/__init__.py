@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         from meshrt.mesh import MeshError
 
         from ..modeling.config import ConfigError
-        from ..storage.checkpoint import CheckpointError
+        from ..modeling.weights import CheckpointError
         from ..storage.shards import ShardError
         args = build_parser().parse_args(argv)
         plane = runtime.ControlPlane.world()

@@ -34,9 +34,10 @@ from ..engine import program as P
 from ..engine.handoff import Handoff
 from ..engine.kvcache import balanced_counts
 from ..modeling.config import ModelConfig
+from ..placement.decode_tiles import decode_tile_shapes
+from ..placement.footprint import kv_slot_words, weight_words_per_core
 from ..placement.layout import PhaseLayout
 from ..placement.prefill_tiles import prefill_weight_words
-from .memory_budget import decode_tile_shapes, kv_slot_words, weight_words_per_core
 
 
 def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass) -> None:

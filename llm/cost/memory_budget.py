@@ -14,58 +14,10 @@ import math
 from meshrt.plmr import Device, get_device
 
 from ..modeling.config import ModelConfig
+from ..placement.decode_tiles import decode_tile_shapes
+from ..placement.footprint import kv_slot_words, weight_words_per_core
 from ..placement.layout import PhaseLayout
 from ..placement.prefill_tiles import prefill_tile_shapes
-
-
-def decode_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
-    """Global tile shape ``(Py, Px, *tile)`` of every tensor
-    :func:`llm.placement.decode_tiles.decode_tiles`
-    produces, computed without weights (names as there: ``embed``, ``layer0/qkv``, ...)."""
-    c = lay.config
-    py, px = lay.py, lay.px
-    h_y, v_x = lay.hidden // py, lay.vocab // px
-    q_x, kv_x, f_x = lay.q // px, lay.kv // px, lay.ffn // px
-    mesh = (py, px)
-    shapes = {"embed": mesh + (v_x, h_y), "final_norm": mesh + (h_y,),
-              "rope_freq": mesh + (kv_x,), "kv_head": mesh + (kv_x, c.num_kv_heads)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head"] = mesh + (h_y, v_x)
-    layer = {"attn_norm": mesh + (h_y,), "mlp_norm": mesh + (h_y,),
-             "qkv": mesh + (h_y, q_x + 2 * kv_x)}
-    if c.attention_bias:
-        layer["qkv_bias"] = mesh + (q_x + 2 * kv_x,)
-    layer["o"] = mesh + (q_x, h_y)
-    if c.attention_out_bias:
-        layer["o_bias"] = mesh + (h_y,)
-    layer["gate_up"] = mesh + (h_y, 2 * f_x)
-    layer["down"] = mesh + (f_x, h_y)
-    if c.mlp_bias:
-        layer["gate_up_bias"] = mesh + (2 * f_x,)
-        layer["down_bias"] = mesh + (h_y,)
-    for i in range(c.num_layers):
-        for key, shape in layer.items():
-            shapes[f"layer{i}/{key}"] = shape
-    return shapes
-
-
-def _words(shape: tuple) -> int:
-    return math.prod(shape[2:])
-
-
-def weight_words_per_core(shapes: dict[str, tuple]) -> dict[str, int]:
-    """Elements per core, grouped: ``embed``, ``lm_head``, ``layers`` (all), ``other``."""
-    out = {"embed": 0, "lm_head": 0, "layers": 0, "other": 0}
-    for name, shape in shapes.items():
-        key = ("layers" if name.startswith("layer") and "/" in name
-               else name if name in ("embed", "lm_head") else "other")
-        out[key] += _words(shape)
-    return out
-
-
-def kv_slot_words(lay: PhaseLayout) -> int:
-    """Elements one KV slot takes on one core: K and V of ``kv/Px`` features for every layer."""
-    return 2 * lay.config.num_layers * (lay.kv // lay.px)
 
 
 def phase_memory(config: ModelConfig, mesh: tuple[int, int], device: Device,

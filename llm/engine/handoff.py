@@ -34,7 +34,8 @@ from meshrt.mesh import MeshError, X, Y, padded
 from meshrt.plmr import Cost, Ledger
 from meshrt.relayout import move_cost, rank_bounds, rebalance
 
-from ..cost.memory_budget import decode_tile_shapes, weight_words_per_core
+from ..placement.decode_tiles import decode_tile_shapes
+from ..placement.footprint import weight_words_per_core
 from ..placement.layout import PhaseLayout
 from .kvcache import balanced_counts
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..storage.checkpoint import Checkpoint, check_weights, lm_head_weight
 from . import functional as F
 from . import rope
 from .config import ModelConfig
+from .weights import check_weights, lm_head_weight
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -75,7 +75,7 @@ class ReferenceModel:
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping):
-        shapes = (weights.shapes() if isinstance(weights, Checkpoint)
+        shapes = (weights.shapes() if callable(getattr(weights, "shapes", None))   # lazy readers
                   else {name: np.shape(value) for name, value in weights.items()})
         if config.tie_word_embeddings:
             shapes.pop("lm_head.weight", None)      # HF ignores it too: the embeddings are used

@@ -167,3 +167,34 @@ def decode_tiles(lay: PhaseLayout, w: Mapping):
     """
     for name, spec in decode_specs(lay).items():
         yield name, place(spec, w, (lay.py, lay.px))
+
+
+def decode_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
+    """Global tile shape ``(Py, Px, *tile)`` of every tensor
+    :func:`llm.placement.decode_tiles.decode_tiles`
+    produces, computed without weights (names as there: ``embed``, ``layer0/qkv``, ...)."""
+    c = lay.config
+    py, px = lay.py, lay.px
+    h_y, v_x = lay.hidden // py, lay.vocab // px
+    q_x, kv_x, f_x = lay.q // px, lay.kv // px, lay.ffn // px
+    mesh = (py, px)
+    shapes = {"embed": mesh + (v_x, h_y), "final_norm": mesh + (h_y,),
+              "rope_freq": mesh + (kv_x,), "kv_head": mesh + (kv_x, c.num_kv_heads)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = mesh + (h_y, v_x)
+    layer = {"attn_norm": mesh + (h_y,), "mlp_norm": mesh + (h_y,),
+             "qkv": mesh + (h_y, q_x + 2 * kv_x)}
+    if c.attention_bias:
+        layer["qkv_bias"] = mesh + (q_x + 2 * kv_x,)
+    layer["o"] = mesh + (q_x, h_y)
+    if c.attention_out_bias:
+        layer["o_bias"] = mesh + (h_y,)
+    layer["gate_up"] = mesh + (h_y, 2 * f_x)
+    layer["down"] = mesh + (f_x, h_y)
+    if c.mlp_bias:
+        layer["gate_up_bias"] = mesh + (2 * f_x,)
+        layer["down_bias"] = mesh + (h_y,)
+    for i in range(c.num_layers):
+        for key, shape in layer.items():
+            shapes[f"layer{i}/{key}"] = shape
+    return shapes

@@ -14,7 +14,7 @@ from meshrt import runtime
 from meshrt.runtime import ControlPlane
 
 from ..modeling.config import ConfigError, ModelConfig
-from ..storage.checkpoint import CheckpointError
+from ..modeling.weights import CheckpointError
 from ..storage.shards import MANIFEST_NAME, ShardError, read_manifest
 from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
 

@@ -25,6 +25,7 @@ from meshrt.precision import bf16_words as f32_to_bf16_words
 from meshrt.precision import from_bf16_words as bf16_to_f32
 
 from ..modeling.config import ModelConfig
+from ..modeling.weights import CheckpointError, check_weights
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -36,10 +37,6 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _ROW_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 # Buffers some older checkpoints store that carry no weights (recomputed from the config).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or does not match its config."""
 
 
 def read_header(path) -> tuple[dict, int]:
@@ -230,28 +227,6 @@ def _inside(fname) -> bool:
     return not os.path.isabs(fname) and ".." not in parts
 
 
-def check_weights(config: ModelConfig, shapes: Mapping) -> None:
-    """Raise :class:`CheckpointError` unless ``shapes`` (name -> shape, or name -> array) holds
-    exactly the tensors ``config`` needs, with the right shapes."""
-    want = config.tensor_shapes()
-    have = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
-    missing = [k for k in want if k not in have]
-    extra = [k for k in have if k not in want]
-    wrong = [f"{k}: {have[k]} != expected {want[k]}" for k in want
-             if k in have and have[k] != tuple(want[k])]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])}; does the model "
-                        "use a feature this reader does not support?)")
-    if wrong:
-        problems.append(f"{len(wrong)} with wrong shapes (e.g. {'; '.join(wrong[:3])})")
-    if problems:
-        raise CheckpointError(f"weights do not match the {config.family} config: "
-                              + "; ".join(problems))
-
-
 def load_checkpoint(model_dir, lazy: bool = False, max_context: int | None = None):
     """Read an HF model directory.
 
@@ -269,7 +244,7 @@ def load_checkpoint(model_dir, lazy: bool = False, max_context: int | None = Non
     config : ModelConfig
     weights : dict or Checkpoint
         HF tensor name -> f32 array, checked against the config (tied models have no
-        ``lm_head.weight``; use :func:`lm_head_weight`).
+        ``lm_head.weight``; use :func:`llm.modeling.weights.lm_head_weight`).
     """
     config = ModelConfig.from_json(model_dir, max_context=max_context)
     ckpt = Checkpoint(model_dir, config)
@@ -283,11 +258,6 @@ def storage_dtype(ckpt: Checkpoint) -> str:
     kinds = {ckpt.dtype(name) for name in ckpt if len(ckpt.shape(name)) == 2}
     return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(
         frozenset(kinds), "float32")
-
-
-def lm_head_weight(config: ModelConfig, weights: Mapping) -> np.ndarray:
-    """The output projection f32[vocab, hidden]: ``lm_head.weight``, or the embeddings if tied."""
-    return weights["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
 
 
 # ---------------------------------------------------------------------- random weights

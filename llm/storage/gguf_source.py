@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..modeling.config import ConfigError, ModelConfig
-from .checkpoint import CheckpointError, check_weights
+from ..modeling.weights import CheckpointError, check_weights
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
