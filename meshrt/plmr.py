@@ -124,7 +124,8 @@ class Device:
 # 750 x 994 is usable (the SDK's fabric offsets). alpha = 1 cycle per hop. beta, vector_setup,
 # task_switch and reserved_bytes are fitted on the paper's allowed points (two MeshGEMV times,
 # LLaMA3-8B decode on 420x420, LLaMA3-8B KV capacity on 360x360) by llm.cost.calibration.calibrate()
-# (tests/test_predict.py re-derives them; `python -m llm estimate --calibration` prints them).
+# (tests/llm/cost/test_predict.py re-derives them; `python -m llm estimate --calibration` prints
+# them).
 WSE2 = Device(name="wse2", cores_x=750, cores_y=994, mem_per_core=48 * 1024, clock_hz=1.1e9,
               macs_per_cycle=2.0, alpha=1.0, beta=6.888889, link_bytes_per_cycle=4.0,
               routing_paths=24, word_bytes=2, vector_setup=2.195652, step_overhead=0.0,

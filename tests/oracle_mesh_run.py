@@ -5,7 +5,7 @@
 ``PROMPTS.json`` is a list of prompt id lists. For each prompt: the last prompt token's logits
 (f32[vocab], gathered from the mesh) and ``N`` greedy tokens (no early stop). Rank 0 writes
 ``OUT.npz`` with ``logits`` f32[P, vocab] and ``tokens`` int64[P, N]. Used by
-``tests/test_oracle_gguf.py`` (``make test-oracle``), whose venv has no MPI.
+``tests/oracle/test_oracle_gguf.py`` (``make test-oracle``), whose venv has no MPI.
 """
 import json
 import sys

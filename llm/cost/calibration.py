@@ -21,7 +21,7 @@ left at 0.
 The three times are solved together (:func:`meshrt.calibrate.fit`); the reserve is then solved
 in closed form so that the shift capacity is 137548 (the concat capacity, the same memory in
 one row of 360, follows). ``python -m llm estimate --calibration`` prints the derivation and
-the residuals; ``tests/test_predict.py`` re-derives the preset.
+the residuals; ``tests/llm/cost/test_predict.py`` re-derives the preset.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import sys
 import zipfile
 
 import pytest
-from test_cli import ENV, ROOT
+from cliproc import ENV, ROOT
 
 from llm.storage import fetch as F
 

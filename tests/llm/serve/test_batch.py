@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import ENV, MPIEXEC, ROOT, needs_mpiexec
+from cliproc import ENV, MPIEXEC, ROOT, needs_mpiexec
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-llama-gqa")
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

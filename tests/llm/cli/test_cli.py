@@ -5,15 +5,7 @@ import sys
 import time
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", OMPI_MCA_pml="ob1",
-           OMPI_MCA_btl="self,sm", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec in the venv")
+from cliproc import ENV, MPIEXEC, ROOT, needs_mpiexec
 
 
 def run(args, n=None, timeout=120):

@@ -15,7 +15,7 @@ from meshrt.ops.gemv import estimate_meshgemv
 from meshrt.plmr import WSE2
 
 PAPER_MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 # ----------------------------------------------------------------------------------------------

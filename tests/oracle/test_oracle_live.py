@@ -3,7 +3,7 @@ transformers import; ``make test-oracle``).
 
 Run in the oracle venv (``requirements-oracle.txt``)::
 
-    .venv-oracle/bin/python -m pytest -q tests/test_oracle_live.py
+    .venv-oracle/bin/python -m pytest -q tests/oracle/test_oracle_live.py
 
 Each case builds a small random model with transformers, saves it with ``save_pretrained``, reads
 it back with :mod:`llm.storage.checkpoint` and compares prefill logits, every decode step's logits

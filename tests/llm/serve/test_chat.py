@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from cliproc import ENV, MPIEXEC, ROOT, needs_mpiexec
 from gguf_fixture import tiny_config, write_tiny_gguf
-from test_cli import ENV, MPIEXEC, ROOT, needs_mpiexec
 
 from llm.modeling.reference import ReferenceModel
 from llm.storage.convert import convert

@@ -36,7 +36,7 @@ GGUF = os.environ.get("WAFERLLM_GGUF")
 pytestmark = pytest.mark.skipif(not GGUF or not Path(GGUF).is_file(),
                                 reason="set WAFERLLM_GGUF to the fetched model (make test-oracle)")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("WAFERLLM_VENV", ROOT / ".venv"))
 NEW = 32
 CHATS = [

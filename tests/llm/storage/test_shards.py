@@ -34,7 +34,7 @@ from meshrt.mesh import MeshLayout, default_rank_grid
 from meshrt.precision import round_to_bf16
 from meshrt.runtime import ControlPlane
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ["tiny-llama-gqa", "tiny-qwen2"]
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))

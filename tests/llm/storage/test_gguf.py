@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from cliproc import ENV, ROOT
 from gguf_fixture import CHAT_TEMPLATE, byte_alphabet, tiny_config, vocabulary, write_tiny_gguf
-from test_cli import ENV, ROOT
 
 from llm.engine.model import MeshModel
 from llm.modeling.reference import ReferenceModel
