@@ -11,6 +11,7 @@ Layers (imports point down only)::
     runtime      the control plane (ControlPlane: rank, broadcasts, agreement on errors),
                  MPI start-up, rank-0 logging
 """
+
 from importlib.metadata import PackageNotFoundError, version
 
 from .mesh import MeshError, MeshLayout
@@ -21,5 +22,14 @@ try:  # The version is written once, in pyproject.toml; an installed package car
     __version__ = version("waferllm-mpi")
 except PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
-__all__ = ["MeshError", "MeshLayout", "PRESETS", "Device", "Ledger", "get_device",
-           "ControlPlane", "Comm", "__version__"]
+__all__ = [
+    "MeshError",
+    "MeshLayout",
+    "PRESETS",
+    "Device",
+    "Ledger",
+    "get_device",
+    "ControlPlane",
+    "Comm",
+    "__version__",
+]

@@ -1,4 +1,5 @@
 """``python -m meshrt``: see :mod:`meshrt.cli` (the parsers and the command bodies)."""
+
 import sys
 
 from meshrt.cli import main

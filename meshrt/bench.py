@@ -8,6 +8,7 @@ Two kinds of figures, never mixed up:
   product);
 * **modeled wafer time** from the PLMR ledger for the chosen ``--device``.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -66,6 +67,7 @@ class BenchSpec:
 # helpers
 # ----------------------------------------------------------------------------------------------
 
+
 def _timed(fn, comm, repeat: int, warmup: int) -> float:
     """Median over ``repeat`` runs of the slowest rank's wall time, in seconds."""
     for _ in range(warmup):
@@ -79,6 +81,7 @@ def _timed(fn, comm, repeat: int, warmup: int) -> float:
         dt = time.perf_counter() - t0
         if comm is not None:
             from mpi4py import MPI
+
             dt = comm.allreduce(dt, op=MPI.MAX)
         times.append(dt)
     return statistics.median(times)
@@ -88,11 +91,13 @@ def _timed(fn, comm, repeat: int, warmup: int) -> float:
 # fabric
 # ----------------------------------------------------------------------------------------------
 
+
 def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
     """Ring shifts and allreduces on the layout ``lay`` (a :class:`MeshLayout`) against a raw
     ``Sendrecv`` loop and numpy copies of the same bytes."""
     from .collectives import allreduce
     from .fabric import Fabric
+
     rank, _ = runtime.rank_and_size(comm)
     fab = Fabric(comm, lay)
     t = spec.tile
@@ -103,6 +108,7 @@ def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
 
     def raw(axis):
         """The same bytes as a two-core halo exchange by raw Sendrecv, plus a numpy copy."""
+
         def go():
             slab = [slice(None)] * 4
             slab[axis] = slice(0, 2)
@@ -111,34 +117,65 @@ def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
                 for side in (-1, 1):
                     dst, src = fab.peer(axis, side), fab.peer(axis, -side)
                     from mpi4py import MPI
+
                     out = np.empty_like(edge)
-                    fab.cart.Sendrecv(edge, dest=MPI.PROC_NULL if dst is None else dst,
-                                      recvbuf=out, source=MPI.PROC_NULL if src is None else src)
+                    fab.cart.Sendrecv(
+                        edge,
+                        dest=MPI.PROC_NULL if dst is None else dst,
+                        recvbuf=out,
+                        source=MPI.PROC_NULL if src is None else src,
+                    )
             np.copyto(np.empty_like(block), block)
+
         return go
 
     for axis, name in ((1, "x"), (0, "y")):
         t_ring = _timed(lambda: fab.ring_shift(block, axis), comm, spec.repeat, spec.warmup)
         t_raw = _timed(raw(axis), comm, spec.repeat, spec.warmup)
         t_copy = _timed(lambda: block.copy(), comm, spec.repeat, spec.warmup)
-        rows.append({"bench": f"ring_shift_{name}", "mesh": f"{lay.py}x{lay.px}",
-                     "ranks": f"{lay.ry}x{lay.rx}", "tile": t, "block_mib": mb,
-                     "seconds": t_ring, "raw_sendrecv_plus_copy_s": t_raw, "numpy_copy_s": t_copy,
-                     "ratio_vs_raw": t_ring / t_raw, "ratio_vs_copy": t_ring / t_copy,
-                     "modeled_s": None})
+        rows.append(
+            {
+                "bench": f"ring_shift_{name}",
+                "mesh": f"{lay.py}x{lay.px}",
+                "ranks": f"{lay.ry}x{lay.rx}",
+                "tile": t,
+                "block_mib": mb,
+                "seconds": t_ring,
+                "raw_sendrecv_plus_copy_s": t_raw,
+                "numpy_copy_s": t_copy,
+                "ratio_vs_raw": t_ring / t_raw,
+                "ratio_vs_copy": t_ring / t_copy,
+                "modeled_s": None,
+            }
+        )
     vec = block.reshape(lay.by, lay.bx, -1)[..., :t]
     for algo in ("ktree", "pipeline"):
         fab.ledger.reset()
-        ar = (AllreduceSpec(algo, spec.groups, spec.levels) if algo == "ktree"
-              else AllreduceSpec(algo))
+        ar = (
+            AllreduceSpec(algo, spec.groups, spec.levels)
+            if algo == "ktree"
+            else AllreduceSpec(algo)
+        )
         t_ar = _timed(lambda: allreduce(fab, vec, 0, spec=ar), comm, spec.repeat, spec.warmup)
-        t_sum = _timed(lambda: np.broadcast_to(vec.sum(0, keepdims=True), vec.shape).copy(),
-                       comm, spec.repeat, spec.warmup)
+        t_sum = _timed(
+            lambda: np.broadcast_to(vec.sum(0, keepdims=True), vec.shape).copy(),
+            comm,
+            spec.repeat,
+            spec.warmup,
+        )
         per_call = fab.ledger.seconds / (spec.repeat + spec.warmup)
-        rows.append({"bench": f"allreduce_{algo}_y", "mesh": f"{lay.py}x{lay.px}",
-                     "ranks": f"{lay.ry}x{lay.rx}", "vector": t, "seconds": t_ar,
-                     "numpy_local_sum_s": t_sum, "ratio_vs_local_sum": t_ar / t_sum,
-                     "modeled_s": per_call})
+        rows.append(
+            {
+                "bench": f"allreduce_{algo}_y",
+                "mesh": f"{lay.py}x{lay.px}",
+                "ranks": f"{lay.ry}x{lay.rx}",
+                "vector": t,
+                "seconds": t_ar,
+                "numpy_local_sum_s": t_sum,
+                "ratio_vs_local_sum": t_ar / t_sum,
+                "modeled_s": per_call,
+            }
+        )
     return rows
 
 
@@ -146,12 +183,14 @@ def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
 # kernels
 # ----------------------------------------------------------------------------------------------
 
+
 def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
     """MeshGEMV ``[1,N]x[N,N]`` per algorithm on ``lay`` against a numpy product."""
     from . import hostio
     from .fabric import Fabric
     from .ops import gemv as G
     from .plmr import Ledger, get_device
+
     rank, _ = runtime.rank_and_size(comm)
     n = spec.size or 8192
     mesh = (lay.py, lay.px)
@@ -168,10 +207,18 @@ def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
         ar = AllreduceSpec(algo, spec.groups, spec.levels)
         t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", ar), comm, spec.repeat, spec.warmup)
         est = G.estimate_meshgemv(n, n, mesh, get_device(spec.device), spec=ar)
-        row = {"bench": "gemv", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
-               "ranks": f"{lay.ry}x{lay.rx}", "seconds": t, "numpy_s": t_np,
-               "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
-               "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
+        row = {
+            "bench": "gemv",
+            "algo": algo,
+            "n": n,
+            "mesh": f"{lay.py}x{lay.px}",
+            "ranks": f"{lay.ry}x{lay.rx}",
+            "seconds": t,
+            "numpy_s": t_np,
+            "ratio_vs_numpy": t / t_np,
+            "modeled_s": est.seconds,
+            "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30),
+        }
         if spec.check:
             yb = G.meshgemv(fab, xb, wb, "y", ar)
             tiles = hostio.gather(fab, yb)
@@ -188,6 +235,7 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
     from .ops import gemm as M
     from .ops.estimate import ESTIMATORS
     from .plmr import Ledger, get_device
+
     rank, _ = runtime.rank_and_size(comm)
     mesh = (lay.py, lay.px)
     n = spec.size or 4096
@@ -206,10 +254,18 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
         bb = hostio.local_block(fab, M.prepare_b(b, mesh, algo))
         t = _timed(lambda: kernels[algo](fab, ab, bb), comm, spec.repeat, spec.warmup)
         est = ESTIMATORS[algo](n, n, n, mesh, get_device(spec.device))
-        row = {"bench": "gemm", "algo": algo, "n": n, "mesh": f"{lay.py}x{lay.px}",
-               "ranks": f"{lay.ry}x{lay.rx}", "seconds": t, "numpy_s": t_np,
-               "ratio_vs_numpy": t / t_np, "modeled_s": est.seconds,
-               "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30)}
+        row = {
+            "bench": "gemm",
+            "algo": algo,
+            "n": n,
+            "mesh": f"{lay.py}x{lay.px}",
+            "ranks": f"{lay.ry}x{lay.rx}",
+            "seconds": t,
+            "numpy_s": t_np,
+            "ratio_vs_numpy": t / t_np,
+            "modeled_s": est.seconds,
+            "modeled_comm_fraction": est.totals().comm_cycles / max(est.cycles, 1e-30),
+        }
         if spec.check:
             c = hostio.gather_matrix(fab, kernels[algo](fab, ab, bb), (n, n))
             if rank == 0:
@@ -222,6 +278,7 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
 # modeled sweeps (closed form, paper scale)
 # ----------------------------------------------------------------------------------------------
 
+
 def model_rows(kernel: str, sides, sizes, algos, device, levels=2) -> list[dict]:
     """Modeled time of each (algorithm, size, mesh side) from the analytic estimators."""
     rows = []
@@ -230,31 +287,47 @@ def model_rows(kernel: str, sides, sizes, algos, device, levels=2) -> list[dict]
             for algo in algos:
                 if kernel == "gemv":
                     from .ops.gemv import estimate_meshgemv
-                    led = estimate_meshgemv(n, n, (side, side), device,
-                                            spec=AllreduceSpec(algo, levels=levels))
+
+                    led = estimate_meshgemv(
+                        n, n, (side, side), device, spec=AllreduceSpec(algo, levels=levels)
+                    )
                 else:
                     from .ops.estimate import ESTIMATORS
+
                     led = ESTIMATORS[algo](n, n, n, (side, side), device)
                 t = led.totals()
-                rows.append({"kernel": kernel, "algo": algo, "n": n, "side": side,
-                             "cycles": led.cycles, "ms": led.seconds * 1e3,
-                             "compute_cycles": t.compute_cycles, "comm_cycles": t.comm_cycles,
-                             "efficiency": t.macs / max(led.cycles * device.macs_per_cycle, 1e-30),
-                             "max_hops_per_step": max((o.hops / o.steps for o in led.ops.values()
-                                                       if o.steps), default=0),
-                             "peak_kib_per_core": led.peak_memory / 1024,
-                             "routes": led.max_routes, "violations": "; ".join(led.violations())})
+                rows.append(
+                    {
+                        "kernel": kernel,
+                        "algo": algo,
+                        "n": n,
+                        "side": side,
+                        "cycles": led.cycles,
+                        "ms": led.seconds * 1e3,
+                        "compute_cycles": t.compute_cycles,
+                        "comm_cycles": t.comm_cycles,
+                        "efficiency": t.macs / max(led.cycles * device.macs_per_cycle, 1e-30),
+                        "max_hops_per_step": max(
+                            (o.hops / o.steps for o in led.ops.values() if o.steps), default=0
+                        ),
+                        "peak_kib_per_core": led.peak_memory / 1024,
+                        "routes": led.max_routes,
+                        "violations": "; ".join(led.violations()),
+                    }
+                )
     return rows
 
 
 def plot_rows(rows: list[dict], path: str, title: str) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install '.[plot]'); no plot written",
-              file=sys.stderr)
+        print(
+            "matplotlib is not installed (pip install '.[plot]'); no plot written", file=sys.stderr
+        )
         return False
     sizes = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), squeeze=False)
@@ -272,11 +345,13 @@ def plot_rows(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
-def bench_model(kernel: str, sides, sizes, spec: BenchSpec, plot: str | None = None,
-                comm=None) -> list[dict]:
+def bench_model(
+    kernel: str, sides, sizes, spec: BenchSpec, plot: str | None = None, comm=None
+) -> list[dict]:
     """Modeled time against mesh side (no emulation); ``sizes`` empty: the kernel's defaults;
     ``plot``: a PNG path, drawn on rank 0."""
     from .plmr import get_device
+
     device = get_device(spec.device)
     if kernel == "gemv":
         sizes = list(sizes or (2048, 8192, 16384, 32768))

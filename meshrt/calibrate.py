@@ -16,6 +16,7 @@ differences (the cost model is piecewise linear in its constants). The full WSE-
 which also uses a decode throughput and a KV capacity, lives in :mod:`llm.cost.calibration`
 (``meshrt`` knows nothing of models).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -39,20 +40,34 @@ def modeled_seconds(device: Device, size: int) -> float:
     from .collectives import AllreduceSpec
     from .ops.gemv import estimate_meshgemv
     from .plmr import Ledger
+
     # the benchmark repeats the kernel back to back: it is already running (no task switch)
     led = Ledger(device, kernel="meshgemv")
-    return estimate_meshgemv(size, size, MESH, device, spec=AllreduceSpec(groups=GROUPS),
-                             ledger=led).seconds
+    return estimate_meshgemv(
+        size, size, MESH, device, spec=AllreduceSpec(groups=GROUPS), ledger=led
+    ).seconds
 
 
 def gemv_points() -> list[tuple[str, float, Callable[[Device], float]]]:
     """``(label, measured seconds, model(device) -> seconds)`` of the Table-6 points."""
-    return [(f"MeshGEMV [1,{n // 1024}K]x[{n // 1024}K,{n // 1024}K] on 720x720", t,
-             partial(modeled_seconds, size=n)) for n, t in GEMV_POINTS]
+    return [
+        (
+            f"MeshGEMV [1,{n // 1024}K]x[{n // 1024}K,{n // 1024}K] on 720x720",
+            t,
+            partial(modeled_seconds, size=n),
+        )
+        for n, t in GEMV_POINTS
+    ]
 
 
-def fit(base: Device, names: list[str], points: list, start: list[float] | None = None,
-        iters: int = 60, tol: float = 1e-10) -> Device:
+def fit(
+    base: Device,
+    names: list[str],
+    points: list,
+    start: list[float] | None = None,
+    iters: int = 60,
+    tol: float = 1e-10,
+) -> Device:
     """``base`` with the constants ``names`` set so that every point is reproduced.
 
     Parameters
@@ -89,8 +104,9 @@ def fit(base: Device, names: list[str], points: list, start: list[float] | None 
             jac[:, j] = (values(th) - f) / step
         theta = theta + np.linalg.solve(jac, 1.0 - f)
     if np.any(theta < 0) or np.max(np.abs(values(theta) - 1.0)) > 1e-6:
-        raise ValueError(f"no non-negative fit of {names} on {[p[0] for p in points]}: "
-                         f"{dict(zip(names, theta))}")
+        raise ValueError(
+            f"no non-negative fit of {names} on {[p[0] for p in points]}: {dict(zip(names, theta))}"
+        )
     return base.with_(**dict(zip(names, map(float, theta))))
 
 
@@ -104,16 +120,19 @@ def residuals(device: Device, points: list) -> list[tuple[str, float, float, flo
 
 
 def format_residuals(rows) -> str:
-    return "\n".join(f"  {label}: paper {t:.6g}, model {v:.6g} ({r:+.2e})"
-                     for label, t, v, r in rows)
+    return "\n".join(
+        f"  {label}: paper {t:.6g}, model {v:.6g} ({r:+.2e})" for label, t, v, r in rows
+    )
 
 
 def report(device: Device) -> str:
     """The device constants and its residuals on the GEMV points."""
-    lines = [f"{device.name}: alpha={device.alpha:g} cycles/hop, beta={device.beta:.4g} "
-             f"cycles/routing, vector_setup={device.vector_setup:.4g} cycles, "
-             f"task_switch={device.task_switch:.4g} cycles, step_overhead="
-             f"{device.step_overhead:g}, macs_per_cycle={device.macs_per_cycle:g}",
-             f"  assumed GEMV mesh {MESH[0]}x{MESH[1]}, K-tree with {GROUPS} groups"]
+    lines = [
+        f"{device.name}: alpha={device.alpha:g} cycles/hop, beta={device.beta:.4g} "
+        f"cycles/routing, vector_setup={device.vector_setup:.4g} cycles, "
+        f"task_switch={device.task_switch:.4g} cycles, step_overhead="
+        f"{device.step_overhead:g}, macs_per_cycle={device.macs_per_cycle:g}",
+        f"  assumed GEMV mesh {MESH[0]}x{MESH[1]}, K-tree with {GROUPS} groups",
+    ]
     lines.append(format_residuals(residuals(device, gemv_points())))
     return "\n".join(lines)

@@ -19,6 +19,7 @@ ring allreduce      ``2(N-1)`` steps of <= 2 hops              1 per step    3
 K-tree allreduce    sum of per-level spans + multicast        ~``K N^(1/K)/2``  ``K+1``
 ==================  ========================================  ============  ====================
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,6 +51,7 @@ def _lines_shape(block: np.ndarray, axis: int) -> tuple:
 # ----------------------------------------------------------------------------------------------
 # Closed-form wafer costs (the ledger and the analytic estimators both use these)
 # ----------------------------------------------------------------------------------------------
+
 
 def _span(n_cores: int, root) -> int:
     r = np.asarray(root)
@@ -111,7 +113,7 @@ def ktree_levels(n_cores: int, levels: int = 2, groups: int | None = None) -> li
     for g in ktree_groups(n_cores, levels, groups):
         segs, roots, new_bounds = [], [], []
         for k in range(0, len(members), g):
-            mem = members[k:k + g]
+            mem = members[k : k + g]
             lo, hi = bounds[k][0], bounds[min(k + g, len(members)) - 1][1]
             root = mem[len(mem) // 2]
             segs.append((lo, hi, root, tuple(mem)))
@@ -130,11 +132,19 @@ def ktree_cost(n_cores: int, words: float, levels: int = 2, groups: int | None =
         hops = routings = 0
         for _lo, _hi, root, mem in segs:
             i = mem.index(root)
-            below, above = mem[:i], mem[i + 1:]
+            below, above = mem[:i], mem[i + 1 :]
             hops = max(hops, root - mem[0], mem[-1] - root)
             routings = max(routings, len(below), len(above))
-        out.append(Cost(macs=words if routings else 0, words=words, hops=hops,
-                        routings=routings, overlap=True, routes=len(out) + 2))
+        out.append(
+            Cost(
+                macs=words if routings else 0,
+                words=words,
+                hops=hops,
+                routings=routings,
+                overlap=True,
+                routes=len(out) + 2,
+            )
+        )
     root = ktree_root(n_cores, levels, groups)
     out.append(broadcast_cost(n_cores, root, words))
     return tuple(out)
@@ -148,8 +158,15 @@ def ktree_root(n_cores: int, levels: int = 2, groups: int | None = None) -> int:
 def ring_cost(n_cores: int, words: float) -> Cost:
     """The ring allreduce: ``2(N-1)`` steps, each moving one ``1/N`` chunk one ring edge."""
     chunk = math.ceil(words / n_cores) if n_cores else 0
-    return Cost(macs=chunk, words=chunk, hops=2 if n_cores > 2 else 1, routings=1, overlap=True,
-                count=2 * (n_cores - 1), routes=3)
+    return Cost(
+        macs=chunk,
+        words=chunk,
+        hops=2 if n_cores > 2 else 1,
+        routings=1,
+        overlap=True,
+        count=2 * (n_cores - 1),
+        routes=3,
+    )
 
 
 ALLREDUCE_ALGOS = ("ktree", "pipeline", "ring")
@@ -177,8 +194,10 @@ class AllreduceSpec:
 
     def __post_init__(self):
         if self.algo not in ALLREDUCE_ALGOS:
-            raise ValueError(f"unknown allreduce algorithm {self.algo!r}; use one of "
-                             f"{', '.join(ALLREDUCE_ALGOS)}")
+            raise ValueError(
+                f"unknown allreduce algorithm {self.algo!r}; use one of "
+                f"{', '.join(ALLREDUCE_ALGOS)}"
+            )
         if self.algo == "ktree" and self.groups is not None and self.levels != 2:
             raise ValueError("groups= applies to the two-level tree (levels=2)")
 
@@ -187,11 +206,15 @@ class AllreduceSpec:
         is appended to the allreduce's ledger name (``""``: the name itself)."""
         if self.algo == "ktree":
             costs = ktree_cost(n_cores, words, self.levels, self.groups)
-            return [("broadcast" if i == len(costs) - 1 else f"level{i + 1}", c)
-                    for i, c in enumerate(costs)]
+            return [
+                ("broadcast" if i == len(costs) - 1 else f"level{i + 1}", c)
+                for i, c in enumerate(costs)
+            ]
         if self.algo == "pipeline":
-            return [("reduce", chain_cost(n_cores, n_cores - 1, words)),
-                    ("broadcast", broadcast_cost(n_cores, n_cores - 1, words))]
+            return [
+                ("reduce", chain_cost(n_cores, n_cores - 1, words)),
+                ("broadcast", broadcast_cost(n_cores, n_cores - 1, words)),
+            ]
         return [("", ring_cost(n_cores, words))]
 
     def charge(self, ledger: Ledger, n_cores: int, words: float, name: str) -> None:
@@ -207,8 +230,18 @@ KTREE = AllreduceSpec()
 # Emulation engines
 # ----------------------------------------------------------------------------------------------
 
-def _sweep(fab: Fabric, axis: int, own: np.ndarray | tuple[np.ndarray, np.ndarray], ufunc,
-           send_up: bool, recv_up: bool, send_down: bool, recv_down: bool, name: str):
+
+def _sweep(
+    fab: Fabric,
+    axis: int,
+    own: np.ndarray | tuple[np.ndarray, np.ndarray],
+    ufunc,
+    send_up: bool,
+    recv_up: bool,
+    send_down: bool,
+    recv_down: bool,
+    name: str,
+):
     """Pass a carry up the rank line and another down it; returns ``(from_below, from_above)``.
 
     ``own`` is this rank's contribution to both carries (or a pair ``(up, down)``). A rank
@@ -230,8 +263,17 @@ def _line_total(fab: Fabric, partial: np.ndarray, axis: int, op: str, name: str)
     r, nr = fab.coords[axis], fab.layout.ranks(axis)
     if nr == 1:
         return partial
-    below, above = _sweep(fab, axis, partial, ufunc, send_up=r < nr - 1, recv_up=r > 0,
-                          send_down=r > 0, recv_down=r < nr - 1, name=name)
+    below, above = _sweep(
+        fab,
+        axis,
+        partial,
+        ufunc,
+        send_up=r < nr - 1,
+        recv_up=r > 0,
+        send_down=r > 0,
+        recv_down=r < nr - 1,
+        name=name,
+    )
     total = partial
     if below is not None:
         total = ufunc(below, total)
@@ -272,13 +314,13 @@ def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, segs, op: str, nam
         return tuple(sl)
 
     first, last = at(0), at(len(runs) - 1)
-    if side(s0 - 1) == -1:   # the segment below runs up into this rank
+    if side(s0 - 1) == -1:  # the segment below runs up into this rank
         got = fab.recv(red[first].shape, red.dtype, axis, LO, op=name)
-        assert got is not None   # the segment crosses the edge: a neighbour exists
+        assert got is not None  # the segment crosses the edge: a neighbour exists
         red[first] = ufunc(got, red[first])
-    if runs[-1][1] == -1:    # ... and on into the next
+    if runs[-1][1] == -1:  # ... and on into the next
         fab.send(red[last], axis, HI, op=name)
-    if side(e) == +1:        # the segment above runs down into this rank
+    if side(e) == +1:  # the segment above runs down into this rank
         got = fab.recv(red[last].shape, red.dtype, axis, HI, op=name)
         assert got is not None
         red[last] = ufunc(red[last], got)
@@ -319,8 +361,16 @@ def _root_mask(fab: Fabric, axis: int, root) -> tuple[np.ndarray, np.ndarray]:
 # Public collectives
 # ----------------------------------------------------------------------------------------------
 
-def reduce_to_root(fab: Fabric, block: np.ndarray, axis: int, root, op: str = "sum",
-                   record: bool = True, name: str = "chain_reduce") -> np.ndarray:
+
+def reduce_to_root(
+    fab: Fabric,
+    block: np.ndarray,
+    axis: int,
+    root,
+    op: str = "sum",
+    record: bool = True,
+    name: str = "chain_reduce",
+) -> np.ndarray:
     """Pipelined chain reduce of every line along ``axis`` to its root core.
 
     Parameters
@@ -349,8 +399,17 @@ def reduce_to_root(fab: Fabric, block: np.ndarray, axis: int, root, op: str = "s
     upper = ufunc.reduce(np.where(diff > 0, block, ident), axis=axis, keepdims=True)
     r, nr = fab.coords[axis], fab.layout.ranks(axis)
     if nr > 1:
-        below, above = _sweep(fab, axis, (lower, upper), ufunc, send_up=r < nr - 1,
-                              recv_up=r > 0, send_down=r > 0, recv_down=r < nr - 1, name=name)
+        below, above = _sweep(
+            fab,
+            axis,
+            (lower, upper),
+            ufunc,
+            send_up=r < nr - 1,
+            recv_up=r > 0,
+            send_down=r > 0,
+            recv_down=r < nr - 1,
+            name=name,
+        )
         if below is not None:
             lower = ufunc(below, lower)
         if above is not None:
@@ -359,8 +418,9 @@ def reduce_to_root(fab: Fabric, block: np.ndarray, axis: int, root, op: str = "s
     return np.where(diff == 0, total, np.zeros((), block.dtype))
 
 
-def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = True,
-              name: str = "broadcast") -> np.ndarray:
+def broadcast(
+    fab: Fabric, block: np.ndarray, axis: int, root, record: bool = True, name: str = "broadcast"
+) -> np.ndarray:
     """Every core of each line along ``axis`` gets the tile of the line's root core.
 
     ``root`` is an int or one root per line, as in :func:`reduce_to_root`. The result is a
@@ -376,8 +436,9 @@ def broadcast(fab: Fabric, block: np.ndarray, axis: int, root, record: bool = Tr
         return np.broadcast_to(_from_root(fab, block, axis, int(r), name), block.shape)
     diff, _ = _root_mask(fab, axis, root)
     diff = diff.reshape(diff.shape + (1,) * (block.ndim - 2))
-    mine = np.where(diff == 0, block, np.zeros((), block.dtype)).sum(axis=axis, keepdims=True,
-                                                                        dtype=block.dtype)
+    mine = np.where(diff == 0, block, np.zeros((), block.dtype)).sum(
+        axis=axis, keepdims=True, dtype=block.dtype
+    )
     total = _line_total(fab, mine, axis, "sum", name)
     return np.broadcast_to(total, block.shape)
 
@@ -394,7 +455,7 @@ def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) 
         value = np.ascontiguousarray(block[tuple(sl)])
     else:
         got = fab.recv(shape, block.dtype, axis, HI if r < owner else LO, op=name)
-        assert got is not None   # the owner is on that side
+        assert got is not None  # the owner is on that side
         value = got
     if r <= owner:
         fab.send(value, axis, LO, op=name)
@@ -403,9 +464,15 @@ def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) 
     return value
 
 
-def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
-              spec: AllreduceSpec = KTREE, record: bool = True,
-              name: str | None = None) -> np.ndarray:
+def allreduce(
+    fab: Fabric,
+    block: np.ndarray,
+    axis: int,
+    op: str = "sum",
+    spec: AllreduceSpec = KTREE,
+    record: bool = True,
+    name: str | None = None,
+) -> np.ndarray:
     """Every core of each line along ``axis`` gets the reduction of its line (a read-only view
     repeating the line's value along ``axis``, as :func:`broadcast` returns).
 
@@ -427,9 +494,16 @@ def allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
     return ring_allreduce(fab, block, axis, op, False, name)
 
 
-def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", levels: int = 2,
-                    groups: int | None = None, record: bool = True,
-                    name: str = "allreduce_ktree") -> np.ndarray:
+def ktree_allreduce(
+    fab: Fabric,
+    block: np.ndarray,
+    axis: int,
+    op: str = "sum",
+    levels: int = 2,
+    groups: int | None = None,
+    record: bool = True,
+    name: str = "allreduce_ktree",
+) -> np.ndarray:
     """K-tree allreduce (MeshGEMV): grouped chain reduces level by level, then a multicast."""
     n = fab.layout.cores(axis)
     plan = ktree_levels(n, levels, groups)
@@ -449,11 +523,18 @@ def ktree_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum", 
     return broadcast(fab, vals, axis, root, record=False, name=f"{name}/broadcast")
 
 
-def ring_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str = "sum",
-                   record: bool = True, name: str = "allreduce_ring") -> np.ndarray:
+def ring_allreduce(
+    fab: Fabric,
+    block: np.ndarray,
+    axis: int,
+    op: str = "sum",
+    record: bool = True,
+    name: str = "allreduce_ring",
+) -> np.ndarray:
     """Ring allreduce on the interleaved two-hop ring: ``N-1`` reduce-scatter steps then ``N-1``
     all-gather steps, each moving one ``1/N`` chunk of the vector one ring edge."""
     from .mesh import ring_pos
+
     ufunc = OPS[op]
     n = fab.layout.cores(axis)
     vec_shape = block.shape[2:]

@@ -11,6 +11,7 @@ algorithm data; a tracing mode records every peer and byte count so tests can pr
 Pricing (hops, routing stages, words) is the caller's job: the fabric knows how data moves
 through MPI, the algorithm knows what the wafer would do (pass-through vs. relay).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,15 +60,24 @@ class Fabric:
         multiplies its own tiles at every step.
     """
 
-    _peers: dict[tuple[int, int], int | None]   # (axis, side) -> neighbour rank or None
+    _peers: dict[tuple[int, int], int | None]  # (axis, side) -> neighbour rank or None
 
-    def __init__(self, comm: ControlPlane | Comm | None, layout: MeshLayout, *,
-                 ledger: Ledger | None = None, trace: bool = False, aggregate: bool = False):
+    def __init__(
+        self,
+        comm: ControlPlane | Comm | None,
+        layout: MeshLayout,
+        *,
+        ledger: Ledger | None = None,
+        trace: bool = False,
+        aggregate: bool = False,
+    ):
         self.control = ControlPlane.of(comm)
         size = self.control.size
         if size != layout.nranks:
-            raise MeshError(f"rank grid {layout.ry}x{layout.rx} needs {layout.nranks} ranks but "
-                            f"{size} are running (start with mpiexec -n {layout.nranks})")
+            raise MeshError(
+                f"rank grid {layout.ry}x{layout.rx} needs {layout.nranks} ranks but "
+                f"{size} are running (start with mpiexec -n {layout.nranks})"
+            )
         comm = self.control.comm
         self.world = comm
         self.layout = layout
@@ -82,10 +92,12 @@ class Fabric:
             self._peers = {(a, s): None for a in (0, 1) for s in (LO, HI)}
         else:
             from mpi4py import MPI
+
             self._mpi = MPI
             self.cart = self.control.communicator.Create_cart(
-                [layout.ry, layout.rx], periods=[False, False], reorder=False)
-            self.rank = self.cart.Get_rank()      # == world rank: the grid is not reordered
+                [layout.ry, layout.rx], periods=[False, False], reorder=False
+            )
+            self.rank = self.cart.Get_rank()  # == world rank: the grid is not reordered
             self.coords = self.control.coords((layout.ry, layout.rx))
             self._peers = {}
             for axis in (0, 1):
@@ -136,7 +148,7 @@ class Fabric:
         if peer is None:
             return
         buf = np.ascontiguousarray(array)
-        assert self.cart is not None   # a peer exists only on a grid of several ranks
+        assert self.cart is not None  # a peer exists only on a grid of several ranks
         self.cart.Send(buf, dest=peer, tag=axis)
         self._note(op, peer, buf.nbytes, True)
 
@@ -151,8 +163,13 @@ class Fabric:
         self._note(op, peer, buf.nbytes, False)
         return buf
 
-    def sendrecv(self, array: np.ndarray, axis: int, to_side: int, op: str = "sendrecv",
-                 ) -> np.ndarray | None:
+    def sendrecv(
+        self,
+        array: np.ndarray,
+        axis: int,
+        to_side: int,
+        op: str = "sendrecv",
+    ) -> np.ndarray | None:
         """Send ``array`` to the neighbour on ``to_side`` and receive the same-shaped array from
         the neighbour on the opposite side. Returns ``None`` where that neighbour does not exist.
         """
@@ -164,15 +181,22 @@ class Fabric:
         PROC_NULL = self._mpi.PROC_NULL
         buf = np.ascontiguousarray(array)
         out = np.empty_like(buf)
-        self.cart.Sendrecv(buf, dest=PROC_NULL if dst is None else dst, sendtag=axis,
-                           recvbuf=out, source=PROC_NULL if src is None else src, recvtag=axis)
+        self.cart.Sendrecv(
+            buf,
+            dest=PROC_NULL if dst is None else dst,
+            sendtag=axis,
+            recvbuf=out,
+            source=PROC_NULL if src is None else src,
+            recvtag=axis,
+        )
         self._note(op, dst, buf.nbytes, True)
         self._note(op, src, buf.nbytes, False)
         return out if src is not None else None
 
     # -- block movement --------------------------------------------------------------------
-    def halo(self, block: np.ndarray, axis: int, lo: int, hi: int, fill=0,
-             op: str = "halo") -> np.ndarray:
+    def halo(
+        self, block: np.ndarray, axis: int, lo: int, hi: int, fill=0, op: str = "halo"
+    ) -> np.ndarray:
         """Extend ``block`` along ``axis`` with ``lo`` cores from below and ``hi`` from above.
 
         Cores beyond the edge of the virtual mesh are ``fill``. A halo wider than the rank's block
@@ -195,8 +219,8 @@ class Fabric:
     def _gather_side(self, block, axis, width, side, fill, op):
         """The ``width`` cores adjacent to this block on ``side``, relayed rank by rank."""
         b = block.shape[axis]
-        got = []          # pieces in order of increasing distance from this block
-        piece = block     # what this rank forwards in the next round
+        got = []  # pieces in order of increasing distance from this block
+        piece = block  # what this rank forwards in the next round
         need = width
         while need > 0:
             take = min(need, b)
@@ -220,8 +244,14 @@ class Fabric:
             got = got[::-1]
         return got[0] if len(got) == 1 else np.concatenate(got, axis=axis)
 
-    def shift(self, block: np.ndarray, axis: int, disp: int, fill=0, op: str = "shift",
-              ) -> np.ndarray:
+    def shift(
+        self,
+        block: np.ndarray,
+        axis: int,
+        disp: int,
+        fill=0,
+        op: str = "shift",
+    ) -> np.ndarray:
         """Every core takes the tile of the core ``disp`` before it: ``out[i] = in[i - disp]``.
 
         Cores with no source (within ``|disp|`` of the mesh edge) get ``fill``.
@@ -234,8 +264,9 @@ class Fabric:
         sl[axis] = slice(0, b) if disp > 0 else slice(-disp, -disp + b)
         return ext[tuple(sl)]
 
-    def ring_shift(self, block: np.ndarray, axis: int, reverse: bool = False,
-                   op: str = "ring_shift") -> np.ndarray:
+    def ring_shift(
+        self, block: np.ndarray, axis: int, reverse: bool = False, op: str = "ring_shift"
+    ) -> np.ndarray:
         """One step of the interleaved two-hop ring along ``axis``.
 
         Forward: core ``i`` takes the tile of its ring predecessor ``prev(i)``; ``reverse`` takes
@@ -249,8 +280,8 @@ class Fabric:
         idx = self.index(axis)
         w = min(2, n - 1)  # every rank takes part in both exchanges, edge ranks too
         b = block.shape[axis]
-        below = self._gather_side(block, axis, w, LO, 0, op)   # cores idx[0]-w .. idx[0]-1
-        above = self._gather_side(block, axis, w, HI, 0, op)   # cores idx[-1]+1 .. idx[-1]+w
+        below = self._gather_side(block, axis, w, LO, 0, op)  # cores idx[0]-w .. idx[0]-1
+        above = self._gather_side(block, axis, w, HI, 0, op)  # cores idx[-1]+1 .. idx[-1]+w
         local = src[idx] - idx[0]
         out = np.empty_like(block)
         pos = np.arange(b)

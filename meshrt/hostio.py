@@ -7,6 +7,7 @@ they use the fabric's world communicator (``bcast`` of the shape, ``Scatter``, `
 ``Allgather`` of equal blocks in rank order); that is allowed because they model the wafer's host
 I/O, not core-to-core traffic, and the ledger prices them as edge I/O. One rank copies.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def _edge_links(fabric: Fabric) -> int:
 def local_block(fabric: Fabric, tiles: np.ndarray) -> np.ndarray:
     """This rank's block of a global tile array that every rank already holds (no messages)."""
     y0, x0 = fabric.origin
-    return tiles[y0:y0 + fabric.by, x0:x0 + fabric.bx]
+    return tiles[y0 : y0 + fabric.by, x0 : x0 + fabric.bx]
 
 
 def _rank_blocks(fabric: Fabric, tiles: np.ndarray):
@@ -47,16 +48,21 @@ def scatter(fabric: Fabric, tiles: np.ndarray | None, root: int = 0) -> np.ndarr
         lay = fabric.layout
         block_shape = (lay.by, lay.bx, *shape[2:])
         out = np.empty(block_shape, dtype=np.dtype(dtype))
-        send = _rank_blocks(fabric, tiles) if tiles is not None and comm.Get_rank() == root \
-            else None
+        send = (
+            _rank_blocks(fabric, tiles) if tiles is not None and comm.Get_rank() == root else None
+        )
         # reorder=False in the Cartesian grid keeps rank order == row-major rank coordinates
         comm.Scatter(send, out, root=root)
     fabric.ledger.io(out.nbytes * fabric.nranks, _edge_links(fabric))
     return out
 
 
-def gather(fabric: Fabric, block: np.ndarray, root: int = 0, to_all: bool = False,
-           ) -> np.ndarray | None:
+def gather(
+    fabric: Fabric,
+    block: np.ndarray,
+    root: int = 0,
+    to_all: bool = False,
+) -> np.ndarray | None:
     """Collect every rank's ``(by, bx, *tile)`` block into the global tile array on ``root``
     (on every rank with ``to_all``). Other ranks get ``None``."""
     lay = fabric.layout
@@ -77,8 +83,9 @@ def gather(fabric: Fabric, block: np.ndarray, root: int = 0, to_all: bool = Fals
     return t.reshape(lay.py, lay.px, *block.shape[2:])
 
 
-def scatter_matrix(fabric: Fabric, a: np.ndarray | None, tile: tuple[int, int] | None = None,
-                   root: int = 0) -> np.ndarray:
+def scatter_matrix(
+    fabric: Fabric, a: np.ndarray | None, tile: tuple[int, int] | None = None, root: int = 0
+) -> np.ndarray:
     """Tile a global ``(M, N)`` matrix (zero-padded) and distribute it from ``root``.
 
     Returns ``(by, bx, tm, tn)``.
@@ -88,8 +95,13 @@ def scatter_matrix(fabric: Fabric, a: np.ndarray | None, tile: tuple[int, int] |
     return scatter(fabric, tiles, root)
 
 
-def gather_matrix(fabric: Fabric, block: np.ndarray, shape: tuple[int, int] | None = None,
-                  root: int = 0, to_all: bool = False) -> np.ndarray | None:
+def gather_matrix(
+    fabric: Fabric,
+    block: np.ndarray,
+    shape: tuple[int, int] | None = None,
+    root: int = 0,
+    to_all: bool = False,
+) -> np.ndarray | None:
     """Assemble ``(by, bx, tm, tn)`` blocks into the global matrix, cropped to ``shape``."""
     tiles = gather(fabric, block, root, to_all)
     return None if tiles is None else from_tiles(tiles, shape)

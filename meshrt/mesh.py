@@ -10,6 +10,7 @@ Conventions
   ``by x bx = Py/Ry x Px/Rx`` virtual cores whose first core is ``(ry*by, rx*bx)``.
 * A rank's share of a distributed matrix is one ndarray of tiles, shape ``(by, bx, *tile)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,11 +65,12 @@ def default_rank_grid(nranks: int, py: int | None = None, px: int | None = None)
         key = (abs(ry - rx), ry > rx)
         if best is None or key < best[0]:
             best = (key, (ry, rx))
-    if best is None:   # only when both sides are given: a free side always fits R = 1
+    if best is None:  # only when both sides are given: a free side always fits R = 1
         assert py is not None and px is not None
         raise MeshError(
             f"{nranks} ranks cannot tile a {py}x{px} virtual mesh: need Ry | {py} and Rx | {px}; "
-            f"rank counts that fit: {valid_rank_counts(py, px)}")
+            f"rank counts that fit: {valid_rank_counts(py, px)}"
+        )
     return best[1]
 
 
@@ -105,8 +107,10 @@ class MeshLayout:
         if self.px % self.rx:
             bad.append(f"Rx={self.rx} does not divide Px={self.px} (valid Rx: {divisors(self.px)})")
         if bad:
-            raise MeshError(f"virtual mesh {self.py}x{self.px} on rank grid {self.ry}x{self.rx}: "
-                            + "; ".join(bad))
+            raise MeshError(
+                f"virtual mesh {self.py}x{self.px} on rank grid {self.ry}x{self.rx}: "
+                + "; ".join(bad)
+            )
 
     @classmethod
     def parse(cls, mesh: str, ranks: str | None = None, nranks: int | None = None) -> MeshLayout:
@@ -115,8 +119,9 @@ class MeshLayout:
         if ranks is not None:
             ry, rx = parse_grid(ranks, "rank grid")
             if nranks is not None and ry * rx != nranks:
-                raise MeshError(f"rank grid {ry}x{rx} needs {ry * rx} ranks but {nranks} "
-                                "are running")
+                raise MeshError(
+                    f"rank grid {ry}x{rx} needs {ry * rx} ranks but {nranks} are running"
+                )
         else:
             ry, rx = default_rank_grid(nranks or 1, py, px)
         return cls(py, px, ry, rx)
@@ -156,13 +161,15 @@ class MeshLayout:
         return py // self.by, px // self.bx
 
     def __str__(self) -> str:
-        return (f"{self.py}x{self.px} cores on {self.ry}x{self.rx} ranks "
-                f"({self.by}x{self.bx} per rank)")
+        return (
+            f"{self.py}x{self.px} cores on {self.ry}x{self.rx} ranks ({self.by}x{self.bx} per rank)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Padding and tiling of global arrays
 # ----------------------------------------------------------------------------------------------
+
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -190,8 +197,11 @@ def tile_shape(shape: tuple[int, int], mesh_shape: tuple[int, int]) -> tuple[int
     return ceil_div(shape[0], mesh_shape[0]), ceil_div(shape[1], mesh_shape[1])
 
 
-def to_tiles(a: np.ndarray, mesh_shape: tuple[int, int], tile: tuple[int, int] | None = None,
-             ) -> np.ndarray:
+def to_tiles(
+    a: np.ndarray,
+    mesh_shape: tuple[int, int],
+    tile: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Cut a global ``(M, N)`` matrix into tiles, padding with zeros.
 
     Returns
@@ -217,6 +227,7 @@ def from_tiles(tiles: np.ndarray, shape: tuple[int, int] | None = None) -> np.nd
 # ----------------------------------------------------------------------------------------------
 # The interleaved two-hop ring (MeshGEMM)
 # ----------------------------------------------------------------------------------------------
+
 
 def ring_order(n: int) -> np.ndarray:
     """Ring order ``L`` over physical indices ``0..n-1``: evens ascending, then odds descending.

@@ -41,6 +41,7 @@ Where each term comes from:
 * ``step_overhead``: a fixed cost per step inside a kernel (default 0: the paper's GEMV points
   only fix ``27 beta + 4 step_overhead`` together, and are attributed to ``beta``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,18 +127,34 @@ class Device:
 # LLaMA3-8B decode on 420x420, LLaMA3-8B KV capacity on 360x360) by llm.cost.calibration.calibrate()
 # (tests/llm/cost/test_predict.py re-derives them; `python -m llm estimate --calibration` prints
 # them).
-WSE2 = Device(name="wse2", cores_x=750, cores_y=994, mem_per_core=48 * 1024, clock_hz=1.1e9,
-              macs_per_cycle=2.0, alpha=1.0, beta=6.888889, link_bytes_per_cycle=4.0,
-              routing_paths=24, word_bytes=2, vector_setup=2.195652, step_overhead=0.0,
-              task_switch=295.3861, reserved_bytes=1554.049,
-              note="Cerebras WSE-2: 850k cores, 48 KB SRAM/core, 1.1 GHz, 32-bit links; "
-                   "beta, vector set-up, kernel switch and reserve calibrated on the paper's "
-                   "allowed points")
+WSE2 = Device(
+    name="wse2",
+    cores_x=750,
+    cores_y=994,
+    mem_per_core=48 * 1024,
+    clock_hz=1.1e9,
+    macs_per_cycle=2.0,
+    alpha=1.0,
+    beta=6.888889,
+    link_bytes_per_cycle=4.0,
+    routing_paths=24,
+    word_bytes=2,
+    vector_setup=2.195652,
+    step_overhead=0.0,
+    task_switch=295.3861,
+    reserved_bytes=1554.049,
+    note="Cerebras WSE-2: 850k cores, 48 KB SRAM/core, 1.1 GHz, 32-bit links; "
+    "beta, vector set-up, kernel switch and reserve calibrated on the paper's "
+    "allowed points",
+)
 # WSE-3: the paper gives no per-core figures ("same NoC, better per-core efficiency and memory");
 # the public scripts use a 762 x 1172 fabric. Until measured, it inherits WSE-2's calibration.
-WSE3 = WSE2.with_(name="wse3", cores_x=760, cores_y=1170,
-                  note="Cerebras WSE-3 fabric size; per-core figures as WSE-2 "
-                       "(the paper publishes none)")
+WSE3 = WSE2.with_(
+    name="wse3",
+    cores_x=760,
+    cores_y=1170,
+    note="Cerebras WSE-3 fabric size; per-core figures as WSE-2 (the paper publishes none)",
+)
 
 PRESETS: dict[str, Device] = {"wse2": WSE2, "wse3": WSE3}
 
@@ -173,7 +190,7 @@ def kernel_of(name: str) -> str:
     i = 0
     while i < len(parts) - 1 and re.fullmatch(r"layer\d+", parts[i]):
         i += 1
-    return "/".join(parts[:i + 1])
+    return "/".join(parts[: i + 1])
 
 
 @dataclass(frozen=True)
@@ -218,8 +235,16 @@ class Cost:
 
     def step(self) -> tuple:
         """The per-step figures that make two costs the same step."""
-        return (self.macs, self.words, self.hops, self.routings, self.overlap, self.routes,
-                self.vectors, self.tasks)
+        return (
+            self.macs,
+            self.words,
+            self.hops,
+            self.routings,
+            self.overlap,
+            self.routes,
+            self.vectors,
+            self.tasks,
+        )
 
     def __mul__(self, k: int) -> Cost:
         return dataclasses.replace(self, count=self.count * int(k))
@@ -265,14 +290,14 @@ class Ledger:
 
     device: Device = WSE2
     ops: dict = field(default_factory=lambda: defaultdict(OpTotals))
-    peak_memory: float = 0.0          # bytes per core
+    peak_memory: float = 0.0  # bytes per core
     peak_memory_op: str = ""
-    max_routes: int = 0               # routing paths per core in use at once
+    max_routes: int = 0  # routing paths per core in use at once
     max_routes_op: str = ""
-    io_bytes: float = 0.0             # host <-> wafer edge traffic
+    io_bytes: float = 0.0  # host <-> wafer edge traffic
     io_cycles: float = 0.0
     _prefix: list = field(default_factory=list)
-    kernel: str | None = None         # the kernel the cores run; None: none yet
+    kernel: str | None = None  # the kernel the cores run; None: none yet
 
     # -- recording -------------------------------------------------------------------------
     def _name(self, op: str) -> str:
@@ -287,8 +312,9 @@ class Ledger:
         finally:
             self._prefix.pop()
 
-    def step_cycles(self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False,
-                    vectors=0) -> tuple:
+    def step_cycles(
+        self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False, vectors=0
+    ) -> tuple:
         """``(total, compute, comm)`` cycles of one step, without recording it.
 
         ``total`` includes the device's fixed ``step_overhead``; ``compute`` and ``comm`` do not.
@@ -301,8 +327,19 @@ class Ledger:
         total = d.step_overhead + (max(compute, comm) if overlap else compute + comm)
         return total, compute, comm
 
-    def record(self, op: str, *, macs=0.0, words=0.0, hops=0, routings=0, overlap=False,
-               count=1, vectors=0, tasks=0) -> float:
+    def record(
+        self,
+        op: str,
+        *,
+        macs=0.0,
+        words=0.0,
+        hops=0,
+        routings=0,
+        overlap=False,
+        count=1,
+        vectors=0,
+        tasks=0,
+    ) -> float:
         """Record ``count`` identical lockstep steps of the mesh; returns their cycles.
 
         Parameters
@@ -326,7 +363,7 @@ class Ledger:
         name = self._name(op)
         kernel = kernel_of(name)
         extra = tasks * count * self.device.task_switch
-        if kernel != self.kernel:   # the cores start another kernel: one task switch
+        if kernel != self.kernel:  # the cores start another kernel: one task switch
             self.kernel = kernel
             sw = self.ops[f"{kernel}/task_switch"]
             sw.activations += 1
@@ -347,9 +384,17 @@ class Ledger:
 
     def charge(self, op: str, cost: Cost) -> float:
         """Record ``cost`` (its ``count`` steps and its routes) under ``op``; returns cycles."""
-        cycles = self.record(op, macs=cost.macs, words=cost.words, hops=cost.hops,
-                             routings=cost.routings, overlap=cost.overlap, count=cost.count,
-                             vectors=cost.vectors, tasks=cost.tasks)
+        cycles = self.record(
+            op,
+            macs=cost.macs,
+            words=cost.words,
+            hops=cost.hops,
+            routings=cost.routings,
+            overlap=cost.overlap,
+            count=cost.count,
+            vectors=cost.vectors,
+            tasks=cost.tasks,
+        )
         if cost.routes:
             self.routes(op, cost.routes)
         return cycles
@@ -401,12 +446,16 @@ class Ledger:
         out = []
         d = self.device
         if self.peak_memory > d.mem_per_core:
-            out.append(f"memory: {self.peak_memory / 1024:.1f} KiB per core in "
-                       f"{self.peak_memory_op} "
-                       f"exceeds {d.mem_per_core / 1024:.0f} KiB on {d.name}")
+            out.append(
+                f"memory: {self.peak_memory / 1024:.1f} KiB per core in "
+                f"{self.peak_memory_op} "
+                f"exceeds {d.mem_per_core / 1024:.0f} KiB on {d.name}"
+            )
         if self.max_routes > d.routing_paths:
-            out.append(f"routing: {self.max_routes} paths per core in {self.max_routes_op} exceed "
-                       f"the {d.routing_paths} {d.name} supports")
+            out.append(
+                f"routing: {self.max_routes} paths per core in {self.max_routes_op} exceed "
+                f"the {d.routing_paths} {d.name} supports"
+            )
         return out
 
     def summary(self) -> dict:
@@ -432,18 +481,26 @@ class Ledger:
 
     def report(self) -> str:
         """A human-readable table."""
-        lines = [f"{'op':40s} {'steps':>7s} {'cycles':>12s} {'compute':>12s} {'comm':>12s} "
-                 f"{'hops':>8s} {'routings':>8s}"]
+        lines = [
+            f"{'op':40s} {'steps':>7s} {'cycles':>12s} {'compute':>12s} {'comm':>12s} "
+            f"{'hops':>8s} {'routings':>8s}"
+        ]
         for name, t in sorted(self.ops.items()):
-            lines.append(f"{name:40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
-                         f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}")
+            lines.append(
+                f"{name:40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
+                f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}"
+            )
         t = self.totals()
-        lines.append(f"{'total':40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
-                     f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}")
-        lines.append(f"modeled time on {self.device.name}: "
-                     f"{self.device.seconds(t.cycles) * 1e3:.4f} ms; "
-                     f"peak memory {self.peak_memory / 1024:.2f} KiB/core; "
-                     f"routes {self.max_routes}/core")
+        lines.append(
+            f"{'total':40s} {t.steps:7d} {t.cycles:12.0f} {t.compute_cycles:12.0f} "
+            f"{t.comm_cycles:12.0f} {t.hops:8d} {t.routings:8d}"
+        )
+        lines.append(
+            f"modeled time on {self.device.name}: "
+            f"{self.device.seconds(t.cycles) * 1e3:.4f} ms; "
+            f"peak memory {self.peak_memory / 1024:.2f} KiB/core; "
+            f"routes {self.max_routes}/core"
+        )
         for v in self.violations():
             lines.append("VIOLATION " + v)
         return "\n".join(lines)

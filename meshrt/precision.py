@@ -5,6 +5,7 @@ files: half the bytes) or as float32 values rounded to bfloat16 precision (for t
 wafer: the numbers a bfloat16 core would hold, in a container numpy can multiply). Rounding is to
 nearest, ties to even; NaN stays NaN.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ def bf16_words(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 words (``uint16``), rounded to nearest even."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = x.view(np.uint32)
-    r = bits >> np.uint32(16)              # in place from here: few passes, one temporary
+    r = bits >> np.uint32(16)  # in place from here: few passes, one temporary
     r &= np.uint32(1)
     r += np.uint32(0x7FFF)
     r += bits
@@ -50,6 +51,7 @@ def as_storage(x: np.ndarray, dtype) -> np.ndarray:
 # Weights are held the way the wafer holds them: in their 16-bit storage words. A ``uint16``
 # array is bfloat16 words (numpy has no bfloat16 type), a ``float16`` array is IEEE half; kernels
 # widen them to float32 a piece at a time (:func:`widen`) and accumulate in float32.
+
 
 def word_dtype(storage: str) -> np.dtype:
     """The numpy dtype that holds ``storage`` words: float32, float16, or uint16 for bfloat16."""

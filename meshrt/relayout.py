@@ -9,6 +9,7 @@ matrix. :func:`move_cost` prices what the wafer does: every item walks from its 
 destination core, all links at once. :func:`fetch_rows` delivers scattered items (a table lookup,
 e.g. embedding rows) to arbitrary slots of the same line, priced by :func:`fetch_cost`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,15 @@ def _take(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
     return a[tuple(sl)]
 
 
-def rebalance(fab: Fabric, data: np.ndarray, axis: int, item_axis: int, src_bounds, dst_bounds,
-              name: str = "rebalance") -> np.ndarray:
+def rebalance(
+    fab: Fabric,
+    data: np.ndarray,
+    axis: int,
+    item_axis: int,
+    src_bounds,
+    dst_bounds,
+    name: str = "rebalance",
+) -> np.ndarray:
     """Move items between the ranks of each rank line along ``axis``.
 
     Parameters
@@ -58,8 +66,9 @@ def rebalance(fab: Fabric, data: np.ndarray, axis: int, item_axis: int, src_boun
     if len(src) != nr + 1 or len(dst) != nr + 1 or src[-1] != dst[-1] or src[0] != dst[0]:
         raise ValueError(f"bounds must have {nr + 1} entries with equal ends: {src}, {dst}")
     if data.shape[item_axis] != src[r + 1] - src[r]:
-        raise ValueError(f"rank holds {data.shape[item_axis]} items, "
-                         f"bounds say {src[r + 1] - src[r]}")
+        raise ValueError(
+            f"rank holds {data.shape[item_axis]} items, bounds say {src[r + 1] - src[r]}"
+        )
     held, lo = data, int(src[r])
 
     def shape_of(count):
@@ -105,6 +114,7 @@ def move_cost(src_core_counts, dst_core_counts, words_per_item: float) -> Cost:
 # Fetching scattered items along a line (a table lookup through the data plane)
 # ----------------------------------------------------------------------------------------------
 
+
 def fetch_cost(src_core, dst_core, n_cores: int, words_per_item: float) -> Cost:
     """Wafer cost of :func:`fetch_rows`: every item walks from its source core to its
     destination core along the line, all at once. ``hops`` is the longest walk, ``words`` the
@@ -115,17 +125,27 @@ def fetch_cost(src_core, dst_core, n_cores: int, words_per_item: float) -> Cost:
         return Cost(routes=2)
     hops = int(np.abs(src - dst).max())
     load = 0
-    for lo, hi in ((src, dst), (dst, src)):          # upward, then downward movers
+    for lo, hi in ((src, dst), (dst, src)):  # upward, then downward movers
         m = lo < hi
-        cover = np.zeros(n_cores + 1, dtype=np.int64)   # cut c lies between cores c-1 and c
+        cover = np.zeros(n_cores + 1, dtype=np.int64)  # cut c lies between cores c-1 and c
         np.add.at(cover, lo[m] + 1, 1)
         np.add.at(cover, hi[m] + 1, -1)
         load = max(load, int(np.cumsum(cover).max(initial=0)))
     return Cost(words=float(load * words_per_item), hops=hops, routes=2)
 
 
-def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, dst_core,
-               dst_slot, n_slots: int, record: bool = True, name: str = "fetch") -> np.ndarray:
+def fetch_rows(
+    fab: Fabric,
+    table: np.ndarray,
+    axis: int,
+    src_core,
+    src_slot,
+    dst_core,
+    dst_slot,
+    n_slots: int,
+    record: bool = True,
+    name: str = "fetch",
+) -> np.ndarray:
     """Deliver items of per-core tables to slots of other cores of the same line.
 
     Item ``k`` is slot ``src_slot[k]`` of the table on core ``src_core[k]`` (global index along
@@ -147,18 +167,19 @@ def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, ds
     ndarray
         ``[by, bx, n_slots, *item]``; slots no item lands in are zero.
     """
-    src_core, src_slot, dst_core, dst_slot = (np.asarray(v, dtype=np.int64).ravel() for v in
-                                              (src_core, src_slot, dst_core, dst_slot))
+    src_core, src_slot, dst_core, dst_slot = (
+        np.asarray(v, dtype=np.int64).ravel() for v in (src_core, src_slot, dst_core, dst_slot)
+    )
     n = fab.layout.cores(axis)
     if record:
         words = int(np.prod(table.shape[3:], dtype=np.int64))
         fab.ledger.charge(name, fetch_cost(src_core, dst_core, n, words))
-    tab = table if axis == 0 else np.swapaxes(table, 0, 1)    # [cores along axis, other, R, ...]
+    tab = table if axis == 0 else np.swapaxes(table, 0, 1)  # [cores along axis, other, R, ...]
     b = tab.shape[0]
     lo = fab.origin[axis]
     hi = lo + b
     out = np.zeros((b, tab.shape[1], n_slots) + tab.shape[3:], dtype=table.dtype)
-    got: dict[int, np.ndarray] = {}                            # item -> [other, *item]
+    got: dict[int, np.ndarray] = {}  # item -> [other, *item]
 
     def local(k):
         return tab[k_src_local[k], :, src_slot[k]]
@@ -176,9 +197,10 @@ def fetch_rows(fab: Fabric, table: np.ndarray, axis: int, src_core, src_slot, ds
         if 0 < cut_in < n:
             ids = crossing(cut_in)
             if len(ids):
-                slab = fab.recv((len(ids),) + tab.shape[1:2] + tab.shape[3:], table.dtype, axis,
-                                -side, op=name)
-                assert slab is not None   # the cut is inside the line: a neighbour exists
+                slab = fab.recv(
+                    (len(ids),) + tab.shape[1:2] + tab.shape[3:], table.dtype, axis, -side, op=name
+                )
+                assert slab is not None  # the cut is inside the line: a neighbour exists
                 got.update(zip(ids.tolist(), slab))
         if 0 < cut_out < n:
             ids = crossing(cut_out)

@@ -5,6 +5,7 @@ Nothing here carries algorithm data; it is all control plane. :class:`ControlPla
 object through which code outside ``meshrt`` talks to the other ranks (broadcasts, gathers,
 agreement on errors); the data plane is :class:`meshrt.fabric.Fabric`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from .mesh import grid_coords
 if TYPE_CHECKING:
     from mpi4py.MPI import Intracomm as Comm  # COMM_WORLD and the communicators made from it
 else:
-    Comm = Any   # mpi4py.MPI.Comm; mpi4py is imported only when a launcher started the job
+    Comm = Any  # mpi4py.MPI.Comm; mpi4py is imported only when a launcher started the job
 
 T = TypeVar("T")
 
@@ -39,6 +40,7 @@ def world():
         check_singleton(1, os.environ)
         return None
     from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     check_singleton(comm.Get_size(), os.environ)
     return comm
@@ -46,20 +48,31 @@ def world():
 
 def launched_by_mpi() -> bool:
     """Whether an MPI launcher (mpiexec, srun) started this process."""
-    keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS",
-            "SLURM_STEP_NUM_TASKS")
+    keys = (
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "MPI_LOCALNRANKS",
+        "SLURM_STEP_NUM_TASKS",
+    )
     return any(k in os.environ for k in keys) or os.environ.get("MESHRT_FORCE_MPI") == "1"
 
 
 # What each launcher says about the job, most specific first: (variable, launcher, what to fix).
-_SRUN_FIX = ("launch with srun --mpi=pmix (srun --mpi=list shows the plugins; the MPI that "
-             "mpi4py loads needs PMIx)")
-_MPIEXEC_FIX = ("use the mpiexec of the MPI library mpi4py loads (python -m mpi4py "
-                "--mpi-library shows it), and check that mpiexec did not fail during start-up")
-_TASK_COUNTS = (("OMPI_COMM_WORLD_SIZE", "mpiexec", _MPIEXEC_FIX),
-                ("PMI_SIZE", "the launcher", "under Slurm " + _SRUN_FIX + "; with mpiexec, "
-                 + _MPIEXEC_FIX),
-                ("SLURM_STEP_NUM_TASKS", "srun", _SRUN_FIX))
+_SRUN_FIX = (
+    "launch with srun --mpi=pmix (srun --mpi=list shows the plugins; the MPI that "
+    "mpi4py loads needs PMIx)"
+)
+_MPIEXEC_FIX = (
+    "use the mpiexec of the MPI library mpi4py loads (python -m mpi4py "
+    "--mpi-library shows it), and check that mpiexec did not fail during start-up"
+)
+_TASK_COUNTS = (
+    ("OMPI_COMM_WORLD_SIZE", "mpiexec", _MPIEXEC_FIX),
+    ("PMI_SIZE", "the launcher", "under Slurm " + _SRUN_FIX + "; with mpiexec, " + _MPIEXEC_FIX),
+    ("SLURM_STEP_NUM_TASKS", "srun", _SRUN_FIX),
+)
 _TASK_RANKS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
@@ -83,16 +96,20 @@ def check_singleton(mpi_size: int, environ) -> None:
         if value is None:
             continue
         if value > 1:
-            raise LaunchError(f"{launcher} started {value} tasks ({var}={value}) but MPI sees "
-                              "this process alone (rank 0 of 1), so each task would run the "
-                              f"whole job by itself: {fix}")
+            raise LaunchError(
+                f"{launcher} started {value} tasks ({var}={value}) but MPI sees "
+                "this process alone (rank 0 of 1), so each task would run the "
+                f"whole job by itself: {fix}"
+            )
         break
     for var in _TASK_RANKS:
         value = _int_env(environ, var)
         if value:
             fix = _SRUN_FIX if var.startswith("SLURM") else _MPIEXEC_FIX
-            raise LaunchError(f"this is task {value} of a parallel launch ({var}={value}) but "
-                              f"MPI sees it alone (rank 0 of 1): {fix}")
+            raise LaunchError(
+                f"this is task {value} of a parallel launch ({var}={value}) but "
+                f"MPI sees it alone (rank 0 of 1): {fix}"
+            )
 
 
 def _int_env(environ, var: str) -> int | None:
@@ -132,8 +149,9 @@ class ControlPlane:
 
     def __init__(self, comm: Comm | None = None):
         if isinstance(comm, ControlPlane):
-            raise TypeError("ControlPlane(comm) wraps a communicator; use ControlPlane.of(x) to "
-                            "accept either")
+            raise TypeError(
+                "ControlPlane(comm) wraps a communicator; use ControlPlane.of(x) to accept either"
+            )
         self.comm = comm
         self._rank, self._size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
 
@@ -186,9 +204,12 @@ class ControlPlane:
         Raises :class:`~meshrt.mesh.MeshError` if the grid does not hold ``size`` ranks.
         """
         from .mesh import MeshError
+
         if int(grid[0]) * int(grid[1]) != self._size:
-            raise MeshError(f"rank grid {grid[0]}x{grid[1]} needs {int(grid[0]) * int(grid[1])} "
-                            f"ranks but {self._size} are running")
+            raise MeshError(
+                f"rank grid {grid[0]}x{grid[1]} needs {int(grid[0]) * int(grid[1])} "
+                f"ranks but {self._size} are running"
+            )
         return grid_coords(self._rank, grid)
 
     # -- collectives on Python objects -----------------------------------------------------
@@ -212,8 +233,10 @@ class ControlPlane:
         if self._size == 1:
             return value
         from mpi4py import MPI
-        return self.communicator.allreduce(value, op={"sum": MPI.SUM, "max": MPI.MAX,
-                                              "min": MPI.MIN}[op])
+
+        return self.communicator.allreduce(
+            value, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+        )
 
     def allreduce_max(self, value: T) -> T:
         """The largest ``value`` of all ranks, on every rank (e.g. the slowest rank's time)."""
@@ -225,10 +248,13 @@ class ControlPlane:
             self.communicator.Barrier()
 
     # -- agreement on errors ---------------------------------------------------------------
-    def agree(self, fn: Callable[[], T], *, on: str = "root",
-              catch: type[BaseException] | tuple[type[BaseException], ...] = (Exception,
-                                                                              SystemExit),
-              ) -> T:
+    def agree(
+        self,
+        fn: Callable[[], T],
+        *,
+        on: str = "root",
+        catch: type[BaseException] | tuple[type[BaseException], ...] = (Exception, SystemExit),
+    ) -> T:
         """Run the check ``fn()`` on one rank or on all, and fail on every rank alike.
 
         A check that raises on some ranks only would leave the others blocked in their next
@@ -297,7 +323,7 @@ def _portable(e: BaseException) -> BaseException:
         copy = pickle.loads(pickle.dumps(e))
         if type(copy) is type(e) and str(copy) == str(e):
             return e
-    except Exception:   # noqa: BLE001 - any failure to round-trip means: send a plain copy
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send a plain copy
         pass
     return RuntimeError(f"{type(e).__name__}: {e}")
 
@@ -308,7 +334,7 @@ def _with_prefix(e: BaseException, prefix: str) -> BaseException:
     if len(e.args) == 1 and isinstance(e.args[0], str):
         try:
             return type(e)(prefix + e.args[0])
-        except Exception:   # noqa: BLE001 - a constructor of another shape: keep the original
+        except Exception:  # noqa: BLE001 - a constructor of another shape: keep the original
             pass
     return e
 
@@ -323,8 +349,9 @@ class _RankFilter(logging.Filter):
         return self.all_ranks or self.rank == 0 or record.levelno >= logging.WARNING
 
 
-def setup_logging(comm=None, level: str | int = "INFO", all_ranks: bool | None = None,
-                  name: str = "meshrt") -> logging.Logger:
+def setup_logging(
+    comm=None, level: str | int = "INFO", all_ranks: bool | None = None, name: str = "meshrt"
+) -> logging.Logger:
     """A logger that prints on rank 0 only (all ranks for warnings, or with
     ``MESHRT_LOG_ALL_RANKS=1``), each line prefixed ``[rank/size]`` under MPI.
 
@@ -362,7 +389,7 @@ def run_main(main, argv=None) -> int:
         comm = world()
         rank, size = rank_and_size(comm)
         if size > 1:
-            agree = comm.Dup()       # exit agreement, never mixed with the job's own collectives
+            agree = comm.Dup()  # exit agreement, never mixed with the job's own collectives
         rc = main(argv)
         return 0 if rc is None else int(rc)
     except SystemExit as e:
@@ -375,14 +402,14 @@ def run_main(main, argv=None) -> int:
             prefix = f"rank {rank}/{size}: " if size > 1 and not collective else ""
             print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
         if code and size > 1 and not collective:
-            assert comm is not None   # size > 1: under a launcher
+            assert comm is not None  # size > 1: under a launcher
             comm.Abort(code)
         if code:
-            _finalize()     # every rank agreed: end MPI cleanly (no abort under -m mpi4py)
+            _finalize()  # every rank agreed: end MPI cleanly (no abort under -m mpi4py)
         return code
     except KeyboardInterrupt:
         if size > 1:
-            assert comm is not None   # size > 1: under a launcher
+            assert comm is not None  # size > 1: under a launcher
             comm.Abort(130)
         return 130
     except BrokenPipeError:
@@ -393,7 +420,7 @@ def run_main(main, argv=None) -> int:
         sys.stderr.write(f"{prefix}unhandled exception, ending the job\n{traceback.format_exc()}")
         sys.stderr.flush()
         if size > 1:
-            assert comm is not None   # size > 1: under a launcher
+            assert comm is not None  # size > 1: under a launcher
             comm.Abort(1)
         return 1
 
@@ -414,6 +441,7 @@ def _error_wait() -> float:
 def _all_ranks_arrive(comm, timeout: float) -> bool:
     """Whether every rank of ``comm`` enters a barrier within ``timeout`` seconds."""
     import time
+
     if comm is None:
         return False
     request = comm.Ibarrier()

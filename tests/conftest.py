@@ -3,6 +3,7 @@
 Under ``mpiexec`` a failing test on one rank would leave the others blocked in communication, so
 any failure aborts the whole job (after its report is printed). Each rank gets its own basetemp.
 """
+
 import os
 import sys
 
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 def _world_size():
     if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
         from mpi4py import MPI
+
         return MPI.COMM_WORLD
     return None
 
@@ -25,9 +27,11 @@ def pytest_configure(config):
     comm = _world_size()
     if comm is not None and comm.Get_size() > 1 and not config.option.basetemp:
         import tempfile
+
         root = os.environ.get("MESHRT_TEST_TMP", tempfile.gettempdir())
         config.option.basetemp = os.path.join(
-            root, f"pytest-meshrt-{os.getppid()}-rank{comm.Get_rank()}")
+            root, f"pytest-meshrt-{os.getppid()}-rank{comm.Get_rank()}"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -37,8 +41,10 @@ def pytest_runtest_makereport(item, call):
     if rep.failed and call.when in ("setup", "call"):
         comm = _world_size()
         if comm is not None and comm.Get_size() > 1:
-            sys.stderr.write(f"\nrank {comm.Get_rank()}: {item.nodeid} failed:\n"
-                             f"{rep.longreprtext}\naborting the MPI job\n")
+            sys.stderr.write(
+                f"\nrank {comm.Get_rank()}: {item.nodeid} failed:\n"
+                f"{rep.longreprtext}\naborting the MPI job\n"
+            )
             sys.stderr.flush()
             comm.Abort(1)
 
@@ -48,6 +54,7 @@ def device_presets():
     """The table of named devices (:data:`meshrt.plmr.PRESETS`), restored after the test, so a
     device that a test registers (:func:`meshrt.plmr.register_device`) does not outlive it."""
     from meshrt.plmr import PRESETS
+
     saved = dict(PRESETS)
     yield PRESETS
     PRESETS.clear()

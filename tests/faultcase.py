@@ -3,6 +3,7 @@
 Each case checks the exit code, the one ``error:`` line, the wall time (no hang), and that no
 file outside the intended output changed (:func:`snapshot` before and after).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,38 +18,68 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
-LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK",
-                 "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",
-                 "SLURM_STEP_ID", "SLURM_PROCID", "MESHRT_FORCE_MPI")
+LAUNCHER_VARS = (
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_SIZE",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "MPI_LOCALNRANKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_NTASKS",
+    "SLURM_STEP_ID",
+    "SLURM_PROCID",
+    "MESHRT_FORCE_MPI",
+)
 ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-ENV.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", OMPI_MCA_pml="ob1",
-           OMPI_MCA_btl="self,sm", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-           MESHRT_ERROR_WAIT="3")
+ENV.update(
+    OMPI_ALLOW_RUN_AS_ROOT="1",
+    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+    PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+    OMPI_MCA_pml="ob1",
+    OMPI_MCA_btl="self,sm",
+    OPENBLAS_NUM_THREADS="1",
+    PYTHONUNBUFFERED="1",
+    MESHRT_ERROR_WAIT="3",
+)
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec in the venv")
 
 
-def run(args, n=None, env=None, timeout=60, module="llm", safe=True, preexec_fn=None,
-        stdout=None):
+def run(args, n=None, env=None, timeout=60, module="llm", safe=True, preexec_fn=None, stdout=None):
     """Run ``python -m MODULE ARGS`` (under ``mpiexec -n n`` if given); (process, seconds).
 
     ``safe`` adds ``-m mpi4py`` under mpiexec (the documented launch form).
     """
     py = [sys.executable] + (["-m", "mpi4py"] if n and safe else [])
-    cmd = ([MPIEXEC, "-n", str(n)] if n else []) + py + (["-m", module] if module else []) \
+    cmd = (
+        ([MPIEXEC, "-n", str(n)] if n else [])
+        + py
+        + (["-m", module] if module else [])
         + [str(a) for a in args]
+    )
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn,
-                       stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
+        stdout=stdout or subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     return p, time.monotonic() - t0
 
 
 def error_lines(text: str) -> list[str]:
     """``error:`` lines of a run's stderr (also ``rank r/N: error:`` ones)."""
-    lines = [line.lstrip("\0 ") for line in text.splitlines()]   # mpiexec may insert NULs
-    return [line for line in lines
-            if line.startswith("error:") or (line.startswith("rank ") and ": error:" in line)]
+    lines = [line.lstrip("\0 ") for line in text.splitlines()]  # mpiexec may insert NULs
+    return [
+        line
+        for line in lines
+        if line.startswith("error:") or (line.startswith("rank ") and ": error:" in line)
+    ]
 
 
 def assert_one_error(p, dt, *phrases, code=2, within=30.0):
@@ -74,8 +105,7 @@ def snapshot(*roots) -> dict:
                 out[str(path)] = ("dir" if path.is_dir() else "link",)
                 continue
             data = path.read_bytes()
-            out[str(path)] = (len(data), path.stat().st_mtime_ns,
-                              hashlib.sha256(data).hexdigest())
+            out[str(path)] = (len(data), path.stat().st_mtime_ns, hashlib.sha256(data).hexdigest())
     return out
 
 

@@ -3,6 +3,7 @@
 ``tests/fixtures/<name>/`` holds ``config.json``, ``model.safetensors`` and ``expected.npz``
 (written by ``tools/make_fixtures.py``); every test that needs them finds them here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

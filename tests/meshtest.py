@@ -1,4 +1,5 @@
 """Helpers for tests that run on any number of ranks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,7 @@ from meshrt.runtime import ControlPlane
 def world():
     """``COMM_WORLD`` (size 1 in a serial run)."""
     from mpi4py import MPI
+
     return MPI.COMM_WORLD
 
 

@@ -7,6 +7,7 @@
 ``OUT.npz`` with ``logits`` f32[P, vocab] and ``tokens`` int64[P, N]. Used by
 ``tests/oracle/test_oracle_gguf.py`` (``make test-oracle``), whose venv has no MPI.
 """
+
 import json
 import sys
 
@@ -17,6 +18,7 @@ from meshrt import runtime
 
 def main(argv):
     from llm.engine.model import MeshModel
+
     shards, prompts_file, out, new = argv[1], argv[2], argv[3], int(argv[4])
     comm = runtime.world()
     comm = comm if comm is not None and comm.Get_size() > 1 else None
@@ -26,7 +28,7 @@ def main(argv):
     for ids in prompts:
         model.start(model.capacity_for(len(ids) + new))
         out_logits = model.prefill(ids)
-        logits.append(model.logits_to_host(out_logits).reshape(-1)[:model.config.vocab_size])
+        logits.append(model.logits_to_host(out_logits).reshape(-1)[: model.config.vocab_size])
         row = [model.pick(out_logits)]
         while len(row) < new:
             row.append(model.pick(model.decode(row[-1])))

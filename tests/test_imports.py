@@ -3,6 +3,7 @@
 A static check (the source is parsed, nothing is imported): every ``import`` and ``from ...
 import`` statement counts, also those inside functions, since a lazy import only hides a cycle.
 """
+
 import ast
 import re
 from pathlib import Path
@@ -39,7 +40,7 @@ def imports_of(name: str, path: Path, known) -> set:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".")
-                base = base[:len(base) - node.level + (1 if is_package else 0)]
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
@@ -48,7 +49,7 @@ def imports_of(name: str, path: Path, known) -> set:
         else:
             continue
         for target in targets:
-            while target and target not in known:        # ``import a.b.c``: the deepest known
+            while target and target not in known:  # ``import a.b.c``: the deepest known
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
@@ -69,7 +70,7 @@ def find_cycle(graph: dict):
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -89,9 +90,9 @@ def find_cycle(graph: dict):
 def test_the_graph_sees_the_project():
     graph = import_graph()
     assert "meshrt.fabric" in graph and "llm.cli" in graph
-    assert "meshrt.mesh" in graph["meshrt.fabric"]          # from .mesh import ...
-    assert "llm.cli.generate" in graph["llm.cli"]            # from . import generate
-    assert "meshrt.runtime" in graph["llm.cli.generate"]     # from meshrt import runtime
+    assert "meshrt.mesh" in graph["meshrt.fabric"]  # from .mesh import ...
+    assert "llm.cli.generate" in graph["llm.cli"]  # from . import generate
+    assert "meshrt.runtime" in graph["llm.cli.generate"]  # from meshrt import runtime
 
 
 def test_no_import_cycle():
@@ -101,8 +102,13 @@ def test_no_import_cycle():
 
 def test_meshrt_imports_nothing_from_llm():
     graph = import_graph()
-    leaks = sorted(f"{m} imports {t}" for m, targets in graph.items() if m.startswith("meshrt")
-                   for t in targets if t == "llm" or t.startswith("llm."))
+    leaks = sorted(
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        if m.startswith("meshrt")
+        for t in targets
+        if t == "llm" or t.startswith("llm.")
+    )
     assert not leaks, "; ".join(leaks)
 
 
@@ -129,8 +135,11 @@ def room_violations(graph: dict) -> list:
 
 
 def test_every_llm_module_lives_in_a_room():
-    homeless = [m for m in import_graph() if m.startswith("llm.") and room_of(m) is None
-                and m != "llm.__main__"]
+    homeless = [
+        m
+        for m in import_graph()
+        if m.startswith("llm.") and room_of(m) is None and m != "llm.__main__"
+    ]
     assert not homeless, f"llm modules outside the rooms {ROOMS}: {homeless}"
 
 
@@ -146,25 +155,42 @@ def test_the_room_order_is_the_documented_one():
     assert tuple(listed) == ROOMS
 
 
-@pytest.mark.parametrize("graph, found", [
-    ({"llm.engine.a": {"llm.modeling.b", "llm.engine.c", "meshrt.fabric"}}, []),
-    ({"llm.storage.a": {"llm.engine.model"}},
-     ["llm.storage.a (storage) imports llm.engine.model (engine)"]),
-    ({"llm.text.t": {"meshrt.mesh"}}, ["llm.text.t (text, mesh-free) imports meshrt.mesh"]),
-    ({"llm.cli.x": {"llm.serve.generate", "llm.cost.predict"}, "llm": {"llm.cli.x"}}, []),
-], ids=["downward", "upward", "mesh-free", "top-room"])
+@pytest.mark.parametrize(
+    "graph, found",
+    [
+        ({"llm.engine.a": {"llm.modeling.b", "llm.engine.c", "meshrt.fabric"}}, []),
+        (
+            {"llm.storage.a": {"llm.engine.model"}},
+            ["llm.storage.a (storage) imports llm.engine.model (engine)"],
+        ),
+        ({"llm.text.t": {"meshrt.mesh"}}, ["llm.text.t (text, mesh-free) imports meshrt.mesh"]),
+        ({"llm.cli.x": {"llm.serve.generate", "llm.cost.predict"}, "llm": {"llm.cli.x"}}, []),
+    ],
+    ids=["downward", "upward", "mesh-free", "top-room"],
+)
 def test_the_room_check_finds_upward_imports(graph, found):
     assert room_violations(graph) == found
 
 
-@pytest.mark.parametrize("sources, cycle", [
-    ({"meshrt/a.py": "from . import b\n", "meshrt/b.py": "def f():\n    from .a import g\n"},
-     ["meshrt.a", "meshrt.b", "meshrt.a"]),
-    ({"meshrt/a.py": "from .b import x\n", "meshrt/b.py": "import numpy\n"}, None),
-    ({"llm/__init__.py": "", "llm/p/__init__.py": "from .q import f\n",
-      "llm/p/q.py": "from .. import r\n", "llm/r.py": "import llm.p\n"},
-     ["llm.p", "llm.p.q", "llm.r", "llm.p"]),
-])
+@pytest.mark.parametrize(
+    "sources, cycle",
+    [
+        (
+            {"meshrt/a.py": "from . import b\n", "meshrt/b.py": "def f():\n    from .a import g\n"},
+            ["meshrt.a", "meshrt.b", "meshrt.a"],
+        ),
+        ({"meshrt/a.py": "from .b import x\n", "meshrt/b.py": "import numpy\n"}, None),
+        (
+            {
+                "llm/__init__.py": "",
+                "llm/p/__init__.py": "from .q import f\n",
+                "llm/p/q.py": "from .. import r\n",
+                "llm/r.py": "import llm.p\n",
+            },
+            ["llm.p", "llm.p.q", "llm.r", "llm.p"],
+        ),
+    ],
+)
 def test_the_check_finds_cycles(tmp_path, sources, cycle):
     """The checker itself: a lazy import closes a cycle; relative imports resolve."""
     for rel, text in sources.items():

@@ -1,4 +1,5 @@
 """Package metadata: the version is written once, in pyproject.toml."""
+
 import re
 from pathlib import Path
 

@@ -4,6 +4,7 @@ Every command runs the same with one process and under ``mpiexec -n N`` / ``srun
 launch form is ``mpiexec -n N python -m mpi4py -m llm ...``. An exception on any rank ends the
 whole job (rank and traceback printed); bad input gives one ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,16 @@ examples:
 
 #: The sub-commands in ``--help`` order; each module has ``add_parser(sub)`` and
 #: ``run(args, plane)`` (``plane``: the job's :class:`meshrt.runtime.ControlPlane`).
-COMMANDS = {"fetch": fetch, "convert": convert, "generate": generate, "chat": chat,
-            "bench": bench, "plan": plan, "info": info, "estimate": estimate}
+COMMANDS = {
+    "fetch": fetch,
+    "convert": convert,
+    "generate": generate,
+    "chat": chat,
+    "bench": bench,
+    "plan": plan,
+    "info": info,
+    "estimate": estimate,
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,35 +58,42 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m llm",
-               description="LLaMA-family inference on an emulated wafer-scale mesh: MPI ranks "
-                           "play blocks of wafer cores, data moves only between neighbouring "
-                           "cores, and a PLMR ledger prices every step as the wafer would.",
-               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
+    p = Parser(
+        prog="python -m llm",
+        description="LLaMA-family inference on an emulated wafer-scale mesh: MPI ranks "
+        "play blocks of wafer cores, data moves only between neighbouring "
+        "cores, and a PLMR ledger prices every step as the wafer would.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser
+    )
     for command in COMMANDS.values():
         command.add_parser(sub)
-    p.set_defaults(quiet=False)     # commands without -q/--quiet log at INFO
+    p.set_defaults(quiet=False)  # commands without -q/--quiet log at INFO
     return p
 
 
 def main(argv=None) -> int:
     """Console entry point (``waferllm`` / ``python -m llm``)."""
+
     def _main(argv):
         from meshrt.mesh import MeshError
 
         from ..modeling.config import ConfigError
         from ..modeling.weights import CheckpointError
         from ..storage.shards import ShardError
+
         args = build_parser().parse_args(argv)
         plane = runtime.ControlPlane.world()
         if plane.size == 1:
-            plane = runtime.ControlPlane.single()    # one process: no communicator at all
+            plane = runtime.ControlPlane.single()  # one process: no communicator at all
         runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
         try:
             return COMMANDS[args.command].run(args, plane)
         except (ShardError, ConfigError, CheckpointError, MeshError) as e:
             # validation errors: detected alike on every rank, so print once and end cleanly
             raise runtime.UsageError(str(e)) from None
+
     return runtime.run_main(_main, argv)

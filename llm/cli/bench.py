@@ -1,4 +1,5 @@
 """``python -m llm bench``: a model at real shapes, emulator wall time beside modeled wafer time."""
+
 from __future__ import annotations
 
 import json
@@ -20,39 +21,64 @@ from .common import (
 
 
 def add_parser(sub) -> None:
-    p = subparser(sub, "bench", "time a model on the emulator and model its wafer time",
-                  "Run prefill and decode of a preset at real shapes with random weights (or a "
-                  "shard set) and report the emulator's wall time beside the modeled wafer "
-                  "time, plus a closed-form estimate for the whole model." + WEIGHTS_NOTE,
-                  "examples:\n"
-                  "  python -m llm bench --preset llama-100m --decode-mesh 8x8\n"
-                  "  mpiexec -n 4 python -m mpi4py -m llm bench --preset llama3-8b --layers 1 "
-                  "--decode-mesh 64x64 --json\n")
+    p = subparser(
+        sub,
+        "bench",
+        "time a model on the emulator and model its wafer time",
+        "Run prefill and decode of a preset at real shapes with random weights (or a "
+        "shard set) and report the emulator's wall time beside the modeled wafer "
+        "time, plus a closed-form estimate for the whole model." + WEIGHTS_NOTE,
+        "examples:\n"
+        "  python -m llm bench --preset llama-100m --decode-mesh 8x8\n"
+        "  mpiexec -n 4 python -m mpi4py -m llm bench --preset llama3-8b --layers 1 "
+        "--decode-mesh 64x64 --json\n",
+    )
     p.add_argument("--preset", default="llama-100m", help="model shapes (default llama-100m)")
-    p.add_argument("--model", metavar="SHARDS", default=None,
-                   help="a converted shard set instead of random preset weights")
-    p.add_argument("--layers", type=positive, default=None, metavar="N",
-                   help="run only the first N layers (the estimate still covers all)")
+    p.add_argument(
+        "--model",
+        metavar="SHARDS",
+        default=None,
+        help="a converted shard set instead of random preset weights",
+    )
+    p.add_argument(
+        "--layers",
+        type=positive,
+        default=None,
+        metavar="N",
+        help="run only the first N layers (the estimate still covers all)",
+    )
     add_mesh_args(p, "8x8")
     p.add_argument("--prompt-len", type=positive, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=positive, default=16, help="decoded tokens (default 16)")
     add_run_args(p)
     p.add_argument("--seed", type=non_negative, default=0, help="seed of the random weights")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="how random weights are held in memory (kernels widen 16-bit words to "
-                        "float32 per tile); default: the preset's dtype (llama3-8b bfloat16, "
-                        "llama-100m float32). A shard set keeps its own dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="how random weights are held in memory (kernels widen 16-bit words to "
+        "float32 per tile); default: the preset's dtype (llama3-8b bfloat16, "
+        "llama-100m float32). A shard set keeps its own dtype",
+    )
     p.add_argument("--repeat", type=positive, default=3, help="timed runs, median reported")
-    p.add_argument("--warmup", type=non_negative, default=1,
-                   help="untimed runs first (default 1)")
+    p.add_argument("--warmup", type=non_negative, default=1, help="untimed runs first (default 1)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def options(args) -> BenchOptions:
-    return BenchOptions(preset=args.preset, model=args.model, layers=args.layers,
-                        mesh=mesh_spec(args), run=run_options(args), prompt_len=args.prompt_len,
-                        new_tokens=args.new_tokens, seed=args.seed, dtype=args.dtype,
-                        repeat=args.repeat, warmup=args.warmup)
+    return BenchOptions(
+        preset=args.preset,
+        model=args.model,
+        layers=args.layers,
+        mesh=mesh_spec(args),
+        run=run_options(args),
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        repeat=args.repeat,
+        warmup=args.warmup,
+    )
 
 
 def run(args, plane) -> int:
@@ -60,10 +86,14 @@ def run(args, plane) -> int:
     from meshrt.plmr import get_device
 
     from ..serve.bench import format_report, run_bench
+
     log = runtime.setup_logging(plane, name="llm")
     out = run_bench(options(args), plane, log)
     if plane.is_root:
-        print(json.dumps(out, indent=2) if args.json
-              else format_report(out, get_device(args.device).mem_per_core))
+        print(
+            json.dumps(out, indent=2)
+            if args.json
+            else format_report(out, get_device(args.device).mem_per_core)
+        )
         sys.stdout.flush()
     return 0

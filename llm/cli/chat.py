@@ -1,4 +1,5 @@
 """``python -m llm chat``: an interactive multi-turn session (see :mod:`llm.serve.chat`)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ from .common import (
 
 def add_parser(sub) -> None:
     from ..serve.chat import DEFAULT_CONTEXT
+
     p = subparser(
-        sub, "chat", "interactive multi-turn chat with the model's chat template",
+        sub,
+        "chat",
+        "interactive multi-turn chat with the model's chat template",
         "Talk to a chat model on the emulated wafer. Rank 0 reads one user turn per line from "
         "the terminal (or a pipe); every rank runs the mesh. The KV cache is kept across turns: "
         "each turn feeds only its new tokens, never an old turn again. Commands: /reset "
@@ -31,28 +35,53 @@ def add_parser(sub) -> None:
         "examples:\n"
         "  mpiexec -n 2 python -m mpi4py -m llm chat --model shards/smollm2\n"
         "  printf 'Hi!\\nWhat did I just say?\\n/exit\\n' | mpiexec -n 2 python -m mpi4py -m llm chat "
-        "--model shards/smollm2 --json\n")
-    p.add_argument("--model", metavar="PATH", required=True,
-                   help="shard set (from convert) or HF model directory, with a chat template")
-    p.add_argument("--system", metavar="TEXT", default=None,
-                   help="system message (default: the template's own, if any)")
-    p.add_argument("--max-new-tokens", type=positive, default=256,
-                   help="longest reply, in tokens (default 256)")
-    p.add_argument("--context", type=positive, default=None, metavar="TOKENS",
-                   help=f"tokens the session keeps in the KV cache (default "
-                        f"{DEFAULT_CONTEXT} or the model's context if shorter); a turn that "
-                        "does not fit starts a new conversation")
+        "--model shards/smollm2 --json\n",
+    )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        required=True,
+        help="shard set (from convert) or HF model directory, with a chat template",
+    )
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        default=None,
+        help="system message (default: the template's own, if any)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive,
+        default=256,
+        help="longest reply, in tokens (default 256)",
+    )
+    p.add_argument(
+        "--context",
+        type=positive,
+        default=None,
+        metavar="TOKENS",
+        help=f"tokens the session keeps in the KV cache (default "
+        f"{DEFAULT_CONTEXT} or the model's context if shorter); a turn that "
+        "does not fit starts a new conversation",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     add_mesh_args(p, None, " (default: as converted; for an HF directory 2x2 cores per rank)")
     add_run_args(p)
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 check of the shard files (sizes are still checked)")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON line per turn on stdout (fed ids, cached count, reply ids, "
-                        "text, metrics) instead of streamed text")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the sha256 check of the shard files (sizes are still checked)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON line per turn on stdout (fed ids, cached count, reply ids, "
+        "text, metrics) instead of streamed text",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no per-turn timing lines")
 
 
@@ -65,7 +94,7 @@ def read_line(plane, interactive: bool):
             sys.stderr.flush()
         text = sys.stdin.readline()
         line = None if text == "" else text.rstrip("\n")
-    return plane.bcast(line)          # control plane: the user's turn
+    return plane.bcast(line)  # control plane: the user's turn
 
 
 def run(args, plane) -> int:
@@ -76,6 +105,7 @@ def run(args, plane) -> int:
     from ..serve.generate import format_metrics, load_model
     from ..text.chat_template import ChatTemplate, ChatTemplateError
     from ..text.tokenizer import StreamDecoder, load_tokenizer
+
     rank = plane.rank
     log = runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
     try:
@@ -95,13 +125,25 @@ def run(args, plane) -> int:
     tokenizer = load_tokenizer(tok_dir, model.config)
     context = min(args.context or DEFAULT_CONTEXT, model.config.max_position_embeddings)
     if args.max_new_tokens >= context:
-        raise runtime.UsageError(f"--max-new-tokens {args.max_new_tokens} must be smaller than "
-                                 f"the session context of {context} tokens")
-    session = ChatSession(model, tokenizer, template, sampler, model.config.eos_ids,
-                          args.max_new_tokens, context, args.system)
+        raise runtime.UsageError(
+            f"--max-new-tokens {args.max_new_tokens} must be smaller than "
+            f"the session context of {context} tokens"
+        )
+    session = ChatSession(
+        model,
+        tokenizer,
+        template,
+        sampler,
+        model.config.eos_ids,
+        args.max_new_tokens,
+        context,
+        args.system,
+    )
     interactive = rank == 0 and sys.stdin.isatty()
-    log.info(f"chat with {model.config.name or model.config.family}: context {context} tokens, "
-             "/reset for a new conversation, /exit or end of input to stop")
+    log.info(
+        f"chat with {model.config.name or model.config.family}: context {context} tokens, "
+        "/reset for a new conversation, /exit or end of input to stop"
+    )
     turn_no = 0
     while True:
         line = read_line(plane, interactive)
@@ -129,16 +171,29 @@ def run(args, plane) -> int:
         if rank == 0:
             if args.json:
                 reply = [t for t in gen.new_ids if t not in session.stop_ids]
-                print(json.dumps({"turn": turn_no, "fed_ids": turn.fed_ids,
-                                  "cached": turn.cached, "reprefilled": turn.reprefilled,
-                                  "new_ids": gen.new_ids, "text": tokenizer.decode(reply),
-                                  **gen.metrics()}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "turn": turn_no,
+                            "fed_ids": turn.fed_ids,
+                            "cached": turn.cached,
+                            "reprefilled": turn.reprefilled,
+                            "new_ids": gen.new_ids,
+                            "text": tokenizer.decode(reply),
+                            **gen.metrics(),
+                        }
+                    ),
+                    flush=True,
+                )
             else:
                 sys.stdout.write(streamer.flush() + "\n")
                 sys.stdout.flush()
                 if not args.quiet:
-                    print(f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
-                          f"the cache] " + format_metrics(gen.metrics(), model.decode_fabric
-                                                          .ledger.device.name),
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
+                        f"the cache] "
+                        + format_metrics(gen.metrics(), model.decode_fabric.ledger.device.name),
+                        file=sys.stderr,
+                        flush=True,
+                    )
     return 0

@@ -3,6 +3,7 @@
 Each type checks one command-line value at parse time, so bad input ends as one ``error:`` line
 (exit code 2) before any MPI work; see :class:`llm.cli.Parser`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,20 +31,25 @@ the emulator would add the placing time (minutes on paper-size meshes) to every 
 # value types
 # ----------------------------------------------------------------------------------------------
 
+
 def grid(what: str):
     """argparse type: check ``PYxPX`` now, keep the text (commands parse it themselves)."""
+
     def check(text: str) -> str:
         from meshrt.mesh import MeshError, parse_grid
+
         try:
             parse_grid(text, what)
         except MeshError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         return text
+
     return check
 
 
 def int_at_least(minimum: int, words: str):
     """An argparse type: an integer ``>= minimum``; ``words`` says the bound in the error."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -52,6 +58,7 @@ def int_at_least(minimum: int, words: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be {words}")
         return value
+
     return parse
 
 
@@ -98,7 +105,8 @@ def token_ids(text: str) -> str:
     if not parts or bad:
         raise argparse.ArgumentTypeError(
             f"{(bad or [text])[0]!r} is not a token id (non-negative integers separated by "
-            "commas or spaces, e.g. 1,450,4996)")
+            "commas or spaces, e.g. 1,450,4996)"
+        )
     return text
 
 
@@ -110,54 +118,94 @@ def allreduce(text: str) -> str:
 # sub-parsers and option groups
 # ----------------------------------------------------------------------------------------------
 
+
 def subparser(sub, name: str, help: str, description: str, epilog: str = ""):
     """A sub-command parser whose description and epilog keep their line breaks."""
-    return sub.add_parser(name, help=help, description=description, epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_mesh_args(p, decode_default: str | None, what: str = "") -> None:
     """``--decode-mesh``, ``--prefill-mesh`` and ``--ranks``."""
-    p.add_argument("--decode-mesh", type=grid("decode mesh"), default=decode_default,
-                   metavar="PYxPX",
-                   help=f"virtual mesh of the decode phase{what}"
-                        + (f" (default {decode_default})" if decode_default else ""))
-    p.add_argument("--prefill-mesh", type=grid("prefill mesh"), default=None, metavar="PYxPX",
-                   help="virtual mesh of the prefill phase (default: the shard set's, else the "
-                        "decode mesh)")
-    p.add_argument("--ranks", type=grid("rank grid"), default=None, metavar="RYxRX",
-                   help="MPI rank grid; must multiply to the running rank count and divide the "
-                        "meshes (default: the squarest grid that fits)")
+    p.add_argument(
+        "--decode-mesh",
+        type=grid("decode mesh"),
+        default=decode_default,
+        metavar="PYxPX",
+        help=f"virtual mesh of the decode phase{what}"
+        + (f" (default {decode_default})" if decode_default else ""),
+    )
+    p.add_argument(
+        "--prefill-mesh",
+        type=grid("prefill mesh"),
+        default=None,
+        metavar="PYxPX",
+        help="virtual mesh of the prefill phase (default: the shard set's, else the decode mesh)",
+    )
+    p.add_argument(
+        "--ranks",
+        type=grid("rank grid"),
+        default=None,
+        metavar="RYxRX",
+        help="MPI rank grid; must multiply to the running rank count and divide the "
+        "meshes (default: the squarest grid that fits)",
+    )
 
 
 def add_run_args(p) -> None:
     """Options of commands that run the model on the mesh (generate, chat, bench)."""
-    p.add_argument("--kv-policy", choices=["shift", "concat"], default="shift",
-                   help="KV cache: shift (balanced rows, the paper's) or concat (default shift)")
-    p.add_argument("--device", default="wse2",
-                   help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...")
-    p.add_argument("--allreduce", type=allreduce, choices=["ktree", "pipeline", "ring"],
-                   default="ktree",
-                   help="allreduce of every GEMV and reduction (default ktree; meshgemv, the "
-                        "paper's name, is ktree)")
-    p.add_argument("--groups", type=positive, default=None,
-                   help="K-tree first-level group count (default: about sqrt of the line)")
-    p.add_argument("--emulation", choices=["exact", "aggregated"], default="aggregated",
-                   help="aggregated (default): K-tree allreduces combine rank partials in one "
-                        "sweep of neighbour messages per direction, the same sums and modeled "
-                        "cost with fewer MPI messages (measured faster, most with more ranks "
-                        "than cores); exact: every tree level runs as its own neighbour messages")
+    p.add_argument(
+        "--kv-policy",
+        choices=["shift", "concat"],
+        default="shift",
+        help="KV cache: shift (balanced rows, the paper's) or concat (default shift)",
+    )
+    p.add_argument(
+        "--device",
+        default="wse2",
+        help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...",
+    )
+    p.add_argument(
+        "--allreduce",
+        type=allreduce,
+        choices=["ktree", "pipeline", "ring"],
+        default="ktree",
+        help="allreduce of every GEMV and reduction (default ktree; meshgemv, the "
+        "paper's name, is ktree)",
+    )
+    p.add_argument(
+        "--groups",
+        type=positive,
+        default=None,
+        help="K-tree first-level group count (default: about sqrt of the line)",
+    )
+    p.add_argument(
+        "--emulation",
+        choices=["exact", "aggregated"],
+        default="aggregated",
+        help="aggregated (default): K-tree allreduces combine rank partials in one "
+        "sweep of neighbour messages per direction, the same sums and modeled "
+        "cost with fewer MPI messages (measured faster, most with more ranks "
+        "than cores); exact: every tree level runs as its own neighbour messages",
+    )
 
 
 def grid_or_none(text):
     """``None`` or ``"4x4"`` -> ``None`` or ``(4, 4)``."""
     from meshrt.mesh import parse_grid
+
     return None if text is None else parse_grid(text)
 
 
 # ----------------------------------------------------------------------------------------------
 # parsed arguments -> typed options
 # ----------------------------------------------------------------------------------------------
+
 
 def mesh_spec(args) -> MeshSpec:
     """``--decode-mesh``, ``--prefill-mesh``, ``--ranks`` (checked by argparse already)."""
@@ -166,8 +214,13 @@ def mesh_spec(args) -> MeshSpec:
 
 def run_options(args) -> RunOptions:
     """``--kv-policy``, ``--device``, ``--allreduce``, ``--groups``, ``--emulation``."""
-    return RunOptions(kv_policy=args.kv_policy, device=args.device, allreduce=args.allreduce,
-                      groups=args.groups, emulation=args.emulation)
+    return RunOptions(
+        kv_policy=args.kv_policy,
+        device=args.device,
+        allreduce=args.allreduce,
+        groups=args.groups,
+        emulation=args.emulation,
+    )
 
 
 def sampling_options(args) -> SamplingOptions:

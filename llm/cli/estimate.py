@@ -5,6 +5,7 @@ tabulates square meshes; ``--plot`` draws TPR against mesh side for the paper's 
 ``--paper-table`` writes the prediction table of the paper's settings (JSON and markdown);
 ``--calibration`` prints the device constants and their residuals on the allowed points.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,36 +49,76 @@ for them), and "method" says so.
 
 def add_parser(sub):
     """Register ``estimate`` on the subcommand set ``sub``."""
-    p = subparser(sub, "estimate",
-                  help="closed-form wafer predictions (TTFT, TPOT, TPR, KV capacity)",
-                  description=DESCRIPTION,
-                  epilog=EPILOG)
+    p = subparser(
+        sub,
+        "estimate",
+        help="closed-form wafer predictions (TTFT, TPOT, TPR, KV capacity)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     p.add_argument("--preset", default=None, help="model preset (e.g. llama3-8b, qwen2-72b)")
-    p.add_argument("--prefill-mesh", default=None, metavar="PYxPX",
-                   help="prefill mesh (default: the decode mesh)")
+    p.add_argument(
+        "--prefill-mesh",
+        default=None,
+        metavar="PYxPX",
+        help="prefill mesh (default: the decode mesh)",
+    )
     p.add_argument("--decode-mesh", default=None, metavar="PYxPX", help="decode mesh")
-    p.add_argument("--prompt-len", type=int, default=CONTEXT, metavar="N",
-                   help=f"prompt tokens (default {CONTEXT})")
-    p.add_argument("--new-tokens", type=int, default=1, metavar="M",
-                   help="generated tokens (default 1: one decode step at context N)")
-    p.add_argument("--device", default="wse2",
-                   help="device preset, optionally with overrides: wse2:task_switch=0,...")
-    p.add_argument("--policy", choices=["shift", "concat"], default="shift",
-                   help="KV cache policy of the decode steps")
-    p.add_argument("--sweep", default=None, metavar="SIDES",
-                   help="comma-separated square mesh sides: decode and prefill TPR per side")
-    p.add_argument("--plot", default=None, metavar="PNG",
-                   help="plot TPR against mesh side for the paper's four models (matplotlib)")
-    p.add_argument("--paper-table", default=None, metavar="DIR",
-                   help="write predictions.json and predictions.md for the paper's settings")
-    p.add_argument("--calibration", action="store_true",
-                   help="print the device constants and residuals on the allowed points")
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=CONTEXT,
+        metavar="N",
+        help=f"prompt tokens (default {CONTEXT})",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=1,
+        metavar="M",
+        help="generated tokens (default 1: one decode step at context N)",
+    )
+    p.add_argument(
+        "--device",
+        default="wse2",
+        help="device preset, optionally with overrides: wse2:task_switch=0,...",
+    )
+    p.add_argument(
+        "--policy",
+        choices=["shift", "concat"],
+        default="shift",
+        help="KV cache policy of the decode steps",
+    )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="SIDES",
+        help="comma-separated square mesh sides: decode and prefill TPR per side",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="plot TPR against mesh side for the paper's four models (matplotlib)",
+    )
+    p.add_argument(
+        "--paper-table",
+        default=None,
+        metavar="DIR",
+        help="write predictions.json and predictions.md for the paper's settings",
+    )
+    p.add_argument(
+        "--calibration",
+        action="store_true",
+        help="print the device constants and residuals on the allowed points",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (the default for one run)")
     return p
 
 
 def _mesh(text: str | None, what: str):
     from meshrt.mesh import MeshError, parse_grid
+
     if text is None:
         return None
     try:
@@ -88,20 +129,24 @@ def _mesh(text: str | None, what: str):
 
 def _config(name: str):
     from ..modeling.config import ConfigError, preset
+
     try:
         return preset(name)
     except ConfigError as e:
         raise runtime.UsageError(str(e)) from None
 
 
-def one(preset_name, prefill_mesh, decode_mesh, prompt, new_tokens, device="wse2",
-        policy="shift") -> dict:
+def one(
+    preset_name, prefill_mesh, decode_mesh, prompt, new_tokens, device="wse2", policy="shift"
+) -> dict:
     """:func:`llm.cost.predict.predict` for a preset name; placement errors become usage errors."""
     from ..cost.predict import predict
     from ..cost.wafer import PlacementError
+
     try:
-        return predict(_config(preset_name), prefill_mesh, decode_mesh, prompt, new_tokens,
-                       device, policy)
+        return predict(
+            _config(preset_name), prefill_mesh, decode_mesh, prompt, new_tokens, device, policy
+        )
     except (PlacementError, ValueError) as e:
         raise runtime.UsageError(f"estimate: {e}") from None
 
@@ -110,6 +155,7 @@ def sweep(preset_name: str, sides, device="wse2", context: int = CONTEXT) -> lis
     """Decode TPR (one step at ``context``) and prefill TPR (``context``-token prompt) per side."""
     from ..cost.predict import decode_tpr
     from ..cost.wafer import PlacementError
+
     config = _config(preset_name)
     rows = []
     for side in sides:
@@ -117,8 +163,12 @@ def sweep(preset_name: str, sides, device="wse2", context: int = CONTEXT) -> lis
         try:
             row["decode_tpr"] = decode_tpr(config, (side, side), device, context)
             r = one(preset_name, (side, side), (side, side), context, 1, device)
-            row.update(prefill_tpr=r["prefill_tpr"], ttft_s=r["ttft_s"],
-                       stages=r["stages"]["prefill"], wafers=r["wafers"])
+            row.update(
+                prefill_tpr=r["prefill_tpr"],
+                ttft_s=r["ttft_s"],
+                stages=r["stages"]["prefill"],
+                wafers=r["wafers"],
+            )
         except (PlacementError, runtime.UsageError) as e:
             row["error"] = str(e)
         rows.append(row)
@@ -131,49 +181,72 @@ def paper_table(device="wse2") -> dict:
     from meshrt.plmr import get_device
 
     from ..cost.predict import decode_tpr
+
     dev = get_device(device)
     out = {"device": dev.to_dict(), "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
     for name in PAPER_MODELS:
         config = _config(name)
-        out["decode"][name] = {s: decode_tpr(config, (s, s), device, CONTEXT)
-                               for s in DECODE_SIDES}
+        out["decode"][name] = {s: decode_tpr(config, (s, s), device, CONTEXT) for s in DECODE_SIDES}
         out["prefill"][name] = {}
         for s in PREFILL_SIDES:
             r = one(name, (s, s), (s, s), CONTEXT, 1, device)
-            out["prefill"][name][s] = {"prefill_tpr": r["prefill_tpr"], "ttft_s": r["ttft_s"],
-                                       "stages": r["stages"]["prefill"], "wafers": r["wafers"]}
+            out["prefill"][name][s] = {
+                "prefill_tpr": r["prefill_tpr"],
+                "ttft_s": r["ttft_s"],
+                "stages": r["stages"]["prefill"],
+                "wafers": r["wafers"],
+            }
     for name, (pm, dm) in E2E_RUNS.items():
         out["e2e"][name] = {}
         for n, m in E2E_LENGTHS:
             r = one(name, (pm, pm), (dm, dm), n, m, device)
-            out["e2e"][name][f"{n}/{m}"] = {k: r[k] for k in (
-                "e2e_tpr", "ttft_s", "tpot_s", "decode_tpr", "stages", "wafers")}
+            out["e2e"][name][f"{n}/{m}"] = {
+                k: r[k] for k in ("e2e_tpr", "ttft_s", "tpot_s", "decode_tpr", "stages", "wafers")
+            }
             out["e2e"][name][f"{n}/{m}"]["meshes"] = f"{pm}->{dm}"
     return out
 
 
 def table_markdown(t: dict) -> str:
     """The :func:`paper_table` result as markdown tables."""
-    lines = [f"Decode TPR (tokens/s, one step with {t['context']} cached tokens)", "",
-             "| model | " + " | ".join(f"{s}x{s}" for s in DECODE_SIDES) + " |",
-             "|---|" + "---:|" * len(DECODE_SIDES)]
+    lines = [
+        f"Decode TPR (tokens/s, one step with {t['context']} cached tokens)",
+        "",
+        "| model | " + " | ".join(f"{s}x{s}" for s in DECODE_SIDES) + " |",
+        "|---|" + "---:|" * len(DECODE_SIDES),
+    ]
     for name, row in t["decode"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in DECODE_SIDES) + " |")
-    lines += ["", f"Prefill TPR (tokens/s = prompt / TTFT, {t['context']}-token prompt; "
-              "stages; wafers)", "",
-              "| model | " + " | ".join(f"{s}x{s}" for s in PREFILL_SIDES) + " |",
-              "|---|" + "---:|" * len(PREFILL_SIDES)]
+    lines += [
+        "",
+        f"Prefill TPR (tokens/s = prompt / TTFT, {t['context']}-token prompt; stages; wafers)",
+        "",
+        "| model | " + " | ".join(f"{s}x{s}" for s in PREFILL_SIDES) + " |",
+        "|---|" + "---:|" * len(PREFILL_SIDES),
+    ]
     for name, row in t["prefill"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{row[s]['prefill_tpr']:.1f} ({row[s]['stages']}; {row[s]['wafers']})"
-            for s in PREFILL_SIDES) + " |")
-    lines += ["", "End-to-end TPR (tokens/s = M / (TTFT + decode time)), prompt/new tokens", "",
-              "| model | meshes | " + " | ".join(f"{n}/{m}" for n, m in E2E_LENGTHS) + " |",
-              "|---|---|" + "---:|" * len(E2E_LENGTHS)]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{row[s]['prefill_tpr']:.1f} ({row[s]['stages']}; {row[s]['wafers']})"
+                for s in PREFILL_SIDES
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "End-to-end TPR (tokens/s = M / (TTFT + decode time)), prompt/new tokens",
+        "",
+        "| model | meshes | " + " | ".join(f"{n}/{m}" for n, m in E2E_LENGTHS) + " |",
+        "|---|---|" + "---:|" * len(E2E_LENGTHS),
+    ]
     for name, row in t["e2e"].items():
         first = next(iter(row.values()))
-        lines.append(f"| {name} | {first['meshes']} | " + " | ".join(
-            f"{row[f'{n}/{m}']['e2e_tpr']:.1f}" for n, m in E2E_LENGTHS) + " |")
+        lines.append(
+            f"| {name} | {first['meshes']} | "
+            + " | ".join(f"{row[f'{n}/{m}']['e2e_tpr']:.1f}" for n, m in E2E_LENGTHS)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -181,18 +254,22 @@ def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
     """PNG of decode and prefill TPR against mesh side for the paper's four models."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise runtime.UsageError("--plot needs matplotlib (pip install matplotlib, or "
-                                 "`make predict`, which installs it)") from None
+        raise runtime.UsageError(
+            "--plot needs matplotlib (pip install matplotlib, or `make predict`, which installs it)"
+        ) from None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in PAPER_MODELS:
         rows = [r for r in sweep(name, list(sides), device) if "error" not in r]
-        axes[0].plot([r["side"] for r in rows], [r["decode_tpr"] for r in rows], marker=".",
-                     label=name)
-        axes[1].plot([r["side"] for r in rows], [r["prefill_tpr"] for r in rows], marker=".",
-                     label=name)
+        axes[0].plot(
+            [r["side"] for r in rows], [r["decode_tpr"] for r in rows], marker=".", label=name
+        )
+        axes[1].plot(
+            [r["side"] for r in rows], [r["prefill_tpr"] for r in rows], marker=".", label=name
+        )
     for ax, what in zip(axes, ("decode TPR (1/TPOT), 4K context", "prefill TPR, 4K prompt")):
         ax.set_xlabel("mesh side (cores)")
         ax.set_ylabel("tokens/s")
@@ -201,6 +278,7 @@ def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     from meshrt.plmr import get_device
+
     fig.suptitle(f"Modeled {get_device(device).name} throughput per request (llm estimate)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -209,6 +287,7 @@ def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
 
 def run(args, plane=None) -> int:
     from meshrt.plmr import get_device
+
     try:
         device = get_device(args.device)
     except ValueError as e:
@@ -216,6 +295,7 @@ def run(args, plane=None) -> int:
     did = False
     if args.calibration:
         from ..cost.calibration import report
+
         print(report(device))
         did = True
     if args.paper_table:
@@ -238,30 +318,36 @@ def run(args, plane=None) -> int:
         try:
             sides = [int(s) for s in args.sweep.split(",") if s.strip()]
         except ValueError:
-            raise runtime.UsageError(f"estimate: --sweep {args.sweep!r}: expected sides like "
-                                     "420,540,660") from None
+            raise runtime.UsageError(
+                f"estimate: --sweep {args.sweep!r}: expected sides like 420,540,660"
+            ) from None
         rows = sweep(args.preset, sides, device, args.prompt_len)
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
-            print(f"{'side':>6s} {'decode TPR':>12s} {'prefill TPR':>12s} {'stages':>7s} "
-                  f"{'wafers':>7s}")
+            print(
+                f"{'side':>6s} {'decode TPR':>12s} {'prefill TPR':>12s} {'stages':>7s} "
+                f"{'wafers':>7s}"
+            )
             for r in rows:
                 if "error" in r:
                     print(f"{r['side']:6d}  {r['error']}")
                 else:
-                    print(f"{r['side']:6d} {r['decode_tpr']:12.1f} {r['prefill_tpr']:12.1f} "
-                          f"{r['stages']:7d} {r['wafers']:7d}")
+                    print(
+                        f"{r['side']:6d} {r['decode_tpr']:12.1f} {r['prefill_tpr']:12.1f} "
+                        f"{r['stages']:7d} {r['wafers']:7d}"
+                    )
         did = True
     if not did or (args.preset and args.decode_mesh):
         if not args.preset or not args.decode_mesh:
-            raise runtime.UsageError("estimate: give --preset and --decode-mesh (or --sweep, "
-                                     "--plot, --paper-table, --calibration)")
+            raise runtime.UsageError(
+                "estimate: give --preset and --decode-mesh (or --sweep, "
+                "--plot, --paper-table, --calibration)"
+            )
         if args.prompt_len < 1 or args.new_tokens < 1:
             raise runtime.UsageError("estimate: --prompt-len and --new-tokens must be >= 1")
         dmesh = _mesh(args.decode_mesh, "decode mesh")
         pmesh = _mesh(args.prefill_mesh, "prefill mesh") or dmesh
-        r = one(args.preset, pmesh, dmesh, args.prompt_len, args.new_tokens, device,
-                args.policy)
+        r = one(args.preset, pmesh, dmesh, args.prompt_len, args.new_tokens, device, args.policy)
         print(json.dumps(r, indent=None if args.json else 1))
     return 0

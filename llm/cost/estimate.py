@@ -16,6 +16,7 @@ the masked blocks shortens no step on a square mesh (it saves energy, not time).
 public prefill kernel likewise applies no mask and computes every block
 (``waferllm-code-notes.md`` §4.2); see the README's pricing rules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,18 +61,23 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
         cores = None if op.axis is None else mesh[op.axis]
         local = P.local_costs(op, run)
         if kind == "embed_broadcast":
-            led.io(4, 1)                                     # the token id enters the wafer
+            led.io(4, 1)  # the token id enters the wafer
             led.charge(name, broadcast_cost(cores, run.token_col, d["seg"]))
         elif kind == "embed_fetch":
             ids = np.asarray(run.ids, dtype=np.int64)
             led.io(4 * ids.size, 1)
-            led.charge(name, fetch_cost(ids // d["vocab_rows"], np.arange(ids.size) // d["rows"],
-                                        cores, d["seg"]))
+            led.charge(
+                name,
+                fetch_cost(
+                    ids // d["vocab_rows"], np.arange(ids.size) // d["rows"], cores, d["seg"]
+                ),
+            )
         elif kind == "norm":
             spec.charge(led, cores, d["rows"], f"{name}/allreduce")
         elif kind == "gemv":
-            estimate_meshgemv(d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led,
-                              name=name)
+            estimate_meshgemv(
+                d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led, name=name
+            )
         elif kind == "gemm":
             estimate_meshgemm(d["m"], d["k"], d["n"], mesh, device, True, led, name)
         elif kind == "kv_append":
@@ -86,21 +92,23 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
         elif kind == "grouped_scores":
             estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
         elif kind == "grouped_pv":
-            estimate_grouped_meshgemm(d["m"], d["k"], d["n"], d["groups"], mesh, device, False,
-                                      led, name)
+            estimate_grouped_meshgemm(
+                d["m"], d["k"], d["n"], d["groups"], mesh, device, False, led, name
+            )
         elif kind == "argmax":
             spec.charge(led, cores, 1, f"{name}/value")
             spec.charge(led, cores, 1, f"{name}/index")
-            led.io(4, 1)                                     # the token leaves the wafer
+            led.io(4, 1)  # the token leaves the wafer
         elif kind == "prompt_logits":
-            led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))   # float32, gathered by the host
+            led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))  # float32, gathered by the host
         elif kind not in ("add", "vocab_mask", "rope", "swiglu"):
             raise ValueError(f"no price for op kind {kind!r}")
         P.charge_local(led, name, local)
 
 
-def price_layers(ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec,
-                 run: P.Pass) -> None:
+def price_layers(
+    ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass
+) -> None:
     """:func:`price` a layer program once per layer, under the sections ``layer{i}``.
 
     Every layer does the same work, and each layer's records live under its own names, so the
@@ -114,7 +122,7 @@ def price_layers(ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: Al
         price(ops, one, lay, spec, run)
     for i in range(layers):
         for name, t in one.ops.items():
-            dst = led.ops[f"layer{i}" + name[len("layer0"):]]
+            dst = led.ops[f"layer{i}" + name[len("layer0") :]]
             for f in dataclasses.fields(t):
                 setattr(dst, f.name, getattr(dst, f.name) + getattr(t, f.name))
         led.io_bytes += one.io_bytes
@@ -141,10 +149,19 @@ def decode_resident_words(config: ModelConfig, mesh: tuple[int, int], capacity: 
     return decode_weight_words(config, mesh) + capacity * kv_words_per_token(config, mesh)
 
 
-def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
-                 context: int = 1, policy: str = "shift", prompt: int = 0, token_col: int = 0,
-                 allreduce: AllreduceSpec = KTREE, greedy: bool = True,
-                 ledger: Ledger | None = None, kv_capacity: int | None = None) -> Ledger:
+def decode_token(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    device: Device | str = "wse2",
+    context: int = 1,
+    policy: str = "shift",
+    prompt: int = 0,
+    token_col: int = 0,
+    allreduce: AllreduceSpec = KTREE,
+    greedy: bool = True,
+    ledger: Ledger | None = None,
+    kv_capacity: int | None = None,
+) -> Ledger:
     """Ledger of one decode step with ``context`` tokens in the cache after it.
 
     Parameters
@@ -166,13 +183,16 @@ def decode_token(config: ModelConfig, mesh: tuple[int, int], device: Device | st
     lay = PhaseLayout(config, *mesh)
     fill = row_fill(policy, context, mesh[0], prompt)
     cap = kv_capacity if kv_capacity is not None else fill
-    run = P.Pass(fill=fill, shifts=policy == "shift" and (context - 1) % mesh[0] != 0,
-                 capacity=cap, token_col=token_col)
+    run = P.Pass(
+        fill=fill,
+        shifts=policy == "shift" and (context - 1) % mesh[0] != 0,
+        capacity=cap,
+        token_col=token_col,
+    )
     led.memory("decode/resident", decode_resident_words(config, mesh, cap))
     price(P.decode_head(lay), led, lay, allreduce, run)
     price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run)
-    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce,
-          run)
+    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce, run)
     return led
 
 
@@ -187,8 +207,12 @@ def kv_words_per_token(config: ModelConfig, mesh: tuple[int, int]) -> int:
     return kv_slot_words(PhaseLayout(config, *mesh))
 
 
-def kv_capacity(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
-                free_bytes: float | None = None) -> dict:
+def kv_capacity(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    device: Device | str = "wse2",
+    free_bytes: float | None = None,
+) -> dict:
     """Tokens the decode KV cache can hold in each core's free memory, per policy.
 
     ``free_bytes`` defaults to the device memory minus the decode weights per core.
@@ -198,18 +222,30 @@ def kv_capacity(config: ModelConfig, mesh: tuple[int, int], device: Device | str
         free_bytes = device.mem_per_core - decode_weight_words(config, mesh) * device.word_bytes
     per_token = kv_words_per_token(config, mesh) * device.word_bytes
     slots = max(0, int(free_bytes // per_token))
-    return {"free_bytes_per_core": free_bytes, "bytes_per_token_per_core": per_token,
-            "concat": slots, "shift": slots * mesh[0]}
+    return {
+        "free_bytes_per_core": free_bytes,
+        "bytes_per_token_per_core": per_token,
+        "concat": slots,
+        "shift": slots * mesh[0],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Prefill (time to first token)
 # ----------------------------------------------------------------------------------------------
 
-def prefill(config: ModelConfig, mesh: tuple[int, int], tokens: int,
-            device: Device | str = "wse2", decode_mesh: tuple[int, int] | None = None,
-            allreduce: AllreduceSpec = KTREE, ids=None, all_logits: bool = False,
-            ledger: Ledger | None = None) -> Ledger:
+
+def prefill(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    tokens: int,
+    device: Device | str = "wse2",
+    decode_mesh: tuple[int, int] | None = None,
+    allreduce: AllreduceSpec = KTREE,
+    ids=None,
+    all_logits: bool = False,
+    ledger: Ledger | None = None,
+) -> Ledger:
     """Ledger of prefilling ``tokens`` prompt tokens on ``mesh``, hand-off to decode included.
 
     Exactly the records :class:`llm.engine.prefill.MeshPrefiller` and the
@@ -250,22 +286,33 @@ def prefill_resident_words(lay: PhaseLayout, tokens: int) -> int:
     return prefill_weight_words(lay) + P.prefill_activation_words(lay, tokens)
 
 
-def first_token(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
-                allreduce: AllreduceSpec = KTREE, greedy: bool = True,
-                ledger: Ledger | None = None) -> Ledger:
+def first_token(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    device: Device | str = "wse2",
+    allreduce: AllreduceSpec = KTREE,
+    greedy: bool = True,
+    ledger: Ledger | None = None,
+) -> Ledger:
     """Decode-mesh records of the first token after prefill: final norm and LM head of the
     handed-off hidden state, then (``greedy``) the argmax on the mesh."""
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
-    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce,
-          P.Pass())
+    price(
+        P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce, P.Pass()
+    )
     return led
 
 
-def ttft(config: ModelConfig, prefill_mesh: tuple[int, int], tokens: int,
-         decode_mesh: tuple[int, int] | None = None, device: Device | str = "wse2",
-         **kwargs) -> dict:
+def ttft(
+    config: ModelConfig,
+    prefill_mesh: tuple[int, int],
+    tokens: int,
+    decode_mesh: tuple[int, int] | None = None,
+    device: Device | str = "wse2",
+    **kwargs,
+) -> dict:
     """Modeled time to first token: prefill (with the hand-off) plus the first pick.
 
     Returns
@@ -278,11 +325,20 @@ def ttft(config: ModelConfig, prefill_mesh: tuple[int, int], tokens: int,
     device = get_device(device)
     decode_mesh = decode_mesh or prefill_mesh
     pre = prefill(config, prefill_mesh, tokens, device, decode_mesh, **kwargs)
-    first = first_token(config, decode_mesh, device,
-                        **{k: v for k, v in kwargs.items() if k == "allreduce"})
+    first = first_token(
+        config, decode_mesh, device, **{k: v for k, v in kwargs.items() if k == "allreduce"}
+    )
     a, b = pre.totals(), first.totals()
     cycles = a.cycles + b.cycles
-    return {"seconds": device.seconds(cycles), "cycles": cycles, "prefill_cycles": a.cycles,
-            "first_token_cycles": b.cycles, "compute_cycles": a.compute_cycles + b.compute_cycles,
-            "comm_cycles": a.comm_cycles + b.comm_cycles, "peak_memory_bytes": pre.peak_memory,
-            "violations": pre.violations(), "prefill_ledger": pre, "first_token_ledger": first}
+    return {
+        "seconds": device.seconds(cycles),
+        "cycles": cycles,
+        "prefill_cycles": a.cycles,
+        "first_token_cycles": b.cycles,
+        "compute_cycles": a.compute_cycles + b.compute_cycles,
+        "comm_cycles": a.comm_cycles + b.comm_cycles,
+        "peak_memory_bytes": pre.peak_memory,
+        "violations": pre.violations(),
+        "prefill_ledger": pre,
+        "first_token_ledger": first,
+    }

@@ -21,6 +21,7 @@ Timeline of a request with a ``N``-token prompt and ``M`` new tokens (batch 1)::
 When both phases' regions fit the wafer together, the weights stay where they are and the
 hand-off's weight re-placement is not paid; otherwise it is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,15 @@ from meshrt.plmr import Device, Ledger, get_device
 
 from . import estimate
 from ..modeling.config import ModelConfig
-from .wafer import (PlacementError, Shelves, WaferPlan, kv_capacity, place, place_phase,
-                    stage_transfers)
+from .wafer import (
+    PlacementError,
+    Shelves,
+    WaferPlan,
+    kv_capacity,
+    place,
+    place_phase,
+    stage_transfers,
+)
 
 __all__ = ["predict", "modeled_wafer", "format_modeled_wafer", "PlacementError"]
 
@@ -54,9 +62,15 @@ def _ops_cycles(led: Ledger, suffix: str) -> float:
 _DECODE_STEPS: dict = {}
 
 
-def decode_step_cycles(config: ModelConfig, mesh: tuple[int, int], device: Device,
-                       context: int, policy: str = "shift", prompt: int = 0,
-                       allreduce: AllreduceSpec = KTREE) -> float:
+def decode_step_cycles(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    device: Device,
+    context: int,
+    policy: str = "shift",
+    prompt: int = 0,
+    allreduce: AllreduceSpec = KTREE,
+) -> float:
     """Cycles of one decode step (all layers, one mesh) with ``context`` cached tokens.
 
     Steps with the same fullest-row fill (and shift or not) cost the same: priced once.
@@ -70,20 +84,34 @@ def decode_step_cycles(config: ModelConfig, mesh: tuple[int, int], device: Devic
             _DECODE_STEPS.clear()
 
         def cycles(cfg):
-            return estimate.decode_token(cfg, tuple(mesh), device, context=context,
-                                         policy=policy, prompt=prompt,
-                                         allreduce=allreduce).cycles
+            return estimate.decode_token(
+                cfg,
+                tuple(mesh),
+                device,
+                context=context,
+                policy=policy,
+                prompt=prompt,
+                allreduce=allreduce,
+            ).cycles
+
         _DECODE_STEPS[key] = _affine(cycles, config)
     ends, layer = _DECODE_STEPS[key]
     return ends + config.num_layers * layer
 
 
 @functools.lru_cache(maxsize=256)
-def _ttft_parts(config: ModelConfig, prefill_mesh: tuple, decode_mesh: tuple, tokens: int,
-                device: Device, allreduce: AllreduceSpec = KTREE) -> tuple:
+def _ttft_parts(
+    config: ModelConfig,
+    prefill_mesh: tuple,
+    decode_mesh: tuple,
+    tokens: int,
+    device: Device,
+    allreduce: AllreduceSpec = KTREE,
+) -> tuple:
     def parts(cfg):
         r = estimate.ttft(cfg, prefill_mesh, tokens, decode_mesh, device, allreduce=allreduce)
         return (r["cycles"], _ops_cycles(r["prefill_ledger"], "handoff/weights"))
+
     one, two = parts(_with_layers(config, 1)), parts(_with_layers(config, 2))
     return tuple(2 * a - b for a, b in zip(one, two)), tuple(b - a for a, b in zip(one, two))
 
@@ -91,13 +119,23 @@ def _ttft_parts(config: ModelConfig, prefill_mesh: tuple, decode_mesh: tuple, to
 def transfer_cycles(device: Device, transfers: list[dict]) -> float:
     """Cycles of the stage hand-overs: each a kernel of its own on pre-routed paths."""
     led = Ledger(device)
-    return sum(led.step_cycles(words=t["words"], hops=t["hops"], routings=t["routings"])[0]
-               + device.task_switch for t in transfers)
+    return sum(
+        led.step_cycles(words=t["words"], hops=t["hops"], routings=t["routings"])[0]
+        + device.task_switch
+        for t in transfers
+    )
 
 
-def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tuple[int, int],
-            prompt: int, new_tokens: int, device: Device | str = "wse2",
-            policy: str = "shift", allreduce: AllreduceSpec = KTREE) -> dict:
+def predict(
+    config: ModelConfig,
+    prefill_mesh: tuple[int, int],
+    decode_mesh: tuple[int, int],
+    prompt: int,
+    new_tokens: int,
+    device: Device | str = "wse2",
+    policy: str = "shift",
+    allreduce: AllreduceSpec = KTREE,
+) -> dict:
     """Modeled figures of one request (see the module docstring for the timeline).
 
     Returns
@@ -123,8 +161,9 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
     plan: WaferPlan = place(config, device, pmesh, dmesh, prompt, new_tokens)
     L = config.num_layers
 
-    (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(config, pmesh, dmesh, prompt, device,
-                                                       allreduce)
+    (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(
+        config, pmesh, dmesh, prompt, device, allreduce
+    )
     ttft_cycles = t_ends + L * t_layer
     replace_cycles = w_ends + L * w_layer
     if plan.coexist:
@@ -138,8 +177,10 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
     if new_tokens == 1:
         steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt, allreduce)]
     else:
-        steps = [decode_step_cycles(config, dmesh, device, prompt + j - 1, policy, prompt,
-                                    allreduce) for j in range(2, new_tokens + 1)]
+        steps = [
+            decode_step_cycles(config, dmesh, device, prompt + j - 1, policy, prompt, allreduce)
+            for j in range(2, new_tokens + 1)
+        ]
     steps = [s + dec_xfer for s in steps]
     tpot_cycles = sum(steps) / len(steps)
     decode_total = sum(steps) if new_tokens > 1 else 0.0
@@ -151,59 +192,103 @@ def predict(config: ModelConfig, prefill_mesh: tuple[int, int], decode_mesh: tup
     violations = []
     context = prompt + new_tokens
     if kv["shift"] < context:
-        violations.append(f"the KV cache holds {kv['shift']} tokens (shift), fewer than the "
-                          f"{context} of this request")
+        violations.append(
+            f"the KV cache holds {kv['shift']} tokens (shift), fewer than the "
+            f"{context} of this request"
+        )
     if plan.wafers > 1:
-        violations.append(f"the model needs {plan.wafers} wafers; priced as a layer subset on "
-                          "one wafer, scaled per layer (inter-wafer links excluded)")
+        violations.append(
+            f"the model needs {plan.wafers} wafers; priced as a layer subset on "
+            "one wafer, scaled per layer (inter-wafer links excluded)"
+        )
     wafer_cores = device.cores_x * device.cores_y
     return {
-        "model": config.name or config.family, "device": device.name,
-        "prefill_mesh": list(pmesh), "decode_mesh": list(dmesh),
-        "prompt_len": prompt, "new_tokens": new_tokens, "policy": policy,
-        "ttft_s": ttft_s, "prefill_tpr": prompt / ttft_s,
-        "tpot_s": tpot_s, "decode_tpr": 1.0 / tpot_s,
+        "model": config.name or config.family,
+        "device": device.name,
+        "prefill_mesh": list(pmesh),
+        "decode_mesh": list(dmesh),
+        "prompt_len": prompt,
+        "new_tokens": new_tokens,
+        "policy": policy,
+        "ttft_s": ttft_s,
+        "prefill_tpr": prompt / ttft_s,
+        "tpot_s": tpot_s,
+        "decode_tpr": 1.0 / tpot_s,
         "e2e_tpr": new_tokens / e2e_s,
         "kv_capacity": {"shift": kv["shift"], "concat": kv["concat"]},
         "stages": {"prefill": len(plan.prefill.stages), "decode": len(plan.decode.stages)},
-        "cores": {"prefill": len(plan.prefill.stages) * plan.prefill.cores,
-                  "decode": len(plan.decode.stages) * plan.decode.cores,
-                  "wafer": wafer_cores},
-        "fits": not violations, "violations": violations,
-        "wafers": plan.wafers, "method": plan.method,
-        "parts_s": {"prefill_and_first_token": device.seconds(ttft_cycles - pre_xfer),
-                    "prefill_stage_transfers": device.seconds(pre_xfer),
-                    "weight_replacement": 0.0 if plan.coexist else device.seconds(replace_cycles),
-                    "decode_stage_transfers_per_token": device.seconds(dec_xfer),
-                    "decode_total": device.seconds(decode_total)},
-        "inter_wafer_handovers": {"prefill": sum(t["inter_wafer"] for t in pre_transfers),
-                                  "decode_per_token": sum(t["inter_wafer"]
-                                                          for t in dec_transfers)},
+        "cores": {
+            "prefill": len(plan.prefill.stages) * plan.prefill.cores,
+            "decode": len(plan.decode.stages) * plan.decode.cores,
+            "wafer": wafer_cores,
+        },
+        "fits": not violations,
+        "violations": violations,
+        "wafers": plan.wafers,
+        "method": plan.method,
+        "parts_s": {
+            "prefill_and_first_token": device.seconds(ttft_cycles - pre_xfer),
+            "prefill_stage_transfers": device.seconds(pre_xfer),
+            "weight_replacement": 0.0 if plan.coexist else device.seconds(replace_cycles),
+            "decode_stage_transfers_per_token": device.seconds(dec_xfer),
+            "decode_total": device.seconds(decode_total),
+        },
+        "inter_wafer_handovers": {
+            "prefill": sum(t["inter_wafer"] for t in pre_transfers),
+            "decode_per_token": sum(t["inter_wafer"] for t in dec_transfers),
+        },
         "placement": plan.summary(),
     }
 
 
-def decode_tpr(config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2",
-               context: int = 4096) -> float:
+def decode_tpr(
+    config: ModelConfig, mesh: tuple[int, int], device: Device | str = "wse2", context: int = 4096
+) -> float:
     """Decode TPR of one step with ``context`` cached tokens on a decode-only placement
     (stages and their transfers included): the figure of the paper's decode tables."""
     device = get_device(device)
-    pl = place_phase(config, device, tuple(mesh), "decode", context, context,
-                     Shelves(device.cores_y, device.cores_x))
-    cycles = decode_step_cycles(config, tuple(mesh), device, context) \
-        + transfer_cycles(device, stage_transfers(pl, config, 1))
+    pl = place_phase(
+        config,
+        device,
+        tuple(mesh),
+        "decode",
+        context,
+        context,
+        Shelves(device.cores_y, device.cores_x),
+    )
+    cycles = decode_step_cycles(config, tuple(mesh), device, context) + transfer_cycles(
+        device, stage_transfers(pl, config, 1)
+    )
     return 1.0 / device.seconds(cycles)
 
 
 #: The figures :func:`modeled_wafer` reports (a subset of :func:`predict`'s).
-MODELED_KEYS = ("ttft_s", "prefill_tpr", "tpot_s", "decode_tpr", "e2e_tpr", "kv_capacity",
-                "stages", "cores", "wafers", "method", "fits", "violations")
+MODELED_KEYS = (
+    "ttft_s",
+    "prefill_tpr",
+    "tpot_s",
+    "decode_tpr",
+    "e2e_tpr",
+    "kv_capacity",
+    "stages",
+    "cores",
+    "wafers",
+    "method",
+    "fits",
+    "violations",
+)
 
 
-def modeled_wafer(config: ModelConfig, prefill_mesh: tuple[int, int],
-                  decode_mesh: tuple[int, int], prompt: int, new_tokens: int,
-                  device: Device | str = "wse2", policy: str = "shift",
-                  allreduce: AllreduceSpec = KTREE) -> dict:
+def modeled_wafer(
+    config: ModelConfig,
+    prefill_mesh: tuple[int, int],
+    decode_mesh: tuple[int, int],
+    prompt: int,
+    new_tokens: int,
+    device: Device | str = "wse2",
+    policy: str = "shift",
+    allreduce: AllreduceSpec = KTREE,
+) -> dict:
     """The wafer's figures of one request, as ``llm estimate`` gives them, for other reports.
 
     ``generate`` and ``bench`` call this with their run's config, meshes and token counts so
@@ -218,8 +303,16 @@ def modeled_wafer(config: ModelConfig, prefill_mesh: tuple[int, int],
         small mesh).
     """
     try:
-        r = predict(config, prefill_mesh, decode_mesh, max(1, int(prompt)),
-                    max(1, int(new_tokens)), device, policy, allreduce)
+        r = predict(
+            config,
+            prefill_mesh,
+            decode_mesh,
+            max(1, int(prompt)),
+            max(1, int(new_tokens)),
+            device,
+            policy,
+            allreduce,
+        )
     except PlacementError as e:
         return {"error": str(e)}
     return {k: r[k] for k in MODELED_KEYS}
@@ -229,7 +322,9 @@ def format_modeled_wafer(m: dict, device: str) -> str:
     """One line of :func:`modeled_wafer`'s figures (or why there are none)."""
     if "error" in m:
         return f"modeled wafer ({device}, whole model): not placeable: {m['error']}"
-    return (f"modeled wafer ({device}, whole model, as llm estimate): TTFT "
-            f"{m['ttft_s'] * 1e3:.3f} ms, TPOT {m['tpot_s'] * 1e3:.4f} ms, decode TPR "
-            f"{m['decode_tpr']:.1f} tok/s, e2e TPR {m['e2e_tpr']:.1f} tok/s, stages "
-            f"{m['stages']['prefill']}+{m['stages']['decode']}, {m['wafers']} wafer(s)")
+    return (
+        f"modeled wafer ({device}, whole model, as llm estimate): TTFT "
+        f"{m['ttft_s'] * 1e3:.3f} ms, TPOT {m['tpot_s'] * 1e3:.4f} ms, decode TPR "
+        f"{m['decode_tpr']:.1f} tok/s, e2e TPR {m['e2e_tpr']:.1f} tok/s, stages "
+        f"{m['stages']['prefill']}+{m['stages']['decode']}, {m['wafers']} wafer(s)"
+    )

@@ -36,6 +36,7 @@ region costs, which is what a one-wafer layer-subset measurement contains.
 A mesh larger than the fabric, or a layer that alone does not fit a core, is a
 :class:`PlacementError`.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,10 +47,12 @@ from meshrt.plmr import Device
 from ..modeling.config import ModelConfig
 
 #: What a multi-wafer prediction leaves out, and why (reported in ``method``).
-INTER_WAFER_NOTE = ("inter-wafer links excluded: a hand-over between stages on different "
-                    "wafers is priced as an on-wafer hand-over to the adjacent region, as in a "
-                    "one-wafer layer-subset measurement; the paper gives no wafer-to-wafer "
-                    "link figure to price the link itself")
+INTER_WAFER_NOTE = (
+    "inter-wafer links excluded: a hand-over between stages on different "
+    "wafers is priced as an on-wafer hand-over to the adjacent region, as in a "
+    "one-wafer layer-subset measurement; the paper gives no wafer-to-wafer "
+    "link figure to price the link itself"
+)
 
 
 class PlacementError(ValueError):
@@ -64,13 +67,19 @@ def _cd(a: int, b: int) -> int:
 # Memory per core
 # ----------------------------------------------------------------------------------------------
 
+
 def layer_weight_words(config: ModelConfig, mesh: tuple[int, int]) -> int:
     """Weight elements one layer stores on each core of a ``Py x Px`` mesh."""
     py, px = mesh
     h, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.kv_size
-    words = (_cd(h, py) * _cd(q + 2 * kv, px) + _cd(q, px) * _cd(h, py)
-             + _cd(h, py) * _cd(2 * f, px) + _cd(f, px) * _cd(h, py) + 2 * _cd(h, py))
+    words = (
+        _cd(h, py) * _cd(q + 2 * kv, px)
+        + _cd(q, px) * _cd(h, py)
+        + _cd(h, py) * _cd(2 * f, px)
+        + _cd(f, px) * _cd(h, py)
+        + 2 * _cd(h, py)
+    )
     if config.attention_bias:
         words += _cd(q + 2 * kv, px)
     if config.attention_out_bias:
@@ -112,6 +121,7 @@ def buffer_words(config: ModelConfig, mesh: tuple[int, int], phase: str, tokens:
 # Stages and regions
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Stage:
     """One pipeline stage: consecutive layers on one ``Py x Px`` region.
@@ -122,10 +132,10 @@ class Stage:
 
     first_layer: int
     layers: int
-    weight_bytes: int        # per core
-    kv_bytes: int            # per core, the phase's KV budget
-    buffer_bytes: int        # per core
-    free_bytes: int          # per core, after everything above and the reserve
+    weight_bytes: int  # per core
+    kv_bytes: int  # per core, the phase's KV budget
+    buffer_bytes: int  # per core
+    free_bytes: int  # per core, after everything above and the reserve
     origin: tuple[int, int] | None = None
     wafer: int = 0
 
@@ -146,13 +156,17 @@ class PhasePlacement:
         return self.mesh[0] * self.mesh[1]
 
     def summary(self) -> dict:
-        return {"mesh": list(self.mesh), "stages": len(self.stages), "wafers": self.wafers,
-                "method": self.method, "kv_tokens": self.kv_tokens,
-                "layers_per_stage": [s.layers for s in self.stages],
-                "weight_bytes_per_core": [s.weight_bytes for s in self.stages],
-                "free_bytes_per_core": [s.free_bytes for s in self.stages],
-                "origins": [None if s.origin is None else [s.wafer, *s.origin]
-                            for s in self.stages]}
+        return {
+            "mesh": list(self.mesh),
+            "stages": len(self.stages),
+            "wafers": self.wafers,
+            "method": self.method,
+            "kv_tokens": self.kv_tokens,
+            "layers_per_stage": [s.layers for s in self.stages],
+            "weight_bytes_per_core": [s.weight_bytes for s in self.stages],
+            "free_bytes_per_core": [s.free_bytes for s in self.stages],
+            "origins": [None if s.origin is None else [s.wafer, *s.origin] for s in self.stages],
+        }
 
 
 def split_layers(layers: int, stages: int) -> list[int]:
@@ -161,8 +175,14 @@ def split_layers(layers: int, stages: int) -> list[int]:
     return [base + (i < extra) for i in range(stages)]
 
 
-def stage_stack(config: ModelConfig, mesh: tuple[int, int], device: Device, phase: str,
-                tokens: int, kv_tokens: int) -> list[Stage]:
+def stage_stack(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    device: Device,
+    phase: str,
+    tokens: int,
+    kv_tokens: int,
+) -> list[Stage]:
     """The fewest stages whose every core holds its weights, KV budget, buffers and reserve.
 
     ``tokens``: prompt length (prefill) or cached positions (decode) for the buffers;
@@ -170,13 +190,15 @@ def stage_stack(config: ModelConfig, mesh: tuple[int, int], device: Device, phas
     """
     py, px = mesh
     if py > device.cores_y or px > device.cores_x:
-        raise PlacementError(f"{phase} mesh {py}x{px} is larger than the {device.name} fabric "
-                             f"({device.cores_y}x{device.cores_x} usable cores)")
+        raise PlacementError(
+            f"{phase} mesh {py}x{px} is larger than the {device.name} fabric "
+            f"({device.cores_y}x{device.cores_x} usable cores)"
+        )
     wb, mem = device.word_bytes, device.mem_per_core
     per_layer = layer_weight_words(config, mesh) * wb
     table = table_words(config, mesh) * wb
     buffers = buffer_words(config, mesh, phase, tokens) * wb
-    kv_rows = _cd(kv_tokens, py) if kv_tokens else 0   # prompt rows (prefill) or shift fill
+    kv_rows = _cd(kv_tokens, py) if kv_tokens else 0  # prompt rows (prefill) or shift fill
     kv_layer = kv_rows * kv_token_words(config, mesh, 1) * wb
     first_table = table if phase == "prefill" or config.tie_word_embeddings else 0
     last_table = table if phase == "decode" else 0
@@ -184,8 +206,11 @@ def stage_stack(config: ModelConfig, mesh: tuple[int, int], device: Device, phas
         split = split_layers(config.num_layers, n)
         stages, start = [], 0
         for i, layers in enumerate(split):
-            w = layers * per_layer + (first_table if i == 0 else 0) \
+            w = (
+                layers * per_layer
+                + (first_table if i == 0 else 0)
                 + (last_table if i == n - 1 and not (i == 0 and first_table) else 0)
+            )
             kv = layers * kv_layer
             free = mem - device.reserved_bytes - w - kv - buffers
             stages.append(Stage(start, layers, int(w), int(kv), int(buffers), int(free)))
@@ -197,7 +222,8 @@ def stage_stack(config: ModelConfig, mesh: tuple[int, int], device: Device, phas
         f"{phase} on {py}x{px}: one layer alone needs {need / 1024:.1f} KiB per core "
         f"(weights {per_layer / 1024:.1f}, KV {kv_layer / 1024:.1f}, buffers "
         f"{buffers / 1024:.1f}, reserve {device.reserved_bytes / 1024:.1f}) of the "
-        f"{mem / 1024:.0f} KiB a {device.name} core has")
+        f"{mem / 1024:.0f} KiB a {device.name} core has"
+    )
 
 
 class Shelves:
@@ -205,7 +231,7 @@ class Shelves:
 
     def __init__(self, height: int, width: int):
         self.height, self.width = height, width
-        self.shelves: list[list[int]] = []   # [y, shelf height, next free x]
+        self.shelves: list[list[int]] = []  # [y, shelf height, next free x]
 
     def place(self, h: int, w: int) -> tuple[int, int] | None:
         if h > self.height or w > self.width:
@@ -222,8 +248,9 @@ class Shelves:
         return y, 0
 
 
-def transfer_cost(phase: PhasePlacement, a: Stage, b: Stage, config: ModelConfig,
-                  tokens: int) -> dict:
+def transfer_cost(
+    phase: PhasePlacement, a: Stage, b: Stage, config: ModelConfig, tokens: int
+) -> dict:
     """Record arguments of handing a phase's activations from stage ``a`` to stage ``b``.
 
     Every core sends its tile to the core at the same position of the next region along a
@@ -243,7 +270,7 @@ def transfer_cost(phase: PhasePlacement, a: Stage, b: Stage, config: ModelConfig
     h = config.hidden_size
     inter = a.wafer != b.wafer
     if a.origin is None or b.origin is None or inter:
-        hops = py   # a layer subset (or the next wafer) priced as the adjacent region below
+        hops = py  # a layer subset (or the next wafer) priced as the adjacent region below
     else:
         hops = abs(a.origin[0] - b.origin[0]) + abs(a.origin[1] - b.origin[1])
     if phase.phase == "decode":
@@ -256,6 +283,7 @@ def transfer_cost(phase: PhasePlacement, a: Stage, b: Stage, config: ModelConfig
 # ----------------------------------------------------------------------------------------------
 # The plan of a run
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class WaferPlan:
@@ -274,19 +302,29 @@ class WaferPlan:
     @property
     def method(self) -> str:
         if self.wafers > 1:
-            return ("layer-subset: layers priced on one wafer a subset at a time and scaled "
-                    "per layer (the paper's method for models larger than a wafer); "
-                    + INTER_WAFER_NOTE)
+            return (
+                "layer-subset: layers priced on one wafer a subset at a time and scaled "
+                "per layer (the paper's method for models larger than a wafer); " + INTER_WAFER_NOTE
+            )
         return "placed: every stage of both phases on one wafer"
 
     def summary(self) -> dict:
-        return {"prefill": self.prefill.summary(), "decode": self.decode.summary(),
-                "coexist": self.coexist, "wafers": self.wafers, "method": self.method}
+        return {
+            "prefill": self.prefill.summary(),
+            "decode": self.decode.summary(),
+            "coexist": self.coexist,
+            "wafers": self.wafers,
+            "method": self.method,
+        }
 
 
 def place_phase(config, device, mesh, phase, tokens, kv_tokens, shelves) -> PhasePlacement:
-    pl = PhasePlacement(phase, tuple(mesh), kv_tokens,
-                        stage_stack(config, tuple(mesh), device, phase, tokens, kv_tokens))
+    pl = PhasePlacement(
+        phase,
+        tuple(mesh),
+        kv_tokens,
+        stage_stack(config, tuple(mesh), device, phase, tokens, kv_tokens),
+    )
     regions = []
     for _ in pl.stages:
         spot = shelves.place(*mesh)
@@ -309,8 +347,14 @@ def place_phase(config, device, mesh, phase, tokens, kv_tokens, shelves) -> Phas
     return pl
 
 
-def place(config: ModelConfig, device: Device, prefill_mesh: tuple[int, int],
-          decode_mesh: tuple[int, int], prompt: int, new_tokens: int) -> WaferPlan:
+def place(
+    config: ModelConfig,
+    device: Device,
+    prefill_mesh: tuple[int, int],
+    decode_mesh: tuple[int, int],
+    prompt: int,
+    new_tokens: int,
+) -> WaferPlan:
     """Stages and regions of a run: a ``prompt``-token prefill then ``new_tokens`` decodes.
 
     Raises
@@ -327,9 +371,16 @@ def place(config: ModelConfig, device: Device, prefill_mesh: tuple[int, int],
     together.shelves = [list(s) for s in shelves.shelves]
     dec = place_phase(config, device, decode_mesh, "decode", context, context, together)
     coexist = pre.method == "placed" and dec.method == "placed"
-    if not coexist:   # decode takes the whole wafer after the switch
-        dec = place_phase(config, device, decode_mesh, "decode", context, context,
-                           Shelves(device.cores_y, device.cores_x))
+    if not coexist:  # decode takes the whole wafer after the switch
+        dec = place_phase(
+            config,
+            device,
+            decode_mesh,
+            "decode",
+            context,
+            context,
+            Shelves(device.cores_y, device.cores_x),
+        )
     return WaferPlan(config, device, pre, dec, coexist)
 
 
@@ -338,8 +389,9 @@ def stage_transfers(pl: PhasePlacement, config: ModelConfig, tokens: int) -> lis
     return [transfer_cost(pl, a, b, config, tokens) for a, b in zip(pl.stages, pl.stages[1:])]
 
 
-def kv_capacity(config: ModelConfig, device: Device, decode_mesh: tuple[int, int],
-                wafers: int | None = None) -> dict:
+def kv_capacity(
+    config: ModelConfig, device: Device, decode_mesh: tuple[int, int], wafers: int | None = None
+) -> dict:
     """Longest context the decode cache can hold, for the shift and concat policies.
 
     The decode weights, buffers and reserve of every stage are subtracted from the memory of
@@ -351,11 +403,18 @@ def kv_capacity(config: ModelConfig, device: Device, decode_mesh: tuple[int, int
     py, px = decode_mesh
     wb = device.word_bytes
     stages = stage_stack(config, tuple(decode_mesh), device, "decode", 1, 0)
-    n = wafers or max(1, math.ceil(len(stages) / max(
-        1, (device.cores_y // py) * (device.cores_x // px))))
+    n = wafers or max(
+        1, math.ceil(len(stages) / max(1, (device.cores_y // py) * (device.cores_x // px)))
+    )
     pool = n * device.cores_x * device.cores_y * (device.mem_per_core - device.reserved_bytes)
     used = sum(s.weight_bytes + s.buffer_bytes for s in stages) * py * px
     per_token = kv_token_words(config, decode_mesh, config.num_layers) * wb * px
     tokens = max(0.0, (pool - used) / per_token)
-    return {"shift": int(tokens), "concat": int(tokens / py), "exact_shift": tokens,
-            "wafers": n, "free_bytes": pool - used, "bytes_per_token": per_token}
+    return {
+        "shift": int(tokens),
+        "concat": int(tokens / py),
+        "exact_shift": tokens,
+        "wafers": n,
+        "free_bytes": pool - used,
+        "bytes_per_token": per_token,
+    }

@@ -19,6 +19,7 @@ Every step checks its logits: if any is not finite, :class:`NonFiniteError` name
 layer whose output held a non-finite value (each layer's output is checked as it is produced;
 a few element tests per core, against the layer's GEMVs).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,26 +58,43 @@ class MeshDecoder:
         Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).
     """
 
-    def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict, cache: KVCache,
-                 allreduce: AllreduceSpec = KTREE):
+    def __init__(
+        self,
+        fab: Fabric,
+        lay: PhaseLayout,
+        layers: list,
+        glob: dict,
+        cache: KVCache,
+        allreduce: AllreduceSpec = KTREE,
+    ):
         self.fab, self.lay, self.layers, self.cache = fab, lay, layers, cache
         self.spec = allreduce
         self.glob = dict(glob)
         if "lm_head" not in self.glob:  # tied: the embedding tiles E[v-seg px, h-seg py], used
-            self.glob["lm_head"] = np.swapaxes(self.glob["embed"], 2, 3)   # transposed per tile
+            self.glob["lm_head"] = np.swapaxes(self.glob["embed"], 2, 3)  # transposed per tile
         c = lay.config
         self.g = c.group_size
-        self.scale = np.float32(c.head_dim ** -0.5)
+        self.scale = np.float32(c.head_dim**-0.5)
         self.vocab_seg = lay.vocab // lay.px
-        self.vocab_index = (fab.index(X)[:, None] * self.vocab_seg
-                            + np.arange(self.vocab_seg)[None, :])       # int[bx, V/Px]
+        self.vocab_index = (
+            fab.index(X)[:, None] * self.vocab_seg + np.arange(self.vocab_seg)[None, :]
+        )  # int[bx, V/Px]
         self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
         self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
         self.handlers = {
-            "embed_broadcast": self._embed, "norm": self._norm, "gemv": self._gemv,
-            "rope": self._rope, "kv_append": self._kv_append, "cache_scores": self._scores,
-            "softmax": self._softmax, "cache_pv": self._pv, "add": self._add,
-            "swiglu": self._swiglu, "vocab_mask": self._vocab_mask, "argmax": self._argmax}
+            "embed_broadcast": self._embed,
+            "norm": self._norm,
+            "gemv": self._gemv,
+            "rope": self._rope,
+            "kv_append": self._kv_append,
+            "cache_scores": self._scores,
+            "softmax": self._softmax,
+            "cache_pv": self._pv,
+            "add": self._add,
+            "swiglu": self._swiglu,
+            "vocab_mask": self._vocab_mask,
+            "argmax": self._argmax,
+        }
 
     # -- the executor ----------------------------------------------------------------------
     def execute(self, ops: list, acts: dict, weights: dict, run: P.Pass) -> dict:
@@ -88,8 +106,12 @@ class MeshDecoder:
 
     def _pass(self, token: int) -> P.Pass:
         c = self.cache
-        return P.Pass(fill=c.max_fill, shifts=c.shifting, capacity=c.capacity,
-                      token_col=int(token) // self.vocab_seg)
+        return P.Pass(
+            fill=c.max_fill,
+            shifts=c.shifting,
+            capacity=c.capacity,
+            token_col=int(token) // self.vocab_seg,
+        )
 
     # -- op handlers -----------------------------------------------------------------------
     def _allreduce(self, a, axis, op="sum", name="allreduce", words=None):
@@ -103,33 +125,40 @@ class MeshDecoder:
 
     def _embed(self, op, w, run):
         """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]``."""
-        e = w[op.weight]                                         # [by, bx, V/Px, H/Py]
+        e = w[op.weight]  # [by, bx, V/Px, H/Py]
         mine = np.zeros((self.fab.by, self.fab.bx, e.shape[3]), np.float32)
         j = run.token_col - self.fab.origin[X]
-        if 0 <= j < self.fab.bx:     # only the core column holding the token reads its table
+        if 0 <= j < self.fab.bx:  # only the core column holding the token reads its table
             mine[:, j] = widen(e[:, j, self._token % self.vocab_seg, :])
-        self.fab.ledger.io(4, 1)                                 # the token id enters the wafer
+        self.fab.ledger.io(4, 1)  # the token id enters the wafer
         return broadcast(self.fab, mine, op.axis, run.token_col, name=op.name)
 
     def _norm(self, op, w, run, x):
         """HF RMSNorm of a Y-vector: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
         c = self.lay.config
-        ss = np.einsum("abi,abi->ab", x, x)[..., None]           # f32[by, bx, 1]
+        ss = np.einsum("abi,abi->ab", x, x)[..., None]  # f32[by, bx, 1]
         ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
         P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
         return F.rms_scale(x, inv, w[op.weight])
 
     def _gemv(self, op, w, run, x):
-        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, name=op.name,
-                       priced=P.gemv_tile(op, (self.lay.py, self.lay.px)))
+        out = meshgemv(
+            self.fab,
+            x,
+            w[op.weight],
+            op.dims["input_axis"],
+            self.spec,
+            name=op.name,
+            priced=P.gemv_tile(op, (self.lay.py, self.lay.px)),
+        )
         return out + w[op.bias] if op.bias in w else out
 
     def _rope(self, op, w, run, qkv):
         """Split ``q | k | v`` (X-vectors) and rotate q and k at the token's position."""
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
-        q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
-        angle = np.float32(self._pos) * self.glob["rope_freq"]   # f32[by, bx, kv/Px]
+        q, k, v = qkv[..., :tq], qkv[..., tq : tq + tk], qkv[..., tq + tk :]
+        angle = np.float32(self._pos) * self.glob["rope_freq"]  # f32[by, bx, kv/Px]
         cos, sin = np.cos(angle), np.sin(angle)
         q = F.rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
         k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
@@ -143,20 +172,19 @@ class MeshDecoder:
 
     def _scores(self, op, w, run, q):
         """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf)."""
-        heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, nkv]
-        kc = self.cache.k[self._layer]                           # f32[by, bx, cap, kv/Px]
+        heads = self.glob["kv_head"]  # f32[by, bx, kv/Px, nkv]
+        kc = self.cache.k[self._layer]  # f32[by, bx, cap, kv/Px]
         tk, nkv = kc.shape[-1], heads.shape[-1]
-        qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]   # [by,bx,tk,nkv,G]
+        qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]  # [by,bx,tk,nkv,G]
         part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
-        fill = self.cache.max_fill   # the wafer works on filled slots only: the fullest row
+        fill = self.cache.max_fill  # the wafer works on filled slots only: the fullest row
         P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
-        s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce",
-                            words=fill * part.shape[-1])
+        s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce", words=fill * part.shape[-1])
         return np.where(self.cache.valid(), s * self.scale, -np.inf)
 
     def _softmax(self, op, w, run, s):
         """Softmax over the sequence (split along y): max and sum allreduced along y."""
-        valid = self.cache.valid()                               # bool[by, 1, cap, 1]
+        valid = self.cache.valid()  # bool[by, 1, cap, 1]
         m = self._allreduce(s.max(axis=2, keepdims=True), op.axis, "max", f"{op.name}/max")
         e = F.softmax_numerator(s, m, valid)
         z = self._allreduce(e.sum(axis=2, keepdims=True), op.axis, name=f"{op.name}/sum")
@@ -168,11 +196,15 @@ class MeshDecoder:
         heads = self.glob["kv_head"]
         vc = self.cache.v[self._layer]
         nkv = heads.shape[-1]
-        o = np.matmul(np.swapaxes(vc, 2, 3), p)                  # f32[by, bx, kv/Px, nq]
+        o = np.matmul(np.swapaxes(vc, 2, 3), p)  # f32[by, bx, kv/Px, nq]
         o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
         P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
-        return self._allreduce(o.reshape(o.shape[:2] + (-1,)), op.axis,
-                               name=f"{op.name}/allreduce", words=op.dims["tq"])
+        return self._allreduce(
+            o.reshape(o.shape[:2] + (-1,)),
+            op.axis,
+            name=f"{op.name}/allreduce",
+            words=op.dims["tq"],
+        )
 
     def _add(self, op, w, run, a, b):
         return a + b
@@ -193,12 +225,16 @@ class MeshDecoder:
         idx = np.where(logits == best, self.vocab_index[None], np.iinfo(np.int64).max)
         neg = -idx.min(axis=-1, keepdims=True).astype(np.float64)
         tok = -self._allreduce(neg, op.axis, "max", f"{op.name}/index")
-        self.fab.ledger.io(4, 1)                                 # the token leaves the wafer
+        self.fab.ledger.io(4, 1)  # the token leaves the wafer
         return int(tok.reshape(-1)[0])
 
     # -- the step --------------------------------------------------------------------------
-    def logits(self, x: np.ndarray, first_bad: int | None = None,
-               source: str = "the hidden state handed over from prefill") -> np.ndarray:
+    def logits(
+        self,
+        x: np.ndarray,
+        first_bad: int | None = None,
+        source: str = "the hidden state handed over from prefill",
+    ) -> np.ndarray:
         """Final norm and LM head: logits as an X-vector ``f32[by, bx, V/Px]`` (padding -inf).
 
         Checked (:meth:`check`): ``first_bad`` is the first layer (on this rank) whose output was
@@ -241,8 +277,13 @@ class MeshDecoder:
         layers = len(self.layers)
         first = layers if first_bad is None else first_bad
         first = control.allreduce(first, op="min")
-        where = (source if first < 0 else f"layer {first}" if first < layers
-                 else "the final norm or the LM head (every layer's output was finite)")
+        where = (
+            source
+            if first < 0
+            else f"layer {first}"
+            if first < layers
+            else "the final norm or the LM head (every layer's output was finite)"
+        )
         raise NonFiniteError(f"non-finite logits: non-finite values first appear in {where}")
 
     # -- picking the next token -----------------------------------------------------------
@@ -254,6 +295,6 @@ class MeshDecoder:
         """All ``vocab_size`` logits on every rank (control plane, for sampling and tests)."""
         from meshrt import hostio
         from meshrt.ops.gemv import vector_from_tiles
+
         tiles = hostio.gather(self.fab, logits, to_all=True)
         return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
-

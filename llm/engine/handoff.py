@@ -24,6 +24,7 @@ The plan is pure arithmetic on the two layouts and the prompt length, so every r
 same copy. :meth:`Handoff.forward` returns the data for the decoder (the cache rows and the
 hidden state); it never touches the decoder itself.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,8 +76,13 @@ class Handoff:
         Most tokens in a prefill core row; most real features in a decode column.
     """
 
-    def __init__(self, prefill: PhaseLayout, decode: PhaseLayout, tokens: int,
-                 allreduce: AllreduceSpec = KTREE):
+    def __init__(
+        self,
+        prefill: PhaseLayout,
+        decode: PhaseLayout,
+        tokens: int,
+        allreduce: AllreduceSpec = KTREE,
+    ):
         if tokens < 1:
             raise ValueError("empty prompt")
         self.src, self.dst, self.tokens, self.spec = prefill, decode, int(tokens), allreduce
@@ -97,8 +103,9 @@ class Handoff:
         out = {"handoff/weights": weight_switch_cost(lay, dlay)}
         per_item = 2 * lay.config.num_layers
         for name, src, dst, words in (
-                ("handoff/kv/x", self.src_cols, self.dst_cols, self.rows_per_core),
-                ("handoff/kv/y", self.src_rows, self.dst_rows, self.feats_per_core)):
+            ("handoff/kv/x", self.src_cols, self.dst_cols, self.rows_per_core),
+            ("handoff/kv/y", self.src_rows, self.dst_rows, self.feats_per_core),
+        ):
             out[name] = move_cost(*_line_pair(src, dst), words * per_item)
         for phase, c in self.spec.costs(max(lay.px, dlay.px), lay.hidden):
             out["handoff/hidden/gather" + (f"/{phase}" if phase else "")] = c
@@ -134,8 +141,10 @@ class Handoff:
             The last token's hidden state as a decode Y-vector ``f32[by_d, bx_d, H_d/Py_d]``.
         """
         if (src.layout.ry, src.layout.rx) != (dst.layout.ry, dst.layout.rx):
-            raise MeshError(f"prefill ranks {src.layout.ry}x{src.layout.rx} and decode ranks "
-                            f"{dst.layout.ry}x{dst.layout.rx} differ")
+            raise MeshError(
+                f"prefill ranks {src.layout.ry}x{src.layout.rx} and decode ranks "
+                f"{dst.layout.ry}x{dst.layout.rx} differ"
+            )
         return self._kv(src, dst, ks, vs), self._hidden(src, dst, x)
 
     def _kv(self, fab: Fabric, dfab: Fabric, ks: list, vs: list) -> list:
@@ -145,21 +154,26 @@ class Handoff:
         lay, dlay = fab.layout, self.dst
         nl2 = 2 * len(ks)
         by, bx, tl, fp = ks[0].shape
-        data = np.stack(ks + vs)                                 # [2L, by, bx, T/Py, kv/Px]
+        data = np.stack(ks + vs)  # [2L, by, bx, T/Py, kv/Px]
         data = data.transpose(0, 1, 3, 2, 4).reshape(nl2, by * tl, bx * fp)  # rank's rows x feats
         ry, rx = fab.coords
         s, d = rank_bounds(self.src_cols, lay.rx), rank_bounds(self.dst_cols, lay.rx)
-        data = rebalance(fab, data[:, :, :s[rx + 1] - s[rx]], X, 2, s, d, name="handoff/kv")
+        data = rebalance(fab, data[:, :, : s[rx + 1] - s[rx]], X, 2, s, d, name="handoff/kv")
         s, d = rank_bounds(self.src_rows, lay.ry), rank_bounds(self.dst_rows, lay.ry)
-        data = rebalance(fab, data[:, :s[ry + 1] - s[ry]], Y, 1, s, d, name="handoff/kv")
+        data = rebalance(fab, data[:, : s[ry + 1] - s[ry]], Y, 1, s, d, name="handoff/kv")
         # cut into decode cores: [2L, tokens of this rank, bx_d, kv_d/Px_d]
         fd = dlay.kv // dlay.px
         full = np.zeros((nl2, data.shape[1], dfab.bx * fd), np.float32)
-        full[:, :, :data.shape[2]] = data
+        full[:, :, : data.shape[2]] = data
         full = full.reshape(nl2, data.shape[1], dfab.bx, fd)
         bounds = np.concatenate([[0], np.cumsum(self.dst_rows[dfab.index(Y)])])
-        return [tuple([full[j, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-                      for j in (layer, len(ks) + layer)) for layer in range(len(ks))]
+        return [
+            tuple(
+                [full[j, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+                for j in (layer, len(ks) + layer)
+            )
+            for layer in range(len(ks))
+        ]
 
     def _hidden(self, fab: Fabric, dfab: Fabric, x: np.ndarray) -> np.ndarray:
         """The core row holding the last token writes its segments into a zero-filled
@@ -173,12 +187,10 @@ class Handoff:
         if mine.size:
             full[mine[0], np.arange(bx), fab.index(X), :] = x[mine[0], :, slot, :]
         full = full.reshape(by, bx, lay.px * hl)
-        full = allreduce(fab, full, X, "sum", self.spec, record=False,
-                         name="handoff/hidden/gather")
+        full = allreduce(fab, full, X, "sum", self.spec, record=False, name="handoff/hidden/gather")
         full = broadcast(fab, full, Y, row, record=False, name="handoff/hidden/broadcast")
         h = lay.config.hidden_size
         vec = np.zeros(dlay.hidden, np.float32)
         vec[:h] = full[0, 0, :h]
-        seg = vec.reshape(dlay.py, dlay.hidden // dlay.py)[dfab.index(Y)]   # [by_d, H_d/Py_d]
-        return np.ascontiguousarray(np.broadcast_to(seg[:, None],
-                                                    (dfab.by, dfab.bx, seg.shape[1])))
+        seg = vec.reshape(dlay.py, dlay.hidden // dlay.py)[dfab.index(Y)]  # [by_d, H_d/Py_d]
+        return np.ascontiguousarray(np.broadcast_to(seg[:, None], (dfab.by, dfab.bx, seg.shape[1])))

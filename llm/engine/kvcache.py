@@ -13,6 +13,7 @@ the sequence, so the logical order is preserved.
 The bookkeeping (ring heads and fill counts per row) is pure arithmetic on the token count, so
 every rank holds the same copy without communicating.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ def balanced_counts(n_tokens: int, rows: int) -> np.ndarray:
     base, extra = divmod(n_tokens, rows)
     counts = np.full(rows, base, dtype=np.int64)
     if extra:
-        counts[rows - extra:] += 1
+        counts[rows - extra :] += 1
     return counts
 
 
@@ -47,8 +48,9 @@ class KVCache:
     policy : {"shift", "concat"}
     """
 
-    def __init__(self, fab: Fabric, layers: int, kv_per_core: int, capacity: int,
-                 policy: str = "shift"):
+    def __init__(
+        self, fab: Fabric, layers: int, kv_per_core: int, capacity: int, policy: str = "shift"
+    ):
         if policy not in ("shift", "concat"):
             raise ValueError(f"KV policy must be 'shift' or 'concat', not {policy!r}")
         self.fab, self.policy, self.capacity = fab, policy, int(capacity)
@@ -96,7 +98,8 @@ class KVCache:
             raise ContextFullError(
                 f"KV cache full: {n} tokens fill the {self.policy} cache "
                 f"({self.rows} rows x {self.capacity} slots per core"
-                f"{'' if self.policy == 'shift' else ', new tokens only in the bottom row'})")
+                f"{'' if self.policy == 'shift' else ', new tokens only in the bottom row'})"
+            )
         if self.policy == "shift":
             extra = n % self.rows
             senders = np.arange(self.rows - extra, self.rows) if extra else np.arange(0)
@@ -121,21 +124,21 @@ class KVCache:
         :func:`llm.engine.program.kv_shift_cost`).
         """
         fab = self.fab
-        senders, head, count = self._plan                          # state before this token
+        senders, head, count = self._plan  # state before this token
         rows = fab.index(0)
         words = k.shape[-1]
         if len(senders):
             local = np.arange(fab.by)
             receivers = set((senders - 1).tolist())
             for cache in (self.k[layer], self.v[layer]):
-                oldest = cache[local, :, head[rows]]                # f32[by, bx, kv/Px]
-                moved = fab.shift(oldest, 0, -1, op=name)           # row py gets row py+1's
+                oldest = cache[local, :, head[rows]]  # f32[by, bx, kv/Px]
+                moved = fab.shift(oldest, 0, -1, op=name)  # row py gets row py+1's
                 tail = (head[rows] + count[rows]) % self.capacity
                 for i, r in enumerate(rows):
                     if r in receivers:
                         cache[i, :, tail[i]] = moved[i]
-        if rows[-1] == self.rows - 1:        # this rank holds the bottom row: the new entry
-            slot = (head[-1] + count[-1]) % self.capacity      # == the sent oldest if full
+        if rows[-1] == self.rows - 1:  # this rank holds the bottom row: the new entry
+            slot = (head[-1] + count[-1]) % self.capacity  # == the sent oldest if full
             self.k[layer][-1, :, slot] = k[-1]
             self.v[layer][-1, :, slot] = v[-1]
         fab.ledger.memory("kv_cache", 2 * len(self.k) * self.capacity * words)
@@ -151,12 +154,16 @@ class KVCache:
         """Bookkeeping after :meth:`load`: every row starts at slot 0 with ``counts[r]`` tokens."""
         counts = np.asarray(counts, np.int64)
         if counts.max(initial=0) > self.capacity:
-            raise ContextFullError(f"prompt needs {counts.max()} slots per core; capacity is "
-                                   f"{self.capacity}")
+            raise ContextFullError(
+                f"prompt needs {counts.max()} slots per core; capacity is {self.capacity}"
+            )
         self.head[:] = 0
         self.count[:] = counts
 
     def order(self) -> list[tuple[int, int]]:
         """``(row, slot)`` of every cached token in logical order (for tests and inspection)."""
-        return [(r, int((self.head[r] + j) % self.capacity))
-                for r in range(self.rows) for j in range(int(self.count[r]))]
+        return [
+            (r, int((self.head[r] + j) % self.capacity))
+            for r in range(self.rows)
+            for j in range(int(self.count[r]))
+        ]

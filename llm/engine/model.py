@@ -8,6 +8,7 @@ Weights come either from HF tensors in memory (:meth:`MeshModel.from_weights`, s
 tests) or from converted shards (:meth:`MeshModel.from_shards`); both go through the same tile
 producers, so the two paths hold identical blocks.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,19 +48,34 @@ def mesh_layouts(nranks: int, decode_mesh, prefill_mesh=None, ranks=None) -> dic
     prefill_mesh = tuple(prefill_mesh or decode_mesh)
     if ranks is None:
         from meshrt.mesh import default_rank_grid
-        ranks = default_rank_grid(nranks, math.gcd(decode_mesh[0], prefill_mesh[0]),
-                                  math.gcd(decode_mesh[1], prefill_mesh[1]))
+
+        ranks = default_rank_grid(
+            nranks,
+            math.gcd(decode_mesh[0], prefill_mesh[0]),
+            math.gcd(decode_mesh[1], prefill_mesh[1]),
+        )
     if ranks[0] * ranks[1] != nranks:
-        raise MeshError(f"rank grid {ranks[0]}x{ranks[1]} needs {ranks[0] * ranks[1]} ranks but "
-                        f"{nranks} are running")
-    return {"decode": MeshLayout(*decode_mesh, *ranks),
-            "prefill": MeshLayout(*prefill_mesh, *ranks)}
+        raise MeshError(
+            f"rank grid {ranks[0]}x{ranks[1]} needs {ranks[0] * ranks[1]} ranks but "
+            f"{nranks} are running"
+        )
+    return {
+        "decode": MeshLayout(*decode_mesh, *ranks),
+        "prefill": MeshLayout(*prefill_mesh, *ranks),
+    }
 
 
 def _bar(total: int, desc: str, show: bool):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="tensor", disable=None if show else True,
-                leave=False, mininterval=1.0)
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="tensor",
+        disable=None if show else True,
+        leave=False,
+        mininterval=1.0,
+    )
 
 
 class MeshModel:
@@ -87,20 +103,32 @@ class MeshModel:
         (see :class:`meshrt.fabric.Fabric`); results and ledger are the same, MPI messages fewer.
     """
 
-    def __init__(self, config: ModelConfig, control: ControlPlane | None, decode_mesh,
-                 blocks: Mapping, prefill_mesh=None, ranks=None, kv_policy: str = "shift",
-                 device="wse2", allreduce: AllreduceSpec = KTREE, emulation: str = "exact"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        control: ControlPlane | None,
+        decode_mesh,
+        blocks: Mapping,
+        prefill_mesh=None,
+        ranks=None,
+        kv_policy: str = "shift",
+        device="wse2",
+        allreduce: AllreduceSpec = KTREE,
+        emulation: str = "exact",
+    ):
         self.config = config
         self.control = control = control or ControlPlane.single()
         self.layouts = mesh_layouts(control.size, decode_mesh, prefill_mesh, ranks)
         device = get_device(device)
         if emulation not in ("exact", "aggregated"):
             raise ValueError(f"emulation must be 'exact' or 'aggregated', not {emulation!r}")
-        self.fabrics = {ph: Fabric(control, lay, ledger=Ledger(device),
-                                   aggregate=emulation == "aggregated")
-                        for ph, lay in self.layouts.items()}
-        self.phase_layouts = {ph: PhaseLayout(config, lay.py, lay.px)
-                              for ph, lay in self.layouts.items()}
+        self.fabrics = {
+            ph: Fabric(control, lay, ledger=Ledger(device), aggregate=emulation == "aggregated")
+            for ph, lay in self.layouts.items()
+        }
+        self.phase_layouts = {
+            ph: PhaseLayout(config, lay.py, lay.px) for ph, lay in self.layouts.items()
+        }
         self.kv_policy = kv_policy
         self.allreduce = allreduce
         self.blocks = blocks
@@ -110,17 +138,30 @@ class MeshModel:
         self.prefiller = None
         if "prefill" in blocks:
             from .prefill import MeshPrefiller
-            self.prefiller = MeshPrefiller(self.fabrics["prefill"], self.phase_layouts["prefill"],
-                                           *split_layers(blocks["prefill"], config.num_layers),
-                                           allreduce=allreduce)
+
+            self.prefiller = MeshPrefiller(
+                self.fabrics["prefill"],
+                self.phase_layouts["prefill"],
+                *split_layers(blocks["prefill"], config.num_layers),
+                allreduce=allreduce,
+            )
         self.position = 0
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_weights(cls, config: ModelConfig, weights: Mapping,
-                     control: ControlPlane | None = None, decode_mesh=(2, 2), prefill_mesh=None,
-                     ranks=None, phases: Iterable[str] | None = None, storage: str = "float32",
-                     progress: bool | None = None, **kwargs) -> "MeshModel":
+    def from_weights(
+        cls,
+        config: ModelConfig,
+        weights: Mapping,
+        control: ControlPlane | None = None,
+        decode_mesh=(2, 2),
+        prefill_mesh=None,
+        ranks=None,
+        phases: Iterable[str] | None = None,
+        storage: str = "float32",
+        progress: bool | None = None,
+        **kwargs,
+    ) -> "MeshModel":
         """Place HF-named weights on this rank, streamed from ``weights``.
 
         ``weights`` is any mapping of HF names to arrays: a dict, a lazy
@@ -132,32 +173,51 @@ class MeshModel:
         source and are read a row per lookup.
         """
         from ..placement.streamed import place_phases
+
         control = control or ControlPlane.single()
         layouts = mesh_layouts(control.size, decode_mesh, prefill_mesh, ranks)
         todo = {}
-        for phase in (phases or PHASE_SPECS):
+        for phase in phases or PHASE_SPECS:
             lay = layouts[phase]
-            todo[phase] = (PHASE_SPECS[phase](PhaseLayout(config, lay.py, lay.px)),
-                           (lay.py, lay.px), lay.origin(control.coords((lay.ry, lay.rx))),
-                           (lay.by, lay.bx))
+            todo[phase] = (
+                PHASE_SPECS[phase](PhaseLayout(config, lay.py, lay.px)),
+                (lay.py, lay.px),
+                lay.origin(control.coords((lay.ry, lay.rx))),
+                (lay.by, lay.bx),
+            )
         n = len(set().union(*(specs for specs, *_ in todo.values())))
         bar = _bar(n, "placing", control.is_root and progress is not False)
-        blocks = place_phases(todo, weights, storage, config.tie_word_embeddings,
-                              lambda _: bar.update(1))
+        blocks = place_phases(
+            todo, weights, storage, config.tie_word_embeddings, lambda _: bar.update(1)
+        )
         bar.close()
         lay = layouts["decode"]
-        return cls(config, control, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx),
-                   **kwargs)
+        return cls(config, control, decode_mesh, blocks, prefill_mesh, (lay.ry, lay.rx), **kwargs)
 
     @classmethod
-    def from_shards(cls, path, control: ControlPlane | None = None, decode_mesh=None,
-                    prefill_mesh=None, ranks=None, verify: bool = True,
-                    **kwargs) -> "MeshModel":
+    def from_shards(
+        cls,
+        path,
+        control: ControlPlane | None = None,
+        decode_mesh=None,
+        prefill_mesh=None,
+        ranks=None,
+        verify: bool = True,
+        **kwargs,
+    ) -> "MeshModel":
         """Load this rank's blocks from a converted shard set (validated first)."""
         from ..storage.shards import open_shards
-        shards = open_shards(path, control, decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
-                             ranks=ranks, verify=verify)
+
+        shards = open_shards(
+            path,
+            control,
+            decode_mesh=decode_mesh,
+            prefill_mesh=prefill_mesh,
+            ranks=ranks,
+            verify=verify,
+        )
         from ..placement.streamed import Matrix, StoredTable, residency
+
         tied = shards.config.tie_word_embeddings
         blocks = {}
         for ph in shards.phases:
@@ -165,11 +225,14 @@ class MeshModel:
             mesh = shards.mesh(ph)
             specs = PHASE_SPECS[ph](PhaseLayout(shards.config, *mesh))
             for n in shards.names(ph):
-                if residency(ph, n, tied) == "resident":   # matrices stay in storage words
+                if residency(ph, n, tied) == "resident":  # matrices stay in storage words
                     blocks[ph][n] = shards.read(ph, n, words=isinstance(specs.get(n), Matrix))
-                else:       # left in the file: read on use, a row or a tensor at a time
-                    blocks[ph][n] = StoredTable(shards.dataset(ph, n), shards.dtype) \
-                        if n == "embed" else _StoredBlock(shards, ph, n)
+                else:  # left in the file: read on use, a row or a tensor at a time
+                    blocks[ph][n] = (
+                        StoredTable(shards.dataset(ph, n), shards.dtype)
+                        if n == "embed"
+                        else _StoredBlock(shards, ph, n)
+                    )
         dm = shards.mesh("decode")
         pm = shards.mesh("prefill") if "prefill" in shards.phases else dm
         return cls(shards.config, control, dm, blocks, pm, shards.ranks, **kwargs)
@@ -187,8 +250,9 @@ class MeshModel:
         self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, self.allreduce)
         self.position = 0
         weights = sum(b.size for b in self.blocks["decode"].values()) // (fab.by * fab.bx)
-        fab.ledger.memory("decode/resident", weights + 2 * self.config.num_layers * capacity
-                          * (lay.kv // lay.px))
+        fab.ledger.memory(
+            "decode/resident", weights + 2 * self.config.num_layers * capacity * (lay.kv // lay.px)
+        )
 
     def capacity_for(self, tokens: int) -> int:
         """Slots per core so that ``tokens`` fit under the KV policy."""
@@ -208,8 +272,10 @@ class MeshModel:
         if len(ids) == 0:
             raise ValueError("empty prompt")
         if self.position + len(ids) > self.config.max_position_embeddings:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the context of "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens exceeds the context of "
+                f"{self.config.max_position_embeddings}"
+            )
         if self.prefiller is not None and self.position == 0:
             return self._prefill_and_hand_off(ids, all_logits)
         logits, every = None, []
@@ -224,15 +290,20 @@ class MeshModel:
         (priced in the prefill ledger), load the decode cache, then the first logits."""
         from .handoff import Handoff
         from .kvcache import ContextFullError
+
         cache = self.decoder.cache
-        hand = Handoff(self.phase_layouts["prefill"], self.phase_layouts["decode"], len(ids),
-                       self.allreduce)
+        hand = Handoff(
+            self.phase_layouts["prefill"], self.phase_layouts["decode"], len(ids), self.allreduce
+        )
         if hand.dst_rows.max() > cache.capacity:
-            raise ContextFullError(f"prompt of {len(ids)} tokens needs {hand.dst_rows.max()} KV "
-                                   f"slots per decode core; capacity is {cache.capacity}")
+            raise ContextFullError(
+                f"prompt of {len(ids)} tokens needs {hand.dst_rows.max()} KV "
+                f"slots per decode core; capacity is {cache.capacity}"
+            )
         out = self.prefiller.run(ids, all_logits=all_logits)
-        cache_rows, hidden = hand.forward(self.fabrics["prefill"], self.decode_fabric,
-                                          out["k"], out["v"], out["x"])
+        cache_rows, hidden = hand.forward(
+            self.fabrics["prefill"], self.decode_fabric, out["k"], out["v"], out["x"]
+        )
         hand.charge(self.fabrics["prefill"].ledger)
         cache.set_counts(hand.dst_rows)
         for layer, (k_rows, v_rows) in enumerate(cache_rows):
@@ -255,7 +326,7 @@ class MeshModel:
             return self.decoder.argmax(logits)
         full = self.decoder.gather_logits(logits)
         tok = sampler(full) if self.control.is_root else None
-        return int(self.control.bcast(tok))      # control plane: the host's choice
+        return int(self.control.bcast(tok))  # control plane: the host's choice
 
     def logits_to_host(self, logits: np.ndarray) -> np.ndarray:
         return self.decoder.gather_logits(logits)
@@ -269,6 +340,7 @@ class _StoredBlock:
 
     def __init__(self, shards, phase: str, name: str):
         from meshrt.precision import word_dtype
+
         self.shards, self.phase, self.name = shards, phase, name
         self.shape = shards.block_shape(phase, name)
         self.ndim = len(self.shape)

@@ -22,6 +22,7 @@ apart in the grouped kernels. Nothing is transposed or replicated.
 :meth:`MeshPrefiller.run` returns every layer's K/V and the last layer's output; moving them to
 the decode mesh is :class:`llm.engine.handoff.Handoff`'s job.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,20 +59,33 @@ class MeshPrefiller:
         Allreduce of the RMSNorm and softmax reductions along x (K-tree by default).
     """
 
-    def __init__(self, fab: Fabric, lay: PhaseLayout, layers: list, glob: dict,
-                 allreduce: AllreduceSpec = KTREE):
+    def __init__(
+        self,
+        fab: Fabric,
+        lay: PhaseLayout,
+        layers: list,
+        glob: dict,
+        allreduce: AllreduceSpec = KTREE,
+    ):
         self.fab, self.lay, self.layers, self.glob = fab, lay, layers, glob
         self.spec = allreduce
         c = lay.config
         self.g = c.group_size
-        self.scale = np.float32(c.head_dim ** -0.5)
+        self.scale = np.float32(c.head_dim**-0.5)
         blocks = [b for w in layers for b in w.values()] + list(glob.values())
         self.weight_words = sum(b.size for b in blocks) // (fab.by * fab.bx)
         self.handlers = {
-            "embed_fetch": self._embed, "norm": self._norm, "gemm": self._gemm,
-            "rope": self._rope, "grouped_scores": self._scores, "softmax": self._softmax,
-            "grouped_pv": self._pv, "add": self._add, "swiglu": self._swiglu,
-            "prompt_logits": self._prompt_logits}
+            "embed_fetch": self._embed,
+            "norm": self._norm,
+            "gemm": self._gemm,
+            "rope": self._rope,
+            "grouped_scores": self._scores,
+            "softmax": self._softmax,
+            "grouped_pv": self._pv,
+            "add": self._add,
+            "swiglu": self._swiglu,
+            "prompt_logits": self._prompt_logits,
+        }
 
     # -- op handlers -----------------------------------------------------------------------
     def execute(self, ops: list, acts: dict, weights: dict, keep: tuple = ()) -> dict:
@@ -92,17 +106,18 @@ class MeshPrefiller:
     def _embed(self, op, w):
         """Embedding rows of the prompt fetched along y: ``f32[by, bx, T/Py, H/Px]``."""
         ids, tl = self._ids, op.dims["rows"]
-        table = w[op.weight]                                     # f32[by, bx, V/Py, H/Px]
+        table = w[op.weight]  # f32[by, bx, V/Py, H/Px]
         vr = table.shape[2]
         t = np.arange(ids.size)
-        self.fab.ledger.io(4 * ids.size, 1)                      # the token ids enter the wafer
-        return fetch_rows(self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl,
-                          name=op.name)
+        self.fab.ledger.io(4 * ids.size, 1)  # the token ids enter the wafer
+        return fetch_rows(
+            self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl, name=op.name
+        )
 
     def _norm(self, op, w, x):
         """HF RMSNorm of every token row: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
         c = self.lay.config
-        ss = np.einsum("abti,abti->abt", x, x)                   # f32[by, bx, T/Py]
+        ss = np.einsum("abti,abti->abt", x, x)  # f32[by, bx, T/Py]
         ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
         P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
@@ -117,10 +132,10 @@ class MeshPrefiller:
         """Split ``q | k | v`` and rotate q ``f32[by, bx, T/Py, q/Px]`` and k
         ``f32[by, bx, T/Py, kv/Px]`` at the absolute positions of the local token rows."""
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
-        q, k, v = qkv[..., :tq], qkv[..., tq:tq + tk], qkv[..., tq + tk:]
+        q, k, v = qkv[..., :tq], qkv[..., tq : tq + tk], qkv[..., tq + tk :]
         by, bx, tl, _ = k.shape
         pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
-        angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]   # [by,bx,tl,tk]
+        angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]  # [by,bx,tl,tk]
         cos, sin = np.cos(angle), np.sin(angle)
         q = F.rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
         k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
@@ -130,25 +145,33 @@ class MeshPrefiller:
     def _scores(self, op, w, q, k):
         """Scores of all heads ``f32[by, bx, T/Py, G, S/Px, n_kv]`` (causal mask: -inf)."""
         fab, g = self.fab, self.g
-        heads = self.glob["kv_head"]                             # f32[by, bx, kv/Px, n_kv]
+        heads = self.glob["kv_head"]  # f32[by, bx, kv/Px, n_kv]
         by, bx, tl, tk = k.shape
         # rows (t, g), columns kv features: local column slicing of q, no data movement
         qr = q.reshape(by, bx, tl, tk, g).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl * g, tk)
         d = op.dims
-        s = grouped_gemm_t(fab, qr, k, heads, name=op.name,     # [by, bx, tl*g, S/Px, nkv]
-                           priced=(d["m"], d["n"], d["d"]))
+        s = grouped_gemm_t(
+            fab,
+            qr,
+            k,
+            heads,
+            name=op.name,  # [by, bx, tl*g, S/Px, nkv]
+            priced=(d["m"], d["n"], d["d"]),
+        )
         sl, nkv = s.shape[3], s.shape[4]
         s = s.reshape(by, bx, tl, g, sl, nkv)
-        s *= self.scale                                          # in place: s is ours
+        s *= self.scale  # in place: s is ours
         np.copyto(s, np.float32(-np.inf), where=~self._causal(tl, sl))
         return s
 
     def _causal(self, tl: int, sl: int) -> np.ndarray:
         """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token."""
-        t_glob = self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]        # [by, tl]
-        s_glob = self.fab.index(X)[:, None] * sl + np.arange(sl)[None, :]        # [bx, S/Px]
-        return ((s_glob[None, :, None, :] <= t_glob[:, None, :, None])
-                & (s_glob < self._ids.size)[None, :, None, :])[:, :, :, None, :, None]
+        t_glob = self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]  # [by, tl]
+        s_glob = self.fab.index(X)[:, None] * sl + np.arange(sl)[None, :]  # [bx, S/Px]
+        return (
+            (s_glob[None, :, None, :] <= t_glob[:, None, :, None])
+            & (s_glob < self._ids.size)[None, :, None, :]
+        )[:, :, :, None, :, None]
 
     def _softmax(self, op, w, s):
         """Softmax along the keys (split along x): max and sum allreduced along x."""
@@ -170,9 +193,15 @@ class MeshPrefiller:
         by, bx, tl, g, sl, nkv = p.shape
         tk = v.shape[3]
         d = op.dims
-        o = grouped_meshgemm(self.fab, p.reshape(by, bx, tl * g, sl, nkv), v,
-                             self.glob["kv_head"], b_preskewed=False, name=op.name,
-                             priced=(d["m"], d["k"], d["n"]))
+        o = grouped_meshgemm(
+            self.fab,
+            p.reshape(by, bx, tl * g, sl, nkv),
+            v,
+            self.glob["kv_head"],
+            b_preskewed=False,
+            name=op.name,
+            priced=(d["m"], d["k"], d["n"]),
+        )
         return o.reshape(by, bx, tl, g, tk).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl, tk * g)
 
     def _add(self, op, w, a, b):
@@ -185,8 +214,9 @@ class MeshPrefiller:
 
     def _prompt_logits(self, op, w, logits):
         """Every prompt token's logits gathered on every rank (control plane): f32[T, vocab]."""
-        return hostio.gather_matrix(self.fab, logits, (self._ids.size, self.lay.config.vocab_size),
-                                    to_all=True)
+        return hostio.gather_matrix(
+            self.fab, logits, (self._ids.size, self.lay.config.vocab_size), to_all=True
+        )
 
     # -- the whole prompt ------------------------------------------------------------------
     def run(self, ids, all_logits: bool = False) -> dict:
@@ -209,8 +239,9 @@ class MeshPrefiller:
             raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
         self._ids, self._run = ids, P.Pass(ids=tuple(ids.tolist()))
         led = self.fab.ledger
-        led.memory("prefill/resident",
-                   self.weight_words + P.prefill_activation_words(self.lay, ids.size))
+        led.memory(
+            "prefill/resident", self.weight_words + P.prefill_activation_words(self.lay, ids.size)
+        )
         x = self.execute(P.prefill_head(self.lay, ids.size), {}, self.glob)["x"]
         first_bad = None if np.isfinite(x).all() else -1
         ks, vs = [], []
@@ -225,6 +256,7 @@ class MeshPrefiller:
                 first_bad = i
         out = {"k": ks, "v": vs, "x": x, "first_bad": first_bad}
         if all_logits:
-            out["all_logits"] = self.execute(P.prefill_all_logits(self.lay, ids.size), {"x": x},
-                                             self.glob)["all_logits"]
+            out["all_logits"] = self.execute(
+                P.prefill_all_logits(self.lay, ids.size), {"x": x}, self.glob
+            )["all_logits"]
         return out

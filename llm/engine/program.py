@@ -44,6 +44,7 @@ kind                what it does (decode: vectors; prefill: token-row tiles)
 ``prompt_logits``   prefill ``all_logits``: the LM head of every prompt token, gathered
 ==================  =========================================================================
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -53,9 +54,25 @@ from meshrt.plmr import Cost, Ledger
 
 from ..placement.layout import PhaseLayout
 
-KINDS = ("embed_broadcast", "embed_fetch", "norm", "gemv", "gemm", "rope", "kv_append",
-         "cache_scores", "grouped_scores", "softmax", "cache_pv", "grouped_pv", "add", "swiglu",
-         "vocab_mask", "argmax", "prompt_logits")
+KINDS = (
+    "embed_broadcast",
+    "embed_fetch",
+    "norm",
+    "gemv",
+    "gemm",
+    "rope",
+    "kv_append",
+    "cache_scores",
+    "grouped_scores",
+    "softmax",
+    "cache_pv",
+    "grouped_pv",
+    "add",
+    "swiglu",
+    "vocab_mask",
+    "argmax",
+    "prompt_logits",
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,7 @@ class Pass:
 # Local work of each kind, as a function of per-core sizes (shared by emulator and estimator)
 # ----------------------------------------------------------------------------------------------
 
+
 def norm_costs(rows: int, seg: int) -> dict:
     """RMSNorm of ``rows`` vectors whose ``seg`` features sit on a core: sum of squares, then
     scale (multiply by the inverse RMS and the weight)."""
@@ -182,6 +200,7 @@ def charge_local(led: Ledger, name: str, costs: dict) -> None:
 # Priced sizes: the padding the wafer carries
 # ----------------------------------------------------------------------------------------------
 
+
 def wafer_sizes(lay: PhaseLayout) -> dict:
     """Feature sizes the ops are priced at: every real dimension padded, matrix by matrix, to a
     multiple of ``lcm(Py, Px)`` (the mesh side on a square mesh), as the wafer pads it.
@@ -191,8 +210,13 @@ def wafer_sizes(lay: PhaseLayout) -> dict:
     heads sit on its K/V features); those extra zeros are computed but never priced.
     """
     c, u = lay.config, lay.unit
-    return {"hidden": lay.hidden, "ffn": lay.ffn, "vocab": lay.vocab,
-            "q": padded(c.q_size, u), "kv": padded(c.kv_size, u)}
+    return {
+        "hidden": lay.hidden,
+        "ffn": lay.ffn,
+        "vocab": lay.vocab,
+        "q": padded(c.q_size, u),
+        "kv": padded(c.kv_size, u),
+    }
 
 
 def gemv_tile(op: Op, mesh: tuple) -> tuple:
@@ -208,22 +232,38 @@ def gemv_tile(op: Op, mesh: tuple) -> tuple:
 # Decode (MeshGEMV, Y/X-vector alternation)
 # ----------------------------------------------------------------------------------------------
 
+
 def _decode_sizes(lay: PhaseLayout) -> dict:
     c, w = lay.config, wafer_sizes(lay)
-    return {"h_y": w["hidden"] // lay.py, "tq": w["q"] // lay.px, "tk": w["kv"] // lay.px,
-            "tf": w["ffn"] // lay.px, "g": c.group_size, "nkv": c.num_kv_heads, **w}
+    return {
+        "h_y": w["hidden"] // lay.py,
+        "tq": w["q"] // lay.px,
+        "tk": w["kv"] // lay.px,
+        "tf": w["ffn"] // lay.px,
+        "g": c.group_size,
+        "nkv": c.num_kv_heads,
+        **w,
+    }
 
 
 def _gemv(name, src, dst, m, n, input_axis, weight=None):
-    return Op("gemv", name, (src,), (dst,), dims={"m": m, "n": n, "input_axis": input_axis},
-              weight=weight or name, bias=f"{weight or name}_bias")
+    return Op(
+        "gemv",
+        name,
+        (src,),
+        (dst,),
+        dims={"m": m, "n": n, "input_axis": input_axis},
+        weight=weight or name,
+        bias=f"{weight or name}_bias",
+    )
 
 
 def decode_head(lay: PhaseLayout) -> list:
     """The token's embedding row as a Y-vector ``x``."""
     s = _decode_sizes(lay)
-    return [Op("embed_broadcast", "embed", (), ("x",), axis=X, dims={"seg": s["h_y"]},
-               weight="embed")]
+    return [
+        Op("embed_broadcast", "embed", (), ("x",), axis=X, dims={"seg": s["h_y"]}, weight="embed")
+    ]
 
 
 def decode_layer(lay: PhaseLayout) -> list:
@@ -231,8 +271,15 @@ def decode_layer(lay: PhaseLayout) -> list:
     s = _decode_sizes(lay)
     tk, tq, nq = s["tk"], s["tq"], s["g"] * s["nkv"]
     return [
-        Op("norm", "attn_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
-           weight="attn_norm"),
+        Op(
+            "norm",
+            "attn_norm",
+            ("x",),
+            ("h",),
+            axis=Y,
+            dims={"rows": 1, "seg": s["h_y"]},
+            weight="attn_norm",
+        ),
         _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], "y"),
         Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": 1, "tq": tq, "tk": tk}),
         Op("kv_append", "kv_append", ("k", "v"), (), dims={"tk": tk}),
@@ -241,8 +288,15 @@ def decode_layer(lay: PhaseLayout) -> list:
         Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tq": tq}),
         _gemv("o", "a", "o", s["q"], s["hidden"], "x"),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
-        Op("norm", "mlp_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
-           weight="mlp_norm"),
+        Op(
+            "norm",
+            "mlp_norm",
+            ("x",),
+            ("h",),
+            axis=Y,
+            dims={"rows": 1, "seg": s["h_y"]},
+            weight="mlp_norm",
+        ),
         _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], "y"),
         Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": 1, "tf": s["tf"]}),
         _gemv("down", "act", "d", s["ffn"], s["hidden"], "x"),
@@ -253,10 +307,19 @@ def decode_layer(lay: PhaseLayout) -> list:
 def decode_logits(lay: PhaseLayout) -> list:
     """Final norm and LM head: the logits as an X-vector (padding ``-inf``)."""
     s = _decode_sizes(lay)
-    return [Op("norm", "final_norm", ("x",), ("h",), axis=Y, dims={"rows": 1, "seg": s["h_y"]},
-               weight="final_norm"),
-            _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y"),
-            Op("vocab_mask", "vocab_mask", ("logits",), ("logits",))]
+    return [
+        Op(
+            "norm",
+            "final_norm",
+            ("x",),
+            ("h",),
+            axis=Y,
+            dims={"rows": 1, "seg": s["h_y"]},
+            weight="final_norm",
+        ),
+        _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y"),
+        Op("vocab_mask", "vocab_mask", ("logits",), ("logits",)),
+    ]
 
 
 def decode_pick(lay: PhaseLayout) -> list:
@@ -268,25 +331,50 @@ def decode_pick(lay: PhaseLayout) -> list:
 # Prefill (MeshGEMM, grouped dist-GEMM-T, natural token-row tiles)
 # ----------------------------------------------------------------------------------------------
 
+
 def _prefill_sizes(lay: PhaseLayout, tokens: int) -> dict:
     c, w = lay.config, wafer_sizes(lay)
     tp = padded(tokens, lay.unit)
-    return {"tp": tp, "tl": tp // lay.py, "sl": tp // lay.px, "hl": w["hidden"] // lay.px,
-            "tq": w["q"] // lay.px, "tk": w["kv"] // lay.px, "tf": w["ffn"] // lay.px,
-            "g": c.group_size, "nkv": c.num_kv_heads, **w}
+    return {
+        "tp": tp,
+        "tl": tp // lay.py,
+        "sl": tp // lay.px,
+        "hl": w["hidden"] // lay.px,
+        "tq": w["q"] // lay.px,
+        "tk": w["kv"] // lay.px,
+        "tf": w["ffn"] // lay.px,
+        "g": c.group_size,
+        "nkv": c.num_kv_heads,
+        **w,
+    }
 
 
 def _gemm(name, src, dst, m, k, n):
-    return Op("gemm", name, (src,), (dst,), dims={"m": m, "k": k, "n": n}, weight=name,
-              bias=f"{name}_bias")
+    return Op(
+        "gemm",
+        name,
+        (src,),
+        (dst,),
+        dims={"m": m, "k": k, "n": n},
+        weight=name,
+        bias=f"{name}_bias",
+    )
 
 
 def prefill_head(lay: PhaseLayout, tokens: int) -> list:
     """The prompt's embedding rows, ``x`` as ``[T/Py, H/Px]`` tiles."""
     s = _prefill_sizes(lay, tokens)
-    return [Op("embed_fetch", "embed", (), ("x",), axis=Y,
-               dims={"rows": s["tl"], "seg": s["hl"], "vocab_rows": lay.vocab // lay.py},
-               weight="embed")]
+    return [
+        Op(
+            "embed_fetch",
+            "embed",
+            (),
+            ("x",),
+            axis=Y,
+            dims={"rows": s["tl"], "seg": s["hl"], "vocab_rows": lay.vocab // lay.py},
+            weight="embed",
+        )
+    ]
 
 
 def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
@@ -297,14 +385,35 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
     return [
         Op("norm", "attn_norm", ("x",), ("h",), axis=X, dims=norm, weight="attn_norm"),
         _gemm("qkv", "h", "qkv", tp, s["hidden"], s["q"] + 2 * s["kv"]),
-        Op("rope", "rope", ("qkv",), ("q", "k", "v"),
-           dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]}),
-        Op("grouped_scores", "scores", ("q", "k"), ("s",),
-           dims={"m": g * tp, "n": tp, "d": s["kv"], "groups": nkv}),
-        Op("softmax", "softmax", ("s",), ("p",), axis=X,
-           dims={"queries": tl * g * nkv, "keys": s["sl"]}),
-        Op("grouped_pv", "pv", ("p", "v"), ("a",),
-           dims={"m": g * tp, "k": tp, "n": s["kv"], "groups": nkv}),
+        Op(
+            "rope",
+            "rope",
+            ("qkv",),
+            ("q", "k", "v"),
+            dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]},
+        ),
+        Op(
+            "grouped_scores",
+            "scores",
+            ("q", "k"),
+            ("s",),
+            dims={"m": g * tp, "n": tp, "d": s["kv"], "groups": nkv},
+        ),
+        Op(
+            "softmax",
+            "softmax",
+            ("s",),
+            ("p",),
+            axis=X,
+            dims={"queries": tl * g * nkv, "keys": s["sl"]},
+        ),
+        Op(
+            "grouped_pv",
+            "pv",
+            ("p", "v"),
+            ("a",),
+            dims={"m": g * tp, "k": tp, "n": s["kv"], "groups": nkv},
+        ),
         _gemm("o", "a", "o", tp, s["q"], s["hidden"]),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
         Op("norm", "mlp_norm", ("x",), ("h",), axis=X, dims=norm, weight="mlp_norm"),
@@ -318,11 +427,25 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
 def prefill_all_logits(lay: PhaseLayout, tokens: int) -> list:
     """Every prompt token's logits on the prefill mesh (scoring; not on the first-token path)."""
     s = _prefill_sizes(lay, tokens)
-    return [Op("norm", "final_norm", ("x",), ("h",), axis=X,
-               dims={"rows": s["tl"], "seg": s["hl"]}, weight="final_norm"),
-            _gemm("lm_head", "h", "logits", s["tp"], s["hidden"], s["vocab"]),
-            Op("prompt_logits", "prompt_logits", ("logits",), ("all_logits",),
-               dims={"rows": s["tp"], "vocab": lay.vocab})]
+    return [
+        Op(
+            "norm",
+            "final_norm",
+            ("x",),
+            ("h",),
+            axis=X,
+            dims={"rows": s["tl"], "seg": s["hl"]},
+            weight="final_norm",
+        ),
+        _gemm("lm_head", "h", "logits", s["tp"], s["hidden"], s["vocab"]),
+        Op(
+            "prompt_logits",
+            "prompt_logits",
+            ("logits",),
+            ("all_logits",),
+            dims={"rows": s["tp"], "vocab": lay.vocab},
+        ),
+    ]
 
 
 def prefill_activation_words(lay: PhaseLayout, tokens: int) -> int:

@@ -13,6 +13,7 @@ Both ``config.json`` layouts are read: transformers 4 (top-level ``rope_theta``,
 Adding a LLaMA-style family means adding one row to ``_FAMILIES`` (and its tensor names, if they
 differ, to :meth:`ModelConfig.tensor_shapes`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,10 @@ class ConfigError(ValueError):
 class _Family:
     """How one HF ``model_type`` maps onto :class:`ModelConfig`."""
 
-    qkv_bias: bool | str          # fixed value, or the HF key that holds it
-    out_bias: bool | str          # bias on o_proj
+    qkv_bias: bool | str  # fixed value, or the HF key that holds it
+    out_bias: bool | str  # bias on o_proj
     mlp_bias: bool | str
-    sliding_window: str | None    # how the window is stored: None, "plain" or "qwen2"
+    sliding_window: str | None  # how the window is stored: None, "plain" or "qwen2"
     default_theta: float
     default_max_pos: int
     default_bos: int | None
@@ -42,18 +43,42 @@ class _Family:
 
 
 _FAMILIES = {
-    "llama": _Family(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
-                     sliding_window=None, default_theta=10000.0, default_max_pos=2048,
-                     default_bos=1, default_eos=2),
-    "mistral": _Family(qkv_bias=False, out_bias=False, mlp_bias=False, sliding_window="plain",
-                       default_theta=10000.0, default_max_pos=4096 * 32, default_bos=1,
-                       default_eos=2),
-    "qwen2": _Family(qkv_bias=True, out_bias=False, mlp_bias=False, sliding_window="qwen2",
-                     default_theta=10000.0, default_max_pos=32768, default_bos=None,
-                     default_eos=None),
+    "llama": _Family(
+        qkv_bias="attention_bias",
+        out_bias="attention_bias",
+        mlp_bias="mlp_bias",
+        sliding_window=None,
+        default_theta=10000.0,
+        default_max_pos=2048,
+        default_bos=1,
+        default_eos=2,
+    ),
+    "mistral": _Family(
+        qkv_bias=False,
+        out_bias=False,
+        mlp_bias=False,
+        sliding_window="plain",
+        default_theta=10000.0,
+        default_max_pos=4096 * 32,
+        default_bos=1,
+        default_eos=2,
+    ),
+    "qwen2": _Family(
+        qkv_bias=True,
+        out_bias=False,
+        mlp_bias=False,
+        sliding_window="qwen2",
+        default_theta=10000.0,
+        default_max_pos=32768,
+        default_bos=None,
+        default_eos=None,
+    ),
 }
-_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                  "Qwen2ForCausalLM": "qwen2"}
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
 
 
 @dataclass(frozen=True)
@@ -127,16 +152,28 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
         if self.family not in _FAMILIES:
-            raise ConfigError(f"family {self.family!r} is not supported; "
-                              f"supported: {', '.join(sorted(_FAMILIES))}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "max_position_embeddings"):
+            raise ConfigError(
+                f"family {self.family!r} is not supported; "
+                f"supported: {', '.join(sorted(_FAMILIES))}"
+            )
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_kv_heads={self.num_kv_heads} does not divide "
-                              f"num_heads={self.num_heads} (GQA needs whole groups)")
+            raise ConfigError(
+                f"num_kv_heads={self.num_kv_heads} does not divide "
+                f"num_heads={self.num_heads} (GQA needs whole groups)"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         if not self.rms_norm_eps > 0:
@@ -144,24 +181,27 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
         if self.hidden_act != "silu":
-            raise NotImplementedError(f"hidden_act {self.hidden_act!r} is not supported "
-                                      "(only silu)")
+            raise NotImplementedError(
+                f"hidden_act {self.hidden_act!r} is not supported (only silu)"
+            )
         if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
             raise NotImplementedError(
                 f"sliding-window attention (window {self.sliding_window} < context "
                 f"{self.max_position_embeddings}) is not implemented; it equals full attention "
                 f"only for sequences within the window: pass max_context<={self.sliding_window} "
-                "to ModelConfig.from_hf_dict / from_json to run with such a context")
+                "to ModelConfig.from_hf_dict / from_json to run with such a context"
+            )
         if self.rope_scaling is not None:
-            object.__setattr__(self, "rope_scaling",
-                               _check_rope_scaling(dict(self.rope_scaling)))
+            object.__setattr__(self, "rope_scaling", _check_rope_scaling(dict(self.rope_scaling)))
         eos = self.eos_token_id
         eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
         object.__setattr__(self, "eos_token_id", eos)
         for tok in eos + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
             if not 0 <= tok < self.vocab_size:
-                raise ConfigError(f"special token id {tok} is outside the vocabulary "
-                                  f"(vocab_size={self.vocab_size})")
+                raise ConfigError(
+                    f"special token id {tok} is outside the vocabulary "
+                    f"(vocab_size={self.vocab_size})"
+                )
 
     def __hash__(self):
         return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -261,21 +301,34 @@ class ModelConfig:
             Label stored in :attr:`name`.
         """
         family = d.get("model_type") or next(
-            (_ARCHITECTURES[a] for a in d.get("architectures") or () if a in _ARCHITECTURES), None)
+            (_ARCHITECTURES[a] for a in d.get("architectures") or () if a in _ARCHITECTURES), None
+        )
         if family not in _FAMILIES:
-            raise ConfigError(f"model_type {family!r} is not supported; supported: "
-                              f"{', '.join(sorted(_FAMILIES))}")
+            raise ConfigError(
+                f"model_type {family!r} is not supported; supported: {', '.join(sorted(_FAMILIES))}"
+            )
         fam = _FAMILIES[family]
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if d.get(k) is None]
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if d.get(k) is None
+        ]
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing}")
         heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim")
         if head_dim is None:
             if d["hidden_size"] % heads:
-                raise ConfigError(f"hidden_size={d['hidden_size']} is not divisible by "
-                                  f"num_attention_heads={heads} and no head_dim is given")
+                raise ConfigError(
+                    f"hidden_size={d['hidden_size']} is not divisible by "
+                    f"num_attention_heads={heads} and no head_dim is given"
+                )
             head_dim = d["hidden_size"] // heads
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             raise NotImplementedError("partial_rotary_factor != 1 is not supported")
@@ -288,8 +341,9 @@ class ModelConfig:
             max_pos = int(max_context)
 
         window = None
-        if fam.sliding_window == "plain" or (fam.sliding_window == "qwen2"
-                                             and d.get("use_sliding_window")):
+        if fam.sliding_window == "plain" or (
+            fam.sliding_window == "qwen2" and d.get("use_sliding_window")
+        ):
             window = d.get("sliding_window")
 
         def flag(spec):
@@ -339,17 +393,27 @@ class ModelConfig:
         """An HF ``config.json`` dict (transformers 4 layout, which transformers 5 also reads)."""
         archs = {v: k for k, v in _ARCHITECTURES.items()}
         d = {
-            "architectures": [archs[self.family]], "model_type": self.family,
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "hidden_act": self.hidden_act,
+            "architectures": [archs[self.family]],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
             "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
             "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
-            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-            "eos_token_id": (self.eos_token_id[0] if len(self.eos_token_id) == 1
-                             else list(self.eos_token_id) or None),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (
+                self.eos_token_id[0]
+                if len(self.eos_token_id) == 1
+                else list(self.eos_token_id) or None
+            ),
             "torch_dtype": self.dtype,
         }
         if self.family == "llama":
@@ -359,16 +423,21 @@ class ModelConfig:
         elif self.family == "mistral":
             d["sliding_window"] = self.sliding_window
         else:
-            d.update(use_sliding_window=self.sliding_window is not None,
-                     sliding_window=self.sliding_window)
+            d.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+            )
         return d
 
 
 def _parse_rope(d: dict, default_theta: float, max_pos: int) -> tuple[float, dict | None]:
     """(rope_theta, normalised rope_scaling) from either config layout."""
     params = d.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) or v is None
-                                                   for v in params.values()):
+    if (
+        isinstance(params, dict)
+        and params
+        and all(isinstance(v, dict) or v is None for v in params.values())
+    ):
         # Nested per layer type ({"full_attention": {...}, ...}): fine only if all are the same.
         distinct = {json.dumps(v, sort_keys=True) for v in params.values() if v is not None}
         if len(distinct) > 1:
@@ -395,11 +464,20 @@ def _check_rope_scaling(s: dict) -> dict:
     """Validate a rope_scaling dict and keep only the keys that matter, as floats/ints."""
     rope_type = s.get("rope_type", s.get("type"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise NotImplementedError(f"rope type {rope_type!r} is not supported; supported: "
-                                  f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-    keys = {"default": (), "linear": ("factor",),
-            "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                       "original_max_position_embeddings")}[rope_type]
+        raise NotImplementedError(
+            f"rope type {rope_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    keys = {
+        "default": (),
+        "linear": ("factor",),
+        "llama3": (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ),
+    }[rope_type]
     missing = [k for k in keys if s.get(k) is None]
     if missing:
         raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {missing}")
@@ -413,42 +491,115 @@ def _check_rope_scaling(s: dict) -> dict:
 
 # ---------------------------------------------------------------------- presets
 def _llama3_scaling(factor=8.0, low=1.0, high=4.0, original=8192):
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-            "high_freq_factor": high, "original_max_position_embeddings": original}
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
 
 
 PRESETS = {
     # Meta-Llama-3.1-8B shapes (LLaMA3-8B with the 3.1 long-context RoPE scaling).
-    "llama3-8b": dict(family="llama", vocab_size=128256, hidden_size=4096,
-                      intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                      head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                      rope_scaling=_llama3_scaling(), max_position_embeddings=131072,
-                      bos_token_id=128000, eos_token_id=(128001,), dtype="bfloat16"),
-    "llama2-13b": dict(family="llama", vocab_size=32000, hidden_size=5120,
-                       intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
-                       head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=(2,),
-                       dtype="float16"),
-    "codellama-34b": dict(family="llama", vocab_size=32000, hidden_size=8192,
-                          intermediate_size=22016, num_layers=48, num_heads=64, num_kv_heads=8,
-                          head_dim=128, rms_norm_eps=1e-5, rope_theta=1000000.0,
-                          max_position_embeddings=16384, bos_token_id=1, eos_token_id=(2,),
-                          dtype="bfloat16"),
-    "qwen2-72b": dict(family="qwen2", vocab_size=152064, hidden_size=8192,
-                      intermediate_size=29568, num_layers=80, num_heads=64, num_kv_heads=8,
-                      head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                      max_position_embeddings=32768, attention_bias=True,
-                      bos_token_id=151643, eos_token_id=(151643,), dtype="bfloat16"),
+    "llama3-8b": dict(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_llama3_scaling(),
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=(128001,),
+        dtype="bfloat16",
+    ),
+    "llama2-13b": dict(
+        family="llama",
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=(2,),
+        dtype="float16",
+    ),
+    "codellama-34b": dict(
+        family="llama",
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_layers=48,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_position_embeddings=16384,
+        bos_token_id=1,
+        eos_token_id=(2,),
+        dtype="bfloat16",
+    ),
+    "qwen2-72b": dict(
+        family="qwen2",
+        vocab_size=152064,
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        attention_bias=True,
+        bos_token_id=151643,
+        eos_token_id=(151643,),
+        dtype="bfloat16",
+    ),
     # About 103 M parameters: small enough for a laptop, LLaMA-3-like in every other respect.
-    "llama-100m": dict(family="llama", vocab_size=32000, hidden_size=640,
-                       intermediate_size=1792, num_layers=14, num_heads=10, num_kv_heads=2,
-                       head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       max_position_embeddings=2048, bos_token_id=1, eos_token_id=(2,)),
+    "llama-100m": dict(
+        family="llama",
+        vocab_size=32000,
+        hidden_size=640,
+        intermediate_size=1792,
+        num_layers=14,
+        num_heads=10,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=(2,),
+    ),
     # A toy for tests and demos; its vocabulary fits the byte-level fallback tokenizer.
-    "tiny-llama": dict(family="llama", vocab_size=320, hidden_size=64, intermediate_size=176,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
-                       bos_token_id=1, eos_token_id=(2,)),
+    "tiny-llama": dict(
+        family="llama",
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=(2,),
+    ),
 }
 
 

@@ -4,6 +4,7 @@ Everything here is elementwise (or along one axis the caller chooses), so the sa
 serves the dense reference (whole vectors) and every core of the mesh (its segments, after the
 reductions the engine performs over the fabric). All float32, with HF transformers' numerics.
 """
+
 from __future__ import annotations
 
 import numpy as np

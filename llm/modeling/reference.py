@@ -10,6 +10,7 @@ A plain numpy LLaMA-style decoder in float32, with the numerics of HF transforme
 
 Linear weights are HF/torch layout ``[out, in]``, so a projection is ``x @ W.T``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -47,13 +48,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     t, n_heads, d = q.shape
     s, n_kv, _ = k.shape
     g = n_heads // n_kv
-    qg = q.reshape(t, n_kv, g, d).transpose(1, 2, 0, 3)           # f32[n_kv, g, T, D]
-    kt = k.transpose(1, 2, 0)[:, None]                             # f32[n_kv, 1, D, S]
-    scores = (qg @ kt) * np.float32(d ** -0.5)                     # f32[n_kv, g, T, S]
-    future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]   # bool[T, S]
+    qg = q.reshape(t, n_kv, g, d).transpose(1, 2, 0, 3)  # f32[n_kv, g, T, D]
+    kt = k.transpose(1, 2, 0)[:, None]  # f32[n_kv, 1, D, S]
+    scores = (qg @ kt) * np.float32(d**-0.5)  # f32[n_kv, g, T, S]
+    future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]  # bool[T, S]
     scores = np.where(future, np.float32(-np.inf), scores)
     probs = F.softmax(scores)
-    out = probs @ v.transpose(1, 0, 2)[:, None]                    # f32[n_kv, g, T, D]
+    out = probs @ v.transpose(1, 0, 2)[:, None]  # f32[n_kv, g, T, D]
     return out.transpose(2, 0, 1, 3).reshape(t, n_heads * d)
 
 
@@ -75,23 +76,28 @@ class ReferenceModel:
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping):
-        shapes = (weights.shapes() if callable(getattr(weights, "shapes", None))   # lazy readers
-                  else {name: np.shape(value) for name, value in weights.items()})
+        shapes = (
+            weights.shapes()
+            if callable(getattr(weights, "shapes", None))  # lazy readers
+            else {name: np.shape(value) for name, value in weights.items()}
+        )
         if config.tie_word_embeddings:
-            shapes.pop("lm_head.weight", None)      # HF ignores it too: the embeddings are used
+            shapes.pop("lm_head.weight", None)  # HF ignores it too: the embeddings are used
         check_weights(config, shapes)
         self.config = config
-        self.w = {name: np.ascontiguousarray(weights[name], dtype=np.float32)
-                  for name in config.tensor_shapes()}
-        self.lm_head = lm_head_weight(config, self.w)                 # f32[vocab, hidden]
-        self.inv_freq = rope.inv_freq_for(config)                     # f32[D/2]
+        self.w = {
+            name: np.ascontiguousarray(weights[name], dtype=np.float32)
+            for name in config.tensor_shapes()
+        }
+        self.lm_head = lm_head_weight(config, self.w)  # f32[vocab, hidden]
+        self.inv_freq = rope.inv_freq_for(config)  # f32[D/2]
         self.reset()
 
     def reset(self) -> None:
         """Empty the KV cache."""
         c = self.config
         empty = np.zeros((0, c.num_kv_heads, c.head_dim), dtype=np.float32)
-        self.k_cache = [empty] * c.num_layers                         # f32[S, n_kv, D] each
+        self.k_cache = [empty] * c.num_layers  # f32[S, n_kv, D] each
         self.v_cache = [empty] * c.num_layers
 
     @property
@@ -117,7 +123,7 @@ class ReferenceModel:
         start = self.k_cache[i].shape[0]
         self.k_cache[i] = np.concatenate([self.k_cache[i], k])
         self.v_cache[i] = np.concatenate([self.v_cache[i], v])
-        a = attention(q, self.k_cache[i], self.v_cache[i], start)     # f32[T, n_heads * D]
+        a = attention(q, self.k_cache[i], self.v_cache[i], start)  # f32[T, n_heads * D]
         x = x + self._linear(a, p + "self_attn.o_proj")
         h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
         m = F.swiglu(self._linear(h, p + "mlp.gate_proj"), self._linear(h, p + "mlp.up_proj"))
@@ -137,16 +143,18 @@ class ReferenceModel:
         if ids.size == 0:
             raise ValueError("no tokens to run")
         if start + ids.size > c.max_position_embeddings:
-            raise ValueError(f"sequence of {start + ids.size} tokens exceeds the context "
-                             f"({c.max_position_embeddings})")
+            raise ValueError(
+                f"sequence of {start + ids.size} tokens exceeds the context "
+                f"({c.max_position_embeddings})"
+            )
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
-        cos, sin = rope.cos_sin(self.inv_freq, start + np.arange(ids.size))   # f32[T, D]
-        x = self.w["model.embed_tokens.weight"][ids]                          # f32[T, hidden]
+        cos, sin = rope.cos_sin(self.inv_freq, start + np.arange(ids.size))  # f32[T, D]
+        x = self.w["model.embed_tokens.weight"][ids]  # f32[T, hidden]
         for i in range(c.num_layers):
             x = self._layer(i, x, cos, sin)
         x = rms_norm(x, self.w["model.norm.weight"], c.rms_norm_eps)
-        return x @ self.lm_head.T                                             # f32[T, vocab]
+        return x @ self.lm_head.T  # f32[T, vocab]
 
     def prefill(self, tokens: Iterable[int]) -> np.ndarray:
         """Reset the cache and run the prompt; returns logits f32[T, vocab]."""
@@ -157,10 +165,14 @@ class ReferenceModel:
         """Run one token at the next position; returns logits f32[vocab]."""
         return self.forward([int(token)])[0]
 
-    def generate(self, prompt_ids: Iterable[int], max_new_tokens: int,
-                 sampler: Callable[[np.ndarray], int] | None = None,
-                 stop_ids: Iterable[int] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
+    def generate(
+        self,
+        prompt_ids: Iterable[int],
+        max_new_tokens: int,
+        sampler: Callable[[np.ndarray], int] | None = None,
+        stop_ids: Iterable[int] | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
         """Prefill the prompt, then decode up to ``max_new_tokens`` tokens.
 
         Parameters
@@ -184,8 +196,10 @@ class ReferenceModel:
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) + max_new_tokens - 1 > self.config.max_position_embeddings:
-            raise ValueError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens "
-                             f"exceeds the context ({self.config.max_position_embeddings})")
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens "
+                f"exceeds the context ({self.config.max_position_embeddings})"
+            )
         pick = sampler if sampler is not None else _greedy
         stops = set(self.config.eos_ids if stop_ids is None else (int(s) for s in stop_ids))
         out: list[int] = []

@@ -5,6 +5,7 @@ their cosines. The layout is HF's *half split* ("rotate_half"): feature ``j`` of
 with feature ``j + head_dim/2`` and both rotate by the angle of frequency ``j``.
 Supported scalings: none (``"default"``), ``"linear"`` and ``"llama3"`` (LLaMA 3.1).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.nda
     # differently from torch's in ~17% of cases; a float64 power rounded once to float32 agrees
     # with torch in ~99% of cases (the rest differ by 1 ulp) and is the more accurate value.
     power = np.float64(np.float32(theta)) ** exponents.astype(np.float64)
-    freq = np.float32(1.0) / power.astype(np.float32)                 # f32[D/2]
+    freq = np.float32(1.0) / power.astype(np.float32)  # f32[D/2]
     rope_type = "default" if scaling is None else scaling["rope_type"]
     if rope_type == "default":
         return freq
@@ -54,9 +55,9 @@ def _llama3(freq: np.ndarray, s: dict) -> np.ndarray:
     old_len = f32(s["original_max_position_embeddings"])
     low_wavelen = f32(s["original_max_position_embeddings"] / s["low_freq_factor"])
     high_wavelen = f32(s["original_max_position_embeddings"] / s["high_freq_factor"])
-    wavelen = f32(2 * math.pi) / freq                                # f32[D/2]
+    wavelen = f32(2 * math.pi) / freq  # f32[D/2]
     slowed = np.where(wavelen > low_wavelen, freq / factor, freq)
-    ramp = (old_len / wavelen - low) / span                           # 0 at low, 1 at high
+    ramp = (old_len / wavelen - low) / span  # 0 at low, 1 at high
     smoothed = (f32(1) - ramp) * slowed / factor + ramp * slowed
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, slowed).astype(np.float32)
@@ -83,8 +84,8 @@ def cos_sin(freq: np.ndarray, positions) -> tuple[np.ndarray, np.ndarray]:
         The angle of frequency ``j`` sits at columns ``j`` and ``j + D/2``.
     """
     pos = np.asarray(positions, dtype=np.float32)
-    angles = pos[:, None] * freq[None, :]                              # f32[T, D/2]
-    angles = np.concatenate([angles, angles], axis=-1)                 # f32[T, D]
+    angles = pos[:, None] * freq[None, :]  # f32[T, D/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # f32[T, D]
     return np.cos(angles), np.sin(angles)
 
 
@@ -104,4 +105,5 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         ``x * cos + rotate_half(x) * sin``, i.e. :func:`llm.modeling.functional.rope_half`.
     """
     from .functional import rope_half
+
     return rope_half(x, cos, sin)

@@ -3,6 +3,7 @@
 Pure functions of a :class:`~llm.modeling.config.ModelConfig` and a mapping of HF tensor names;
 the readers of :mod:`llm.storage` and the reference model check their weights with them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -23,19 +24,25 @@ def check_weights(config: ModelConfig, shapes: Mapping) -> None:
     have = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
     missing = [k for k in want if k not in have]
     extra = [k for k in have if k not in want]
-    wrong = [f"{k}: {have[k]} != expected {want[k]}" for k in want
-             if k in have and have[k] != tuple(want[k])]
+    wrong = [
+        f"{k}: {have[k]} != expected {want[k]}"
+        for k in want
+        if k in have and have[k] != tuple(want[k])
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
     if extra:
-        problems.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])}; does the model "
-                        "use a feature this reader does not support?)")
+        problems.append(
+            f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])}; does the model "
+            "use a feature this reader does not support?)"
+        )
     if wrong:
         problems.append(f"{len(wrong)} with wrong shapes (e.g. {'; '.join(wrong[:3])})")
     if problems:
-        raise CheckpointError(f"weights do not match the {config.family} config: "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"weights do not match the {config.family} config: " + "; ".join(problems)
+        )
 
 
 def lm_head_weight(config: ModelConfig, weights: Mapping) -> np.ndarray:

@@ -8,6 +8,7 @@ tiles ``W[in-seg py, out-seg px]``; weights whose input is an X-vector are store
 ``W[in-seg px, out-seg py]``. Projections that read the same input are fused per core
 (q|k|v, gate|up): one local GEMV and one allreduce for all of them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -25,11 +26,20 @@ def lm_head_name(config) -> str:
     return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
 
-def linear_part(lay: PhaseLayout, name: str, out_perm, out_real: int, out_size: int, in_perm,
-                in_real: int, in_size: int) -> Part:
+def linear_part(
+    lay: PhaseLayout,
+    name: str,
+    out_perm,
+    out_real: int,
+    out_size: int,
+    in_perm,
+    in_real: int,
+    in_size: int,
+) -> Part:
     """An HF linear ``[out, in]`` with permuted, padded mesh features."""
-    return Part(name, feature_index(out_perm, out_real, out_size),
-                feature_index(in_perm, in_real, in_size))
+    return Part(
+        name, feature_index(out_perm, out_real, out_size), feature_index(in_perm, in_real, in_size)
+    )
 
 
 def layer_parts(lay: PhaseLayout, layer: int) -> dict:
@@ -42,15 +52,21 @@ def layer_parts(lay: PhaseLayout, layer: int) -> dict:
 
     def lin(name, out_perm, out_real, out_size, in_perm, in_real, in_size):
         return linear_part(lay, name, out_perm, out_real, out_size, in_perm, in_real, in_size)
+
     return {
-        "qkv": (lin(a + "q_proj.weight", lay.q_perm, None, lay.q, None, h, lay.hidden),
-                lin(a + "k_proj.weight", lay.kv_perm, None, lay.kv, None, h, lay.hidden),
-                lin(a + "v_proj.weight", lay.kv_perm, None, lay.kv, None, h, lay.hidden)),
+        "qkv": (
+            lin(a + "q_proj.weight", lay.q_perm, None, lay.q, None, h, lay.hidden),
+            lin(a + "k_proj.weight", lay.kv_perm, None, lay.kv, None, h, lay.hidden),
+            lin(a + "v_proj.weight", lay.kv_perm, None, lay.kv, None, h, lay.hidden),
+        ),
         "o": (lin(a + "o_proj.weight", None, h, lay.hidden, lay.q_perm, None, lay.q),),
-        "gate_up": tuple(lin(m + n + ".weight", None, c.intermediate_size, lay.ffn, None, h,
-                             lay.hidden) for n in ("gate_proj", "up_proj")),
-        "down": (lin(m + "down_proj.weight", None, h, lay.hidden, None, c.intermediate_size,
-                     lay.ffn),),
+        "gate_up": tuple(
+            lin(m + n + ".weight", None, c.intermediate_size, lay.ffn, None, h, lay.hidden)
+            for n in ("gate_proj", "up_proj")
+        ),
+        "down": (
+            lin(m + "down_proj.weight", None, h, lay.hidden, None, c.intermediate_size, lay.ffn),
+        ),
     }
 
 
@@ -60,24 +76,38 @@ def layer_vectors(lay: PhaseLayout, layer: int) -> dict:
     p = f"model.layers.{layer}."
     a, m = p + "self_attn.", p + "mlp."
     h, f = c.hidden_size, c.intermediate_size
-    out = {"attn_norm": ((p + "input_layernorm.weight", feature_index(None, h, lay.hidden)),),
-           "mlp_norm": ((p + "post_attention_layernorm.weight",
-                         feature_index(None, h, lay.hidden)),)}
+    out = {
+        "attn_norm": ((p + "input_layernorm.weight", feature_index(None, h, lay.hidden)),),
+        "mlp_norm": ((p + "post_attention_layernorm.weight", feature_index(None, h, lay.hidden)),),
+    }
     if c.attention_bias:
-        out["qkv_bias"] = ((a + "q_proj.bias", feature_index(lay.q_perm, None, lay.q)),
-                           (a + "k_proj.bias", feature_index(lay.kv_perm, None, lay.kv)),
-                           (a + "v_proj.bias", feature_index(lay.kv_perm, None, lay.kv)))
+        out["qkv_bias"] = (
+            (a + "q_proj.bias", feature_index(lay.q_perm, None, lay.q)),
+            (a + "k_proj.bias", feature_index(lay.kv_perm, None, lay.kv)),
+            (a + "v_proj.bias", feature_index(lay.kv_perm, None, lay.kv)),
+        )
     if c.attention_out_bias:
         out["o_bias"] = ((a + "o_proj.bias", feature_index(None, h, lay.hidden)),)
     if c.mlp_bias:
-        out["gate_up_bias"] = tuple((m + n + ".bias", feature_index(None, f, lay.ffn))
-                                    for n in ("gate_proj", "up_proj"))
+        out["gate_up_bias"] = tuple(
+            (m + n + ".bias", feature_index(None, f, lay.ffn)) for n in ("gate_proj", "up_proj")
+        )
         out["down_bias"] = ((m + "down_proj.bias", feature_index(None, h, lay.hidden)),)
     return out
 
 
-LAYER_KEYS = ("attn_norm", "mlp_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up", "down",
-              "gate_up_bias", "down_bias")
+LAYER_KEYS = (
+    "attn_norm",
+    "mlp_norm",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "o_bias",
+    "gate_up",
+    "down",
+    "gate_up_bias",
+    "down_bias",
+)
 
 
 def layer_tensors(lay: PhaseLayout, layer: int):
@@ -98,15 +128,22 @@ def layer_tensors(lay: PhaseLayout, layer: int):
 def embedding_part(lay: PhaseLayout) -> Part:
     """The embedding table as ``W[in=vocabulary, out=hidden]`` (stored ``[in, out]``)."""
     c = lay.config
-    return Part("model.embed_tokens.weight", feature_index(None, c.hidden_size, lay.hidden),
-                feature_index(None, c.vocab_size, lay.vocab), table=True)
+    return Part(
+        "model.embed_tokens.weight",
+        feature_index(None, c.hidden_size, lay.hidden),
+        feature_index(None, c.vocab_size, lay.vocab),
+        table=True,
+    )
 
 
 def lm_head_part(lay: PhaseLayout) -> Part:
     """The LM head as ``W[in=hidden, out=vocabulary]`` (an HF linear, or the tied table)."""
     c = lay.config
-    return Part(lm_head_name(c), feature_index(None, c.vocab_size, lay.vocab),
-                feature_index(None, c.hidden_size, lay.hidden))
+    return Part(
+        lm_head_name(c),
+        feature_index(None, c.vocab_size, lay.vocab),
+        feature_index(None, c.hidden_size, lay.hidden),
+    )
 
 
 def rope_tiles(lay: PhaseLayout) -> np.ndarray:
@@ -114,8 +151,9 @@ def rope_tiles(lay: PhaseLayout) -> np.ndarray:
 
 
 def kv_head_tiles(lay: PhaseLayout) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(
-        vector_tiles(lay.head_onehot().T, (lay.py, lay.px), "x"), 2, 3))
+    return np.ascontiguousarray(
+        np.moveaxis(vector_tiles(lay.head_onehot().T, (lay.py, lay.px), "x"), 2, 3)
+    )
 
 
 def decode_specs(lay: PhaseLayout) -> dict:
@@ -139,22 +177,30 @@ def decode_specs(lay: PhaseLayout) -> dict:
     """
     c = lay.config
     h = c.hidden_size
-    specs = {"embed": Matrix((embedding_part(lay),), "gemv_x"),
-             "final_norm": Vector((("model.norm.weight", feature_index(None, h, lay.hidden)),),
-                                  "y"),
-             "rope_freq": Const(lambda: rope_tiles(lay)),
-             "kv_head": Const(lambda: kv_head_tiles(lay))}
+    specs = {
+        "embed": Matrix((embedding_part(lay),), "gemv_x"),
+        "final_norm": Vector((("model.norm.weight", feature_index(None, h, lay.hidden)),), "y"),
+        "rope_freq": Const(lambda: rope_tiles(lay)),
+        "kv_head": Const(lambda: kv_head_tiles(lay)),
+    }
     if not c.tie_word_embeddings:
         specs["lm_head"] = Matrix((lm_head_part(lay),), "gemv_y")
     y_input = {"qkv": True, "o": False, "gate_up": True, "down": False}
-    vec_axis = {"attn_norm": "y", "mlp_norm": "y", "qkv_bias": "x", "o_bias": "y",
-                "gate_up_bias": "x", "down_bias": "y"}
+    vec_axis = {
+        "attn_norm": "y",
+        "mlp_norm": "y",
+        "qkv_bias": "x",
+        "o_bias": "y",
+        "gate_up_bias": "x",
+        "down_bias": "y",
+    }
     for i in range(c.num_layers):
         for key, matrix, vector in layer_tensors(lay, i):
             if matrix is not None:
                 y = y_input[key]
-                specs[f"layer{i}/{key}"] = Matrix(matrix, "gemv_y" if y else "gemv_x",
-                                                  fuse=lay.px if y else lay.py)
+                specs[f"layer{i}/{key}"] = Matrix(
+                    matrix, "gemv_y" if y else "gemv_x", fuse=lay.px if y else lay.py
+                )
             else:
                 specs[f"layer{i}/{key}"] = Vector(vector, vec_axis[key])
     return specs
@@ -178,12 +224,19 @@ def decode_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
     h_y, v_x = lay.hidden // py, lay.vocab // px
     q_x, kv_x, f_x = lay.q // px, lay.kv // px, lay.ffn // px
     mesh = (py, px)
-    shapes = {"embed": mesh + (v_x, h_y), "final_norm": mesh + (h_y,),
-              "rope_freq": mesh + (kv_x,), "kv_head": mesh + (kv_x, c.num_kv_heads)}
+    shapes = {
+        "embed": mesh + (v_x, h_y),
+        "final_norm": mesh + (h_y,),
+        "rope_freq": mesh + (kv_x,),
+        "kv_head": mesh + (kv_x, c.num_kv_heads),
+    }
     if not c.tie_word_embeddings:
         shapes["lm_head"] = mesh + (h_y, v_x)
-    layer = {"attn_norm": mesh + (h_y,), "mlp_norm": mesh + (h_y,),
-             "qkv": mesh + (h_y, q_x + 2 * kv_x)}
+    layer = {
+        "attn_norm": mesh + (h_y,),
+        "mlp_norm": mesh + (h_y,),
+        "qkv": mesh + (h_y, q_x + 2 * kv_x),
+    }
     if c.attention_bias:
         layer["qkv_bias"] = mesh + (q_x + 2 * kv_x,)
     layer["o"] = mesh + (q_x, h_y)

@@ -6,6 +6,7 @@ Pure arithmetic on the global tile shapes ``(Py, Px, *tile)`` of
 :class:`~llm.placement.layout.PhaseLayout`; elements, not bytes (the device's word size turns
 them into bytes).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,13 @@ def weight_words_per_core(shapes: dict[str, tuple]) -> dict[str, int]:
     """Elements per core, grouped: ``embed``, ``lm_head``, ``layers`` (all), ``other``."""
     out = {"embed": 0, "lm_head": 0, "layers": 0, "other": 0}
     for name, shape in shapes.items():
-        key = ("layers" if name.startswith("layer") and "/" in name
-               else name if name in ("embed", "lm_head") else "other")
+        key = (
+            "layers"
+            if name.startswith("layer") and "/" in name
+            else name
+            if name in ("embed", "lm_head")
+            else "other"
+        )
         out[key] += _words(shape)
     return out
 

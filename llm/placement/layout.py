@@ -16,6 +16,7 @@ twice that, keeping pairs whole), so padding never changes a result: padded weig
 
 The permutations are recorded in shard manifests (:meth:`PhaseLayout.describe`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -110,10 +111,11 @@ class PhaseLayout:
         """``f32[kv]``: RoPE inverse frequency of each mesh K/V feature (0 for padding); the two
         features of a pair share it."""
         kvp = self.kv_perm
-        freq = inv_freq_for(self.config)                    # f32[D/2]
+        freq = inv_freq_for(self.config)  # f32[D/2]
         within = kvp % self.config.head_dim
-        pair = np.where(within < self.config.head_dim // 2, within,
-                        within - self.config.head_dim // 2)
+        pair = np.where(
+            within < self.config.head_dim // 2, within, within - self.config.head_dim // 2
+        )
         return np.where(kvp >= 0, freq[pair], 0).astype(np.float32)
 
     def head_onehot(self) -> np.ndarray:
@@ -137,18 +139,26 @@ class PhaseLayout:
         mask_shape[axis] = perm.size
         return out * (perm >= 0).reshape(mask_shape).astype(np.float32)
 
-    def linear(self, weight: np.ndarray, out_perm=None, out_size=None, in_perm=None,
-               in_size=None) -> np.ndarray:
+    def linear(
+        self, weight: np.ndarray, out_perm=None, out_size=None, in_perm=None, in_size=None
+    ) -> np.ndarray:
         """HF ``[out, in]`` weight -> mesh ``W[in, out]`` with permuted, padded features."""
         w = np.asarray(weight, dtype=np.float32).T
         w = self.take(w, in_perm if in_perm is not None else np.arange(w.shape[0]), 0, in_size)
-        return self.take(w, out_perm if out_perm is not None else np.arange(w.shape[1]), 1,
-                         out_size)
+        return self.take(
+            w, out_perm if out_perm is not None else np.arange(w.shape[1]), 1, out_size
+        )
 
     def describe(self) -> dict:
         """JSON-able record of the placement (for manifests)."""
-        return {"mesh": [self.py, self.px], "hidden": self.hidden, "ffn": self.ffn,
-                "vocab": self.vocab, "kv": self.kv, "q": self.q,
-                "rope_layout": "pairs-adjacent (HF half-split reordered [0, D/2, 1, D/2+1, ...])",
-                "q_order": "kv_feature * group_size + g (query head = kv_head * group_size + g)",
-                "padding": f"zeros to multiples of lcm(py, px) = {self.unit} (kv: {2 * self.unit})"}
+        return {
+            "mesh": [self.py, self.px],
+            "hidden": self.hidden,
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+            "kv": self.kv,
+            "q": self.q,
+            "rope_layout": "pairs-adjacent (HF half-split reordered [0, D/2, 1, D/2+1, ...])",
+            "q_order": "kv_feature * group_size + g (query head = kv_head * group_size + g)",
+            "padding": f"zeros to multiples of lcm(py, px) = {self.unit} (kv: {2 * self.unit})",
+        }

@@ -4,6 +4,7 @@
 each describe one phase's tensors; this module names them per phase, so that neither phase
 module imports the other's registry.
 """
+
 from __future__ import annotations
 
 from .decode_tiles import decode_specs, decode_tiles

@@ -23,6 +23,7 @@ decode's X-vectors: core ``(py, px)`` holds feature segment ``px``.
 
 Names follow :func:`llm.placement.decode_tiles.decode_tiles`: ``layer{i}/{key}`` and global keys.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -56,17 +57,22 @@ def prefill_specs(lay: PhaseLayout) -> dict:
     """
     from .decode_tiles import embedding_part, kv_head_tiles, layer_tensors, lm_head_part, rope_tiles
     from .streamed import feature_index
+
     c = lay.config
-    specs = {"embed": Matrix((embedding_part(lay),), "gemv_y"),
-             "final_norm": Vector((("model.norm.weight",
-                                    feature_index(None, c.hidden_size, lay.hidden)),), "x"),
-             "lm_head": Matrix((lm_head_part(lay),), "skew"),
-             "rope_freq": Const(lambda: rope_tiles(lay)),
-             "kv_head": Const(lambda: kv_head_tiles(lay))}
+    specs = {
+        "embed": Matrix((embedding_part(lay),), "gemv_y"),
+        "final_norm": Vector(
+            (("model.norm.weight", feature_index(None, c.hidden_size, lay.hidden)),), "x"
+        ),
+        "lm_head": Matrix((lm_head_part(lay),), "skew"),
+        "rope_freq": Const(lambda: rope_tiles(lay)),
+        "kv_head": Const(lambda: kv_head_tiles(lay)),
+    }
     for i in range(c.num_layers):
         for key, matrix, vector in layer_tensors(lay, i):
-            specs[f"layer{i}/{key}"] = (Matrix(matrix, "skew", fuse=lay.px) if matrix is not None
-                                        else Vector(vector, "x"))
+            specs[f"layer{i}/{key}"] = (
+                Matrix(matrix, "skew", fuse=lay.px) if matrix is not None else Vector(vector, "x")
+            )
     return specs
 
 
@@ -87,11 +93,18 @@ def prefill_tile_shapes(lay: PhaseLayout) -> dict[str, tuple]:
     mesh = (py, px)
     h_x, h_y = lay.hidden // px, lay.hidden // py
     q_x, kv_x, f_x = lay.q // px, lay.kv // px, lay.ffn // px
-    shapes = {"embed": mesh + (lay.vocab // py, h_x), "final_norm": mesh + (h_x,),
-              "lm_head": mesh + (h_y, lay.vocab // px), "rope_freq": mesh + (kv_x,),
-              "kv_head": mesh + (kv_x, c.num_kv_heads)}
-    layer = {"attn_norm": mesh + (h_x,), "mlp_norm": mesh + (h_x,),
-             "qkv": mesh + (h_y, q_x + 2 * kv_x)}
+    shapes = {
+        "embed": mesh + (lay.vocab // py, h_x),
+        "final_norm": mesh + (h_x,),
+        "lm_head": mesh + (h_y, lay.vocab // px),
+        "rope_freq": mesh + (kv_x,),
+        "kv_head": mesh + (kv_x, c.num_kv_heads),
+    }
+    layer = {
+        "attn_norm": mesh + (h_x,),
+        "mlp_norm": mesh + (h_x,),
+        "qkv": mesh + (h_y, q_x + 2 * kv_x),
+    }
     if c.attention_bias:
         layer["qkv_bias"] = mesh + (q_x + 2 * kv_x,)
     layer["o"] = mesh + (lay.q // py, h_x)

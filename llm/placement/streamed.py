@@ -20,6 +20,7 @@ Sources: any mapping of HF tensor names to arrays (a dict,
 is
 read a row range at a time; otherwise the tensor is looked up and sliced.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -47,8 +48,11 @@ def read_rows(src: Mapping, name: str, idx: np.ndarray) -> np.ndarray:
     breaks = np.flatnonzero(np.diff(want) > RUN_GAP) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [want.size]])
-    if valid.all() and want[-1] - want[0] + 1 == idx.size and \
-            (idx == np.arange(want[0], want[-1] + 1)).all():
+    if (
+        valid.all()
+        and want[-1] - want[0] + 1 == idx.size
+        and (idx == np.arange(want[0], want[-1] + 1)).all()
+    ):
         return _read_run(src, name, int(want[0]), int(want[-1]) + 1)
     out = None
     for a, z in zip(starts, stops):
@@ -91,7 +95,7 @@ class TensorCache(Mapping):
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         if name in self._held:
-            self._held[name] = self._held.pop(name)          # most recently used last
+            self._held[name] = self._held.pop(name)  # most recently used last
             return self._held[name][start:stop]
         shape = self.shape(name)
         nbytes = 4 * int(np.prod(shape))
@@ -119,13 +123,17 @@ def _source_shape(src, name: str) -> tuple:
 def _take_cols(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``a[:, idx]`` with zero columns where ``idx < 0`` (a view when ``idx`` is a range)."""
     real = np.flatnonzero(idx >= 0)
-    if real.size and real[-1] == real.size - 1 and \
-            idx[real[-1]] - idx[0] == real.size - 1 and (np.diff(idx[real]) == 1).all():
-        run = a[:, idx[0]:idx[0] + real.size]          # a run of columns, then padding
+    if (
+        real.size
+        and real[-1] == real.size - 1
+        and idx[real[-1]] - idx[0] == real.size - 1
+        and (np.diff(idx[real]) == 1).all()
+    ):
+        run = a[:, idx[0] : idx[0] + real.size]  # a run of columns, then padding
         if real.size == idx.size:
             return run
         out = np.zeros((a.shape[0], idx.size), a.dtype)
-        out[:, :real.size] = run
+        out[:, : real.size] = run
         return out
     out = a[:, np.where(idx >= 0, idx, 0)]
     if real.size < idx.size:
@@ -143,6 +151,7 @@ def feature_index(perm, real: int, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Specs
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Part:
@@ -195,15 +204,19 @@ class Matrix:
 
     def _read(self, src: Mapping, p: Part, rows: np.ndarray, pcols: np.ndarray) -> np.ndarray:
         """``W_p[rows, pcols]`` of one part as float32 (a transposed view for a linear)."""
-        if p.table:      # source rows are the input features
+        if p.table:  # source rows are the input features
             return _take_cols(read_rows(src, p.name, p.in_idx[rows]), p.out_idx[pcols])
         return _take_cols(read_rows(src, p.name, p.out_idx[pcols]), p.in_idx[rows]).T
 
     def get(self, src: Mapping, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Entries ``W[rows, cols]`` (mesh order, padded) as float32, read from ``src``."""
         seg = self.out_size // self.fuse
-        if cols.size and cols[0] % seg == 0 and cols.size % seg == 0 and \
-                cols[-1] - cols[0] == cols.size - 1:
+        if (
+            cols.size
+            and cols[0] % seg == 0
+            and cols.size % seg == 0
+            and cols[-1] - cols[0] == cols.size - 1
+        ):
             # whole cores of fused columns: each part's columns are one run, placed by slices
             first, n = cols[0] // seg, cols.size // seg
             out = np.empty((rows.size, n, seg), np.float32)
@@ -211,7 +224,7 @@ class Matrix:
             for p in self.parts:
                 s = p.out_idx.size // self.fuse
                 pcols = np.arange(first * s, (first + n) * s)
-                out[:, :, off:off + s] = self._read(src, p, rows, pcols).reshape(rows.size, n, s)
+                out[:, :, off : off + s] = self._read(src, p, rows, pcols).reshape(rows.size, n, s)
                 off += s
             return out.reshape(rows.size, cols.size)
         part_of, part_col = self._column_map()
@@ -223,17 +236,28 @@ class Matrix:
             out[:, sel] = self._read(src, p, rows, part_col[cols[sel]])
         return out
 
-    def block(self, src: Mapping, mesh: tuple, origin: tuple, block: tuple,
-              storage: str = "float32") -> np.ndarray:
+    def block(
+        self, src: Mapping, mesh: tuple, origin: tuple, block: tuple, storage: str = "float32"
+    ) -> np.ndarray:
         """Tiles of cores ``origin .. origin + block`` in ``storage`` words."""
+
         def get(rows, cols):
             return self.get(src, rows, cols)
+
         shape = (self.in_size, self.out_size)
         if self.placement == "skew":
             return prepare_b_region(get, shape, mesh, origin, block, storage=storage)
         axis = {"gemv_y": "y", "gemv_x": "x"}[self.placement]
-        return weight_region(get, shape, mesh, axis, origin, block, storage,
-                             reader_rows="in" if self.parts[0].table else "out")
+        return weight_region(
+            get,
+            shape,
+            mesh,
+            axis,
+            origin,
+            block,
+            storage,
+            reader_rows="in" if self.parts[0].table else "out",
+        )
 
 
 @dataclass(frozen=True)
@@ -244,10 +268,12 @@ class Vector:
     parts: tuple
     axis: str
 
-    def block(self, src: Mapping, mesh: tuple, origin: tuple, block: tuple,
-              storage: str = "float32") -> np.ndarray:
-        tiles = [vector_tiles(read_rows(src, name, idx), mesh, self.axis)
-                 for name, idx in self.parts]
+    def block(
+        self, src: Mapping, mesh: tuple, origin: tuple, block: tuple, storage: str = "float32"
+    ) -> np.ndarray:
+        tiles = [
+            vector_tiles(read_rows(src, name, idx), mesh, self.axis) for name, idx in self.parts
+        ]
         t = tiles[0] if len(tiles) == 1 else np.concatenate(tiles, axis=-1)
         return _region(t, origin, block)
 
@@ -258,18 +284,25 @@ class Const:
 
     make: object
 
-    def block(self, src: Mapping, mesh: tuple, origin: tuple, block: tuple,
-              storage: str = "float32") -> np.ndarray:
+    def block(
+        self, src: Mapping, mesh: tuple, origin: tuple, block: tuple, storage: str = "float32"
+    ) -> np.ndarray:
         return _region(self.make(), origin, block)
 
 
 def _region(tiles: np.ndarray, origin: tuple, block: tuple) -> np.ndarray:
     (y0, x0), (by, bx) = origin, block
-    return np.ascontiguousarray(tiles[y0:y0 + by, x0:x0 + bx])
+    return np.ascontiguousarray(tiles[y0 : y0 + by, x0 : x0 + bx])
 
 
-def place(spec, src: Mapping, mesh: tuple, origin: tuple = (0, 0), block: tuple | None = None,
-          storage: str = "float32") -> np.ndarray:
+def place(
+    spec,
+    src: Mapping,
+    mesh: tuple,
+    origin: tuple = (0, 0),
+    block: tuple | None = None,
+    storage: str = "float32",
+) -> np.ndarray:
     """Tiles of ``spec`` for cores ``origin .. origin + block`` (default: the whole mesh).
 
     Matrices are in ``storage`` words; vectors are float32 values at ``storage`` precision;
@@ -285,6 +318,7 @@ def place(spec, src: Mapping, mesh: tuple, origin: tuple = (0, 0), block: tuple 
 # Weights that are not resident
 # ----------------------------------------------------------------------------------------------
 
+
 class RowTable:
     """A rank's block of an embedding table ``[by, bx, R, C]`` whose rows are read on lookup.
 
@@ -299,16 +333,23 @@ class RowTable:
     ndim = 4
     dtype = np.dtype(np.float32)
 
-    def __init__(self, src: Mapping, part: Part, shape: tuple, origin: tuple, orient: str,
-                 storage: str = "float32"):
+    def __init__(
+        self,
+        src: Mapping,
+        part: Part,
+        shape: tuple,
+        origin: tuple,
+        orient: str,
+        storage: str = "float32",
+    ):
         self.src, self.part, self.shape = src, part, tuple(shape)
         self.origin, self.orient, self.storage = tuple(origin), orient, storage
         self.size = int(np.prod(self.shape))
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         p = self.part
-        real = read_rows(self.src, p.name, p.in_idx[ids])         # [n, hidden (source)]
-        vals = _take_cols(real, p.out_idx)                        # [n, hidden (mesh, padded)]
+        real = read_rows(self.src, p.name, p.in_idx[ids])  # [n, hidden (source)]
+        vals = _take_cols(real, p.out_idx)  # [n, hidden (mesh, padded)]
         return widen(to_words(vals, self.storage))
 
     def __getitem__(self, key):
@@ -318,8 +359,12 @@ class RowTable:
             raise IndexError("a row table takes up to 4 indices, the last an int or a slice")
         # core row, core column and slot of every entry asked for, numpy's indexing rules
         # applied to broadcast views (nothing of the block's size is made)
-        a, b, r = (np.broadcast_to(np.arange(n).reshape([-1 if i == k else 1 for i in range(3)]),
-                                   self.shape[:3])[key[:3]] for k, n in enumerate(self.shape[:3]))
+        a, b, r = (
+            np.broadcast_to(
+                np.arange(n).reshape([-1 if i == k else 1 for i in range(3)]), self.shape[:3]
+            )[key[:3]]
+            for k, n in enumerate(self.shape[:3])
+        )
         y0, x0 = self.origin
         rows_per_core, cols_per_core = self.shape[2], self.shape[3]
         if self.orient == "x":
@@ -327,10 +372,12 @@ class RowTable:
         else:
             row, col0 = (y0 + a) * rows_per_core + r, (x0 + b) * cols_per_core
         ids, inv = np.unique(row, return_inverse=True)
-        vals = self._rows(ids)                                    # [unique rows, padded hidden]
+        vals = self._rows(ids)  # [unique rows, padded hidden]
         c = np.arange(cols_per_core)[key[3]]
-        out = vals[np.reshape(inv, np.shape(row))[..., None],
-                   np.asarray(col0)[..., None] + np.atleast_1d(c)]
+        out = vals[
+            np.reshape(inv, np.shape(row))[..., None],
+            np.asarray(col0)[..., None] + np.atleast_1d(c),
+        ]
         return out[..., 0] if np.ndim(c) == 0 else out
 
 
@@ -340,8 +387,16 @@ class LazyBlock:
     ``shape``, ``size`` and ``dtype`` describe the block without placing it.
     """
 
-    def __init__(self, spec, src: Mapping, mesh: tuple, origin: tuple, block: tuple,
-                 shape: tuple, storage: str = "float32"):
+    def __init__(
+        self,
+        spec,
+        src: Mapping,
+        mesh: tuple,
+        origin: tuple,
+        block: tuple,
+        shape: tuple,
+        storage: str = "float32",
+    ):
         self.spec, self.src, self.mesh = spec, src, tuple(mesh)
         self.origin, self.block_cores, self.storage = tuple(origin), tuple(block), storage
         self.shape = tuple(shape)
@@ -374,16 +429,20 @@ class StoredTable:
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
         if all(isinstance(k, (int, np.integer, slice)) for k in key):
-            data = np.asarray(self.dataset[key])             # one hyperslab
-        else:   # arrays of cores/slots: read each (core, slot) row once, in numpy's order
+            data = np.asarray(self.dataset[key])  # one hyperslab
+        else:  # arrays of cores/slots: read each (core, slot) row once, in numpy's order
             key = key + (slice(None),) * (4 - len(key))
-            a, b, r = (np.broadcast_to(
-                np.arange(n).reshape([-1 if i == k else 1 for i in range(3)]),
-                self.shape[:3])[key[:3]] for k, n in enumerate(self.shape[:3]))
+            a, b, r = (
+                np.broadcast_to(
+                    np.arange(n).reshape([-1 if i == k else 1 for i in range(3)]), self.shape[:3]
+                )[key[:3]]
+                for k, n in enumerate(self.shape[:3])
+            )
             flat = [(int(i), int(j), int(s)) for i, j, s in zip(*(np.ravel(v) for v in (a, b, r)))]
             rows = {t: np.asarray(self.dataset[t]) for t in set(flat)}
             data = np.stack([rows[t][key[3]] for t in flat]).reshape(
-                np.shape(a) + np.shape(rows[flat[0]][key[3]]) if flat else (0,))
+                np.shape(a) + np.shape(rows[flat[0]][key[3]]) if flat else (0,)
+            )
         if self.storage == "bfloat16":
             return widen(data.astype(np.uint16, copy=False))
         return data.astype(np.float32)
@@ -402,27 +461,43 @@ def tile_shape(spec: Matrix, mesh: tuple) -> tuple:
 #: kernel reads it, then dropped).
 def residency(phase: str, name: str, tied: bool) -> str:
     if name == "embed" and (phase == "prefill" or not tied):
-        return "rows"      # only the rows looked up are ever read
+        return "rows"  # only the rows looked up are ever read
     if phase == "prefill" and name == "lm_head":
-        return "lazy"      # every prompt token's logits are rare; the first token uses decode's
+        return "lazy"  # every prompt token's logits are rare; the first token uses decode's
     return "resident"
 
 
-def place_one(phase: str, name: str, spec, src: Mapping, mesh: tuple, origin: tuple,
-              block: tuple, storage: str = "float32", tied: bool = False):
+def place_one(
+    phase: str,
+    name: str,
+    spec,
+    src: Mapping,
+    mesh: tuple,
+    origin: tuple,
+    block: tuple,
+    storage: str = "float32",
+    tied: bool = False,
+):
     """One rank's block of one tensor of a phase, held as :func:`residency` says."""
     how = residency(phase, name, tied)
     shape = tuple(block) + (tile_shape(spec, mesh) if isinstance(spec, Matrix) else ())
     if how == "rows":
-        return RowTable(src, spec.parts[0], shape, origin,
-                        "x" if spec.placement == "gemv_x" else "y", storage)
+        return RowTable(
+            src, spec.parts[0], shape, origin, "x" if spec.placement == "gemv_x" else "y", storage
+        )
     if how == "lazy":
         return LazyBlock(spec, src, mesh, origin, block, shape, storage)
     return place(spec, src, mesh, origin, block, storage)
 
 
-def place_phases(phases: dict, src: Mapping, storage: str = "float32", tied: bool = False,
-                 progress=None, cache_bytes: int = 512 << 20) -> dict:
+def place_phases(
+    phases: dict,
+    src: Mapping,
+    storage: str = "float32",
+    tied: bool = False,
+    progress=None,
+    cache_bytes: int = 512 << 20,
+) -> dict:
     """This rank's blocks of several phases, ``{phase: {name: block}}``.
 
     ``phases`` maps a phase to ``(specs, mesh, origin, block)``. Tensors are placed one at a
@@ -438,9 +513,17 @@ def place_phases(phases: dict, src: Mapping, storage: str = "float32", tied: boo
             if name in specs:
                 # only resident blocks read through the cache; lazy ones keep the plain source
                 how = residency(ph, name, tied)
-                out[ph][name] = place_one(ph, name, specs[name],
-                                          cached if how == "resident" else src, mesh, origin,
-                                          block, storage, tied)
+                out[ph][name] = place_one(
+                    ph,
+                    name,
+                    specs[name],
+                    cached if how == "resident" else src,
+                    mesh,
+                    origin,
+                    block,
+                    storage,
+                    tied,
+                )
         if progress is not None:
             progress(name)
     return {ph: {n: out[ph][n] for n in specs} for ph, (specs, *_) in phases.items()}

@@ -28,6 +28,7 @@ duplicate id, ...) is reported with its line number and skipped; with ``--strict
 before generating anything. Requests are checked on rank 0 and the checked list is broadcast, so
 every rank runs the same requests.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
 SETTING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
 KNOWN_KEYS = frozenset(("id",) + PROMPT_KEYS + SETTING_KEYS)
 
-BATCH_HELP = ("""\
+BATCH_HELP = """\
 batch mode (--batch FILE --out FILE):
   FILE holds one JSON request per line: "id" plus one of "prompt", "messages" (chat, rendered
   with the model's template) or "prompt_ids", and optionally max_new_tokens, temperature, top_k,
@@ -55,7 +56,7 @@ batch mode (--batch FILE --out FILE):
   the ids already in --out; a half-written last line (a job killed while writing it) is cut off
   and its request runs again. A bad request line is reported with its number and skipped, or
   stops the job before any generation with --strict.
-""")
+"""
 
 
 class BadRequest(ValueError):
@@ -85,6 +86,7 @@ def id_key(value) -> str:
 # ----------------------------------------------------------------------------------------------
 # reading requests (rank 0)
 # ----------------------------------------------------------------------------------------------
+
 
 def _int(obj, key, default, low=None):
     value = obj.get(key, default)
@@ -127,10 +129,12 @@ class RequestReader:
 
     def _chat_prompt(self, messages) -> str:
         from ..text.chat_template import ChatTemplateError
+
         if self._template is None:
             if self._template_loader is None:
-                raise BadRequest("'messages' needs the model's chat template, and this model "
-                                 "has none")
+                raise BadRequest(
+                    "'messages' needs the model's chat template, and this model has none"
+                )
             try:
                 self._template = self._template_loader()
             except ChatTemplateError as e:
@@ -143,18 +147,23 @@ class RequestReader:
     def _prompt_ids(self, obj) -> list:
         given = [k for k in PROMPT_KEYS if k in obj]
         if len(given) != 1:
-            raise BadRequest(f"give exactly one of {', '.join(PROMPT_KEYS)} "
-                             f"({'none' if not given else ' and '.join(given)} given)")
+            raise BadRequest(
+                f"give exactly one of {', '.join(PROMPT_KEYS)} "
+                f"({'none' if not given else ' and '.join(given)} given)"
+            )
         key = given[0]
         if key == "prompt_ids":
             ids = obj[key]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                    for t in ids):
+            if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
                 raise BadRequest("prompt_ids must be a list of integers")
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             if bad:
-                raise BadRequest(f"prompt_ids {bad[:3]} are outside the vocabulary "
-                                 f"(0..{self.config.vocab_size - 1})")
+                raise BadRequest(
+                    f"prompt_ids {bad[:3]} are outside the vocabulary "
+                    f"(0..{self.config.vocab_size - 1})"
+                )
             return list(ids)
         if key == "prompt":
             if not isinstance(obj[key], str):
@@ -165,6 +174,7 @@ class RequestReader:
 
     def _stop_ids(self, obj) -> list:
         from .preflight import stop_ids
+
         stop = obj.get("stop", list(self.defaults.stop.stop))
         if isinstance(stop, (str, int)) and not isinstance(stop, bool):
             stop = [stop]
@@ -174,8 +184,9 @@ class RequestReader:
         if not isinstance(ignore_eos, bool):
             raise BadRequest(f"ignore_eos must be true or false, got {ignore_eos!r}")
         try:
-            ids = stop_ids(StopOptions(tuple(str(s) for s in stop), ignore_eos),
-                           self.tokenizer, self.config)
+            ids = stop_ids(
+                StopOptions(tuple(str(s) for s in stop), ignore_eos), self.tokenizer, self.config
+            )
         except runtime.UsageError as e:
             raise BadRequest(str(e).removeprefix("error: ")) from None
         return sorted(ids)
@@ -183,6 +194,7 @@ class RequestReader:
     def parse(self, text: str, line: int) -> Request:
         """One line -> :class:`Request`; raises :class:`BadRequest`."""
         from ..text.sampling import Sampler
+
         try:
             obj = json.loads(text)
         except ValueError as e:
@@ -191,21 +203,26 @@ class RequestReader:
             raise BadRequest("a request must be a JSON object")
         unknown = sorted(set(obj) - KNOWN_KEYS)
         if unknown:
-            raise BadRequest(f"unknown keys {', '.join(unknown)} (known: "
-                             f"{', '.join(sorted(KNOWN_KEYS))})")
+            raise BadRequest(
+                f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})"
+            )
         rid = obj.get("id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise BadRequest("'id' (a string or an integer) is required")
         if id_key(rid) in self.seen:
             raise BadRequest(f"duplicate id {rid!r}")
         d, sampling = self.defaults, self.defaults.sampling
-        req = Request(id=rid, line=line, prompt_ids=self._prompt_ids(obj),
-                      max_new_tokens=_int(obj, "max_new_tokens", d.max_new_tokens, low=1),
-                      temperature=_float(obj, "temperature", sampling.temperature),
-                      top_k=_int(obj, "top_k", sampling.top_k, low=0),
-                      top_p=_float(obj, "top_p", sampling.top_p),
-                      seed=_int(obj, "seed", sampling.seed, low=0),
-                      stop_ids=self._stop_ids(obj))
+        req = Request(
+            id=rid,
+            line=line,
+            prompt_ids=self._prompt_ids(obj),
+            max_new_tokens=_int(obj, "max_new_tokens", d.max_new_tokens, low=1),
+            temperature=_float(obj, "temperature", sampling.temperature),
+            top_k=_int(obj, "top_k", sampling.top_k, low=0),
+            top_p=_float(obj, "top_p", sampling.top_p),
+            seed=_int(obj, "seed", sampling.seed, low=0),
+            stop_ids=self._stop_ids(obj),
+        )
         try:
             Sampler(req.temperature, req.top_k, req.top_p, req.seed)
         except ValueError as e:
@@ -214,9 +231,11 @@ class RequestReader:
             raise BadRequest("the prompt is empty")
         need = len(req.prompt_ids) + req.max_new_tokens
         if need > self.config.max_position_embeddings:
-            raise BadRequest(f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens "
-                             f"{req.max_new_tokens} exceeds the model context of "
-                             f"{self.config.max_position_embeddings} tokens")
+            raise BadRequest(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens "
+                f"{req.max_new_tokens} exceeds the model context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
         self.seen.add(id_key(rid))
         return req
 
@@ -244,6 +263,7 @@ def read_requests(path, reader: RequestReader) -> tuple[list, list]:
 # the results file (rank 0)
 # ----------------------------------------------------------------------------------------------
 
+
 def finished_ids(out_path) -> tuple[set, int]:
     """Ids already in the results file, after cutting off a half-written last line.
 
@@ -256,7 +276,7 @@ def finished_ids(out_path) -> tuple[set, int]:
             raise BadRequest(f"--out {out_path}: directory {path.parent} does not exist")
         return set(), 0
     data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1           # everything after the last newline is half-written
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is half-written
     done = set()
     for number, raw in enumerate(data[:keep].splitlines(), start=1):
         if not raw.strip():
@@ -265,8 +285,10 @@ def finished_ids(out_path) -> tuple[set, int]:
             rec = json.loads(raw)
             done.add(id_key(rec["id"]))
         except (ValueError, KeyError, TypeError):
-            raise BadRequest(f"--out {out_path}:{number} is not a result line of this command; "
-                             "refusing to append to it (choose another --out)") from None
+            raise BadRequest(
+                f"--out {out_path}:{number} is not a result line of this command; "
+                "refusing to append to it (choose another --out)"
+            ) from None
     cut = len(data) - keep
     if cut:
         with open(path, "r+b") as f:
@@ -293,8 +315,10 @@ class ResultWriter:
 # the job
 # ----------------------------------------------------------------------------------------------
 
-def _prepare(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, template_loader,
-             log) -> tuple:
+
+def _prepare(
+    batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, template_loader, log
+) -> tuple:
     """Rank 0: check the files and read the requests -> ``("ok", pending, problems, n_done)``."""
     if not batch.out:
         raise BadRequest("--batch needs --out FILE (where the results go)")
@@ -303,25 +327,40 @@ def _prepare(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, t
     reader = RequestReader(tokenizer, model.config, defaults, template_loader)
     requests, problems = read_requests(batch.requests, reader)
     for number, message in problems:
-        log.warning(f"{batch.requests}:{number}: {message}; "
-                    + ("stopping (--strict)" if batch.strict else "skipped"))
+        log.warning(
+            f"{batch.requests}:{number}: {message}; "
+            + ("stopping (--strict)" if batch.strict else "skipped")
+        )
     if problems and batch.strict:
         number, message = problems[0]
-        raise BadRequest(f"{batch.requests}:{number}: {message} (--strict: nothing was run; "
-                         f"{len(problems)} bad line{'s' if len(problems) > 1 else ''})")
+        raise BadRequest(
+            f"{batch.requests}:{number}: {message} (--strict: nothing was run; "
+            f"{len(problems)} bad line{'s' if len(problems) > 1 else ''})"
+        )
     done, cut = finished_ids(batch.out)
     if cut:
-        log.warning(f"{batch.out}: cut off a half-written last line ({cut} bytes); its request "
-                    "runs again")
+        log.warning(
+            f"{batch.out}: cut off a half-written last line ({cut} bytes); its request runs again"
+        )
     pending = [r for r in requests if id_key(r.id) not in done]
-    log.info(f"batch {batch.requests}: {len(requests)} requests, {len(requests) - len(pending)} "
-             f"already in {batch.out}, {len(pending)} to run"
-             + (f", {len(problems)} bad lines skipped" if problems else ""))
+    log.info(
+        f"batch {batch.requests}: {len(requests)} requests, {len(requests) - len(pending)} "
+        f"already in {batch.out}, {len(pending)} to run"
+        + (f", {len(problems)} bad lines skipped" if problems else "")
+    )
     return pending, problems
 
 
-def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, plane, log, record,
-              template_loader=None) -> int:
+def run_batch(
+    batch: BatchOptions,
+    defaults: GenerateOptions,
+    model,
+    tokenizer,
+    plane,
+    log,
+    record,
+    template_loader=None,
+) -> int:
     """Run every pending request of ``batch.requests`` (collective over ``plane``).
 
     Parameters
@@ -349,6 +388,7 @@ def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, 
 
     from ..text.sampling import Sampler
     from .generate import generate
+
     rank = plane.rank
     answer = None
     if rank == 0:
@@ -356,19 +396,33 @@ def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, 
             answer = ("ok",) + _prepare(batch, defaults, model, tokenizer, template_loader, log)
         except BadRequest as e:
             answer = ("error", str(e))
-    answer = plane.bcast(answer)        # control plane: the checked requests
+    answer = plane.bcast(answer)  # control plane: the checked requests
     if answer[0] == "error":
         raise runtime.UsageError(answer[1])
     pending = answer[1]
     writer = ResultWriter(batch.out) if rank == 0 else None
-    bar = tqdm(total=len(pending), unit="req", desc="batch", disable=True if rank else None,
-               file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(pending),
+        unit="req",
+        desc="batch",
+        disable=True if rank else None,
+        file=sys.stderr,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
     tokens, finished, t0 = 0, 0, time.perf_counter()
     try:
         for req in pending:
             sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
-            gen = generate(model, req.prompt_ids, req.max_new_tokens, sampler, req.stop_ids,
-                           None, defaults.kv_capacity)
+            gen = generate(
+                model,
+                req.prompt_ids,
+                req.max_new_tokens,
+                sampler,
+                req.stop_ids,
+                None,
+                defaults.kv_capacity,
+            )
             tokens += len(gen.new_ids)
             rate = tokens / (time.perf_counter() - t0)
             if writer is not None:
@@ -377,12 +431,16 @@ def run_batch(batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, 
                 bar.update(1)
                 bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
                 if bar.disable:
-                    log.info(f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
-                             f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s")
+                    log.info(
+                        f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
+                        f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
+                    )
     finally:
         bar.close()
         if writer is not None:
             writer.close()
-    log.info(f"batch: {len(pending)} requests, {tokens} tokens in "
-             f"{time.perf_counter() - t0:.1f} s -> {batch.out}")
+    log.info(
+        f"batch: {len(pending)} requests, {tokens} tokens in "
+        f"{time.perf_counter() - t0:.1f} s -> {batch.out}"
+    )
     return 0

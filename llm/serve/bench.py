@@ -8,6 +8,7 @@ paper-size meshes fit in this machine's memory), or a converted shard set. Repor
 * the closed-form estimate for the *whole* model (all layers) at the same meshes and context:
   TTFT, TPOT, TPR, compute/communication split, weights per core, KV capacity per policy.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -21,38 +22,48 @@ from meshrt.runtime import ControlPlane
 from .options import BenchOptions
 
 
-def full_model_estimate(config, mesh, device, context: int, prompt: int, policy: str,
-                        allreduce, prefill_mesh=None) -> dict:
+def full_model_estimate(
+    config, mesh, device, context: int, prompt: int, policy: str, allreduce, prefill_mesh=None
+) -> dict:
     from ..cost.estimate import decode_token, decode_weight_words, kv_capacity, ttft
-    led = decode_token(config, mesh, device, context=context, policy=policy, prompt=prompt,
-                       allreduce=allreduce)
+
+    led = decode_token(
+        config, mesh, device, context=context, policy=policy, prompt=prompt, allreduce=allreduce
+    )
     t = led.totals()
     cap = kv_capacity(config, mesh, device)
     first = ttft(config, prefill_mesh or mesh, prompt, mesh, device, allreduce=allreduce)
-    return {"layers": config.num_layers, "ttft_s": first["seconds"],
-            "tpot_s": led.seconds, "tpr": 1.0 / led.seconds,
-            "compute_fraction": t.compute_cycles / t.cycles, "comm_fraction": t.comm_cycles / t.cycles,
-            "weights_kib_per_core": decode_weight_words(config, mesh) * device.word_bytes / 1024,
-            "fits_device": decode_weight_words(config, mesh) * device.word_bytes
-            <= device.mem_per_core,
-            "kv_bytes_per_token_per_core": cap["bytes_per_token_per_core"],
-            "kv_capacity_concat": cap["concat"], "kv_capacity_shift": cap["shift"],
-            "violations": led.violations(), "wafer": _wafer(config, prefill_mesh or mesh, mesh,
-                                                            prompt, context, device, policy,
-                                                            allreduce)}
+    return {
+        "layers": config.num_layers,
+        "ttft_s": first["seconds"],
+        "tpot_s": led.seconds,
+        "tpr": 1.0 / led.seconds,
+        "compute_fraction": t.compute_cycles / t.cycles,
+        "comm_fraction": t.comm_cycles / t.cycles,
+        "weights_kib_per_core": decode_weight_words(config, mesh) * device.word_bytes / 1024,
+        "fits_device": decode_weight_words(config, mesh) * device.word_bytes <= device.mem_per_core,
+        "kv_bytes_per_token_per_core": cap["bytes_per_token_per_core"],
+        "kv_capacity_concat": cap["concat"],
+        "kv_capacity_shift": cap["shift"],
+        "violations": led.violations(),
+        "wafer": _wafer(
+            config, prefill_mesh or mesh, mesh, prompt, context, device, policy, allreduce
+        ),
+    }
 
 
 def _wafer(config, pmesh, dmesh, prompt, context, device, policy, allreduce) -> dict:
     """The request on the wafer, stages and transfers included (``llm estimate``'s figures)."""
     from ..cost.predict import modeled_wafer
-    return modeled_wafer(config, pmesh, dmesh, prompt, context - prompt, device, policy,
-                         allreduce)
+
+    return modeled_wafer(config, pmesh, dmesh, prompt, context - prompt, device, policy, allreduce)
 
 
 def _peak_rss_gib() -> float:
     """This process's peak resident set size so far (GiB)."""
     import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib / 2**20
 
 
@@ -67,32 +78,53 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     from ..modeling.config import preset
     from ..storage.checkpoint import RandomWeights
     from .generate import generate
+
     size = plane.size
     device = get_device(options.run.device)
     dmesh = options.mesh.decode or (8, 8)
     pmesh = options.mesh.prefill or dmesh
-    policy, spec, emulation = options.run.kv_policy, options.run.allreduce_spec(), \
-        options.run.emulation
+    policy, spec, emulation = (
+        options.run.kv_policy,
+        options.run.allreduce_spec(),
+        options.run.emulation,
+    )
     placing, storage = None, None
     if options.model:
-        model = MeshModel.from_shards(options.model, plane, kv_policy=policy,
-                                      device=device,
-                                      allreduce=spec, emulation=emulation)
+        model = MeshModel.from_shards(
+            options.model,
+            plane,
+            kv_policy=policy,
+            device=device,
+            allreduce=spec,
+            emulation=emulation,
+        )
         full = model.config
         storage = model.config.dtype
     else:
         name = options.preset
         full = preset(name)
         config = preset(name, layers=options.layers)
-        log.info(f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
-                 f"decode {dmesh[0]}x{dmesh[1]}, prefill {pmesh[0]}x{pmesh[1]}, {size} ranks")
+        log.info(
+            f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
+            f"decode {dmesh[0]}x{dmesh[1]}, prefill {pmesh[0]}x{pmesh[1]}, {size} ranks"
+        )
         storage = options.dtype or (
-            config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32")
+            config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32"
+        )
         t0 = time.perf_counter()
         weights = RandomWeights(config, options.seed)
-        model = MeshModel.from_weights(config, weights, plane, decode_mesh=dmesh,
-                                       prefill_mesh=pmesh, kv_policy=policy, device=device,
-                                       allreduce=spec, emulation=emulation, storage=storage)
+        model = MeshModel.from_weights(
+            config,
+            weights,
+            plane,
+            decode_mesh=dmesh,
+            prefill_mesh=pmesh,
+            kv_policy=policy,
+            device=device,
+            allreduce=spec,
+            emulation=emulation,
+            storage=storage,
+        )
         placing = plane.allreduce_max(time.perf_counter() - t0)
         log.info(f"placed in {placing:.1f} s ({storage} weights)")
     prompt_len, new = options.prompt_len, options.new_tokens
@@ -114,24 +146,45 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         m["median_tpot_s"] = statistics.median(step_times[1:]) if len(step_times) > 1 else None
         if i >= options.warmup:
             runs.append(m)
-    med = {k: statistics.median([r[k] for r in runs]) for k in
-           ("ttft_s", "tpot_s", "median_tpot_s", "tokens_per_s", "modeled_ttft_s",
-            "modeled_tpot_s", "modeled_tpr")}
-    est = full_model_estimate(full, dmesh, device, prompt_len + new, prompt_len, policy, spec,
-                              pmesh)
+    med = {
+        k: statistics.median([r[k] for r in runs])
+        for k in (
+            "ttft_s",
+            "tpot_s",
+            "median_tpot_s",
+            "tokens_per_s",
+            "modeled_ttft_s",
+            "modeled_tpot_s",
+            "modeled_tpr",
+        )
+    }
+    est = full_model_estimate(
+        full, dmesh, device, prompt_len + new, prompt_len, policy, spec, pmesh
+    )
     led = model.decode_fabric.ledger
     t = led.totals()
     for v in sorted({v for ledger in model.ledgers().values() for v in ledger.violations()}):
         log.warning(f"PLMR: {v}")
-    return {"model": model.config.name, "layers_run": model.config.num_layers,
-            "decode_mesh": list(dmesh), "prefill_mesh": list(pmesh), "ranks": size,
-            "prompt_tokens": prompt_len, "new_tokens": new, "device": device.name,
-            "kv_policy": policy, "allreduce": spec.algo, "emulation": emulation,
-            "weights_dtype": storage, "placing_s": placing,
-            "peak_rss_gib_per_rank": plane.allreduce_max(_peak_rss_gib()), "emulator": med,
-            "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
-            "modeled_peak_kib_per_core": led.peak_memory / 1024,
-            "full_model_estimate": est}
+    return {
+        "model": model.config.name,
+        "layers_run": model.config.num_layers,
+        "decode_mesh": list(dmesh),
+        "prefill_mesh": list(pmesh),
+        "ranks": size,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new,
+        "device": device.name,
+        "kv_policy": policy,
+        "allreduce": spec.algo,
+        "emulation": emulation,
+        "weights_dtype": storage,
+        "placing_s": placing,
+        "peak_rss_gib_per_rank": plane.allreduce_max(_peak_rss_gib()),
+        "emulator": med,
+        "modeled_run_comm_fraction": t.comm_cycles / t.cycles if t.cycles else None,
+        "modeled_peak_kib_per_core": led.peak_memory / 1024,
+        "full_model_estimate": est,
+    }
 
 
 def format_report(out: dict, mem_per_core: int) -> str:
@@ -139,21 +192,24 @@ def format_report(out: dict, mem_per_core: int) -> str:
     core memory in bytes)."""
     med, est = out["emulator"], out["full_model_estimate"]
     dmesh, device = out["decode_mesh"], out["device"]
-    lines = [f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
-             f", {out['ranks']} ranks, {out['prompt_tokens']}+{out['new_tokens']} tokens",
-             f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
-             f" ({med['tokens_per_s']:.1f} tok/s); peak RSS "
-             f"{out['peak_rss_gib_per_rank']:.2f} GiB per rank",
-             f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
-             f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
-             f"(this run, {device})",
-             f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
-             f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
-             f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
-             f"{est['weights_kib_per_core']:.1f} KiB/core "
-             f"({'fits' if est['fits_device'] else 'does not fit'} "
-             f"{mem_per_core // 1024} KiB), KV capacity concat "
-             f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens"]
+    lines = [
+        f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
+        f", {out['ranks']} ranks, {out['prompt_tokens']}+{out['new_tokens']} tokens",
+        f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
+        f" ({med['tokens_per_s']:.1f} tok/s); peak RSS "
+        f"{out['peak_rss_gib_per_rank']:.2f} GiB per rank",
+        f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
+        f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
+        f"(this run, {device})",
+        f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
+        f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
+        f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
+        f"{est['weights_kib_per_core']:.1f} KiB/core "
+        f"({'fits' if est['fits_device'] else 'does not fit'} "
+        f"{mem_per_core // 1024} KiB), KV capacity concat "
+        f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens",
+    ]
     from ..cost.predict import format_modeled_wafer
+
     lines.append("  " + format_modeled_wafer(est["wafer"], device))
     return "\n".join(lines)

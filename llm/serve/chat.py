@@ -17,6 +17,7 @@ if it starts with the text of ``fed + pending``, only the rest is tokenized and 
 (a template that rewrites history) the conversation is prefilled again from the start, and the
 log says so.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ DEFAULT_CONTEXT = 2048
 def chat_prompt_ids(model_dir, tokenizer, question: str, system: str | None = None) -> list:
     """Token ids of a one-question conversation, ending with the assistant's turn opener."""
     from ..text.chat_template import ChatTemplate, ChatTemplateError, chat_messages
+
     try:
         text = ChatTemplate.from_model_dir(model_dir).render(chat_messages(question, system))
     except ChatTemplateError as e:
@@ -40,10 +42,10 @@ def chat_prompt_ids(model_dir, tokenizer, question: str, system: str | None = No
 class Turn:
     """What one chat turn did."""
 
-    fed_ids: list          # tokens fed to the model this turn (the new ones only)
-    cached: int            # tokens the KV cache already held
-    reprefilled: bool      # the conversation had to be prefilled again from the start
-    generation: object     # llm.serve.generate.Generation
+    fed_ids: list  # tokens fed to the model this turn (the new ones only)
+    cached: int  # tokens the KV cache already held
+    reprefilled: bool  # the conversation had to be prefilled again from the start
+    generation: object  # llm.serve.generate.Generation
 
 
 class ChatSession:
@@ -65,8 +67,17 @@ class ChatSession:
     system : str, optional
     """
 
-    def __init__(self, model, tokenizer, template, sampler, stop_ids, max_new_tokens: int,
-                 context: int, system: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template,
+        sampler,
+        stop_ids,
+        max_new_tokens: int,
+        context: int,
+        system: str | None = None,
+    ):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.sampler, self.stop_ids = sampler, set(stop_ids)
         self.max_new_tokens, self.context = int(max_new_tokens), int(context)
@@ -75,8 +86,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation; a fresh KV cache."""
-        self.messages = [] if self.system is None else [{"role": "system",
-                                                          "content": self.system}]
+        self.messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.fed: list[int] = []
         self.pending: int | None = None
         self.model.start(self.model.capacity_for(self.context))
@@ -86,7 +96,7 @@ class ChatSession:
         if have:
             have_text = self.tokenizer.decode(have, skip_special_tokens=False)
             if text.startswith(have_text):
-                rest = text[len(have_text):]
+                rest = text[len(have_text) :]
                 ids = self.tokenizer.encode(rest, add_special_tokens=False) if rest else []
                 return ([] if self.pending is None else [self.pending]) + list(ids), False
         return list(self.tokenizer.encode(text, add_special_tokens=False)), bool(have)
@@ -94,27 +104,31 @@ class ChatSession:
     def ask(self, question: str, on_token=None) -> Turn:
         """One user turn: feed the new tokens, generate the reply (``on_token`` per token)."""
         from .generate import generate
+
         messages = self.messages + [{"role": "user", "content": question}]
         ids, rewrite = self._new_ids(self.template.render(messages))
         if rewrite or len(self.fed) + len(ids) + self.max_new_tokens > self.context:
-            if not rewrite:     # the conversation is full: start again with this question
+            if not rewrite:  # the conversation is full: start again with this question
                 self.messages = self.messages[:1] if self.system is not None else []
                 messages = self.messages + [{"role": "user", "content": question}]
             self.model.start(self.model.capacity_for(self.context))
             self.fed, self.pending = [], None
-            ids = list(self.tokenizer.encode(self.template.render(messages),
-                                             add_special_tokens=False))
+            ids = list(
+                self.tokenizer.encode(self.template.render(messages), add_special_tokens=False)
+            )
             rewrite = True
             if len(ids) + self.max_new_tokens > self.context:
-                raise runtime.UsageError(f"this turn ({len(ids)} tokens) + --max-new-tokens "
-                                         f"{self.max_new_tokens} does not fit the session "
-                                         f"context of {self.context} tokens (--context)")
+                raise runtime.UsageError(
+                    f"this turn ({len(ids)} tokens) + --max-new-tokens "
+                    f"{self.max_new_tokens} does not fit the session "
+                    f"context of {self.context} tokens (--context)"
+                )
         cached = len(self.fed)
-        gen = generate(self.model, ids, self.max_new_tokens, self.sampler, self.stop_ids,
-                       on_token, fresh=False)
+        gen = generate(
+            self.model, ids, self.max_new_tokens, self.sampler, self.stop_ids, on_token, fresh=False
+        )
         self.fed += ids + gen.new_ids[:-1]
         self.pending = gen.new_ids[-1]
         reply = [t for t in gen.new_ids if t not in self.stop_ids]
-        self.messages = messages + [{"role": "assistant",
-                                     "content": self.tokenizer.decode(reply)}]
+        self.messages = messages + [{"role": "assistant", "content": self.tokenizer.decode(reply)}]
         return Turn(ids, cached, rewrite, gen)

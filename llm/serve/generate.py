@@ -6,6 +6,7 @@ serving people read: TTFT (time to first token), TPOT (time per output token aft
 tokens/s, and TPR = 1/TPOT (the paper's throughput per request), each measured on this
 machine (wall clock) and modeled for the wafer (PLMR ledger).
 """
+
 from __future__ import annotations
 
 import time
@@ -34,19 +35,32 @@ class Generation:
         tpot = self.decode_s / (n - 1) if n > 1 else float("nan")
         m_tpot = self.modeled_decode_s / (n - 1) if n > 1 else float("nan")
         total = self.ttft_s + self.decode_s
-        return {"prompt_tokens": len(self.prompt_ids), "new_tokens": n,
-                "stopped_by": self.stopped_by,
-                "ttft_s": self.ttft_s, "tpot_s": tpot, "tokens_per_s": n / total if total else 0.0,
-                "modeled_ttft_s": self.modeled_prefill_s,
-                "modeled_tpot_s": m_tpot,
-                "modeled_tpr": (1.0 / m_tpot) if n > 1 and m_tpot > 0 else float("nan"),
-                "modeled_end_to_end_tpr": n / (self.modeled_prefill_s + self.modeled_decode_s)
-                if n else float("nan")}
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "new_tokens": n,
+            "stopped_by": self.stopped_by,
+            "ttft_s": self.ttft_s,
+            "tpot_s": tpot,
+            "tokens_per_s": n / total if total else 0.0,
+            "modeled_ttft_s": self.modeled_prefill_s,
+            "modeled_tpot_s": m_tpot,
+            "modeled_tpr": (1.0 / m_tpot) if n > 1 and m_tpot > 0 else float("nan"),
+            "modeled_end_to_end_tpr": n / (self.modeled_prefill_s + self.modeled_decode_s)
+            if n
+            else float("nan"),
+        }
 
 
-def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | None = None,
-             stop_ids=(), on_token=None, kv_capacity: int | None = None,
-             fresh: bool = True) -> Generation:
+def generate(
+    model,
+    prompt_ids: list,
+    max_new_tokens: int,
+    sampler: Sampler | None = None,
+    stop_ids=(),
+    on_token=None,
+    kv_capacity: int | None = None,
+    fresh: bool = True,
+) -> Generation:
     """Prefill ``prompt_ids``, then decode up to ``max_new_tokens`` tokens.
 
     The first new token comes from the prompt's last logits; TTFT covers prefill and that pick.
@@ -56,6 +70,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
     the positions that follow (a chat's next turn; the caller sized the cache).
     """
     from ..engine.kvcache import ContextFullError
+
     led = model.ledgers()
     for ledger in led.values():
         ledger.reset()
@@ -85,7 +100,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampler: Sampler | No
             break
         try:
             logits = model.decode(token)
-        except ContextFullError:        # raised alike on every rank, before any communication
+        except ContextFullError:  # raised alike on every rank, before any communication
             gen.stopped_by = "kv_full"
             break
         token = model.pick(logits, sampler)
@@ -103,38 +118,68 @@ def load_model(source: ModelSource, plane: ControlPlane):
     """
     from ..engine.model import MeshModel
     from .preflight import agree, model_kind
+
     path, mesh, kw = source.path, source.mesh, source.run.model_kwargs()
     if agree(plane, model_kind, path) == "shards":
-        return MeshModel.from_shards(path, plane, decode_mesh=mesh.decode,
-                                     prefill_mesh=mesh.prefill, ranks=mesh.ranks,
-                                     verify=source.verify, **kw)
+        return MeshModel.from_shards(
+            path,
+            plane,
+            decode_mesh=mesh.decode,
+            prefill_mesh=mesh.prefill,
+            ranks=mesh.ranks,
+            verify=source.verify,
+            **kw,
+        )
     from ..storage.checkpoint import load_checkpoint, storage_dtype
-    config, weights = agree(plane, load_checkpoint, path, lazy=True,
-                            max_context=source.max_context)
+
+    config, weights = agree(plane, load_checkpoint, path, lazy=True, max_context=source.max_context)
     dmesh = mesh.decode
     if dmesh is None:
         from meshrt.mesh import default_rank_grid
+
         ry, rx = mesh.ranks or default_rank_grid(plane.size)
         dmesh = (2 * ry, 2 * rx)
-    return MeshModel.from_weights(config, weights, plane, decode_mesh=dmesh,
-                                  prefill_mesh=mesh.prefill, ranks=mesh.ranks,
-                                  storage=storage_dtype(weights), **kw)
+    return MeshModel.from_weights(
+        config,
+        weights,
+        plane,
+        decode_mesh=dmesh,
+        prefill_mesh=mesh.prefill,
+        ranks=mesh.ranks,
+        storage=storage_dtype(weights),
+        **kw,
+    )
 
 
 def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
     """The ``generate --json`` record of one finished request (also a ``--batch`` result)."""
     from ..cost.predict import modeled_wafer
+
     dl, pl = model.layouts["decode"], model.layouts["prefill"]
     violations = sorted({v for led in model.ledgers().values() for v in led.violations()})
-    wafer = modeled_wafer(model.config, (pl.py, pl.px), (dl.py, dl.px), len(prompt_ids),
-                          len(gen.new_ids), model.decode_fabric.ledger.device, model.kv_policy,
-                          model.allreduce)
-    return {"prompt_ids": list(prompt_ids), "new_ids": gen.new_ids,
-            "text": None if tokenizer is None else tokenizer.decode(gen.new_ids),
-            **gen.metrics(), "violations": violations, "wafer": wafer,
-            "decode_mesh": [dl.py, dl.px], "prefill_mesh": [pl.py, pl.px],
-            "ranks": [dl.ry, dl.rx], "device": model.decode_fabric.ledger.device.name,
-            "kv_policy": model.kv_policy}
+    wafer = modeled_wafer(
+        model.config,
+        (pl.py, pl.px),
+        (dl.py, dl.px),
+        len(prompt_ids),
+        len(gen.new_ids),
+        model.decode_fabric.ledger.device,
+        model.kv_policy,
+        model.allreduce,
+    )
+    return {
+        "prompt_ids": list(prompt_ids),
+        "new_ids": gen.new_ids,
+        "text": None if tokenizer is None else tokenizer.decode(gen.new_ids),
+        **gen.metrics(),
+        "violations": violations,
+        "wafer": wafer,
+        "decode_mesh": [dl.py, dl.px],
+        "prefill_mesh": [pl.py, pl.px],
+        "ranks": [dl.ry, dl.rx],
+        "device": model.decode_fabric.ledger.device.name,
+        "kv_policy": model.kv_policy,
+    }
 
 
 def format_metrics(m: dict, device: str) -> str:
@@ -142,9 +187,12 @@ def format_metrics(m: dict, device: str) -> str:
     the whole model's wafer figures (:func:`llm.cost.predict.format_modeled_wafer`) when it has
     them."""
     from ..cost.predict import format_modeled_wafer
+
     wafer = "\n" + format_modeled_wafer(m["wafer"], device) if "wafer" in m else ""
-    return (f"{m['new_tokens']} tokens ({m['stopped_by']}): "
-            f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
-            f"{m['tokens_per_s']:.1f} tok/s on this machine | modeled {device}: "
-            f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {m['modeled_tpot_s'] * 1e3:.4f} ms, "
-            f"TPR {m['modeled_tpr']:.1f} tok/s" + wafer)
+    return (
+        f"{m['new_tokens']} tokens ({m['stopped_by']}): "
+        f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
+        f"{m['tokens_per_s']:.1f} tok/s on this machine | modeled {device}: "
+        f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {m['modeled_tpot_s'] * 1e3:.4f} ms, "
+        f"TPR {m['modeled_tpr']:.1f} tok/s" + wafer
+    )

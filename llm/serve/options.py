@@ -6,6 +6,7 @@ writes only what it changes, e.g. ``RunOptions(kv_policy="concat")``.
 
 Meshes and rank grids are ``(rows, cols)`` tuples (``None``: the shard set's or the default).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,13 +32,17 @@ class MeshSpec:
     ranks: Grid | None = None
 
     @classmethod
-    def parse(cls, decode: str | None = None, prefill: str | None = None,
-              ranks: str | None = None) -> MeshSpec:
+    def parse(
+        cls, decode: str | None = None, prefill: str | None = None, ranks: str | None = None
+    ) -> MeshSpec:
         """From ``"PYxPX"`` texts (``MeshError`` if one is malformed)."""
         from meshrt.mesh import parse_grid
-        return cls(None if decode is None else parse_grid(decode, "decode mesh"),
-                   None if prefill is None else parse_grid(prefill, "prefill mesh"),
-                   None if ranks is None else parse_grid(ranks, "rank grid"))
+
+        return cls(
+            None if decode is None else parse_grid(decode, "decode mesh"),
+            None if prefill is None else parse_grid(prefill, "prefill mesh"),
+            None if ranks is None else parse_grid(ranks, "rank grid"),
+        )
 
 
 @dataclass(frozen=True)
@@ -64,12 +69,17 @@ class RunOptions:
     def allreduce_spec(self):
         """The :class:`meshrt.collectives.AllreduceSpec` of ``allreduce`` and ``groups``."""
         from meshrt.collectives import AllreduceSpec
+
         return AllreduceSpec(self.allreduce, self.groups)
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of ``MeshModel.from_shards`` / ``from_weights``."""
-        return dict(kv_policy=self.kv_policy, device=self.device,
-                    allreduce=self.allreduce_spec(), emulation=self.emulation)
+        return dict(
+            kv_policy=self.kv_policy,
+            device=self.device,
+            allreduce=self.allreduce_spec(),
+            emulation=self.emulation,
+        )
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class SamplingOptions:
     def sampler(self):
         """The :class:`llm.text.sampling.Sampler` (``ValueError`` if a value is out of range)."""
         from ..text.sampling import Sampler
+
         return Sampler(self.temperature, self.top_k, self.top_p, self.seed)
 
 

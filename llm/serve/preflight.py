@@ -4,6 +4,7 @@ Every check that reads the filesystem runs on every rank and the ranks agree on 
 (:func:`agree`): a model directory missing on one node (no shared filesystem) ends every rank
 with the same one-line message instead of a hang or a traceback on that rank alone.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,22 @@ from ..storage.shards import MANIFEST_NAME, ShardError, read_manifest
 from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
 
 #: Failures of bad input or of the environment (a user can fix them): one message, exit 2.
-EXPECTED = (runtime.UsageError, ConfigError, CheckpointError, ShardError, NotImplementedError,
-            OSError, UnicodeDecodeError)
+EXPECTED = (
+    runtime.UsageError,
+    ConfigError,
+    CheckpointError,
+    ShardError,
+    NotImplementedError,
+    OSError,
+    UnicodeDecodeError,
+)
 
 
 def agree(control: ControlPlane, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on every rank; if it fails on any rank with an :data:`EXPECTED`
     error, every rank raises ``UsageError`` with the first rank's message (rank-named when
     not every rank failed alike)."""
+
     def check():
         try:
             return fn(*args, **kwargs)
@@ -49,17 +58,23 @@ def _message(e: BaseException) -> str:
 def model_kind(path) -> str:
     """``"shards"`` or ``"hf"`` for the directory ``path`` (``UsageError`` if neither)."""
     if path is None:
-        raise runtime.UsageError("give the model: --model DIR (a shard set made by `python -m "
-                                 "llm convert`, or an HF model directory)")
+        raise runtime.UsageError(
+            "give the model: --model DIR (a shard set made by `python -m "
+            "llm convert`, or an HF model directory)"
+        )
     if not os.path.isdir(path):
-        raise runtime.UsageError(f"--model {path}: no such directory (give a shard set made by "
-                                 "`python -m llm convert`, or an HF model directory)")
+        raise runtime.UsageError(
+            f"--model {path}: no such directory (give a shard set made by "
+            "`python -m llm convert`, or an HF model directory)"
+        )
     if os.path.exists(os.path.join(path, MANIFEST_NAME)):
         return "shards"
     if os.path.exists(os.path.join(path, "config.json")):
         return "hf"
-    raise runtime.UsageError(f"--model {path} is not a shard set (no {MANIFEST_NAME}) or an HF "
-                             "model directory (no config.json)")
+    raise runtime.UsageError(
+        f"--model {path} is not a shard set (no {MANIFEST_NAME}) or an HF "
+        "model directory (no config.json)"
+    )
 
 
 def read_config(path, kind: str, max_context: int | None = None) -> ModelConfig:
@@ -75,12 +90,14 @@ def open_tokenizer(path, config: ModelConfig, need_text: bool):
     ``need_text``: the prompt or a stop string is text, so a tokenizer is required.
     """
     from ..text.tokenizer import load_tokenizer
+
     try:
         return load_tokenizer(path, config)
-    except ValueError as e:     # no tokenizer file and a vocabulary too small for bytes
+    except ValueError as e:  # no tokenizer file and a vocabulary too small for bytes
         if need_text:
-            raise runtime.UsageError(f"{e}; or give the prompt as token ids (--prompt-ids)") \
-                from None
+            raise runtime.UsageError(
+                f"{e}; or give the prompt as token ids (--prompt-ids)"
+            ) from None
         return None
 
 
@@ -91,14 +108,17 @@ def parse_ids(text: str, vocab_size: int | None = None, what: str = "--prompt-id
         raise runtime.UsageError(f"{what} is empty; give token ids such as 1,450,4996")
     bad = [p for p in parts if not p.isdigit()]
     if bad:
-        raise runtime.UsageError(f"{what}: {bad[0]!r} is not a token id (non-negative "
-                                 "integers, separated by commas or spaces)")
+        raise runtime.UsageError(
+            f"{what}: {bad[0]!r} is not a token id (non-negative "
+            "integers, separated by commas or spaces)"
+        )
     ids = [int(p) for p in parts]
     if vocab_size is not None:
         out = [i for i in ids if i >= vocab_size]
         if out:
-            raise runtime.UsageError(f"{what}: token id {out[0]} is outside the vocabulary "
-                                     f"(0..{vocab_size - 1})")
+            raise runtime.UsageError(
+                f"{what}: token id {out[0]} is outside the vocabulary (0..{vocab_size - 1})"
+            )
     return ids
 
 
@@ -114,11 +134,13 @@ def prompt_ids(prompt: PromptSpec, tokenizer, config: ModelConfig) -> list:
         except (OSError, UnicodeDecodeError) as e:
             raise runtime.UsageError(f"--prompt-file {prompt.file}: {_message(e)}") from None
     if text is None:
-        raise runtime.UsageError("give a prompt: --prompt TEXT, --prompt-file FILE or "
-                                 "--prompt-ids '1 2 3'")
+        raise runtime.UsageError(
+            "give a prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids '1 2 3'"
+        )
     if tokenizer is None:
-        raise runtime.UsageError("this model has no tokenizer: give the prompt as token ids "
-                                 "(--prompt-ids)")
+        raise runtime.UsageError(
+            "this model has no tokenizer: give the prompt as token ids (--prompt-ids)"
+        )
     ids = tokenizer.encode(text)
     if not ids:
         raise runtime.UsageError("the prompt is empty")
@@ -135,12 +157,15 @@ def stop_ids(stop: StopOptions, tokenizer, config: ModelConfig) -> set:
                 out.update(parse_ids(part, config.vocab_size, "--stop"))
             elif part:
                 if tokenizer is None:
-                    raise runtime.UsageError(f"--stop {part!r}: this model has no tokenizer; "
-                                             "give token ids")
+                    raise runtime.UsageError(
+                        f"--stop {part!r}: this model has no tokenizer; give token ids"
+                    )
                 ids = tokenizer.encode(part, add_special_tokens=False)
                 if len(ids) != 1:
-                    raise runtime.UsageError(f"stop string {part!r} is {len(ids)} tokens; "
-                                             "give a single-token string or a token id")
+                    raise runtime.UsageError(
+                        f"stop string {part!r} is {len(ids)} tokens; "
+                        "give a single-token string or a token id"
+                    )
                 out.add(ids[0])
     return out
 
@@ -166,19 +191,27 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
     kind = agree(control, model_kind, path)
     config = agree(control, read_config, path, kind, source.max_context)
     later = request.prompt.later
-    need_text = later or not request.prompt.ids or any(
-        not part.strip().isdigit() for item in request.stop.stop
-        for part in str(item).split(",") if part.strip())
+    need_text = (
+        later
+        or not request.prompt.ids
+        or any(
+            not part.strip().isdigit()
+            for item in request.stop.stop
+            for part in str(item).split(",")
+            if part.strip()
+        )
+    )
     tokenizer = agree(control, open_tokenizer, path, config, need_text)
     stop = agree(control, stop_ids, request.stop, tokenizer, config)
     if later:
-        return Request(path, kind, config, tokenizer, [], stop)   # prompts come later
+        return Request(path, kind, config, tokenizer, [], stop)  # prompts come later
     ids = agree(control, prompt_ids, request.prompt, tokenizer, config)
     new = request.max_new_tokens
     if len(ids) + new > config.max_position_embeddings:
         raise runtime.UsageError(
             f"prompt ({len(ids)} tokens) + --max-new-tokens {new} exceeds the model context of "
-            f"{config.max_position_embeddings} tokens")
+            f"{config.max_position_embeddings} tokens"
+        )
     return Request(path, kind, config, tokenizer, ids, stop)
 
 
@@ -191,14 +224,17 @@ def check_kv_capacity(model, prompt_tokens: int, new_tokens: int, capacity: int 
     if capacity is None:
         return need
     rows = model.layouts["decode"].py
-    prompt_slots = math.ceil(prompt_tokens / rows)      # the prompt is spread over the rows
+    prompt_slots = math.ceil(prompt_tokens / rows)  # the prompt is spread over the rows
     if capacity < prompt_slots:
         raise runtime.UsageError(
             f"--kv-capacity {capacity} is too small for the prompt: {prompt_tokens} tokens "
             f"need {prompt_slots} slots per core on {rows} rows (prompt + new tokens need "
-            f"{need})")
+            f"{need})"
+        )
     if capacity < need:
-        log.warning(f"--kv-capacity {capacity} holds fewer than the prompt + "
-                    f"{new_tokens} new tokens ({need} slots per core needed): generation stops "
-                    "when the KV cache is full (stopped_by kv_full)")
+        log.warning(
+            f"--kv-capacity {capacity} holds fewer than the prompt + "
+            f"{new_tokens} new tokens ({need} slots per core needed): generation stops "
+            "when the KV cache is full (stopped_by kv_full)"
+        )
     return capacity

@@ -10,6 +10,7 @@ at once (see :class:`Checkpoint`).
 Random weights are made per tensor from ``(seed, tensor name, row block)``, so any rows of any
 tensor can be regenerated alone and identically (see :func:`random_tensor`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,18 @@ from ..modeling.weights import CheckpointError, check_weights
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors dtype name -> bytes per element (the ones an LLM checkpoint may hold).
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U8": 1, "BOOL": 1}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # dtypes whose rows are read straight from the file (little-endian words)
 _ROW_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -76,9 +87,11 @@ def read_header(path) -> tuple[dict, int]:
         if dtype not in _ITEMSIZE:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         if not 0 <= begin <= end <= data_size or end - begin != count * _ITEMSIZE[dtype]:
-            raise CheckpointError(f"{path}: tensor {name!r} ({dtype}{shape}) has data offsets "
-                                  f"[{begin}, {end}) inconsistent with the file (corrupt or "
-                                  "truncated?)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({dtype}{shape}) has data offsets "
+                f"[{begin}, {end}) inconsistent with the file (corrupt or "
+                "truncated?)"
+            )
     return header, data_start
 
 
@@ -107,14 +120,17 @@ class SafetensorsFile:
         info = self.header[name]
         dtype, shape = info["dtype"], tuple(info["shape"])
         if dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, expected a "
-                                  "floating-point dtype")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has dtype {dtype}, expected a floating-point dtype"
+            )
         if dtype == "BF16":
             begin, end = info["data_offsets"]
-            words = np.fromfile(self.path, dtype="<u2", count=(end - begin) // 2,
-                                offset=self.data_start + begin)
+            words = np.fromfile(
+                self.path, dtype="<u2", count=(end - begin) // 2, offset=self.data_start + begin
+            )
             return bf16_to_f32(words).reshape(shape)
         from safetensors import safe_open
+
         with safe_open(str(self.path), framework="np") as f:
             return np.asarray(f.get_tensor(name), dtype=np.float32)
 
@@ -127,8 +143,12 @@ class SafetensorsFile:
         start, stop, _ = slice(start, stop).indices(shape[0] if shape else 1)
         row = int(np.prod(shape[1:], dtype=np.int64))
         begin = info["data_offsets"][0] + start * row * _ITEMSIZE[dtype]
-        words = np.fromfile(self.path, dtype=_ROW_DTYPES[dtype], count=max(stop - start, 0) * row,
-                            offset=self.data_start + begin)
+        words = np.fromfile(
+            self.path,
+            dtype=_ROW_DTYPES[dtype],
+            count=max(stop - start, 0) * row,
+            offset=self.data_start + begin,
+        )
         vals = bf16_to_f32(words) if dtype == "BF16" else words.astype(np.float32)
         return vals.reshape((max(stop - start, 0),) + shape[1:])
 
@@ -163,8 +183,10 @@ class Checkpoint(Mapping):
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             for fname in set(weight_map.values()):
                 if not _inside(fname):
-                    raise CheckpointError(f"{index} names {fname!r}, a path outside the model "
-                                          "directory; refusing to read it")
+                    raise CheckpointError(
+                        f"{index} names {fname!r}, a path outside the model "
+                        "directory; refusing to read it"
+                    )
         elif (self.model_dir / SINGLE_FILE).exists():
             weight_map = {name: SINGLE_FILE for name in self._file(SINGLE_FILE).names()}
         else:
@@ -175,8 +197,10 @@ class Checkpoint(Mapping):
             for fname in files:
                 for name in self._file(fname).names():
                     if name in weight_map:
-                        raise CheckpointError(f"{name!r} is in both {weight_map[name]} and "
-                                              f"{fname}; add a {INDEX_FILE} to say which to use")
+                        raise CheckpointError(
+                            f"{name!r} is in both {weight_map[name]} and "
+                            f"{fname}; add a {INDEX_FILE} to say which to use"
+                        )
                     weight_map[name] = fname
         for name, fname in weight_map.items():
             if name not in self._file(fname).header:
@@ -257,21 +281,27 @@ def storage_dtype(ckpt: Checkpoint) -> str:
     ``"float16"`` when every matrix is stored so, else ``"float32"``."""
     kinds = {ckpt.dtype(name) for name in ckpt if len(ckpt.shape(name)) == 2}
     return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(
-        frozenset(kinds), "float32")
+        frozenset(kinds), "float32"
+    )
 
 
 # ---------------------------------------------------------------------- random weights
-RANDOM_ROW_BLOCK = 64   # rows drawn from one random stream; any row range can be made alone
-RANDOM_STD = 0.02       # std of linear weights, embeddings and biases
-NORM_STD = 0.1          # norm weights are 1 + NORM_STD * N(0, 1)
+RANDOM_ROW_BLOCK = 64  # rows drawn from one random stream; any row range can be made alone
+RANDOM_STD = 0.02  # std of linear weights, embeddings and biases
+NORM_STD = 0.1  # norm weights are 1 + NORM_STD * N(0, 1)
 
 
 def _name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def random_tensor(config: ModelConfig, name: str, seed: int = 0, rows: slice | None = None,
-                  shape: tuple | None = None) -> np.ndarray:
+def random_tensor(
+    config: ModelConfig,
+    name: str,
+    seed: int = 0,
+    rows: slice | None = None,
+    shape: tuple | None = None,
+) -> np.ndarray:
     """One random weight tensor, a function of ``(seed, name)`` only.
 
     Rows (axis 0) come in blocks of :data:`RANDOM_ROW_BLOCK`, each from its own stream seeded by
@@ -312,7 +342,7 @@ def random_tensor(config: ModelConfig, name: str, seed: int = 0, rows: slice | N
         rng = np.random.default_rng([seed, key, block])
         values = rng.standard_normal((b1 - b0,) + tuple(shape[1:]), dtype=np.float32)
         lo, hi = max(start, b0), min(stop, b1)
-        out[lo - start:hi - start] = values[lo - b0:hi - b0]
+        out[lo - start : hi - start] = values[lo - b0 : hi - b0]
     if is_norm:
         out *= np.float32(NORM_STD)
         out += np.float32(1.0)
@@ -326,8 +356,10 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict:
 
     Holds the whole model in memory: for large presets use :func:`random_tensor` per tensor.
     """
-    return {name: random_tensor(config, name, seed, shape=shape)
-            for name, shape in config.tensor_shapes().items()}
+    return {
+        name: random_tensor(config, name, seed, shape=shape)
+        for name, shape in config.tensor_shapes().items()
+    }
 
 
 class RandomWeights(Mapping):
@@ -357,8 +389,9 @@ class RandomWeights(Mapping):
         """Rows ``start:stop`` of a tensor, made alone (equal to ``self[name][start:stop]``)."""
         if name not in self._shapes:
             raise KeyError(name)
-        return random_tensor(self.config, name, self.seed, rows=slice(start, stop),
-                             shape=self._shapes[name])
+        return random_tensor(
+            self.config, name, self.seed, rows=slice(start, stop), shape=self._shapes[name]
+        )
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)
@@ -374,6 +407,7 @@ def save_model_dir(path, config: ModelConfig, weights: Mapping, dtype: str = "fl
     temporary names and renamed when complete.
     """
     from safetensors.numpy import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     check_weights(config, weights)
@@ -398,12 +432,15 @@ def _save_bf16(path: Path, weights: Mapping) -> None:
     for name in sorted(weights):
         words = f32_to_bf16_words(np.asarray(weights[name], dtype=np.float32))
         blob = words.astype("<u2").tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(words.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(words.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)          # keep the data section 8-byte aligned
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)

@@ -11,6 +11,7 @@ node for a 64-rank job): rank file ``k`` is written by process ``k % nprocs``.
 Each phase's weight placement is a producer in :data:`llm.placement.phase_tiles.PHASE_TILES`,
 ``producer(PhaseLayout, weights) -> iterator of (name, global tiles [Py, Px, ...])``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,18 +33,23 @@ from ..modeling.config import ConfigError, ModelConfig, preset
 from ..placement.layout import LAYOUT_VERSION, PhaseLayout
 from ..placement.phase_tiles import PHASE_TILES
 from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
-from .shards import (FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash,
-                     grid_text)
+from .shards import FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash, grid_text
 
 RANDOM_PREFIX = "random:"
 DEFAULT_DECODE_MESH = (8, 8)
 #: Files of an HF model directory copied into the shard set, so that it stands alone.
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "generation_config.json")
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 # ----------------------------------------------------------------------------------------------
 # sources
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelSource:
@@ -74,8 +80,9 @@ class ModelSource:
                 shutil.copyfile(content, Path(directory) / name)
 
 
-def open_source(source: str, seed: int = 0, layers: int | None = None,
-                max_context: int | None = None) -> ModelSource:
+def open_source(
+    source: str, seed: int = 0, layers: int | None = None, max_context: int | None = None
+) -> ModelSource:
     """The model named by ``source``: an HF model directory, a GGUF file, or ``random:PRESET``.
 
     Parameters
@@ -93,12 +100,13 @@ def open_source(source: str, seed: int = 0, layers: int | None = None,
         Shorter context than the model's ``max_position_embeddings``.
     """
     if str(source).startswith(RANDOM_PREFIX):
-        name = str(source)[len(RANDOM_PREFIX):]
+        name = str(source)[len(RANDOM_PREFIX) :]
         config = preset(name)
         if max_context is not None:
             if not 0 < max_context <= config.max_position_embeddings:
-                raise ConfigError(f"max_context={max_context} must be in "
-                                  f"1..{config.max_position_embeddings}")
+                raise ConfigError(
+                    f"max_context={max_context} must be in 1..{config.max_position_embeddings}"
+                )
             config = config.replace(max_position_embeddings=int(max_context))
         label = f"random preset {config.name} seed {int(seed)}"
         config, label = _truncate(config, layers, label)
@@ -107,8 +115,10 @@ def open_source(source: str, seed: int = 0, layers: int | None = None,
     if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
         return _gguf_source(path, layers, max_context)
     if not path.is_dir():
-        raise ConfigError(f"source {source!r} is neither a model directory, a .gguf file nor "
-                          f"'{RANDOM_PREFIX}PRESET' (e.g. {RANDOM_PREFIX}llama-100m)")
+        raise ConfigError(
+            f"source {source!r} is neither a model directory, a .gguf file nor "
+            f"'{RANDOM_PREFIX}PRESET' (e.g. {RANDOM_PREFIX}llama-100m)"
+        )
     config, weights = load_checkpoint(path, lazy=True, max_context=max_context)
     config, label = _truncate(config, layers, path.absolute().name)
     files = {n: path / n for n in COPIED_FILES if (path / n).is_file()}
@@ -117,6 +127,7 @@ def open_source(source: str, seed: int = 0, layers: int | None = None,
 
 def _is_gguf(path: Path) -> bool:
     from .gguf_source import is_gguf
+
     return is_gguf(path)
 
 
@@ -125,18 +136,22 @@ def _gguf_source(path: Path, layers, max_context) -> ModelSource:
 
     from .gguf_source import GGUFWeights, load_gguf
     from .gguf_tokenizer import tokenizer_files
+
     config, weights, f = load_gguf(path, max_context)
     kinds = Counter(weights.types().values())
-    label = (f"{path.name} (GGUF {', '.join(f'{n} {k}' for k, n in kinds.most_common())} "
-             "tensors, de-quantized)")
+    label = (
+        f"{path.name} (GGUF {', '.join(f'{n} {k}' for k, n in kinds.most_common())} "
+        "tensors, de-quantized)"
+    )
     config, label = _truncate(config, layers, label)
     if layers is not None:
-        weights = GGUFWeights(f, config)     # only the kept layers
+        weights = GGUFWeights(f, config)  # only the kept layers
     return ModelSource(config, weights, label, tokenizer_files(f))
 
 
-def load_source(source: str, seed: int = 0, layers: int | None = None,
-                max_context: int | None = None) -> tuple[ModelConfig, Mapping, str]:
+def load_source(
+    source: str, seed: int = 0, layers: int | None = None, max_context: int | None = None
+) -> tuple[ModelConfig, Mapping, str]:
     """``(config, weights, label)`` of :func:`open_source` (without the travelling files)."""
     src = open_source(source, seed, layers, max_context)
     return src.config, src.weights, src.label
@@ -147,20 +162,24 @@ def _truncate(config: ModelConfig, layers: int | None, label: str) -> tuple[Mode
         return config, label
     if not 0 < layers <= config.num_layers:
         raise ConfigError(f"--layers {layers}: the model has {config.num_layers} layers")
-    return (config.replace(num_layers=int(layers)),
-            f"{label} (first {layers} of {config.num_layers} layers)")
+    return (
+        config.replace(num_layers=int(layers)),
+        f"{label} (first {layers} of {config.num_layers} layers)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # meshes
 # ----------------------------------------------------------------------------------------------
 
+
 def check_phases(meshes: Mapping) -> None:
     """Raise :class:`ShardError` for a phase without a tile producer."""
     for phase in meshes:
         if phase not in PHASE_TILES:
-            raise ShardError(f"no tile placement for phase {phase!r}; phases available: "
-                             f"{', '.join(PHASE_TILES)}")
+            raise ShardError(
+                f"no tile placement for phase {phase!r}; phases available: {', '.join(PHASE_TILES)}"
+            )
 
 
 def choose_rank_grid(nranks: int, meshes: Mapping) -> tuple[int, int]:
@@ -180,17 +199,26 @@ def phase_layouts(meshes: Mapping, grid: tuple[int, int]) -> dict[str, MeshLayou
 # progress
 # ----------------------------------------------------------------------------------------------
 
+
 class _Progress:
     """A tqdm bar on rank 0 (tensor groups: globals, layer 0, layer 1, ...) plus a plain log line
     every ``every`` tensors, which is what batch logs and Open MPI show."""
 
-    def __init__(self, root: bool, total: int, progress: bool | None, log: logging.Logger,
-                 every: int):
+    def __init__(
+        self, root: bool, total: int, progress: bool | None, log: logging.Logger, every: int
+    ):
         from tqdm import tqdm
-        disable = True if (not root or progress is False) else (None if progress is None
-                                                                else False)
-        self.bar = tqdm(total=total, unit="layer", desc="convert", disable=disable,
-                        mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
+
+        disable = True if (not root or progress is False) else (None if progress is None else False)
+        self.bar = tqdm(
+            total=total,
+            unit="layer",
+            desc="convert",
+            disable=disable,
+            mininterval=0.5,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         self.live = root and not self.bar.disable
         self.root, self.log, self.every = root, log, max(1, int(every))
         self.count, self.nbytes, self.t0 = 0, 0, time.perf_counter()
@@ -204,9 +232,11 @@ class _Progress:
         self.count += 1
         self.nbytes += nbytes
         if self.root and not self.live and self.count % self.every == 0:
-            self.log.info(f"convert: {self.count} tensors ({phase}/{name}), "
-                          f"{self.nbytes / 2**20:.1f} MiB written by rank 0, "
-                          f"{time.perf_counter() - self.t0:.1f} s")
+            self.log.info(
+                f"convert: {self.count} tensors ({phase}/{name}), "
+                f"{self.nbytes / 2**20:.1f} MiB written by rank 0, "
+                f"{time.perf_counter() - self.t0:.1f} s"
+            )
 
     def close(self) -> None:
         if self._group is not None:
@@ -218,6 +248,7 @@ class _Progress:
 # conversion
 # ----------------------------------------------------------------------------------------------
 
+
 def _write_failure(error: BaseException, rank: int, nprocs: int, tmp: Path) -> str:
     """The one-line message of a failure to write this rank's files."""
     where = f" on rank {rank}" if nprocs > 1 else ""
@@ -225,22 +256,32 @@ def _write_failure(error: BaseException, rank: int, nprocs: int, tmp: Path) -> s
         return str(error)
     errno = getattr(error, "errno", None)
     what = os.strerror(errno) if errno else " ".join(str(error).split())
-    return (f"writing the shards failed{where} ({what}); nothing was written: free space "
-            f"in {tmp.parent} (or choose another --out) and convert again")
+    return (
+        f"writing the shards failed{where} ({what}); nothing was written: free space "
+        f"in {tmp.parent} (or choose another --out) and convert again"
+    )
 
 
 def padding_note(config: ModelConfig, playout: PhaseLayout) -> str | None:
     """A warning when a mesh is so large that zero padding outweighs the model's data."""
     c = config
-    real = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "vocab": c.vocab_size,
-            "kv": c.num_kv_heads * c.head_dim, "q": c.num_heads * c.head_dim}
-    over = [f"{k} {v} -> {getattr(playout, k)}" for k, v in real.items()
-            if getattr(playout, k) > 2 * v]
+    real = {
+        "hidden": c.hidden_size,
+        "ffn": c.intermediate_size,
+        "vocab": c.vocab_size,
+        "kv": c.num_kv_heads * c.head_dim,
+        "q": c.num_heads * c.head_dim,
+    }
+    over = [
+        f"{k} {v} -> {getattr(playout, k)}" for k, v in real.items() if getattr(playout, k) > 2 * v
+    ]
     if not over:
         return None
-    return (f"the mesh is large for this model: zero padding exceeds the data ({', '.join(over)}); "
-            "memory and time go mostly to padding: a smaller --decode-mesh/--prefill-mesh fits "
-            "better")
+    return (
+        f"the mesh is large for this model: zero padding exceeds the data ({', '.join(over)}); "
+        "memory and time go mostly to padding: a smaller --decode-mesh/--prefill-mesh fits "
+        "better"
+    )
 
 
 def _count(n: int) -> str:
@@ -250,13 +291,22 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
-            meshes: Mapping | None = None, dtype: str = "float32",
-            control: ControlPlane | None = None,
-            force: bool = False, progress: bool | None = None, seed: int = 0,
-            layers: int | None = None, max_context: int | None = None,
-            log: logging.Logger | None = None, log_every: int = 20,
-            delete_other_files: bool = False) -> dict:
+def convert(
+    out_dir,
+    source: str,
+    ranks: tuple[int, int] | None = None,
+    meshes: Mapping | None = None,
+    dtype: str = "float32",
+    control: ControlPlane | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+    seed: int = 0,
+    layers: int | None = None,
+    max_context: int | None = None,
+    log: logging.Logger | None = None,
+    log_every: int = 20,
+    delete_other_files: bool = False,
+) -> dict:
     """Convert ``source`` into a shard set at ``out_dir`` (collective over ``control``).
 
     Parameters
@@ -305,21 +355,27 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
     log = log or logging.getLogger("llm")
     control = control or ControlPlane.single()
     nprocs, rank = control.size, control.rank
-    meshes = {phase: tuple(int(v) for v in mesh)
-              for phase, mesh in (meshes or {"decode": DEFAULT_DECODE_MESH}).items()}
+    meshes = {
+        phase: tuple(int(v) for v in mesh)
+        for phase, mesh in (meshes or {"decode": DEFAULT_DECODE_MESH}).items()
+    }
     if "decode" not in meshes:
         raise ShardError("a shard set needs decode tiles: give a decode mesh")
     check_phases(meshes)
     if dtype not in STORAGE_DTYPES:
-        raise ShardError(f"storage dtype {dtype!r} is not supported; use one of "
-                         f"{', '.join(STORAGE_DTYPES)}")
+        raise ShardError(
+            f"storage dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}"
+        )
     grid = tuple(ranks) if ranks is not None else choose_rank_grid(nprocs, meshes)
     layouts = phase_layouts(meshes, grid)
     nfiles = grid[0] * grid[1]
     if nprocs > nfiles:
-        raise MeshError(f"{nprocs} processes convert for a {grid_text(grid)} rank grid of only "
-                        f"{nfiles} rank files: run with at most {nfiles} processes or pass "
-                        f"--ranks for a grid of {nprocs} ranks")
+        raise MeshError(
+            f"{nprocs} processes convert for a {grid_text(grid)} rank grid of only "
+            f"{nfiles} rank files: run with at most {nfiles} processes or pass "
+            f"--ranks for a grid of {nprocs} ranks"
+        )
+
     def open_own_source():
         try:
             return open_source(source, seed, layers, max_context)
@@ -333,10 +389,19 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     created = control.bcast(created)
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                "layout_version": LAYOUT_VERSION, "config": config.to_dict(),
-                "parameters": config.num_parameters(), "source": label, "created": created,
-                "dtype": dtype, "rank_grid": list(grid), "copied_files": copied, "phases": {}}
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "layout_version": LAYOUT_VERSION,
+        "config": config.to_dict(),
+        "parameters": config.num_parameters(),
+        "source": label,
+        "created": created,
+        "dtype": dtype,
+        "rank_grid": list(grid),
+        "copied_files": copied,
+        "phases": {},
+    }
 
     tmp = prepare_target(out_dir, control, force, delete_other_files)
     if rank == 0:
@@ -344,10 +409,13 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
             note = padding_note(config, PhaseLayout(config, lay.py, lay.px))
             if note:
                 log.warning(f"{phase} mesh {grid_text((lay.py, lay.px))}: {note}")
-        log.info(f"convert {label} -> {out_dir}: {_count(config.num_parameters())} parameters, "
-                 f"rank grid {grid_text(grid)}, "
-                 + ", ".join(f"{ph} mesh {grid_text(m)}" for ph, m in meshes.items())
-                 + f", {dtype}" + (f", {nprocs} processes" if nprocs > 1 else ""))
+        log.info(
+            f"convert {label} -> {out_dir}: {_count(config.num_parameters())} parameters, "
+            f"rank grid {grid_text(grid)}, "
+            + ", ".join(f"{ph} mesh {grid_text(m)}" for ph, m in meshes.items())
+            + f", {dtype}"
+            + (f", {nprocs} processes" if nprocs > 1 else "")
+        )
     mine = [grid_coords(k, grid) for k in range(nfiles) if k % nprocs == rank]
     writer, records, failure = None, {}, None
     bar = _Progress(rank == 0, len(meshes) * (config.num_layers + 1), progress, log, log_every)
@@ -363,13 +431,16 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
                 tensors[name] = [int(s) for s in tiles.shape]
                 bar.tensor(phase, name, writer.bytes_written - before)
                 del tiles
-            manifest["phases"][phase] = {"mesh": [lay.py, lay.px],
-                                         "layout": playout.describe(), "tensors": tensors}
+            manifest["phases"][phase] = {
+                "mesh": [lay.py, lay.px],
+                "layout": playout.describe(),
+                "tensors": tensors,
+            }
         manifest["content_hash"] = content_hash(manifest)
         records = writer.finish(manifest["content_hash"])
-    except (ShardError, OSError) as e:     # expected: disk full, float16 overflow, ...
+    except (ShardError, OSError) as e:  # expected: disk full, float16 overflow, ...
         failure = _write_failure(e, rank, nprocs, tmp)
-    except BaseException:                  # a bug or Ctrl-C: this rank cleans up, then ends
+    except BaseException:  # a bug or Ctrl-C: this rank cleans up, then ends
         if writer is not None:
             writer.abort()
         remove_temporary(tmp)
@@ -387,16 +458,20 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
         try:
             failures = [f for _, _, f in gathered if f]
             if failures:
-                raise ShardError(failures[0] + (f" (and {len(failures) - 1} more rank(s))"
-                                                if len(failures) > 1 else ""))
+                raise ShardError(
+                    failures[0]
+                    + (f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else "")
+                )
             if len({h for h, _, _ in gathered}) != 1:
-                raise ShardError("ranks produced different tensor lists or shapes (the tile "
-                                 "producers are not deterministic); nothing was written")
+                raise ShardError(
+                    "ranks produced different tensor lists or shapes (the tile "
+                    "producers are not deterministic); nothing was written"
+                )
             files = {}
             for _, recs, _ in gathered:
                 files.update(recs)
             manifest["files"] = dict(sorted(files.items()))
-            src.write_files(tmp)     # tokenizer and HF config travel with the shards
+            src.write_files(tmp)  # tokenizer and HF config travel with the shards
             publish(tmp, out_dir, manifest, delete_other_files)
             return manifest
         except ShardError:
@@ -412,6 +487,8 @@ def convert(out_dir, source: str, ranks: tuple[int, int] | None = None,
     payload = control.agree(publish_on_root, catch=ShardError)
     if rank == 0:
         total = sum(r["bytes"] for r in payload["files"].values())
-        log.info(f"wrote {Path(out_dir)}: {len(payload['files'])} rank files, "
-                 f"{total / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+        log.info(
+            f"wrote {Path(out_dir)}: {len(payload['files'])} rank files, "
+            f"{total / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s"
+        )
     return payload

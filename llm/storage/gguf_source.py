@@ -22,6 +22,7 @@ onto this project's own terms:
 Supported: architecture ``llama`` (LLaMA 2/3-style, SmolLM, Mistral files written as llama) and
 tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1. Anything else is one :class:`GGUFError` naming it.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,13 +38,22 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 #: GGUF tensor name (per block ``blk.N.``) -> HF name (per layer ``model.layers.N.``)
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # tensors llama.cpp writes that carry nothing this model needs (precomputed RoPE tables)
 _IGNORED = ("rope_freqs.weight",)
@@ -57,8 +67,10 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise GGUFError("reading GGUF files needs the gguf package: pip install "
-                        "'waferllm-mpi[gguf]' (or pip install gguf)") from None
+        raise GGUFError(
+            "reading GGUF files needs the gguf package: pip install "
+            "'waferllm-mpi[gguf]' (or pip install gguf)"
+        ) from None
     return gguf
 
 
@@ -89,14 +101,16 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """
     d = w.shape[0] // heads
     return np.ascontiguousarray(
-        w.reshape(heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+        w.reshape(heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's q/k row order from HF's (the inverse of :func:`unpermute_rows`)."""
     d = w.shape[0] // heads
     return np.ascontiguousarray(
-        w.reshape(heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+        w.reshape(heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 class GGUFFile:
@@ -144,8 +158,10 @@ class GGUFFile:
         t = self.tensors[name]
         kind = t.tensor_type.name
         if kind not in SUPPORTED_TYPES:
-            raise GGUFError(f"{self.path.name}: tensor {name} is stored as {kind}; supported "
-                            f"types: {', '.join(SUPPORTED_TYPES)}")
+            raise GGUFError(
+                f"{self.path.name}: tensor {name} is stored as {kind}; supported "
+                f"types: {', '.join(SUPPORTED_TYPES)}"
+            )
         shape = tuple(int(s) for s in reversed(t.shape))
         values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
@@ -160,12 +176,16 @@ def gguf_config(f: GGUFFile, max_context: int | None = None) -> ModelConfig:
     """The :class:`ModelConfig` a GGUF file describes (see the module docstring)."""
     arch = f.require("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(f"{f.path.name}: architecture {arch!r} is not supported (supported: "
-                        f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise GGUFError(
+            f"{f.path.name}: architecture {arch!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     if "rope_freqs.weight" in f.tensors:
-        raise GGUFError(f"{f.path.name}: per-frequency RoPE factors (rope_freqs.weight, "
-                        "llama3-style scaling) are not supported from GGUF; convert the HF "
-                        "checkpoint instead")
+        raise GGUFError(
+            f"{f.path.name}: per-frequency RoPE factors (rope_freqs.weight, "
+            "llama3-style scaling) are not supported from GGUF; convert the HF "
+            "checkpoint instead"
+        )
 
     def key(name, default=None):
         return f.get(f"{arch}.{name}", default)
@@ -174,8 +194,10 @@ def gguf_config(f: GGUFFile, max_context: int | None = None) -> ModelConfig:
     hidden = int(f.require(f"{arch}.embedding_length"))
     head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // heads
     if key("rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError(f"{f.path.name}: partial rotary embeddings (rope.dimension_count "
-                        f"{key('rope.dimension_count')} < head dim {head_dim}) are not supported")
+        raise GGUFError(
+            f"{f.path.name}: partial rotary embeddings (rope.dimension_count "
+            f"{key('rope.dimension_count')} < head dim {head_dim}) are not supported"
+        )
     tokens = f.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
@@ -196,20 +218,27 @@ def gguf_config(f: GGUFFile, max_context: int | None = None) -> ModelConfig:
         context = int(max_context)
     try:
         return ModelConfig(
-            family="llama", vocab_size=int(vocab), hidden_size=hidden,
+            family="llama",
+            vocab_size=int(vocab),
+            hidden_size=hidden,
             intermediate_size=int(f.require(f"{arch}.feed_forward_length")),
-            num_layers=int(f.require(f"{arch}.block_count")), num_heads=heads,
-            num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=int(head_dim),
+            num_layers=int(f.require(f"{arch}.block_count")),
+            num_heads=heads,
+            num_kv_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=int(head_dim),
             rms_norm_eps=_decimal(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_decimal(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            rope_theta=_decimal(key("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
             max_position_embeddings=context,
             tie_word_embeddings="output.weight" not in f.tensors,
             attention_bias="blk.0.attn_q.bias" in f.tensors,
             attention_out_bias="blk.0.attn_output.bias" in f.tensors,
             mlp_bias="blk.0.ffn_gate.bias" in f.tensors,
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=tuple(dict.fromkeys(eos_ids)), dtype="float32",
-            name=str(f.get("general.name") or f.path.stem))
+            eos_token_id=tuple(dict.fromkeys(eos_ids)),
+            dtype="float32",
+            name=str(f.get("general.name") or f.path.stem),
+        )
     except (ConfigError, NotImplementedError) as e:
         raise GGUFError(f"{f.path.name}: {e}") from None
 
@@ -239,13 +268,17 @@ class GGUFWeights(Mapping):
             if m is None or int(m.group(1)) < config.num_layers:
                 self._names[hf] = name
         if unknown:
-            raise GGUFError(f"{f.path.name}: tensors this reader does not know: "
-                            f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
+            raise GGUFError(
+                f"{f.path.name}: tensors this reader does not know: "
+                f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}"
+            )
         bad = sorted({f.type_name(n) for n in self._names.values()} - set(SUPPORTED_TYPES))
         if bad:
             example = next(n for n in self._names.values() if f.type_name(n) in bad)
-            raise GGUFError(f"{f.path.name}: tensor type {', '.join(bad)} (e.g. {example}) is "
-                            f"not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+            raise GGUFError(
+                f"{f.path.name}: tensor type {', '.join(bad)} (e.g. {example}) is "
+                f"not supported; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
 
     def __getitem__(self, name: str) -> np.ndarray:
         w = self.file.tensor(self._names[name])
@@ -256,8 +289,10 @@ class GGUFWeights(Mapping):
         return w
 
     def shapes(self) -> dict:
-        return {hf: tuple(int(s) for s in reversed(self.file.tensors[g].shape))
-                for hf, g in self._names.items()}
+        return {
+            hf: tuple(int(s) for s in reversed(self.file.tensors[g].shape))
+            for hf, g in self._names.items()
+        }
 
     def types(self) -> dict:
         """HF name -> GGUF tensor type name (``"Q4_1"``, ...)."""

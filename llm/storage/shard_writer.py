@@ -6,6 +6,7 @@ makes
 :class:`ShardWriter`; rank 0 gathers the checksums on the control plane and :func:`publish`
 writes the manifest last and renames the directory. A reader never sees a partial shard set.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,17 @@ import numpy as np
 from meshrt.mesh import MeshLayout
 from meshrt.runtime import ControlPlane
 
-from .shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORAGE_DTYPES, ShardError,
-                     encode_storage, file_sha256, grid_text, rank_file_name)
+from .shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    STORAGE_DTYPES,
+    ShardError,
+    encode_storage,
+    file_sha256,
+    grid_text,
+    rank_file_name,
+)
 
 
 class ShardWriter:
@@ -44,8 +54,9 @@ class ShardWriter:
 
     def __init__(self, directory, grid: tuple[int, int], coords: list, dtype: str):
         if dtype not in STORAGE_DTYPES:
-            raise ShardError(f"storage dtype {dtype!r} is not supported; use one of "
-                             f"{', '.join(STORAGE_DTYPES)}")
+            raise ShardError(
+                f"storage dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}"
+            )
         self.directory = Path(directory)
         self.grid = tuple(grid)
         self.dtype_name = dtype
@@ -58,18 +69,22 @@ class ShardWriter:
         """Store every owned rank's block of the global tile array ``tiles[Py, Px, ...]``."""
         lay = MeshLayout(mesh[0], mesh[1], *self.grid)
         if tuple(tiles.shape[:2]) != (lay.py, lay.px):
-            raise ShardError(f"{phase}/{name}: tiles of shape {tiles.shape} do not match the "
-                             f"{grid_text(mesh)} mesh")
+            raise ShardError(
+                f"{phase}/{name}: tiles of shape {tiles.shape} do not match the "
+                f"{grid_text(mesh)} mesh"
+            )
         for coords, f in self.files.items():
             y0, x0 = lay.origin(coords)
-            block = encode_storage(tiles[y0:y0 + lay.by, x0:x0 + lay.bx], self.dtype_name)
+            block = encode_storage(tiles[y0 : y0 + lay.by, x0 : x0 + lay.bx], self.dtype_name)
             if self.dtype_name == "float16" and not np.isfinite(block).all():
-                raise ShardError(f"{phase}/{name} overflows float16 storage (values up to "
-                                 f"{np.abs(tiles).max():.3g}); convert with --dtype bfloat16 "
-                                 "or float32")
+                raise ShardError(
+                    f"{phase}/{name} overflows float16 storage (values up to "
+                    f"{np.abs(tiles).max():.3g}); convert with --dtype bfloat16 "
+                    "or float32"
+                )
             try:
-                f.create_dataset(f"{phase}/{name}", data=block)     # contiguous, no chunking
-                f.flush()             # a full disk fails here, not later inside a destructor
+                f.create_dataset(f"{phase}/{name}", data=block)  # contiguous, no chunking
+                f.flush()  # a full disk fails here, not later inside a destructor
             except (OSError, RuntimeError) as e:
                 raise write_error(e, f.filename) from None
             self.bytes_written += block.nbytes
@@ -86,8 +101,11 @@ class ShardWriter:
             f.attrs["dtype"] = self.dtype_name
             path = Path(f.filename)
             f.close()
-            records[path.name] = {"rank": list(coords), "bytes": path.stat().st_size,
-                                  "sha256": file_sha256(path)}
+            records[path.name] = {
+                "rank": list(coords),
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
         self.files = {}
         return records
 
@@ -109,6 +127,7 @@ def _create_h5(path):
     """A new HDF5 file whose writes go straight to disk (no sieve buffer), so that a full disk
     fails the write that hit it, as an ``OSError``, instead of a later destructor."""
     import h5py
+
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_sieve_buf_size(0)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
@@ -122,6 +141,7 @@ def _create_h5(path):
 def write_error(error: BaseException, filename) -> OSError:
     """An HDF5 write failure as an ``OSError`` with the errno HDF5 reports (``ENOSPC``...)."""
     import re
+
     found = re.search(r"errno = (\d+)", str(error))
     errno = int(found.group(1)) if found else getattr(error, "errno", None)
     if errno:
@@ -129,8 +149,9 @@ def write_error(error: BaseException, filename) -> OSError:
     return OSError(f"writing {filename} failed: {' '.join(str(error).split())}")
 
 
-def prepare_target(out_dir, control: ControlPlane, force: bool,
-                   delete_other_files: bool = False) -> Path:
+def prepare_target(
+    out_dir, control: ControlPlane, force: bool, delete_other_files: bool = False
+) -> Path:
     """Check the target and make the temporary directory (rank 0), the same answer on all ranks.
 
     Returns the temporary directory ``<out_dir>.tmp-<pid>`` (a sibling, so the final rename
@@ -159,10 +180,12 @@ def prepare_target(out_dir, control: ControlPlane, force: bool,
     if missing:
         if control.is_root:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise ShardError(f"the output directory {tmp.parent} is not visible on every rank (use a "
-                         "filesystem shared by all nodes); missing on: "
-                         + "; ".join(f"rank {r}" for r in missing[:4])
-                         + ("; ..." if len(missing) > 4 else ""))
+        raise ShardError(
+            f"the output directory {tmp.parent} is not visible on every rank (use a "
+            "filesystem shared by all nodes); missing on: "
+            + "; ".join(f"rank {r}" for r in missing[:4])
+            + ("; ..." if len(missing) > 4 else "")
+        )
     return tmp
 
 
@@ -183,8 +206,9 @@ def replaceable_files(out: Path, force: bool, delete_other_files: bool = False) 
     if not out.exists() and not out.is_symlink():
         return None
     if not force:
-        raise ShardError(f"{out} already exists: pass --force to replace it, or choose another "
-                         "output directory")
+        raise ShardError(
+            f"{out} already exists: pass --force to replace it, or choose another output directory"
+        )
     if out.is_symlink() or not out.is_dir():
         raise ShardError(f"{out} exists and is not a directory; refusing to replace it")
     entries = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
@@ -194,9 +218,11 @@ def replaceable_files(out: Path, force: bool, delete_other_files: bool = False) 
     others = [e for e in entries if e not in listed]
     if others and not delete_other_files:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise ShardError(f"{out} holds {len(others)} file(s) its shard manifest does not list "
-                         f"({shown}); refusing to delete them: move them away, or pass "
-                         "--delete-other-files as well")
+        raise ShardError(
+            f"{out} holds {len(others)} file(s) its shard manifest does not list "
+            f"({shown}); refusing to delete them: move them away, or pass "
+            "--delete-other-files as well"
+        )
     return sorted(listed & set(entries))
 
 
@@ -213,8 +239,9 @@ def _listed_files(out: Path) -> set:
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise ShardError(refuse.format(f"its {MANIFEST_NAME} is not a {FORMAT_NAME} manifest"))
     names = list(m.get("files") or {}) + list(m.get("copied_files") or [])
-    if not all(isinstance(n, str) and n and n == Path(n).name and n not in (".", "..")
-               for n in names):
+    if not all(
+        isinstance(n, str) and n and n == Path(n).name and n not in (".", "..") for n in names
+    ):
         raise ShardError(refuse.format(f"its {MANIFEST_NAME} lists paths, not file names"))
     return {MANIFEST_NAME, *names}
 
@@ -264,8 +291,10 @@ def _remove_dead_temporaries(out: Path, keep: Path) -> None:
         else:
             alive.append(path.name)
     if alive:
-        log.warning(f"not removed (another conversion may be writing them, or they come from "
-                    f"another host): {', '.join(alive)}")
+        log.warning(
+            f"not removed (another conversion may be writing them, or they come from "
+            f"another host): {', '.join(alive)}"
+        )
 
 
 def remove_temporary(tmp) -> None:
@@ -285,8 +314,10 @@ def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) 
     for fname, rec in manifest["files"].items():
         path = tmp / fname
         if not path.exists() or path.stat().st_size != rec["bytes"]:
-            raise ShardError(f"{path} is missing or incomplete after writing: are all ranks "
-                             "writing to a shared filesystem?")
+            raise ShardError(
+                f"{path} is missing or incomplete after writing: are all ranks "
+                "writing to a shared filesystem?"
+            )
     listed = replaceable_files(out, True, delete_other_files)
     staged = tmp / (MANIFEST_NAME + ".partial")
     staged.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -307,5 +338,6 @@ def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) 
             old.rmdir()
         except OSError:
             logging.getLogger("llm").warning(
-                f"kept {old}: files appeared in {out} during the conversion")
+                f"kept {old}: files appeared in {out} during the conversion"
+            )
     return out

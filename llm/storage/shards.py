@@ -45,6 +45,7 @@ directory that is renamed when complete. Reading (:func:`open_shards`) validates
 manifest and this rank's file on every rank before any tensor is read, and every rank raises
 the same :class:`ShardError`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,6 +95,7 @@ class ShardError(ValueError):
 # names and hashes
 # ----------------------------------------------------------------------------------------------
 
+
 def rank_file_name(coords: tuple[int, int]) -> str:
     """File name of rank ``(ry, rx)``: ``rank{ry:03d}x{rx:03d}.h5``."""
     return f"rank{coords[0]:03d}x{coords[1]:03d}.h5"
@@ -127,6 +129,7 @@ def _plural(n: int, word: str) -> str:
 # manifest reading and description
 # ----------------------------------------------------------------------------------------------
 
+
 def read_manifest(path) -> dict:
     """Parse and check the manifest of the shard set at ``path`` (one process, no MPI).
 
@@ -140,12 +143,15 @@ def read_manifest(path) -> dict:
 def _read_manifest_text(path: Path) -> str:
     mpath = path / MANIFEST_NAME
     if not path.exists():
-        raise ShardError(f"shard directory {path} does not exist: convert a model first "
-                         "(python -m llm convert SOURCE --out DIR)")
+        raise ShardError(
+            f"shard directory {path} does not exist: convert a model first "
+            "(python -m llm convert SOURCE --out DIR)"
+        )
     if not mpath.exists():
         hint = " (a conversion that did not finish?)" if ".tmp-" in path.name else ""
-        raise ShardError(f"{path} has no {MANIFEST_NAME}: it is not a complete shard set{hint}; "
-                         "convert again")
+        raise ShardError(
+            f"{path} has no {MANIFEST_NAME}: it is not a complete shard set{hint}; convert again"
+        )
     try:
         return mpath.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -162,27 +168,35 @@ def parse_manifest(text: str, path) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise ShardError(f"{mpath} is not a {FORMAT_NAME} manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{mpath} has shard format version {m.get('format_version')!r} but "
-                         f"this code reads version {FORMAT_VERSION}: convert again from the "
-                         f"source ({m.get('source', '?')}) with this version")
+        raise ShardError(
+            f"{mpath} has shard format version {m.get('format_version')!r} but "
+            f"this code reads version {FORMAT_VERSION}: convert again from the "
+            f"source ({m.get('source', '?')}) with this version"
+        )
     if m.get("layout_version") != LAYOUT_VERSION:
-        raise ShardError(f"shards at {path} have layout version {m.get('layout_version')!r} but "
-                         f"this code places weights with layout version {LAYOUT_VERSION}: "
-                         f"convert again from the source ({m.get('source', '?')})")
+        raise ShardError(
+            f"shards at {path} have layout version {m.get('layout_version')!r} but "
+            f"this code places weights with layout version {LAYOUT_VERSION}: "
+            f"convert again from the source ({m.get('source', '?')})"
+        )
     required = ("config", "dtype", "rank_grid", "phases", "files", "content_hash")
     missing = [k for k in required if k not in m]
     if missing:
         raise ShardError(f"{mpath} lacks {missing}; convert again")
     if m["content_hash"] != content_hash(m):
-        raise ShardError(f"{mpath} was modified after conversion (its content hash does not "
-                         "match); convert again")
+        raise ShardError(
+            f"{mpath} was modified after conversion (its content hash does not "
+            "match); convert again"
+        )
     if m["dtype"] not in STORAGE_DTYPES:
         raise ShardError(f"{mpath}: unknown storage dtype {m['dtype']!r}")
     grid = tuple(m["rank_grid"])
     expected = {rank_file_name(grid_coords(r, grid)) for r in range(grid[0] * grid[1])}
     if set(m["files"]) != expected:
-        raise ShardError(f"{mpath} lists files {sorted(m['files'])[:4]}... but a "
-                         f"{grid_text(grid)} rank grid needs {sorted(expected)[:4]}...")
+        raise ShardError(
+            f"{mpath} lists files {sorted(m['files'])[:4]}... but a "
+            f"{grid_text(grid)} rank grid needs {sorted(expected)[:4]}..."
+        )
     try:
         ModelConfig.from_dict(m["config"])
     except (ConfigError, TypeError, NotImplementedError) as e:
@@ -215,25 +229,41 @@ def describe_manifest(m: Mapping, path=None) -> str:
     for phase, ph in m["phases"].items():
         py, px = ph["mesh"]
         lay = ph.get("layout", {})
-        lines.append(f"{phase} mesh: {py}x{px} virtual cores ({py // grid[0]}x{px // grid[1]} per "
-                     f"rank), {_plural(len(ph['tensors']), 'tensor')}")
-        padded = ", ".join(f"{k} {lay[k]}" for k in ("hidden", "ffn", "vocab", "kv", "q")
-                           if k in lay)
+        lines.append(
+            f"{phase} mesh: {py}x{px} virtual cores ({py // grid[0]}x{px // grid[1]} per "
+            f"rank), {_plural(len(ph['tensors']), 'tensor')}"
+        )
+        padded = ", ".join(
+            f"{k} {lay[k]}" for k in ("hidden", "ffn", "vocab", "kv", "q") if k in lay
+        )
         if padded:
             lines.append(f"  padded sizes: {padded}")
         for key in ("rope_layout", "q_order", "padding"):
             if key in lay:
                 lines.append(f"  {key}: {lay[key]}")
         for key, value in lay.items():
-            if key not in ("mesh", "hidden", "ffn", "vocab", "kv", "q", "rope_layout",
-                           "q_order", "padding"):
+            if key not in (
+                "mesh",
+                "hidden",
+                "ffn",
+                "vocab",
+                "kv",
+                "q",
+                "rope_layout",
+                "q_order",
+                "padding",
+            ):
                 lines.append(f"  {key}: {value}")
     sizes = [rec["bytes"] for rec in m["files"].values()]
-    lines.append(f"files:       {len(sizes)}, {_human(sum(sizes))} in total "
-                 f"(min {_human(min(sizes))}, max {_human(max(sizes))} per rank)")
+    lines.append(
+        f"files:       {len(sizes)}, {_human(sum(sizes))} in total "
+        f"(min {_human(min(sizes))}, max {_human(max(sizes))} per rank)"
+    )
     for fname, rec in sorted(m["files"].items()):
-        lines.append(f"  {fname}  rank {tuple(rec['rank'])}  {_human(rec['bytes']):>10}  "
-                     f"sha256 {rec['sha256'][:16]}...")
+        lines.append(
+            f"  {fname}  rank {tuple(rec['rank'])}  {_human(rec['bytes']):>10}  "
+            f"sha256 {rec['sha256'][:16]}..."
+        )
     return "\n".join(lines)
 
 
@@ -248,6 +278,7 @@ def _human(n: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
+
 
 class ShardSet:
     """This rank's view of a validated shard set (see :func:`open_shards`).
@@ -295,8 +326,10 @@ class ShardSet:
         """Global tile shape ``(Py, Px, *tile)`` of a tensor."""
         tensors = self._phase(phase)["tensors"]
         if name not in tensors:
-            raise KeyError(f"no tensor {name!r} in phase {phase!r} of {self.path}; it holds "
-                           f"{', '.join(list(tensors)[:6])}, ...")
+            raise KeyError(
+                f"no tensor {name!r} in phase {phase!r} of {self.path}; it holds "
+                f"{', '.join(list(tensors)[:6])}, ..."
+            )
         return tuple(tensors[name])
 
     def block_shape(self, phase: str, name: str) -> tuple:
@@ -310,8 +343,10 @@ class ShardSet:
         want = self.block_shape(phase, name)
         data = self.dataset(phase, name)[()]
         if data.shape != want:
-            raise ShardError(f"{self.path / self.file_name}: {phase}/{name} has shape "
-                             f"{data.shape}, expected {want}; convert again")
+            raise ShardError(
+                f"{self.path / self.file_name}: {phase}/{name} has shape "
+                f"{data.shape}, expected {want}; convert again"
+            )
         self.bytes_read += data.nbytes
         if words:
             return data.astype(np.uint16, copy=False) if self.dtype == "bfloat16" else data
@@ -338,13 +373,16 @@ class ShardSet:
 
     def _phase(self, phase: str) -> dict:
         if phase not in self.manifest["phases"]:
-            raise KeyError(f"{self.path} holds no {phase!r} tiles (phases: "
-                           f"{', '.join(self.phases)}); convert with --{phase}-mesh")
+            raise KeyError(
+                f"{self.path} holds no {phase!r} tiles (phases: "
+                f"{', '.join(self.phases)}); convert with --{phase}-mesh"
+            )
         return self.manifest["phases"][phase]
 
     def _h5(self):
         if self._file is None:
             import h5py
+
             self._file = h5py.File(self.path / self.file_name, "r", locking=False)
         return self._file
 
@@ -377,40 +415,50 @@ def check_against_run(m: Mapping, nranks: int, meshes: Mapping, ranks) -> None:
     grid = tuple(m["rank_grid"])
     need = grid[0] * grid[1]
     if need != nranks:
-        running = (f"{nranks} ranks are running" if nranks > 1
-                   else "1 rank is running (no MPI launcher)")
+        running = (
+            f"{nranks} ranks are running" if nranks > 1 else "1 rank is running (no MPI launcher)"
+        )
         try:
             alt = f"--ranks {grid_text(_default_grid_for(nranks, m))}"
         except MeshError:
             alt = "a rank grid that divides the meshes"
-        raise ShardError(f"shards were converted for rank grid {grid_text(grid)} "
-                         f"({_plural(need, 'rank')}) but {running}: run with mpiexec -n {need} "
-                         f"or convert again with {alt}")
+        raise ShardError(
+            f"shards were converted for rank grid {grid_text(grid)} "
+            f"({_plural(need, 'rank')}) but {running}: run with mpiexec -n {need} "
+            f"or convert again with {alt}"
+        )
     requested = [tuple(ranks)] if ranks is not None else []
     requested += [g for _, g in meshes.values() if g is not None]
     for g in requested:
         if tuple(g) != grid:
-            raise ShardError(f"shards were converted for rank grid {grid_text(grid)} but rank "
-                             f"grid {grid_text(g)} was requested: omit --ranks or convert again "
-                             f"with --ranks {grid_text(g)}")
+            raise ShardError(
+                f"shards were converted for rank grid {grid_text(grid)} but rank "
+                f"grid {grid_text(g)} was requested: omit --ranks or convert again "
+                f"with --ranks {grid_text(g)}"
+            )
     for phase, (mesh, _) in meshes.items():
         if phase not in m["phases"]:
-            raise ShardError(f"shards hold no {phase} tiles (phases: "
-                             f"{', '.join(m['phases'])}) but a {phase} mesh "
-                             f"{grid_text(mesh)} was requested: omit --{phase}-mesh or convert "
-                             f"again with --{phase}-mesh {grid_text(mesh)}")
+            raise ShardError(
+                f"shards hold no {phase} tiles (phases: "
+                f"{', '.join(m['phases'])}) but a {phase} mesh "
+                f"{grid_text(mesh)} was requested: omit --{phase}-mesh or convert "
+                f"again with --{phase}-mesh {grid_text(mesh)}"
+            )
         have = tuple(m["phases"][phase]["mesh"])
         if have != tuple(mesh):
-            raise ShardError(f"shards hold {phase} tiles for a {grid_text(have)} virtual mesh "
-                             f"but {grid_text(mesh)} was requested: run with --{phase}-mesh "
-                             f"{grid_text(have)} (or omit it) or convert again with "
-                             f"--{phase}-mesh {grid_text(mesh)}")
+            raise ShardError(
+                f"shards hold {phase} tiles for a {grid_text(have)} virtual mesh "
+                f"but {grid_text(mesh)} was requested: run with --{phase}-mesh "
+                f"{grid_text(have)} (or omit it) or convert again with "
+                f"--{phase}-mesh {grid_text(mesh)}"
+            )
 
 
 def _default_grid_for(nranks: int, m: Mapping) -> tuple[int, int]:
     from math import gcd
 
     from meshrt.mesh import default_rank_grid
+
     py = px = 0
     for ph in m["phases"].values():
         py, px = gcd(py, ph["mesh"][0]), gcd(px, ph["mesh"][1])
@@ -424,24 +472,31 @@ def check_rank_file(path: Path, m: Mapping, coords: tuple[int, int], verify: boo
     fpath = path / fname
     rec = m["files"][fname]
     if not fpath.exists():
-        return (f"{fname} (rank {tuple(coords)}) is missing from {path}: the shard set is "
-                "incomplete; convert again")
+        return (
+            f"{fname} (rank {tuple(coords)}) is missing from {path}: the shard set is "
+            "incomplete; convert again"
+        )
     size = fpath.stat().st_size
     if size != rec["bytes"]:
-        return (f"{fname} has {size} bytes but the manifest says {rec['bytes']}: the file is "
-                "truncated or was replaced; convert again")
+        return (
+            f"{fname} has {size} bytes but the manifest says {rec['bytes']}: the file is "
+            "truncated or was replaced; convert again"
+        )
     if verify and file_sha256(fpath) != rec["sha256"]:
-        return (f"{fname} is corrupt (sha256 differs from the manifest); convert again")
+        return f"{fname} is corrupt (sha256 differs from the manifest); convert again"
     try:
         import h5py
+
         with h5py.File(fpath, "r", locking=False) as f:
             attrs = dict(f.attrs)
             unsafe = foreign_storage(f)
     except OSError as e:
         return f"{fname} cannot be opened as HDF5 ({e}); convert again"
     if unsafe:
-        return (f"{fname} refers to data outside itself ({unsafe}); shard files hold "
-                "only contiguous datasets of their own: convert again")
+        return (
+            f"{fname} refers to data outside itself ({unsafe}); shard files hold "
+            "only contiguous datasets of their own: convert again"
+        )
     if attrs.get("manifest_hash") != m["content_hash"]:
         return f"{fname} belongs to a different conversion than {MANIFEST_NAME}; convert again"
     if tuple(np.asarray(attrs.get("rank", (-1, -1))).tolist()) != tuple(coords):
@@ -462,6 +517,7 @@ def foreign_storage(group) -> str | None:
         ``"path: what"`` of the first such object, ``None`` if there is none.
     """
     import h5py
+
     for name in group:
         link = group.get(name, getlink=True)
         path = f"{group.name.rstrip('/')}/{name}"
@@ -482,8 +538,16 @@ def foreign_storage(group) -> str | None:
     return None
 
 
-def open_shards(path, control: ControlPlane | None = None, meshes: Mapping | None = None, *,
-                decode_mesh=None, prefill_mesh=None, ranks=None, verify: bool = True) -> ShardSet:
+def open_shards(
+    path,
+    control: ControlPlane | None = None,
+    meshes: Mapping | None = None,
+    *,
+    decode_mesh=None,
+    prefill_mesh=None,
+    ranks=None,
+    verify: bool = True,
+) -> ShardSet:
     """Open a shard set for this run after validating it on every rank.
 
     Collective over ``control``: rank 0 reads the manifest and broadcasts it; every rank checks

@@ -11,6 +11,7 @@ no smaller reader would render every model's template faithfully.
 
 A message is ``{"role": "system" | "user" | "assistant", "content": str}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,13 @@ def check_messages(messages) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise ChatTemplateError(f"message {i} must be an object with exactly 'role' and "
-                                    "'content'")
+            raise ChatTemplateError(
+                f"message {i} must be an object with exactly 'role' and 'content'"
+            )
         if m["role"] not in ROLES:
-            raise ChatTemplateError(f"message {i}: role {m['role']!r} is not one of "
-                                    f"{', '.join(ROLES)}")
+            raise ChatTemplateError(
+                f"message {i}: role {m['role']!r} is not one of {', '.join(ROLES)}"
+            )
         if not isinstance(m["content"], str):
             raise ChatTemplateError(f"message {i}: content must be a string")
         out.append({"role": m["role"], "content": m["content"]})
@@ -70,18 +73,26 @@ class ChatTemplate:
             import jinja2.ext
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            raise ChatTemplateError("chat templates need jinja2: pip install "
-                                    "'waferllm-mpi[chat]' (or pip install jinja2)") from None
+            raise ChatTemplateError(
+                "chat templates need jinja2: pip install "
+                "'waferllm-mpi[chat]' (or pip install jinja2)"
+            ) from None
 
         def raise_exception(message):
             raise ChatTemplateError(f"the chat template refused the messages: {message}")
 
         def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                              separators=separators, sort_keys=sort_keys)
+            return json.dumps(
+                value,
+                ensure_ascii=ensure_ascii,
+                indent=indent,
+                separators=separators,
+                sort_keys=sort_keys,
+            )
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -97,32 +108,42 @@ class ChatTemplate:
         """The template of a model directory or shard set (its ``tokenizer_config.json``)."""
         path = Path(model_dir) / CONFIG_NAME
         if not path.is_file():
-            raise ChatTemplateError(f"{model_dir} has no {CONFIG_NAME}, so no chat template: "
-                                    "use --prompt, or a model converted from GGUF or an HF "
-                                    "chat model")
+            raise ChatTemplateError(
+                f"{model_dir} has no {CONFIG_NAME}, so no chat template: "
+                "use --prompt, or a model converted from GGUF or an HF "
+                "chat model"
+            )
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ChatTemplateError(f"cannot read {path}: {e}") from None
         source = cfg.get("chat_template")
-        if isinstance(source, list):       # named templates: take the default one
+        if isinstance(source, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
         if not isinstance(source, str) or not source:
-            raise ChatTemplateError(f"{path} has no chat_template: this model has no chat "
-                                    "format; use --prompt")
-        specials = {k: _special_token_text(cfg.get(k)) for k in
-                    ("bos_token", "eos_token", "unk_token", "pad_token")}
+            raise ChatTemplateError(
+                f"{path} has no chat_template: this model has no chat format; use --prompt"
+            )
+        specials = {
+            k: _special_token_text(cfg.get(k))
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
         return cls(source, specials)
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages``, ending with the assistant's turn opener if asked."""
         import jinja2
+
         messages = check_messages(messages)
         try:
-            return self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.special_tokens)
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
+            )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template failed: {e}") from None
 

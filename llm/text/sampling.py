@@ -4,6 +4,7 @@ The order is HF's: divide by the temperature, keep the ``top_k`` largest logits,
 smallest set of most likely tokens whose probability reaches ``top_p``, renormalise, draw. Ties
 are broken towards the lower token id everywhere, so a seeded sampler is fully deterministic.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ class Sampler:
         Seed of the random stream; the same seed and the same logits give the same tokens.
     """
 
-    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None):
+    def __init__(
+        self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+    ):
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if int(top_k) != top_k or top_k < 0:
@@ -34,7 +36,11 @@ class Sampler:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         self.temperature, self.top_k, self.top_p, self.seed = (
-            float(temperature), int(top_k), float(top_p), seed)
+            float(temperature),
+            int(top_k),
+            float(top_p),
+            seed,
+        )
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -66,9 +72,9 @@ class Sampler:
             raise FloatingPointError("non-finite logits: NaN in the sampler's input")
         if self.greedy:
             return np.array([int(np.argmax(x))]), np.ones(1)
-        order = np.argsort(-x, kind="stable")                     # int64[vocab], best first
+        order = np.argsort(-x, kind="stable")  # int64[vocab], best first
         if self.top_k:
-            order = order[:self.top_k]
+            order = order[: self.top_k]
         z = x[order] / self.temperature
         if not np.isfinite(z[0]):
             raise FloatingPointError("non-finite logits: the largest logit is infinite")
@@ -90,5 +96,7 @@ class Sampler:
         return int(ids[min(i, ids.size - 1)])
 
     def __repr__(self) -> str:
-        return (f"Sampler(temperature={self.temperature}, top_k={self.top_k}, "
-                f"top_p={self.top_p}, seed={self.seed})")
+        return (
+            f"Sampler(temperature={self.temperature}, top_k={self.top_k}, "
+            f"top_p={self.top_p}, seed={self.seed})"
+        )

@@ -8,6 +8,7 @@ it maps each UTF-8 byte ``b`` to id ``b + offset``. The offset is 3 when the voc
 :class:`StreamDecoder` turns a growing list of ids into text pieces as they become complete,
 holding back a piece while it ends inside a multi-byte character.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,20 @@ class ByteTokenizer:
         Id of byte 0; defaults to 3 if ``vocab_size >= 259``, else 0.
     """
 
-    def __init__(self, vocab_size: int, bos_id: int | None = None,
-                 eos_ids: Iterable[int] = (), offset: int | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        bos_id: int | None = None,
+        eos_ids: Iterable[int] = (),
+        offset: int | None = None,
+    ):
         if offset is None:
             offset = 3 if vocab_size >= 259 else 0
         if vocab_size < 256 + offset:
-            raise ValueError(f"a vocabulary of {vocab_size} ids is too small for the byte-level "
-                             f"tokenizer (it needs {256 + offset}); provide a tokenizer.json")
+            raise ValueError(
+                f"a vocabulary of {vocab_size} ids is too small for the byte-level "
+                f"tokenizer (it needs {256 + offset}); provide a tokenizer.json"
+            )
         self.vocab_size, self.offset = int(vocab_size), int(offset)
         self.bos_id = bos_id
         self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -74,6 +82,7 @@ class HFTokenizer:
 
     def __init__(self, path, bos_id: int | None = None, eos_ids: Iterable[int] = ()):
         from tokenizers import Tokenizer
+
         self.path = Path(path)
         self._tok = Tokenizer.from_file(str(self.path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -102,16 +111,19 @@ class SentencePieceTokenizer:
         try:
             import sentencepiece
         except ImportError:
-            raise ValueError(f"{self.path.parent} has a SentencePiece tokenizer.model but no "
-                             "tokenizer.json: pip install sentencepiece (or pip install "
-                             "'waferllm-mpi[spm]') to read it, or save a tokenizer.json with "
-                             "transformers (AutoTokenizer.from_pretrained(DIR)"
-                             ".save_pretrained(DIR))") from None
+            raise ValueError(
+                f"{self.path.parent} has a SentencePiece tokenizer.model but no "
+                "tokenizer.json: pip install sentencepiece (or pip install "
+                "'waferllm-mpi[spm]') to read it, or save a tokenizer.json with "
+                "transformers (AutoTokenizer.from_pretrained(DIR)"
+                ".save_pretrained(DIR))"
+            ) from None
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         self.vocab_size = int(self._sp.get_piece_size())
         self.bos_id = bos_id if bos_id is not None else _valid(self._sp.bos_id())
         self.eos_ids = tuple(int(e) for e in eos_ids) or tuple(
-            e for e in [_valid(self._sp.eos_id())] if e is not None)
+            e for e in [_valid(self._sp.eos_id())] if e is not None
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids; BOS first if requested (as LLaMA's tokenizer does)."""
@@ -124,8 +136,9 @@ class SentencePieceTokenizer:
         """Ids -> text (BOS/EOS dropped when ``skip_special_tokens``; ids beyond the
         tokenizer's pieces, as in a model vocabulary padded past it, give no text)."""
         special = {self.bos_id, *self.eos_ids} if skip_special_tokens else set()
-        return self._sp.decode([int(i) for i in ids
-                                if int(i) not in special and 0 <= int(i) < self.vocab_size])
+        return self._sp.decode(
+            [int(i) for i in ids if int(i) not in special and 0 <= int(i) < self.vocab_size]
+        )
 
 
 def _valid(token_id: int) -> int | None:
@@ -145,7 +158,7 @@ def _special_ids(model_dir: Path | None, config) -> tuple[int | None, tuple, int
         vocab = d.get("vocab_size", vocab)
         bos = d.get("bos_token_id", bos)
         e = d.get("eos_token_id")
-        for tok in ([] if e is None else [e] if isinstance(e, int) else e):
+        for tok in [] if e is None else [e] if isinstance(e, int) else e:
             if tok not in eos:
                 eos.append(int(tok))
     return bos, tuple(eos), vocab
@@ -199,8 +212,8 @@ class StreamDecoder:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
-        self._prefix = 0     # start of the window: tokens before it never change the output
-        self._read = 0       # tokens whose text has been emitted
+        self._prefix = 0  # start of the window: tokens before it never change the output
+        self._read = 0  # tokens whose text has been emitted
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -208,16 +221,16 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         """Add one token; return the newly completed text."""
         self.ids.append(int(token))
-        done = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
+        done = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
         if len(text) > len(done) and not text.endswith(REPLACEMENT_CHAR):
             self._prefix, self._read = self._read, len(self.ids)
-            return text[len(done):]
+            return text[len(done) :]
         return ""
 
     def flush(self) -> str:
         """The text still held back (incomplete characters shown as U+FFFD)."""
-        done = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
+        done = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return text[len(done):]
+        return text[len(done) :]

@@ -12,6 +12,7 @@ Cartesian neighbours only, through the fabric's ``send``/``recv``; a rank receiv
 sends, so every pass is one chain of neighbour messages and cannot deadlock. Output buffers can be
 preallocated (the wafer's double buffers), so a step allocates nothing of the block's size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class Line:
 
 def line_of(fab: Fabric, axis: int, refine: int = 1) -> Line:
     """The line along ``axis`` when every virtual core holds ``refine`` logical cores of it."""
-    return Line(fab.layout.cores(axis) * refine, fab.origin[axis] * refine,
-                fab.layout.block(axis) * refine)
+    return Line(
+        fab.layout.cores(axis) * refine, fab.origin[axis] * refine, fab.layout.block(axis) * refine
+    )
 
 
 def ring_dest(n: int, kind: str = "interleaved", reverse: bool = False) -> np.ndarray:
@@ -81,6 +83,7 @@ def crossing(dest: np.ndarray, cut: int, upward: bool) -> np.ndarray:
 # Wafer cost of one permutation step
 # ----------------------------------------------------------------------------------------------
 
+
 def physical_hops(dest: np.ndarray, refine: int = 1) -> int:
     """Physical hops of the longest edge when every virtual core holds ``refine`` logical cores."""
     i = np.arange(len(dest))
@@ -110,14 +113,22 @@ def physical_load(dest: np.ndarray, refine: int = 1) -> int:
 # Emulation
 # ----------------------------------------------------------------------------------------------
 
+
 def _at(ndim: int, axis: int, k: int, width: int = 1) -> tuple:
     sl = [slice(None)] * ndim
     sl[axis] = slice(k, k + width)
     return tuple(sl)
 
 
-def permute_line(fab: Fabric, block: np.ndarray, axis: int, dest: np.ndarray, line: Line,
-                 out: np.ndarray | None = None, op: str = "permute_line") -> np.ndarray:
+def permute_line(
+    fab: Fabric,
+    block: np.ndarray,
+    axis: int,
+    dest: np.ndarray,
+    line: Line,
+    out: np.ndarray | None = None,
+    op: str = "permute_line",
+) -> np.ndarray:
     """Every logical core ``i`` of every line along ``axis`` sends its tile to ``dest[i]``.
 
     Parameters
@@ -156,23 +167,35 @@ def permute_line(fab: Fabric, block: np.ndarray, axis: int, dest: np.ndarray, li
                 shape = list(block.shape)
                 shape[axis] = len(ids)
                 slab = fab.recv(tuple(shape), block.dtype, axis, -side, op=op)
-                assert slab is not None   # the cut is inside the line: a neighbour exists
+                assert slab is not None  # the cut is inside the line: a neighbour exists
                 for k, i in enumerate(ids):
                     got[int(i)] = slab[_at(nd, axis, k)]
         if 0 < out_cut < n:
             ids = crossing(dest, out_cut, upward)
             if len(ids):
-                parts = [block[_at(nd, axis, int(i) - lo)] if lo <= i < hi else got[int(i)]
-                         for i in ids]
-                fab.send(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis),
-                         axis, side, op=op)
+                parts = [
+                    block[_at(nd, axis, int(i) - lo)] if lo <= i < hi else got[int(i)] for i in ids
+                ]
+                fab.send(
+                    parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis),
+                    axis,
+                    side,
+                    op=op,
+                )
     for j in np.nonzero((local < 0) | (local >= line.size))[0]:
         out[_at(nd, axis, int(j))] = got[int(src[lo + j])]
     return out
 
 
-def shift_lines_back(fab: Fabric, block: np.ndarray, axis: int, line: Line, amounts: np.ndarray,
-                     kind: str = "interleaved", op: str = "skew") -> np.ndarray:
+def shift_lines_back(
+    fab: Fabric,
+    block: np.ndarray,
+    axis: int,
+    line: Line,
+    amounts: np.ndarray,
+    kind: str = "interleaved",
+    op: str = "skew",
+) -> np.ndarray:
     """Move line ``l`` of ``block`` back ``amounts[l]`` ring positions along ``axis``.
 
     ``amounts`` has one entry per line of the block (the block's other leading axis). Each line
@@ -191,8 +214,10 @@ def shift_lines_back(fab: Fabric, block: np.ndarray, axis: int, line: Line, amou
     n_fwd = int(np.count_nonzero(~reverse_sorted))
     cur = np.take(block, order, axis=other)
     buf = np.empty_like(cur)
-    groups = ((0, steps_sorted[:n_fwd], ring_dest(n, kind)),
-              (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True)))
+    groups = (
+        (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
+        (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True)),
+    )
     for r in range(int(steps.max()) if steps.size else 0):
         for start, group_steps, dest in groups:
             count = int(np.count_nonzero(group_steps > r))
@@ -210,6 +235,7 @@ def shift_lines_back(fab: Fabric, block: np.ndarray, axis: int, line: Line, amou
 # ----------------------------------------------------------------------------------------------
 # Aggregated emulation: tiles tracked by identity
 # ----------------------------------------------------------------------------------------------
+
 
 class TrackedLines:
     """Read-only tiles moving along lines, emulated by identity (aggregated emulation).
@@ -249,16 +275,17 @@ class TrackedLines:
         shape[axis] = line.n
         self.store = np.empty(shape, block.dtype)
         self.present = np.zeros(self.ids.shape, bool)
-        home = self.ids[:, line.lo:line.hi]
-        if (home == np.arange(line.lo, line.hi)).all():   # natural tiles: one slice copy
+        home = self.ids[:, line.lo : line.hi]
+        if (home == np.arange(line.lo, line.hi)).all():  # natural tiles: one slice copy
             where = [slice(None)] * block.ndim
             where[axis] = slice(line.lo, line.hi)
             self.store[tuple(where)] = block
-            self.present[:, line.lo:line.hi] = True
+            self.present[:, line.lo : line.hi] = True
         else:
-            self._put(np.arange(self.ids.shape[0]), home,
-                      block if axis == 1 else np.swapaxes(block, 0, 1))
-        self.perm = np.arange(line.n)      # the tiles now at the cores: ids[:, perm]
+            self._put(
+                np.arange(self.ids.shape[0]), home, block if axis == 1 else np.swapaxes(block, 0, 1)
+            )
+        self.perm = np.arange(line.n)  # the tiles now at the cores: ids[:, perm]
 
     def _where(self, lines: np.ndarray, ids: np.ndarray) -> tuple:
         lines = lines[:, None]
@@ -272,7 +299,7 @@ class TrackedLines:
     def _get(self, lines: np.ndarray, ids: np.ndarray) -> np.ndarray:
         if not self.present[lines[:, None], ids].all():
             raise RuntimeError("aggregated emulation: a tile would leave a rank it never reached")
-        tiles = self.store[self._where(lines, ids)]                   # [lines, k, *tile]
+        tiles = self.store[self._where(lines, ids)]  # [lines, k, *tile]
         return tiles if self.axis == 1 else np.swapaxes(tiles, 0, 1)
 
     def _exchange(self, dest: np.ndarray, lines: np.ndarray, now, op: str) -> None:
@@ -289,9 +316,8 @@ class TrackedLines:
                 src = crossing(dest, in_cut, upward)
                 if len(src):
                     shape = [len(lines), len(src)] if axis == 1 else [len(src), len(lines)]
-                    slab = fab.recv(tuple(shape) + self.tile, self.store.dtype, axis, -side,
-                                    op=op)
-                    assert slab is not None                  # 0 < cut < n: a neighbour
+                    slab = fab.recv(tuple(shape) + self.tile, self.store.dtype, axis, -side, op=op)
+                    assert slab is not None  # 0 < cut < n: a neighbour
                     self._put(lines, now(src), slab if axis == 1 else np.swapaxes(slab, 0, 1))
             if 0 < out_cut < n:
                 src = crossing(dest, out_cut, upward)
@@ -307,8 +333,9 @@ class TrackedLines:
         inv[dest] = np.arange(n)
         self.perm = self.perm[inv]
 
-    def shift_lines_back(self, amounts: np.ndarray, kind: str = "interleaved",
-                         op: str = "skew") -> None:
+    def shift_lines_back(
+        self, amounts: np.ndarray, kind: str = "interleaved", op: str = "skew"
+    ) -> None:
         """:func:`shift_lines_back`: line ``l`` moves back ``amounts[l]`` ring positions, in
         the same rounds and messages."""
         n = self.line.n
@@ -323,22 +350,29 @@ class TrackedLines:
         n_fwd = int(np.count_nonzero(~reverse_sorted))
         groups = []
         for start, group_steps, dest in (
-                (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
-                (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True))):
+            (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
+            (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True)),
+        ):
             inv = np.empty(n, dtype=np.int64)
             inv[dest] = np.arange(n)
             groups.append((start, group_steps, dest, inv))
-        moved = [np.arange(n), np.arange(n)]        # each group's composed permutation
+        moved = [np.arange(n), np.arange(n)]  # each group's composed permutation
         final = self.ids.copy()
         for r in range(int(steps.max()) if steps.size else 0):
             for gi, (start, group_steps, dest, inv) in enumerate(groups):
                 count = int(np.count_nonzero(group_steps > r))
                 if count:
-                    lines = order[start:start + count]
-                    self._exchange(dest, lines, lambda src, lines=lines, m=moved[gi]:
-                                   self.ids[lines[:, None], m[src][None, :]], op)
+                    lines = order[start : start + count]
+                    self._exchange(
+                        dest,
+                        lines,
+                        lambda src, lines=lines, m=moved[gi]: self.ids[
+                            lines[:, None], m[src][None, :]
+                        ],
+                        op,
+                    )
                     moved[gi] = moved[gi][inv]
-                    done = lines[group_steps[:count] == r + 1]   # lines whose last round this is
+                    done = lines[group_steps[:count] == r + 1]  # lines whose last round this is
                     final[done] = self.ids[done][:, moved[gi]]
         self.ids = final
 

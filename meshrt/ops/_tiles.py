@@ -8,6 +8,7 @@ same matrix cut two ways: a virtual tile is the contiguous block ``X[row-seg py,
 Matrices are zero-padded so that every dimension is a multiple of ``Nl``; padding never changes
 a product. On a square mesh ``a = b = 1`` and logical and virtual cores coincide.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,18 +52,23 @@ class GemmTiling:
         block = (layout.by, layout.bx)
         for name, shape in (("A", a_shape), ("B", b_shape)):
             if len(shape) != 4 or tuple(shape[:2]) != block:
-                raise MeshError(f"{what}: {name} block has shape {tuple(shape)}; expected "
-                                f"({layout.by}, {layout.bx}, rows, cols) on {layout}")
+                raise MeshError(
+                    f"{what}: {name} block has shape {tuple(shape)}; expected "
+                    f"({layout.by}, {layout.bx}, rows, cols) on {layout}"
+                )
             if shape[2] % per_y or shape[3] % per_x:
                 raise MeshError(
                     f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} mesh is cut "
                     f"into a {nl}x{nl} logical mesh, so tile rows must be a multiple of "
                     f"{per_y} and columns of {per_x}: pad every dimension to a multiple of "
-                    f"{nl} (the prepare_* functions do)")
+                    f"{nl} (the prepare_* functions do)"
+                )
         if a_shape[3] // per_x != b_shape[2] // per_y:
-            raise MeshError(f"{what}: inner dimensions differ: A tiles {a_shape[2:]} hold "
-                            f"K = {a_shape[3] * px}, B tiles {b_shape[2:]} hold "
-                            f"K = {b_shape[2] * py}")
+            raise MeshError(
+                f"{what}: inner dimensions differ: A tiles {a_shape[2:]} hold "
+                f"K = {a_shape[3] * px}, B tiles {b_shape[2:]} hold "
+                f"K = {b_shape[2] * py}"
+            )
         return cls(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[3] // per_x)
 
     @property
@@ -120,8 +126,9 @@ def natural_tiles(x: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> np.
     return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
 
 
-def preskewed_b_tiles(b: np.ndarray, mesh: tuple[int, int], positions: np.ndarray,
-                      order: np.ndarray, dtype=np.float32) -> np.ndarray:
+def preskewed_b_tiles(
+    b: np.ndarray, mesh: tuple[int, int], positions: np.ndarray, order: np.ndarray, dtype=np.float32
+) -> np.ndarray:
     """Host pre-skew of the right operand on the logical mesh.
 
     Logical core ``(i, j)`` gets ``B[order[(pos[i] + pos[j]) mod Nl]-seg, j-seg]`` where ``pos``
@@ -138,8 +145,8 @@ def preskewed_b_tiles(b: np.ndarray, mesh: tuple[int, int], positions: np.ndarra
     k, n = (ceil_div(s, nl) * nl for s in b.shape)
     tkb, tnb = k // nl, n // nl
     blocks = pad_to(as_storage(b, dtype), (k, n)).reshape(nl, tkb, nl, tnb)
-    ind = order[(positions[:, None] + positions[None, :]) % nl]        # [Nl, Nl] k-block
-    logical = blocks[ind, :, np.arange(nl)[None, :], :]                   # [Nl, Nl, tkb, tnb]
+    ind = order[(positions[:, None] + positions[None, :]) % nl]  # [Nl, Nl] k-block
+    logical = blocks[ind, :, np.arange(nl)[None, :], :]  # [Nl, Nl, tkb, tnb]
     return logical_to_virtual(logical, mesh)
 
 
@@ -182,9 +189,17 @@ def priced_plan(plan: GemmTiling, priced: tuple[int, int, int] | None) -> GemmTi
     return cost
 
 
-def preskewed_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], positions: np.ndarray,
-                       order: np.ndarray, origin: tuple[int, int], block: tuple[int, int],
-                       storage: str = "float32", chunk_elements: int = 8 << 20) -> np.ndarray:
+def preskewed_b_region(
+    get,
+    shape: tuple[int, int],
+    mesh: tuple[int, int],
+    positions: np.ndarray,
+    order: np.ndarray,
+    origin: tuple[int, int],
+    block: tuple[int, int],
+    storage: str = "float32",
+    chunk_elements: int = 8 << 20,
+) -> np.ndarray:
     """Cores ``origin .. origin + block`` of :func:`preskewed_b_tiles`, built piece by piece.
 
     ``get(rows, cols) -> f32[len(rows), len(cols)]`` reads entries of the padded ``B[K, N]``
@@ -193,6 +208,7 @@ def preskewed_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], posit
     asks for the input rows its cores hold after the skew. Returns ``[by, bx, K/Py, N/Px]`` words.
     """
     from ..precision import to_words, word_dtype
+
     py, px = mesh
     nl = lcm(py, px)
     k, n = shape
@@ -201,18 +217,18 @@ def preskewed_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], posit
     y0, x0 = origin
     by, bx = block
     out = np.empty((by, bx, b * tkb, a * tnb), word_dtype(storage))
-    ly = np.arange(y0 * b, (y0 + by) * b)                       # this rank's logical rows
+    ly = np.arange(y0 * b, (y0 + by) * b)  # this rank's logical rows
     step = max(1, chunk_elements // max(1, a * tnb * k))
     for v0 in range(0, bx, step):
         v1 = min(bx, v0 + step)
-        lx = np.arange((x0 + v0) * a, (x0 + v1) * a)             # logical columns of the piece
-        ind = order[(positions[ly][:, None] + positions[lx][None, :]) % nl]   # k-block per core
+        lx = np.arange((x0 + v0) * a, (x0 + v1) * a)  # logical columns of the piece
+        ind = order[(positions[ly][:, None] + positions[lx][None, :]) % nl]  # k-block per core
         kblocks = np.unique(ind)
         rows = (kblocks[:, None] * tkb + np.arange(tkb)[None, :]).ravel()
         cols = (lx[:, None] * tnb + np.arange(tnb)[None, :]).ravel()
         piece = get(rows, cols).reshape(len(kblocks), tkb, len(lx), tnb)
-        where = np.searchsorted(kblocks, ind)                    # [len(ly), len(lx)]
-        logical = piece[where, :, np.arange(len(lx))[None, :], :]   # [ly, lx, tkb, tnb]
+        where = np.searchsorted(kblocks, ind)  # [len(ly), len(lx)]
+        logical = piece[where, :, np.arange(len(lx))[None, :], :]  # [ly, lx, tkb, tnb]
         t = logical.reshape(by, b, v1 - v0, a, tkb, tnb).transpose(0, 2, 1, 4, 3, 5)
         out[:, v0:v1] = to_words(t.reshape(by, v1 - v0, b * tkb, a * tnb), storage)
     return out

@@ -26,6 +26,7 @@ rings. Communication streams are pipelined, so a message's length is paid once p
 SUMMA's multicasts need one route per possible root; when that exceeds the device's routing
 paths the multicast must be relayed in software, so each hop also costs a routing stage.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -59,29 +60,33 @@ def _worse(device: Device, *options: Cost) -> Cost:
     return max(options, key=lambda o: _comm_cycles(device, o))
 
 
-def ring_transfer(nl: int, kind: str, refine: int, lines: int, tile_words: int,
-                  reverse: bool = False) -> Cost:
+def ring_transfer(
+    nl: int, kind: str, refine: int, lines: int, tile_words: int, reverse: bool = False
+) -> Cost:
     """One ring step's transfer on the critical link (words and hops).
 
     ``refine`` logical cores per virtual core along the ring; ``lines`` logical lines per virtual
     core move at once, each a ``tile_words`` tile.
     """
     dest = ring_dest(nl, kind, reverse)
-    return Cost(words=physical_load(dest, refine) * lines * tile_words,
-                hops=physical_hops(dest, refine))
+    return Cost(
+        words=physical_load(dest, refine) * lines * tile_words, hops=physical_hops(dest, refine)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # MeshGEMM and Cannon
 # ----------------------------------------------------------------------------------------------
 
+
 def skew_rounds(plan: GemmTiling) -> int:
     """Uniform rounds of the on-mesh skew: every line moves at most ``Nl // 2`` ring steps."""
     return plan.nl // 2
 
 
-def shift_gemm_costs(plan: GemmTiling, kind: str, b_preskewed: bool, device: Device,
-                     a_factor: int = 1) -> list:
+def shift_gemm_costs(
+    plan: GemmTiling, kind: str, b_preskewed: bool, device: Device, a_factor: int = 1
+) -> list:
     """Skew and main-loop costs of MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``).
 
     ``a_factor``: A tiles are that many times longer than ``tmb x tkb`` (grouped MeshGEMM).
@@ -94,9 +99,19 @@ def shift_gemm_costs(plan: GemmTiling, kind: str, b_preskewed: bool, device: Dev
     if not b_preskewed:
         skew += [y_fwd, ring_transfer(nl, kind, b, a, tile_b, reverse=True)]
     shift = _worse(device, x_fwd, y_fwd)
-    return [("skew", _worse(device, *skew).with_(tasks=1) * skew_rounds(plan)),
-            ("step", shift.with_(macs=a * b * plan.tmb * plan.tkb * plan.tnb, overlap=True,
-                                 count=nl, vectors=a * b * plan.tkb * plan.tnb, tasks=1))]
+    return [
+        ("skew", _worse(device, *skew).with_(tasks=1) * skew_rounds(plan)),
+        (
+            "step",
+            shift.with_(
+                macs=a * b * plan.tmb * plan.tkb * plan.tnb,
+                overlap=True,
+                count=nl,
+                vectors=a * b * plan.tkb * plan.tnb,
+                tasks=1,
+            ),
+        ),
+    ]
 
 
 def shift_gemm_memory(plan: GemmTiling) -> int:
@@ -122,16 +137,30 @@ def _estimate_shift_gemm(kernel, m, k, n, mesh, device, b_preskewed, ledger, nam
     return led
 
 
-def estimate_meshgemm(m: int, k: int, n: int, mesh: tuple[int, int], device: Device | None = None,
-                      b_preskewed: bool = True, ledger: Ledger | None = None,
-                      name: str = "meshgemm") -> Ledger:
+def estimate_meshgemm(
+    m: int,
+    k: int,
+    n: int,
+    mesh: tuple[int, int],
+    device: Device | None = None,
+    b_preskewed: bool = True,
+    ledger: Ledger | None = None,
+    name: str = "meshgemm",
+) -> Ledger:
     """The ledger :func:`meshrt.ops.gemm.meshgemm` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
     return _estimate_shift_gemm("meshgemm", m, k, n, mesh, device, b_preskewed, ledger, name)
 
 
-def estimate_cannon(m: int, k: int, n: int, mesh: tuple[int, int], device: Device | None = None,
-                    b_preskewed: bool = True, ledger: Ledger | None = None,
-                    name: str = "cannon") -> Ledger:
+def estimate_cannon(
+    m: int,
+    k: int,
+    n: int,
+    mesh: tuple[int, int],
+    device: Device | None = None,
+    b_preskewed: bool = True,
+    ledger: Ledger | None = None,
+    name: str = "cannon",
+) -> Ledger:
     """The ledger :func:`meshrt.ops.gemm.cannon` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
     return _estimate_shift_gemm("cannon", m, k, n, mesh, device, b_preskewed, ledger, name)
 
@@ -139,6 +168,7 @@ def estimate_cannon(m: int, k: int, n: int, mesh: tuple[int, int], device: Devic
 # ----------------------------------------------------------------------------------------------
 # SUMMA
 # ----------------------------------------------------------------------------------------------
+
 
 def summa_roots(plan: GemmTiling, kb: int) -> tuple[int, int]:
     """``(column, row)`` of the cores that own the ``kb``-th K block of A and of B."""
@@ -151,10 +181,13 @@ def summa_step(plan: GemmTiling, kb: int, device: Device) -> Cost:
     tm, tn = plan.tile_c
     relay = plan.px + plan.py > device.routing_paths
     out = []
-    for cost in (broadcast_cost(plan.px, col, tm * plan.tkb),
-                 broadcast_cost(plan.py, row, plan.tkb * tn)):
-        out.append(Cost(words=cost.words, hops=cost.hops,
-                        routings=cost.hops if relay else cost.routings))
+    for cost in (
+        broadcast_cost(plan.px, col, tm * plan.tkb),
+        broadcast_cost(plan.py, row, plan.tkb * tn),
+    ):
+        out.append(
+            Cost(words=cost.words, hops=cost.hops, routings=cost.hops if relay else cost.routings)
+        )
     return _worse(device, *out)
 
 
@@ -162,15 +195,16 @@ def summa_costs(plan: GemmTiling, steps: Counter) -> list:
     """Step costs from a tally ``{transfer Cost: count}`` of executed steps."""
     macs = plan.tile_c[0] * plan.tkb * plan.tile_c[1]
     vectors = plan.tkb * plan.tile_c[1]
-    return [("step", t.with_(macs=macs, count=c, vectors=vectors, tasks=1))
-            for t, c in sorted(steps.items(), key=lambda tc: tc[0].step())]
+    return [
+        ("step", t.with_(macs=macs, count=c, vectors=vectors, tasks=1))
+        for t, c in sorted(steps.items(), key=lambda tc: tc[0].step())
+    ]
 
 
 def summa_memory(plan: GemmTiling) -> int:
     """Words per core: A, B and C tiles plus the two received panels (peak memory grows)."""
     tm, tn = plan.tile_c
-    return (tm * plan.tile_a[1] + plan.tile_b[0] * tn + tm * tn
-            + tm * plan.tkb + plan.tkb * tn)
+    return tm * plan.tile_a[1] + plan.tile_b[0] * tn + tm * tn + tm * plan.tkb + plan.tkb * tn
 
 
 def summa_routes(plan: GemmTiling) -> int:
@@ -178,8 +212,15 @@ def summa_routes(plan: GemmTiling) -> int:
     return (plan.px if plan.px > 1 else 0) + (plan.py if plan.py > 1 else 0)
 
 
-def estimate_summa(m: int, k: int, n: int, mesh: tuple[int, int], device: Device | None = None,
-                   ledger: Ledger | None = None, name: str = "summa") -> Ledger:
+def estimate_summa(
+    m: int,
+    k: int,
+    n: int,
+    mesh: tuple[int, int],
+    device: Device | None = None,
+    ledger: Ledger | None = None,
+    name: str = "summa",
+) -> Ledger:
     """The ledger :func:`meshrt.ops.gemm.summa` writes for ``[m, k] @ [k, n]`` on ``mesh``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
     plan = GemmTiling.for_shapes(m, k, n, mesh)
@@ -193,6 +234,7 @@ def estimate_summa(m: int, k: int, n: int, mesh: tuple[int, int], device: Device
 # ----------------------------------------------------------------------------------------------
 # dist-GEMM-T
 # ----------------------------------------------------------------------------------------------
+
 
 def gemm_t_segments(plan: GemmTiling, t: int) -> np.ndarray:
     """Sequence segment of B held by every logical row at step ``t``; ``[Nl]``.
@@ -213,8 +255,13 @@ def gemm_t_step(plan: GemmTiling) -> tuple:
     a, b = plan.a, plan.b
     d_tile = a * plan.tkb
     shift = ring_transfer(plan.nl, "interleaved", b, 1, plan.tnb * d_tile)
-    return "step", shift.with_(macs=b * plan.tmb * d_tile * plan.tnb, overlap=True,
-                               count=plan.nl, vectors=b * d_tile * plan.tnb, tasks=1)
+    return "step", shift.with_(
+        macs=b * plan.tmb * d_tile * plan.tnb,
+        overlap=True,
+        count=plan.nl,
+        vectors=b * d_tile * plan.tnb,
+        tasks=1,
+    )
 
 
 def gemm_t_reduce(plan: GemmTiling, roots: np.ndarray) -> Cost:
@@ -237,8 +284,10 @@ def pipelined_reduces(reduces: Counter) -> list:
     macs = max(k.macs for k in reduces)
     hops = max(k.hops for k in reduces)
     routings = max(k.routings for k in reduces)
-    return [("reduce", Cost(macs=macs, words=words, overlap=True, count=steps)),
-            ("reduce_drain", Cost(hops=hops, routings=routings))]
+    return [
+        ("reduce", Cost(macs=macs, words=words, overlap=True, count=steps)),
+        ("reduce_drain", Cost(hops=hops, routings=routings)),
+    ]
 
 
 def gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
@@ -258,13 +307,19 @@ def gemm_t_routes(plan: GemmTiling) -> int:
     return (3 if plan.py > 1 else 0) + (2 if plan.px > 1 else 0)
 
 
-def estimate_gemm_t(m: int, n: int, d: int, mesh: tuple[int, int], device: Device | None = None,
-                    ledger: Ledger | None = None, name: str = "gemm_t") -> Ledger:
+def estimate_gemm_t(
+    m: int,
+    n: int,
+    d: int,
+    mesh: tuple[int, int],
+    device: Device | None = None,
+    ledger: Ledger | None = None,
+    name: str = "gemm_t",
+) -> Ledger:
     """The ledger :func:`meshrt.ops.gemm_t.gemm_t` writes for ``[m, d] @ [n, d]^T``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
     plan = GemmTiling.for_shapes(m, d, n, mesh)
-    tally = Counter(gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a)
-                    for t in range(plan.nl))
+    tally = Counter(gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a) for t in range(plan.nl))
     record(led, name, gemm_t_costs(plan, tally))
     led.memory(name, gemm_t_memory(plan))
     led.routes(name, gemm_t_routes(plan))
@@ -272,4 +327,7 @@ def estimate_gemm_t(m: int, n: int, d: int, mesh: tuple[int, int], device: Devic
 
 
 ESTIMATORS: dict[str, Callable[..., Ledger]] = {
-    "meshgemm": estimate_meshgemm, "cannon": estimate_cannon, "summa": estimate_summa}
+    "meshgemm": estimate_meshgemm,
+    "cannon": estimate_cannon,
+    "summa": estimate_summa,
+}

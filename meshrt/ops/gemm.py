@@ -22,6 +22,7 @@ are local copies, only tiles crossing a core boundary use the fabric.
 Storage may be 16-bit words (float16, or bfloat16 as ``uint16``, :mod:`meshrt.precision`): half
 the words move, and each step widens its operands to float32; products accumulate in float32.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -72,13 +73,15 @@ ALGOS = ("meshgemm", "cannon", "summa")
 # Host side
 # ----------------------------------------------------------------------------------------------
 
+
 def prepare_a(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> np.ndarray:
     """Left operand tiles ``[Py, Px, M/Py, K/Px]`` (natural layout, zero-padded)."""
     return natural_tiles(a, mesh, dtype)
 
 
-def prepare_b(b: np.ndarray, mesh: tuple[int, int], algo: str = "meshgemm",
-              dtype=np.float32) -> np.ndarray:
+def prepare_b(
+    b: np.ndarray, mesh: tuple[int, int], algo: str = "meshgemm", dtype=np.float32
+) -> np.ndarray:
     """Right operand tiles ``[Py, Px, K/Py, N/Px]`` for ``algo``, ready to scatter or store.
 
     ``meshgemm`` and ``cannon`` pre-skew the tiles on the host (logical core ``(i, j)`` holds
@@ -97,37 +100,52 @@ def prepare_b(b: np.ndarray, mesh: tuple[int, int], algo: str = "meshgemm",
 # MeshGEMM and Cannon
 # ----------------------------------------------------------------------------------------------
 
+
 def _as_f32(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
     """``x`` as float32 values (16-bit storage words widened into ``buf``)."""
     return x if buf is None else widen(x, out=buf)
 
 
-def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewed: bool,
-                name: str, priced: tuple | None = None) -> np.ndarray:
+def _shift_gemm(
+    fab: Fabric,
+    a: np.ndarray,
+    b: np.ndarray,
+    kind: str,
+    b_preskewed: bool,
+    name: str,
+    priced: tuple | None = None,
+) -> np.ndarray:
     lay = fab.layout
     mesh = (lay.py, lay.px)
-    a, b = np.asarray(a), np.asarray(b)     # a weight placed on demand is placed once here
+    a, b = np.asarray(a), np.asarray(b)  # a weight placed on demand is placed once here
     plan = GemmTiling.from_blocks(lay, a.shape, b.shape, name)
     led = fab.ledger
     cost_plan = priced_plan(plan, priced)
     costs = shift_gemm_costs(cost_plan, kind, b_preskewed, led.device)
     nl = plan.nl
     x_line, y_line = line_of(fab, 1, plan.a), line_of(fab, 0, plan.b)
-    rows = np.arange(y_line.lo, y_line.hi)   # global logical rows / columns of this rank
+    rows = np.arange(y_line.lo, y_line.hi)  # global logical rows / columns of this rank
     cols = np.arange(x_line.lo, x_line.hi)
     pos = ring_positions(nl, kind)
     if fab.aggregate:
-        ta, tb = track_shift_operands(fab, virtual_to_logical(a, mesh),
-                                      virtual_to_logical(b, mesh), kind, b_preskewed, name,
-                                      lambda: record(led, name, costs[:1]))
+        ta, tb = track_shift_operands(
+            fab,
+            virtual_to_logical(a, mesh),
+            virtual_to_logical(b, mesh),
+            kind,
+            b_preskewed,
+            name,
+            lambda: record(led, name, costs[:1]),
+        )
         record(led, name, costs[1:])
         led.memory(name, shift_gemm_memory(cost_plan))
         led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
         return logical_to_virtual(stored_product(ta.complete(), tb.complete()), mesh)
 
     # a_cur: [by*b, bx*a, tmb, tkb]   b_cur: [by*b, bx*a, tkb, tnb]   (logical tiles)
-    a_cur = shift_lines_back(fab, virtual_to_logical(a, mesh), 1, x_line, pos[rows], kind,
-                             op=f"{name}/skew")
+    a_cur = shift_lines_back(
+        fab, virtual_to_logical(a, mesh), 1, x_line, pos[rows], kind, op=f"{name}/skew"
+    )
     b_cur = virtual_to_logical(b, mesh)
     if not b_preskewed:
         b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], kind, op=f"{name}/skew")
@@ -138,7 +156,7 @@ def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewe
     f32 = np.float32
     a32 = None if a_cur.dtype == f32 else np.empty(a_cur.shape, f32)
     b32 = None if b_cur.dtype == f32 else np.empty(b_cur.shape, f32)
-    c = np.empty(a_cur.shape[:3] + b_cur.shape[3:], f32)   # [by*b, bx*a, tmb, tnb]
+    c = np.empty(a_cur.shape[:3] + b_cur.shape[3:], f32)  # [by*b, bx*a, tmb, tnb]
     partial = np.empty_like(c)
     dest = ring_dest(nl, kind)
     for t in range(nl):
@@ -154,8 +172,15 @@ def _shift_gemm(fab: Fabric, a: np.ndarray, b: np.ndarray, kind: str, b_preskewe
     return logical_to_virtual(c, mesh)
 
 
-def track_shift_operands(fab: Fabric, a_log: np.ndarray, b_log: np.ndarray, kind: str,
-                         b_preskewed: bool, name: str, after_skew=None):
+def track_shift_operands(
+    fab: Fabric,
+    a_log: np.ndarray,
+    b_log: np.ndarray,
+    kind: str,
+    b_preskewed: bool,
+    name: str,
+    after_skew=None,
+):
     """The skews and the ``Nl`` shift steps of MeshGEMM/Cannon on tracked tiles (aggregated
     emulation): the same neighbour messages as the exact schedule, local moves relabelled.
 
@@ -173,7 +198,7 @@ def track_shift_operands(fab: Fabric, a_log: np.ndarray, b_log: np.ndarray, kind
     order = np.argsort(pos)
     ta = TrackedLines(fab, a_log, 1, x_line, np.broadcast_to(np.arange(nl), (len(rows), nl)))
     ta.shift_lines_back(pos[rows], kind, op=f"{name}/skew")
-    if b_preskewed:   # logical core (i, j) holds K segment order[(pos i + pos j) mod Nl]
+    if b_preskewed:  # logical core (i, j) holds K segment order[(pos i + pos j) mod Nl]
         b_ids = order[(pos[None, :] + pos[cols][:, None]) % nl]
     else:
         b_ids = np.broadcast_to(np.arange(nl), (len(cols), nl))
@@ -189,8 +214,9 @@ def track_shift_operands(fab: Fabric, a_log: np.ndarray, b_log: np.ndarray, kind
     return ta, tb
 
 
-def stored_product(a_store: np.ndarray, b_store: np.ndarray, col_groups=None,
-                   chunk_bytes: int = 64 << 20) -> np.ndarray:
+def stored_product(
+    a_store: np.ndarray, b_store: np.ndarray, col_groups=None, chunk_bytes: int = 64 << 20
+) -> np.ndarray:
     """What every core of the rank accumulates over the shift steps, as one GEMM per chunk.
 
     Parameters
@@ -216,7 +242,7 @@ def stored_product(a_store: np.ndarray, b_store: np.ndarray, col_groups=None,
     if col_groups is None:
         a_mat = widen(np.ascontiguousarray(a_store.transpose(0, 2, 1, 3))).reshape(r * tmb, -1)
         step = max(1, chunk_bytes // max(1, 4 * nl * tkb * tnb))
-        for c0 in range(0, c, step):               # B widened a chunk of columns at a time
+        for c0 in range(0, c, step):  # B widened a chunk of columns at a time
             c1 = min(c, c0 + step)
             b_mat = widen(b_store[:, c0:c1]).transpose(0, 2, 1, 3).reshape(nl * tkb, -1)
             out[:, :, c0:c1] = (a_mat @ b_mat).reshape(r, tmb, c1 - c0, tnb)
@@ -228,17 +254,23 @@ def stored_product(a_store: np.ndarray, b_store: np.ndarray, col_groups=None,
     flat = out.reshape(r * tmb, c * tnb)
     a5 = a_store.reshape(r, nl, tmb, tkb, groups)
     step = max(1, chunk_bytes // max(1, 4 * nl * tmb * tkb * groups))
-    for r0 in range(0, r, step):                   # A made group-major a chunk of rows at a time
+    for r0 in range(0, r, step):  # A made group-major a chunk of rows at a time
         r1 = min(r, r0 + step)
         a_g = widen(np.ascontiguousarray(a5[r0:r1].transpose(4, 0, 2, 1, 3)))
         a_g = a_g.reshape(groups, (r1 - r0) * tmb, nl * tkb)
         for g, f, b_g in cols:
-            flat[r0 * tmb:r1 * tmb, f] = a_g[g] @ b_g
+            flat[r0 * tmb : r1 * tmb, f] = a_g[g] @ b_g
     return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
 
 
-def meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,
-             name: str = "meshgemm", priced: tuple | None = None) -> np.ndarray:
+def meshgemm(
+    fab: Fabric,
+    a: np.ndarray,
+    b: np.ndarray,
+    b_preskewed: bool = True,
+    name: str = "meshgemm",
+    priced: tuple | None = None,
+) -> np.ndarray:
     """MeshGEMM ``C = A @ B`` on the interleaved two-hop rings.
 
     Parameters
@@ -259,8 +291,9 @@ def meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True
     return _shift_gemm(fab, a, b, "interleaved", b_preskewed, name, priced)
 
 
-def cannon(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,
-           name: str = "cannon") -> np.ndarray:
+def cannon(
+    fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True, name: str = "cannon"
+) -> np.ndarray:
     """Cannon's algorithm: the same schedule on the plain cyclic ring, whose wrap-around edge
     relays each step's last tile across the whole line (``P - 1`` hops).
 
@@ -272,6 +305,7 @@ def cannon(fab: Fabric, a: np.ndarray, b: np.ndarray, b_preskewed: bool = True,
 # ----------------------------------------------------------------------------------------------
 # SUMMA
 # ----------------------------------------------------------------------------------------------
+
 
 def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.ndarray:
     """SUMMA: for every K block, multicast A's block along x and B's along y, then multiply.
@@ -293,16 +327,18 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
     led = fab.ledger
     by, bx = lay.by, lay.bx
     tm, tn = plan.tile_c
-    a_blocks = a.reshape(by, bx, tm, plan.a, plan.tkb)     # [.., tm, K-block within core, tkb]
+    a_blocks = a.reshape(by, bx, tm, plan.a, plan.tkb)  # [.., tm, K-block within core, tkb]
     b_blocks = b.reshape(by, bx, plan.b, plan.tkb, tn)
     c = np.zeros((by, bx, tm, tn), np.float32)
     steps: Counter[Cost] = Counter()
     for kb in range(plan.nl):
         col, row = summa_roots(plan, kb)
-        panel_a = broadcast(fab, a_blocks[:, :, :, kb % plan.a], 1, col, record=False,
-                            name=f"{name}/broadcast")
-        panel_b = broadcast(fab, b_blocks[:, :, kb % plan.b], 0, row, record=False,
-                            name=f"{name}/broadcast")
+        panel_a = broadcast(
+            fab, a_blocks[:, :, :, kb % plan.a], 1, col, record=False, name=f"{name}/broadcast"
+        )
+        panel_b = broadcast(
+            fab, b_blocks[:, :, kb % plan.b], 0, row, record=False, name=f"{name}/broadcast"
+        )
         c += np.matmul(widen(panel_a), widen(panel_b))
         steps[summa_step(plan, kb, led.device)] += 1
     record(led, name, summa_costs(plan, steps))
@@ -315,8 +351,11 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
 # Convenience: host matrices in, host matrix out
 # ----------------------------------------------------------------------------------------------
 
-KERNELS: dict[str, Callable[..., np.ndarray]] = {"meshgemm": meshgemm, "cannon": cannon,
-                                                 "summa": summa}
+KERNELS: dict[str, Callable[..., np.ndarray]] = {
+    "meshgemm": meshgemm,
+    "cannon": cannon,
+    "summa": summa,
+}
 
 
 def _host_shapes(fab: Fabric, *arrays, root: int = 0) -> list:
@@ -326,9 +365,16 @@ def _host_shapes(fab: Fabric, *arrays, root: int = 0) -> list:
     return shapes
 
 
-def matmul(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, algo: str = "meshgemm",
-           dtype=np.float32, b_preskewed: bool = True, root: int = 0, to_all: bool = False,
-           ) -> np.ndarray | None:
+def matmul(
+    fab: Fabric,
+    a: np.ndarray | None,
+    b: np.ndarray | None,
+    algo: str = "meshgemm",
+    dtype=np.float32,
+    b_preskewed: bool = True,
+    root: int = 0,
+    to_all: bool = False,
+) -> np.ndarray | None:
     """Scatter ``A`` and ``B`` from ``root``, run ``algo``, gather ``C = A @ B``.
 
     For tests and benchmarks: host I/O is control plane (priced as edge I/O). Ranks other than
@@ -353,9 +399,15 @@ def matmul(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, algo: str = 
     return hostio.gather_matrix(fab, c_blk, (m, n), root, to_all)
 
 
-def prepare_b_region(get, shape: tuple[int, int], mesh: tuple[int, int], origin: tuple[int, int],
-                     block: tuple[int, int], algo: str = "meshgemm",
-                     storage: str = "float32") -> np.ndarray:
+def prepare_b_region(
+    get,
+    shape: tuple[int, int],
+    mesh: tuple[int, int],
+    origin: tuple[int, int],
+    block: tuple[int, int],
+    algo: str = "meshgemm",
+    storage: str = "float32",
+) -> np.ndarray:
     """One rank's block of :func:`prepare_b` (MeshGEMM/Cannon pre-skew) made straight from a
     reader ``get(rows, cols)`` of the padded ``B[K, N]``: no global array is built.
 

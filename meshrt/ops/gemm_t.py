@@ -16,6 +16,7 @@ column that owns that segment of C. After ``Nl`` steps C is complete and B is ba
 Any ``Py x Px`` mesh works; on a non-square mesh a virtual core holds ``b = Nl/Py`` logical rows,
 each with its own reduce root.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -49,15 +50,20 @@ def plan_from_blocks(layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B^
     per_x, per_y = nl // px, nl // py
     for name, shape in (("A", a_shape), ("B", b_shape)):
         if len(shape) != 4 or tuple(shape[:2]) != (layout.by, layout.bx):
-            raise MeshError(f"{what}: {name} block has shape {tuple(shape)}; expected "
-                            f"({layout.by}, {layout.bx}, seq, dim) on {layout}")
+            raise MeshError(
+                f"{what}: {name} block has shape {tuple(shape)}; expected "
+                f"({layout.by}, {layout.bx}, seq, dim) on {layout}"
+            )
         if shape[2] % per_y or shape[3] % per_x:
-            raise MeshError(f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} "
-                            f"mesh is cut into a {nl}x{nl} logical mesh: pad every dimension to a "
-                            f"multiple of {nl} (prepare_gemm_t does)")
+            raise MeshError(
+                f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} "
+                f"mesh is cut into a {nl}x{nl} logical mesh: pad every dimension to a "
+                f"multiple of {nl} (prepare_gemm_t does)"
+            )
     if a_shape[3] != b_shape[3]:
-        raise MeshError(f"{what}: A tiles hold {a_shape[3]} features per core, "
-                        f"B tiles {b_shape[3]}")
+        raise MeshError(
+            f"{what}: A tiles hold {a_shape[3]} features per core, B tiles {b_shape[3]}"
+        )
     return GemmTiling(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[2] // per_y)
 
 
@@ -104,12 +110,13 @@ def gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "gemm_t") -> n
     for t in range(plan.nl):
         # [by, bx, b, D/Px, tnb]: B^T as a view
         b_t = b_cur.reshape(by, rows_per, bx, tnb, td).transpose(0, 2, 1, 4, 3)
-        part = np.matmul(a_rows, b_t.astype(np.float32, copy=False))   # [by, bx, b, tmb, tnb]
-        seg = gemm_t_segments(plan, t)                                   # [Nl] per logical row
+        part = np.matmul(a_rows, b_t.astype(np.float32, copy=False))  # [by, bx, b, tmb, tnb]
+        seg = gemm_t_segments(plan, t)  # [Nl] per logical row
         for s in range(rows_per):
-            seg_s = seg[np.arange(lay.py) * rows_per + s]                # per virtual row
-            red = reduce_to_root(fab, part[:, :, s], 1, seg_s // cols_per, record=False,
-                                 name=f"{name}/reduce")
+            seg_s = seg[np.arange(lay.py) * rows_per + s]  # per virtual row
+            red = reduce_to_root(
+                fab, part[:, :, s], 1, seg_s // cols_per, record=False, name=f"{name}/reduce"
+            )
             slot = (seg_s % cols_per)[my_rows][:, None]
             c[iy, ix, s, :, slot, :] += red
         reduces[gemm_t_reduce(plan, seg // cols_per)] += 1
@@ -120,8 +127,14 @@ def gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "gemm_t") -> n
     return c.reshape(by, bx, rows_per * tmb, cols_per * tnb)
 
 
-def matmul_t(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, dtype=np.float32,
-             root: int = 0, to_all: bool = False) -> np.ndarray | None:
+def matmul_t(
+    fab: Fabric,
+    a: np.ndarray | None,
+    b: np.ndarray | None,
+    dtype=np.float32,
+    root: int = 0,
+    to_all: bool = False,
+) -> np.ndarray | None:
     """Scatter ``A[M, D]`` and ``B[N, D]`` from ``root``, run :func:`gemm_t`, gather ``A @ B^T``.
 
     Returns ``C[M, N]`` on ``root`` (every rank with ``to_all``), ``None`` elsewhere.
@@ -134,7 +147,10 @@ def matmul_t(fab: Fabric, a: np.ndarray | None, b: np.ndarray | None, dtype=np.f
         raise ValueError(f"feature dimensions differ: A is {m}x{d}, B is {n}x{d2}")
     mesh = (fab.layout.py, fab.layout.px)
     is_root = fab.nranks == 1 or fab.world.Get_rank() == root
-    ta, tb = (prepare_gemm_t(a, b, mesh, dtype) if is_root and a is not None and b is not None
-              else (None, None))
+    ta, tb = (
+        prepare_gemm_t(a, b, mesh, dtype)
+        if is_root and a is not None and b is not None
+        else (None, None)
+    )
     c_blk = gemm_t(fab, hostio.scatter(fab, ta, root), hostio.scatter(fab, tb, root))
     return hostio.gather_matrix(fab, c_blk, (m, n), root, to_all)

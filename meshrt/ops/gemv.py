@@ -13,6 +13,7 @@ tiles placed transposed, ``W[in-seg px, out-seg py]`` (``f32[M/Px, N/Py]``), sum
 yields a Y-vector. The allreduce is MeshGEMV's K-tree by default; ``pipeline`` and ``ring`` are
 the baselines (Cerebras' GEMV and the GPU default).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,9 @@ def _in_axis(input_axis: str) -> int:
     return AXIS[input_axis]
 
 
-def weight_tiles(w: np.ndarray, mesh_shape: tuple[int, int], input_axis: str = "y",
-                 dtype=np.float32) -> np.ndarray:
+def weight_tiles(
+    w: np.ndarray, mesh_shape: tuple[int, int], input_axis: str = "y", dtype=np.float32
+) -> np.ndarray:
     """Host-side placement of ``W[M, N]`` for :func:`meshgemv`.
 
     Returns
@@ -85,7 +87,7 @@ WIDEN_ELEMENTS = 1 << 18
 
 def _gemv_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if x.ndim == 3:
-        if w.shape[2] * w.shape[3] < 300:   # tiny tiles: one loop in einsum beats BLAS calls
+        if w.shape[2] * w.shape[3] < 300:  # tiny tiles: one loop in einsum beats BLAS calls
             return np.einsum("abk,abkn->abn", x, w, optimize=False)
         return np.matmul(x[:, :, None, :], w)[:, :, 0, :]
     return np.matmul(x, w[:, :, None] if x.ndim > 4 else w)
@@ -107,11 +109,11 @@ def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     out = None
     for a0 in range(0, by, rows):
         a1 = min(by, a0 + rows)
-        part = _gemv_f32(x[a0:a1], widen(w[a0:a1], out=buf[:a1 - a0]))
+        part = _gemv_f32(x[a0:a1], widen(w[a0:a1], out=buf[: a1 - a0]))
         if out is None:
             out = np.empty((by,) + part.shape[1:], np.float32)
         out[a0:a1] = part
-    assert out is not None   # by >= 1
+    assert out is not None  # by >= 1
     return out
 
 
@@ -130,9 +132,15 @@ def memory_words(batch: int, tile_rows: int, tile_cols: int) -> int:
     return tile_rows * tile_cols + batch * (tile_rows + tile_cols)
 
 
-def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
-             spec: AllreduceSpec = KTREE, name: str = "meshgemv",
-             priced: tuple | None = None) -> np.ndarray:
+def meshgemv(
+    fab: Fabric,
+    x: np.ndarray,
+    w: np.ndarray,
+    input_axis: str = "y",
+    spec: AllreduceSpec = KTREE,
+    name: str = "meshgemv",
+    priced: tuple | None = None,
+) -> np.ndarray:
     """``y = x @ W`` on the mesh.
 
     Parameters
@@ -157,8 +165,10 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
     """
     axis = _in_axis(input_axis)
     if x.shape[-1] != w.shape[2]:
-        raise ValueError(f"vector segment {x.shape[-1]} does not match weight tile rows "
-                         f"{w.shape[2]} (input_axis={input_axis!r})")
+        raise ValueError(
+            f"vector segment {x.shape[-1]} does not match weight tile rows "
+            f"{w.shape[2]} (input_axis={input_axis!r})"
+        )
     batch = int(np.prod(x.shape[2:-1], dtype=np.int64))
     led = fab.ledger
     tm, tn = priced if priced is not None else w.shape[2:]
@@ -176,9 +186,18 @@ def meshgemv(fab: Fabric, x: np.ndarray, w: np.ndarray, input_axis: str = "y",
 # Analytic estimate (closed form, no emulation)
 # ----------------------------------------------------------------------------------------------
 
-def estimate_meshgemv(m: int, n: int, mesh_shape: tuple[int, int], device: Device | None = None,
-                      input_axis: str = "y", spec: AllreduceSpec = KTREE, batch: int = 1,
-                      ledger: Ledger | None = None, name: str = "meshgemv") -> Ledger:
+
+def estimate_meshgemv(
+    m: int,
+    n: int,
+    mesh_shape: tuple[int, int],
+    device: Device | None = None,
+    input_axis: str = "y",
+    spec: AllreduceSpec = KTREE,
+    batch: int = 1,
+    ledger: Ledger | None = None,
+    name: str = "meshgemv",
+) -> Ledger:
     """The ledger :func:`meshgemv` would write for ``[batch, m] @ [m, n]``, without running it."""
     led = ledger if ledger is not None else Ledger(device) if device else Ledger()
     py, px = mesh_shape
@@ -206,9 +225,16 @@ def core_chunks(n: int, per_core: int) -> list[tuple[int, int]]:
     return [(c, min(n, c + step)) for c in range(0, n, step)]
 
 
-def weight_region(get, shape: tuple[int, int], mesh_shape: tuple[int, int], input_axis: str,
-                  origin: tuple[int, int], block: tuple[int, int], storage: str = "float32",
-                  reader_rows: str = "out") -> np.ndarray:
+def weight_region(
+    get,
+    shape: tuple[int, int],
+    mesh_shape: tuple[int, int],
+    input_axis: str,
+    origin: tuple[int, int],
+    block: tuple[int, int],
+    storage: str = "float32",
+    reader_rows: str = "out",
+) -> np.ndarray:
     """Cores ``origin .. origin + block`` of :func:`weight_tiles`, built piece by piece.
 
     Parameters
@@ -233,6 +259,7 @@ def weight_region(get, shape: tuple[int, int], mesh_shape: tuple[int, int], inpu
         global array is ever built.
     """
     from ..precision import to_words, word_dtype
+
     py, px = mesh_shape
     m, n = shape
     y0, x0 = origin
@@ -253,11 +280,11 @@ def weight_region(get, shape: tuple[int, int], mesh_shape: tuple[int, int], inpu
         else:
             rows = np.arange((in_cores[1] + c0) * tm, (in_cores[1] + c1) * tm)
             cols = np.arange(out_cores[1] * tn, (out_cores[1] + out_cores[0]) * tn)
-        piece = get(rows, cols)                                # f32[len(rows), len(cols)]
+        piece = get(rows, cols)  # f32[len(rows), len(cols)]
         t = to_words(piece, storage).reshape(len(rows) // tm, tm, len(cols) // tn, tn)
-        t = t.transpose(0, 2, 1, 3)                            # [in cores, out cores, tm, tn]
+        t = t.transpose(0, 2, 1, 3)  # [in cores, out cores, tm, tn]
         if axis == X:
-            t = t.transpose(1, 0, 2, 3)                        # [out cores (rows), in cores]
+            t = t.transpose(1, 0, 2, 3)  # [out cores (rows), in cores]
         if axis == Y:
             dst = np.s_[:, c0:c1] if along_out else np.s_[c0:c1, :]
         else:

@@ -34,6 +34,7 @@ same multiply-adds); words scaled by ``G`` where a tile carries the group axis (
 grouped MeshGEMM; the partials reduced by the grouped dist-GEMM-T). The closed-form estimators
 at the end write exactly what the kernels record.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -74,6 +75,7 @@ RING = "interleaved"
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
+
 
 def label_tiles(labels, n_groups: int, mesh: tuple[int, int], dtype=np.float32) -> np.ndarray:
     """One-hot group labels of ``D`` features, laid out per feature segment.
@@ -118,6 +120,7 @@ def grouped_a_tiles(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> n
 # Closed-form costs (shared by the kernels and the estimators)
 # ----------------------------------------------------------------------------------------------
 
+
 def grouped_gemm_costs(plan: GemmTiling, groups: int, b_preskewed: bool, device: Device) -> list:
     """Skew and main-loop costs of :func:`grouped_meshgemm`: MeshGEMM's, with A tiles ``G``
     times longer."""
@@ -145,27 +148,37 @@ def grouped_gemm_t_memory(plan: GemmTiling, groups: int) -> int:
     """Words per core: A, double-buffered B, labels, and the C and partial tiles per group."""
     tm, td = plan.tile_a
     tn_b = plan.b * plan.tnb
-    return (tm * td + 2 * tn_b * td + td * groups
-            + groups * (tm * plan.a * plan.tnb + tm * plan.tnb))
+    return tm * td + 2 * tn_b * td + td * groups + groups * (tm * plan.a * plan.tnb + tm * plan.tnb)
 
 
 def _gemm_t_tally(plan: GemmTiling, groups: int) -> Counter:
-    return Counter(grouped_gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a, groups)
-                   for t in range(plan.nl))
+    return Counter(
+        grouped_gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a, groups)
+        for t in range(plan.nl)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
+
 def _check_labels(labels: np.ndarray, shape: tuple, what: str) -> None:
     if labels.ndim != 4 or tuple(labels.shape[:3]) != tuple(shape):
-        raise MeshError(f"{what}: labels block has shape {tuple(labels.shape)}; expected "
-                        f"{tuple(shape)} + (groups,)")
+        raise MeshError(
+            f"{what}: labels block has shape {tuple(labels.shape)}; expected "
+            f"{tuple(shape)} + (groups,)"
+        )
 
 
-def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
-                   name: str = "grouped_gemm_t", priced: tuple | None = None) -> np.ndarray:
+def grouped_gemm_t(
+    fab: Fabric,
+    a: np.ndarray,
+    b: np.ndarray,
+    labels: np.ndarray,
+    name: str = "grouped_gemm_t",
+    priced: tuple | None = None,
+) -> np.ndarray:
     """``C[:, :, g] = A[:, F_g] @ B[:, F_g]^T`` for every group ``g``, with no transpose.
 
     Parameters
@@ -186,8 +199,7 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     """
     lay = fab.layout
     plan = plan_from_blocks(lay, a.shape, b.shape, name)
-    cost_plan = priced_plan(plan, None if priced is None else
-                            (priced[0], priced[2], priced[1]))
+    cost_plan = priced_plan(plan, None if priced is None else (priced[0], priced[2], priced[1]))
     _check_labels(labels, (lay.by, lay.bx, a.shape[3]), name)
     led = fab.ledger
     groups = labels.shape[3]
@@ -202,9 +214,11 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
         led.routes(name, gemm_t_routes(cost_plan))
         return c
     # al: [by, bx, b, tmb*G, D/Px]: A's rows masked by each group's features (A stays: once)
-    lab_t = np.swapaxes(labels, 2, 3).astype(f32, copy=False)            # [by, bx, G, D/Px]
-    al = a.reshape(by, bx, rows_per, tmb, 1, td).astype(f32, copy=False) \
+    lab_t = np.swapaxes(labels, 2, 3).astype(f32, copy=False)  # [by, bx, G, D/Px]
+    al = (
+        a.reshape(by, bx, rows_per, tmb, 1, td).astype(f32, copy=False)
         * lab_t[:, :, None, None, :, :]
+    )
     al = al.reshape(by, bx, rows_per, tmb * groups, td)
     # b_cur: [by*b, bx, tnb, D/Px]: one logical row of B per entry along y
     b_cur = b.reshape(by, bx, rows_per, tnb, td).transpose(0, 2, 1, 3, 4)
@@ -217,13 +231,14 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     reduces: Counter[Cost] = Counter()
     for t in range(plan.nl):
         b_t = b_cur.reshape(by, rows_per, bx, tnb, td).transpose(0, 2, 1, 4, 3)  # B^T view
-        part = np.matmul(al, b_t.astype(f32, copy=False))       # [by, bx, b, tmb*G, tnb]
+        part = np.matmul(al, b_t.astype(f32, copy=False))  # [by, bx, b, tmb*G, tnb]
         part = part.reshape(by, bx, rows_per, tmb, groups, tnb)
-        seg = gemm_t_segments(plan, t)                           # [Nl] per logical row
+        seg = gemm_t_segments(plan, t)  # [Nl] per logical row
         for s in range(rows_per):
-            seg_s = seg[np.arange(lay.py) * rows_per + s]        # per virtual row
-            red = reduce_to_root(fab, part[:, :, s], 1, seg_s // cols_per, record=False,
-                                 name=f"{name}/reduce")          # [by, bx, tmb, G, tnb]
+            seg_s = seg[np.arange(lay.py) * rows_per + s]  # per virtual row
+            red = reduce_to_root(
+                fab, part[:, :, s], 1, seg_s // cols_per, record=False, name=f"{name}/reduce"
+            )  # [by, bx, tmb, G, tnb]
             slot = (seg_s % cols_per)[my_rows][:, None]
             c[iy, ix, s, :, :, slot, :] += red
         reduces[grouped_gemm_t_reduce(cost_plan, seg // cols_per, groups)] += 1
@@ -231,12 +246,13 @@ def grouped_gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray
     record(led, name, grouped_gemm_t_costs(cost_plan, reduces))
     led.memory(name, grouped_gemm_t_memory(cost_plan, groups))
     led.routes(name, gemm_t_routes(cost_plan))
-    c = c.transpose(0, 1, 2, 3, 5, 6, 4)                         # [by, bx, b, tmb, a, tnb, G]
+    c = c.transpose(0, 1, 2, 3, 5, 6, 4)  # [by, bx, b, tmb, a, tnb, G]
     return np.ascontiguousarray(c).reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
 
 
-def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmTiling, cost_plan: GemmTiling,
-                               name: str) -> np.ndarray:
+def _grouped_gemm_t_aggregated(
+    fab: Fabric, a, b, labels, plan: GemmTiling, cost_plan: GemmTiling, name: str
+) -> np.ndarray:
     """:func:`grouped_gemm_t` in aggregated emulation: the same neighbour messages, computed
     per rank instead of per core.
 
@@ -261,11 +277,11 @@ def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmTiling, cost
     dest = ring_dest(nl, RING)
     for _ in range(nl):
         tb.permute(dest, op=f"{name}/shift")
-    b_mat = tb.complete().transpose(0, 2, 1, 3).reshape(nl * tnb, bx * td)   # [N, F_rank]
+    b_mat = tb.complete().transpose(0, 2, 1, 3).reshape(nl * tnb, bx * td)  # [N, F_rank]
     a_mat = a.transpose(0, 2, 1, 3).reshape(by * rows_per * tmb, bx * td)  # [M_rank, F_rank]
     feat = labels[0].reshape(bx * td, groups).astype(f32, copy=False)
     present = np.flatnonzero(feat.any(axis=0))
-    rp = np.empty((len(present), by * rows_per, tmb, nl, tnb), f32)   # RP per present group
+    rp = np.empty((len(present), by * rows_per, tmb, nl, tnb), f32)  # RP per present group
     for i, g in enumerate(present):
         f = np.flatnonzero(feat[:, g])
         rp[i] = ((a_mat[:, f] * feat[f, g]) @ b_mat[:, f].T).reshape(rp.shape[1:])
@@ -275,11 +291,11 @@ def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmTiling, cost
     r, nr = fab.coords[1], lay.rx
     vrows = fab.index(0)
     for t in range(nl):
-        seg = gemm_t_segments(plan, t)                           # [Nl] per logical row
+        seg = gemm_t_segments(plan, t)  # [Nl] per logical row
         for s in range(rows_per):
-            lrows = np.arange(by) * rows_per + s                 # the rank's logical rows
-            n_seg = seg[vrows * rows_per + s]                    # B segment held by each
-            part = np.zeros((by, 1, tmb, groups, tnb), f32)      # the rank's partial per row
+            lrows = np.arange(by) * rows_per + s  # the rank's logical rows
+            n_seg = seg[vrows * rows_per + s]  # B segment held by each
+            part = np.zeros((by, 1, tmb, groups, tnb), f32)  # the rank's partial per row
             # rp[:, lrows, :, n_seg] is [by, Gp, tmb, tnb] (advanced axes first)
             part[:, 0][:, :, present] = rp[:, lrows, :, n_seg].transpose(0, 2, 1, 3)
             root = (n_seg // cols_per)[:, None, None, None, None]
@@ -300,14 +316,21 @@ def _grouped_gemm_t_aggregated(fab: Fabric, a, b, labels, plan: GemmTiling, cost
             if above is not None:
                 total = total + above
             mine = np.flatnonzero((root[:, 0, 0, 0, 0] >= x0) & (root[:, 0, 0, 0, 0] < x1))
-            c[mine, n_seg[mine] // cols_per - x0, s, :, n_seg[mine] % cols_per] = \
-                total[mine, 0].transpose(0, 1, 3, 2)
+            c[mine, n_seg[mine] // cols_per - x0, s, :, n_seg[mine] % cols_per] = total[
+                mine, 0
+            ].transpose(0, 1, 3, 2)
     return c.reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
 
 
-def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
-                     b_preskewed: bool = False, name: str = "grouped_meshgemm",
-                     priced: tuple | None = None) -> np.ndarray:
+def grouped_meshgemm(
+    fab: Fabric,
+    a: np.ndarray,
+    b: np.ndarray,
+    labels: np.ndarray,
+    b_preskewed: bool = False,
+    name: str = "grouped_meshgemm",
+    priced: tuple | None = None,
+) -> np.ndarray:
     """``C[:, f] = sum_u A[:, u, g(f)] B[u, f]`` on MeshGEMM's interleaved rings.
 
     Parameters
@@ -351,16 +374,23 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
         # aggregated emulation: the same messages; each core's products summed as one GEMM
         cost_plan = priced_plan(plan, priced)
         costs = grouped_gemm_costs(cost_plan, groups, b_preskewed, led.device)
-        ta, tb = track_shift_operands(fab, virtual_to_logical(a_flat, mesh),
-                                      virtual_to_logical(b, mesh), RING, b_preskewed, name,
-                                      lambda: record(led, name, costs[:1]))
+        ta, tb = track_shift_operands(
+            fab,
+            virtual_to_logical(a_flat, mesh),
+            virtual_to_logical(b, mesh),
+            RING,
+            b_preskewed,
+            name,
+            lambda: record(led, name, costs[:1]),
+        )
         record(led, name, costs[1:])
         led.memory(name, grouped_gemm_memory(cost_plan, groups))
         led.routes(name, shift_gemm_routes(cost_plan, RING, b_preskewed))
         col_groups = labels[0].reshape(-1, groups).astype(f32, copy=False)
         return logical_to_virtual(stored_product(ta.complete(), tb.complete(), col_groups), mesh)
-    a_cur = shift_lines_back(fab, virtual_to_logical(a_flat, mesh), 1, x_line, pos[rows], RING,
-                             op=f"{name}/skew")
+    a_cur = shift_lines_back(
+        fab, virtual_to_logical(a_flat, mesh), 1, x_line, pos[rows], RING, op=f"{name}/skew"
+    )
     b_cur = virtual_to_logical(b, mesh)
     if not b_preskewed:
         b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], RING, op=f"{name}/skew")
@@ -373,7 +403,7 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
 
     a_bufs = (np.empty_like(a_cur), a_cur)
     b_bufs = (np.empty_like(b_cur), np.empty_like(b_cur))
-    c = np.empty(a_cur.shape[:3] + (tnb,), f32)                 # [by*b, bx*a, tmb, tnb]
+    c = np.empty(a_cur.shape[:3] + (tnb,), f32)  # [by*b, bx*a, tmb, tnb]
     partial = np.empty_like(c)
     dest = ring_dest(nl, RING)
     bl_shape = b_cur.shape[:2] + (tkb * groups, tnb)
@@ -395,12 +425,14 @@ def grouped_meshgemm(fab: Fabric, a: np.ndarray, b: np.ndarray, labels: np.ndarr
 # Host matrices in, host matrix out (tests, benchmarks); control plane, priced as edge I/O
 # ----------------------------------------------------------------------------------------------
 
+
 def _bcast_meta(fab: Fabric, meta, root: int):
     return fab.world.bcast(meta, root=root) if fab.nranks > 1 else meta
 
 
-def matmul_t_grouped(fab: Fabric, a, b, labels, n_groups: int, root: int = 0,
-                     to_all: bool = False) -> np.ndarray | None:
+def matmul_t_grouped(
+    fab: Fabric, a, b, labels, n_groups: int, root: int = 0, to_all: bool = False
+) -> np.ndarray | None:
     """Scatter ``A[M, D]``, ``B[N, D]`` and the feature labels ``int[D]`` from ``root``; run
     :func:`grouped_gemm_t`; gather ``C[M, N, G]`` on ``root`` (every rank with ``to_all``)."""
     meta = _bcast_meta(fab, None if a is None else (a.shape, b.shape), root)
@@ -410,8 +442,12 @@ def matmul_t_grouped(fab: Fabric, a, b, labels, n_groups: int, root: int = 0,
     ta = natural_tiles(a, mesh) if is_root else None
     tb = natural_tiles(b, mesh) if is_root else None
     tl = label_tiles(labels, n_groups, mesh) if is_root else None
-    c = grouped_gemm_t(fab, hostio.scatter(fab, ta, root), hostio.scatter(fab, tb, root),
-                       hostio.scatter(fab, tl, root))
+    c = grouped_gemm_t(
+        fab,
+        hostio.scatter(fab, ta, root),
+        hostio.scatter(fab, tb, root),
+        hostio.scatter(fab, tl, root),
+    )
     tiles = hostio.gather(fab, c, root, to_all)
     if tiles is None:
         return None
@@ -419,11 +455,13 @@ def matmul_t_grouped(fab: Fabric, a, b, labels, n_groups: int, root: int = 0,
     return tiles.transpose(0, 2, 1, 3, 4).reshape(py * tm, px * tn, g)[:m, :n]
 
 
-def matmul_grouped(fab: Fabric, a, b, labels, b_preskewed: bool = False, root: int = 0,
-                   to_all: bool = False) -> np.ndarray | None:
+def matmul_grouped(
+    fab: Fabric, a, b, labels, b_preskewed: bool = False, root: int = 0, to_all: bool = False
+) -> np.ndarray | None:
     """Scatter ``A[M, K, G]``, ``B[K, N]`` and the column labels ``int[N]`` from ``root``; run
     :func:`grouped_meshgemm`; gather ``C[M, N]``. ``b_preskewed`` pre-skews B on the host."""
     from .gemm import prepare_b
+
     meta = _bcast_meta(fab, None if a is None else (a.shape, b.shape), root)
     (m, _, g), (_, n) = meta
     mesh = (fab.layout.py, fab.layout.px)
@@ -431,8 +469,13 @@ def matmul_grouped(fab: Fabric, a, b, labels, b_preskewed: bool = False, root: i
     ta = grouped_a_tiles(a, mesh) if is_root else None
     tb = prepare_b(b, mesh, "meshgemm" if b_preskewed else "natural") if is_root else None
     tl = label_tiles(labels, g, mesh) if is_root else None
-    c = grouped_meshgemm(fab, hostio.scatter(fab, ta, root), hostio.scatter(fab, tb, root),
-                         hostio.scatter(fab, tl, root), b_preskewed=b_preskewed)
+    c = grouped_meshgemm(
+        fab,
+        hostio.scatter(fab, ta, root),
+        hostio.scatter(fab, tb, root),
+        hostio.scatter(fab, tl, root),
+        b_preskewed=b_preskewed,
+    )
     return hostio.gather_matrix(fab, c, (m, n), root, to_all)
 
 
@@ -440,9 +483,17 @@ def matmul_grouped(fab: Fabric, a, b, labels, b_preskewed: bool = False, root: i
 # Closed-form estimators (tied to the ledger by tests)
 # ----------------------------------------------------------------------------------------------
 
-def estimate_grouped_gemm_t(m: int, n: int, d: int, groups: int, mesh: tuple[int, int],
-                            device: Device | None = None, ledger: Ledger | None = None,
-                            name: str = "grouped_gemm_t") -> Ledger:
+
+def estimate_grouped_gemm_t(
+    m: int,
+    n: int,
+    d: int,
+    groups: int,
+    mesh: tuple[int, int],
+    device: Device | None = None,
+    ledger: Ledger | None = None,
+    name: str = "grouped_gemm_t",
+) -> Ledger:
     """The ledger :func:`grouped_gemm_t` writes for ``[m, d] x [n, d]^T`` with ``groups``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
     plan = GemmTiling.for_shapes(m, d, n, mesh)
@@ -452,10 +503,17 @@ def estimate_grouped_gemm_t(m: int, n: int, d: int, groups: int, mesh: tuple[int
     return led
 
 
-def estimate_grouped_meshgemm(m: int, k: int, n: int, groups: int, mesh: tuple[int, int],
-                              device: Device | None = None, b_preskewed: bool = False,
-                              ledger: Ledger | None = None,
-                              name: str = "grouped_meshgemm") -> Ledger:
+def estimate_grouped_meshgemm(
+    m: int,
+    k: int,
+    n: int,
+    groups: int,
+    mesh: tuple[int, int],
+    device: Device | None = None,
+    b_preskewed: bool = False,
+    ledger: Ledger | None = None,
+    name: str = "grouped_meshgemm",
+) -> Ledger:
     """The ledger :func:`grouped_meshgemm` writes for ``[m, k, G] x [k, n]``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
     plan = GemmTiling.for_shapes(m, k, n, mesh)

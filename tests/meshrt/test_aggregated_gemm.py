@@ -5,6 +5,7 @@ In aggregated emulation MeshGEMM, Cannon and the grouped kernels move tiles by i
 neighbour messages (peer, size, direction, name) must be those of the exact schedule, the
 ledger identical, and the results equal to numpy's up to float32 summation order.
 """
+
 from collections import Counter
 
 import numpy as np
@@ -19,7 +20,7 @@ from meshrt.precision import to_words
 
 pytestmark = pytest.mark.mpi
 
-LABELS = np.array([0] * 5 + [1] * 6 + [2] * 3)          # 14 features in 3 groups
+LABELS = np.array([0] * 5 + [1] * 6 + [2] * 3)  # 14 features in 3 groups
 
 
 def meshes(size: int):
@@ -51,8 +52,9 @@ def test_meshgemm_aggregated_matches_exact():
     b = rng.standard_normal((17, 11)).astype(np.float32)
     for lay in meshes(world().Get_size()):
         for preskewed in (True, False):
-            r0, r1 = run_both(lay, lambda f, pre=preskewed: matmul(f, a, b, b_preskewed=pre,
-                                                                   to_all=True))
+            r0, r1 = run_both(
+                lay, lambda f, pre=preskewed: matmul(f, a, b, b_preskewed=pre, to_all=True)
+            )
             np.testing.assert_allclose(r1, a @ b, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
 
@@ -62,13 +64,17 @@ def test_cannon_bfloat16_words_aggregated_matches_exact():
     a = rng.standard_normal((10, 12)).astype(np.float32)
     b = rng.standard_normal((12, 8)).astype(np.float32)
     for lay in meshes(world().Get_size()):
+
         def kernel(fab, lay=lay):
             mesh = (lay.py, lay.px)
             ta = prepare_a(a, mesh)
-            tb = to_words(prepare_b(b, mesh, "cannon"), "bfloat16")   # uint16 words
-            sl = (slice(fab.origin[0], fab.origin[0] + lay.by),
-                  slice(fab.origin[1], fab.origin[1] + lay.bx))
+            tb = to_words(prepare_b(b, mesh, "cannon"), "bfloat16")  # uint16 words
+            sl = (
+                slice(fab.origin[0], fab.origin[0] + lay.by),
+                slice(fab.origin[1], fab.origin[1] + lay.bx),
+            )
             return cannon(fab, ta[sl], tb[sl])
+
         r0, r1 = run_both(lay, kernel)
         np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
 

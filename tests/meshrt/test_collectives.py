@@ -1,4 +1,5 @@
 """Collectives along x and y: rank-encoded data, closed-form answers, ledger and trace checks."""
+
 import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, core_ids, fabric, layout_params, world
@@ -38,8 +39,9 @@ def test_reduce_to_root_scalar_and_per_line(axis, op, lay):
         want_line = vals.sum(1) if op == "sum" else vals.max(1)
         roots = np.broadcast_to(np.asarray(r), (lines,))[fab.index(1 - axis)]
         idx = fab.index(axis)
-        is_root = (idx[:, None] == roots[None, :]) if axis == 0 else \
-            (idx[None, :] == roots[:, None])
+        is_root = (
+            (idx[:, None] == roots[None, :]) if axis == 0 else (idx[None, :] == roots[:, None])
+        )
         want = np.where(is_root[..., None], _expand(fab, axis, want_line), 0)
         np.testing.assert_array_equal(got, want)
         assert_neighbour_only(fab)
@@ -57,8 +59,14 @@ def test_broadcast_from_root(axis, lay):
         assert_neighbour_only(fab)
 
 
-ALGOS = [("ktree", {}), ("ktree", {"groups": 2}), ("ktree", {"levels": 3}),
-         ("ktree", {"levels": 1}), ("pipeline", {}), ("ring", {})]
+ALGOS = [
+    ("ktree", {}),
+    ("ktree", {"groups": 2}),
+    ("ktree", {"levels": 3}),
+    ("ktree", {"levels": 1}),
+    ("pipeline", {}),
+    ("ring", {}),
+]
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -4,6 +4,7 @@ position rule, and agreement on errors (every rank raises the same exception, no
 Unmarked tests run in one process without MPI; ``mpi``-marked tests run under mpiexec on any
 number of ranks (and on one rank in the serial run).
 """
+
 import pickle
 
 import pytest
@@ -39,6 +40,7 @@ def _control():
 # one process
 # ----------------------------------------------------------------------------------------------
 
+
 def test_single_is_one_rank_and_every_collective_is_local():
     c = ControlPlane.single()
     assert (c.rank, c.size, c.is_root, c.comm) == (0, 1, True, None)
@@ -62,7 +64,7 @@ def test_single_agree_runs_the_check_once_and_raises_its_own_error():
     for on in ("root", "all"):
         with pytest.raises(CheckFailed) as got:
             c.agree(lambda: _raise(error), on=on)
-        assert got.value is error       # untouched: no "on rank" prefix with one rank
+        assert got.value is error  # untouched: no "on rank" prefix with one rank
 
 
 def test_bad_arguments_are_refused():
@@ -78,8 +80,14 @@ def test_bad_arguments_are_refused():
 
 
 def test_grid_coords_is_row_major():
-    assert [grid_coords(r, (2, 3)) for r in range(6)] == [(0, 0), (0, 1), (0, 2),
-                                                          (1, 0), (1, 1), (1, 2)]
+    assert [grid_coords(r, (2, 3)) for r in range(6)] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
     assert [grid_coords(r, (3, 1)) for r in range(3)] == [(0, 0), (1, 0), (2, 0)]
     with pytest.raises(MeshError, match="rank 6 is not in a 2x3 rank grid"):
         grid_coords(6, (2, 3))
@@ -90,6 +98,7 @@ def test_grid_coords_is_row_major():
 # ----------------------------------------------------------------------------------------------
 # any number of ranks
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.mpi
 def test_collectives_carry_rank_encoded_values():
@@ -130,7 +139,7 @@ def test_agree_on_root_returns_roots_value_and_runs_the_check_once():
     calls = []
     got = c.agree(lambda: calls.append(1) or ("checked by", c.rank))
     assert got == ("checked by", 0)
-    assert c.allreduce(len(calls)) == 1          # only rank 0 ran it
+    assert c.allreduce(len(calls)) == 1  # only rank 0 ran it
 
 
 @pytest.mark.mpi
@@ -141,7 +150,7 @@ def test_agree_on_root_raises_roots_error_on_every_rank():
     with pytest.raises(UsageError) as got:
         c.agree(lambda: _raise(UsageError("--model x: no such directory")))
     assert got.value.code == "--model x: no such directory"
-    c.barrier()                                  # every rank is still in step
+    c.barrier()  # every rank is still in step
 
 
 @pytest.mark.mpi
@@ -174,8 +183,9 @@ def test_agree_on_all_names_the_lowest_failing_rank_without_prefix_when_all_fail
         c.agree(lambda: _raise(CheckFailed(f"rank {c.rank} says no")), on="all")
     if c.size > 2:
         with pytest.raises(CheckFailed, match=r"^on rank 1: rank 1 says no$"):
-            c.agree(lambda: _raise(CheckFailed(f"rank {c.rank} says no")) if c.rank % 2 else 0,
-                    on="all")
+            c.agree(
+                lambda: _raise(CheckFailed(f"rank {c.rank} says no")) if c.rank % 2 else 0, on="all"
+            )
 
 
 @pytest.mark.mpi
@@ -185,7 +195,7 @@ def test_an_error_that_cannot_travel_arrives_as_runtime_error_with_its_message()
     with pytest.raises(Exception) as got:
         c.agree(lambda: _raise(error))
     if c.is_root:
-        assert got.value is error              # the rank that failed keeps its own exception
+        assert got.value is error  # the rank that failed keeps its own exception
     else:
         assert type(got.value) is RuntimeError
         assert str(got.value) == "Unpicklable: tokenizer: broken"

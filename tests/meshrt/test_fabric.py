@@ -1,4 +1,5 @@
 """Fabric exchanges with rank-encoded data and closed-form answers, on any number of ranks."""
+
 import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, core_ids, fabric, layout_params
@@ -14,7 +15,7 @@ def _global_ids(lay):
 
 def _mine(fab, glob):
     y0, x0 = fab.origin
-    return glob[y0:y0 + fab.by, x0:x0 + fab.bx]
+    return glob[y0 : y0 + fab.by, x0 : x0 + fab.bx]
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -80,6 +81,7 @@ def test_halo_bytes_match_closed_form(lay):
 def test_one_rank_needs_no_mpi():
     from meshrt.fabric import Fabric
     from meshrt.mesh import MeshLayout
+
     fab = Fabric(None, MeshLayout(4, 6), trace=True)
     out = fab.ring_shift(core_ids(fab), 1)
     assert out[0, 0] == ring_prev(6)[0]

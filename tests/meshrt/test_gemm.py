@@ -1,4 +1,5 @@
 """GEMM kernels (MeshGEMM, Cannon, SUMMA, dist-GEMM-T) against numpy, on any number of ranks."""
+
 import numpy as np
 import pytest
 from meshtest import (
@@ -48,6 +49,7 @@ def _matrices(m, k, n, seed=0, dtype=np.float32):
 # Line movement
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("lay", layout_params())
 def test_permute_line_is_the_fabric_ring_and_the_cyclic_shift(axis, lay):
@@ -64,7 +66,7 @@ def test_permute_line_is_the_fabric_ring_and_the_cyclic_shift(axis, lay):
     ids = np.arange(lay.py * lay.px, dtype=np.float64).reshape(lay.py, lay.px)
     rolled = np.roll(ids, 1, axis=axis)
     y0, x0 = fab.origin
-    np.testing.assert_array_equal(got[..., 0, 0], rolled[y0:y0 + lay.by, x0:x0 + lay.bx])
+    np.testing.assert_array_equal(got[..., 0, 0], rolled[y0 : y0 + lay.by, x0 : x0 + lay.bx])
     assert_neighbour_only(fab)
 
 
@@ -80,7 +82,7 @@ def test_permute_line_on_a_refined_line_and_skew_back(lay):
     dest = ring_dest(n, "interleaved")
     got = permute_line(fab, block, 1, dest, line)
     src = ring_prev(n)
-    np.testing.assert_array_equal(got, fab.index(0)[:, None] * 1000 + src[line.lo:line.hi])
+    np.testing.assert_array_equal(got, fab.index(0)[:, None] * 1000 + src[line.lo : line.hi])
     # each row moves back by its own amount, the shorter way round
     amounts = (fab.index(0) * 5 + 1) % n
     got = shift_lines_back(fab, block, 1, line, amounts)
@@ -96,6 +98,7 @@ def test_permute_line_on_a_refined_line_and_skew_back(lay):
 # ----------------------------------------------------------------------------------------------
 # Correctness against numpy
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("algo", G.ALGOS)
 def test_gemm_matches_numpy(algo):
@@ -180,7 +183,7 @@ def test_host_preskew_is_the_papers_index():
 
 def test_bad_tiles_give_a_clear_error():
     fab = Fabric(None, MeshLayout(4, 6))
-    a = np.zeros((4, 6, 3, 2), np.float32)   # rows must be a multiple of 3, cols of 2
+    a = np.zeros((4, 6, 3, 2), np.float32)  # rows must be a multiple of 3, cols of 2
     b = np.zeros((4, 6, 3, 2), np.float32)
     with pytest.raises(MeshError, match="multiple of 12"):
         G.meshgemm(fab, np.zeros((4, 6, 2, 2), np.float32), b)
@@ -198,6 +201,7 @@ def test_one_rank_touches_no_mpi():
 # ----------------------------------------------------------------------------------------------
 # The schedule: traced bytes, ledger and the analytic estimators
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("lay", as_params(_meshes(world().Get_size())))
 def test_meshgemm_bytes_equal_the_schedule(lay):
@@ -217,8 +221,9 @@ def test_meshgemm_bytes_equal_the_schedule(lay):
     rows = np.arange(fab.origin[0] * plan.b, (fab.origin[0] + lay.by) * plan.b)
     p = ring_pos(plan.nl)[rows]
     skew_steps = np.minimum(p, plan.nl - p).sum()
-    want = (skew_steps * nbr_x * tile_a
-            + plan.nl * (nbr_x * len(rows) * tile_a + nbr_y * lay.bx * plan.a * tile_b))
+    want = skew_steps * nbr_x * tile_a + plan.nl * (
+        nbr_x * len(rows) * tile_a + nbr_y * lay.bx * plan.a * tile_b
+    )
     assert sum(r.nbytes for r in fab.trace if r.sent) == want
     assert sum(r.nbytes for r in fab.trace if not r.sent) == want
     assert_neighbour_only(fab)
@@ -228,11 +233,13 @@ def _kernel_ops(fab, name):
     return {k: v for k, v in fab.ledger.ops.items() if k.startswith(name + "/")}
 
 
-@pytest.mark.parametrize("algo,preskewed", [("meshgemm", True), ("meshgemm", False),
-                                            ("cannon", True), ("cannon", False),
-                                            ("summa", True)])
-@pytest.mark.parametrize("lay", as_params(_few(world().Get_size())
-                                          + [MeshLayout(1, 1)] * (world().Get_size() == 1)))
+@pytest.mark.parametrize(
+    "algo,preskewed",
+    [("meshgemm", True), ("meshgemm", False), ("cannon", True), ("cannon", False), ("summa", True)],
+)
+@pytest.mark.parametrize(
+    "lay", as_params(_few(world().Get_size()) + [MeshLayout(1, 1)] * (world().Get_size() == 1))
+)
 def test_ledger_equals_estimate(algo, preskewed, lay):
     m, k, n = 29, 37, 23
     a, b = _matrices(m, k, n)
@@ -304,6 +311,7 @@ def test_non_square_mesh_uses_the_lcm_partition():
 def test_bfloat16_style_storage(lay):
     """Operands stored at bfloat16 precision, products accumulated in float32."""
     from meshrt.precision import round_to_bf16
+
     rng = np.random.default_rng(11)
     a = rng.standard_normal((21, 19)).astype(np.float32)
     b = rng.standard_normal((19, 23)).astype(np.float32)

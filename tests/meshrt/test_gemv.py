@@ -1,4 +1,5 @@
 """MeshGEMV and its allreduce baselines against numpy, on any number of ranks."""
+
 import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, fabric, layout_params, world
@@ -23,8 +24,16 @@ def _run(fab, x, w, input_axis, **kw):
 
 
 @pytest.mark.parametrize("input_axis", ["y", "x"])
-@pytest.mark.parametrize("algo,kw", [("ktree", {}), ("ktree", {"groups": 2}),
-                                     ("ktree", {"levels": 3}), ("pipeline", {}), ("ring", {})])
+@pytest.mark.parametrize(
+    "algo,kw",
+    [
+        ("ktree", {}),
+        ("ktree", {"groups": 2}),
+        ("ktree", {"levels": 3}),
+        ("pipeline", {}),
+        ("ring", {}),
+    ],
+)
 @pytest.mark.parametrize("lay", layout_params())
 def test_meshgemv_matches_numpy(input_axis, algo, kw, lay):
     rng = np.random.default_rng(7)
@@ -61,15 +70,19 @@ def test_meshgemv_batched_and_chained_alternation(lay):
 @pytest.mark.parametrize("input_axis", ["y", "x"])
 def test_ledger_equals_estimate(algo, input_axis):
     size = world().Get_size()
-    lay = MeshLayout(6 * (size if size <= 2 else 1), 6 * (1 if size <= 2 else size // 2),
-                     *((size, 1) if size <= 2 else (2, size // 2)))
+    lay = MeshLayout(
+        6 * (size if size <= 2 else 1),
+        6 * (1 if size <= 2 else size // 2),
+        *((size, 1) if size <= 2 else (2, size // 2)),
+    )
     fab = fabric(lay)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(40).astype(np.float32)
     w = rng.standard_normal((40, 50)).astype(np.float32)
     _run(fab, x, w, input_axis, spec=AllreduceSpec(algo))
-    est = G.estimate_meshgemv(40, 50, (lay.py, lay.px), input_axis=input_axis,
-                              spec=AllreduceSpec(algo))
+    est = G.estimate_meshgemv(
+        40, 50, (lay.py, lay.px), input_axis=input_axis, spec=AllreduceSpec(algo)
+    )
     got = {k: v for k, v in fab.ledger.ops.items() if k.startswith("meshgemv")}
     assert got.keys() == est.ops.keys()
     for k in got:

@@ -1,4 +1,5 @@
 """Grouped dist-GEMM-T and grouped MeshGEMM against numpy, on any number of ranks."""
+
 import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, fabric, layout_params, layouts, rank_grids, world
@@ -14,8 +15,9 @@ def _meshes(size):
     """Square and non-square meshes with one or several cores per rank, and a 4x6 mesh whose
     lcm partition puts several logical cores on every virtual core."""
     out = layouts(size, blocks=((1, 1), (2, 3), (3, 2)))
-    out += [MeshLayout(4, 6, ry, rx) for ry, rx in rank_grids(size)
-            if 4 % ry == 0 and 6 % rx == 0][:1]
+    out += [MeshLayout(4, 6, ry, rx) for ry, rx in rank_grids(size) if 4 % ry == 0 and 6 % rx == 0][
+        :1
+    ]
     return out
 
 
@@ -36,7 +38,7 @@ def test_grouped_gemm_t_matches_numpy():
     for m, n, d, groups in ((13, 11, 17, 3), (29, 7, 10, 1), (5, 40, 24, 4)):
         a = rng.standard_normal((m, d)).astype(np.float32)
         b = rng.standard_normal((n, d)).astype(np.float32)
-        labels = rng.integers(-1, groups, d)          # -1: features in no group
+        labels = rng.integers(-1, groups, d)  # -1: features in no group
         want = _want_t(a, b, labels, groups)
         for lay in _meshes(world().Get_size()):
             fab = fabric(lay)
@@ -76,17 +78,26 @@ def test_ledger_equals_estimate(lay):
     m, n, d, groups = 21, 26, 17, 3
     mesh = (lay.py, lay.px)
     fab = fabric(lay)
-    GR.matmul_t_grouped(fab, rng.standard_normal((m, d)), rng.standard_normal((n, d)),
-                        rng.integers(-1, groups, d), groups)
+    GR.matmul_t_grouped(
+        fab,
+        rng.standard_normal((m, d)),
+        rng.standard_normal((n, d)),
+        rng.integers(-1, groups, d),
+        groups,
+    )
     est = GR.estimate_grouped_gemm_t(m, n, d, groups, mesh)
     assert fab.ledger.ops == est.ops
     assert fab.ledger.peak_memory == est.peak_memory
     assert fab.ledger.max_routes == est.max_routes
     for preskewed in (False, True):
         fab = fabric(lay)
-        GR.matmul_grouped(fab, rng.standard_normal((m, d, groups)),
-                          rng.standard_normal((d, n)), rng.integers(-1, groups, n),
-                          b_preskewed=preskewed)
+        GR.matmul_grouped(
+            fab,
+            rng.standard_normal((m, d, groups)),
+            rng.standard_normal((d, n)),
+            rng.integers(-1, groups, n),
+            b_preskewed=preskewed,
+        )
         est = GR.estimate_grouped_meshgemm(m, d, n, groups, mesh, b_preskewed=preskewed)
         assert fab.ledger.ops == est.ops
         assert fab.ledger.peak_memory == est.peak_memory

@@ -1,4 +1,5 @@
 """Host scatter/gather of tiled matrices, and the PLMR device/ledger bookkeeping."""
+
 import numpy as np
 import pytest
 from meshtest import fabric, layout_params, world
@@ -18,9 +19,10 @@ def test_scatter_gather_roundtrip_and_io_priced(lay):
     tm, tn = -(-13 // lay.py), -(-17 // lay.px)
     assert block.shape == (lay.by, lay.bx, tm, tn)
     y0, x0 = fab.origin
-    np.testing.assert_array_equal(block[0, 0, 0, 0], np.pad(a_all, ((0, tm * lay.py - 13),
-                                                               (0, tn * lay.px - 17)))
-                                  [y0 * tm, x0 * tn])
+    np.testing.assert_array_equal(
+        block[0, 0, 0, 0],
+        np.pad(a_all, ((0, tm * lay.py - 13), (0, tn * lay.px - 17)))[y0 * tm, x0 * tn],
+    )
     back = hostio.gather_matrix(fab, block, (13, 17), to_all=True)
     np.testing.assert_array_equal(back, a_all)
     assert fab.ledger.io_bytes == 2 * block.nbytes * fab.nranks
@@ -35,15 +37,29 @@ def test_device_presets_and_overrides(device_presets):
         get_device("tpu")
     with pytest.raises(ValueError, match="not settable"):
         get_device("wse2:colour=3")
-    mine = Device(name="mymesh", cores_x=64, cores_y=64, mem_per_core=1 << 20, clock_hz=1e9,
-                  macs_per_cycle=4, alpha=1, beta=4)
+    mine = Device(
+        name="mymesh",
+        cores_x=64,
+        cores_y=64,
+        mem_per_core=1 << 20,
+        clock_hz=1e9,
+        macs_per_cycle=4,
+        alpha=1,
+        beta=4,
+    )
     register_device(mine)
     assert get_device("mymesh") is mine and device_presets["mymesh"] is mine
 
 
 def test_fixed_costs_per_vector_step_and_task():
-    dev = WSE2.with_(alpha=1.0, beta=0.0, macs_per_cycle=2.0, vector_setup=3.0,
-                     step_overhead=7.0, task_switch=100.0)
+    dev = WSE2.with_(
+        alpha=1.0,
+        beta=0.0,
+        macs_per_cycle=2.0,
+        vector_setup=3.0,
+        step_overhead=7.0,
+        task_switch=100.0,
+    )
     led = Ledger(dev)
     # the cores start a kernel: one task switch; 4 vector instructions of set-up
     assert led.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12 + 100
@@ -62,14 +78,22 @@ def test_fixed_costs_per_vector_step_and_task():
     assert led.totals().activations == 1 + 1 + (1 + 3) + 1
     assert led.totals().vectors == 4
     led.reset()
-    assert led.record("x", macs=2) == 8 + 100    # reset: no kernel running
-    warm = Ledger(dev, kernel="gemv")             # a benchmark loop: the kernel already runs
+    assert led.record("x", macs=2) == 8 + 100  # reset: no kernel running
+    warm = Ledger(dev, kernel="gemv")  # a benchmark loop: the kernel already runs
     assert warm.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12
 
 
 def test_ledger_cycles_overlap_and_violations():
-    led = Ledger(WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0,
-                            task_switch=0.0, step_overhead=0.0))
+    led = Ledger(
+        WSE2.with_(
+            alpha=1.0,
+            beta=10.0,
+            macs_per_cycle=2.0,
+            vector_setup=0.0,
+            task_switch=0.0,
+            step_overhead=0.0,
+        )
+    )
     # compute 100 cycles, comm 5 + 20 + 8 (one fp16 element per 32-bit wavelet) = 33 cycles
     assert led.record("a", macs=200, words=8, hops=5, routings=2, overlap=True) == 100
     assert led.record("b", macs=200, words=8, hops=5, routings=2, overlap=False, count=2) == 266
@@ -80,7 +104,7 @@ def test_ledger_cycles_overlap_and_violations():
         led.record("c", macs=2)
     assert "layer0/c" in led.ops
     assert led.violations() == []
-    led.memory("big", 30 * 1024)           # 60 KiB of fp16 > 48 KiB
+    led.memory("big", 30 * 1024)  # 60 KiB of fp16 > 48 KiB
     led.routes("many", 30)
     v = led.violations()
     assert any("memory" in x for x in v) and any("routing" in x for x in v)
@@ -88,16 +112,21 @@ def test_ledger_cycles_overlap_and_violations():
 
 
 def test_cost_charge_equals_record_and_algebra():
-    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0,
-                     task_switch=50.0)
+    dev = WSE2.with_(alpha=1.0, beta=10.0, macs_per_cycle=2.0, vector_setup=0.0, task_switch=50.0)
     step = Cost(macs=200, words=8, hops=5, routings=2, overlap=False, routes=3)
     a, b = Ledger(dev), Ledger(dev)
     # compute 100, comm 5 + 20 + 8 (one fp16 element per wavelet), and the switch into "x"
-    assert a.charge("x", step * 2) == b.record("x", macs=200, words=8, hops=5, routings=2,
-                                                 overlap=False, count=2) == 266 + 50
+    assert (
+        a.charge("x", step * 2)
+        == b.record("x", macs=200, words=8, hops=5, routings=2, overlap=False, count=2)
+        == 266 + 50
+    )
     tasked = step.with_(vectors=4, tasks=1)
-    assert a.charge("y", tasked) == b.record("y", macs=200, words=8, hops=5, routings=2,
-                                             vectors=4, tasks=1) == 133 + 50 + 50
+    assert (
+        a.charge("y", tasked)
+        == b.record("y", macs=200, words=8, hops=5, routings=2, vectors=4, tasks=1)
+        == 133 + 50 + 50
+    )
     assert a.ops == b.ops and a.max_routes == 3 and b.max_routes == 0
     assert (step + step * 2).count == 3 and (3 * step).count == 3
     with pytest.raises(ValueError, match="different steps"):

@@ -1,4 +1,5 @@
 """Pure mesh maths, no MPI."""
+
 import numpy as np
 import pytest
 
@@ -66,7 +67,7 @@ def test_tiles_roundtrip_with_padding(shape, mesh):
     full = from_tiles(t)
     assert full.sum() == a.sum()
     tm, tn = t.shape[2:]
-    np.testing.assert_array_equal(t[1, 0], full[tm:2 * tm, :tn])
+    np.testing.assert_array_equal(t[1, 0], full[tm : 2 * tm, :tn])
 
 
 def test_pad_helpers():

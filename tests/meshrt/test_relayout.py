@@ -1,4 +1,5 @@
 """Re-distributing ordered items along rank lines, with closed-form answers."""
+
 import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, fabric, layout_params
@@ -31,7 +32,7 @@ def test_rebalance_moves_ranges_in_order(axis, lay):
         r = fab.coords[axis]
         other = fab.coords[1 - axis]
         items = np.arange(src[r], src[r + 1], dtype=np.float64)
-        data = np.stack([items, items * 0 + other], axis=1)   # (items, 2): id and line tag
+        data = np.stack([items, items * 0 + other], axis=1)  # (items, 2): id and line tag
         got = rebalance(fab, data, axis, 0, src, dst)
         want = np.arange(dst[r], dst[r + 1], dtype=np.float64)
         np.testing.assert_array_equal(got[:, 0], want)
@@ -55,11 +56,10 @@ def test_fetch_rows_delivers_items_anywhere_on_the_line(axis, lay):
     rng = np.random.default_rng(7)
     fab = fabric(lay)
     n, rows, slots = lay.cores(axis), 5, 4
-    tiles = np.arange(lay.py * lay.px * rows * 2, dtype=np.float64).reshape(
-        lay.py, lay.px, rows, 2)
+    tiles = np.arange(lay.py * lay.px * rows * 2, dtype=np.float64).reshape(lay.py, lay.px, rows, 2)
     y0, x0 = fab.origin
-    mine = tiles[y0:y0 + lay.by, x0:x0 + lay.bx]
-    where = rng.permutation(n * slots)[:min(11, n * slots)]     # distinct target slots
+    mine = tiles[y0 : y0 + lay.by, x0 : x0 + lay.bx]
+    where = rng.permutation(n * slots)[: min(11, n * slots)]  # distinct target slots
     dst_core, dst_slot = where // slots, where % slots
     src_core = rng.integers(0, n, where.size)
     src_slot = rng.integers(0, rows, where.size)
@@ -70,7 +70,7 @@ def test_fetch_rows_delivers_items_anywhere_on_the_line(axis, lay):
             want[d, :, e] = tiles[s, :, t]
         else:
             want[:, d, e] = tiles[:, s, t]
-    np.testing.assert_array_equal(got, want[y0:y0 + lay.by, x0:x0 + lay.bx])
+    np.testing.assert_array_equal(got, want[y0 : y0 + lay.by, x0 : x0 + lay.bx])
     assert_neighbour_only(fab)
 
 

@@ -13,6 +13,7 @@ loads
 the directories :func:`llm.storage.checkpoint.save_model_dir` writes, and that bfloat16 is read
 exactly.
 """
+
 import numpy as np
 import pytest
 
@@ -42,27 +43,81 @@ def hf_config(cls_name: str, rope: dict, **kwargs):
 
 CASES = {
     # GQA 6:2, llama3 scaling ramp inside a 40-token prompt (original context 16).
-    "llama-gqa-llama3": ("LlamaForCausalLM", dict(
-        rope_theta=10000.0, rope_type="llama3", factor=4.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=16), dict(
-        vocab_size=131, hidden_size=36, intermediate_size=58, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-        rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None)),
+    "llama-gqa-llama3": (
+        "LlamaForCausalLM",
+        dict(
+            rope_theta=10000.0,
+            rope_type="llama3",
+            factor=4.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+        dict(
+            vocab_size=131,
+            hidden_size=36,
+            intermediate_size=58,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            eos_token_id=None,
+            bos_token_id=None,
+        ),
+    ),
     # Every LLaMA bias, linear RoPE scaling, head_dim * heads != hidden, plain MHA.
-    "llama-bias-linear": ("LlamaForCausalLM", dict(
-        rope_theta=500000.0, rope_type="linear", factor=2.0), dict(
-        vocab_size=97, hidden_size=30, intermediate_size=50, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=3, head_dim=12, attention_bias=True,
-        mlp_bias=True, max_position_embeddings=128, rms_norm_eps=1e-6, eos_token_id=None,
-        bos_token_id=None)),
-    "qwen2-tied": ("Qwen2ForCausalLM", dict(rope_theta=1000000.0, rope_type="default"), dict(
-        vocab_size=103, hidden_size=28, intermediate_size=44, num_hidden_layers=2,
-        num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=128,
-        tie_word_embeddings=True, eos_token_id=None, bos_token_id=None)),
-    "mistral": ("MistralForCausalLM", dict(rope_theta=10000.0, rope_type="default"), dict(
-        vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-        max_position_embeddings=128, eos_token_id=None, bos_token_id=None)),
+    "llama-bias-linear": (
+        "LlamaForCausalLM",
+        dict(rope_theta=500000.0, rope_type="linear", factor=2.0),
+        dict(
+            vocab_size=97,
+            hidden_size=30,
+            intermediate_size=50,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            head_dim=12,
+            attention_bias=True,
+            mlp_bias=True,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            eos_token_id=None,
+            bos_token_id=None,
+        ),
+    ),
+    "qwen2-tied": (
+        "Qwen2ForCausalLM",
+        dict(rope_theta=1000000.0, rope_type="default"),
+        dict(
+            vocab_size=103,
+            hidden_size=28,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=7,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            eos_token_id=None,
+            bos_token_id=None,
+        ),
+    ),
+    "mistral": (
+        "MistralForCausalLM",
+        dict(rope_theta=10000.0, rope_type="default"),
+        dict(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=None,
+            max_position_embeddings=128,
+            eos_token_id=None,
+            bos_token_id=None,
+        ),
+    ),
 }
 
 
@@ -87,7 +142,7 @@ def hf_run(model, prompt, new_tokens=NEW_TOKENS):
         logits = model(input_ids=torch.tensor([ids + tokens])).logits[0, -1].numpy()
         tokens.append(int(logits.argmax()))
     full = model(input_ids=torch.tensor([ids + tokens])).logits[0].numpy()
-    return prefill, tokens, full[len(ids):]
+    return prefill, tokens, full[len(ids) :]
 
 
 def compare(config, weights, prompt, prefill, tokens, steps):
@@ -110,7 +165,7 @@ def test_reference_matches_live_transformers(case, tmp_path):
     model = randomise(cls(config).to(torch.float32).eval(), seed=len(case))
     model.save_pretrained(tmp_path)
     ours, weights = load_checkpoint(tmp_path)
-    assert ours.family == cls_name[:-len("ForCausalLM")].lower()
+    assert ours.family == cls_name[: -len("ForCausalLM")].lower()
     prompt = np.random.default_rng(0).integers(0, ours.vocab_size, size=40).tolist()
     prefill, tokens, steps = hf_run(model, prompt)
     err = compare(ours, weights, prompt, prefill, tokens, steps)
@@ -118,12 +173,25 @@ def test_reference_matches_live_transformers(case, tmp_path):
 
 
 def test_transformers_reads_our_model_dirs(tmp_path):
-    config = ModelConfig(family="llama", vocab_size=150, hidden_size=40, intermediate_size=72,
-                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=10,
-                         rope_theta=500000.0, max_position_embeddings=256,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 32})
+    config = ModelConfig(
+        family="llama",
+        vocab_size=150,
+        hidden_size=40,
+        intermediate_size=72,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=10,
+        rope_theta=500000.0,
+        max_position_embeddings=256,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    )
     weights = {k: v * (10.0 if v.ndim == 2 else 1.0) for k, v in random_weights(config, 7).items()}
     save_model_dir(tmp_path, config, weights)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -151,6 +219,7 @@ def test_mesh_model_matches_live_transformers(case, tmp_path):
     in one process: every bias, RoPE scaling, GQA/MHA, tied embeddings, head_dim * heads !=
     hidden."""
     from llm.engine.model import MeshModel
+
     cls_name, rope, kwargs = CASES[case]
     cls, config = hf_config(cls_name, rope, **kwargs)
     model = randomise(cls(config).to(torch.float32).eval(), seed=len(case))

@@ -10,6 +10,7 @@ stdout is not mixed with logs). With ids, both files are ``generate --batch`` re
 Records must agree on ``prompt_ids``, ``new_ids``, ``text``, ``stopped_by`` and the meshes.
 Exit 0 if they do; otherwise print the first difference and exit 1.
 """
+
 import json
 import sys
 
@@ -64,8 +65,9 @@ def main(argv):
             job, ref = by_id(job_path, ids), by_id(ref_path, ids)
             for key in ids:
                 compare(job[key], ref[key], f"id {key}: ")
-            print(f"{len(ids)} requests, {sum(len(r['new_ids']) for r in job.values())} "
-                  "tokens equal")
+            print(
+                f"{len(ids)} requests, {sum(len(r['new_ids']) for r in job.values())} tokens equal"
+            )
         else:
             job, ref = records(job_path), records(ref_path)
             for path, recs in ((job_path, job), (ref_path, ref)):

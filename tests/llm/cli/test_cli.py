@@ -1,4 +1,5 @@
 """Command line and failure behaviour, driven as a user would: whole processes under mpiexec."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,15 @@ from cliproc import ENV, MPIEXEC, ROOT, needs_mpiexec
 def run(args, n=None, timeout=120):
     cmd = ([MPIEXEC, "-n", str(n)] if n else []) + [sys.executable] + args
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return p, time.monotonic() - t0
 
 
@@ -41,6 +49,7 @@ def test_info_one_process():
     p, _ = run(["-m", "meshrt", "info", "--mesh", "8x6", "--json"])
     assert p.returncode == 0, p.stderr
     import json
+
     info = json.loads(p.stdout)
     assert info["virtual_mesh"] == "8x6" and info["rank_grid"] == "1x1"
     assert "wse2" in info["devices"] and info["mpi4py"]
@@ -76,10 +85,25 @@ def test_help_teaches():
 
 def test_bench_model_and_calibrate(tmp_path):
     out = tmp_path / "m.json"
-    p, _ = run(["-m", "meshrt", "bench", "model", "--kernel", "gemv", "--sides", "60,720",
-                "--sizes", "2048", "--json", str(out)])
+    p, _ = run(
+        [
+            "-m",
+            "meshrt",
+            "bench",
+            "model",
+            "--kernel",
+            "gemv",
+            "--sides",
+            "60,720",
+            "--sizes",
+            "2048",
+            "--json",
+            str(out),
+        ]
+    )
     assert p.returncode == 0, p.stderr
     import json
+
     rows = json.loads(out.read_text())
     k = {(r["algo"], r["side"]): r["ms"] for r in rows}
     assert k[("ktree", 720)] < k[("pipeline", 720)]
@@ -94,15 +118,45 @@ def test_convert_then_generate_with_prefill_matches_transformers(tmp_path):
     import json
 
     import numpy as np
+
     fixture = os.path.join(ROOT, "tests", "fixtures", "tiny-llama-gqa")
     exp = np.load(os.path.join(fixture, "expected.npz"))
     out = tmp_path / "shards"
-    p, _ = run(["-m", "llm", "convert", fixture, "--out", str(out), "--ranks", "2x2",
-                "--decode-mesh", "4x4", "--prefill-mesh", "2x6"], n=4)
+    p, _ = run(
+        [
+            "-m",
+            "llm",
+            "convert",
+            fixture,
+            "--out",
+            str(out),
+            "--ranks",
+            "2x2",
+            "--decode-mesh",
+            "4x4",
+            "--prefill-mesh",
+            "2x6",
+        ],
+        n=4,
+    )
     assert p.returncode == 0, p.stderr
     ids = ",".join(str(int(t)) for t in exp["prompt_ids"])
-    p, _ = run(["-m", "llm", "generate", "--model", str(out), "--prompt-ids", ids,
-                "--max-new-tokens", "16", "--ignore-eos", "--json"], n=4)
+    p, _ = run(
+        [
+            "-m",
+            "llm",
+            "generate",
+            "--model",
+            str(out),
+            "--prompt-ids",
+            ids,
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--json",
+        ],
+        n=4,
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["new_ids"] == [int(t) for t in exp["greedy_ids"]]

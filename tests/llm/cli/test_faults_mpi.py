@@ -4,6 +4,7 @@ Each case asserts the exit code, the one ``error:`` line, the wall time (no hang
 file outside the intended output changed. The jobs use the documented launch form
 (``python -m mpi4py -m llm``) unless a case is about the form without ``-m mpi4py``.
 """
+
 import shutil
 
 import pytest
@@ -80,10 +81,23 @@ def test_disk_full_during_convert_leaves_nothing(n, tmp_path):
     script.write_text(SMALL_DISK)
     out = tmp_path / "out"
     before = snapshot(tmp_path, MODEL)
-    p, dt = run([script, 256 << 10, "convert", "random:tiny-llama", "--out", out,
-                 "--decode-mesh", "4x4", "-q"], n=n if n > 1 else None, module=None)
+    p, dt = run(
+        [
+            script,
+            256 << 10,
+            "convert",
+            "random:tiny-llama",
+            "--out",
+            out,
+            "--decode-mesh",
+            "4x4",
+            "-q",
+        ],
+        n=n if n > 1 else None,
+        module=None,
+    )
     assert_one_error(p, dt, "writing the shards failed", "File too large", "nothing was written")
-    assert changed(before, snapshot(tmp_path, MODEL)) == []        # no out, no .tmp- left
+    assert changed(before, snapshot(tmp_path, MODEL)) == []  # no out, no .tmp- left
 
 
 def test_model_directory_missing_on_one_rank(tmp_path):
@@ -94,21 +108,53 @@ def test_model_directory_missing_on_one_rank(tmp_path):
     script = tmp_path / "per_rank_cwd.py"
     script.write_text(PER_RANK_CWD)
     before = snapshot(tmp_path, MODEL)
-    p, dt = run([script, here, there, "convert", "model", "--out", tmp_path / "out",
-                 "--decode-mesh", "2x2", "-q"], n=2, module=None)
+    p, dt = run(
+        [
+            script,
+            here,
+            there,
+            "convert",
+            "model",
+            "--out",
+            tmp_path / "out",
+            "--decode-mesh",
+            "2x2",
+            "-q",
+        ],
+        n=2,
+        module=None,
+    )
     assert_one_error(p, dt, "neither a model directory")
-    p, dt = run([script, here, there, "generate", "--model", "model", "--prompt-ids", "1,2",
-                 "--max-new-tokens", "2"], n=2, module=None)
+    p, dt = run(
+        [
+            script,
+            here,
+            there,
+            "generate",
+            "--model",
+            "model",
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            "2",
+        ],
+        n=2,
+        module=None,
+    )
     assert_one_error(p, dt, "model")
     assert changed(before, snapshot(tmp_path, MODEL)) == []
 
 
-@pytest.mark.parametrize("extra, phrases", [
-    (["--prompt-ids", "1,157"], ["token id 157 is outside the vocabulary"]),
-    (["--prompt-ids", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
-    (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file", "No such file"]),
-    (["--prompt-ids", "1,2,3,4,5", "--kv-capacity", "1"], ["too small for the prompt"]),
-], ids=["vocab", "top-p", "prompt-file", "kv-prompt"])
+@pytest.mark.parametrize(
+    "extra, phrases",
+    [
+        (["--prompt-ids", "1,157"], ["token id 157 is outside the vocabulary"]),
+        (["--prompt-ids", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
+        (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file", "No such file"]),
+        (["--prompt-ids", "1,2,3,4,5", "--kv-capacity", "1"], ["too small for the prompt"]),
+    ],
+    ids=["vocab", "top-p", "prompt-file", "kv-prompt"],
+)
 def test_bad_generate_input_on_two_ranks(extra, phrases, tmp_path):
     before = snapshot(tmp_path, MODEL)
     p, dt = run(["generate", "--model", MODEL, "--max-new-tokens", "4", *extra], n=2)
@@ -118,8 +164,20 @@ def test_bad_generate_input_on_two_ranks(extra, phrases, tmp_path):
 
 def test_kv_full_on_two_ranks_keeps_the_tokens_of_one_rank():
     import json
-    args = ["generate", "--model", MODEL, "--prompt-ids", "1,5,9", "--max-new-tokens", "8",
-            "--ignore-eos", "--json", "--decode-mesh", "2x2"]
+
+    args = [
+        "generate",
+        "--model",
+        MODEL,
+        "--prompt-ids",
+        "1,5,9",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+        "--decode-mesh",
+        "2x2",
+    ]
     p, _ = run(args)
     assert p.returncode == 0, p.stderr
     full = json.loads(p.stdout)["new_ids"]
@@ -127,19 +185,33 @@ def test_kv_full_on_two_ranks_keeps_the_tokens_of_one_rank():
     assert p.returncode == 0 and dt < 60, p.stderr
     out = json.loads(p.stdout)
     assert out["stopped_by"] == "kv_full" and 0 < len(out["new_ids"]) < 8
-    assert out["new_ids"] == full[:len(out["new_ids"])]
+    assert out["new_ids"] == full[: len(out["new_ids"])]
 
 
 def test_prompt_ids_without_a_tokenizer_on_two_ranks():
-    p, dt = run(["generate", "--model", FIXTURES / "tiny-qwen2", "--prompt-ids", "1,5,9",
-                 "--max-new-tokens", "4", "--ignore-eos", "-q"], n=2)
+    p, dt = run(
+        [
+            "generate",
+            "--model",
+            FIXTURES / "tiny-qwen2",
+            "--prompt-ids",
+            "1,5,9",
+            "--max-new-tokens",
+            "4",
+            "--ignore-eos",
+            "-q",
+        ],
+        n=2,
+    )
     assert p.returncode == 0 and dt < 60, p.stderr
     assert len(p.stdout.split()) == 4 and all(t.isdigit() for t in p.stdout.split())
 
 
 def test_nan_weights_on_two_ranks(tmp_path):
     from test_faults import nan_model
+
     model = nan_model(tmp_path)
-    p, dt = run(["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens", "3"],
-                n=2)
+    p, dt = run(
+        ["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens", "3"], n=2
+    )
     assert_one_error(p, dt, "non-finite", "layer 1")

@@ -1,4 +1,5 @@
 """The WSE-2 preset is what the calibration derives from the paper's allowed points."""
+
 import pytest
 
 from llm.cost.calibration import KV_POINT, calibrate, kv_points, time_points
@@ -15,7 +16,7 @@ def test_preset_equals_calibration():
         assert getattr(dev, name) == pytest.approx(getattr(WSE2, name), rel=1e-4), name
     # structure, not fitted
     assert (dev.alpha, dev.macs_per_cycle, dev.wavelet_cycles) == (1.0, 2.0, 1.0)
-    assert dev.beta > dev.alpha     # the paper: a routing stage costs more than a hop
+    assert dev.beta > dev.alpha  # the paper: a routing stage costs more than a hop
     assert all(getattr(dev, n) > 0 for n in FITTED)
 
 

@@ -19,8 +19,9 @@ def test_decode_estimate_equals_ledger(name, policy):
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
     for mesh in ((ry, rx), (2 * ry, 3 * rx)):
-        model = MeshModel.from_weights(config, weights, control_plane(),
-                                       decode_mesh=mesh, phases=["decode"], kv_policy=policy)
+        model = MeshModel.from_weights(
+            config, weights, control_plane(), decode_mesh=mesh, phases=["decode"], kv_policy=policy
+        )
         cap = 9
         model.start(cap)
         ids = [3, 5, 7, 9, 11, 13, 4]
@@ -34,8 +35,9 @@ def test_decode_estimate_equals_ledger(name, policy):
         led.reset()
         model.pick(model.decode(ids[-1]))
         col = ids[-1] // (model.phase_layouts["decode"].vocab // mesh[1])
-        est = decode_token(config, mesh, context=len(ids), policy=policy, token_col=col,
-                           kv_capacity=cap)
+        est = decode_token(
+            config, mesh, context=len(ids), policy=policy, token_col=col, kv_capacity=cap
+        )
         assert led.ops.keys() == est.ops.keys()
         for k in led.ops:
             assert led.ops[k] == est.ops[k], k
@@ -47,8 +49,9 @@ def test_resident_memory_matches_blocks():
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[0]
     mesh = (3 * ry, 2 * rx)
-    model = MeshModel.from_weights(config, weights, control_plane(),
-                                   decode_mesh=mesh, phases=["decode"])
+    model = MeshModel.from_weights(
+        config, weights, control_plane(), decode_mesh=mesh, phases=["decode"]
+    )
     model.start(4)
     fab = model.decode_fabric
     per_core = sum(b.size for b in model.blocks["decode"].values()) / (fab.by * fab.bx)
@@ -66,6 +69,7 @@ def test_kv_capacity_shift_holds_rows_times_more():
 def test_layer_pipeline_when_one_mesh_cannot_hold_the_weights():
     from llm.cost.memory_budget import memory_budget
     from meshrt.plmr import WSE2
+
     p = memory_budget(preset("llama2-13b"), decode_mesh=(375, 375), prefill_mesh=(375, 375))
     d = p["phases"]["decode"]
     assert not d["fits"] and d["stages"] == 5 and d["stages_fit_device"]

@@ -1,4 +1,5 @@
 """Closed-form predictions: the trends the paper states, placement, the estimate command."""
+
 import json
 import os
 import subprocess
@@ -22,16 +23,23 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 # Trends the paper states (§5.2 of the notes); none of these is a fit target
 # ----------------------------------------------------------------------------------------------
 
-FLAT_72B = ("modeled per-layer decode time of the 64-head models is flat between 420 and 540 "
-            "(GEMV compute shrinking as 1/N^2 balances the K-tree's N-hop latency growth, and "
-            "the all-heads scores allreduce carries fill x 64 words, shrinking with the mesh); "
-            "no physically justified missing cost was found, see the docstring")
+FLAT_72B = (
+    "modeled per-layer decode time of the 64-head models is flat between 420 and 540 "
+    "(GEMV compute shrinking as 1/N^2 balances the K-tree's N-hop latency growth, and "
+    "the all-heads scores allreduce carries fill x 64 words, shrinking with the mesh); "
+    "no physically justified missing cost was found, see the docstring"
+)
 
 
-@pytest.mark.parametrize("name", [
-    "llama3-8b", "llama2-13b",
-    pytest.param("codellama-34b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
-    pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B))])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3-8b",
+        "llama2-13b",
+        pytest.param("codellama-34b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
+        pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
+    ],
+)
 def test_decode_tpr_falls_from_420_through_540_to_660(name):
     """The paper: decode TPR falls from 420x420 to 660x660 for every model (420 > 540 > 660).
 
@@ -60,9 +68,15 @@ def test_decode_tpr_falls_from_420_through_540_to_660(name):
     assert tpr[0] > tpr[1] > tpr[2]
 
 
-@pytest.mark.parametrize("name", [
-    "llama3-8b", "llama2-13b", "codellama-34b",
-    pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B))])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3-8b",
+        "llama2-13b",
+        "codellama-34b",
+        pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
+    ],
+)
 def test_decode_tpr_at_660_is_below_420(name):
     """The endpoints of the stated trend hold for all but the 72B model (same gap as above)."""
     c = preset(name)
@@ -88,8 +102,9 @@ def test_prefill_grows_far_less_than_the_core_count(name, paper_growth):
 @pytest.mark.parametrize("n", [4096, 16384])
 def test_meshgemm_beats_cannon_and_summa_at_720(n):
     mesh = (720, 720)
-    mg, cn, su = (f(n, n, n, mesh, WSE2).cycles
-                  for f in (estimate_meshgemm, estimate_cannon, estimate_summa))
+    mg, cn, su = (
+        f(n, n, n, mesh, WSE2).cycles for f in (estimate_meshgemm, estimate_cannon, estimate_summa)
+    )
     assert mg < cn and mg < su
 
 
@@ -97,27 +112,32 @@ def test_meshgemm_efficiency_near_the_hardware_limit():
     # the paper: MeshGEMM keeps over 70% compute efficiency near the hardware limit
     n = 16384
     led = estimate_meshgemm(n, n, n, (720, 720), WSE2)
-    ideal = n ** 3 / 720 ** 2 / WSE2.macs_per_cycle
+    ideal = n**3 / 720**2 / WSE2.macs_per_cycle
     assert ideal / led.cycles > 0.7
 
 
 @pytest.mark.parametrize("side", [300, 360, 480, 600, 720])
 def test_ktree_beats_pipeline_and_ring_beyond_300(side):
-    cyc = {a: estimate_meshgemv(16384, 16384, (side, side), WSE2, spec=AllreduceSpec(a)).cycles
-           for a in ("ktree", "pipeline", "ring")}
+    cyc = {
+        a: estimate_meshgemv(16384, 16384, (side, side), WSE2, spec=AllreduceSpec(a)).cycles
+        for a in ("ktree", "pipeline", "ring")
+    }
     assert cyc["ktree"] < cyc["pipeline"] and cyc["ktree"] < cyc["ring"]
 
 
 def test_meshgemv_against_the_pipeline_baseline_at_720():
     # the paper: MeshGEMV ~4.6x faster than Cerebras' pipeline-allreduce GEMV
-    kt, pl = (estimate_meshgemv(16384, 16384, (720, 720), WSE2, spec=AllreduceSpec(a)).cycles
-              for a in ("ktree", "pipeline"))
+    kt, pl = (
+        estimate_meshgemv(16384, 16384, (720, 720), WSE2, spec=AllreduceSpec(a)).cycles
+        for a in ("ktree", "pipeline")
+    )
     assert 3.0 < pl / kt < 8.0
 
 
 # ----------------------------------------------------------------------------------------------
 # Placement
 # ----------------------------------------------------------------------------------------------
+
 
 def test_mesh_larger_than_the_fabric_is_an_error():
     with pytest.raises(PlacementError, match="larger than the wse2 fabric"):
@@ -138,8 +158,7 @@ def test_stages_hold_every_layer_and_fit_the_core():
         used = s.weight_bytes + s.kv_bytes + s.buffer_bytes + WSE2.reserved_bytes
         assert used + s.free_bytes == pytest.approx(WSE2.mem_per_core, abs=1)
         assert s.free_bytes >= 0
-    fewer = stage_stack(c, (360, 360), WSE2.with_(mem_per_core=480 * 1024), "decode", 4096,
-                        4096)
+    fewer = stage_stack(c, (360, 360), WSE2.with_(mem_per_core=480 * 1024), "decode", 4096, 4096)
     assert len(fewer) == 1
 
 
@@ -170,6 +189,7 @@ def test_kv_capacity_shift_is_rows_times_concat():
 # The request timeline and the command
 # ----------------------------------------------------------------------------------------------
 
+
 def test_request_figures_are_consistent():
     n, m = 2048, 16
     r = predict(preset("llama3-8b"), (660, 660), (360, 360), n, m)
@@ -185,23 +205,52 @@ def test_decode_step_cost_is_affine_in_the_layers():
 
     from llm.cost.estimate import decode_token
     from llm.cost.predict import decode_step_cycles
+
     c = dataclasses.replace(preset("llama3-8b"), num_layers=5)
     full = decode_token(c, (48, 48), WSE2, context=300).cycles
     assert decode_step_cycles(c, (48, 48), WSE2, 300) == pytest.approx(full, rel=1e-12)
 
 
-KEYS = {"ttft_s", "prefill_tpr", "tpot_s", "decode_tpr", "e2e_tpr", "kv_capacity", "stages",
-        "cores", "fits", "violations", "wafers", "method"}
+KEYS = {
+    "ttft_s",
+    "prefill_tpr",
+    "tpot_s",
+    "decode_tpr",
+    "e2e_tpr",
+    "kv_capacity",
+    "stages",
+    "cores",
+    "fits",
+    "violations",
+    "wafers",
+    "method",
+}
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "llm", "estimate", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llm", "estimate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_estimate_cli_json_keys():
-    p = _cli("--preset", "llama3-8b", "--prefill-mesh", "660x660", "--decode-mesh", "360x360",
-             "--prompt-len", "2048", "--new-tokens", "128", "--json")
+    p = _cli(
+        "--preset",
+        "llama3-8b",
+        "--prefill-mesh",
+        "660x660",
+        "--decode-mesh",
+        "360x360",
+        "--prompt-len",
+        "2048",
+        "--new-tokens",
+        "128",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert KEYS <= r.keys()
@@ -228,16 +277,19 @@ def test_multi_wafer_method_states_that_inter_wafer_links_are_excluded():
 
 def test_modeled_wafer_reports_what_estimate_reports():
     from llm.cost.predict import format_modeled_wafer, modeled_wafer
+
     c = preset("llama3-8b")
     m = modeled_wafer(c, (660, 660), (360, 360), 2048, 128)
     r = predict(c, (660, 660), (360, 360), 2048, 128)
-    assert {k: m[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr")} == \
-        {k: r[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr")}
+    assert {k: m[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr")} == {
+        k: r[k] for k in ("ttft_s", "tpot_s", "decode_tpr", "e2e_tpr")
+    }
     line = format_modeled_wafer(m, "wse2")
     assert f"{r['decode_tpr']:.1f} tok/s" in line and "\n" not in line
     # a request that stopped before its first decode step is priced as one new token
-    assert modeled_wafer(c, (660, 660), (360, 360), 2048, 0) == \
-        modeled_wafer(c, (660, 660), (360, 360), 2048, 1)
+    assert modeled_wafer(c, (660, 660), (360, 360), 2048, 0) == modeled_wafer(
+        c, (660, 660), (360, 360), 2048, 1
+    )
     bad = modeled_wafer(preset("llama-100m"), (8, 8), (8, 8), 16, 4)
     assert "one layer alone" in bad["error"]
     assert "not placeable" in format_modeled_wafer(bad, "wse2")

@@ -44,11 +44,13 @@ def test_mesh_decode_matches_transformers(name, policy):
     config, weights, exp = golden(name)
     comm = world()
     for mesh in meshes(comm.Get_size()):
-        model = MeshModel.from_weights(config, weights, control_plane(),
-                                       decode_mesh=mesh, phases=["decode"], kv_policy=policy)
+        model = MeshModel.from_weights(
+            config, weights, control_plane(), decode_mesh=mesh, phases=["decode"], kv_policy=policy
+        )
         prompt_logits, ids, step_logits = run_model(model, exp)
-        np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0,
-                                   err_msg=f"mesh {mesh}")
+        np.testing.assert_allclose(
+            prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0, err_msg=f"mesh {mesh}"
+        )
         assert ids == [int(t) for t in exp["greedy_ids"]], f"mesh {mesh}"
         np.testing.assert_allclose(step_logits, exp["decode_logits"], atol=ATOL, rtol=0)
 
@@ -58,9 +60,14 @@ def test_allreduce_algorithms_agree():
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[0]
     for algo in ("pipeline", "ring"):
-        model = MeshModel.from_weights(config, weights, control_plane(),
-                                       decode_mesh=(2 * ry, 2 * rx), phases=["decode"],
-                                       allreduce=AllreduceSpec(algo))
+        model = MeshModel.from_weights(
+            config,
+            weights,
+            control_plane(),
+            decode_mesh=(2 * ry, 2 * rx),
+            phases=["decode"],
+            allreduce=AllreduceSpec(algo),
+        )
         _, ids, step_logits = run_model(model, exp, steps=4)
         assert ids == [int(t) for t in exp["greedy_ids"][:4]]
         np.testing.assert_allclose(step_logits, exp["decode_logits"][:4], atol=ATOL, rtol=0)
@@ -70,9 +77,14 @@ def test_aggregated_emulation_same_tokens():
     config, weights, exp = golden("tiny-qwen2")
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
-    model = MeshModel.from_weights(config, weights, control_plane(),
-                                   decode_mesh=(2 * ry, 3 * rx), phases=["decode"],
-                                   emulation="aggregated")
+    model = MeshModel.from_weights(
+        config,
+        weights,
+        control_plane(),
+        decode_mesh=(2 * ry, 3 * rx),
+        phases=["decode"],
+        emulation="aggregated",
+    )
     prompt_logits, ids, _ = run_model(model, exp, steps=6)
     assert ids == [int(t) for t in exp["greedy_ids"][:6]]
     np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0)

@@ -27,15 +27,23 @@ def pairs(size):
     grids = rank_grids(size)
     out = []
     for ry, rx in (grids[0], grids[-1]) if len(grids) > 1 else grids:
-        out += [((ry, rx), (ry, rx)), ((2 * ry, 3 * rx), (3 * ry, 2 * rx)),
-                ((2 * ry, 2 * rx), (ry, rx))]
+        out += [
+            ((ry, rx), (ry, rx)),
+            ((2 * ry, 3 * rx), (3 * ry, 2 * rx)),
+            ((2 * ry, 2 * rx), (ry, rx)),
+        ]
     return out
 
 
 def model_for(config, weights, prefill_mesh, decode_mesh, policy="shift", trace=True):
-    model = MeshModel.from_weights(config, weights, control_plane(),
-                                   decode_mesh=decode_mesh, prefill_mesh=prefill_mesh,
-                                   kv_policy=policy)
+    model = MeshModel.from_weights(
+        config,
+        weights,
+        control_plane(),
+        decode_mesh=decode_mesh,
+        prefill_mesh=prefill_mesh,
+        kv_policy=policy,
+    )
     if trace:
         for fab in model.fabrics.values():
             fab.trace = []
@@ -53,21 +61,26 @@ def test_prefill_then_decode_matches_transformers(name, policy):
     ids = prompt(exp)
     steps = len(exp["greedy_ids"])
     todo = pairs(world().Get_size())
-    if policy == "concat":      # the hand-off is the same; decode differs from the second token
+    if policy == "concat":  # the hand-off is the same; decode differs from the second token
         todo = todo[1:3]
     for pm, dm in todo:
         model = model_for(config, weights, pm, dm, policy)
         model.start(model.capacity_for(len(ids) + steps))
         logits, every = model.prefill(ids, all_logits=True)
         where = f"prefill {pm}, decode {dm}"
-        np.testing.assert_allclose(every, exp["prefill_logits"], atol=ATOL, rtol=0,
-                                   err_msg=where)
-        np.testing.assert_allclose(model.logits_to_host(logits), exp["prefill_logits"][-1],
-                                   atol=ATOL, rtol=0, err_msg=where)
+        np.testing.assert_allclose(every, exp["prefill_logits"], atol=ATOL, rtol=0, err_msg=where)
+        np.testing.assert_allclose(
+            model.logits_to_host(logits),
+            exp["prefill_logits"][-1],
+            atol=ATOL,
+            rtol=0,
+            err_msg=where,
+        )
         out, step_logits = greedy_steps(model, logits, steps)
         assert out == [int(t) for t in exp["greedy_ids"]], where
-        np.testing.assert_allclose(step_logits, exp["decode_logits"], atol=ATOL,
-                                   rtol=0, err_msg=where)
+        np.testing.assert_allclose(
+            step_logits, exp["decode_logits"], atol=ATOL, rtol=0, err_msg=where
+        )
         for fab in model.fabrics.values():
             assert_neighbour_only(fab)
             if fab.nranks == 1:
@@ -99,7 +112,7 @@ def test_handed_off_cache_equals_the_decoded_prompt(name):
     a.start(a.capacity_for(len(ids) + 1))
     a.prefill(ids)
     b = model_for(config, weights, pm, dm)
-    b.prefiller = None                                 # the prompt through decode steps
+    b.prefiller = None  # the prompt through decode steps
     b.start(b.capacity_for(len(ids) + 1))
     b.prefill(ids)
     np.testing.assert_array_equal(a.decoder.cache.count, b.decoder.cache.count)
@@ -136,8 +149,11 @@ def test_estimate_equals_ledger(name):
         assert led.ops.keys() == est.ops.keys()
         for op in led.ops:
             assert led.ops[op] == est.ops[op], op
-        assert (led.peak_memory, led.max_routes, led.io_bytes) == \
-            (est.peak_memory, est.max_routes, est.io_bytes)
+        assert (led.peak_memory, led.max_routes, led.io_bytes) == (
+            est.peak_memory,
+            est.max_routes,
+            est.io_bytes,
+        )
         dled = model.decode_fabric.ledger
         first = E.first_token(config, dm)
         assert dled.ops == first.ops
@@ -153,8 +169,11 @@ def test_paper_scale_ttft():
     assert led.ops["layer31/scores/step"].steps == 660
     assert led.max_routes <= 24
     switches = sum(x.totals().activations for x in (led, r["first_token_ledger"]))
-    assert r["comm_cycles"] + r["compute_cycles"] + switches * led.device.task_switch \
-        >= r["cycles"] > 0
+    assert (
+        r["comm_cycles"] + r["compute_cycles"] + switches * led.device.task_switch
+        >= r["cycles"]
+        > 0
+    )
 
 
 def test_prompt_longer_than_the_cache_is_refused():

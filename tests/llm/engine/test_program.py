@@ -23,10 +23,18 @@ from meshrt.collectives import AllreduceSpec
 
 def _programs(config, mesh, tokens):
     lay = PhaseLayout(config, *mesh)
-    return {"decode": (P.decode_head(lay), P.decode_layer(lay),
-                       P.decode_logits(lay) + P.decode_pick(lay)),
-            "prefill": (P.prefill_head(lay, tokens), P.prefill_layer(lay, tokens),
-                        P.prefill_all_logits(lay, tokens))}
+    return {
+        "decode": (
+            P.decode_head(lay),
+            P.decode_layer(lay),
+            P.decode_logits(lay) + P.decode_pick(lay),
+        ),
+        "prefill": (
+            P.prefill_head(lay, tokens),
+            P.prefill_layer(lay, tokens),
+            P.prefill_all_logits(lay, tokens),
+        ),
+    }
 
 
 def _owner(key: str, head: list, layer: list, tail: list) -> str:
@@ -47,9 +55,9 @@ def test_programs_use_every_kind_and_own_every_ledger_record():
     assert kinds == set(P.KINDS)
     for parts in progs.values():
         for part in parts:
-            assert len({op.name for op in part}) == len(part)   # one ledger name per op
-    free = {"add", "vocab_mask", "prompt_logits"}               # no records (I/O only)
-    dec = E.decode_token(config, mesh, context=6, policy="shift")   # 5 before: shifts
+            assert len({op.name for op in part}) == len(part)  # one ledger name per op
+    free = {"add", "vocab_mask", "prompt_logits"}  # no records (I/O only)
+    dec = E.decode_token(config, mesh, context=6, policy="shift")  # 5 before: shifts
     seen = {_owner(k, *progs["decode"]) for k in dec.ops}
     assert seen == {op.kind for part in progs["decode"] for op in part} - free
     pre = E.prefill(config, mesh, tokens, all_logits=True)
@@ -88,16 +96,22 @@ def test_non_finite_logits_name_the_first_bad_layer(layer, phases):
     w = np.array(weights[name], dtype=np.float32)
     w[3, 5] = np.nan
     poisoned[name] = w
-    model = MeshModel.from_weights(config, poisoned, control_plane(),
-                                   decode_mesh=(ry, 2 * rx), prefill_mesh=(2 * ry, rx),
-                                   phases=phases)
+    model = MeshModel.from_weights(
+        config,
+        poisoned,
+        control_plane(),
+        decode_mesh=(ry, 2 * rx),
+        prefill_mesh=(2 * ry, rx),
+        phases=phases,
+    )
     model.start(8)
     with pytest.raises(NonFiniteError, match=f"first appear in layer {layer}$"):
         if "prefill" in phases:
             model.prefill([3, 5, 7])
         else:
             model.decode(3)
-    clean = MeshModel.from_weights(config, weights, control_plane(),
-                                   decode_mesh=(ry, 2 * rx), phases=["decode"])
+    clean = MeshModel.from_weights(
+        config, weights, control_plane(), decode_mesh=(ry, 2 * rx), phases=["decode"]
+    )
     clean.start(8)
     assert np.isfinite(clean.logits_to_host(clean.decode(3))).all()

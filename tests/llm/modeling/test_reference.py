@@ -6,6 +6,7 @@ transformers 5.24 / torch 2.13: max |logit difference| 6.8e-6 (tiny-llama-gqa) a
 (tiny-qwen2) for logits of standard deviation ~1.4; torch itself differs by up to 8.7e-6 between
 its cached and uncached runs. The tolerance below is ten times that.
 """
+
 import json
 import math
 import struct
@@ -36,22 +37,42 @@ ATOL = 1e-4
 
 # Meta-Llama-3.1-8B's config.json as transformers 4 writes it.
 LLAMA31_V4 = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
-    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
-    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
     "vocab_size": 128256,
 }
 
 
 def llama31_v5():
     """The same model in the transformers 5 layout."""
-    d = {k: v for k, v in LLAMA31_V4.items() if k not in ("rope_theta", "rope_scaling",
-                                                          "torch_dtype")}
+    d = {
+        k: v
+        for k, v in LLAMA31_V4.items()
+        if k not in ("rope_theta", "rope_scaling", "torch_dtype")
+    }
     d["rope_parameters"] = dict(LLAMA31_V4["rope_scaling"], rope_theta=500000.0)
     d["dtype"] = "bfloat16"
     d["head_dim"] = 128
@@ -65,9 +86,13 @@ def test_config_transformers4_and_5_layouts_agree():
     assert c4 == c5
     assert c4 == preset("llama3-8b").replace(name="")
     assert c4.head_dim == 128 and c4.group_size == 4 and c4.dtype == "bfloat16"
-    assert c4.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}
+    assert c4.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     assert c4.eos_ids == (128001,)
 
 
@@ -94,8 +119,10 @@ def test_config_round_trips(name):
     assert ModelConfig.from_hf_dict(c.to_hf_dict(), name=name) == c
 
 
-@pytest.mark.parametrize("name, billions", [("llama3-8b", 8.03), ("llama2-13b", 13.0),
-                                            ("codellama-34b", 33.7), ("qwen2-72b", 72.7)])
+@pytest.mark.parametrize(
+    "name, billions",
+    [("llama3-8b", 8.03), ("llama2-13b", 13.0), ("codellama-34b", 33.7), ("qwen2-72b", 72.7)],
+)
 def test_preset_sizes(name, billions):
     assert preset(name).num_parameters() / 1e9 == pytest.approx(billions, rel=0.01)
     assert preset(name, layers=2).num_layers == 2
@@ -125,17 +152,31 @@ def test_config_errors():
 
 
 def test_config_explicit_head_dim_and_linear_rope():
-    c = ModelConfig.from_hf_dict(dict(LLAMA31_V4, hidden_size=5120, head_dim=128,
-                                      rope_scaling={"type": "linear", "factor": 2.0}))
+    c = ModelConfig.from_hf_dict(
+        dict(
+            LLAMA31_V4,
+            hidden_size=5120,
+            head_dim=128,
+            rope_scaling={"type": "linear", "factor": 2.0},
+        )
+    )
     assert c.q_size == 4096 and c.hidden_size == 5120
     assert c.tensor_shapes()["model.layers.0.self_attn.o_proj.weight"] == (5120, 4096)
     assert c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 def test_config_mistral_sliding_window():
-    d = dict(LLAMA31_V4, model_type="mistral", architectures=["MistralForCausalLM"],
-             vocab_size=32000, bos_token_id=1, eos_token_id=2, rope_scaling=None,
-             max_position_embeddings=32768, sliding_window=4096)
+    d = dict(
+        LLAMA31_V4,
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        vocab_size=32000,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_scaling=None,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+    )
     with pytest.raises(NotImplementedError, match="sliding-window"):
         ModelConfig.from_hf_dict(d)
     c = ModelConfig.from_hf_dict(d, max_context=4096)
@@ -153,8 +194,13 @@ def test_rope_llama3_scaling_by_hand():
     # head_dim 8, theta 1e4: base frequencies 1, 0.1, 0.01, 0.001, wavelengths 2*pi * (1, 10,
     # 100, 1000). With an original context of 64 and factors 1 / 4 the thresholds are 64 and 16:
     # 6.3 stays, 62.8 is on the ramp, 628 and 6283 are slowed 8x.
-    s = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64}
+    s = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     ramp = (64 / (2 * math.pi / 0.1) - 1.0) / 3.0
     want = [1.0, (1 - ramp) * 0.1 / 8 + ramp * 0.1, 0.01 / 8, 0.001 / 8]
     np.testing.assert_allclose(rope.inv_freq(8, 10000.0, s), want, rtol=1e-6)
@@ -174,12 +220,13 @@ def test_rope_llama3_scaling_by_hand():
 
 def test_rope_linear_and_rotation():
     plain = rope.inv_freq(16, 10000.0)
-    np.testing.assert_allclose(rope.inv_freq(16, 10000.0, {"rope_type": "linear", "factor": 4.0}),
-                               plain / 4, rtol=1e-7)
+    np.testing.assert_allclose(
+        rope.inv_freq(16, 10000.0, {"rope_type": "linear", "factor": 4.0}), plain / 4, rtol=1e-7
+    )
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal((2, 1, 1, 16), dtype=np.float32)
     cos, sin = rope.cos_sin(plain, [0])
-    np.testing.assert_array_equal(rope.apply_rope(q, cos, sin), q)      # position 0: identity
+    np.testing.assert_array_equal(rope.apply_rope(q, cos, sin), q)  # position 0: identity
     # Scores depend only on the distance between positions.
     dots = []
     for m, n in [(5, 2), (13, 10), (103, 100)]:
@@ -190,8 +237,9 @@ def test_rope_linear_and_rotation():
     # Feature j pairs with j + D/2, and the rotation keeps each pair's length.
     cos, sin = rope.cos_sin(plain, [7])
     r = rope.apply_rope(q, cos, sin)[0, 0]
-    np.testing.assert_allclose(r[:8] ** 2 + r[8:] ** 2, q[0, 0, :8] ** 2 + q[0, 0, 8:] ** 2,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        r[:8] ** 2 + r[8:] ** 2, q[0, 0, :8] ** 2 + q[0, 0, 8:] ** 2, rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------- reference vs HF
@@ -203,20 +251,26 @@ def test_reference_matches_transformers(name):
     assert prefill.dtype == np.float32 and prefill.shape == exp["prefill_logits"].shape
     np.testing.assert_allclose(prefill, exp["prefill_logits"], rtol=0, atol=ATOL)
     for i, token in enumerate(exp["greedy_ids"]):
-        np.testing.assert_allclose(model.decode(token), exp["decode_logits"][i], rtol=0,
-                                   atol=ATOL, err_msg=f"decode step {i}")
-    ids = ReferenceModel(config, weights).generate(exp["prompt_ids"], len(exp["greedy_ids"]),
-                                                   stop_ids=())
+        np.testing.assert_allclose(
+            model.decode(token),
+            exp["decode_logits"][i],
+            rtol=0,
+            atol=ATOL,
+            err_msg=f"decode step {i}",
+        )
+    ids = ReferenceModel(config, weights).generate(
+        exp["prompt_ids"], len(exp["greedy_ids"]), stop_ids=()
+    )
     assert ids == exp["greedy_ids"].tolist()
 
 
 def test_generate_stops_at_eos():
     config, weights, exp = golden("tiny-llama-gqa")
     greedy = exp["greedy_ids"].tolist()
-    assert 2 in greedy                      # the fixture's greedy path emits its EOS id
+    assert 2 in greedy  # the fixture's greedy path emits its EOS id
     streamed = []
     ids = ReferenceModel(config, weights).generate(exp["prompt_ids"], 16, on_token=streamed.append)
-    assert ids == greedy[:greedy.index(2) + 1] == streamed
+    assert ids == greedy[: greedy.index(2) + 1] == streamed
 
 
 def test_reference_cache_consistency_and_limits():
@@ -236,20 +290,21 @@ def test_reference_cache_consistency_and_limits():
 
 def test_attention_gqa_matches_repeated_heads():
     rng = np.random.default_rng(1)
-    q = rng.standard_normal((3, 6, 4), dtype=np.float32)       # 6 query heads at positions 2..4
-    k, v = rng.standard_normal((2, 5, 2, 4), dtype=np.float32)   # 2 KV heads, 5 positions
+    q = rng.standard_normal((3, 6, 4), dtype=np.float32)  # 6 query heads at positions 2..4
+    k, v = rng.standard_normal((2, 5, 2, 4), dtype=np.float32)  # 2 KV heads, 5 positions
     out = attention(q, k, v, start=2).reshape(3, 6, 4)
     for h in range(6):
-        kh, vh = k[:, h // 3], v[:, h // 3]                     # query head h reads KV head h // 3
+        kh, vh = k[:, h // 3], v[:, h // 3]  # query head h reads KV head h // 3
         for t in range(3):
-            s = kh[:3 + t] @ q[t, h] / 2.0
+            s = kh[: 3 + t] @ q[t, h] / 2.0
             p = np.exp(s - s.max())
-            np.testing.assert_allclose(out[t, h], (p / p.sum()) @ vh[:3 + t], atol=1e-6)
+            np.testing.assert_allclose(out[t, h], (p / p.sum()) @ vh[: 3 + t], atol=1e-6)
 
 
 # ---------------------------------------------------------------------- checkpoints
 def test_lazy_and_sharded_checkpoints(tmp_path):
     from safetensors.numpy import save_file
+
     config, weights, exp = golden("tiny-qwen2")
     lazy = Checkpoint(FIXTURES / "tiny-qwen2")
     assert set(lazy) == set(weights) and "lm_head.weight" not in lazy
@@ -257,12 +312,16 @@ def test_lazy_and_sharded_checkpoints(tmp_path):
         np.testing.assert_array_equal(lazy[name], weights[name])
     # Split into two shards with an index, the way HF shards large models.
     names = sorted(weights)
-    parts = {"model-00001-of-00002.safetensors": names[::2],
-             "model-00002-of-00002.safetensors": names[1::2]}
+    parts = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for fname, part in parts.items():
         save_file({n: weights[n] for n in part}, str(tmp_path / fname))
-    index = {"metadata": {"total_size": 0},
-             "weight_map": {n: f for f, part in parts.items() for n in part}}
+    index = {
+        "metadata": {"total_size": 0},
+        "weight_map": {n: f for f, part in parts.items() for n in part},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text((FIXTURES / "tiny-qwen2" / "config.json").read_text())
     config2, sharded = load_checkpoint(tmp_path)
@@ -297,8 +356,11 @@ def write_bf16_by_hand(path, tensors):
     header, blob = {"__metadata__": {"format": "pt"}}, b""
     for name, words in tensors.items():
         data = np.asarray(words, dtype="<u2").tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(np.shape(words)),
-                        "data_offsets": [len(blob), len(blob) + len(data)]}
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(np.shape(words)),
+            "data_offsets": [len(blob), len(blob) + len(data)],
+        }
         blob += data
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + blob)
@@ -313,12 +375,12 @@ def test_bf16_reading(tmp_path):
     assert f.dtype("a") == "BF16" and f.shape("a") == (2, 3)
     a = f.get("a")
     assert a.dtype == np.float32
-    np.testing.assert_array_equal(a, [[1.0, -2.5, 3.140625], [2.0 ** -8, 0.0, np.inf]])
+    np.testing.assert_array_equal(a, [[1.0, -2.5, 3.140625], [2.0**-8, 0.0, np.inf]])
     np.testing.assert_array_equal(f.get("b"), [1.0, -2.5, 3.140625])
     # Rounding to bf16 is to nearest, ties to even.
-    x = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, np.nan], dtype=np.float32)
+    x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5, np.nan], dtype=np.float32)
     back = bf16_to_f32(f32_to_bf16_words(x))
-    np.testing.assert_array_equal(back[:4], [1.0, 1.0, 1.0 + 4 * 2 ** -8, -2.5])
+    np.testing.assert_array_equal(back[:4], [1.0, 1.0, 1.0 + 4 * 2**-8, -2.5])
     assert np.isnan(back[4])
 
 
@@ -328,13 +390,14 @@ def test_save_and_load_half_precision(tmp_path, dtype):
     weights = random_weights(config, seed=5)
     save_model_dir(tmp_path, config, weights, dtype=dtype)
     config2, loaded = load_checkpoint(tmp_path)
-    assert config2.dtype == dtype and config2.replace(dtype="float32", name="") == \
-        config.replace(name="")
+    assert config2.dtype == dtype and config2.replace(dtype="float32", name="") == config.replace(
+        name=""
+    )
     ckpt = Checkpoint(tmp_path)
     assert {ckpt.dtype(n) for n in ckpt} == {"F16" if dtype == "float16" else "BF16"}
     for name, w in weights.items():
         assert loaded[name].dtype == np.float32
-        np.testing.assert_allclose(loaded[name], w, rtol=2 ** -8, atol=1e-7)
+        np.testing.assert_allclose(loaded[name], w, rtol=2**-8, atol=1e-7)
 
 
 def test_random_weights_are_deterministic_and_sliceable():
@@ -344,7 +407,8 @@ def test_random_weights_are_deterministic_and_sliceable():
     emb = w["model.embed_tokens.weight"]
     np.testing.assert_array_equal(random_tensor(config, "model.embed_tokens.weight", 11), emb)
     np.testing.assert_array_equal(
-        random_tensor(config, "model.embed_tokens.weight", 11, rows=slice(50, 170)), emb[50:170])
+        random_tensor(config, "model.embed_tokens.weight", 11, rows=slice(50, 170)), emb[50:170]
+    )
     assert not np.array_equal(random_tensor(config, "model.embed_tokens.weight", 12), emb)
     assert abs(float(emb.std()) - 0.02) < 0.002
     norm = w["model.layers.0.input_layernorm.weight"]
@@ -360,7 +424,7 @@ def test_random_weights_are_deterministic_and_sliceable():
 # ---------------------------------------------------------------------- sampling
 def test_sampler_greedy_and_determinism():
     logits = np.array([0.5, 2.0, -1.0, 2.0, 1.9], dtype=np.float32)
-    assert Sampler()(logits) == 1                  # argmax, lowest index among ties
+    assert Sampler()(logits) == 1  # argmax, lowest index among ties
     assert Sampler(temperature=0.7, top_k=1, seed=3)(logits) == 1
     draws = [Sampler(temperature=1.0, seed=42) for _ in range(2)]
     seq_a = [draws[0](logits) for _ in range(50)]
@@ -368,7 +432,7 @@ def test_sampler_greedy_and_determinism():
     assert seq_a == seq_b
     other = Sampler(temperature=1.0, seed=43)
     assert seq_a != [other(logits) for _ in range(50)]
-    assert set(seq_a) > {1, 3}                       # it does sample, not just take the argmax
+    assert set(seq_a) > {1, 3}  # it does sample, not just take the argmax
     for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             Sampler(**bad)
@@ -408,7 +472,7 @@ def test_byte_tokenizer_round_trip_and_streaming():
     pieces = [stream.push(t) for t in ids]
     assert "".join(pieces) + stream.flush() == TEXT
     assert not any("\ufffd" in p for p in pieces)
-    assert pieces[-4:] == ["", "", "", "🙂"]          # four bytes, one character
+    assert pieces[-4:] == ["", "", "", "🙂"]  # four bytes, one character
     with pytest.raises(ValueError, match="too small"):
         ByteTokenizer(200)
 

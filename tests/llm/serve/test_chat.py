@@ -4,6 +4,7 @@ The model is the tiny GGUF of :mod:`gguf_fixture` (byte-level BPE, ChatML templa
 for a 1x2 rank grid. Each turn must feed only its new tokens, and its reply must equal a fresh
 run over the whole token history (the reference model on the same weights).
 """
+
 import json
 import subprocess
 import sys
@@ -24,18 +25,38 @@ def chat_model(tmp_path_factory):
     """Shard sets for 2 ranks (1x2) and for one process, and the weights as stored."""
     d = tmp_path_factory.mktemp("chat")
     stored = write_tiny_gguf(d / "tiny.gguf", seed=5)
-    convert(d / "shards", str(d / "tiny.gguf"), ranks=(1, 2),
-            meshes={"decode": (2, 2), "prefill": (2, 4)}, progress=False)
-    convert(d / "one", str(d / "tiny.gguf"), ranks=(1, 1),
-            meshes={"decode": (2, 2), "prefill": (1, 2)}, progress=False)
+    convert(
+        d / "shards",
+        str(d / "tiny.gguf"),
+        ranks=(1, 2),
+        meshes={"decode": (2, 2), "prefill": (2, 4)},
+        progress=False,
+    )
+    convert(
+        d / "one",
+        str(d / "tiny.gguf"),
+        ranks=(1, 1),
+        meshes={"decode": (2, 2), "prefill": (1, 2)},
+        progress=False,
+    )
     return d, stored
 
 
 def chat(shards, script, *extra, n=2, timeout=300):
-    cmd = ([MPIEXEC, "-n", str(n)] if n else []) + [sys.executable, "-m", "mpi4py", "-m", "llm",
-                                                     "chat", "--model", str(shards), *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, input=script, capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = ([MPIEXEC, "-n", str(n)] if n else []) + [
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "llm",
+        "chat",
+        "--model",
+        str(shards),
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=ENV, input=script, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @needs_mpiexec
@@ -51,27 +72,41 @@ def test_scripted_session_reuses_the_cache(chat_model):
     for t in turns:
         assert not t["reprefilled"]
         assert t["cached"] == len(history)
-        if history:         # only the new turn: the last reply token, then the template text
+        if history:  # only the new turn: the last reply token, then the template text
             assert t["fed_ids"][0] == history_tail
-        assert t["prompt_tokens"] == len(t["fed_ids"])     # only these went through the model
+        assert t["prompt_tokens"] == len(t["fed_ids"])  # only these went through the model
         history += t["fed_ids"]
         # the reply equals a fresh greedy run over the whole history, stopping at <|im_end|>
         assert t["new_ids"] == ref.generate(history, 4, stop_ids=(2,))
         history += t["new_ids"][:-1]
         history_tail = t["new_ids"][-1]
-    assert turns[0]["fed_ids"][0] == 1                      # <|im_start|> opens the template
+    assert turns[0]["fed_ids"][0] == 1  # <|im_start|> opens the template
 
 
 def test_reset_exit_and_context_full(chat_model):
     d, _ = chat_model
-    p = chat(d / "one", "the cat\n/reset\nthe cat\n/exit\nnever read\n", "--max-new-tokens",
-             "4", "--json", n=None)
+    p = chat(
+        d / "one",
+        "the cat\n/reset\nthe cat\n/exit\nnever read\n",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        n=None,
+    )
     assert p.returncode == 0, p.stderr
     a, b = [json.loads(line) for line in p.stdout.splitlines()]
     assert b["cached"] == 0 and a["fed_ids"] == b["fed_ids"] and a["new_ids"] == b["new_ids"]
     # a session context too small for two turns starts a new conversation for the second one
-    p = chat(d / "one", "the cat\nthe cat\n", "--max-new-tokens", "4", "--json", "--context",
-             "40", n=None)
+    p = chat(
+        d / "one",
+        "the cat\nthe cat\n",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--context",
+        "40",
+        n=None,
+    )
     assert p.returncode == 0, p.stderr
     a, b = [json.loads(line) for line in p.stdout.splitlines()]
     assert b["reprefilled"] and b["cached"] == 0 and b["fed_ids"] == a["fed_ids"]

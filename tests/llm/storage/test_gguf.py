@@ -3,6 +3,7 @@
 The files are written by the tests (``gguf.GGUFWriter``, quantized with ``gguf.quants``): no
 download. The real model is compared against transformers in ``make test-oracle``.
 """
+
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ pytest.importorskip("gguf")
 
 
 def byte_id(ch: str) -> int:
-    return 3 + ord(ch)          # ids 0-2 are the control tokens; bytes follow in byte order
+    return 3 + ord(ch)  # ids 0-2 are the control tokens; bytes follow in byte order
 
 
 MERGED = {tok: i for i, tok in enumerate(vocabulary())}
@@ -69,6 +70,7 @@ def test_row_order_inverse():
 
 def test_unsupported_type_and_architecture_are_one_clear_error(tmp_path):
     from gguf import GGMLQuantizationType  # noqa: F401  (Q5_0 exists in the writer)
+
     bad = tmp_path / "q5.gguf"
     write_tiny_gguf(bad, override_type={"model.layers.0.mlp.up_proj.weight": "Q5_0"})
     with pytest.raises(GGUFError, match=r"Q5_0 \(e.g. blk.0.ffn_up.weight\) is not supported"):
@@ -77,21 +79,29 @@ def test_unsupported_type_and_architecture_are_one_clear_error(tmp_path):
     write_tiny_gguf(arch, arch="gpt2")
     with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported"):
         load_gguf(arch)
-    p = subprocess.run([sys.executable, "-m", "llm", "convert", str(bad), "--out",
-                        str(tmp_path / "out")], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [sys.executable, "-m", "llm", "convert", str(bad), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: q5.gguf: tensor type Q5_0")
     assert "Traceback" not in p.stderr and not (tmp_path / "out").exists()
 
 
 def _tokenizer(tmp_path, pre="smollm"):
     from tokenizers import Tokenizer
+
     path = tmp_path / f"{pre}.gguf"
     write_tiny_gguf(path, pre=pre)
     _, _, f = load_gguf(path)
     files = tokenizer_files(f)
     return Tokenizer.from_str(files["tokenizer.json"].decode()), json.loads(
-        files["tokenizer_config.json"])
+        files["tokenizer_config.json"]
+    )
 
 
 def test_tokenizer_from_metadata(tmp_path):
@@ -99,8 +109,14 @@ def test_tokenizer_from_metadata(tmp_path):
     assert len(byte_alphabet()) == 256 and byte_alphabet()[ord(" ")] == "Ġ"
     # merges in priority order: "Ġ c" before "a t" before "Ġc at"; smollm splits digits apart
     assert tok.encode("the cat 12").tokens == ["t", "he", "Ġcat", "Ġ", "1", "2"]
-    assert tok.encode("the cat 12").ids == [byte_id("t"), MERGED["he"], MERGED["Ġcat"],
-                                            byte_id(" "), byte_id("1"), byte_id("2")]
+    assert tok.encode("the cat 12").ids == [
+        byte_id("t"),
+        MERGED["he"],
+        MERGED["Ġcat"],
+        byte_id(" "),
+        byte_id("1"),
+        byte_id("2"),
+    ]
     assert tok.encode(" the").tokens == ["Ġthe"]
     # control tokens stay whole and vanish when decoding with skip_special_tokens
     enc = tok.encode("<|im_start|>the  cat<|im_end|>")
@@ -110,7 +126,7 @@ def test_tokenizer_from_metadata(tmp_path):
     assert tok.decode(tok.encode(text).ids) == text
     assert cfg["chat_template"] == CHAT_TEMPLATE and cfg["eos_token"] == "<|im_end|>"
     assert cfg["add_bos_token"] is False
-    gpt2, _ = _tokenizer(tmp_path, pre="gpt2")          # GPT-2's split keeps "12" together
+    gpt2, _ = _tokenizer(tmp_path, pre="gpt2")  # GPT-2's split keeps "12" together
     assert gpt2.encode("the cat 12").tokens == ["t", "he", "Ġcat", "Ġ", "12"]
     with pytest.raises(GGUFError, match="pre-tokenizer 'nonesuch'"):
         _tokenizer(tmp_path, pre="nonesuch")
@@ -119,9 +135,9 @@ def test_tokenizer_from_metadata(tmp_path):
 def test_convert_gguf_then_generate_equals_reference(tmp_path, tiny):
     path, stored = tiny
     out = tmp_path / "shards"
-    manifest = convert(out, str(path), ranks=(1, 1), meshes={"decode": (2, 2),
-                                                             "prefill": (2, 2)},
-                       progress=False)
+    manifest = convert(
+        out, str(path), ranks=(1, 1), meshes={"decode": (2, 2), "prefill": (2, 2)}, progress=False
+    )
     assert manifest["copied_files"] == ["tokenizer.json", "tokenizer_config.json"]
     assert "GGUF" in manifest["source"] and "Q4_1" in manifest["source"]
     config = tiny_config()
@@ -131,22 +147,43 @@ def test_convert_gguf_then_generate_equals_reference(tmp_path, tiny):
     ref = ReferenceModel(config, stored).generate(prompt, 10, stop_ids=())
     assert gen.new_ids == ref
     # generate --chat on the shard set: the GGUF's template and tokenizer came along
-    p = subprocess.run([sys.executable, "-m", "llm", "generate", "--model", str(out), "--chat",
-                        "the cat", "--max-new-tokens", "4", "--json", "--ignore-eos"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
-                       stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm",
+            "generate",
+            "--model",
+            str(out),
+            "--chat",
+            "the cat",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--ignore-eos",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout)
     system_free = "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n"
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert rec["prompt_ids"] == tok.encode(system_free).ids
-    assert rec["new_ids"] == ReferenceModel(config, stored).generate(rec["prompt_ids"], 4,
-                                                                     stop_ids=())
+    assert rec["new_ids"] == ReferenceModel(config, stored).generate(
+        rec["prompt_ids"], 4, stop_ids=()
+    )
 
 
 def _world():
     from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     return comm if comm.Get_size() > 1 else None
 
@@ -154,6 +191,7 @@ def _world():
 @pytest.mark.mpi
 def test_convert_gguf_on_every_rank_count(mpi_tmp_path):
     from meshrt.mesh import default_rank_grid
+
     comm = _world()
     control = ControlPlane.of(comm)
     size = 1 if comm is None else comm.Get_size()
@@ -163,9 +201,14 @@ def test_convert_gguf_on_every_rank_count(mpi_tmp_path):
     stored = stored if comm is None else comm.bcast(stored, root=0)
     ry, rx = default_rank_grid(size)
     out = mpi_tmp_path / "shards"
-    convert(out, str(path), ranks=(ry, rx), meshes={"decode": (2 * ry, 2 * rx),
-                                                    "prefill": (2 * ry, 4 * rx)},
-            control=control, progress=False)
+    convert(
+        out,
+        str(path),
+        ranks=(ry, rx),
+        meshes={"decode": (2 * ry, 2 * rx), "prefill": (2 * ry, 4 * rx)},
+        control=control,
+        progress=False,
+    )
     model = MeshModel.from_shards(out, control)
     prompt = [1, 119, 260, 264, 35, 52]
     gen = generate(model, prompt, 8, stop_ids=())

@@ -3,6 +3,7 @@
 MPI-marked tests run on any rank count (a shared directory from ``mpi_tmp_path``); the failure
 paths run whole processes, as a user would, and must end within seconds with one message.
 """
+
 import json
 import os
 import shutil
@@ -38,16 +39,24 @@ ROOT = Path(__file__).resolve().parents[3]
 MODELS = ["tiny-llama-gqa", "tiny-qwen2"]
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", OMPI_MCA_pml="ob1",
-           OMPI_MCA_btl="self,sm", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = dict(
+    os.environ,
+    OMPI_ALLOW_RUN_AS_ROOT="1",
+    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+    PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+    OMPI_MCA_pml="ob1",
+    OMPI_MCA_btl="self,sm",
+    OPENBLAS_NUM_THREADS="1",
+    PYTHONUNBUFFERED="1",
+)
 for _launcher_var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"):
-    ENV.pop(_launcher_var, None)   # child processes are never ranks of this test's job
+    ENV.pop(_launcher_var, None)  # child processes are never ranks of this test's job
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec in the venv")
 
 
 def _world():
     from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     return comm if comm.Get_size() > 1 else None
 
@@ -66,6 +75,7 @@ def _fabric(comm, mesh, grid):
 # on every rank count
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("model", MODELS)
 def test_convert_and_read_back_exactly(model, mpi_tmp_path):
@@ -73,8 +83,14 @@ def test_convert_and_read_back_exactly(model, mpi_tmp_path):
     control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
     out = mpi_tmp_path / f"{model}-shards"
-    manifest = convert(out, str(FIXTURES / model), ranks=grid, meshes={"decode": mesh},
-                       control=control, progress=False)
+    manifest = convert(
+        out,
+        str(FIXTURES / model),
+        ranks=grid,
+        meshes={"decode": mesh},
+        control=control,
+        progress=False,
+    )
     assert manifest["rank_grid"] == list(grid)
     assert not list(mpi_tmp_path.glob("*.tmp-*")), "temporary directory left behind"
 
@@ -99,25 +115,35 @@ def _as_float16(x):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("dtype,stored,rtol", [("float16", _as_float16, 1e-3),
-                                               ("bfloat16", round_to_bf16, 4e-3)])
+@pytest.mark.parametrize(
+    "dtype,stored,rtol", [("float16", _as_float16, 1e-3), ("bfloat16", round_to_bf16, 4e-3)]
+)
 def test_16bit_storage_and_random_preset(mpi_tmp_path, dtype, stored, rtol):
     comm = _world()
     control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
     out = mpi_tmp_path / f"random-{dtype}"
-    manifest = convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh},
-                       dtype=dtype, control=control, seed=3, layers=1, progress=False)
+    manifest = convert(
+        out,
+        "random:tiny-llama",
+        ranks=grid,
+        meshes={"decode": mesh},
+        dtype=dtype,
+        control=control,
+        seed=3,
+        layers=1,
+        progress=False,
+    )
     assert manifest["dtype"] == dtype and manifest["config"]["num_layers"] == 1
     assert manifest["source"] == "random preset tiny-llama seed 3 (first 1 of 2 layers)"
     config, weights, _ = load_source("random:tiny-llama", seed=3, layers=1)
-    shards = open_shards(out, control)                      # meshes taken from the manifest
+    shards = open_shards(out, control)  # meshes taken from the manifest
     fab = _fabric(comm, shards.mesh("decode"), shards.ranks)
     for name, tiles in decode_tiles(PhaseLayout(config, *mesh), weights):
         block = shards.read("decode", name)
         want = local_block(fab, tiles)
         assert block.dtype == np.float32
-        np.testing.assert_array_equal(block, stored(want))      # exactly what was stored
+        np.testing.assert_array_equal(block, stored(want))  # exactly what was stored
         np.testing.assert_allclose(block, want, rtol=rtol, atol=1e-6, err_msg=name)
     shards.close()
 
@@ -128,8 +154,15 @@ def test_validation_errors_are_the_same_on_every_rank(mpi_tmp_path):
     control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
     out = mpi_tmp_path / "validate"
-    convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh}, control=control,
-            layers=1, progress=False)
+    convert(
+        out,
+        "random:tiny-llama",
+        ranks=grid,
+        meshes={"decode": mesh},
+        control=control,
+        layers=1,
+        progress=False,
+    )
     wrong = (mesh[0] * 2, mesh[1])
     with pytest.raises(ShardError, match=f"run with --decode-mesh {mesh[0]}x{mesh[1]}"):
         open_shards(out, control, decode_mesh=wrong)
@@ -137,33 +170,46 @@ def test_validation_errors_are_the_same_on_every_rank(mpi_tmp_path):
         open_shards(out, control, prefill_mesh=mesh)
     if comm is not None:
         comm.Barrier()
-        if comm.Get_rank() == 0:              # damage the last rank's file only
+        if comm.Get_rank() == 0:  # damage the last rank's file only
             last = rank_file_name((grid[0] - 1, grid[1] - 1))
             with open(out / last, "ab") as f:
                 f.write(b"\0")
         comm.Barrier()
         with pytest.raises(ShardError, match="truncated or was replaced"):
-            open_shards(out, control)            # every rank raises, not only the last one
+            open_shards(out, control)  # every rank raises, not only the last one
     with pytest.raises(ShardError, match="already exists: pass --force"):
-        convert(out, "random:tiny-llama", ranks=grid, meshes={"decode": mesh}, control=control,
-                layers=1, progress=False)
+        convert(
+            out,
+            "random:tiny-llama",
+            ranks=grid,
+            meshes={"decode": mesh},
+            control=control,
+            layers=1,
+            progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # one process
 # ----------------------------------------------------------------------------------------------
 
+
 def test_one_process_converts_for_a_bigger_rank_grid(tmp_path):
     out = tmp_path / "s22"
-    m = convert(out, str(FIXTURES / "tiny-llama-gqa"), ranks=(2, 2), meshes={"decode": (4, 6)},
-                progress=False)
+    m = convert(
+        out,
+        str(FIXTURES / "tiny-llama-gqa"),
+        ranks=(2, 2),
+        meshes={"decode": (4, 6)},
+        progress=False,
+    )
     assert sorted(m["files"]) == [rank_file_name((a, b)) for a in range(2) for b in range(2)]
     config, weights = load_checkpoint(FIXTURES / "tiny-llama-gqa")
     sets = [ShardSet(out, read_manifest(out), (a, b)) for a in range(2) for b in range(2)]
     for name, tiles in decode_tiles(PhaseLayout(config, 4, 6), weights):
         for s in sets:
             y0, x0 = s.coords[0] * 2, s.coords[1] * 3
-            np.testing.assert_array_equal(s.read("decode", name), tiles[y0:y0 + 2, x0:x0 + 3])
+            np.testing.assert_array_equal(s.read("decode", name), tiles[y0 : y0 + 2, x0 : x0 + 3])
     for s in sets:
         s.close()
 
@@ -190,9 +236,13 @@ def test_plan_agrees_with_the_closed_form_estimator():
     from llm.cost.memory_budget import phase_memory
     from llm.modeling.config import preset
     from meshrt.plmr import get_device
+
     device = get_device("wse2")
-    for name, mesh in [("llama3-8b", (600, 600)), ("qwen2-72b", (720, 700)),
-                       ("tiny-llama", (4, 6))]:
+    for name, mesh in [
+        ("llama3-8b", (600, 600)),
+        ("qwen2-72b", (720, 700)),
+        ("tiny-llama", (4, 6)),
+    ]:
         config = preset(name)
         mem = phase_memory(config, mesh, device)
         assert mem["weights_bytes"] == estimate.decode_weight_words(config, mesh) * 2
@@ -204,11 +254,19 @@ def test_plan_agrees_with_the_closed_form_estimator():
 # whole processes: the failure paths a user meets
 # ----------------------------------------------------------------------------------------------
 
+
 def run(args, n=None, timeout=60):
     cmd = ([MPIEXEC, "-n", str(n)] if n else []) + [sys.executable, "-m", "llm"] + args
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return p, time.monotonic() - t0
 
 
@@ -241,14 +299,20 @@ def _copy(shard_sets, name, tmp_path) -> Path:
 
 def test_wrong_rank_count(shard_sets):
     p, dt = run(["info", str(shard_sets / "r22"), "--verify"])
-    assert_one_clear_error(p, dt, "converted for rank grid 2x2 (4 ranks) but 1 rank is running",
-                           "mpiexec -n 4", "--ranks 1x1")
+    assert_one_clear_error(
+        p,
+        dt,
+        "converted for rank grid 2x2 (4 ranks) but 1 rank is running",
+        "mpiexec -n 4",
+        "--ranks 1x1",
+    )
 
 
 def test_wrong_mesh(shard_sets):
     p, dt = run(["info", str(shard_sets / "r11"), "--verify", "--decode-mesh", "4x4"])
-    assert_one_clear_error(p, dt, "decode tiles for a 2x2 virtual mesh but 4x4 was requested",
-                           "--decode-mesh 2x2")
+    assert_one_clear_error(
+        p, dt, "decode tiles for a 2x2 virtual mesh but 4x4 was requested", "--decode-mesh 2x2"
+    )
 
 
 def test_missing_rank_file(shard_sets, tmp_path):
@@ -289,18 +353,27 @@ def test_unknown_layout_version_and_edited_manifest(shard_sets, tmp_path):
 
 def test_existing_target_needs_force(tmp_path):
     out = tmp_path / "out"
-    args = ["convert", str(FIXTURES / "tiny-qwen2"), "--out", str(out), "--decode-mesh", "2x2",
-            "--ranks", "1x1", "-q"]
+    args = [
+        "convert",
+        str(FIXTURES / "tiny-qwen2"),
+        "--out",
+        str(out),
+        "--decode-mesh",
+        "2x2",
+        "--ranks",
+        "1x1",
+        "-q",
+    ]
     p, _ = run(args)
     assert p.returncode == 0, p.stderr
     first = read_manifest(out)["created"]
     p, dt = run(args)
     assert_one_clear_error(p, dt, "already exists", "--force")
-    assert read_manifest(out)["created"] == first           # untouched
+    assert read_manifest(out)["created"] == first  # untouched
     p, _ = run(args + ["--force", "--dtype", "float16"])
     assert p.returncode == 0, p.stderr
     assert read_manifest(out)["dtype"] == "float16"
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]   # nothing left behind
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]  # nothing left behind
     (tmp_path / "user-data").mkdir()
     (tmp_path / "user-data" / "notes.txt").write_text("keep me")
     p, dt = run(args[:3] + [str(tmp_path / "user-data")] + args[4:] + ["--force"])
@@ -311,7 +384,7 @@ def test_existing_target_needs_force(tmp_path):
 @needs_mpiexec
 def test_one_damaged_rank_ends_every_rank_with_one_message(shard_sets, tmp_path):
     s = _copy(shard_sets, "r12", tmp_path)
-    path = s / rank_file_name((0, 1))                 # only rank 1's file
+    path = s / rank_file_name((0, 1))  # only rank 1's file
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -328,12 +401,19 @@ def test_one_damaged_rank_ends_every_rank_with_one_message(shard_sets, tmp_path)
 # info, plan, help
 # ----------------------------------------------------------------------------------------------
 
+
 def test_info_describes_shards_and_presets(shard_sets):
     p, _ = run(["info", str(shard_sets / "r22")])
     assert p.returncode == 0, p.stderr
-    for phrase in ("tiny-llama-gqa (llama)", "rank grid:   2x2 (4 ranks)",
-                   "decode mesh: 4x4 virtual cores (2x2 per rank)", "rope_layout", "q_order",
-                   "rank001x001.h5", "float32 on disk"):
+    for phrase in (
+        "tiny-llama-gqa (llama)",
+        "rank grid:   2x2 (4 ranks)",
+        "decode mesh: 4x4 virtual cores (2x2 per rank)",
+        "rope_layout",
+        "q_order",
+        "rank001x001.h5",
+        "float32 on disk",
+    ):
         assert phrase in p.stdout, p.stdout
     p, _ = run(["info", "--preset", "llama3-8b"])
     assert p.returncode == 0 and "128256" in p.stdout and "rope_scaling" in p.stdout
@@ -359,14 +439,38 @@ def test_help_and_argument_parsers():
     p, _ = run(["--help"])
     assert p.returncode == 0 and "examples" in p.stdout and "mpi4py" in p.stdout
     from llm.__main__ import build_parser
+
     parser = build_parser()
-    g = parser.parse_args(["generate", "--model", "m", "--prompt-ids", "1,2", "--stop", "2",
-                           "--stop", "END", "--kv-policy", "concat", "--allreduce", "ring",
-                           "--decode-mesh", "4x4", "--no-stream", "--json"])
+    g = parser.parse_args(
+        [
+            "generate",
+            "--model",
+            "m",
+            "--prompt-ids",
+            "1,2",
+            "--stop",
+            "2",
+            "--stop",
+            "END",
+            "--kv-policy",
+            "concat",
+            "--allreduce",
+            "ring",
+            "--decode-mesh",
+            "4x4",
+            "--no-stream",
+            "--json",
+        ]
+    )
     assert (g.stop, g.kv_policy, g.allreduce, g.decode_mesh, g.no_stream, g.json) == (
-        ["2", "END"], "concat", "ring", "4x4", True, True)
+        ["2", "END"],
+        "concat",
+        "ring",
+        "4x4",
+        True,
+        True,
+    )
     b = parser.parse_args(["bench", "--preset", "llama3-8b", "--layers", "1", "--repeat", "2"])
-    assert (b.preset, b.layers, b.repeat, b.warmup, b.decode_mesh) == ("llama3-8b", 1, 2, 1,
-                                                                       "8x8")
+    assert (b.preset, b.layers, b.repeat, b.warmup, b.decode_mesh) == ("llama3-8b", 1, 2, 1, "8x8")
     p, dt = run(["convert", "x", "--out", "y", "--decode-mesh", "0x4"])
     assert_one_clear_error(p, dt, "decode mesh '0x4'")
