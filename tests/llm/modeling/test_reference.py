@@ -1,39 +1,29 @@
-"""The single-process model side: config parsing, checkpoint reading, RoPE, the reference model
-against golden HF transformers fixtures, sampling and tokenizers. No MPI, no torch.
+"""The model maths: config parsing, RoPE, the weights check and the reference model against
+golden HF transformers fixtures. No MPI, no torch. (Checkpoint reading is tested in
+``tests/llm/storage/test_checkpoint.py``, sampling and tokenizers in ``tests/llm/text/``.)
 
 Fixtures (``tests/fixtures/<name>/``) come from ``tools/make_fixtures.py``. Measured with
 transformers 5.24 / torch 2.13: max |logit difference| 6.8e-6 (tiny-llama-gqa) and 4.3e-6
 (tiny-qwen2) for logits of standard deviation ~1.4; torch itself differs by up to 8.7e-6 between
-its cached and uncached runs. The tolerance below is ten times that.
+its cached and uncached runs. The tolerance (``goldens.ATOL``) is ten times that.
 """
 
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
-from goldens import FIXTURES, golden
+from goldens import ATOL, FIXTURES, golden
 
 from llm.modeling import rope
 from llm.modeling.config import PRESETS, ConfigError, ModelConfig, preset
 from llm.modeling.reference import ReferenceModel, attention
 from llm.modeling.weights import CheckpointError, check_weights
 from llm.storage.checkpoint import (
-    Checkpoint,
-    SafetensorsFile,
-    bf16_to_f32,
-    f32_to_bf16_words,
-    load_checkpoint,
-    random_tensor,
     random_weights,
-    save_model_dir,
 )
-from llm.text.sampling import Sampler
-from llm.text.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 
 FIXTURE_NAMES = ["tiny-llama-gqa", "tiny-qwen2"]
-ATOL = 1e-4
 
 # Meta-Llama-3.1-8B's config.json as transformers 4 writes it.
 LLAMA31_V4 = {
@@ -302,44 +292,6 @@ def test_attention_gqa_matches_repeated_heads():
 
 
 # ---------------------------------------------------------------------- checkpoints
-def test_lazy_and_sharded_checkpoints(tmp_path):
-    from safetensors.numpy import save_file
-
-    config, weights, exp = golden("tiny-qwen2")
-    lazy = Checkpoint(FIXTURES / "tiny-qwen2")
-    assert set(lazy) == set(weights) and "lm_head.weight" not in lazy
-    for name in weights:
-        np.testing.assert_array_equal(lazy[name], weights[name])
-    # Split into two shards with an index, the way HF shards large models.
-    names = sorted(weights)
-    parts = {
-        "model-00001-of-00002.safetensors": names[::2],
-        "model-00002-of-00002.safetensors": names[1::2],
-    }
-    for fname, part in parts.items():
-        save_file({n: weights[n] for n in part}, str(tmp_path / fname))
-    index = {
-        "metadata": {"total_size": 0},
-        "weight_map": {n: f for f, part in parts.items() for n in part},
-    }
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path / "config.json").write_text((FIXTURES / "tiny-qwen2" / "config.json").read_text())
-    config2, sharded = load_checkpoint(tmp_path)
-    assert config2 == config.replace(name=tmp_path.name)
-    for name in weights:
-        np.testing.assert_array_equal(sharded[name], weights[name])
-    logits = ReferenceModel(config2, Checkpoint(tmp_path)).prefill(exp["prompt_ids"])
-    np.testing.assert_allclose(logits, exp["prefill_logits"], rtol=0, atol=ATOL)
-    # A shard that went missing, and a truncated file, are reported by name.
-    (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing checkpoint file"):
-        load_checkpoint(tmp_path)
-    data = (tmp_path / "model-00001-of-00002.safetensors").read_bytes()
-    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(data[:-100])
-    with pytest.raises(CheckpointError, match="inconsistent with the file"):
-        load_checkpoint(tmp_path)
-
-
 def test_check_weights_reports_mismatches():
     config = preset("tiny-llama")
     shapes = dict(config.tensor_shapes())
@@ -349,145 +301,3 @@ def test_check_weights_reports_mismatches():
     shapes["lm_head.weight"] = (10, 64)
     with pytest.raises(CheckpointError, match="1 missing.*1 unexpected.*1 with wrong shapes"):
         check_weights(config, shapes)
-
-
-def write_bf16_by_hand(path, tensors):
-    """A safetensors file from its specification: u64 header length, JSON header, raw data."""
-    header, blob = {"__metadata__": {"format": "pt"}}, b""
-    for name, words in tensors.items():
-        data = np.asarray(words, dtype="<u2").tobytes()
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(np.shape(words)),
-            "data_offsets": [len(blob), len(blob) + len(data)],
-        }
-        blob += data
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + blob)
-
-
-def test_bf16_reading(tmp_path):
-    # bf16 is the top half of float32: 0x3F80 = 1.0, 0xC020 = -2.5, 0x4049 = 3.140625,
-    # 0x3B80 = 2**-8, 0x0000 = 0, 0x7F80 = inf.
-    words = np.array([[0x3F80, 0xC020, 0x4049], [0x3B80, 0x0000, 0x7F80]], dtype=np.uint16)
-    write_bf16_by_hand(tmp_path / "w.safetensors", {"a": words, "b": words[0]})
-    f = SafetensorsFile(tmp_path / "w.safetensors")
-    assert f.dtype("a") == "BF16" and f.shape("a") == (2, 3)
-    a = f.get("a")
-    assert a.dtype == np.float32
-    np.testing.assert_array_equal(a, [[1.0, -2.5, 3.140625], [2.0**-8, 0.0, np.inf]])
-    np.testing.assert_array_equal(f.get("b"), [1.0, -2.5, 3.140625])
-    # Rounding to bf16 is to nearest, ties to even.
-    x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5, np.nan], dtype=np.float32)
-    back = bf16_to_f32(f32_to_bf16_words(x))
-    np.testing.assert_array_equal(back[:4], [1.0, 1.0, 1.0 + 4 * 2**-8, -2.5])
-    assert np.isnan(back[4])
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_save_and_load_half_precision(tmp_path, dtype):
-    config = preset("tiny-llama", layers=1)
-    weights = random_weights(config, seed=5)
-    save_model_dir(tmp_path, config, weights, dtype=dtype)
-    config2, loaded = load_checkpoint(tmp_path)
-    assert config2.dtype == dtype and config2.replace(dtype="float32", name="") == config.replace(
-        name=""
-    )
-    ckpt = Checkpoint(tmp_path)
-    assert {ckpt.dtype(n) for n in ckpt} == {"F16" if dtype == "float16" else "BF16"}
-    for name, w in weights.items():
-        assert loaded[name].dtype == np.float32
-        np.testing.assert_allclose(loaded[name], w, rtol=2**-8, atol=1e-7)
-
-
-def test_random_weights_are_deterministic_and_sliceable():
-    config = preset("tiny-llama")
-    w = random_weights(config, seed=11)
-    check_weights(config, w)
-    emb = w["model.embed_tokens.weight"]
-    np.testing.assert_array_equal(random_tensor(config, "model.embed_tokens.weight", 11), emb)
-    np.testing.assert_array_equal(
-        random_tensor(config, "model.embed_tokens.weight", 11, rows=slice(50, 170)), emb[50:170]
-    )
-    assert not np.array_equal(random_tensor(config, "model.embed_tokens.weight", 12), emb)
-    assert abs(float(emb.std()) - 0.02) < 0.002
-    norm = w["model.layers.0.input_layernorm.weight"]
-    assert abs(float(norm.mean()) - 1.0) < 0.05
-    # Large presets: one row block of the LLaMA3-8B embeddings without the rest.
-    big = preset("llama3-8b")
-    rows = random_tensor(big, "model.embed_tokens.weight", 0, rows=slice(128000, 128010))
-    assert rows.shape == (10, 4096)
-    with pytest.raises(KeyError):
-        random_tensor(config, "model.layers.9.mlp.up_proj.weight", 0)
-
-
-# ---------------------------------------------------------------------- sampling
-def test_sampler_greedy_and_determinism():
-    logits = np.array([0.5, 2.0, -1.0, 2.0, 1.9], dtype=np.float32)
-    assert Sampler()(logits) == 1  # argmax, lowest index among ties
-    assert Sampler(temperature=0.7, top_k=1, seed=3)(logits) == 1
-    draws = [Sampler(temperature=1.0, seed=42) for _ in range(2)]
-    seq_a = [draws[0](logits) for _ in range(50)]
-    seq_b = [draws[1](logits) for _ in range(50)]
-    assert seq_a == seq_b
-    other = Sampler(temperature=1.0, seed=43)
-    assert seq_a != [other(logits) for _ in range(50)]
-    assert set(seq_a) > {1, 3}  # it does sample, not just take the argmax
-    for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(ValueError):
-            Sampler(**bad)
-
-
-def test_sampler_top_k_and_top_p():
-    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15], dtype=np.float32))
-    ids, probs = Sampler(temperature=1.0, top_k=3).candidates(logits)
-    assert ids.tolist() == [1, 3, 4]
-    np.testing.assert_allclose(probs, np.array([0.4, 0.3, 0.15]) / 0.85, rtol=1e-6)
-    # top_p = 0.75: 0.4 + 0.3 = 0.7 is not enough, 0.4 + 0.3 + 0.15 is.
-    ids, probs = Sampler(temperature=1.0, top_p=0.75).candidates(logits)
-    assert ids.tolist() == [1, 3, 4]
-    ids, _ = Sampler(temperature=1.0, top_p=0.3).candidates(logits)
-    assert ids.tolist() == [1]
-    s = Sampler(temperature=1.0, top_k=2, seed=0)
-    counts = np.bincount([s(logits) for _ in range(4000)], minlength=5)
-    assert counts[[0, 2, 4]].sum() == 0
-    assert counts[1] / 4000 == pytest.approx(0.4 / 0.7, abs=0.03)
-    # A high temperature flattens the distribution.
-    _, hot = Sampler(temperature=100.0).candidates(logits)
-    assert hot.max() - hot.min() < 0.02
-
-
-# ---------------------------------------------------------------------- tokenizers
-TEXT = "Wafer-scale: 850 000 cores, 48 KB each. Größe ≈ 46 225 mm² 🙂"
-
-
-def test_byte_tokenizer_round_trip_and_streaming():
-    tok = load_tokenizer(config=preset("tiny-llama"))
-    assert isinstance(tok, ByteTokenizer) and tok.offset == 3
-    ids = tok.encode(TEXT)
-    assert ids[0] == 1 and max(ids) < 320 and min(ids[1:]) >= 3
-    assert tok.decode(ids) == TEXT
-    assert tok.encode("é", add_special_tokens=False) == [0xC3 + 3, 0xA9 + 3]
-    stream = StreamDecoder(tok)
-    pieces = [stream.push(t) for t in ids]
-    assert "".join(pieces) + stream.flush() == TEXT
-    assert not any("\ufffd" in p for p in pieces)
-    assert pieces[-4:] == ["", "", "", "🙂"]  # four bytes, one character
-    with pytest.raises(ValueError, match="too small"):
-        ByteTokenizer(200)
-
-
-def test_hf_tokenizer_json_round_trip():
-    tok = load_tokenizer(FIXTURES / "tiny-llama-gqa")
-    assert isinstance(tok, HFTokenizer)
-    assert tok.bos_id == 1 and tok.eos_ids == (2,) and tok.vocab_size <= 157
-    text = "the mesh passes each token to the cores at the edge"
-    ids = tok.encode(text)
-    assert ids[0] == 1 and max(ids) < 157
-    assert tok.decode(ids) == text
-    assert tok.encode(text, add_special_tokens=False) == ids[1:]
-    stream = StreamDecoder(tok)
-    assert "".join(stream.push(t) for t in ids) + stream.flush() == text
-    # Without tokenizer.json the fallback needs 256 ids; this model has 151.
-    with pytest.raises(ValueError, match="too small"):
-        load_tokenizer(FIXTURES / "tiny-qwen2")
