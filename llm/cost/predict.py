@@ -30,8 +30,8 @@ import functools
 from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
 
-from . import estimate
 from ..modeling.config import ModelConfig
+from . import estimate
 from .wafer import (
     PlacementError,
     Shelves,

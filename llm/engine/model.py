@@ -161,7 +161,7 @@ class MeshModel:
         storage: str = "float32",
         progress: bool | None = None,
         **kwargs,
-    ) -> "MeshModel":
+    ) -> MeshModel:
         """Place HF-named weights on this rank, streamed from ``weights``.
 
         ``weights`` is any mapping of HF names to arrays: a dict, a lazy
@@ -204,7 +204,7 @@ class MeshModel:
         ranks=None,
         verify: bool = True,
         **kwargs,
-    ) -> "MeshModel":
+    ) -> MeshModel:
         """Load this rank's blocks from a converted shard set (validated first)."""
         from ..storage.shards import open_shards
 

@@ -5,9 +5,10 @@ Both render the conversation with the model's own chat template (:mod:`llm.text.
 ``llm chat`` is a multi-turn session. Rank 0 reads the terminal (one line per user turn; the
 commands ``/reset`` and ``/exit``; end of input ends the session, but under ``mpiexec`` Open MPI
 does not pass the end of piped input on to rank 0, so a script must end with ``/exit``),
-broadcasts each line on the control plane, and every rank runs the mesh. The KV cache lives across turns: a new turn feeds
-only the tokens the cache does not hold yet (the previous reply's last token and the new turn's
-template text), at positions following the old ones, so an old turn is never prefilled again.
+broadcasts each line on the control plane, and every rank runs the mesh. The KV cache lives
+across turns: a new turn feeds only the tokens the cache does not hold yet (the previous
+reply's last token and the new turn's template text), at positions following the old ones, so
+an old turn is never prefilled again.
 The first turn of a conversation goes through the prefill engine; later turns through decode
 steps (:meth:`llm.engine.model.MeshModel.prefill` at a position > 0).
 

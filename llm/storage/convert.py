@@ -28,10 +28,10 @@ from pathlib import Path
 from meshrt.mesh import MeshError, MeshLayout, default_rank_grid, grid_coords
 from meshrt.runtime import ControlPlane
 
-from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from ..modeling.config import ConfigError, ModelConfig, preset
 from ..placement.layout import LAYOUT_VERSION, PhaseLayout
 from ..placement.phase_tiles import PHASE_TILES
+from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
 from .shards import FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash, grid_text
 
