@@ -189,9 +189,12 @@ def add_run_args(p) -> None:
         choices=["exact", "aggregated"],
         default="aggregated",
         help="aggregated (default): K-tree allreduces combine rank partials in one "
-        "sweep of neighbour messages per direction, the same sums and modeled "
-        "cost with fewer MPI messages (measured faster, most with more ranks "
-        "than cores); exact: every tree level runs as its own neighbour messages",
+        "sweep of neighbour messages per direction, and MeshGEMM, Cannon and the "
+        "grouped attention kernels move tiles inside a rank by reference and multiply "
+        "each rank's block as a few whole GEMMs; the cross-rank neighbour messages, "
+        "sums and ledger are the same, with far fewer MPI messages and numpy calls "
+        "(measured faster). exact: every core's step and every tree level runs on "
+        "its own",
     )
 
 
