@@ -3,7 +3,7 @@ file. Part of ``make test-oracle`` (oracle venv: torch, transformers, gguf, acce
 
 Skipped unless ``WAFERLLM_GGUF`` names the fetched file (the Makefile sets it from
 ``python -m llm fetch smollm2``). The mesh runs in the project venv under mpiexec
-(``tests/oracle_mesh_run.py``); this process holds transformers.
+(``tests/oracle/mesh_run.py``); this process holds transformers.
 
 Compared, for several chat prompts rendered by the model's own template:
 
@@ -205,7 +205,7 @@ def _mesh(tmp_path_factory, name, prompts):
         [
             "-m",
             "mpi4py",
-            str(ROOT / "tests" / "oracle_mesh_run.py"),
+            str(ROOT / "tests" / "oracle" / "mesh_run.py"),
             str(d / "shards"),
             str(d / "prompts.json"),
             str(d / "out.npz"),

@@ -1,11 +1,14 @@
 """Run prompts on a shard set on the mesh and save what the oracle compares (project venv, MPI).
 
-    mpiexec -n 4 .venv/bin/python -m mpi4py tests/oracle_mesh_run.py SHARDS PROMPTS.json OUT.npz N
+    mpiexec -n 4 .venv/bin/python -m mpi4py tests/oracle/mesh_run.py SHARDS PROMPTS.json OUT.npz N
 
 ``PROMPTS.json`` is a list of prompt id lists. For each prompt: the last prompt token's logits
 (f32[vocab], gathered from the mesh) and ``N`` greedy tokens (no early stop). Rank 0 writes
 ``OUT.npz`` with ``logits`` f32[P, vocab] and ``tokens`` int64[P, N]. Used by
 ``tests/oracle/test_oracle_gguf.py`` (``make test-oracle``), whose venv has no MPI.
+
+It lives in ``tests/oracle/``, not ``tests/``: a script's folder comes first on ``sys.path``, and
+in ``tests/`` the test folder ``tests/llm/`` would be imported as ``llm`` in place of the package.
 """
 
 import json
