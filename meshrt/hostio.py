@@ -34,6 +34,11 @@ def _rank_blocks(fabric: Fabric, tiles: np.ndarray):
     return np.ascontiguousarray(np.moveaxis(t, 2, 1))  # (ry, rx, by, bx, *tile)
 
 
+def host_shapes(fabric: Fabric, *arrays: np.ndarray | None, root: int = 0) -> list:
+    """The shapes of ``root``'s host arrays on every rank (other ranks may pass ``None``)."""
+    return fabric.control.bcast([None if x is None else tuple(x.shape) for x in arrays], root=root)
+
+
 def scatter(fabric: Fabric, tiles: np.ndarray | None, root: int = 0) -> np.ndarray:
     """Distribute a global ``(Py, Px, *tile)`` tile array held by ``root``.
 

@@ -358,13 +358,6 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def _host_shapes(fab: Fabric, *arrays, root: int = 0) -> list:
-    shapes = [None if x is None else tuple(x.shape) for x in arrays]
-    if fab.nranks > 1:
-        shapes = fab.world.bcast(shapes, root=root)
-    return shapes
-
-
 def matmul(
     fab: Fabric,
     a: np.ndarray | None,
@@ -384,7 +377,7 @@ def matmul(
     """
     if algo not in KERNELS:
         raise ValueError(f"unknown GEMM algorithm {algo!r}; use one of {ALGOS}")
-    (m, k), (k2, n) = _host_shapes(fab, a, b, root=root)
+    (m, k), (k2, n) = hostio.host_shapes(fab, a, b, root=root)
     if k != k2:
         raise ValueError(f"inner dimensions differ: A is {m}x{k}, B is {k2}x{n}")
     mesh = (fab.layout.py, fab.layout.px)

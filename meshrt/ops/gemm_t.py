@@ -139,10 +139,7 @@ def matmul_t(
 
     Returns ``C[M, N]`` on ``root`` (every rank with ``to_all``), ``None`` elsewhere.
     """
-    shapes: list = [None if x is None else tuple(x.shape) for x in (a, b)]
-    if fab.nranks > 1:
-        shapes = fab.world.bcast(shapes, root=root)
-    (m, d), (n, d2) = shapes
+    (m, d), (n, d2) = hostio.host_shapes(fab, a, b, root=root)
     if d != d2:
         raise ValueError(f"feature dimensions differ: A is {m}x{d}, B is {n}x{d2}")
     mesh = (fab.layout.py, fab.layout.px)

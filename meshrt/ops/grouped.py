@@ -426,17 +426,12 @@ def grouped_meshgemm(
 # ----------------------------------------------------------------------------------------------
 
 
-def _bcast_meta(fab: Fabric, meta, root: int):
-    return fab.world.bcast(meta, root=root) if fab.nranks > 1 else meta
-
-
 def matmul_t_grouped(
     fab: Fabric, a, b, labels, n_groups: int, root: int = 0, to_all: bool = False
 ) -> np.ndarray | None:
     """Scatter ``A[M, D]``, ``B[N, D]`` and the feature labels ``int[D]`` from ``root``; run
     :func:`grouped_gemm_t`; gather ``C[M, N, G]`` on ``root`` (every rank with ``to_all``)."""
-    meta = _bcast_meta(fab, None if a is None else (a.shape, b.shape), root)
-    (m, d), (n, _) = meta
+    (m, d), (n, _) = hostio.host_shapes(fab, a, b, root=root)
     mesh = (fab.layout.py, fab.layout.px)
     is_root = fab.nranks == 1 or fab.world.Get_rank() == root
     ta = natural_tiles(a, mesh) if is_root else None
@@ -462,8 +457,7 @@ def matmul_grouped(
     :func:`grouped_meshgemm`; gather ``C[M, N]``. ``b_preskewed`` pre-skews B on the host."""
     from .gemm import prepare_b
 
-    meta = _bcast_meta(fab, None if a is None else (a.shape, b.shape), root)
-    (m, _, g), (_, n) = meta
+    (m, _, g), (_, n) = hostio.host_shapes(fab, a, b, root=root)
     mesh = (fab.layout.py, fab.layout.px)
     is_root = fab.nranks == 1 or fab.world.Get_rank() == root
     ta = grouped_a_tiles(a, mesh) if is_root else None
