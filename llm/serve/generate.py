@@ -152,7 +152,15 @@ def load_model(source: ModelSource, plane: ControlPlane):
 
 
 def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
-    """The ``generate --json`` record of one finished request (also a ``--batch`` result)."""
+    """The ``generate --json`` record of one finished request (also a ``--batch`` result).
+
+    Keys: the request (``prompt_ids``, ``new_ids``, ``text``), :meth:`Generation.metrics`
+    (wall clock, and ``modeled_*`` from this run's PLMR ledger), ``violations`` (PLMR limits
+    the run exceeded), ``wafer`` (the whole model on the wafer as ``llm estimate`` prices it,
+    :func:`llm.cost.predict.modeled_wafer`), and what the ledger covered: ``layers_run``,
+    ``decode_mesh`` and ``prefill_mesh`` ([rows, cols] of cores), ``ranks``, ``device``,
+    ``kv_policy``.
+    """
     from ..cost.predict import modeled_wafer
 
     dl, pl = model.layouts["decode"], model.layouts["prefill"]
@@ -174,6 +182,7 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
         **gen.metrics(),
         "violations": violations,
         "wafer": wafer,
+        "layers_run": model.config.num_layers,
         "decode_mesh": [dl.py, dl.px],
         "prefill_mesh": [pl.py, pl.px],
         "ranks": [dl.ry, dl.rx],
@@ -183,16 +192,47 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
 
 
 def format_metrics(m: dict, device: str) -> str:
-    """Wall-clock and modeled metrics of a :meth:`Generation.metrics` record in one line, then
-    the whole model's wafer figures (:func:`llm.cost.predict.format_modeled_wafer`) when it has
-    them."""
-    from ..cost.predict import format_modeled_wafer
+    """The text summary of a :meth:`Generation.metrics` or :func:`result_record` record.
 
-    wafer = "\n" + format_modeled_wafer(m["wafer"], device) if "wafer" in m else ""
-    return (
+    Line 1: the wall clock of this machine, then the modeled ``device`` time from this run's
+    PLMR ledger, i.e. every message and operation the emulator executed for the layers it ran
+    on its meshes. Line 2 (when the record has ``wafer``): the whole model placed on the
+    wafer as ``llm estimate`` prices it, in closed form and over as many pipeline stages and
+    wafers as it needs (:func:`llm.cost.predict.modeled_wafer`). Their TPOTs agree when the
+    estimate keeps the model on one stage; its TTFT is lower when both phases' weights fit the
+    wafer together (no re-placement at the hand-off, which the run's ledger always prices), and
+    stages add their hand-overs.
+    """
+    wall = (
         f"{m['new_tokens']} tokens ({m['stopped_by']}): "
         f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
-        f"{m['tokens_per_s']:.1f} tok/s on this machine | modeled {device}: "
+        f"{m['tokens_per_s']:.1f} tok/s on this machine"
+    )
+    where = ""
+    if "decode_mesh" in m:
+        (dy, dx), (py, px) = m["decode_mesh"], m["prefill_mesh"]
+        layers = f"{m['layers_run']} layers, " if "layers_run" in m else ""
+        where = f" ({layers}decode {dy}x{dx}, prefill {py}x{px} cores)"
+    ledger = (
+        f"modeled {device}, this run's ledger{where}: "
         f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {m['modeled_tpot_s'] * 1e3:.4f} ms, "
-        f"TPR {m['modeled_tpr']:.1f} tok/s" + wafer
+        f"TPR {m['modeled_tpr']:.1f} tok/s, end-to-end TPR {m['modeled_end_to_end_tpr']:.1f} tok/s"
+    )
+    text = f"{wall} | {ledger}"
+    if "wafer" in m:
+        text += "\n" + format_whole_model(m["wafer"], device)
+    return text
+
+
+def format_whole_model(w: dict, device: str) -> str:
+    """The second summary line: :func:`llm.cost.predict.modeled_wafer`'s figures, named so that
+    they cannot be mistaken for this run's ledger (or why the model cannot be placed)."""
+    head = f"modeled {device}, whole model on the wafer (closed form, as llm estimate"
+    if "error" in w:
+        return f"{head}): not placeable: {w['error']}"
+    st, n = w["stages"], w["wafers"]
+    return (
+        f"{head}; {st['prefill']}+{st['decode']} stages on {n} wafer{'s' if n > 1 else ''}): "
+        f"TTFT {w['ttft_s'] * 1e3:.4f} ms, TPOT {w['tpot_s'] * 1e3:.4f} ms, "
+        f"TPR {w['decode_tpr']:.1f} tok/s, end-to-end TPR {w['e2e_tpr']:.1f} tok/s"
     )
