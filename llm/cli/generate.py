@@ -255,6 +255,9 @@ def run(args, plane) -> int:
     if rank == 0:
         if args.json:
             print(json.dumps(out))
-        elif not args.quiet:
+        elif args.no_stream:  # the text it held back, or the ids without a tokenizer
+            ids_text = " ".join(str(t) for t in gen.new_ids)
+            print(out["text"] if out["text"] is not None else ids_text, flush=True)
+        if not args.json and not args.quiet:
             print(format_metrics(out, model.decode_fabric.ledger.device.name), file=sys.stderr)
     return 0

@@ -42,3 +42,10 @@ def test_whole_model_line_says_why_it_cannot_be_placed():
     assert line.startswith("modeled wse2, whole model on the wafer (closed form, as llm estimate)")
     assert line.endswith("not placeable: " + bad["error"])
 
+
+def test_no_stream_prints_the_text_once_at_the_end():
+    rec = json.loads(run([*ARGS, "--ignore-eos", "--json"])[0].stdout)
+    p, _ = run([*ARGS, "--ignore-eos", "--no-stream"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == rec["text"] + "\n"
+    assert "this run's ledger" in p.stderr  # the summary is still printed
