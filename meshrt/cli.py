@@ -120,9 +120,7 @@ def info(args) -> int:
             for d in threadpool_info()
         ]
     except ImportError:
-        cfg = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
-        blas = (cfg or {}).get("Build Dependencies", {}).get("blas", {})
-        out["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+        out["blas"] = _numpy_blas()
     out["devices"] = {
         k: {
             "cores": f"{d.cores_y}x{d.cores_x}",
@@ -180,27 +178,38 @@ def _sizes(text: str) -> str:
     return text
 
 
-def algos_from_args(args) -> tuple:
+def _numpy_blas() -> str:
+    """numpy's BLAS as its build configuration names it (``"?"`` if numpy cannot say)."""
+    import numpy as np
+
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except (TypeError, KeyError):  # numpy < 1.26 has no mode="dicts"
+        return "?"
+    return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+
+
+def algos_from_args(args) -> tuple[str, ...]:
     """Validate what argparse cannot see alone (``--algo`` per benchmark, ``--device``)
     before any work; raises :class:`runtime.UsageError`. Returns the normalised ``--algo``
     names (empty: the benchmark's default)."""
     from .bench import ALGO_ALIASES, ALGOS
 
     kernel = args.kernel if args.what == "model" else args.what
-    names = ()
+    names: tuple[str, ...] = ()
     if args.algo is not None:
         if kernel not in ALGOS:
             raise runtime.UsageError(f"--algo does not apply to bench {args.what}")
-        names = [a.strip().lower() for a in args.algo.split(",")]
+        given = [a.strip().lower() for a in args.algo.split(",")]
         if kernel == "gemv":
-            names = [ALGO_ALIASES.get(a, a) for a in names]
-        unknown = [a for a in names if a not in ALGOS[kernel]]
+            given = [ALGO_ALIASES.get(a, a) for a in given]
+        unknown = [a for a in given if a not in ALGOS[kernel]]
         if unknown:
             raise runtime.UsageError(
                 f"--algo {unknown[0]!r}: {kernel} algorithms are "
                 f"{', '.join(ALGOS[kernel])}" + (" (meshgemv = ktree)" if kernel == "gemv" else "")
             )
-        names = tuple(dict.fromkeys(names))
+        names = tuple(dict.fromkeys(given))
     from .plmr import get_device
 
     try:

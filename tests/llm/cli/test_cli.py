@@ -53,6 +53,7 @@ def test_info_one_process():
     info = json.loads(p.stdout)
     assert info["virtual_mesh"] == "8x6" and info["rank_grid"] == "1x1"
     assert "wse2" in info["devices"] and info["mpi4py"]
+    assert info["blas"] and info["blas"] != "?"  # threadpoolctl's list, or numpy's own config
 
 
 @needs_mpiexec
@@ -109,6 +110,25 @@ def test_bench_model_and_calibrate(tmp_path):
     assert k[("ktree", 720)] < k[("pipeline", 720)]
     p, _ = run(["-m", "meshrt", "bench", "calibrate"])
     assert p.returncode == 0 and "beta=" in p.stdout
+
+
+@pytest.mark.parametrize("n", [None, 2], ids=["one-process", "2-ranks"])
+@pytest.mark.parametrize(
+    "what, algos", [("gemv", "ktree,pipeline,ring"), ("gemm", "meshgemm,cannon,summa")]
+)
+def test_bench_check_compares_every_algorithm_with_numpy(what, algos, n, tmp_path):
+    if n and not os.path.exists(MPIEXEC):
+        pytest.skip("no mpiexec in the venv")
+    import json
+
+    out = tmp_path / "rows.json"
+    args = ["--mesh", "4x4", "--size", "32", "--repeat", "1", "--warmup", "0", "--check"]
+    p, _ = run(["-m", "meshrt", "bench", what, *args, "--algo", algos, "--json", str(out)], n=n)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert [r["algo"] for r in rows] == algos.split(",")
+    for r in rows:  # float32 sums of 32 products in another order
+        assert 0 <= r["max_abs_err"] < 1e-4, r
 
 
 @needs_mpiexec
