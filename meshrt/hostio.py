@@ -3,9 +3,10 @@
 Not a distributed array type: functions that move a global array of tiles, shape
 ``(Py, Px, *tile)``, between the host (rank ``root``, default 0) and the ranks, each of which
 holds the block ``tiles[y0:y0+by, x0:x0+bx]`` of shape ``(by, bx, *tile)``. With several ranks
-they use the fabric's world communicator (``bcast`` of the shape, ``Scatter``, ``Gather`` or
-``Allgather`` of equal blocks in rank order); that is allowed because they model the wafer's host
-I/O, not core-to-core traffic, and the ledger prices them as edge I/O. One rank copies.
+they go through the fabric's control plane (``bcast`` of the shape, then ``Scatter``, ``Gather``
+or ``Allgather`` of equal blocks in rank order on its communicator); that is allowed because
+they model the wafer's host I/O, not core-to-core traffic, and the ledger prices them as edge
+I/O. One rank copies.
 """
 
 from __future__ import annotations
@@ -44,20 +45,20 @@ def scatter(fabric: Fabric, tiles: np.ndarray | None, root: int = 0) -> np.ndarr
 
     Returns this rank's ``(by, bx, *tile)`` block. Non-root ranks pass ``None``.
     """
-    comm = fabric.world
+    control = fabric.control
     if fabric.nranks == 1:
         out = np.array(tiles, copy=True)
     else:
-        meta = comm.bcast(None if tiles is None else (tiles.shape, tiles.dtype.str), root=root)
+        meta = control.bcast(None if tiles is None else (tiles.shape, tiles.dtype.str), root)
+        if meta is None:  # the same on every rank
+            raise ValueError(f"scatter: the root rank {root} passed no tiles")
         shape, dtype = meta
         lay = fabric.layout
         block_shape = (lay.by, lay.bx, *shape[2:])
         out = np.empty(block_shape, dtype=np.dtype(dtype))
-        send = (
-            _rank_blocks(fabric, tiles) if tiles is not None and comm.Get_rank() == root else None
-        )
+        send = _rank_blocks(fabric, tiles) if tiles is not None and control.rank == root else None
         # reorder=False in the Cartesian grid keeps rank order == row-major rank coordinates
-        comm.Scatter(send, out, root=root)
+        control.communicator.Scatter(send, out, root=root)
     fabric.ledger.io(out.nbytes * fabric.nranks, _edge_links(fabric))
     return out
 
@@ -75,8 +76,8 @@ def gather(
     fabric.ledger.io(block.nbytes * fabric.nranks, _edge_links(fabric))
     if fabric.nranks == 1:
         return block.copy()
-    comm = fabric.world
-    receives = to_all or comm.Get_rank() == root
+    comm = fabric.control.communicator
+    receives = to_all or fabric.control.rank == root
     recv = np.empty((lay.ry, lay.rx) + block.shape, block.dtype) if receives else None
     if to_all:
         comm.Allgather(block, recv)

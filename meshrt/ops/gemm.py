@@ -381,7 +381,7 @@ def matmul(
     if k != k2:
         raise ValueError(f"inner dimensions differ: A is {m}x{k}, B is {k2}x{n}")
     mesh = (fab.layout.py, fab.layout.px)
-    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    is_root = fab.nranks == 1 or fab.control.rank == root
     b_algo = algo if b_preskewed else "natural"
     ta = prepare_a(a, mesh, dtype) if is_root and a is not None else None
     tb = prepare_b(b, mesh, b_algo, dtype) if is_root and b is not None else None

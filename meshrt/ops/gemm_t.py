@@ -143,7 +143,7 @@ def matmul_t(
     if d != d2:
         raise ValueError(f"feature dimensions differ: A is {m}x{d}, B is {n}x{d2}")
     mesh = (fab.layout.py, fab.layout.px)
-    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    is_root = fab.nranks == 1 or fab.control.rank == root
     ta, tb = (
         prepare_gemm_t(a, b, mesh, dtype)
         if is_root and a is not None and b is not None

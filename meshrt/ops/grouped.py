@@ -433,7 +433,7 @@ def matmul_t_grouped(
     :func:`grouped_gemm_t`; gather ``C[M, N, G]`` on ``root`` (every rank with ``to_all``)."""
     (m, d), (n, _) = hostio.host_shapes(fab, a, b, root=root)
     mesh = (fab.layout.py, fab.layout.px)
-    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    is_root = fab.nranks == 1 or fab.control.rank == root
     ta = natural_tiles(a, mesh) if is_root else None
     tb = natural_tiles(b, mesh) if is_root else None
     tl = label_tiles(labels, n_groups, mesh) if is_root else None
@@ -459,7 +459,7 @@ def matmul_grouped(
 
     (m, _, g), (_, n) = hostio.host_shapes(fab, a, b, root=root)
     mesh = (fab.layout.py, fab.layout.px)
-    is_root = fab.nranks == 1 or fab.world.Get_rank() == root
+    is_root = fab.nranks == 1 or fab.control.rank == root
     ta = grouped_a_tiles(a, mesh) if is_root else None
     tb = prepare_b(b, mesh, "meshgemm" if b_preskewed else "natural") if is_root else None
     tl = label_tiles(labels, g, mesh) if is_root else None

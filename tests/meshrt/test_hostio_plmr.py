@@ -29,6 +29,34 @@ def test_scatter_gather_roundtrip_and_io_priced(lay):
     assert fab.trace == []  # host I/O is control plane: no data-plane messages
 
 
+@pytest.mark.mpi(min_size=2)
+def test_scatter_and_gather_at_another_root():
+    from meshrt.mesh import MeshLayout
+
+    size, rank = world().Get_size(), world().Get_rank()
+    lay = MeshLayout(2, 2 * size, 1, size)
+    fab = fabric(lay)
+    a = np.arange(4 * size * 3, dtype=np.float32).reshape(2, 2 * size, 3)
+    block = hostio.scatter(fab, a if rank == 1 else None, root=1)
+    np.testing.assert_array_equal(block, a[:, 2 * rank : 2 * rank + 2])
+    back = hostio.gather(fab, block, root=1)
+    if rank == 1:
+        np.testing.assert_array_equal(back, a)
+    else:
+        assert back is None
+
+
+@pytest.mark.mpi(min_size=2)
+def test_scatter_without_tiles_at_the_root_fails_on_every_rank():
+    from meshrt.mesh import MeshLayout
+
+    size, rank = world().Get_size(), world().Get_rank()
+    fab = fabric(MeshLayout(1, size, 1, size))
+    tiles = np.zeros((1, size, 2)) if rank == 0 else None
+    with pytest.raises(ValueError, match="root rank 1 passed no tiles"):
+        hostio.scatter(fab, tiles, root=1)  # rank 1 is the root and holds nothing
+
+
 def test_device_presets_and_overrides(device_presets):
     assert set(PRESETS) >= {"wse2", "wse3"}
     d = get_device("wse2:mem_per_core=98304,alpha=2")
