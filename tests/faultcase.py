@@ -42,6 +42,15 @@ ENV.update(
     PYTHONUNBUFFERED="1",
     MESHRT_ERROR_WAIT="3",
 )
+#: A job script that runs ``python -m llm`` with each rank in its own working directory, as on
+#: nodes without a shared filesystem: ``script DIR_0 .. DIR_{n-1} LLM_ARGS...``.
+PER_RANK_CWD = """
+import os, runpy, sys
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+os.chdir(sys.argv[1 + rank])
+sys.argv = ["llm"] + sys.argv[1 + int(os.environ["OMPI_COMM_WORLD_SIZE"]):]
+runpy.run_module("llm", run_name="__main__", alter_sys=True)
+"""
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec in the venv")
 
 

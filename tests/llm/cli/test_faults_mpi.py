@@ -8,7 +8,15 @@ file outside the intended output changed. The jobs use the documented launch for
 import shutil
 
 import pytest
-from faultcase import assert_one_error, changed, error_lines, needs_mpiexec, run, snapshot
+from faultcase import (
+    PER_RANK_CWD,
+    assert_one_error,
+    changed,
+    error_lines,
+    needs_mpiexec,
+    run,
+    snapshot,
+)
 from goldens import FIXTURES
 
 pytestmark = needs_mpiexec
@@ -22,14 +30,6 @@ def main(argv):
         raise runtime.UsageError("bad input seen by rank %d only" % comm.Get_rank())
     comm.Barrier()      # rank 0 waits for ranks that will never come
 runtime.run_main(main)
-"""
-
-PER_RANK_CWD = """
-import os, runpy, sys
-rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-os.chdir(sys.argv[1 + rank])
-sys.argv = ["llm"] + sys.argv[1 + int(os.environ["OMPI_COMM_WORLD_SIZE"]):]
-runpy.run_module("llm", run_name="__main__", alter_sys=True)
 """
 
 
