@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from meshrt import runtime
@@ -13,10 +12,13 @@ from .common import (
     add_mesh_args,
     add_run_args,
     mesh_spec,
+    non_negative,
     positive,
+    probability,
     run_options,
     sampling_options,
     subparser,
+    temperature,
 )
 
 
@@ -64,10 +66,14 @@ def add_parser(sub) -> None:
         f"{DEFAULT_CONTEXT} or the model's context if shorter); a turn that "
         "does not fit starts a new conversation",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--top-k", type=non_negative, default=0, help="keep the k most likely tokens (0 = all)"
+    )
+    p.add_argument(
+        "--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)"
+    )
+    p.add_argument("--seed", type=non_negative, default=0, help="sampling seed (default 0)")
     add_mesh_args(p, None, " (default: as converted; for an HF directory 2x2 cores per rank)")
     add_run_args(p)
     p.add_argument(
@@ -103,32 +109,29 @@ def run(args, plane) -> int:
 
     from ..serve.chat import DEFAULT_CONTEXT, ChatSession
     from ..serve.generate import format_metrics, load_model
-    from ..text.chat_template import ChatTemplate, ChatTemplateError
-    from ..text.tokenizer import StreamDecoder, load_tokenizer
+    from ..serve.preflight import prepare_chat
+    from ..text.tokenizer import StreamDecoder
 
     rank = plane.rank
     log = runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
-    try:
-        template = ChatTemplate.from_model_dir(args.model)
-    except ChatTemplateError as e:
-        raise runtime.UsageError(str(e)) from None
     try:
         sampler = sampling_options(args).sampler()
     except ValueError as e:
         raise runtime.UsageError(str(e)) from None
     source = ModelSource(args.model, mesh_spec(args), run_options(args), verify=args.verify)
-    try:
-        model = load_model(source, plane)
-    except MeshError as e:
-        raise runtime.UsageError(str(e)) from None
-    tok_dir = args.model if os.path.exists(os.path.join(args.model, "tokenizer.json")) else None
-    tokenizer = load_tokenizer(tok_dir, model.config)
-    context = min(args.context or DEFAULT_CONTEXT, model.config.max_position_embeddings)
+    # path, config, tokenizer and template: checked and agreed on every rank before any weight
+    checked, template = prepare_chat(source, plane)
+    tokenizer = checked.tokenizer
+    context = min(args.context or DEFAULT_CONTEXT, checked.config.max_position_embeddings)
     if args.max_new_tokens >= context:
         raise runtime.UsageError(
             f"--max-new-tokens {args.max_new_tokens} must be smaller than "
             f"the session context of {context} tokens"
         )
+    try:
+        model = load_model(source, plane)
+    except MeshError as e:
+        raise runtime.UsageError(str(e)) from None
     session = ChatSession(
         model,
         tokenizer,

@@ -1,12 +1,16 @@
-"""What ``generate`` checks before any model loads: the model path, config, tokenizer and prompt.
+"""What ``generate`` and ``chat`` check before any model loads: the model path, config,
+tokenizer, chat template and prompt.
 
 Every check that reads the filesystem runs on every rank and the ranks agree on the outcome
 (:func:`agree`): a model directory missing on one node (no shared filesystem) ends every rank
-with the same one-line message instead of a hang or a traceback on that rank alone.
+with the same one-line message instead of a hang or a traceback on that rank alone. What each
+rank read must also be the same (:func:`same_on_every_rank`): ranks that tokenize with
+different files would feed different tokens and diverge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,7 +20,7 @@ from meshrt.runtime import ControlPlane
 
 from ..modeling.config import ConfigError, ModelConfig
 from ..modeling.weights import CheckpointError
-from ..storage.shards import MANIFEST_NAME, ShardError, read_manifest
+from ..storage.shards import MANIFEST_NAME, ShardError, file_sha256, read_manifest
 from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
 
 #: Failures of bad input or of the environment (a user can fix them): one message, exit 2.
@@ -43,6 +47,18 @@ def agree(control: ControlPlane, fn, *args, **kwargs):
             raise runtime.UsageError(_message(e)) from None
 
     return control.agree(check, on="all", catch=runtime.UsageError)
+
+
+def same_on_every_rank(control: ControlPlane, value: str, what: str) -> None:
+    """Return if every rank holds the same ``value`` (a short text saying what that rank
+    read), else raise the same ``UsageError`` on every rank. Collective over ``control``."""
+    values = control.allgather(value)
+    for rank, other in enumerate(values):
+        if other != values[0]:
+            raise runtime.UsageError(
+                f"the ranks read different {what}s: rank 0 {values[0]}, rank {rank} {other} "
+                "(give every rank the same model directory)"
+            )
 
 
 def _message(e: BaseException) -> str:
@@ -84,10 +100,16 @@ def read_config(path, kind: str, max_context: int | None = None) -> ModelConfig:
     return ModelConfig.from_json(path, max_context=max_context)
 
 
-def open_tokenizer(path, config: ModelConfig, need_text: bool):
+def open_tokenizer(
+    path,
+    config: ModelConfig,
+    need_text: bool,
+    hint: str = "or give the prompt as token ids (--prompt-ids)",
+):
     """The model's tokenizer, or ``None`` when it has none and only token ids are used.
 
-    ``need_text``: the prompt or a stop string is text, so a tokenizer is required.
+    ``need_text``: the prompt or a stop string is text, so a tokenizer is required (``hint``
+    ends the error message when there is none).
     """
     from ..text.tokenizer import load_tokenizer
 
@@ -95,10 +117,39 @@ def open_tokenizer(path, config: ModelConfig, need_text: bool):
         return load_tokenizer(path, config)
     except ValueError as e:  # no tokenizer file and a vocabulary too small for bytes
         if need_text:
-            raise runtime.UsageError(
-                f"{e}; or give the prompt as token ids (--prompt-ids)"
-            ) from None
+            raise runtime.UsageError(f"{e}; {hint}") from None
         return None
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """What a rank's tokenizer was read from, for :func:`same_on_every_rank`."""
+    if tokenizer is None:
+        return "has none"
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        return f"has the byte-level fallback (vocabulary {tokenizer.vocab_size})"
+    return f"has {path.name} (sha256 {file_sha256(path)[:12]})"
+
+
+def chat_template(path):
+    """The :class:`~llm.text.chat_template.ChatTemplate` of a model directory or shard set
+    (``UsageError`` if it has none, or jinja2 is missing)."""
+    from ..text.chat_template import ChatTemplate, ChatTemplateError
+
+    try:
+        return ChatTemplate.from_model_dir(path)
+    except ChatTemplateError as e:
+        raise runtime.UsageError(str(e)) from None
+
+
+def _model_files(source: ModelSource, control: ControlPlane, need_text: bool, **hint):
+    """``(kind, config, tokenizer)`` of ``source.path``, agreed and the same on every rank."""
+    path = source.path
+    kind = agree(control, model_kind, path)
+    config = agree(control, read_config, path, kind, source.max_context)
+    tokenizer = agree(control, open_tokenizer, path, config, need_text, **hint)
+    same_on_every_rank(control, agree(control, tokenizer_identity, tokenizer), "tokenizer")
+    return kind, config, tokenizer
 
 
 def parse_ids(text: str, vocab_size: int | None = None, what: str = "--prompt-ids") -> list:
@@ -188,8 +239,6 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
     With a batch or chat prompt the prompts are not known yet: ``ids`` is empty.
     """
     path = source.path
-    kind = agree(control, model_kind, path)
-    config = agree(control, read_config, path, kind, source.max_context)
     later = request.prompt.later
     need_text = (
         later
@@ -201,7 +250,7 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
             if part.strip()
         )
     )
-    tokenizer = agree(control, open_tokenizer, path, config, need_text)
+    kind, config, tokenizer = _model_files(source, control, need_text)
     stop = agree(control, stop_ids, request.stop, tokenizer, config)
     if later:
         return Request(path, kind, config, tokenizer, [], stop)  # prompts come later
@@ -213,6 +262,24 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
             f"{config.max_position_embeddings} tokens"
         )
     return Request(path, kind, config, tokenizer, ids, stop)
+
+
+def prepare_chat(source: ModelSource, control: ControlPlane):
+    """``llm chat``'s checks before any weight is read, agreed by every rank: the model path,
+    its config, its tokenizer (required) and its chat template, each the same on every rank.
+
+    Returns
+    -------
+    (Request, ChatTemplate)
+        The request has no prompt ids (the turns come later) and stops at the model's EOS ids.
+    """
+    path = source.path
+    hint = "chat needs the model's tokenizer (tokenizer.json or tokenizer.model)"
+    kind, config, tokenizer = _model_files(source, control, True, hint=hint)
+    template = agree(control, chat_template, path)
+    digest = hashlib.sha256(template.source.encode("utf-8")).hexdigest()[:12]
+    same_on_every_rank(control, f"has one of sha256 {digest}", "chat template")
+    return Request(path, kind, config, tokenizer, [], set(config.eos_ids)), template
 
 
 def check_kv_capacity(model, prompt_tokens: int, new_tokens: int, capacity: int | None, log):
