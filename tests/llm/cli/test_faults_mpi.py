@@ -145,6 +145,26 @@ def test_model_directory_missing_on_one_rank(tmp_path):
     assert changed(before, snapshot(tmp_path, MODEL)) == []
 
 
+def test_ranks_with_different_tokenizers_stop_before_loading(tmp_path):
+    """Rank 1's copy of the model has an older tokenizer.json (one merge fewer): it would feed
+    other tokens than rank 0 and the ranks would diverge. Every rank stops alike instead."""
+    import json
+
+    here, there = tmp_path / "node0", tmp_path / "node1"
+    shutil.copytree(MODEL, here / "model")
+    shutil.copytree(MODEL, there / "model")
+    tok = there / "model" / "tokenizer.json"
+    spec = json.loads(tok.read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]
+    tok.write_text(json.dumps(spec))
+    script = tmp_path / "per_rank_cwd.py"
+    script.write_text(PER_RANK_CWD)
+    args = ["generate", "--model", "model", "--prompt", "hi", "--max-new-tokens", "2"]
+    p, dt = run([script, here, there, *args], n=2, module=None)
+    line = assert_one_error(p, dt, "the ranks read different tokenizers", "rank 1 has tokenizer")
+    assert line.count("tokenizer.json (sha256") == 2
+
+
 @pytest.mark.parametrize(
     "extra, phrases",
     [
