@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from meshrt import runtime
@@ -14,10 +15,12 @@ def add_parser(sub) -> None:
         sub,
         "plan",
         "per-core memory, KV capacity and meshes that fit a device",
-        "Pure arithmetic, no MPI: weights per core of each phase, KV bytes per token "
+        "Pure arithmetic, no MPI needed: weights per core of each phase, KV bytes per token "
         "per core, KV capacity under the shift and concat policies, whether it fits "
         "the device's core memory, and the smallest square meshes that do. Sizes are "
-        "the wafer's (2-byte words on WSE-2); activations are not counted.",
+        "the wafer's (2-byte words on WSE-2); activations are not counted. Under mpiexec "
+        "every rank reads its own copy of --model and all stop with one error unless "
+        "they read the same model.",
         "examples:\n"
         "  python -m llm plan --preset llama3-8b --context 4096\n"
         "  python -m llm plan --preset llama2-13b --decode-mesh 720x720 "
@@ -70,29 +73,39 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def read_model(path) -> tuple:
+    """``(config, meshes)`` of a shard set (``meshes``: phase -> its mesh, from the manifest)
+    or of an HF model directory (no meshes). Reads only the manifest or ``config.json``."""
+    from ..modeling.config import ModelConfig
+    from ..serve.preflight import model_kind
+    from ..storage.shards import read_manifest
+
+    if model_kind(path) == "shards":
+        m = read_manifest(path)
+        meshes = {phase: tuple(p["mesh"]) for phase, p in m["phases"].items()}
+        return ModelConfig.from_dict(m["config"]), meshes
+    try:
+        return ModelConfig.from_json(path), {}
+    except NotImplementedError as e:  # a model feature this code does not support
+        raise runtime.UsageError(f"{path}: {e}") from None
+
+
 def run(args, plane) -> int:
     from ..cost.memory_budget import format_memory_budget, memory_budget
-    from ..modeling.config import ModelConfig, preset
+    from ..modeling.config import preset
+    from ..serve.preflight import agree, same_on_every_rank
 
     rank = plane.rank
     decode_mesh, prefill_mesh = grid_or_none(args.decode_mesh), grid_or_none(args.prefill_mesh)
     if args.model is not None:
-        from pathlib import Path
-
-        from ..storage.shards import MANIFEST_NAME, read_manifest
-
-        if (Path(args.model) / MANIFEST_NAME).exists():
-            m = read_manifest(args.model)
-            config = ModelConfig.from_dict(m["config"])
-            phases = m["phases"]
-            decode_mesh = decode_mesh or tuple(phases["decode"]["mesh"])
-            if prefill_mesh is None and "prefill" in phases:
-                prefill_mesh = tuple(phases["prefill"]["mesh"])
-        else:
-            try:
-                config = ModelConfig.from_json(args.model)
-            except NotImplementedError as e:  # a model feature this code does not support
-                raise runtime.UsageError(f"{args.model}: {e}") from None
+        # every rank reads its own copy: they agree on a failure and on what they read, so a
+        # model missing on one node stops every rank alike instead of one rank alone
+        config, meshes = agree(plane, read_model, args.model)
+        seen = json.dumps([config.to_dict(), sorted(meshes.items())], sort_keys=True)
+        digest = hashlib.sha256(seen.encode()).hexdigest()[:12]
+        same_on_every_rank(plane, f"has config and meshes of sha256 {digest}", "model")
+        decode_mesh = decode_mesh or meshes.get("decode")
+        prefill_mesh = prefill_mesh or meshes.get("prefill")
     else:
         config = preset(args.preset or "llama3-8b")
     if args.layers is not None:

@@ -5,6 +5,7 @@ file outside the intended output changed. The jobs use the documented launch for
 (``python -m mpi4py -m llm``) unless a case is about the form without ``-m mpi4py``.
 """
 
+import json
 import shutil
 
 import pytest
@@ -148,8 +149,6 @@ def test_model_directory_missing_on_one_rank(tmp_path):
 def test_ranks_with_different_tokenizers_stop_before_loading(tmp_path):
     """Rank 1's copy of the model has an older tokenizer.json (one merge fewer): it would feed
     other tokens than rank 0 and the ranks would diverge. Every rank stops alike instead."""
-    import json
-
     here, there = tmp_path / "node0", tmp_path / "node1"
     shutil.copytree(MODEL, here / "model")
     shutil.copytree(MODEL, there / "model")
@@ -163,6 +162,53 @@ def test_ranks_with_different_tokenizers_stop_before_loading(tmp_path):
     p, dt = run([script, here, there, *args], n=2, module=None)
     line = assert_one_error(p, dt, "the ranks read different tokenizers", "rank 1 has tokenizer")
     assert line.count("tokenizer.json (sha256") == 2
+
+
+@pytest.fixture(scope="module")
+def r12(tmp_path_factory):
+    """tiny-llama-gqa converted for a 1x2 rank grid (decode 2x2, prefill 2x4)."""
+    from llm.storage.convert import convert
+
+    out = tmp_path_factory.mktemp("plan") / "r12"
+    meshes = {"decode": (2, 2), "prefill": (2, 4)}
+    convert(out, str(MODEL), ranks=(1, 2), meshes=meshes, progress=False)
+    return out
+
+
+def test_plan_of_a_shard_set_on_two_ranks_prints_once(r12):
+    p, _ = run(["plan", "--model", r12, "--json"], n=2)
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)  # one JSON document: rank 0 alone prints
+    assert plan["phases"]["decode"]["mesh"] == [2, 2]
+    assert plan["phases"]["prefill"]["mesh"] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "damage, phrases",
+    [
+        ("missing", ["on rank 1: --model model: no such directory"]),
+        ("manifest", ["on rank 1:", "manifest.json was modified after conversion"]),
+        ("other-model", ["the ranks read different models", "rank 1 has config"]),
+    ],
+)
+def test_plan_stops_every_rank_alike_when_rank_1_reads_another_model(
+    damage, phrases, r12, tmp_path
+):
+    """No shared filesystem: rank 1's copy of ``--model`` is missing, damaged or another model."""
+    here, there = tmp_path / "node0", tmp_path / "node1"
+    shutil.copytree(r12, here / "model")
+    there.mkdir()
+    if damage == "manifest":
+        shutil.copytree(r12, there / "model")
+        manifest = there / "model" / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"float32"', '"float16"', 1))
+    if damage == "other-model":
+        shutil.copytree(FIXTURES / "tiny-qwen2", there / "model")
+    script = tmp_path / "per_rank_cwd.py"
+    script.write_text(PER_RANK_CWD)
+    p, dt = run([script, here, there, "plan", "--model", "model"], n=2, module=None)
+    assert_one_error(p, dt, *phrases)
+    assert p.stdout == ""  # rank 0 printed no plan of its own
 
 
 @pytest.mark.parametrize(
@@ -183,8 +229,6 @@ def test_bad_generate_input_on_two_ranks(extra, phrases, tmp_path):
 
 
 def test_kv_full_on_two_ranks_keeps_the_tokens_of_one_rank():
-    import json
-
     args = [
         "generate",
         "--model",
