@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from meshrt import runtime
@@ -93,7 +92,7 @@ def read_model(path) -> tuple:
 def run(args, plane) -> int:
     from ..cost.memory_budget import format_memory_budget, memory_budget
     from ..modeling.config import preset
-    from ..serve.preflight import agree, same_on_every_rank
+    from ..serve.preflight import agree, digest, same_on_every_rank
 
     rank = plane.rank
     decode_mesh, prefill_mesh = grid_or_none(args.decode_mesh), grid_or_none(args.prefill_mesh)
@@ -101,9 +100,8 @@ def run(args, plane) -> int:
         # every rank reads its own copy: they agree on a failure and on what they read, so a
         # model missing on one node stops every rank alike instead of one rank alone
         config, meshes = agree(plane, read_model, args.model)
-        seen = json.dumps([config.to_dict(), sorted(meshes.items())], sort_keys=True)
-        digest = hashlib.sha256(seen.encode()).hexdigest()[:12]
-        same_on_every_rank(plane, f"has config and meshes of sha256 {digest}", "model")
+        seen = digest([config.to_dict(), sorted(meshes.items())])
+        same_on_every_rank(plane, f"has config and meshes of sha256 {seen}", "model")
         decode_mesh = decode_mesh or meshes.get("decode")
         prefill_mesh = prefill_mesh or meshes.get("prefill")
     else:

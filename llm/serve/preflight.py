@@ -11,6 +11,7 @@ different files would feed different tokens and diverge.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ def same_on_every_rank(control: ControlPlane, value: str, what: str) -> None:
                 f"the ranks read different {what}s: rank 0 {values[0]}, rank {rank} {other} "
                 "(give every rank the same model directory)"
             )
+
+
+def digest(value) -> str:
+    """A short sha256 of a JSON-able ``value`` (keys sorted), to compare what ranks read."""
+    text = json.dumps(value, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def _message(e: BaseException) -> str:
@@ -147,6 +154,7 @@ def _model_files(source: ModelSource, control: ControlPlane, need_text: bool, **
     path = source.path
     kind = agree(control, model_kind, path)
     config = agree(control, read_config, path, kind, source.max_context)
+    same_on_every_rank(control, f"has one of sha256 {digest(config.to_dict())}", "model config")
     tokenizer = agree(control, open_tokenizer, path, config, need_text, **hint)
     same_on_every_rank(control, agree(control, tokenizer_identity, tokenizer), "tokenizer")
     return kind, config, tokenizer
@@ -277,8 +285,7 @@ def prepare_chat(source: ModelSource, control: ControlPlane):
     hint = "chat needs the model's tokenizer (tokenizer.json or tokenizer.model)"
     kind, config, tokenizer = _model_files(source, control, True, hint=hint)
     template = agree(control, chat_template, path)
-    digest = hashlib.sha256(template.source.encode("utf-8")).hexdigest()[:12]
-    same_on_every_rank(control, f"has one of sha256 {digest}", "chat template")
+    same_on_every_rank(control, f"has one of sha256 {digest(template.source)}", "chat template")
     return Request(path, kind, config, tokenizer, [], set(config.eos_ids)), template
 
 

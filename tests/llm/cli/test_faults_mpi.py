@@ -164,6 +164,18 @@ def test_ranks_with_different_tokenizers_stop_before_loading(tmp_path):
     assert line.count("tokenizer.json (sha256") == 2
 
 
+def test_ranks_with_different_models_stop_before_loading(tmp_path):
+    """Rank 1's directory of the same name holds another model (another config)."""
+    here, there = tmp_path / "node0", tmp_path / "node1"
+    shutil.copytree(MODEL, here / "model")
+    shutil.copytree(FIXTURES / "tiny-qwen2", there / "model")
+    script = tmp_path / "per_rank_cwd.py"
+    script.write_text(PER_RANK_CWD)
+    args = ["generate", "--model", "model", "--prompt-ids", "1,2", "--max-new-tokens", "2"]
+    p, dt = run([script, here, there, *args], n=2, module=None)
+    assert_one_error(p, dt, "the ranks read different model configs", "rank 1 has one of")
+
+
 @pytest.fixture(scope="module")
 def r12(tmp_path_factory):
     """tiny-llama-gqa converted for a 1x2 rank grid (decode 2x2, prefill 2x4)."""
