@@ -30,10 +30,12 @@ DEFAULT_CONTEXT = 2048
 
 def chat_prompt_ids(model_dir, tokenizer, question: str, system: str | None = None) -> list:
     """Token ids of a one-question conversation, ending with the assistant's turn opener."""
-    from ..text.chat_template import ChatTemplate, ChatTemplateError, chat_messages
+    from ..text.chat_template import ChatTemplateError, chat_messages
+    from .preflight import chat_template
 
+    template = chat_template(model_dir, hint="give a plain prompt with --prompt instead")
     try:
-        text = ChatTemplate.from_model_dir(model_dir).render(chat_messages(question, system))
+        text = template.render(chat_messages(question, system))
     except ChatTemplateError as e:
         raise runtime.UsageError(str(e)) from None
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -138,13 +138,18 @@ def tokenizer_identity(tokenizer) -> str:
     return f"has {path.name} (sha256 {file_sha256(path)[:12]})"
 
 
-def chat_template(path):
+def chat_template(
+    path, hint: str = "llm chat needs a chat model (for a base model: llm generate --prompt TEXT)"
+):
     """The :class:`~llm.text.chat_template.ChatTemplate` of a model directory or shard set
-    (``UsageError`` if it has none, or jinja2 is missing)."""
-    from ..text.chat_template import ChatTemplate, ChatTemplateError
+    (``UsageError`` if it has none, with ``hint`` on what to do instead, or if it is unusable or
+    jinja2 is missing)."""
+    from ..text.chat_template import ChatTemplate, ChatTemplateError, NoChatTemplate
 
     try:
         return ChatTemplate.from_model_dir(path)
+    except NoChatTemplate as e:
+        raise runtime.UsageError(f"{e}; {hint}") from None
     except ChatTemplateError as e:
         raise runtime.UsageError(str(e)) from None
 

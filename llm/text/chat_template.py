@@ -26,6 +26,10 @@ class ChatTemplateError(ValueError):
     """No chat template, an unusable one, or messages it cannot render."""
 
 
+class NoChatTemplate(ChatTemplateError):
+    """The model has no chat template at all (a base model): a plain prompt is the way in."""
+
+
 def check_messages(messages) -> list[dict]:
     """Validate ``[{"role": ..., "content": ...}, ...]``; returns plain dicts.
 
@@ -108,10 +112,9 @@ class ChatTemplate:
         """The template of a model directory or shard set (its ``tokenizer_config.json``)."""
         path = Path(model_dir) / CONFIG_NAME
         if not path.is_file():
-            raise ChatTemplateError(
-                f"{model_dir} has no {CONFIG_NAME}, so no chat template: "
-                "use --prompt, or a model converted from GGUF or an HF "
-                "chat model"
+            raise NoChatTemplate(
+                f"{model_dir} has no {CONFIG_NAME}, so no chat template (a model "
+                "converted from GGUF or from an HF chat model has one)"
             )
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -122,9 +125,7 @@ class ChatTemplate:
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
         if not isinstance(source, str) or not source:
-            raise ChatTemplateError(
-                f"{path} has no chat_template: this model has no chat format; use --prompt"
-            )
+            raise NoChatTemplate(f"{path} has no chat_template: this model has no chat format")
         specials = {
             k: _special_token_text(cfg.get(k))
             for k in ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -114,4 +114,14 @@ def test_reset_exit_and_context_full(chat_model):
 
 def test_chat_needs_a_template(tmp_path):
     p = chat(ROOT + "/tests/fixtures/tiny-llama-gqa", "hi\n", n=None)
-    assert p.returncode == 2 and "no chat template" in p.stderr.splitlines()[-1]
+    last = p.stderr.splitlines()[-1]
+    assert p.returncode == 2 and "no chat template" in last
+    assert "llm generate --prompt" in last  # what to do with a base model
+
+
+def test_generate_chat_on_a_base_model_points_to_prompt():
+    from llm.serve.chat import chat_prompt_ids
+    from meshrt.runtime import UsageError
+
+    with pytest.raises(UsageError, match=r"no chat template .*; give a plain prompt with --prompt"):
+        chat_prompt_ids(ROOT + "/tests/fixtures/tiny-llama-gqa", None, "hi")
