@@ -54,8 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=positive,
-        default=256,
-        help="longest reply, in tokens (default 256)",
+        default=None,
+        help="longest reply, in tokens (default 256, or half the session context if smaller)",
     )
     p.add_argument(
         "--context",
@@ -123,9 +123,10 @@ def run(args, plane) -> int:
     checked, template = prepare_chat(source, plane)
     tokenizer = checked.tokenizer
     context = min(args.context or DEFAULT_CONTEXT, checked.config.max_position_embeddings)
-    if args.max_new_tokens >= context:
+    max_new_tokens = args.max_new_tokens or max(1, min(256, context // 2))
+    if max_new_tokens >= context:
         raise runtime.UsageError(
-            f"--max-new-tokens {args.max_new_tokens} must be smaller than "
+            f"--max-new-tokens {max_new_tokens} must be smaller than "
             f"the session context of {context} tokens"
         )
     try:
@@ -138,7 +139,7 @@ def run(args, plane) -> int:
         template,
         sampler,
         model.config.eos_ids,
-        args.max_new_tokens,
+        max_new_tokens,
         context,
         args.system,
     )

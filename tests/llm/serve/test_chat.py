@@ -125,3 +125,13 @@ def test_generate_chat_on_a_base_model_points_to_prompt():
 
     with pytest.raises(UsageError, match=r"no chat template .*; give a plain prompt with --prompt"):
         chat_prompt_ids(ROOT + "/tests/fixtures/tiny-llama-gqa", None, "hi")
+
+
+def test_default_reply_length_fits_a_small_context(chat_model):
+    d, _ = chat_model
+    context = tiny_config().max_position_embeddings
+    assert context < 2 * 256  # the default of 256 would not fit: half the context is used
+    p = chat(d / "one", "the cat\n/exit\n", "--json", n=None)
+    assert p.returncode == 0, p.stderr
+    (turn,) = [json.loads(line) for line in p.stdout.splitlines()]
+    assert 0 < len(turn["new_ids"]) <= context // 2
