@@ -34,8 +34,8 @@ from ..modeling.config import ModelConfig
 from . import estimate
 from .wafer import (
     PlacementError,
+    RunPlacement,
     Shelves,
-    WaferPlan,
     kv_capacity,
     place,
     place_phase,
@@ -158,7 +158,7 @@ def predict(
     if prompt < 1 or new_tokens < 1:
         raise ValueError("prompt and new_tokens must be at least 1")
     pmesh, dmesh = tuple(prefill_mesh), tuple(decode_mesh)
-    plan: WaferPlan = place(config, device, pmesh, dmesh, prompt, new_tokens)
+    placement: RunPlacement = place(config, device, pmesh, dmesh, prompt, new_tokens)
     L = config.num_layers
 
     (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(
@@ -166,13 +166,13 @@ def predict(
     )
     ttft_cycles = t_ends + L * t_layer
     replace_cycles = w_ends + L * w_layer
-    if plan.coexist:
+    if placement.coexist:
         ttft_cycles -= replace_cycles
-    pre_transfers = stage_transfers(plan.prefill, config, prompt)
+    pre_transfers = stage_transfers(placement.prefill, config, prompt)
     pre_xfer = transfer_cycles(device, pre_transfers)
     ttft_cycles += pre_xfer
 
-    dec_transfers = stage_transfers(plan.decode, config, 1)
+    dec_transfers = stage_transfers(placement.decode, config, 1)
     dec_xfer = transfer_cycles(device, dec_transfers)
     if new_tokens == 1:
         steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt, allreduce)]
@@ -188,7 +188,7 @@ def predict(
     ttft_s = device.seconds(ttft_cycles)
     tpot_s = device.seconds(tpot_cycles)
     e2e_s = ttft_s + device.seconds(decode_total)
-    kv = kv_capacity(config, device, dmesh, wafers=plan.decode.wafers)
+    kv = kv_capacity(config, device, dmesh, wafers=placement.decode.wafers)
     violations = []
     context = prompt + new_tokens
     if kv["shift"] < context:
@@ -196,9 +196,9 @@ def predict(
             f"the KV cache holds {kv['shift']} tokens (shift), fewer than the "
             f"{context} of this request"
         )
-    if plan.wafers > 1:
+    if placement.wafers > 1:
         violations.append(
-            f"the model needs {plan.wafers} wafers; priced as a layer subset on "
+            f"the model needs {placement.wafers} wafers; priced as a layer subset on "
             "one wafer, scaled per layer (inter-wafer links excluded)"
         )
     wafer_cores = device.cores_x * device.cores_y
@@ -216,20 +216,23 @@ def predict(
         "decode_tpr": 1.0 / tpot_s,
         "e2e_tpr": new_tokens / e2e_s,
         "kv_capacity": {"shift": kv["shift"], "concat": kv["concat"]},
-        "stages": {"prefill": len(plan.prefill.stages), "decode": len(plan.decode.stages)},
+        "stages": {
+            "prefill": len(placement.prefill.stages),
+            "decode": len(placement.decode.stages),
+        },
         "cores": {
-            "prefill": len(plan.prefill.stages) * plan.prefill.cores,
-            "decode": len(plan.decode.stages) * plan.decode.cores,
+            "prefill": len(placement.prefill.stages) * placement.prefill.cores,
+            "decode": len(placement.decode.stages) * placement.decode.cores,
             "wafer": wafer_cores,
         },
         "fits": not violations,
         "violations": violations,
-        "wafers": plan.wafers,
-        "method": plan.method,
+        "wafers": placement.wafers,
+        "method": placement.method,
         "parts_s": {
             "prefill_and_first_token": device.seconds(ttft_cycles - pre_xfer),
             "prefill_stage_transfers": device.seconds(pre_xfer),
-            "weight_replacement": 0.0 if plan.coexist else device.seconds(replace_cycles),
+            "weight_replacement": 0.0 if placement.coexist else device.seconds(replace_cycles),
             "decode_stage_transfers_per_token": device.seconds(dec_xfer),
             "decode_total": device.seconds(decode_total),
         },
@@ -237,7 +240,7 @@ def predict(
             "prefill": sum(t["inter_wafer"] for t in pre_transfers),
             "decode_per_token": sum(t["inter_wafer"] for t in dec_transfers),
         },
-        "placement": plan.summary(),
+        "placement": placement.summary(),
     }
 
 

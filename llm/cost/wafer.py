@@ -286,7 +286,7 @@ def transfer_cost(
 
 
 @dataclass
-class WaferPlan:
+class RunPlacement:
     """Placement of both phases of a run on ``device``."""
 
     config: ModelConfig
@@ -354,7 +354,7 @@ def place(
     decode_mesh: tuple[int, int],
     prompt: int,
     new_tokens: int,
-) -> WaferPlan:
+) -> RunPlacement:
     """Stages and regions of a run: a ``prompt``-token prefill then ``new_tokens`` decodes.
 
     Raises
@@ -381,7 +381,7 @@ def place(
             context,
             Shelves(device.cores_y, device.cores_x),
         )
-    return WaferPlan(config, device, pre, dec, coexist)
+    return RunPlacement(config, device, pre, dec, coexist)
 
 
 def stage_transfers(pl: PhasePlacement, config: ModelConfig, tokens: int) -> list[dict]:
