@@ -88,7 +88,7 @@ $(ORACLE): $(STAMP)
 	.venv-oracle/bin/pip install -q --no-deps -e .
 
 test-oracle: $(ORACLE) model
-	timeout -k 10 $(MPI_TIMEOUT) $(ORACLE) -m pytest -q --color=no tests/oracle/test_oracle_live.py tests/llm/modeling/test_reference.py
+	timeout -k 10 $(MPI_TIMEOUT) $(ORACLE) -m pytest -q --color=no tests/oracle/test_oracle_live.py tests/llm/modeling
 	WAFERLLM_GGUF=$$($(PY) -m llm fetch smollm2 -q) timeout -k 10 3600 $(ORACLE) -m pytest -q -s \
 	  --color=no -o faulthandler_timeout=3000 tests/oracle/test_oracle_gguf.py
 
