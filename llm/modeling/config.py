@@ -28,6 +28,13 @@ class ConfigError(ValueError):
     """A model configuration that is inconsistent or cannot be read; the message names the field."""
 
 
+def _id_tuple(ids) -> tuple:
+    """Token ids as HF configs write them (one int, a list, or null) as a tuple of int."""
+    if ids is None:
+        return ()
+    return (int(ids),) if isinstance(ids, int) else tuple(int(e) for e in ids)
+
+
 @dataclass(frozen=True)
 class _Family:
     """How one HF ``model_type`` maps onto :class:`ModelConfig`."""
@@ -193,8 +200,7 @@ class ModelConfig:
             )
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", _check_rope_scaling(dict(self.rope_scaling)))
-        eos = self.eos_token_id
-        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
+        eos = _id_tuple(self.eos_token_id)
         object.__setattr__(self, "eos_token_id", eos)
         for tok in eos + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
             if not 0 <= tok < self.vocab_size:
@@ -234,7 +240,7 @@ class ModelConfig:
         embeddings are tied.
         """
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_size, self.kv_size
-        shapes = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h)}
         for layer in range(self.num_layers):
             p = f"model.layers.{layer}."
             shapes[p + "input_layernorm.weight"] = (h,)
@@ -368,7 +374,7 @@ class ModelConfig:
             attention_out_bias=flag(fam.out_bias),
             mlp_bias=flag(fam.mlp_bias),
             bos_token_id=d.get("bos_token_id", fam.default_bos),
-            eos_token_id=d.get("eos_token_id", fam.default_eos),
+            eos_token_id=_id_tuple(d.get("eos_token_id", fam.default_eos)),
             sliding_window=None if window is None else int(window),
             dtype=dtype,
             hidden_act=d.get("hidden_act", "silu"),

@@ -149,6 +149,7 @@ def _special_ids(model_dir: Path | None, config) -> tuple[int | None, tuple, int
     """(bos id, eos ids, vocab size) from a ModelConfig or the directory's JSON files."""
     if config is not None:
         return config.bos_token_id, tuple(config.eos_ids), config.vocab_size
+    assert model_dir is not None, "a model directory or a config"  # load_tokenizer checks it
     bos, eos, vocab = None, [], None
     for fname in ("config.json", "generation_config.json"):
         path = model_dir / fname
