@@ -76,9 +76,10 @@ class ReferenceModel:
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping):
+        lazy_shapes = getattr(weights, "shapes", None)  # lazy readers list shapes unread
         shapes = (
-            weights.shapes()
-            if callable(getattr(weights, "shapes", None))  # lazy readers
+            lazy_shapes()
+            if callable(lazy_shapes)
             else {name: np.shape(value) for name, value in weights.items()}
         )
         if config.tie_word_embeddings:

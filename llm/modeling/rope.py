@@ -36,7 +36,9 @@ def inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.nda
     # with torch in ~99% of cases (the rest differ by 1 ulp) and is the more accurate value.
     power = np.float64(np.float32(theta)) ** exponents.astype(np.float64)
     freq = np.float32(1.0) / power.astype(np.float32)  # f32[D/2]
-    rope_type = "default" if scaling is None else scaling["rope_type"]
+    if scaling is None:
+        return freq
+    rope_type = scaling["rope_type"]
     if rope_type == "default":
         return freq
     if rope_type == "linear":
