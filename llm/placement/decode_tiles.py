@@ -70,13 +70,13 @@ def layer_parts(lay: PhaseLayout, layer: int) -> dict:
     }
 
 
-def layer_vectors(lay: PhaseLayout, layer: int) -> dict:
+def layer_vectors(lay: PhaseLayout, layer: int) -> dict[str, tuple[tuple[str, np.ndarray], ...]]:
     """Norm weights and biases of one layer: ``key -> ((name, index), ...)`` per fused group."""
     c = lay.config
     p = f"model.layers.{layer}."
     a, m = p + "self_attn.", p + "mlp."
     h, f = c.hidden_size, c.intermediate_size
-    out = {
+    out: dict[str, tuple[tuple[str, np.ndarray], ...]] = {
         "attn_norm": ((p + "input_layernorm.weight", feature_index(None, h, lay.hidden)),),
         "mlp_norm": ((p + "post_attention_layernorm.weight", feature_index(None, h, lay.hidden)),),
     }

@@ -19,6 +19,7 @@ The permutations are recorded in shard manifests (:meth:`PhaseLayout.describe`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -30,6 +31,19 @@ from ..modeling.config import ModelConfig
 from ..modeling.rope import inv_freq_for
 
 LAYOUT_VERSION = 1
+
+
+def mesh_pair(values: Iterable[int]) -> tuple[int, int]:
+    """``(rows, cols)`` of a virtual mesh or rank grid given as any two-element sequence (a
+    list read from JSON, a tuple, a ``MeshSpec`` field).
+
+    Raises
+    ------
+    ValueError
+        Unless there are exactly two values.
+    """
+    rows, cols = values
+    return rows, cols
 
 
 @dataclass(frozen=True)

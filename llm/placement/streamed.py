@@ -23,7 +23,7 @@ read a row range at a time; otherwise the tensor is looked up and sliced.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +54,7 @@ def read_rows(src: Mapping, name: str, idx: np.ndarray) -> np.ndarray:
         and (idx == np.arange(want[0], want[-1] + 1)).all()
     ):
         return _read_run(src, name, int(want[0]), int(want[-1]) + 1)
-    out = None
+    out: np.ndarray | None = None
     for a, z in zip(starts, stops):
         lo, hi = int(want[a]), int(want[z - 1]) + 1
         run = _read_run(src, name, lo, hi)
@@ -62,6 +62,7 @@ def read_rows(src: Mapping, name: str, idx: np.ndarray) -> np.ndarray:
             out = np.zeros((idx.size,) + run.shape[1:], np.float32)
         sel = valid & (idx >= lo) & (idx < hi)
         out[sel] = run[idx[sel] - lo]
+    assert out is not None, "some row is wanted, so at least one run was read"
     return out
 
 
@@ -141,10 +142,16 @@ def _take_cols(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def feature_index(perm, real: int, size: int) -> np.ndarray:
+def feature_index(
+    perm: Sequence[int] | np.ndarray | None, real: int | None, size: int
+) -> np.ndarray:
     """``int[size]``: source index of each mesh feature (``perm`` or the identity over ``real``
-    features), ``-1`` for padding."""
-    base = np.arange(real, dtype=np.int64) if perm is None else np.asarray(perm, np.int64)
+    features), ``-1`` for padding. ``real`` is needed only without ``perm``."""
+    if perm is None:
+        assert real is not None, "without a permutation the real feature count is needed"
+        base = np.arange(real, dtype=np.int64)
+    else:
+        base = np.asarray(perm, np.int64)
     return np.concatenate([base, np.full(size - base.size, -1, np.int64)])
 
 
@@ -282,7 +289,7 @@ class Vector:
 class Const:
     """Tiles that depend on the layout only (RoPE frequencies, K/V head labels)."""
 
-    make: object
+    make: Callable[[], np.ndarray]
 
     def block(
         self, src: Mapping, mesh: tuple, origin: tuple, block: tuple, storage: str = "float32"
@@ -477,7 +484,7 @@ def place_one(
     block: tuple,
     storage: str = "float32",
     tied: bool = False,
-):
+) -> np.ndarray | RowTable | LazyBlock:
     """One rank's block of one tensor of a phase, held as :func:`residency` says."""
     how = residency(phase, name, tied)
     shape = tuple(block) + (tile_shape(spec, mesh) if isinstance(spec, Matrix) else ())
@@ -506,7 +513,7 @@ def place_phases(
     each tensor.
     """
     cached = TensorCache(src, cache_bytes)
-    out = {ph: {} for ph in phases}
+    out: dict[str, dict[str, np.ndarray | RowTable | LazyBlock]] = {ph: {} for ph in phases}
     names = list(dict.fromkeys(n for specs, *_ in phases.values() for n in specs))
     for name in names:
         for ph, (specs, mesh, origin, block) in phases.items():
