@@ -58,22 +58,24 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
     device = led.device
     for op in ops:
         d, name, kind = op.dims, op.name, op.kind
-        cores = None if op.axis is None else mesh[op.axis]
         local = P.local_costs(op, run)
         if kind == "embed_broadcast":
             led.io(4, 1)  # the token id enters the wafer
-            led.charge(name, broadcast_cost(cores, run.token_col, d["seg"]))
+            led.charge(name, broadcast_cost(_axis_cores(op, mesh), run.token_col, d["seg"]))
         elif kind == "embed_fetch":
             ids = np.asarray(run.ids, dtype=np.int64)
             led.io(4 * ids.size, 1)
             led.charge(
                 name,
                 fetch_cost(
-                    ids // d["vocab_rows"], np.arange(ids.size) // d["rows"], cores, d["seg"]
+                    ids // d["vocab_rows"],
+                    np.arange(ids.size) // d["rows"],
+                    _axis_cores(op, mesh),
+                    d["seg"],
                 ),
             )
         elif kind == "norm":
-            spec.charge(led, cores, d["rows"], f"{name}/allreduce")
+            spec.charge(led, _axis_cores(op, mesh), d["rows"], f"{name}/allreduce")
         elif kind == "gemv":
             estimate_meshgemv(
                 d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led, name=name
@@ -83,12 +85,13 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
         elif kind == "kv_append":
             led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * lay.kv // lay.px)
         elif kind == "cache_scores":
-            spec.charge(led, cores, run.fill * d["heads"], f"{name}/allreduce")
+            spec.charge(led, _axis_cores(op, mesh), run.fill * d["heads"], f"{name}/allreduce")
         elif kind == "softmax":
+            cores = _axis_cores(op, mesh)
             spec.charge(led, cores, d["queries"], f"{name}/max")
             spec.charge(led, cores, d["queries"], f"{name}/sum")
         elif kind == "cache_pv":
-            spec.charge(led, cores, d["tq"], f"{name}/allreduce")
+            spec.charge(led, _axis_cores(op, mesh), d["tq"], f"{name}/allreduce")
         elif kind == "grouped_scores":
             estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
         elif kind == "grouped_pv":
@@ -96,6 +99,7 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
                 d["m"], d["k"], d["n"], d["groups"], mesh, device, False, led, name
             )
         elif kind == "argmax":
+            cores = _axis_cores(op, mesh)
             spec.charge(led, cores, 1, f"{name}/value")
             spec.charge(led, cores, 1, f"{name}/index")
             led.io(4, 1)  # the token leaves the wafer
@@ -104,6 +108,13 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
         elif kind not in ("add", "vocab_mask", "rope", "swiglu"):
             raise ValueError(f"no price for op kind {kind!r}")
         P.charge_local(led, name, local)
+
+
+def _axis_cores(op: P.Op, mesh: tuple[int, int]) -> int:
+    """Cores along the mesh axis that ``op``'s reduction or broadcast runs on."""
+    if op.axis is None:
+        raise ValueError(f"op {op.name!r} ({op.kind}) communicates but names no mesh axis")
+    return mesh[op.axis]
 
 
 def price_layers(

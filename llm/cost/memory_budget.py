@@ -17,7 +17,7 @@ from meshrt.plmr import Device, get_device
 from ..modeling.config import ModelConfig
 from ..placement.decode_tiles import decode_tile_shapes
 from ..placement.footprint import kv_slot_words, weight_words_per_core
-from ..placement.layout import PhaseLayout
+from ..placement.layout import PhaseLayout, mesh_pair
 from ..placement.prefill_tiles import prefill_tile_shapes
 
 
@@ -180,10 +180,10 @@ def memory_budget(
     smallest = {ph: smallest_square_mesh(config, dev, ph, context) for ph in ("decode", "prefill")}
     out["smallest_square"] = smallest
     largest = min(dev.cores_x, dev.cores_y)
-    meshes = {}
+    meshes: dict[str, tuple[tuple[int, int], str]] = {}
     for ph, given in (("decode", decode_mesh), ("prefill", prefill_mesh)):
         if given is not None:
-            meshes[ph] = (tuple(given), "given")
+            meshes[ph] = (mesh_pair(given), "given")
         elif ph == "decode" or decode_mesh is None:
             side = smallest[ph] or largest
             meshes[ph] = (
@@ -193,15 +193,16 @@ def memory_budget(
                 else "largest square on the device (nothing fits)",
             )
         else:
-            meshes[ph] = (tuple(decode_mesh), "same as decode")
-    out["phases"] = {}
+            meshes[ph] = (mesh_pair(decode_mesh), "same as decode")
+    phases: dict[str, dict] = {}
+    out["phases"] = phases
     for ph, (mesh, why) in meshes.items():
         rec = phase_memory(config, mesh, dev, ph, kv_memory, context)
         rec["mesh_choice"] = why
-        out["phases"][ph] = rec
-    out["fits"] = all(r["fits"] for r in out["phases"].values())
+        phases[ph] = rec
+    out["fits"] = all(r["fits"] for r in phases.values())
     out["wafer"] = _wafer_placement(
-        config, dev, out["phases"]["prefill"]["mesh"], out["phases"]["decode"]["mesh"], context
+        config, dev, phases["prefill"]["mesh"], phases["decode"]["mesh"], context
     )
     return out
 

@@ -31,6 +31,7 @@ from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
 
 from ..modeling.config import ModelConfig
+from ..placement.layout import mesh_pair
 from . import estimate
 from .wafer import (
     PlacementError,
@@ -157,7 +158,7 @@ def predict(
     device = get_device(device)
     if prompt < 1 or new_tokens < 1:
         raise ValueError("prompt and new_tokens must be at least 1")
-    pmesh, dmesh = tuple(prefill_mesh), tuple(decode_mesh)
+    pmesh, dmesh = mesh_pair(prefill_mesh), mesh_pair(decode_mesh)
     placement: RunPlacement = place(config, device, pmesh, dmesh, prompt, new_tokens)
     L = config.num_layers
 
@@ -253,13 +254,13 @@ def decode_tpr(
     pl = place_phase(
         config,
         device,
-        tuple(mesh),
+        mesh_pair(mesh),
         "decode",
         context,
         context,
         Shelves(device.cores_y, device.cores_x),
     )
-    cycles = decode_step_cycles(config, tuple(mesh), device, context) + transfer_cycles(
+    cycles = decode_step_cycles(config, mesh_pair(mesh), device, context) + transfer_cycles(
         device, stage_transfers(pl, config, 1)
     )
     return 1.0 / device.seconds(cycles)

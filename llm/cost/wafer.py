@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from meshrt.plmr import Device
 
 from ..modeling.config import ModelConfig
+from ..placement.layout import mesh_pair
 
 #: What a multi-wafer prediction leaves out, and why (reported in ``method``).
 INTER_WAFER_NOTE = (
@@ -321,9 +322,9 @@ class RunPlacement:
 def place_phase(config, device, mesh, phase, tokens, kv_tokens, shelves) -> PhasePlacement:
     pl = PhasePlacement(
         phase,
-        tuple(mesh),
+        mesh_pair(mesh),
         kv_tokens,
-        stage_stack(config, tuple(mesh), device, phase, tokens, kv_tokens),
+        stage_stack(config, mesh_pair(mesh), device, phase, tokens, kv_tokens),
     )
     regions = []
     for _ in pl.stages:
@@ -402,7 +403,7 @@ def kv_capacity(
     """
     py, px = decode_mesh
     wb = device.word_bytes
-    stages = stage_stack(config, tuple(decode_mesh), device, "decode", 1, 0)
+    stages = stage_stack(config, mesh_pair(decode_mesh), device, "decode", 1, 0)
     n = wafers or max(
         1, math.ceil(len(stages) / max(1, (device.cores_y // py) * (device.cores_x // px)))
     )
