@@ -428,7 +428,9 @@ def save_model_dir(path, config: ModelConfig, weights: Mapping, dtype: str = "fl
 
 def _save_bf16(path: Path, weights: Mapping) -> None:
     """A safetensors file of bfloat16 tensors, written from its specification."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    header: dict[str, dict[str, object]] = {"__metadata__": {"format": "pt"}}
+    blobs: list[bytes] = []
+    offset = 0
     for name in sorted(weights):
         words = f32_to_bf16_words(np.asarray(weights[name], dtype=np.float32))
         blob = words.astype("<u2").tobytes()

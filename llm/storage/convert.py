@@ -29,10 +29,10 @@ from meshrt.mesh import MeshError, MeshLayout, default_rank_grid, grid_coords
 from meshrt.runtime import ControlPlane
 
 from ..modeling.config import ConfigError, ModelConfig, preset
-from ..placement.layout import LAYOUT_VERSION, PhaseLayout
+from ..placement.layout import LAYOUT_VERSION, PhaseLayout, mesh_pair
 from ..placement.phase_tiles import PHASE_TILES
 from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
-from .shard_writer import ShardWriter, prepare_target, publish, remove_temporary
+from .shard_writer import FileRecord, ShardWriter, prepare_target, publish, remove_temporary
 from .shards import FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash, grid_text
 
 RANDOM_PREFIX = "random:"
@@ -222,7 +222,7 @@ class _Progress:
         self.live = root and not self.bar.disable
         self.root, self.log, self.every = root, log, max(1, int(every))
         self.count, self.nbytes, self.t0 = 0, 0, time.perf_counter()
-        self._group = None
+        self._group: tuple[str, str] | None = None
 
     def tensor(self, phase: str, name: str, nbytes: int) -> None:
         group = (phase, name.split("/")[0] if "/" in name else "")
@@ -366,7 +366,7 @@ def convert(
         raise ShardError(
             f"storage dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}"
         )
-    grid = tuple(ranks) if ranks is not None else choose_rank_grid(nprocs, meshes)
+    grid = mesh_pair(ranks) if ranks is not None else choose_rank_grid(nprocs, meshes)
     layouts = phase_layouts(meshes, grid)
     nfiles = grid[0] * grid[1]
     if nprocs > nfiles:
@@ -455,6 +455,7 @@ def convert(
     gathered = control.gather((manifest.get("content_hash"), records, failure))
 
     def publish_on_root() -> dict:
+        assert gathered is not None, "publish_on_root runs on rank 0, which gathered every rank"
         try:
             failures = [f for _, _, f in gathered if f]
             if failures:
@@ -467,7 +468,7 @@ def convert(
                     "ranks produced different tensor lists or shapes (the tile "
                     "producers are not deterministic); nothing was written"
                 )
-            files = {}
+            files: dict[str, FileRecord] = {}
             for _, recs, _ in gathered:
                 files.update(recs)
             manifest["files"] = dict(sorted(files.items()))

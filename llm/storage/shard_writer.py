@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -32,6 +33,14 @@ from .shards import (
     grid_text,
     rank_file_name,
 )
+
+
+class FileRecord(TypedDict):
+    """A rank file's entry in the manifest's ``files``."""
+
+    rank: list[int]  # (Ry, Rx) coordinates of the rank that reads the file
+    bytes: int
+    sha256: str
 
 
 class ShardWriter:
@@ -89,9 +98,9 @@ class ShardWriter:
                 raise write_error(e, f.filename) from None
             self.bytes_written += block.nbytes
 
-    def finish(self, manifest_hash: str) -> dict:
+    def finish(self, manifest_hash: str) -> dict[str, FileRecord]:
         """Stamp, close and checksum every file; returns the manifest's ``files`` entries."""
-        records = {}
+        records: dict[str, FileRecord] = {}
         for coords, f in self.files.items():
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
@@ -332,6 +341,7 @@ def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) 
         if delete_other_files:
             shutil.rmtree(old, ignore_errors=True)
             return out
+        assert listed is not None, "an old directory exists only if out did, and out was listed"
         for name in listed:
             (old / name).unlink(missing_ok=True)
         try:

@@ -61,7 +61,7 @@ from meshrt.precision import bf16_words, from_bf16_words
 from meshrt.runtime import ControlPlane
 
 from ..modeling.config import ConfigError, ModelConfig
-from ..placement.layout import LAYOUT_VERSION
+from ..placement.layout import LAYOUT_VERSION, mesh_pair
 
 FORMAT_NAME = "waferllm-mpi-shards"
 FORMAT_VERSION = 1
@@ -302,8 +302,8 @@ class ShardSet:
         self.path = Path(path)
         self.manifest = manifest
         self.config = ModelConfig.from_dict(manifest["config"])
-        self.ranks = tuple(manifest["rank_grid"])
-        self.coords = tuple(coords)
+        self.ranks = mesh_pair(manifest["rank_grid"])
+        self.coords = mesh_pair(coords)
         self.phases = list(manifest["phases"])
         self.dtype = manifest["dtype"]
         self.file_name = rank_file_name(self.coords)
@@ -312,7 +312,7 @@ class ShardSet:
 
     def mesh(self, phase: str) -> tuple[int, int]:
         """Virtual mesh ``(Py, Px)`` of ``phase``."""
-        return tuple(self._phase(phase)["mesh"])
+        return mesh_pair(self._phase(phase)["mesh"])
 
     def layout(self, phase: str) -> MeshLayout:
         """The :class:`MeshLayout` of ``phase`` on the shard set's rank grid."""
@@ -394,14 +394,14 @@ def _wanted_meshes(meshes, decode_mesh, prefill_mesh) -> dict:
     for phase, mesh in (("decode", decode_mesh), ("prefill", prefill_mesh)):
         if mesh is not None:
             wanted[phase] = mesh
-    out = {}
+    out: dict[str, tuple[tuple[int, int], tuple[int, int] | None]] = {}
     for phase, mesh in wanted.items():
         if mesh is None:
             continue
         if isinstance(mesh, MeshLayout):
             out[phase] = ((mesh.py, mesh.px), (mesh.ry, mesh.rx))
         else:
-            out[phase] = (tuple(int(v) for v in mesh), None)
+            out[phase] = (mesh_pair(int(v) for v in mesh), None)
     return out
 
 
