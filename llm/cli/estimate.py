@@ -116,13 +116,13 @@ def add_parser(sub):
     return p
 
 
-def _mesh(text: str | None, what: str):
+def _mesh(text: str | None, what: str) -> tuple[int, int] | None:
     from meshrt.mesh import MeshError, parse_grid
 
     if text is None:
         return None
     try:
-        return tuple(parse_grid(text, what))
+        return parse_grid(text, what)
     except MeshError as e:
         raise runtime.UsageError(str(e)) from None
 
@@ -183,27 +183,36 @@ def paper_table(device="wse2") -> dict:
     from ..cost.predict import decode_tpr
 
     dev = get_device(device)
-    out = {"device": dev.to_dict(), "context": CONTEXT, "decode": {}, "prefill": {}, "e2e": {}}
+    decode: dict[str, dict[int, float]] = {}
+    prefill: dict[str, dict[int, dict]] = {}
+    e2e: dict[str, dict[str, dict]] = {}
+    out = {
+        "device": dev.to_dict(),
+        "context": CONTEXT,
+        "decode": decode,
+        "prefill": prefill,
+        "e2e": e2e,
+    }
     for name in PAPER_MODELS:
         config = _config(name)
-        out["decode"][name] = {s: decode_tpr(config, (s, s), device, CONTEXT) for s in DECODE_SIDES}
-        out["prefill"][name] = {}
+        decode[name] = {s: decode_tpr(config, (s, s), device, CONTEXT) for s in DECODE_SIDES}
+        prefill[name] = {}
         for s in PREFILL_SIDES:
             r = one(name, (s, s), (s, s), CONTEXT, 1, device)
-            out["prefill"][name][s] = {
+            prefill[name][s] = {
                 "prefill_tpr": r["prefill_tpr"],
                 "ttft_s": r["ttft_s"],
                 "stages": r["stages"]["prefill"],
                 "wafers": r["wafers"],
             }
     for name, (pm, dm) in E2E_RUNS.items():
-        out["e2e"][name] = {}
+        e2e[name] = {}
         for n, m in E2E_LENGTHS:
             r = one(name, (pm, pm), (dm, dm), n, m, device)
-            out["e2e"][name][f"{n}/{m}"] = {
+            e2e[name][f"{n}/{m}"] = {
                 k: r[k] for k in ("e2e_tpr", "ttft_s", "tpot_s", "decode_tpr", "stages", "wafers")
             }
-            out["e2e"][name][f"{n}/{m}"]["meshes"] = f"{pm}->{dm}"
+            e2e[name][f"{n}/{m}"]["meshes"] = f"{pm}->{dm}"
     return out
 
 

@@ -37,10 +37,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshrt import runtime
 
 from .options import BatchOptions, GenerateOptions, StopOptions
+
+if TYPE_CHECKING:
+    from ..text.chat_template import ChatTemplate
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
 SETTING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
@@ -124,7 +128,7 @@ class RequestReader:
     def __init__(self, tokenizer, config, defaults: GenerateOptions, template_loader=None):
         self.tokenizer, self.config, self.defaults = tokenizer, config, defaults
         self._template_loader = template_loader
-        self._template = None
+        self._template: ChatTemplate | None = None
         self.seen: set = set()
 
     def _chat_prompt(self, messages) -> str:

@@ -22,8 +22,12 @@ log says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshrt import runtime
+
+if TYPE_CHECKING:
+    from .generate import Generation
 
 DEFAULT_CONTEXT = 2048
 
@@ -48,7 +52,7 @@ class Turn:
     fed_ids: list  # tokens fed to the model this turn (the new ones only)
     cached: int  # tokens the KV cache already held
     reprefilled: bool  # the conversation had to be prefilled again from the start
-    generation: object  # llm.serve.generate.Generation
+    generation: Generation
 
 
 class ChatSession:

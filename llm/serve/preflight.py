@@ -154,15 +154,19 @@ def chat_template(
         raise runtime.UsageError(str(e)) from None
 
 
-def _model_files(source: ModelSource, control: ControlPlane, need_text: bool, **hint):
-    """``(kind, config, tokenizer)`` of ``source.path``, agreed and the same on every rank."""
+def _model_files(
+    source: ModelSource, control: ControlPlane, need_text: bool, **hint
+) -> tuple[str, str, ModelConfig, object]:
+    """``(path, kind, config, tokenizer)`` of ``source.path``, agreed and the same on every
+    rank."""
     path = source.path
     kind = agree(control, model_kind, path)
+    assert path is not None, "model_kind refuses a missing --model on every rank"
     config = agree(control, read_config, path, kind, source.max_context)
     same_on_every_rank(control, f"has one of sha256 {digest(config.to_dict())}", "model config")
     tokenizer = agree(control, open_tokenizer, path, config, need_text, **hint)
     same_on_every_rank(control, agree(control, tokenizer_identity, tokenizer), "tokenizer")
-    return kind, config, tokenizer
+    return path, kind, config, tokenizer
 
 
 def parse_ids(text: str, vocab_size: int | None = None, what: str = "--prompt-ids") -> list:
@@ -251,7 +255,6 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
 
     With a batch or chat prompt the prompts are not known yet: ``ids`` is empty.
     """
-    path = source.path
     later = request.prompt.later
     need_text = (
         later
@@ -263,7 +266,7 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
             if part.strip()
         )
     )
-    kind, config, tokenizer = _model_files(source, control, need_text)
+    path, kind, config, tokenizer = _model_files(source, control, need_text)
     stop = agree(control, stop_ids, request.stop, tokenizer, config)
     if later:
         return Request(path, kind, config, tokenizer, [], stop)  # prompts come later
@@ -286,9 +289,8 @@ def prepare_chat(source: ModelSource, control: ControlPlane):
     (Request, ChatTemplate)
         The request has no prompt ids (the turns come later) and stops at the model's EOS ids.
     """
-    path = source.path
     hint = "chat needs the model's tokenizer (tokenizer.json or tokenizer.model)"
-    kind, config, tokenizer = _model_files(source, control, True, hint=hint)
+    path, kind, config, tokenizer = _model_files(source, control, True, hint=hint)
     template = agree(control, chat_template, path)
     same_on_every_rank(control, f"has one of sha256 {digest(template.source)}", "chat template")
     return Request(path, kind, config, tokenizer, [], set(config.eos_ids)), template
