@@ -204,23 +204,27 @@ class AllreduceSpec:
     def costs(self, n_cores: int, words: float) -> list[tuple[str, Cost]]:
         """``(phase, cost)`` of one allreduce of ``words`` per core over ``n_cores``; the phase
         is appended to the allreduce's ledger name (``""``: the name itself)."""
+        return [(phase[1:], cost) for phase, cost in self._costs(n_cores, words)]
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (specs are few, frozen and long-lived)
+    def _costs(self, n_cores: int, words: float) -> tuple:
         if self.algo == "ktree":
             costs = ktree_cost(n_cores, words, self.levels, self.groups)
-            return [
-                ("broadcast" if i == len(costs) - 1 else f"level{i + 1}", c)
+            return tuple(
+                ("/broadcast" if i == len(costs) - 1 else f"/level{i + 1}", c)
                 for i, c in enumerate(costs)
-            ]
+            )
         if self.algo == "pipeline":
-            return [
-                ("reduce", chain_cost(n_cores, n_cores - 1, words)),
-                ("broadcast", broadcast_cost(n_cores, n_cores - 1, words)),
-            ]
-        return [("", ring_cost(n_cores, words))]
+            return (
+                ("/reduce", chain_cost(n_cores, n_cores - 1, words)),
+                ("/broadcast", broadcast_cost(n_cores, n_cores - 1, words)),
+            )
+        return (("", ring_cost(n_cores, words)),)
 
     def charge(self, ledger: Ledger, n_cores: int, words: float, name: str) -> None:
         """Write into ``ledger`` exactly what :func:`allreduce` records under ``name``."""
-        for phase, cost in self.costs(n_cores, words):
-            ledger.charge(f"{name}/{phase}" if phase else name, cost)
+        for phase, cost in self._costs(n_cores, words):
+            ledger.charge(name + phase, cost)
 
 
 KTREE = AllreduceSpec()
@@ -387,7 +391,7 @@ def reduce_to_root(
         Like ``block``: root cores hold the reduction of their line; all other cores hold 0.
     """
     n = fab.layout.cores(axis)
-    words = int(np.prod(block.shape[2:]))
+    words = math.prod(block.shape[2:])
     if record:
         fab.ledger.charge(name, chain_cost(n, root, words))
     ufunc = OPS[op]
@@ -429,7 +433,7 @@ def broadcast(
     """
     n = fab.layout.cores(axis)
     if record:
-        words = int(np.prod(block.shape[2:]))
+        words = math.prod(block.shape[2:])
         fab.ledger.charge(name, broadcast_cost(n, root, words))
     r = np.asarray(root)
     if r.ndim == 0:  # one root for all lines: the stream flows outward from the root's rank
@@ -484,7 +488,7 @@ def allreduce(
     """
     name = name or f"allreduce_{spec.algo}"
     if record:
-        spec.charge(fab.ledger, fab.layout.cores(axis), int(np.prod(block.shape[2:])), name)
+        spec.charge(fab.ledger, fab.layout.cores(axis), math.prod(block.shape[2:]), name)
     if spec.algo == "ktree":
         return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)
     if spec.algo == "pipeline":
@@ -508,7 +512,7 @@ def ktree_allreduce(
     n = fab.layout.cores(axis)
     plan = ktree_levels(n, levels, groups)
     if record:
-        words = int(np.prod(block.shape[2:]))
+        words = math.prod(block.shape[2:])
         AllreduceSpec("ktree", groups, levels).charge(fab.ledger, n, words, name)
     if fab.layout.ranks(axis) == 1 or fab.aggregate:
         # One rank holds the whole line (no messages), or the fabric aggregates: each rank's
@@ -538,7 +542,7 @@ def ring_allreduce(
     ufunc = OPS[op]
     n = fab.layout.cores(axis)
     vec_shape = block.shape[2:]
-    words = int(np.prod(vec_shape))
+    words = math.prod(vec_shape)
     if record:
         fab.ledger.charge(name, ring_cost(n, words))
     if n == 1:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -183,9 +184,11 @@ def get_device(name_or_device) -> Device:
     return dev
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def kernel_of(name: str) -> str:
     """The kernel a record belongs to: its name up to the first component after ``layerN/``
-    prefixes (``layer3/qkv/allreduce/level1`` -> ``layer3/qkv``)."""
+    prefixes (``layer3/qkv/allreduce/level1`` -> ``layer3/qkv``). Cached: a run repeats a few
+    thousand names."""
     parts = name.split("/")
     i = 0
     while i < len(parts) - 1 and re.fullmatch(r"layer\d+", parts[i]):
@@ -298,19 +301,27 @@ class Ledger:
     io_cycles: float = 0.0
     _prefix: list = field(default_factory=list)
     kernel: str | None = None  # the kernel the cores run; None: none yet
+    # "a/b/" for the open sections (the prefix of every name recorded now)
+    _path: str = field(default="", repr=False, compare=False)
+    # step figures -> (total, compute, comm) on _steps_device: a run prices a few hundred
+    # distinct steps
+    _steps: dict = field(default_factory=dict, repr=False, compare=False)
+    _steps_device: Device | None = field(default=None, repr=False, compare=False)
 
     # -- recording -------------------------------------------------------------------------
     def _name(self, op: str) -> str:
-        return "/".join(self._prefix + [op])
+        return self._path + op
 
     @contextlib.contextmanager
     def section(self, name: str):
         """Group the records made inside under ``name/`` (e.g. per layer)."""
         self._prefix.append(name)
+        outer, self._path = self._path, self._path + name + "/"
         try:
             yield self
         finally:
             self._prefix.pop()
+            self._path = outer
 
     def step_cycles(
         self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False, vectors=0
@@ -318,7 +329,18 @@ class Ledger:
         """``(total, compute, comm)`` cycles of one step, without recording it.
 
         ``total`` includes the device's fixed ``step_overhead``; ``compute`` and ``comm`` do not.
+        Memoized per device and step figures (the same arithmetic, done once).
         """
+        if self._steps_device is not self.device:
+            self._steps.clear()
+            self._steps_device = self.device
+        key = (macs, words, hops, routings, overlap, vectors)
+        got = self._steps.get(key)
+        if got is None:
+            got = self._steps[key] = self._step_cycles(macs, words, hops, routings, overlap, vectors)
+        return got
+
+    def _step_cycles(self, macs, words, hops, routings, overlap, vectors) -> tuple:
         d = self.device
         compute = macs / d.macs_per_cycle + vectors * d.vector_setup
         comm = 0.0

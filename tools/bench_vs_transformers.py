@@ -1,9 +1,17 @@
 """Decode speed of the emulator against HF transformers (torch CPU, float32), in one run.
 
-Needs the oracle venv (torch + transformers): ``make bench-hf``. Both sides run the same random
-weights at the shapes of a preset (default ``llama-100m``, ~100M parameters). Transformers runs in
-this process; the emulator runs as ``python -m llm bench`` with one rank and under ``mpiexec``
-with four, from the project venv. Prints each side's median time per output token and the ratios.
+Needs the oracle venv (torch + transformers; gguf + accelerate for the real model):
+``make bench-hf``. Both sides run the same weights and the same prompt ids:
+
+* ``--model llama-100m`` (or another preset): random weights at the preset's shapes;
+* ``--model smollm2``: the real SmolLM2-135M-Instruct (``python -m llm fetch smollm2``), which
+  transformers reads from its GGUF file and the emulator from float32 shards converted from the
+  same file (once per rank grid and mesh, kept in ``out/bench-hf/``).
+
+Transformers runs in this process with as many torch threads as the emulator has ranks (the
+cores both sides use; ``--torch-threads`` overrides); the emulator runs as ``python -m llm
+bench`` under ``mpiexec``, from the project venv. Prints each side's median TTFT and time per
+output token and the emulator's ratios to transformers.
 """
 
 from __future__ import annotations
@@ -23,11 +31,25 @@ from llm.modeling.config import preset  # noqa: E402
 from llm.storage.checkpoint import random_weights  # noqa: E402
 
 
-def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> dict:
+REAL_MODELS = ("smollm2",)
+
+
+def hf_model(args, config):
+    """The transformers model both sides run: random preset weights or the real GGUF."""
     import warnings
 
-    import numpy as np
     import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # cache argument renames
+    if args.model in REAL_MODELS:
+        from transformers import AutoModelForCausalLM
+
+        path = args.gguf
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        )
+        model.generation_config.eos_token_id = None
+        return model.eval()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf = LlamaConfig(
@@ -38,21 +60,34 @@ def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> 
         }
     )
     hf.eos_token_id = None
-    warnings.filterwarnings("ignore", category=FutureWarning)  # cache argument renames
     model = LlamaForCausalLM(hf).eval()
     state = {k: torch.from_numpy(v) for k, v in random_weights(config).items()}
     model.load_state_dict(state, strict=False)
-    rng = np.random.default_rng(0)
-    ids = torch.from_numpy(rng.integers(3, config.vocab_size, prompt_len))[None]
+    return model
+
+
+def prompt_ids(vocab_size: int, prompt_len: int):
+    """The prompt ``llm bench`` runs: ``prompt_len`` ids drawn with seed 0."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, vocab_size, prompt_len)
+
+
+def transformers_tpot(args, config, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    model = hf_model(args, config)
+    ids = torch.from_numpy(prompt_ids(config.vocab_size, args.prompt_len))[None]
     times = []
-    for _ in range(repeat + 1):
+    for _ in range(args.repeat + 1):
         with torch.no_grad():
             t0 = time.perf_counter()
             out = model(ids, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             ttft = time.perf_counter() - t0
             steps = []
-            for _ in range(new_tokens - 1):
+            for _ in range(args.new_tokens - 1):
                 t1 = time.perf_counter()
                 out = model(tok, past_key_values=past, use_cache=True)
                 past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -66,34 +101,8 @@ def transformers_tpot(config, prompt_len: int, new_tokens: int, repeat: int) -> 
     }
 
 
-def emulator_tpot(args, ranks: int, emulation: str = "exact") -> dict:
-    py = os.path.join(ROOT, ".venv", "bin", "python")
-    cmd = [
-        py,
-        "-m",
-        "llm",
-        "bench",
-        "--preset",
-        args.preset,
-        "--decode-mesh",
-        args.mesh,
-        "--dtype",
-        "float32",
-        "--prompt-len",
-        str(args.prompt_len),
-        "--new-tokens",
-        str(args.new_tokens),
-        "--repeat",
-        str(args.repeat),
-        "--warmup",
-        "1",
-        "--emulation",
-        emulation,
-        "--json",
-    ]
-    if ranks > 1:
-        cmd = [os.path.join(ROOT, ".venv", "bin", "mpiexec"), "-n", str(ranks)] + cmd
-    env = dict(
+def _env() -> dict:
+    return dict(
         os.environ,
         OMPI_ALLOW_RUN_AS_ROOT="1",
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -103,10 +112,17 @@ def emulator_tpot(args, ranks: int, emulation: str = "exact") -> dict:
         OPENBLAS_NUM_THREADS="1",
         OMP_NUM_THREADS="1",
     )
+
+
+def _venv_run(cmd: list, ranks: int) -> subprocess.CompletedProcess:
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    cmd = [py] + cmd
+    if ranks > 1:
+        cmd = [os.path.join(ROOT, ".venv", "bin", "mpiexec"), "-n", str(ranks)] + cmd
     p = subprocess.run(
         cmd,
         cwd=ROOT,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=1800,
@@ -114,7 +130,28 @@ def emulator_tpot(args, ranks: int, emulation: str = "exact") -> dict:
     )
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr}")
-    out = json.loads(p.stdout)
+    return p
+
+
+def real_shards(args, ranks: int) -> str:
+    """Float32 shards of the real model for ``ranks`` on ``args.mesh`` (converted once)."""
+    out = os.path.join(ROOT, "out", "bench-hf", f"{args.model}-{ranks}ranks-{args.mesh}")
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        cmd = ["-m", "llm", "convert", args.gguf, "--out", out, "--decode-mesh", args.mesh]
+        _venv_run(cmd + ["--force", "-q"], ranks)
+    return out
+
+
+def emulator_tpot(args, ranks: int, emulation: str) -> dict:
+    source = (
+        ["--model", real_shards(args, ranks)]
+        if args.model in REAL_MODELS
+        else ["--preset", args.model, "--decode-mesh", args.mesh, "--dtype", "float32"]
+    )
+    cmd = ["-m", "llm", "bench"] + source
+    cmd += ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--repeat", str(args.repeat), "--warmup", "1", "--emulation", emulation, "--json"]
+    out = json.loads(_venv_run(cmd, ranks).stdout)
     return {
         "ttft_s": out["emulator"]["ttft_s"],
         "tpot_s": out["emulator"]["median_tpot_s"],
@@ -128,12 +165,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--preset", default="llama-100m")
+    ap.add_argument(
+        "--model",
+        "--preset",
+        default="llama-100m",
+        help="a preset (random weights) or smollm2 (the real model; fetched and converted on "
+        "first use); default llama-100m",
+    )
     ap.add_argument("--mesh", default="8x8", help="decode virtual mesh of the emulator")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--ranks", default="1,4", help="emulator rank counts")
+    ap.add_argument("--ranks", default="2", help="emulator rank counts, comma-separated (default 2)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads of transformers (default: the largest rank count, at most the "
+        "cores of this machine: both sides use the same cores)",
+    )
     ap.add_argument(
         "--emulation",
         default=None,
@@ -144,19 +194,28 @@ def main(argv=None) -> int:
         "--json", action="store_true", help="also print every figure as one JSON line at the end"
     )
     args = ap.parse_args(argv)
-    config = preset(args.preset)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    if args.model in REAL_MODELS:
+        from llm.storage.gguf_source import GGUFFile, gguf_config
+
+        args.gguf = _venv_run(["-m", "llm", "fetch", args.model, "-q"], 1).stdout.strip()
+        args.gguf = args.gguf.splitlines()[0]
+        config = gguf_config(GGUFFile(args.gguf))
+    else:
+        config = preset(args.model)
     print(
-        f"{args.preset}: {config.num_parameters() / 1e6:.1f}M parameters, "
+        f"{args.model}: {config.num_parameters() / 1e6:.1f}M parameters, "
         f"{args.prompt_len} prompt + {args.new_tokens} new tokens, median of {args.repeat}"
     )
-    hf = transformers_tpot(config, args.prompt_len, args.new_tokens, args.repeat)
+    threads = args.torch_threads or min(max(ranks), os.cpu_count() or 1)
+    hf = transformers_tpot(args, config, threads)
     print(
         f"transformers (torch CPU f32, {hf['torch_threads']} threads): "
         f"TTFT {hf['ttft_s'] * 1e3:.1f} ms, TPOT {hf['tpot_s'] * 1e3:.2f} ms "
         f"({1 / hf['tpot_s']:.1f} tok/s)"
     )
     runs = []
-    for n in (int(r) for r in args.ranks.split(",")):
+    for n in ranks:
         modes = (
             (args.emulation,)
             if args.emulation
@@ -174,7 +233,7 @@ def main(argv=None) -> int:
     if args.json:
         print(
             json.dumps(
-                {"preset": args.preset, "mesh": args.mesh, "transformers": hf, "emulator": runs}
+                {"model": args.model, "mesh": args.mesh, "transformers": hf, "emulator": runs}
             )
         )
     return 0

@@ -22,6 +22,8 @@ a few element tests per core, against the layer's GEMVs).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
@@ -79,8 +81,12 @@ class MeshDecoder:
         self.vocab_index = (
             fab.index(X)[:, None] * self.vocab_seg + np.arange(self.vocab_seg)[None, :]
         )  # int[bx, V/Px]
+        self.real_vocab = self.vocab_index < c.vocab_size  # bool[bx, V/Px]
+        self.head_mask = self.glob["kv_head"][..., None]  # f32[by, bx, kv/Px, nkv, 1]
         self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
         self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
+        self._local: dict = {}  # (op name, fill, shifts) -> ((record name, Cost), ...)
+        self._rope_at: tuple | None = None  # (position, cos, sin) of the token being run
         self.handlers = {
             "embed_broadcast": self._embed,
             "norm": self._norm,
@@ -114,6 +120,20 @@ class MeshDecoder:
         )
 
     # -- op handlers -----------------------------------------------------------------------
+    def _charge_local(self, op, run) -> None:
+        """The local work of ``op`` in ``run`` into the ledger (:func:`program.local_costs`,
+        computed once per op and cache fill)."""
+        key = (op.name, run.fill, run.shifts)
+        parts = self._local.get(key)
+        if parts is None:
+            parts = self._local[key] = tuple(
+                (f"{op.name}/{part}" if part else op.name, cost)
+                for part, cost in P.local_costs(op, run).items()
+            )
+        led = self.fab.ledger
+        for name, cost in parts:
+            led.charge(name, cost)
+
     def _allreduce(self, a, axis, op="sum", name="allreduce", words=None):
         """Allreduce of ``a`` along ``axis``; ``words`` overrides the priced vector length (the
         emulator reduces whole fixed-size buffers, the wafer only their filled part)."""
@@ -139,7 +159,7 @@ class MeshDecoder:
         ss = np.einsum("abi,abi->ab", x, x)[..., None]  # f32[by, bx, 1]
         ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        self._charge_local(op, run)
         return F.rms_scale(x, inv, w[op.weight])
 
     def _gemv(self, op, w, run, x):
@@ -158,47 +178,50 @@ class MeshDecoder:
         """Split ``q | k | v`` (X-vectors) and rotate q and k at the token's position."""
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
         q, k, v = qkv[..., :tq], qkv[..., tq : tq + tk], qkv[..., tq + tk :]
-        angle = np.float32(self._pos) * self.glob["rope_freq"]  # f32[by, bx, kv/Px]
-        cos, sin = np.cos(angle), np.sin(angle)
+        if self._rope_at is None or self._rope_at[0] != self._pos:  # once per token
+            angle = np.float32(self._pos) * self.glob["rope_freq"]  # f32[by, bx, kv/Px]
+            self._rope_at = (self._pos, np.cos(angle), np.sin(angle))
+        _, cos, sin = self._rope_at
         q = F.rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
         k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        self._charge_local(op, run)
         return q, k, v
 
     def _kv_append(self, op, w, run, k, v):
         self.cache.append(self._layer, k, v, name=op.name)
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        self._charge_local(op, run)
         return ()
 
     def _scores(self, op, w, run, q):
         """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf)."""
-        heads = self.glob["kv_head"]  # f32[by, bx, kv/Px, nkv]
+        heads = self.head_mask  # f32[by, bx, kv/Px, nkv, 1]
         kc = self.cache.k[self._layer]  # f32[by, bx, cap, kv/Px]
-        tk, nkv = kc.shape[-1], heads.shape[-1]
-        qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads[..., None]  # [by,bx,tk,nkv,G]
+        tk, nkv = kc.shape[-1], heads.shape[-2]
+        qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads  # [by,bx,tk,nkv,G]
         part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
         fill = self.cache.max_fill  # the wafer works on filled slots only: the fullest row
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        self._charge_local(op, run)
         s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce", words=fill * part.shape[-1])
         return np.where(self.cache.valid(), s * self.scale, -np.inf)
 
     def _softmax(self, op, w, run, s):
         """Softmax over the sequence (split along y): max and sum allreduced along y."""
-        valid = self.cache.valid()  # bool[by, 1, cap, 1]
+        # Invalid slots hold -inf (:meth:`_scores`) and every line has a valid slot, so the max
+        # is finite and exp() makes them exactly 0: no mask needed.
         m = self._allreduce(s.max(axis=2, keepdims=True), op.axis, "max", f"{op.name}/max")
-        e = F.softmax_numerator(s, m, valid)
+        e = F.softmax_numerator(s, m)
         z = self._allreduce(e.sum(axis=2, keepdims=True), op.axis, name=f"{op.name}/sum")
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        self._charge_local(op, run)
         return F.softmax_normalize(e, z)
 
     def _pv(self, op, w, run, p):
         """``p . V`` over the cache, all heads: the attention output as an X-vector."""
-        heads = self.glob["kv_head"]
+        heads = self.head_mask  # f32[by, bx, kv/Px, nkv, 1]
         vc = self.cache.v[self._layer]
-        nkv = heads.shape[-1]
+        nkv = heads.shape[-2]
         o = np.matmul(np.swapaxes(vc, 2, 3), p)  # f32[by, bx, kv/Px, nq]
-        o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads[..., None]).sum(axis=3)
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads).sum(axis=3)
+        self._charge_local(op, run)
         return self._allreduce(
             o.reshape(o.shape[:2] + (-1,)),
             op.axis,
@@ -211,12 +234,11 @@ class MeshDecoder:
 
     def _swiglu(self, op, w, run, gu):
         tf = gu.shape[-1] // 2
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, run))
+        self._charge_local(op, run)
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _vocab_mask(self, op, w, run, logits):
-        real = self.vocab_index < self.lay.config.vocab_size
-        return np.where(real[None], logits, -np.inf).astype(np.float32)
+        return np.where(self.real_vocab[None], logits, np.float32(-np.inf))
 
     def _argmax(self, op, w, run, logits):
         """Greedy token on the mesh: max along x, then the lowest index holding it."""
@@ -250,13 +272,13 @@ class MeshDecoder:
         self._token, self._pos = int(token), pos
         run = self._pass(token)
         x = self.execute(self.head_ops, {}, self.glob, run)["x"]
-        first_bad = None if np.isfinite(x).all() else -1
+        first_bad = None if _finite(x) else -1
         led = self.fab.ledger
         for i in range(len(self.layers)):
             self._layer = i
             with led.section(f"layer{i}"):
                 x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
-            if first_bad is None and not np.isfinite(x).all():
+            if first_bad is None and not _finite(x):
                 first_bad = i
         self.cache.end_token()
         return self.logits(x, first_bad, f"the embedding of token {token}")
@@ -268,8 +290,7 @@ class MeshDecoder:
         names the first layer whose output held a non-finite value on any rank (``-1``: the
         input ``source`` already did; none: the final norm or the LM head made them).
         """
-        real = self.vocab_index < self.lay.config.vocab_size
-        bad = not np.isfinite(np.where(real[None], logits, 0)).all()
+        bad = not np.isfinite(np.where(self.real_vocab[None], logits, 0)).all()
         control = self.fab.control
         bad = control.allreduce_max(bad)
         if not bad:
@@ -298,3 +319,9 @@ class MeshDecoder:
 
         tiles = hostio.gather(self.fab, logits, to_all=True)
         return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
+
+
+def _finite(x: np.ndarray) -> bool:
+    """Whether every element of ``x`` is finite: one sum (non-finite if any element is), the
+    element test only when the sum overflowed or is not finite."""
+    return math.isfinite(float(x.sum())) or bool(np.isfinite(x).all())

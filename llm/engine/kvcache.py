@@ -61,6 +61,7 @@ class KVCache:
         self.head = np.zeros(self.rows, np.int64)
         self.count = np.zeros(self.rows, np.int64)
         self._plan = None
+        self._valid = None  # valid() of the current bookkeeping (every layer asks for it)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -85,7 +86,14 @@ class KVCache:
         return self._plan is not None and len(self._plan[0]) > 0
 
     def valid(self) -> np.ndarray:
-        """``bool[by, 1, capacity, 1]``: slots holding a token, for this rank's rows."""
+        """``bool[by, 1, capacity, 1]``: slots holding a token, for this rank's rows (read-only;
+        computed once per change of the bookkeeping)."""
+        if self._valid is None:
+            self._valid = self._slots_in_use()
+            self._valid.flags.writeable = False
+        return self._valid
+
+    def _slots_in_use(self) -> np.ndarray:
         rows = self.fab.index(0)
         slot = np.arange(self.capacity)
         age = (slot[None, :] - self.head[rows][:, None]) % self.capacity
@@ -106,6 +114,7 @@ class KVCache:
         else:
             senders = np.arange(0)
         self._plan = (senders, self.head.copy(), self.count.copy())
+        self._valid = None
         if len(senders):  # the bookkeeping moves at once: attention sees the new token
             self.head[senders] = (self.head[senders] + 1) % self.capacity
             self.count[senders] -= 1
@@ -129,14 +138,12 @@ class KVCache:
         words = k.shape[-1]
         if len(senders):
             local = np.arange(fab.by)
-            receivers = set((senders - 1).tolist())
+            into = np.flatnonzero(np.isin(rows, senders - 1))  # local rows that receive
+            tail = (head[rows[into]] + count[rows[into]]) % self.capacity
             for cache in (self.k[layer], self.v[layer]):
                 oldest = cache[local, :, head[rows]]  # f32[by, bx, kv/Px]
                 moved = fab.shift(oldest, 0, -1, op=name)  # row py gets row py+1's
-                tail = (head[rows] + count[rows]) % self.capacity
-                for i, r in enumerate(rows):
-                    if r in receivers:
-                        cache[i, :, tail[i]] = moved[i]
+                cache[into, :, tail] = moved[into]
         if rows[-1] == self.rows - 1:  # this rank holds the bottom row: the new entry
             slot = (head[-1] + count[-1]) % self.capacity  # == the sent oldest if full
             self.k[layer][-1, :, slot] = k[-1]
@@ -159,6 +166,7 @@ class KVCache:
             )
         self.head[:] = 0
         self.count[:] = counts
+        self._valid = None
 
     def order(self) -> list[tuple[int, int]]:
         """``(row, slot)`` of every cached token in logical order (for tests and inspection)."""

@@ -16,6 +16,8 @@ the baselines (Cerebras' GEMV and the GPU default).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..collectives import KTREE, AllreduceSpec, allreduce
@@ -104,7 +106,7 @@ def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if not is_words(w):
         return _gemv_f32(x, w.astype(np.float32, copy=False))
     by = w.shape[0]
-    rows = max(1, WIDEN_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
+    rows = max(1, WIDEN_ELEMENTS // max(1, math.prod(w.shape[1:])))
     buf = np.empty((min(rows, by),) + w.shape[1:], np.float32)
     out = None
     for a0 in range(0, by, rows):
@@ -169,7 +171,7 @@ def meshgemv(
             f"vector segment {x.shape[-1]} does not match weight tile rows "
             f"{w.shape[2]} (input_axis={input_axis!r})"
         )
-    batch = int(np.prod(x.shape[2:-1], dtype=np.int64))
+    batch = math.prod(x.shape[2:-1])
     led = fab.ledger
     tm, tn = priced if priced is not None else w.shape[2:]
     if tm > w.shape[2] or tn > w.shape[3]:
