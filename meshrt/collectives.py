@@ -42,6 +42,21 @@ def _identity(op: str, dtype):
     raise ValueError(f"unknown reduction {op!r}; use one of {sorted(OPS)}")
 
 
+def repeat_view(line: np.ndarray, shape: tuple) -> np.ndarray:
+    """Read-only view of ``line`` (``keepdims`` along the reduced axis) repeated to ``shape``;
+    what ``np.broadcast_to`` returns, made in one call (collectives return one per
+    reduction)."""
+    if line.shape == shape:
+        out = line.view()
+    elif line.flags.c_contiguous and line.ndim == len(shape):
+        strides = tuple(0 if n != m else st for n, m, st in zip(line.shape, shape, line.strides))
+        out = np.ndarray(shape, line.dtype, buffer=line, strides=strides)
+    else:
+        return np.broadcast_to(line, shape)
+    out.flags.writeable = False
+    return out
+
+
 def _lines_shape(block: np.ndarray, axis: int) -> tuple:
     shape = list(block.shape)
     shape[axis] = 1
@@ -267,6 +282,10 @@ def _line_total(fab: Fabric, partial: np.ndarray, axis: int, op: str, name: str)
     r, nr = fab.coords[axis], fab.layout.ranks(axis)
     if nr == 1:
         return partial
+    if nr == 2:  # the two sweeps are one message each way between the same two ranks: at once
+        other = fab.exchange(partial, axis, HI if r == 0 else LO, op=name)
+        assert other is not None  # two ranks on the line: each is the other's neighbour
+        return ufunc(partial, other) if r == 0 else ufunc(other, partial)
     below, above = _sweep(
         fab,
         axis,
@@ -437,14 +456,14 @@ def broadcast(
         fab.ledger.charge(name, broadcast_cost(n, root, words))
     r = np.asarray(root)
     if r.ndim == 0:  # one root for all lines: the stream flows outward from the root's rank
-        return np.broadcast_to(_from_root(fab, block, axis, int(r), name), block.shape)
+        return repeat_view(_from_root(fab, block, axis, int(r), name), block.shape)
     diff, _ = _root_mask(fab, axis, root)
     diff = diff.reshape(diff.shape + (1,) * (block.ndim - 2))
     mine = np.where(diff == 0, block, np.zeros((), block.dtype)).sum(
         axis=axis, keepdims=True, dtype=block.dtype
     )
     total = _line_total(fab, mine, axis, "sum", name)
-    return np.broadcast_to(total, block.shape)
+    return repeat_view(total, block.shape)
 
 
 def _from_root(fab: Fabric, block: np.ndarray, axis: int, root: int, name: str) -> np.ndarray:
@@ -519,7 +538,7 @@ def ktree_allreduce(
         # partial joins one sweep per direction. Same sum, same ledger, fewer MPI messages.
         total = OPS[op].reduce(block, axis=axis, keepdims=True)
         total = _line_total(fab, total, axis, op, name)
-        return np.broadcast_to(total, block.shape)
+        return repeat_view(total, block.shape)
     vals = block
     for lvl, segs in enumerate(plan):
         vals = _segment_reduce(fab, vals, axis, segs, op, f"{name}/level{lvl + 1}")

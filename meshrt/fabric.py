@@ -193,6 +193,20 @@ class Fabric:
         self._note(op, src, buf.nbytes, False)
         return out if src is not None else None
 
+    def exchange(self, array: np.ndarray, axis: int, side: int, op: str = "exchange"):
+        """Swap same-shaped arrays with the neighbour on ``side`` of ``axis``: send ``array`` to
+        it and receive its array, in one ``Sendrecv``. ``None`` at an edge."""
+        peer = self.peer(axis, side)
+        if peer is None:
+            return None
+        assert self.cart is not None
+        buf = np.ascontiguousarray(array)
+        out = np.empty_like(buf)
+        self.cart.Sendrecv(buf, dest=peer, sendtag=axis, recvbuf=out, source=peer, recvtag=axis)
+        self._note(op, peer, buf.nbytes, True)
+        self._note(op, peer, buf.nbytes, False)
+        return out
+
     # -- block movement --------------------------------------------------------------------
     def halo(
         self, block: np.ndarray, axis: int, lo: int, hi: int, fill=0, op: str = "halo"

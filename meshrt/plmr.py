@@ -307,6 +307,8 @@ class Ledger:
     # distinct steps
     _steps: dict = field(default_factory=dict, repr=False, compare=False)
     _steps_device: Device | None = field(default=None, repr=False, compare=False)
+    # id(cost) -> (cost, device, increments of charge()): costs are frozen and mostly cached
+    _priced: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- recording -------------------------------------------------------------------------
     def _name(self, op: str) -> str:
@@ -337,7 +339,9 @@ class Ledger:
         key = (macs, words, hops, routings, overlap, vectors)
         got = self._steps.get(key)
         if got is None:
-            got = self._steps[key] = self._step_cycles(macs, words, hops, routings, overlap, vectors)
+            got = self._steps[key] = self._step_cycles(
+                macs, words, hops, routings, overlap, vectors
+            )
         return got
 
     def _step_cycles(self, macs, words, hops, routings, overlap, vectors) -> tuple:
@@ -405,21 +409,76 @@ class Ledger:
         return total * count + extra
 
     def charge(self, op: str, cost: Cost) -> float:
-        """Record ``cost`` (its ``count`` steps and its routes) under ``op``; returns cycles."""
-        cycles = self.record(
-            op,
-            macs=cost.macs,
-            words=cost.words,
-            hops=cost.hops,
-            routings=cost.routings,
-            overlap=cost.overlap,
-            count=cost.count,
-            vectors=cost.vectors,
-            tasks=cost.tasks,
-        )
+        """Record ``cost`` (its ``count`` steps and its routes) under ``op``; returns cycles.
+
+        The same figures and arithmetic as :meth:`record`; what a cost adds is worked out once
+        per cost object (kernels charge the same cached costs on every token and layer).
+        """
+        got = self._priced.get(id(cost))
+        if got is None or got[0] is not cost or got[1] is not self.device:
+            if len(self._priced) >= 4096:  # costs made afresh per call: keep the memo bounded
+                self._priced.clear()
+            got = self._priced[id(cost)] = (cost, self.device, *self._increments(cost))
+        (
+            _,
+            _,
+            steps,
+            activations,
+            cycles,
+            compute,
+            comm,
+            macs,
+            words,
+            hops,
+            routings,
+            vectors,
+            ret,
+        ) = got
+        name = self._path + op
+        kernel = kernel_of(name)
+        extra = activations * self.device.task_switch
+        if kernel != self.kernel:  # the cores start another kernel: one task switch
+            self.kernel = kernel
+            sw = self.ops[f"{kernel}/task_switch"]
+            sw.activations += 1
+            sw.cycles += self.device.task_switch
+            extra += self.device.task_switch
+        t = self.ops[name]
+        t.steps += steps
+        t.activations += activations
+        t.cycles += cycles
+        t.compute_cycles += compute
+        t.comm_cycles += comm
+        t.macs += macs
+        t.words += words
+        t.hops += hops
+        t.routings += routings
+        t.vectors += vectors
         if cost.routes:
             self.routes(op, cost.routes)
-        return cycles
+        return ret + extra
+
+    def _increments(self, cost: Cost) -> tuple:
+        """What :meth:`record` adds to an op's totals for ``cost`` (same expressions), and the
+        cycles it returns before the task switches."""
+        c = cost
+        total, compute, comm = self.step_cycles(
+            c.macs, c.words, c.hops, c.routings, c.overlap, c.vectors
+        )
+        n = c.count
+        return (
+            n,
+            c.tasks * n,
+            total * n + c.tasks * n * self.device.task_switch,
+            compute * n,
+            comm * n,
+            c.macs * n,
+            c.words * n,
+            c.hops * n,
+            c.routings * n,
+            c.vectors * n,
+            total * n,
+        )
 
     def memory(self, op: str, words_per_core: float) -> None:
         """Note that ``op`` holds ``words_per_core`` elements per core at its peak."""

@@ -30,7 +30,6 @@ sys.path.insert(0, ROOT)
 from llm.modeling.config import preset  # noqa: E402
 from llm.storage.checkpoint import random_weights  # noqa: E402
 
-
 REAL_MODELS = ("smollm2",)
 
 
@@ -176,7 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--ranks", default="2", help="emulator rank counts, comma-separated (default 2)")
+    ap.add_argument(
+        "--ranks", default="2", help="emulator rank counts, comma-separated (default 2)"
+    )
     ap.add_argument(
         "--torch-threads",
         type=int,

@@ -86,6 +86,9 @@ class MeshDecoder:
         self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
         self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
         self._local: dict = {}  # (op name, fill, shifts) -> ((record name, Cost), ...)
+        self.tq, self.tk = lay.q // lay.px, lay.kv // lay.px
+        assert self.tq == self.tk * self.g  # a core's query heads sit on its K/V features
+        self.rope_angle, self.rope_partner, self.rope_sign = rope_plan(self.tk, self.g)
         self._rope_at: tuple | None = None  # (position, cos, sin) of the token being run
         self.handlers = {
             "embed_broadcast": self._embed,
@@ -176,16 +179,18 @@ class MeshDecoder:
 
     def _rope(self, op, w, run, qkv):
         """Split ``q | k | v`` (X-vectors) and rotate q and k at the token's position."""
-        tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
-        q, k, v = qkv[..., :tq], qkv[..., tq : tq + tk], qkv[..., tq + tk :]
+        tq, tk = self.tq, self.tk
         if self._rope_at is None or self._rope_at[0] != self._pos:  # once per token
             angle = np.float32(self._pos) * self.glob["rope_freq"]  # f32[by, bx, kv/Px]
-            self._rope_at = (self._pos, np.cos(angle), np.sin(angle))
+            cos, sin = np.cos(angle), np.sin(angle)
+            sin = sin[..., self.rope_angle] * self.rope_sign
+            self._rope_at = (self._pos, cos[..., self.rope_angle], sin)
         _, cos, sin = self._rope_at
-        q = F.rope_pairs(q.reshape(q.shape[:2] + (tk, self.g)), cos, sin).reshape(q.shape)
-        k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
+        qk = qkv[..., : tq + tk]
+        # F.rotate on every pair at once: (a cos - b sin, b cos + a sin), the same products
+        qk = qk * cos + qk[..., self.rope_partner] * sin
         self._charge_local(op, run)
-        return q, k, v
+        return qk[..., :tq], qk[..., tq:], qkv[..., tq + tk :]
 
     def _kv_append(self, op, w, run, k, v):
         self.cache.append(self._layer, k, v, name=op.name)
@@ -208,9 +213,11 @@ class MeshDecoder:
         """Softmax over the sequence (split along y): max and sum allreduced along y."""
         # Invalid slots hold -inf (:meth:`_scores`) and every line has a valid slot, so the max
         # is finite and exp() makes them exactly 0: no mask needed.
-        m = self._allreduce(s.max(axis=2, keepdims=True), op.axis, "max", f"{op.name}/max")
+        m = self._allreduce(
+            np.maximum.reduce(s, 2, keepdims=True), op.axis, "max", f"{op.name}/max"
+        )
         e = F.softmax_numerator(s, m)
-        z = self._allreduce(e.sum(axis=2, keepdims=True), op.axis, name=f"{op.name}/sum")
+        z = self._allreduce(np.add.reduce(e, 2, keepdims=True), op.axis, name=f"{op.name}/sum")
         self._charge_local(op, run)
         return F.softmax_normalize(e, z)
 
@@ -220,7 +227,7 @@ class MeshDecoder:
         vc = self.cache.v[self._layer]
         nkv = heads.shape[-2]
         o = np.matmul(np.swapaxes(vc, 2, 3), p)  # f32[by, bx, kv/Px, nq]
-        o = (o.reshape(o.shape[:3] + (nkv, self.g)) * heads).sum(axis=3)
+        o = np.add.reduce(o.reshape(o.shape[:3] + (nkv, self.g)) * heads, 3)
         self._charge_local(op, run)
         return self._allreduce(
             o.reshape(o.shape[:2] + (-1,)),
@@ -325,3 +332,23 @@ def _finite(x: np.ndarray) -> bool:
     """Whether every element of ``x`` is finite: one sum (non-finite if any element is), the
     element test only when the sum overflowed or is not finite."""
     return math.isfinite(float(x.sum())) or bool(np.isfinite(x).all())
+
+
+def rope_plan(tk: int, g: int) -> tuple:
+    """Index arrays that rotate a core's ``q | k`` features (``tk * g`` query features, the
+    ``g`` heads of K/V feature ``j`` at ``j * g + h``, then ``tk`` key features) in one pass.
+
+    Adjacent K/V features ``(2i, 2i+1)`` form a RoPE pair with the angle of feature ``2i``
+    (:func:`llm.modeling.functional.rope_pairs`). Returns ``(angle, partner, sign)``, each of
+    length ``tk * g + tk``, per feature: the K/V feature whose angle it takes, the feature it
+    pairs with, and the sign of the sine term (``-1`` on the first of a pair), so that
+    ``x * cos[angle] + x[partner] * (sign * sin[angle])`` is ``F.rotate`` of every pair, product
+    for product (``a c + b (-s)`` is ``a c - b s`` exactly).
+    """
+    j = np.concatenate([np.repeat(np.arange(tk), g), np.arange(tk)])  # K/V feature of each
+    h = np.concatenate([np.tile(np.arange(g), tk), np.zeros(tk, np.int64)])  # its head
+    first = j % 2 == 0
+    angle = j - j % 2
+    partner = np.concatenate([(j[: tk * g] ^ 1) * g + h[: tk * g], tk * g + (j[tk * g :] ^ 1)])
+    sign = np.where(first, np.float32(-1), np.float32(1)).astype(np.float32)
+    return angle, partner, sign

@@ -138,7 +138,8 @@ class KVCache:
         words = k.shape[-1]
         if len(senders):
             local = np.arange(fab.by)
-            into = np.flatnonzero(np.isin(rows, senders - 1))  # local rows that receive
+            # local rows that receive: the senders are one run of rows, each passes one up
+            into = np.flatnonzero((rows >= senders[0] - 1) & (rows < senders[-1]))
             tail = (head[rows[into]] + count[rows[into]]) % self.capacity
             for cache in (self.k[layer], self.v[layer]):
                 oldest = cache[local, :, head[rows]]  # f32[by, bx, kv/Px]

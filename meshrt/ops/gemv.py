@@ -16,6 +16,7 @@ the baselines (Cerebras' GEMV and the GPU default).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -119,6 +120,7 @@ def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def local_cost(batch: int, tile_rows: int, tile_cols: int) -> Cost:
     """Every core's ``[batch, tile_rows] @ [tile_rows, tile_cols]`` partial product.
 
