@@ -49,12 +49,17 @@ def repeat_view(line: np.ndarray, shape: tuple) -> np.ndarray:
     if line.shape == shape:
         out = line.view()
     elif line.flags.c_contiguous and line.ndim == len(shape):
-        strides = tuple(0 if n != m else st for n, m, st in zip(line.shape, shape, line.strides))
+        strides = _repeat_strides(line.shape, shape, line.strides)
         out = np.ndarray(shape, line.dtype, buffer=line, strides=strides)
     else:
         return np.broadcast_to(line, shape)
     out.flags.writeable = False
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _repeat_strides(line_shape: tuple, shape: tuple, line_strides: tuple) -> tuple:
+    return tuple(0 if n != m else st for n, m, st in zip(line_shape, shape, line_strides))
 
 
 def _lines_shape(block: np.ndarray, axis: int) -> tuple:
@@ -529,7 +534,6 @@ def ktree_allreduce(
 ) -> np.ndarray:
     """K-tree allreduce (MeshGEMV): grouped chain reduces level by level, then a multicast."""
     n = fab.layout.cores(axis)
-    plan = ktree_levels(n, levels, groups)
     if record:
         words = math.prod(block.shape[2:])
         AllreduceSpec("ktree", groups, levels).charge(fab.ledger, n, words, name)
@@ -539,6 +543,7 @@ def ktree_allreduce(
         total = OPS[op].reduce(block, axis=axis, keepdims=True)
         total = _line_total(fab, total, axis, op, name)
         return repeat_view(total, block.shape)
+    plan = ktree_levels(n, levels, groups)
     vals = block
     for lvl, segs in enumerate(plan):
         vals = _segment_reduce(fab, vals, axis, segs, op, f"{name}/level{lvl + 1}")
