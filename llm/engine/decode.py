@@ -82,7 +82,7 @@ class MeshDecoder:
             fab.index(X)[:, None] * self.vocab_seg + np.arange(self.vocab_seg)[None, :]
         )  # int[bx, V/Px]
         self.real_vocab = self.vocab_index < c.vocab_size  # bool[bx, V/Px]
-        self.head_mask = self.glob["kv_head"][..., None]  # f32[by, bx, kv/Px, nkv, 1]
+        self.heads = HeadPlan(self.glob["kv_head"], self.g)
         self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
         self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
         self._local: dict = {}  # (op name, fill, shifts) -> ((record name, Cost), ...)
@@ -199,11 +199,8 @@ class MeshDecoder:
 
     def _scores(self, op, w, run, q):
         """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf)."""
-        heads = self.head_mask  # f32[by, bx, kv/Px, nkv, 1]
         kc = self.cache.k[self._layer]  # f32[by, bx, cap, kv/Px]
-        tk, nkv = kc.shape[-1], heads.shape[-2]
-        qh = q.reshape(q.shape[:2] + (tk, 1, self.g)) * heads  # [by,bx,tk,nkv,G]
-        part = np.matmul(kc, qh.reshape(q.shape[:2] + (tk, nkv * self.g)))  # [by,bx,cap,nq]
+        part = np.matmul(kc, self.heads.spread(q))  # [by,bx,cap,nq]
         fill = self.cache.max_fill  # the wafer works on filled slots only: the fullest row
         self._charge_local(op, run)
         s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce", words=fill * part.shape[-1])
@@ -223,14 +220,11 @@ class MeshDecoder:
 
     def _pv(self, op, w, run, p):
         """``p . V`` over the cache, all heads: the attention output as an X-vector."""
-        heads = self.head_mask  # f32[by, bx, kv/Px, nkv, 1]
         vc = self.cache.v[self._layer]
-        nkv = heads.shape[-2]
         o = np.matmul(np.swapaxes(vc, 2, 3), p)  # f32[by, bx, kv/Px, nq]
-        o = np.add.reduce(o.reshape(o.shape[:3] + (nkv, self.g)) * heads, 3)
         self._charge_local(op, run)
         return self._allreduce(
-            o.reshape(o.shape[:2] + (-1,)),
+            self.heads.pick(o),  # f32[by, bx, kv/Px * G]
             op.axis,
             name=f"{op.name}/allreduce",
             words=op.dims["tq"],
@@ -332,6 +326,58 @@ def _finite(x: np.ndarray) -> bool:
     """Whether every element of ``x`` is finite: one sum (non-finite if any element is), the
     element test only when the sum overflowed or is not finite."""
     return math.isfinite(float(x.sum())) or bool(np.isfinite(x).all())
+
+
+class HeadPlan:
+    """Index arrays, made once per layout, that pair a core's query features with the K/V head
+    of the cached features they meet.
+
+    A core holds K/V features ``j`` (``kv_head[..., j, :]`` one-hot over the ``nkv`` K/V heads;
+    a zero row is padding) and, at ``j * g + h``, the ``g`` query heads that share feature
+    ``j``. Scores over the cache are one matmul per core with ``q`` spread to ``[kv/Px,
+    nkv * g]`` (feature ``j``'s queries in its head's columns, zeros elsewhere); ``P . V``
+    comes back as ``[kv/Px, nkv * g]`` and each feature keeps its own head's columns.
+
+    Parameters
+    ----------
+    kv_head : ndarray
+        ``f32[by, bx, kv/Px, nkv]``, this rank's one-hot head tiles.
+    g : int
+        Query heads per K/V head.
+    """
+
+    def __init__(self, kv_head: np.ndarray, g: int):
+        by, bx, tk, nkv = kv_head.shape
+        nq = nkv * g
+        owned = kv_head.any(axis=-1)  # bool[by, bx, tk]
+        head = kv_head.argmax(axis=-1)  # int[by, bx, tk]
+        core = np.arange(by * bx).reshape(by, bx, 1, 1)
+        j = np.arange(tk).reshape(1, 1, tk, 1)
+        slot = (core * tk + j) * nq + head[..., None] * g + np.arange(g)  # [by, bx, tk, g]
+        keep = np.broadcast_to(owned[..., None], slot.shape)
+        self.shape, self.g = (by, bx, tk, nq), g
+        self.padded = not keep.all()
+        self.slot = slot[keep]  # flat index in [by, bx, tk, nq] of every query feature kept
+        self.kept = np.flatnonzero(keep)  # its flat index in [by, bx, tk * g]
+        self._spread = np.zeros(by * bx * tk * nq, np.float32)  # zeros stay where no query is
+
+    def spread(self, q: np.ndarray) -> np.ndarray:
+        """``f32[by, bx, tk * g]`` queries -> ``f32[by, bx, tk, nkv * g]`` (a reused buffer:
+        valid until the next call)."""
+        flat = q.reshape(-1)
+        self._spread[self.slot] = flat[self.kept] if self.padded else flat
+        return self._spread.reshape(self.shape)
+
+    def pick(self, o: np.ndarray) -> np.ndarray:
+        """``f32[by, bx, tk, nkv * g]`` -> ``f32[by, bx, tk * g]``: each feature's own head
+        (0 on padding features)."""
+        by, bx = self.shape[:2]
+        picked = o.reshape(-1)[self.slot]
+        if self.padded:
+            out = np.zeros(by * bx * self.shape[2] * self.g, np.float32)
+            out[self.kept] = picked
+            picked = out
+        return picked.reshape(by, bx, -1)
 
 
 def rope_plan(tk: int, g: int) -> tuple:

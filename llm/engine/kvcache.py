@@ -62,6 +62,7 @@ class KVCache:
         self.count = np.zeros(self.rows, np.int64)
         self._plan = None
         self._valid = None  # valid() of the current bookkeeping (every layer asks for it)
+        self._moves = None  # the slots this token's append moves (every layer the same)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -114,7 +115,7 @@ class KVCache:
         else:
             senders = np.arange(0)
         self._plan = (senders, self.head.copy(), self.count.copy())
-        self._valid = None
+        self._valid = self._moves = None
         if len(senders):  # the bookkeeping moves at once: attention sees the new token
             self.head[senders] = (self.head[senders] + 1) % self.capacity
             self.count[senders] -= 1
@@ -122,7 +123,7 @@ class KVCache:
         self.count[-1] += 1
 
     def end_token(self) -> None:
-        self._plan = None
+        self._plan = self._moves = None
 
     # -- data movement ---------------------------------------------------------------------
     def append(self, layer: int, k: np.ndarray, v: np.ndarray, name: str = "kv_append") -> None:
@@ -133,23 +134,35 @@ class KVCache:
         :func:`llm.engine.program.kv_shift_cost`).
         """
         fab = self.fab
-        senders, head, count = self._plan  # state before this token
-        rows = fab.index(0)
         words = k.shape[-1]
+        if self._moves is None:  # the same slots for every layer of the token
+            self._moves = self._token_moves()
+        local, oldest_slot, into, tail, new_slot = self._moves
+        if into is not None:
+            kc, vc = self.k[layer], self.v[layer]
+            # every row's oldest K and V entry, f32[by, bx, 2 kv/Px]: they travel together
+            oldest = np.concatenate([kc[local, :, oldest_slot], vc[local, :, oldest_slot]], -1)
+            moved = fab.shift(oldest, 0, -1, op=name)  # row py gets row py+1's
+            kc[into, :, tail] = moved[into, :, :words]
+            vc[into, :, tail] = moved[into, :, words:]
+        if new_slot is not None:  # this rank holds the bottom row: the new entry
+            self.k[layer][-1, :, new_slot] = k[-1]
+            self.v[layer][-1, :, new_slot] = v[-1]
+        fab.ledger.memory("kv_cache", 2 * len(self.k) * self.capacity * words)
+
+    def _token_moves(self) -> tuple:
+        """``(local rows, their oldest slots, receiving local rows, their free slots, the bottom
+        row's slot)`` of this token's append (``None`` parts: no shift / no bottom row)."""
+        senders, head, count = self._plan  # state before this token
+        rows = self.fab.index(0)
+        local, into, tail, new_slot = np.arange(self.fab.by), None, None, None
         if len(senders):
-            local = np.arange(fab.by)
             # local rows that receive: the senders are one run of rows, each passes one up
             into = np.flatnonzero((rows >= senders[0] - 1) & (rows < senders[-1]))
             tail = (head[rows[into]] + count[rows[into]]) % self.capacity
-            for cache in (self.k[layer], self.v[layer]):
-                oldest = cache[local, :, head[rows]]  # f32[by, bx, kv/Px]
-                moved = fab.shift(oldest, 0, -1, op=name)  # row py gets row py+1's
-                cache[into, :, tail] = moved[into]
-        if rows[-1] == self.rows - 1:  # this rank holds the bottom row: the new entry
-            slot = (head[-1] + count[-1]) % self.capacity  # == the sent oldest if full
-            self.k[layer][-1, :, slot] = k[-1]
-            self.v[layer][-1, :, slot] = v[-1]
-        fab.ledger.memory("kv_cache", 2 * len(self.k) * self.capacity * words)
+        if rows[-1] == self.rows - 1:
+            new_slot = (head[-1] + count[-1]) % self.capacity  # == the sent oldest if full
+        return local, head[rows], into, tail, new_slot
 
     def load(self, layer: int, k_rows: list, v_rows: list) -> None:
         """Fill ``layer`` from per-local-row token lists ``f32[count_r, bx, kv/Px]`` (prefill)."""
