@@ -32,7 +32,7 @@ help:
 	@echo "make predict      modeled WSE-2 tables at the paper's settings, calibration, TPR plot (out/predict)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
 	@echo "make test-slurm   jobs/slurm.sbatch on a one-node SLURM cluster (root; installs slurm-wlm)"
-	@echo "make bench-hf     decode speed of the emulator vs transformers on a ~100M model"
+	@echo "make bench-hf     TTFT and time per token of the emulator (2 ranks) vs transformers, SmolLM2-135M"
 	@echo "make bench-scale  one LLaMA3-8B layer on paper-size meshes (64..720), 2 ranks: JSON + PNG"
 	@echo "make fixtures     regenerate the golden fixtures with transformers"
 	@echo "make clean        remove build products and the virtual environments"
@@ -93,8 +93,11 @@ test-oracle: $(ORACLE) model
 	  --color=no -o faulthandler_timeout=3000 tests/oracle/test_oracle_gguf.py
 
 # Decode speed of the emulator (1 and 4 ranks) against transformers on the same ~100M model.
-bench-hf: $(ORACLE)
-	timeout -k 10 1800 $(ORACLE) tools/bench_vs_transformers.py < /dev/null
+# The real model on both sides, the issue's setting: 43-token prompt, 32 greedy tokens, 2 ranks,
+# both emulation modes, on a 4x4 and an 8x8 decode mesh (`--model llama-100m` for random weights).
+bench-hf: model $(ORACLE)
+	for mesh in 4x4 8x8; do timeout -k 10 1800 $(ORACLE) tools/bench_vs_transformers.py --model smollm2 \
+	  --mesh $$mesh --ranks 2 --prompt-len 43 --new-tokens 32 < /dev/null || exit 1; done
 
 fixtures: $(ORACLE)
 	$(ORACLE) tools/make_fixtures.py
