@@ -92,7 +92,6 @@ test-oracle: $(ORACLE) model
 	WAFERLLM_GGUF=$$($(PY) -m llm fetch smollm2 -q) timeout -k 10 3600 $(ORACLE) -m pytest -q -s \
 	  --color=no -o faulthandler_timeout=3000 tests/oracle/test_oracle_gguf.py
 
-# Decode speed of the emulator (1 and 4 ranks) against transformers on the same ~100M model.
 # The real model on both sides, the issue's setting: 43-token prompt, 32 greedy tokens, 2 ranks,
 # both emulation modes, on a 4x4 and an 8x8 decode mesh (`--model llama-100m` for random weights).
 bench-hf: model $(ORACLE)
