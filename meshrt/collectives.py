@@ -310,58 +310,94 @@ def _line_total(fab: Fabric, partial: np.ndarray, axis: int, op: str, name: str)
     return total
 
 
-def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, segs, op: str, name: str):
-    """Reduce each segment ``(lo, hi, root, ...)`` of every line to its root core.
+@dataclass(frozen=True)
+class SegmentPlan:
+    """What one rank does in one K-tree level along one axis (see :func:`_segment_reduce`),
+    worked out once per layout from the level's segments.
 
-    ``segs`` tile the line ``[0, N)``; cores that are not members must already hold the identity.
-    Returns an array like ``vals`` holding each segment's result at its root core and the
-    identity elsewhere. A segment that straddles a rank boundary passes one carry across it.
+    ``starts``: local start of every maximal run of cores on one side of one root (the
+    ``reduceat`` offsets); ``roots``: per root in this rank, ``(run index, local core, whether
+    the run before is its lower part, whether the run after is its upper part)``; the four flags:
+    which carries cross this rank's edges.
+    """
+
+    starts: tuple
+    roots: tuple
+    recv_below: bool
+    send_up: bool
+    recv_above: bool
+    send_down: bool
+
+    @classmethod
+    def of(cls, segs, s0: int, e: int) -> SegmentPlan:
+        """The plan of cores ``[s0, e)`` for segments ``(lo, hi, root, ...)`` tiling the line."""
+
+        def side(i):  # -1: below its root, 0: root, +1: above, None: off the mesh
+            for lo, hi, root, *_ in segs:
+                if lo <= i <= hi:
+                    return int(np.sign(i - root))
+            return None
+
+        runs = []  # (local start, side) of maximal runs of local cores on one side of one root
+        for lo, hi, root, *_ in segs:
+            for a, z, kind in ((lo, root - 1, -1), (root, root, 0), (root + 1, hi, +1)):
+                a, z = max(a, s0), min(z, e - 1)
+                if a <= z:
+                    runs.append((a - s0, kind))
+        roots = tuple(
+            (
+                k,
+                start,
+                k > 0 and runs[k - 1][1] == -1,
+                k + 1 < len(runs) and runs[k + 1][1] == +1,
+            )
+            for k, (start, kind) in enumerate(runs)
+            if kind == 0
+        )
+        return cls(
+            starts=tuple(start for start, _ in runs),
+            roots=roots,
+            recv_below=side(s0 - 1) == -1,  # the segment below runs up into this rank
+            send_up=runs[-1][1] == -1,  # ... and on into the next
+            recv_above=side(e) == +1,  # the segment above runs down into this rank
+            send_down=runs[0][1] == +1,
+        )
+
+
+def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, plan: SegmentPlan, op: str, name):
+    """Reduce each segment of every line to its root core (:class:`SegmentPlan` of this rank).
+
+    The segments tile the line ``[0, N)``; cores that are not members must already hold the
+    identity. Returns an array like ``vals`` holding each segment's result at its root core and
+    the identity elsewhere. A segment that straddles a rank boundary passes one carry across it.
     """
     ufunc = OPS[op]
-    ident = _identity(op, vals.dtype)
-    s0 = fab.origin[axis]
-    e = s0 + vals.shape[axis]
-
-    def side(i):  # -1: below its root, 0: root, +1: above, None: off the mesh
-        for lo, hi, root, *_ in segs:
-            if lo <= i <= hi:
-                return int(np.sign(i - root))
-        return None
-
-    runs = []  # (local start, side) of maximal runs of local cores on one side of one root
-    for lo, hi, root, *_ in segs:
-        for a, z, kind in ((lo, root - 1, -1), (root, root, 0), (root + 1, hi, +1)):
-            a, z = max(a, s0), min(z, e - 1)
-            if a <= z:
-                runs.append((a - s0, kind))
-    red = ufunc.reduceat(vals, [s for s, _ in runs], axis=axis)
+    red = ufunc.reduceat(vals, plan.starts, axis=axis)
 
     def at(k):
         sl = [slice(None)] * vals.ndim
         sl[axis] = slice(k, k + 1)
         return tuple(sl)
 
-    first, last = at(0), at(len(runs) - 1)
-    if side(s0 - 1) == -1:  # the segment below runs up into this rank
+    first, last = at(0), at(len(plan.starts) - 1)
+    if plan.recv_below:
         got = fab.recv(red[first].shape, red.dtype, axis, LO, op=name)
         assert got is not None  # the segment crosses the edge: a neighbour exists
         red[first] = ufunc(got, red[first])
-    if runs[-1][1] == -1:  # ... and on into the next
+    if plan.send_up:
         fab.send(red[last], axis, HI, op=name)
-    if side(e) == +1:  # the segment above runs down into this rank
+    if plan.recv_above:
         got = fab.recv(red[last].shape, red.dtype, axis, HI, op=name)
         assert got is not None
         red[last] = ufunc(red[last], got)
-    if runs[0][1] == +1:
+    if plan.send_down:
         fab.send(red[first], axis, LO, op=name)
-    out = np.full_like(vals, ident)
-    for k, (start, kind) in enumerate(runs):
-        if kind != 0:
-            continue
+    out = np.full_like(vals, _identity(op, vals.dtype))
+    for k, start, lower, upper in plan.roots:
         acc = red[at(k)]
-        if k > 0 and runs[k - 1][1] == -1:
+        if lower:
             acc = ufunc(red[at(k - 1)], acc)
-        if k + 1 < len(runs) and runs[k + 1][1] == +1:
+        if upper:
             acc = ufunc(acc, red[at(k + 1)])
         out[at(start)] = acc
     return out
@@ -546,7 +582,12 @@ def ktree_allreduce(
     plan = ktree_levels(n, levels, groups)
     vals = block
     for lvl, segs in enumerate(plan):
-        vals = _segment_reduce(fab, vals, axis, segs, op, f"{name}/level{lvl + 1}")
+        key = ("ktree_level", axis, block.shape[axis], levels, groups, lvl)
+        level = fab.plans.get(key)
+        if level is None:  # once per layout
+            s0 = fab.origin[axis]
+            level = fab.plans[key] = SegmentPlan.of(segs, s0, s0 + block.shape[axis])
+        vals = _segment_reduce(fab, vals, axis, level, op, f"{name}/level{lvl + 1}")
     root = plan[-1][0][2] if plan else 0
     return broadcast(fab, vals, axis, root, record=False, name=f"{name}/broadcast")
 

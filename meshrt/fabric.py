@@ -84,6 +84,8 @@ class Fabric:
         self.ledger = ledger if ledger is not None else Ledger()
         self.trace: list[TraceRecord] | None = [] if trace else None
         self.aggregate = aggregate
+        # index plans the collectives and kernels work out once for this layout and rank
+        self.plans: dict = {}
         self._mpi = None
         if size == 1:
             self.cart = None
