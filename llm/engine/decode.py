@@ -23,6 +23,8 @@ a few element tests per core, against the layer's GEMVs).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +92,7 @@ class MeshDecoder:
         assert self.tq == self.tk * self.g  # a core's query heads sit on its K/V features
         self.rope_angle, self.rope_partner, self.rope_sign = rope_plan(self.tk, self.g)
         self._rope_at: tuple | None = None  # (position, cos, sin) of the token being run
-        self.handlers = {
+        self.handlers: dict[str, Callable[..., Any]] = {
             "embed_broadcast": self._embed,
             "norm": self._norm,
             "gemv": self._gemv,
@@ -319,6 +321,7 @@ class MeshDecoder:
         from meshrt.ops.gemv import vector_from_tiles
 
         tiles = hostio.gather(self.fab, logits, to_all=True)
+        assert tiles is not None  # to_all: every rank holds them
         return vector_from_tiles(tiles, self.lay.config.vocab_size, "x")
 
 
@@ -349,7 +352,7 @@ class HeadPlan:
     def __init__(self, kv_head: np.ndarray, g: int):
         by, bx, tk, nkv = kv_head.shape
         nq = nkv * g
-        owned = kv_head.any(axis=-1)  # bool[by, bx, tk]
+        owned = np.asarray(kv_head.any(axis=-1))  # bool[by, bx, tk]
         head = kv_head.argmax(axis=-1)  # int[by, bx, tk]
         core = np.arange(by * bx).reshape(by, bx, 1, 1)
         j = np.arange(tk).reshape(1, 1, tk, 1)

@@ -163,9 +163,9 @@ class Handoff:
         data = rebalance(fab, data[:, : s[ry + 1] - s[ry]], Y, 1, s, d, name="handoff/kv")
         # cut into decode cores: [2L, tokens of this rank, bx_d, kv_d/Px_d]
         fd = dlay.kv // dlay.px
-        full = np.zeros((nl2, data.shape[1], dfab.bx * fd), np.float32)
-        full[:, :, : data.shape[2]] = data
-        full = full.reshape(nl2, data.shape[1], dfab.bx, fd)
+        flat = np.zeros((nl2, data.shape[1], dfab.bx * fd), np.float32)
+        flat[:, :, : data.shape[2]] = data
+        full = flat.reshape(nl2, data.shape[1], dfab.bx, fd)
         bounds = np.concatenate([[0], np.cumsum(self.dst_rows[dfab.index(Y)])])
         return [
             tuple(
@@ -182,11 +182,11 @@ class Handoff:
         lay, dlay = self.src, self.dst
         by, bx, tl, hl = x.shape
         row, slot = divmod(self.tokens - 1, tl)
-        full = np.zeros((by, bx, lay.px, hl), np.float32)
+        spread = np.zeros((by, bx, lay.px, hl), np.float32)
         mine = np.flatnonzero(fab.index(Y) == row)
         if mine.size:
-            full[mine[0], np.arange(bx), fab.index(X), :] = x[mine[0], :, slot, :]
-        full = full.reshape(by, bx, lay.px * hl)
+            spread[mine[0], np.arange(bx), fab.index(X), :] = x[mine[0], :, slot, :]
+        full = spread.reshape(by, bx, lay.px * hl)
         full = allreduce(fab, full, X, "sum", self.spec, record=False, name="handoff/hidden/gather")
         full = broadcast(fab, full, Y, row, record=False, name="handoff/hidden/broadcast")
         h = lay.config.hidden_size

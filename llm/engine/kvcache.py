@@ -60,9 +60,12 @@ class KVCache:
         self.v = [np.zeros(shape, np.float32) for _ in range(layers)]
         self.head = np.zeros(self.rows, np.int64)
         self.count = np.zeros(self.rows, np.int64)
-        self._plan = None
-        self._valid = None  # valid() of the current bookkeeping (every layer asks for it)
-        self._moves = None  # the slots this token's append moves (every layer the same)
+        # (senders, head, count) before this token: set by begin_token, cleared by end_token
+        self._plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # valid() of the current bookkeeping (every layer asks for it)
+        self._valid: np.ndarray | None = None
+        # the slots this token's append moves (every layer the same)
+        self._moves: tuple | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -153,6 +156,7 @@ class KVCache:
     def _token_moves(self) -> tuple:
         """``(local rows, their oldest slots, receiving local rows, their free slots, the bottom
         row's slot)`` of this token's append (``None`` parts: no shift / no bottom row)."""
+        assert self._plan is not None, "begin_token() plans a token before its appends"
         senders, head, count = self._plan  # state before this token
         rows = self.fab.index(0)
         local, into, tail, new_slot = np.arange(self.fab.by), None, None, None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,10 +29,13 @@ from ..placement.phase_tiles import PHASE_SPECS
 from .decode import MeshDecoder
 from .kvcache import KVCache
 
+if TYPE_CHECKING:
+    from .prefill import MeshPrefiller
+
 
 def split_layers(blocks: Mapping, layers: int) -> tuple[list, dict]:
     """``{"layer3/qkv": b, "embed": e}`` -> ``([{...layer 0...}, ...], {"embed": e})``."""
-    per = [dict() for _ in range(layers)]
+    per: list[dict] = [dict() for _ in range(layers)]
     glob = {}
     for name, block in blocks.items():
         head, _, key = name.partition("/")
@@ -135,7 +139,7 @@ class MeshModel:
         layers, glob = split_layers(blocks["decode"], config.num_layers)
         self._decode_weights = (layers, glob)
         self.decoder: MeshDecoder | None = None
-        self.prefiller = None
+        self.prefiller: MeshPrefiller | None = None
         if "prefill" in blocks:
             from .prefill import MeshPrefiller
 
@@ -219,7 +223,7 @@ class MeshModel:
         from ..placement.streamed import Matrix, StoredTable, residency
 
         tied = shards.config.tie_word_embeddings
-        blocks = {}
+        blocks: dict[str, dict] = {}
         for ph in shards.phases:
             blocks[ph] = {}
             mesh = shards.mesh(ph)
@@ -254,6 +258,13 @@ class MeshModel:
             "decode/resident", weights + 2 * self.config.num_layers * capacity * (lay.kv // lay.px)
         )
 
+    @property
+    def running(self) -> MeshDecoder:
+        """The decoder of the current sequence (:meth:`start`, or the first :meth:`prefill`)."""
+        if self.decoder is None:
+            raise RuntimeError("no sequence is running: start() or prefill() first")
+        return self.decoder
+
     def capacity_for(self, tokens: int) -> int:
         """Slots per core so that ``tokens`` fit under the KV policy."""
         rows = self.layouts["decode"].py
@@ -277,7 +288,7 @@ class MeshModel:
                 f"{self.config.max_position_embeddings}"
             )
         if self.prefiller is not None and self.position == 0:
-            return self._prefill_and_hand_off(ids, all_logits)
+            return self._prefill_and_hand_off(self.prefiller, ids, all_logits)
         logits, every = None, []
         for t in ids:  # no prefill engine: the prompt goes through decode steps
             logits = self.decode(t)
@@ -285,13 +296,13 @@ class MeshModel:
                 every.append(self.logits_to_host(logits))
         return (logits, np.array(every)) if all_logits else logits
 
-    def _prefill_and_hand_off(self, ids, all_logits: bool):
+    def _prefill_and_hand_off(self, prefiller: MeshPrefiller, ids, all_logits: bool):
         """Prefill on the prefill mesh, move the result with a :class:`~llm.engine.handoff.Handoff`
         (priced in the prefill ledger), load the decode cache, then the first logits."""
         from .handoff import Handoff
         from .kvcache import ContextFullError
 
-        cache = self.decoder.cache
+        cache = self.running.cache
         hand = Handoff(
             self.phase_layouts["prefill"], self.phase_layouts["decode"], len(ids), self.allreduce
         )
@@ -300,7 +311,7 @@ class MeshModel:
                 f"prompt of {len(ids)} tokens needs {hand.dst_rows.max()} KV "
                 f"slots per decode core; capacity is {cache.capacity}"
             )
-        out = self.prefiller.run(ids, all_logits=all_logits)
+        out = prefiller.run(ids, all_logits=all_logits)
         cache_rows, hidden = hand.forward(
             self.fabrics["prefill"], self.decode_fabric, out["k"], out["v"], out["x"]
         )
@@ -308,7 +319,7 @@ class MeshModel:
         cache.set_counts(hand.dst_rows)
         for layer, (k_rows, v_rows) in enumerate(cache_rows):
             cache.load(layer, k_rows, v_rows)
-        logits = self.decoder.logits(hidden, out["first_bad"], "the prompt's embeddings")
+        logits = self.running.logits(hidden, out["first_bad"], "the prompt's embeddings")
         self.position = len(ids)
         return (logits, out["all_logits"]) if all_logits else logits
 
@@ -316,20 +327,20 @@ class MeshModel:
         """Feed one token; returns its logits (decode X-vector ``f32[by, bx, V/Px]``)."""
         if self.position >= self.config.max_position_embeddings:
             raise ValueError(f"context of {self.config.max_position_embeddings} tokens is full")
-        logits = self.decoder.step(int(token), self.position)
+        logits = self.running.step(int(token), self.position)
         self.position += 1
         return logits
 
     def pick(self, logits: np.ndarray, sampler=None) -> int:
         """Next token: greedy on the mesh, or ``sampler`` on the host (logits gathered)."""
         if sampler is None or getattr(sampler, "greedy", False):
-            return self.decoder.argmax(logits)
-        full = self.decoder.gather_logits(logits)
-        tok = sampler(full) if self.control.is_root else None
+            return self.running.argmax(logits)
+        full = self.running.gather_logits(logits)
+        tok = sampler(full) if self.control.is_root else -1  # only root's value counts
         return int(self.control.bcast(tok))  # control plane: the host's choice
 
     def logits_to_host(self, logits: np.ndarray) -> np.ndarray:
-        return self.decoder.gather_logits(logits)
+        return self.running.gather_logits(logits)
 
     def ledgers(self) -> dict[str, Ledger]:
         return {ph: fab.ledger for ph, fab in self.fabrics.items()}

@@ -25,6 +25,9 @@ the decode mesh is :class:`llm.engine.handoff.Handoff`'s job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from meshrt import hostio
@@ -74,7 +77,7 @@ class MeshPrefiller:
         self.scale = np.float32(c.head_dim**-0.5)
         blocks = [b for w in layers for b in w.values()] + list(glob.values())
         self.weight_words = sum(b.size for b in blocks) // (fab.by * fab.bx)
-        self.handlers = {
+        self.handlers: dict[str, Callable[..., Any]] = {
             "embed_fetch": self._embed,
             "norm": self._norm,
             "gemm": self._gemm,
