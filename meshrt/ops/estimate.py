@@ -29,6 +29,7 @@ paths the multicast must be relayed in software, so each hop also costs a routin
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -84,12 +85,15 @@ def skew_rounds(plan: GemmTiling) -> int:
     return plan.nl // 2
 
 
+@functools.lru_cache(maxsize=1024)
 def shift_gemm_costs(
     plan: GemmTiling, kind: str, b_preskewed: bool, device: Device, a_factor: int = 1
-) -> list:
+) -> tuple:
     """Skew and main-loop costs of MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``).
 
     ``a_factor``: A tiles are that many times longer than ``tmb x tkb`` (grouped MeshGEMM).
+    Every argument is immutable and so is the result: a layer's GEMMs of one shape are priced
+    once (each prefill layer repeats the same shapes).
     """
     nl, a, b = plan.nl, plan.a, plan.b
     tile_a, tile_b = plan.tmb * plan.tkb * a_factor, plan.tkb * plan.tnb
@@ -99,7 +103,7 @@ def shift_gemm_costs(
     if not b_preskewed:
         skew += [y_fwd, ring_transfer(nl, kind, b, a, tile_b, reverse=True)]
     shift = _worse(device, x_fwd, y_fwd)
-    return [
+    return (
         ("skew", _worse(device, *skew).with_(tasks=1) * skew_rounds(plan)),
         (
             "step",
@@ -111,7 +115,7 @@ def shift_gemm_costs(
                 tasks=1,
             ),
         ),
-    ]
+    )
 
 
 def shift_gemm_memory(plan: GemmTiling) -> int:

@@ -121,7 +121,7 @@ def grouped_a_tiles(a: np.ndarray, mesh: tuple[int, int], dtype=np.float32) -> n
 # ----------------------------------------------------------------------------------------------
 
 
-def grouped_gemm_costs(plan: GemmTiling, groups: int, b_preskewed: bool, device: Device) -> list:
+def grouped_gemm_costs(plan: GemmTiling, groups: int, b_preskewed: bool, device: Device) -> tuple:
     """Skew and main-loop costs of :func:`grouped_meshgemm`: MeshGEMM's, with A tiles ``G``
     times longer."""
     return shift_gemm_costs(plan, RING, b_preskewed, device, a_factor=groups)
