@@ -385,34 +385,24 @@ class Ledger:
             Task activations per step (1 for the steps of a task-chained kernel); the first
             record of a different kernel activates one in any case.
         """
-        total, compute, comm = self.step_cycles(macs, words, hops, routings, overlap, vectors)
-        name = self._name(op)
-        kernel = kernel_of(name)
-        extra = tasks * count * self.device.task_switch
-        if kernel != self.kernel:  # the cores start another kernel: one task switch
-            self.kernel = kernel
-            sw = self.ops[f"{kernel}/task_switch"]
-            sw.activations += 1
-            sw.cycles += self.device.task_switch
-            extra += self.device.task_switch
-        t = self.ops[name]
-        t.steps += count
-        t.activations += tasks * count
-        t.cycles += total * count + tasks * count * self.device.task_switch
-        t.compute_cycles += compute * count
-        t.comm_cycles += comm * count
-        t.macs += macs * count
-        t.words += words * count
-        t.hops += hops * count
-        t.routings += routings * count
-        t.vectors += vectors * count
-        return total * count + extra
+        cost = Cost(
+            macs=macs,
+            words=words,
+            hops=hops,
+            routings=routings,
+            overlap=overlap,
+            count=count,
+            vectors=vectors,
+            tasks=tasks,
+        )
+        return self.charge(op, cost)
 
     def charge(self, op: str, cost: Cost) -> float:
         """Record ``cost`` (its ``count`` steps and its routes) under ``op``; returns cycles.
 
-        The same figures and arithmetic as :meth:`record`; what a cost adds is worked out once
-        per cost object (kernels charge the same cached costs on every token and layer).
+        What a cost adds is worked out once per cost object (kernels charge the same cached
+        costs on every token and layer); :meth:`record` is the same with the figures spelled
+        out.
         """
         got = self._priced.get(id(cost))
         if got is None or got[0] is not cost or got[1] is not self.device:
@@ -459,8 +449,8 @@ class Ledger:
         return ret + extra
 
     def _increments(self, cost: Cost) -> tuple:
-        """What :meth:`record` adds to an op's totals for ``cost`` (same expressions), and the
-        cycles it returns before the task switches."""
+        """What :meth:`charge` adds to an op's totals for ``cost``, and the cycles it returns
+        before the kernel's task switch."""
         c = cost
         total, compute, comm = self.step_cycles(
             c.macs, c.words, c.hops, c.routings, c.overlap, c.vectors
