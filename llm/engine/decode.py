@@ -131,10 +131,7 @@ class MeshDecoder:
         key = (op.name, run.fill, run.shifts)
         parts = self._local.get(key)
         if parts is None:
-            parts = self._local[key] = tuple(
-                (f"{op.name}/{part}" if part else op.name, cost)
-                for part, cost in P.local_costs(op, run).items()
-            )
+            parts = self._local[key] = P.local_records(op.name, P.local_costs(op, run))
         led = self.fab.ledger
         for name, cost in parts:
             led.charge(name, cost)

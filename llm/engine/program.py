@@ -190,10 +190,15 @@ def local_costs(op: Op, run: Pass) -> dict:
     return {}
 
 
+def local_records(name: str, costs: dict) -> tuple:
+    """``{part: Cost}`` as ``((record name, Cost), ...)``: ``name/part`` (``""``: ``name``)."""
+    return tuple((f"{name}/{part}" if part else name, cost) for part, cost in costs.items())
+
+
 def charge_local(led: Ledger, name: str, costs: dict) -> None:
-    """Charge ``{part: Cost}`` as ``name/part`` (``""``: ``name`` itself)."""
-    for part, cost in costs.items():
-        led.charge(f"{name}/{part}" if part else name, cost)
+    """Charge ``{part: Cost}`` under the names :func:`local_records` gives."""
+    for record_name, cost in local_records(name, costs):
+        led.charge(record_name, cost)
 
 
 # ----------------------------------------------------------------------------------------------
