@@ -237,23 +237,36 @@ def shift_lines_back(
 # ----------------------------------------------------------------------------------------------
 
 
-class TrackedLines:
-    """Read-only tiles moving along lines, emulated by identity (aggregated emulation).
+@dataclass(frozen=True)
+class TileMessage:
+    """One neighbour message of a tracked move (:class:`LineSchedule`).
+
+    ``send``: this rank sends (else receives) the tiles at :attr:`where` of the identity store,
+    to / from the neighbour on ``side`` of the lines' axis. :attr:`where` indexes the store as
+    ``store[where] -> [lines, tiles, *tile]``; the message itself is ``[lines, tiles, *tile]``
+    along x (``axis=1``) and ``[tiles, lines, *tile]`` along y. ``shape`` is its leading shape.
+    """
+
+    send: bool
+    side: int
+    where: tuple
+    shape: tuple
+    op: str
+
+
+class LineSchedule:
+    """The identity bookkeeping of tiles moving along lines, without their data.
 
     Every tile of a line has an identity ``0 .. n-1`` (the operand block it carries, e.g. its
-    K segment), and every line holds each identity once. :attr:`store` keeps every tile this
-    rank has held so far, by identity. A move relabels the cores (identities ``ids[:, perm]``,
-    one small permutation per step) and copies only
-    the tiles whose path crosses a rank boundary, in exactly the neighbour messages
-    :func:`permute_line` and :func:`shift_lines_back` send (same peers, shapes and order), so
-    the trace is the same. A tile that has not reached this rank can never be sent or used:
-    :meth:`complete` checks that every tile passed through before a kernel computes with them.
+    K segment), and every line holds each identity once. A move relabels the cores (identities
+    ``ids[:, perm]``, one small permutation per step) and lists the neighbour messages that
+    carry the tiles whose path crosses a rank boundary, exactly those :func:`permute_line` and
+    :func:`shift_lines_back` send (same peers, shapes and order). A schedule depends on the
+    layout only, so kernels work it out once per layout (:attr:`meshrt.fabric.Fabric.plans`)
+    and replay it on every call (:class:`TrackedLines`).
 
     Parameters
     ----------
-    block : ndarray
-        This rank's tiles ``[..., line.size (at axis), ...]``; the other leading axis enumerates
-        the rank's lines (as :func:`permute_line`). Not modified.
     axis : int
         Axis of the lines (0: columns of cores, 1: rows of cores).
     line : Line
@@ -263,81 +276,80 @@ class TrackedLines:
 
     Attributes
     ----------
-    store : ndarray
-        Like ``block`` with the line axis extended to ``line.n`` and indexed by identity.
+    initial_ids : ndarray
+        ``ids`` at the start.
+    present : ndarray
+        ``bool[lines, line.n]``: the identities this rank has held so far.
     """
 
-    def __init__(self, fab: Fabric, block: np.ndarray, axis: int, line: Line, ids: np.ndarray):
-        self.fab, self.axis, self.line = fab, axis, line
+    def __init__(self, axis: int, line: Line, ids: np.ndarray):
+        self.axis, self.line = axis, line
         self.ids = np.array(ids, dtype=np.int64)
-        self.tile = block.shape[2:]
-        shape = list(block.shape)
-        shape[axis] = line.n
-        self.store = np.empty(shape, block.dtype)
+        self.initial_ids = self.ids.copy()
         self.present = np.zeros(self.ids.shape, bool)
-        home = self.ids[:, line.lo : line.hi]
-        if (home == np.arange(line.lo, line.hi)).all():  # natural tiles: one slice copy
-            where = [slice(None)] * block.ndim
-            where[axis] = slice(line.lo, line.hi)
-            self.store[tuple(where)] = block
-            self.present[:, line.lo : line.hi] = True
-        else:
-            self._put(
-                np.arange(self.ids.shape[0]), home, block if axis == 1 else np.swapaxes(block, 0, 1)
-            )
+        lines = np.arange(self.ids.shape[0])[:, None]
+        self.present[lines, self.ids[:, line.lo : line.hi]] = True
         self.perm = np.arange(line.n)  # the tiles now at the cores: ids[:, perm]
+
+    @property
+    def local(self) -> bool:
+        """The whole line is on this rank: moves only relabel, no tile ever arrives."""
+        return self.line.lo == 0 and self.line.hi == self.line.n
+
+    @property
+    def complete(self) -> bool:
+        """Every tile of every line has passed through this rank."""
+        return bool(self.present.all())
 
     def _where(self, lines: np.ndarray, ids: np.ndarray) -> tuple:
         lines = lines[:, None]
         return (lines, ids) if self.axis == 1 else (ids, lines)
 
-    def _put(self, lines: np.ndarray, ids: np.ndarray, tiles: np.ndarray) -> None:
-        """``tiles[l, k]`` (line-major): the tile of identity ``ids[l, k]`` of ``lines[l]``."""
-        self.store[self._where(lines, ids)] = tiles
-        self.present[lines[:, None], ids] = True
-
-    def _get(self, lines: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        if not self.present[lines[:, None], ids].all():
-            raise RuntimeError("aggregated emulation: a tile would leave a rank it never reached")
-        tiles = self.store[self._where(lines, ids)]  # [lines, k, *tile]
-        return tiles if self.axis == 1 else np.swapaxes(tiles, 0, 1)
-
-    def _exchange(self, dest: np.ndarray, lines: np.ndarray, now, op: str) -> None:
+    def _exchange(self, dest: np.ndarray, lines: np.ndarray, now, op: str) -> list:
         """The neighbour messages of one :func:`permute_line` step of ``lines`` (in message
         order); ``now(src)`` gives the identities at cores ``src`` of those lines."""
-        fab, axis, line = self.fab, self.axis, self.line
+        line = self.line
         n, lo, hi = line.n, line.lo, line.hi
+        moves: list[TileMessage] = []
         if lo == 0 and hi == n:
-            return
+            return moves
         for side in (HI, LO):
             upward = side == HI
             in_cut, out_cut = (lo, hi) if upward else (hi, lo)
             if 0 < in_cut < n:
                 src = crossing(dest, in_cut, upward)
                 if len(src):
-                    shape = [len(lines), len(src)] if axis == 1 else [len(src), len(lines)]
-                    slab = fab.recv(tuple(shape) + self.tile, self.store.dtype, axis, -side, op=op)
-                    assert slab is not None  # 0 < cut < n: a neighbour
-                    self._put(lines, now(src), slab if axis == 1 else np.swapaxes(slab, 0, 1))
+                    ids = now(src)
+                    shape = (len(lines), len(src)) if self.axis == 1 else (len(src), len(lines))
+                    moves.append(TileMessage(False, -side, self._where(lines, ids), shape, op))
+                    self.present[lines[:, None], ids] = True
             if 0 < out_cut < n:
                 src = crossing(dest, out_cut, upward)
                 if len(src):
-                    fab.send(self._get(lines, now(src)), axis, side, op=op)
+                    ids = now(src)
+                    if not self.present[lines[:, None], ids].all():
+                        raise RuntimeError(
+                            "aggregated emulation: a tile would leave a rank it never reached"
+                        )
+                    moves.append(TileMessage(True, side, self._where(lines, ids), (), op))
+        return moves
 
-    def permute(self, dest: np.ndarray, op: str = "permute_line") -> None:
-        """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line."""
+    def permute(self, dest: np.ndarray, op: str = "permute_line") -> list:
+        """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line; returns its
+        messages."""
         n = self.line.n
         lines = np.arange(self.ids.shape[0])
-        self._exchange(dest, lines, lambda src: self.ids[:, self.perm[src]], op)
+        moves = self._exchange(dest, lines, lambda src: self.ids[:, self.perm[src]], op)
         inv = np.empty(n, dtype=np.int64)
         inv[dest] = np.arange(n)
         self.perm = self.perm[inv]
+        return moves
 
     def shift_lines_back(
         self, amounts: np.ndarray, kind: str = "interleaved", op: str = "skew"
-    ) -> None:
+    ) -> list:
         """:func:`shift_lines_back`: line ``l`` moves back ``amounts[l]`` ring positions, in
-        the same rounds and messages."""
+        the same rounds; returns the messages."""
         n = self.line.n
         self.ids = self.ids[:, self.perm]
         self.perm = np.arange(n)
@@ -358,12 +370,13 @@ class TrackedLines:
             groups.append((start, group_steps, dest, inv))
         moved = [np.arange(n), np.arange(n)]  # each group's composed permutation
         final = self.ids.copy()
+        moves: list[TileMessage] = []
         for r in range(int(steps.max()) if steps.size else 0):
             for gi, (start, group_steps, dest, inv) in enumerate(groups):
                 count = int(np.count_nonzero(group_steps > r))
                 if count:
                     lines = order[start : start + count]
-                    self._exchange(
+                    moves += self._exchange(
                         dest,
                         lines,
                         lambda src, lines=lines, m=moved[gi]: self.ids[
@@ -375,9 +388,116 @@ class TrackedLines:
                     done = lines[group_steps[:count] == r + 1]  # lines whose last round this is
                     final[done] = self.ids[done][:, moved[gi]]
         self.ids = final
+        return moves
+
+
+class TrackedLines:
+    """Read-only tiles moving along lines, emulated by identity (aggregated emulation).
+
+    :attr:`store` keeps every tile this rank has held so far, by identity; the moves of a
+    :class:`LineSchedule` copy only the tiles whose path crosses a rank boundary, in exactly
+    the neighbour messages :func:`permute_line` and :func:`shift_lines_back` send, so the
+    trace is the same. A tile that has not reached this rank can never be sent or used:
+    :meth:`complete` checks that every tile passed through before a kernel computes with them.
+
+    Parameters
+    ----------
+    block : ndarray
+        This rank's tiles ``[..., line.size (at axis), ...]``; the other leading axis enumerates
+        the rank's lines (as :func:`permute_line`). Not modified.
+    axis : int
+        Axis of the lines (0: columns of cores, 1: rows of cores).
+    line : Line
+        This rank's share of every line.
+    ids : ndarray, optional
+        ``int[lines, line.n]``: identity of the tile at every logical core of every line.
+    schedule : LineSchedule, optional
+        A schedule worked out beforehand (instead of ``ids``): its moves are replayed with
+        :meth:`play`, and :meth:`complete` checks its final presence.
+
+    Attributes
+    ----------
+    store : ndarray
+        Like ``block`` with the line axis extended to ``line.n`` and indexed by identity (the
+        block itself when it already is: natural tiles of a rank-local line).
+    """
+
+    def __init__(
+        self,
+        fab: Fabric,
+        block: np.ndarray,
+        axis: int,
+        line: Line,
+        ids: np.ndarray | None = None,
+        schedule: LineSchedule | None = None,
+    ):
+        self.fab, self.axis, self.line = fab, axis, line
+        self.schedule = schedule if schedule is not None else LineSchedule(axis, line, ids)
+        self.block = block
+        self.tile = block.shape[2:]
+        home = self.schedule.initial_ids[:, line.lo : line.hi]
+        natural = bool((home == np.arange(line.lo, line.hi)).all())
+        self._relabelled = self.schedule.local and not natural
+        if self.schedule.local and natural:
+            self.store = block
+            return
+        if self._relabelled:  # the store is made only if asked for (see held())
+            self.store = None
+            return
+        shape = list(block.shape)
+        shape[axis] = line.n
+        self.store = np.empty(shape, block.dtype)
+        if natural:  # one slice copy
+            where = [slice(None)] * block.ndim
+            where[axis] = slice(line.lo, line.hi)
+            self.store[tuple(where)] = block
+        else:
+            lines = np.arange(home.shape[0])[:, None]
+            at = (lines, home) if axis == 1 else (home, lines)
+            self.store[at] = block if axis == 1 else np.swapaxes(block, 0, 1)
+
+    def play(self, moves: list, prefix: str = "") -> None:
+        """Send and receive the tiles of ``moves`` (:class:`TileMessage`, in order); message
+        names are ``prefix + move.op``."""
+        fab, store, axis = self.fab, self.store, self.axis
+        for m in moves:
+            if m.send:
+                tiles = store[m.where] if axis == 1 else np.swapaxes(store[m.where], 0, 1)
+                fab.send(tiles, axis, m.side, prefix + m.op)
+            else:
+                slab = fab.recv(m.shape + self.tile, store.dtype, axis, m.side, prefix + m.op)
+                assert slab is not None  # 0 < cut < n: a neighbour
+                store[m.where] = slab if axis == 1 else np.swapaxes(slab, 0, 1)
+
+    def permute(self, dest: np.ndarray, op: str = "permute_line") -> None:
+        """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line."""
+        self.play(self.schedule.permute(dest, op))
+
+    def shift_lines_back(
+        self, amounts: np.ndarray, kind: str = "interleaved", op: str = "skew"
+    ) -> None:
+        """:func:`shift_lines_back`: line ``l`` moves back ``amounts[l]`` ring positions, in
+        the same rounds and messages."""
+        self.play(self.schedule.shift_lines_back(amounts, kind, op))
 
     def complete(self) -> np.ndarray:
         """:attr:`store` once every tile of every line has passed through this rank."""
-        if not self.present.all():
+        if not self.schedule.complete:
             raise RuntimeError("aggregated emulation: some tiles never reached this rank")
+        if self.store is None:  # a rank-local line: the block's tiles put in identity order
+            lines = np.arange(self.schedule.initial_ids.shape[0])[:, None]
+            rows = np.argsort(self.schedule.initial_ids, axis=1)  # core of each identity
+            at = (lines, rows) if self.axis == 1 else (rows, lines)
+            tiles = self.block[at]  # [lines, n, *tile]
+            self.store = tiles if self.axis == 1 else np.swapaxes(tiles, 0, 1)
         return self.store
+
+    def held(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The tiles as they are held: ``(store, None)``, the store by identity
+        (:meth:`complete`); or, on a rank-local line whose tiles were never put in identity
+        order, ``(block, ids)``: core ``i`` of line ``l`` of ``block`` holds identity
+        ``ids[l, i]`` (``int[lines, line.n]``), so a kernel can read the tiles where they are.
+        """
+        if self._relabelled and self.store is None:
+            return self.block, self.schedule.initial_ids
+        return self.complete(), None

@@ -37,6 +37,7 @@ from ..mesh import lcm
 from ..plmr import Cost
 from ..precision import widen
 from ._lines import (
+    LineSchedule,
     TrackedLines,
     line_of,
     permute_line,
@@ -122,11 +123,6 @@ def _shift_gemm(
     led = fab.ledger
     cost_plan = priced_plan(plan, priced)
     costs = shift_gemm_costs(cost_plan, kind, b_preskewed, led.device)
-    nl = plan.nl
-    x_line, y_line = line_of(fab, 1, plan.a), line_of(fab, 0, plan.b)
-    rows = np.arange(y_line.lo, y_line.hi)  # global logical rows / columns of this rank
-    cols = np.arange(x_line.lo, x_line.hi)
-    pos = ring_positions(nl, kind)
     if fab.aggregate:
         ta, tb = track_shift_operands(
             fab,
@@ -140,8 +136,14 @@ def _shift_gemm(
         record(led, name, costs[1:])
         led.memory(name, shift_gemm_memory(cost_plan))
         led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
-        return logical_to_virtual(stored_product(ta.complete(), tb.complete()), mesh)
+        b_held, b_ids = tb.held()
+        return logical_to_virtual(stored_product(ta.complete(), b_held, b_ids=b_ids), mesh)
 
+    nl = plan.nl
+    x_line, y_line = line_of(fab, 1, plan.a), line_of(fab, 0, plan.b)
+    rows = np.arange(y_line.lo, y_line.hi)  # global logical rows / columns of this rank
+    cols = np.arange(x_line.lo, x_line.hi)
+    pos = ring_positions(nl, kind)
     # a_cur: [by*b, bx*a, tmb, tkb]   b_cur: [by*b, bx*a, tkb, tnb]   (logical tiles)
     a_cur = shift_lines_back(
         fab, virtual_to_logical(a, mesh), 1, x_line, pos[rows], kind, op=f"{name}/skew"
@@ -172,6 +174,38 @@ def _shift_gemm(
     return logical_to_virtual(c, mesh)
 
 
+def shift_schedules(fab: Fabric, kind: str, b_preskewed: bool) -> tuple:
+    """The tracked moves of MeshGEMM/Cannon's operands on this rank, worked out once per
+    layout (kept in :attr:`meshrt.fabric.Fabric.plans`).
+
+    Returns ``(sa, sb, skew_a, skew_b, steps)``: the :class:`~meshrt.ops._lines.LineSchedule`
+    of A (lines along x, identity = K segment) and of B (lines along y, identity = K segment),
+    the skews' messages of each, and per shift step the pair of A's and B's messages.
+    """
+    lay = fab.layout
+    nl = lcm(lay.py, lay.px)
+    x_line, y_line = line_of(fab, 1, nl // lay.px), line_of(fab, 0, nl // lay.py)
+    key = ("shift_operands", kind, b_preskewed, x_line, y_line)
+    if key in fab.plans:
+        return fab.plans[key]
+    rows = np.arange(y_line.lo, y_line.hi)
+    cols = np.arange(x_line.lo, x_line.hi)
+    pos = ring_positions(nl, kind)
+    order = np.argsort(pos)
+    sa = LineSchedule(1, x_line, np.broadcast_to(np.arange(nl), (len(rows), nl)))
+    skew_a = sa.shift_lines_back(pos[rows], kind, op="skew")
+    if b_preskewed:  # logical core (i, j) holds K segment order[(pos i + pos j) mod Nl]
+        b_ids = order[(pos[None, :] + pos[cols][:, None]) % nl]
+    else:
+        b_ids = np.broadcast_to(np.arange(nl), (len(cols), nl))
+    sb = LineSchedule(0, y_line, b_ids)
+    skew_b = [] if b_preskewed else sb.shift_lines_back(pos[cols], kind, op="skew")
+    dest = ring_dest(nl, kind)
+    steps = [(sa.permute(dest, op="shift"), sb.permute(dest, op="shift")) for _ in range(nl)]
+    fab.plans[key] = sa, sb, skew_a, skew_b, steps
+    return fab.plans[key]
+
+
 def track_shift_operands(
     fab: Fabric,
     a_log: np.ndarray,
@@ -187,37 +221,42 @@ def track_shift_operands(
     ``a_log``: logical tiles ``[by*b, bx*a, tmb, tkb*]`` (natural); ``b_log``: ``[by*b, bx*a,
     tkb, tnb]`` (pre-skewed, or natural with ``b_preskewed=False``). Returns the
     :class:`~meshrt.ops._lines.TrackedLines` of A (lines along x, identity = K segment) and of
-    B (lines along y, identity = K segment).
+    B (lines along y, identity = K segment). The schedules are worked out once per layout
+    (:func:`shift_schedules`); a call replays their messages.
     """
-    lay = fab.layout
-    nl = lcm(lay.py, lay.px)
-    x_line, y_line = line_of(fab, 1, nl // lay.px), line_of(fab, 0, nl // lay.py)
-    rows = np.arange(y_line.lo, y_line.hi)
-    cols = np.arange(x_line.lo, x_line.hi)
-    pos = ring_positions(nl, kind)
-    order = np.argsort(pos)
-    ta = TrackedLines(fab, a_log, 1, x_line, np.broadcast_to(np.arange(nl), (len(rows), nl)))
-    ta.shift_lines_back(pos[rows], kind, op=f"{name}/skew")
-    if b_preskewed:  # logical core (i, j) holds K segment order[(pos i + pos j) mod Nl]
-        b_ids = order[(pos[None, :] + pos[cols][:, None]) % nl]
-    else:
-        b_ids = np.broadcast_to(np.arange(nl), (len(cols), nl))
-    tb = TrackedLines(fab, b_log, 0, y_line, b_ids)
-    if not b_preskewed:
-        tb.shift_lines_back(pos[cols], kind, op=f"{name}/skew")
+    sa, sb, skew_a, skew_b, steps = shift_schedules(fab, kind, b_preskewed)
+    ta = TrackedLines(fab, a_log, 1, sa.line, schedule=sa)
+    tb = TrackedLines(fab, b_log, 0, sb.line, schedule=sb)
+    prefix = f"{name}/"
+    ta.play(skew_a, prefix)
+    tb.play(skew_b, prefix)
     if after_skew is not None:
         after_skew()
-    dest = ring_dest(nl, kind)
-    for _ in range(nl):
-        ta.permute(dest, op=f"{name}/shift")
-        tb.permute(dest, op=f"{name}/shift")
+    for moves_a, moves_b in steps:
+        ta.play(moves_a, prefix)
+        tb.play(moves_b, prefix)
     return ta, tb
 
 
+def _batched_columns(nl: int, m: int, tkb: int, tnb: int, gathered: bool, chunk_bytes: int) -> int:
+    """Columns per batched product in :func:`stored_product` (0: multiply whole GEMMs instead).
+
+    A batched product multiplies every K segment's tile on its own (``Nl`` partials per output
+    tile, summed after), reading B where it is held; worth it while the partials are small and
+    the K segments long enough for an efficient GEMM.
+    """
+    per_column = 4 * nl * m * (tnb + (tkb if gathered else 0))
+    return chunk_bytes // per_column if tkb >= 32 else 0
+
+
 def stored_product(
-    a_store: np.ndarray, b_store: np.ndarray, col_groups=None, chunk_bytes: int = 64 << 20
+    a_store: np.ndarray,
+    b_store: np.ndarray,
+    col_groups=None,
+    chunk_bytes: int = 64 << 20,
+    b_ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """What every core of the rank accumulates over the shift steps, as one GEMM per chunk.
+    """What every core of the rank accumulates over the shift steps, as a few GEMMs.
 
     Parameters
     ----------
@@ -226,10 +265,13 @@ def stored_product(
         A's tiles of the rank's logical rows by K segment.
     b_store : ndarray
         ``[Nl, C, tkb, tnb]``: B's tiles of the rank's logical columns by K segment (16-bit
-        words are widened a chunk at a time).
+        words are widened a chunk at a time); with ``b_ids``, in the order they are held.
     col_groups : ndarray, optional
         ``[C * tnb, G]`` one-hot group of every output column: column ``f`` multiplies A's group
         ``g(f)`` slice (:func:`meshrt.ops.grouped.grouped_meshgemm`); a zero row gives 0.
+    b_ids : ndarray, optional
+        ``int[C, Nl]``: the K segment of ``b_store[i, c]`` is ``b_ids[c, i]``
+        (:meth:`meshrt.ops._lines.TrackedLines.held`); by default ``i``.
 
     Returns
     -------
@@ -238,6 +280,12 @@ def stored_product(
     """
     r, nl, tmb = a_store.shape[:3]
     _, c, tkb, tnb = b_store.shape
+    if col_groups is None:
+        step = _batched_columns(nl, r * tmb, tkb, tnb, b_ids is not None, chunk_bytes)
+        if step:
+            return _batched_product(a_store, b_store, b_ids, step)
+    if b_ids is not None:  # B put in K-segment order (a copy, as a store by identity would be)
+        b_store = b_store[np.argsort(b_ids, axis=1).T, np.arange(c)[None, :]]
     out = np.zeros((r, tmb, c, tnb), np.float32)
     if col_groups is None:
         a_mat = widen(np.ascontiguousarray(a_store.transpose(0, 2, 1, 3))).reshape(r * tmb, -1)
@@ -261,6 +309,25 @@ def stored_product(
         for g, f, b_g in cols:
             flat[r0 * tmb : r1 * tmb, f] = a_g[g] @ b_g
     return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
+
+
+def _batched_product(
+    a_store: np.ndarray, b_store: np.ndarray, b_ids: np.ndarray | None, step: int
+) -> np.ndarray:
+    """:func:`stored_product` as one batched GEMM per chunk of ``step`` columns: every held B
+    tile ``[tkb, tnb]`` (read in place) times the A segment of its K segment, then summed over
+    K segments. No copy of B (float32 words)."""
+    r, nl, tmb, tkb = a_store.shape
+    c, tnb = b_store.shape[1], b_store.shape[3]
+    m = r * tmb
+    a_seg = widen(np.ascontiguousarray(a_store.transpose(1, 0, 2, 3))).reshape(nl, m, tkb)
+    out = np.empty((c, m, tnb), np.float32)
+    for c0 in range(0, c, step):
+        c1 = min(c, c0 + step)
+        a_g = a_seg[None] if b_ids is None else a_seg[b_ids[c0:c1]]  # [C', Nl, m, tkb]
+        b_t = widen(b_store[:, c0:c1]).transpose(1, 0, 2, 3)  # [C', Nl, tkb, tnb]
+        np.sum(np.matmul(a_g, b_t), axis=1, out=out[c0:c1])
+    return np.ascontiguousarray(out.reshape(c, r, tmb, tnb).transpose(1, 0, 2, 3))
 
 
 def meshgemm(

@@ -387,7 +387,10 @@ def grouped_meshgemm(
         led.memory(name, grouped_gemm_memory(cost_plan, groups))
         led.routes(name, shift_gemm_routes(cost_plan, RING, b_preskewed))
         col_groups = labels[0].reshape(-1, groups).astype(f32, copy=False)
-        return logical_to_virtual(stored_product(ta.complete(), tb.complete(), col_groups), mesh)
+        b_held, b_ids = tb.held()
+        return logical_to_virtual(
+            stored_product(ta.complete(), b_held, col_groups, b_ids=b_ids), mesh
+        )
     a_cur = shift_lines_back(
         fab, virtual_to_logical(a_flat, mesh), 1, x_line, pos[rows], RING, op=f"{name}/skew"
     )
