@@ -165,6 +165,62 @@ class Fabric:
         self._note(op, peer, buf.nbytes, False)
         return buf
 
+    def isend(self, array: np.ndarray, axis: int, side: int, op: str = "send"):
+        """Non-blocking :meth:`send`: returns ``(request, buffer)`` (``None`` at an edge); the
+        message is the one :meth:`send` would send, complete it with :meth:`wait_all`."""
+        peer = self.peer(axis, side)
+        if peer is None:
+            return None
+        buf = np.ascontiguousarray(array)
+        assert self.cart is not None
+        req = self.cart.Isend(buf, dest=peer, tag=axis)
+        self._note(op, peer, buf.nbytes, True)
+        return req, buf
+
+    def irecv(self, shape, dtype, axis: int, side: int, op: str = "recv"):
+        """Non-blocking :meth:`recv`: returns ``(request, buffer)`` (``None`` at an edge); the
+        buffer holds the message once the request completed (``request.Wait()``)."""
+        peer = self.peer(axis, side)
+        if peer is None:
+            return None
+        buf = np.empty(shape, dtype=dtype)
+        assert self.cart is not None
+        req = self.cart.Irecv(buf, source=peer, tag=axis)
+        self._note(op, peer, buf.nbytes, False)
+        return req, buf
+
+    def wait_all(self, requests: list) -> None:
+        """Complete the requests of :meth:`isend` / :meth:`irecv`."""
+        if requests:
+            assert self._mpi is not None
+            self._mpi.Request.Waitall(requests)
+
+    def send_and_recv(
+        self,
+        array: np.ndarray,
+        shape,
+        dtype,
+        axis: int,
+        side: int,
+        op: str = "send_and_recv",
+        recv_first: bool = False,
+    ) -> np.ndarray:
+        """Send ``array`` to the neighbour on ``side`` of ``axis`` and receive an array of
+        ``shape`` from the same neighbour, in one ``Sendrecv`` (two messages that the caller
+        would otherwise send and receive one after the other; ``recv_first`` names that order
+        in the trace). The neighbour must exist."""
+        peer = self.peer(axis, side)
+        assert peer is not None and self.cart is not None
+        buf = np.ascontiguousarray(array)
+        out = np.empty(shape, dtype=dtype)
+        self.cart.Sendrecv(buf, dest=peer, sendtag=axis, recvbuf=out, source=peer, recvtag=axis)
+        if recv_first:
+            self._note(op, peer, out.nbytes, False)
+        self._note(op, peer, buf.nbytes, True)
+        if not recv_first:
+            self._note(op, peer, out.nbytes, False)
+        return out
+
     def sendrecv(
         self,
         array: np.ndarray,

@@ -15,6 +15,7 @@ preallocated (the wafer's double buffers), so a step allocates nothing of the bl
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,6 +246,8 @@ class TileMessage:
     to / from the neighbour on ``side`` of the lines' axis. :attr:`where` indexes the store as
     ``store[where] -> [lines, tiles, *tile]``; the message itself is ``[lines, tiles, *tile]``
     along x (``axis=1``) and ``[tiles, lines, *tile]`` along y. ``shape`` is its leading shape.
+    Receives are numbered (``index``) in schedule order; a send names the last receive whose
+    tiles it forwards (``after``; -1: only tiles the rank held from the start).
     """
 
     send: bool
@@ -252,6 +255,8 @@ class TileMessage:
     where: tuple
     shape: tuple
     op: str
+    index: int = -1  # a receive's number in its schedule
+    after: int = -1  # a send carries tiles that receive ``after`` (and none later) brought
 
 
 class LineSchedule:
@@ -289,6 +294,8 @@ class LineSchedule:
         self.present = np.zeros(self.ids.shape, bool)
         lines = np.arange(self.ids.shape[0])[:, None]
         self.present[lines, self.ids[:, line.lo : line.hi]] = True
+        self.arrival = np.full(self.ids.shape, -1)  # the receive that brought each tile
+        self.receives = 0
         self.perm = np.arange(line.n)  # the tiles now at the cores: ids[:, perm]
 
     @property
@@ -321,8 +328,11 @@ class LineSchedule:
                 if len(src):
                     ids = now(src)
                     shape = (len(lines), len(src)) if self.axis == 1 else (len(src), len(lines))
-                    moves.append(TileMessage(False, -side, self._where(lines, ids), shape, op))
+                    where = self._where(lines, ids)
+                    moves.append(TileMessage(False, -side, where, shape, op, self.receives))
                     self.present[lines[:, None], ids] = True
+                    self.arrival[lines[:, None], ids] = self.receives
+                    self.receives += 1
             if 0 < out_cut < n:
                 src = crossing(dest, out_cut, upward)
                 if len(src):
@@ -331,7 +341,9 @@ class LineSchedule:
                         raise RuntimeError(
                             "aggregated emulation: a tile would leave a rank it never reached"
                         )
-                    moves.append(TileMessage(True, side, self._where(lines, ids), (), op))
+                    after = int(self.arrival[lines[:, None], ids].max())
+                    where = self._where(lines, ids)
+                    moves.append(TileMessage(True, side, where, (), op, after=after))
         return moves
 
     def permute(self, dest: np.ndarray, op: str = "permute_line") -> list:
@@ -433,6 +445,9 @@ class TrackedLines:
     ):
         self.fab, self.axis, self.line = fab, axis, line
         self.schedule = schedule if schedule is not None else LineSchedule(axis, line, ids)
+        self._recvs: deque = deque()  # (number, request, buffer, where) posted receives
+        self._sends: list = []  # (request, buffer) posted sends
+        self._pending = 0
         self.block = block
         self.tile = block.shape[2:]
         home = self.schedule.initial_ids[:, line.lo : line.hi]
@@ -457,17 +472,45 @@ class TrackedLines:
             self.store[at] = block if axis == 1 else np.swapaxes(block, 0, 1)
 
     def play(self, moves: list, prefix: str = "") -> None:
-        """Send and receive the tiles of ``moves`` (:class:`TileMessage`, in order); message
-        names are ``prefix + move.op``."""
-        fab, store, axis = self.fab, self.store, self.axis
+        """Post the sends and receives of ``moves`` (:class:`TileMessage`, in order; message
+        names ``prefix + move.op``) without waiting, except that a send first puts in the
+        store the receives whose tiles it forwards. :meth:`complete` finishes them all."""
+        fab, axis = self.fab, self.axis
         for m in moves:
             if m.send:
-                tiles = store[m.where] if axis == 1 else np.swapaxes(store[m.where], 0, 1)
-                fab.send(tiles, axis, m.side, prefix + m.op)
+                self._settle(m.after)
+                tiles = self.store[m.where]
+                sent = fab.isend(
+                    tiles if axis == 1 else np.swapaxes(tiles, 0, 1), axis, m.side, prefix + m.op
+                )
+                assert sent is not None  # 0 < cut < n: a neighbour
+                self._sends.append(sent)
             else:
-                slab = fab.recv(m.shape + self.tile, store.dtype, axis, m.side, prefix + m.op)
-                assert slab is not None  # 0 < cut < n: a neighbour
-                store[m.where] = slab if axis == 1 else np.swapaxes(slab, 0, 1)
+                got = fab.irecv(m.shape + self.tile, self.store.dtype, axis, m.side, prefix + m.op)
+                assert got is not None
+                self._recvs.append((m.index, got[0], got[1], m.where))
+                self._pending += got[1].nbytes
+                if self._pending > self.PENDING_BYTES:
+                    self._settle(self._recvs[0][0])
+
+    #: receive buffers allowed in flight before the oldest is waited for and stored
+    PENDING_BYTES = 64 << 20
+
+    def _settle(self, upto: int) -> None:
+        """Wait for the posted receives up to number ``upto`` and put their tiles in the
+        store."""
+        while self._recvs and self._recvs[0][0] <= upto:
+            _, req, buf, where = self._recvs.popleft()
+            req.Wait()
+            self.store[where] = buf if self.axis == 1 else np.swapaxes(buf, 0, 1)
+            self._pending -= buf.nbytes
+
+    def finish(self) -> None:
+        """Complete every posted message (receives stored)."""
+        if self._recvs:
+            self._settle(self._recvs[-1][0])
+        self.fab.wait_all([req for req, _ in self._sends])
+        self._sends.clear()
 
     def permute(self, dest: np.ndarray, op: str = "permute_line") -> None:
         """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line."""
@@ -484,6 +527,7 @@ class TrackedLines:
         """:attr:`store` once every tile of every line has passed through this rank."""
         if not self.schedule.complete:
             raise RuntimeError("aggregated emulation: some tiles never reached this rank")
+        self.finish()
         if self.store is None:  # a rank-local line: the block's tiles put in identity order
             lines = np.arange(self.schedule.initial_ids.shape[0])[:, None]
             rows = np.argsort(self.schedule.initial_ids, axis=1)  # core of each identity

@@ -37,6 +37,7 @@ at the end write exactly what the kernels record.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import numpy as np
@@ -49,6 +50,7 @@ from ..plmr import WSE2, Cost, Device, Ledger
 from ._lines import (
     HI,
     LO,
+    LineSchedule,
     TrackedLines,
     line_of,
     permute_line,
@@ -158,6 +160,13 @@ def _gemm_t_tally(plan: GemmTiling, groups: int) -> Counter:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _tallied_gemm_t_costs(plan: GemmTiling, groups: int) -> tuple:
+    """:func:`grouped_gemm_t_costs` of the aggregated kernel, priced once per shape (the plan
+    is immutable; every prefill layer repeats the same shapes)."""
+    return tuple(grouped_gemm_t_costs(plan, _gemm_t_tally(plan, groups)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +218,7 @@ def grouped_gemm_t(
     y_line = line_of(fab, 0, rows_per)
     if fab.aggregate and (labels == labels[:1]).all():
         c = _grouped_gemm_t_aggregated(fab, a, b, labels, plan, cost_plan, name)
-        record(led, name, grouped_gemm_t_costs(cost_plan, _gemm_t_tally(cost_plan, groups)))
+        record(led, name, _tallied_gemm_t_costs(cost_plan, groups))
         led.memory(name, grouped_gemm_t_memory(cost_plan, groups))
         led.routes(name, gemm_t_routes(cost_plan))
         return c
@@ -273,10 +282,15 @@ def _grouped_gemm_t_aggregated(
     y_line = line_of(fab, 0, rows_per)
     b_cur = b.reshape(by, bx, rows_per, tnb, td).transpose(0, 2, 1, 3, 4)
     b_cur = b_cur.reshape(by * rows_per, bx, tnb, td)
-    tb = TrackedLines(fab, b_cur, 0, y_line, np.broadcast_to(np.arange(nl), (bx, nl)))
-    dest = ring_dest(nl, RING)
-    for _ in range(nl):
-        tb.permute(dest, op=f"{name}/shift")
+    key = ("gemm_t_shift", y_line, bx)
+    if key not in fab.plans:  # B's ring steps, worked out once per layout
+        schedule = LineSchedule(0, y_line, np.broadcast_to(np.arange(nl), (bx, nl)))
+        dest = ring_dest(nl, RING)
+        fab.plans[key] = schedule, [schedule.permute(dest, op="shift") for _ in range(nl)]
+    schedule, steps = fab.plans[key]
+    tb = TrackedLines(fab, b_cur, 0, y_line, schedule=schedule)
+    for moves in steps:
+        tb.play(moves, f"{name}/")
     b_mat = tb.complete().transpose(0, 2, 1, 3).reshape(nl * tnb, bx * td)  # [N, F_rank]
     a_mat = a.transpose(0, 2, 1, 3).reshape(by * rows_per * tmb, bx * td)  # [M_rank, F_rank]
     feat = labels[0].reshape(bx * td, groups).astype(f32, copy=False)
@@ -287,39 +301,77 @@ def _grouped_gemm_t_aggregated(
         rp[i] = ((a_mat[:, f] * feat[f, g]) @ b_mat[:, f].T).reshape(rp.shape[1:])
     del b_mat, a_mat
     c = np.zeros((by, bx, rows_per, tmb, cols_per, tnb, groups), f32)
-    x0, x1 = fab.origin[1], fab.origin[1] + bx
     r, nr = fab.coords[1], lay.rx
+    op = f"{name}/reduce"
+    part = np.zeros((by, 1, tmb, groups, tnb), f32)  # the rank's partial per row
+    every = len(present) == groups
+    for lrows, n_seg, up_mask, down_mask, mine, col, slot, s in _gemm_t_reduce_plan(fab, plan):
+        # rp[:, lrows, :, n_seg] is [by, Gp, tmb, tnb] (advanced axes first)
+        picked = rp[:, lrows, :, n_seg].transpose(0, 2, 1, 3)
+        if every:
+            part[:, 0] = picked
+        else:
+            part[:, 0][:, :, present] = picked
+        below = above = None
+        if 0 < r < nr - 1:
+            below = fab.recv(part.shape, f32, 1, LO, op=op)
+        if r < nr - 1:  # up the chain, and the carry coming down, in one Sendrecv
+            carry = part if below is None else part + below
+            up = np.where(up_mask, carry, f32(0))
+            above = fab.send_and_recv(up, part.shape, f32, 1, HI, op=op)
+        if r > 0:
+            carry = part if above is None else part + above
+            down = np.where(down_mask, carry, f32(0))
+            if r < nr - 1:
+                fab.send(down, 1, LO, op=op)
+            else:  # the top of the chain: what comes up, and what goes down, in one Sendrecv
+                below = fab.send_and_recv(down, part.shape, f32, 1, LO, op=op, recv_first=True)
+        total = part
+        if below is not None:
+            total = below + total
+        if above is not None:
+            total = total + above
+        c[mine, col, s, :, slot] = total[mine, 0].transpose(0, 1, 3, 2)
+    return c.reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
+
+
+def _gemm_t_reduce_plan(fab: Fabric, plan: GemmTiling) -> list:
+    """Per step ``t`` and logical row ``s`` of a virtual core, the index arrays of
+    :func:`_grouped_gemm_t_aggregated`'s chain reduces on this rank, worked out once per
+    layout: ``(lrows, n_seg, up_mask, down_mask, mine, col, slot, s)`` with ``lrows`` the
+    rank's logical rows, ``n_seg`` the B segment each holds, the masks of the rows whose root
+    lies above / below this rank (``[by, 1, 1, 1, 1]``), and the rows rooted here (``mine``)
+    with their virtual column and slot."""
+    lay = fab.layout
+    rows_per, cols_per = plan.b, plan.a
+    key = ("gemm_t_reduce", plan.nl, rows_per, cols_per)
+    if key in fab.plans:
+        return fab.plans[key]
+    x0, x1 = fab.origin[1], fab.origin[1] + lay.bx
     vrows = fab.index(0)
-    for t in range(nl):
+    steps = []
+    for t in range(plan.nl):
         seg = gemm_t_segments(plan, t)  # [Nl] per logical row
         for s in range(rows_per):
-            lrows = np.arange(by) * rows_per + s  # the rank's logical rows
+            lrows = np.arange(lay.by) * rows_per + s  # the rank's logical rows
             n_seg = seg[vrows * rows_per + s]  # B segment held by each
-            part = np.zeros((by, 1, tmb, groups, tnb), f32)  # the rank's partial per row
-            # rp[:, lrows, :, n_seg] is [by, Gp, tmb, tnb] (advanced axes first)
-            part[:, 0][:, :, present] = rp[:, lrows, :, n_seg].transpose(0, 2, 1, 3)
-            root = (n_seg // cols_per)[:, None, None, None, None]
-            below = above = None
-            if r > 0:
-                below = fab.recv(part.shape, f32, 1, LO, op=f"{name}/reduce")
-            if r < nr - 1:
-                carry = part if below is None else part + below
-                fab.send(np.where(root >= x1, carry, f32(0)), 1, HI, op=f"{name}/reduce")
-            if r < nr - 1:
-                above = fab.recv(part.shape, f32, 1, HI, op=f"{name}/reduce")
-            if r > 0:
-                carry = part if above is None else part + above
-                fab.send(np.where(root < x0, carry, f32(0)), 1, LO, op=f"{name}/reduce")
-            total = part
-            if below is not None:
-                total = below + total
-            if above is not None:
-                total = total + above
-            mine = np.flatnonzero((root[:, 0, 0, 0, 0] >= x0) & (root[:, 0, 0, 0, 0] < x1))
-            c[mine, n_seg[mine] // cols_per - x0, s, :, n_seg[mine] % cols_per] = total[
-                mine, 0
-            ].transpose(0, 1, 3, 2)
-    return c.reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
+            root = n_seg // cols_per
+            shape = (lay.by, 1, 1, 1, 1)
+            mine = np.flatnonzero((root >= x0) & (root < x1))
+            steps.append(
+                (
+                    lrows,
+                    n_seg,
+                    (root >= x1).reshape(shape),
+                    (root < x0).reshape(shape),
+                    mine,
+                    root[mine] - x0,
+                    n_seg[mine] % cols_per,
+                    s,
+                )
+            )
+    fab.plans[key] = steps
+    return steps
 
 
 def grouped_meshgemm(
