@@ -444,7 +444,12 @@ class TrackedLines:
         schedule: LineSchedule | None = None,
     ):
         self.fab, self.axis, self.line = fab, axis, line
-        self.schedule = schedule if schedule is not None else LineSchedule(axis, line, ids)
+        if schedule is None:
+            if ids is None:
+                raise ValueError("TrackedLines needs the tiles' ids or a schedule")
+            schedule = LineSchedule(axis, line, ids)
+        self.schedule = schedule
+        self.store: np.ndarray | None
         self._recvs: deque = deque()  # (number, request, buffer, where) posted receives
         self._sends: list = []  # (request, buffer) posted sends
         self._pending = 0
@@ -475,18 +480,21 @@ class TrackedLines:
         """Post the sends and receives of ``moves`` (:class:`TileMessage`, in order; message
         names ``prefix + move.op``) without waiting, except that a send first puts in the
         store the receives whose tiles it forwards. :meth:`complete` finishes them all."""
-        fab, axis = self.fab, self.axis
+        if not moves:
+            return
+        fab, axis, store = self.fab, self.axis, self.store
+        assert store is not None  # only lines across ranks move tiles, and they have a store
         for m in moves:
             if m.send:
                 self._settle(m.after)
-                tiles = self.store[m.where]
+                tiles = store[m.where]
                 sent = fab.isend(
                     tiles if axis == 1 else np.swapaxes(tiles, 0, 1), axis, m.side, prefix + m.op
                 )
                 assert sent is not None  # 0 < cut < n: a neighbour
                 self._sends.append(sent)
             else:
-                got = fab.irecv(m.shape + self.tile, self.store.dtype, axis, m.side, prefix + m.op)
+                got = fab.irecv(m.shape + self.tile, store.dtype, axis, m.side, prefix + m.op)
                 assert got is not None
                 self._recvs.append((m.index, got[0], got[1], m.where))
                 self._pending += got[1].nbytes
@@ -502,6 +510,7 @@ class TrackedLines:
         while self._recvs and self._recvs[0][0] <= upto:
             _, req, buf, where = self._recvs.popleft()
             req.Wait()
+            assert self.store is not None
             self.store[where] = buf if self.axis == 1 else np.swapaxes(buf, 0, 1)
             self._pending -= buf.nbytes
 
