@@ -55,7 +55,7 @@ class Fabric:
         sweep per tree level. Still neighbour-only, same ledger (the wafer's schedule is priced
         either way), fewer MPI messages. The GEMM kernels (MeshGEMM, Cannon, the grouped
         dist-GEMM-T and MeshGEMM) then move tiles by identity and compute each rank's products
-        as whole GEMMs, with the exact schedule's messages (:class:`meshrt.ops._lines.
+        as whole GEMMs, with the exact schedule's messages (:class:`meshrt.ops._tracked.
         TrackedLines`). Off by default: every phase runs as its own messages and every core
         multiplies its own tiles at every step.
     """

@@ -37,8 +37,6 @@ from ..mesh import lcm
 from ..plmr import Cost
 from ..precision import widen
 from ._lines import (
-    LineSchedule,
-    TrackedLines,
     line_of,
     permute_line,
     ring_dest,
@@ -54,6 +52,7 @@ from ._tiles import (
     priced_plan,
     virtual_to_logical,
 )
+from ._tracked import LineSchedule, TrackedLines
 from .estimate import (
     KERNEL_RINGS,
     record,
@@ -178,7 +177,7 @@ def shift_schedules(fab: Fabric, kind: str, b_preskewed: bool) -> tuple:
     """The tracked moves of MeshGEMM/Cannon's operands on this rank, worked out once per
     layout (kept in :attr:`meshrt.fabric.Fabric.plans`).
 
-    Returns ``(sa, sb, skew_a, skew_b, steps)``: the :class:`~meshrt.ops._lines.LineSchedule`
+    Returns ``(sa, sb, skew_a, skew_b, steps)``: the :class:`~meshrt.ops._tracked.LineSchedule`
     of A (lines along x, identity = K segment) and of B (lines along y, identity = K segment),
     the skews' messages of each, and per shift step the pair of A's and B's messages.
     """
@@ -220,7 +219,7 @@ def track_shift_operands(
 
     ``a_log``: logical tiles ``[by*b, bx*a, tmb, tkb*]`` (natural); ``b_log``: ``[by*b, bx*a,
     tkb, tnb]`` (pre-skewed, or natural with ``b_preskewed=False``). Returns the
-    :class:`~meshrt.ops._lines.TrackedLines` of A (lines along x, identity = K segment) and of
+    :class:`~meshrt.ops._tracked.TrackedLines` of A (lines along x, identity = K segment) and of
     B (lines along y, identity = K segment). The schedules are worked out once per layout
     (:func:`shift_schedules`); a call replays their messages.
     """
@@ -271,7 +270,7 @@ def stored_product(
         ``g(f)`` slice (:func:`meshrt.ops.grouped.grouped_meshgemm`); a zero row gives 0.
     b_ids : ndarray, optional
         ``int[C, Nl]``: the K segment of ``b_store[i, c]`` is ``b_ids[c, i]``
-        (:meth:`meshrt.ops._lines.TrackedLines.held`); by default ``i``.
+        (:meth:`meshrt.ops._tracked.TrackedLines.held`); by default ``i``.
 
     Returns
     -------
@@ -284,18 +283,20 @@ def stored_product(
         step = _batched_columns(nl, r * tmb, tkb, tnb, b_ids is not None, chunk_bytes)
         if step:
             return _batched_product(a_store, b_store, b_ids, step)
-    if b_ids is not None:  # B put in K-segment order (a copy, as a store by identity would be)
-        b_store = b_store[np.argsort(b_ids, axis=1).T, np.arange(c)[None, :]]
+    rows = None if b_ids is None else np.argsort(b_ids, axis=1)  # [C, Nl]: row of K segment
     out = np.zeros((r, tmb, c, tnb), np.float32)
     if col_groups is None:
         a_mat = widen(np.ascontiguousarray(a_store.transpose(0, 2, 1, 3))).reshape(r * tmb, -1)
         step = max(1, chunk_bytes // max(1, 4 * nl * tkb * tnb))
-        for c0 in range(0, c, step):  # B widened a chunk of columns at a time
+        for c0 in range(0, c, step):  # B in K order and widened a chunk of columns at a time
             c1 = min(c, c0 + step)
-            b_mat = widen(b_store[:, c0:c1]).transpose(0, 2, 1, 3).reshape(nl * tkb, -1)
+            part = b_store[:, c0:c1] if rows is None else b_store[rows[c0:c1].T, np.arange(c0, c1)]
+            b_mat = widen(part).transpose(0, 2, 1, 3).reshape(nl * tkb, -1)
             out[:, :, c0:c1] = (a_mat @ b_mat).reshape(r, tmb, c1 - c0, tnb)
         return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
     groups = col_groups.shape[1]
+    if rows is not None:
+        b_store = b_store[rows.T, np.arange(c)]
     b_mat = widen(b_store).transpose(0, 2, 1, 3).reshape(nl * tkb, c * tnb)
     picked = [(g, np.flatnonzero(col_groups[:, g])) for g in range(groups)]
     cols = [(g, f, b_mat[:, f] * col_groups[f, g]) for g, f in picked if f.size]

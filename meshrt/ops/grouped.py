@@ -50,8 +50,6 @@ from ..plmr import WSE2, Cost, Device, Ledger
 from ._lines import (
     HI,
     LO,
-    LineSchedule,
-    TrackedLines,
     line_of,
     permute_line,
     ring_dest,
@@ -59,6 +57,7 @@ from ._lines import (
     shift_lines_back,
 )
 from ._tiles import GemmTiling, logical_to_virtual, natural_tiles, priced_plan, virtual_to_logical
+from ._tracked import LineSchedule, TrackedLines
 from .estimate import (
     gemm_t_routes,
     gemm_t_segments,
@@ -265,7 +264,7 @@ def _grouped_gemm_t_aggregated(
     """:func:`grouped_gemm_t` in aggregated emulation: the same neighbour messages, computed
     per rank instead of per core.
 
-    B's ring steps run on tracked tiles (:class:`~meshrt.ops._lines.TrackedLines`), so the rank
+    B's ring steps run on tracked tiles (:class:`~meshrt.ops._tracked.TrackedLines`), so the rank
     ends up with every B segment its rows held. The rank's part of every row's partial over its
     feature columns is then one GEMM per group, ``RP[r, n] = A[r, F_rank] B[n, F_rank]^T``, and
     each step's chain reduces pass along x the carries the wafer's chains pass across the rank

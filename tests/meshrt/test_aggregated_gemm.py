@@ -1,7 +1,7 @@
 """Aggregated emulation of the GEMM kernels: the exact schedule's messages, ledger and results.
 
 In aggregated emulation MeshGEMM, Cannon and the grouped kernels move tiles by identity
-(:class:`meshrt.ops._lines.TrackedLines`) and compute each rank's products as whole GEMMs. The
+(:class:`meshrt.ops._tracked.TrackedLines`) and compute each rank's products as whole GEMMs. The
 neighbour messages (peer, size, direction, name) must be those of the exact schedule, the
 ledger identical, and the results equal to numpy's up to float32 summation order.
 """
@@ -13,7 +13,8 @@ import pytest
 from meshtest import assert_neighbour_only, fabric, rank_grids, world
 
 from meshrt.mesh import MeshLayout
-from meshrt.ops._lines import TrackedLines, line_of
+from meshrt.ops._lines import line_of
+from meshrt.ops._tracked import TrackedLines
 from meshrt.ops.gemm import cannon, matmul, prepare_a, prepare_b
 from meshrt.ops.grouped import matmul_grouped, matmul_t_grouped
 from meshrt.precision import to_words
