@@ -72,6 +72,7 @@ class MeshPrefiller:
     ):
         self.fab, self.lay, self.layers, self.glob = fab, lay, layers, glob
         self.spec = allreduce
+        self._memo: dict = {}  # what every layer of the running prompt shares
         c = lay.config
         self.g = c.group_size
         self.scale = np.float32(c.head_dim**-0.5)
@@ -137,13 +138,21 @@ class MeshPrefiller:
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
         q, k, v = qkv[..., :tq], qkv[..., tq : tq + tk], qkv[..., tq + tk :]
         by, bx, tl, _ = k.shape
-        pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
-        angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]  # [by,bx,tl,tk]
-        cos, sin = np.cos(angle), np.sin(angle)
+        cos, sin = self._angles(tl)
         q = F.rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
         k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
         P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
         return q, k, np.ascontiguousarray(v)
+
+    def _angles(self, tl: int) -> tuple:
+        """``cos``, ``sin`` of every local token row's RoPE angles, ``f32[by, bx, T/Py, kv/Px]``
+        (the same in every layer: worked out once per prompt)."""
+        key = ("angles", tl)
+        if key not in self._memo:
+            pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
+            angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]
+            self._memo[key] = np.cos(angle), np.sin(angle)
+        return self._memo[key]
 
     def _scores(self, op, w, q, k):
         """Scores of all heads ``f32[by, bx, T/Py, G, S/Px, n_kv]`` (causal mask: -inf)."""
@@ -164,8 +173,16 @@ class MeshPrefiller:
         sl, nkv = s.shape[3], s.shape[4]
         s = s.reshape(by, bx, tl, g, sl, nkv)
         s *= self.scale  # in place: s is ours
-        np.copyto(s, np.float32(-np.inf), where=~self._causal(tl, sl))
+        np.copyto(s, np.float32(-np.inf), where=self._masked(tl, sl))
         return s
+
+    def _masked(self, tl: int, sl: int) -> np.ndarray:
+        """``bool[by, bx, T/Py, 1, S/Px, 1]``: the key is after the query or padding (the
+        causal mask's complement, the same in every layer: worked out once per prompt)."""
+        key = ("masked", tl, sl)
+        if key not in self._memo:
+            self._memo[key] = ~self._causal(tl, sl)
+        return self._memo[key]
 
     def _causal(self, tl: int, sl: int) -> np.ndarray:
         """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token."""
@@ -180,12 +197,12 @@ class MeshPrefiller:
         """Softmax along the keys (split along x): max and sum allreduced along x."""
         fab = self.fab
         by, bx, tl, g, sl, nkv = s.shape
-        valid = self._causal(tl, sl)
+        masked = self._masked(tl, sl)
         m = allreduce(fab, s.max(axis=4), op.axis, "max", self.spec, name=f"{op.name}/max")
         # F.softmax_numerator and F.softmax_normalize, in one buffer (gigabytes at 4096 tokens)
         e = np.subtract(s, m[:, :, :, :, None, :])
         np.exp(e, out=e)
-        np.copyto(e, np.float32(0), where=~valid)
+        np.copyto(e, np.float32(0), where=masked)
         z = allreduce(fab, e.sum(axis=4), op.axis, "sum", self.spec, name=f"{op.name}/sum")
         P.charge_local(fab.ledger, op.name, P.local_costs(op, self._run))
         e /= z[:, :, :, :, None, :]
@@ -241,6 +258,7 @@ class MeshPrefiller:
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
         self._ids, self._run = ids, P.Pass(ids=tuple(ids.tolist()))
+        self._memo = {}  # RoPE angles and the mask: a new prompt, new positions
         led = self.fab.ledger
         led.memory(
             "prefill/resident", self.weight_words + P.prefill_activation_words(self.lay, ids.size)
