@@ -547,7 +547,7 @@ def allreduce(
         :meth:`AllreduceSpec.charge` for the block's vector length.
     """
     name = name or f"allreduce_{spec.algo}"
-    if record:
+    if record and not fab.ledger.muted:
         spec.charge(fab.ledger, fab.layout.cores(axis), math.prod(block.shape[2:]), name)
     if spec.algo == "ktree":
         return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)

@@ -282,6 +282,23 @@ class OpTotals:
     activations: int = 0
 
 
+_CHARGE, _MEMORY, _ROUTES, _IO = range(4)
+
+
+@dataclass
+class LedgerTape:
+    """The records a piece of work wrote into a :class:`Ledger` (:meth:`Ledger.recording`).
+
+    ``entries``: ``(kind, name relative to the section open at the start, argument)`` in the
+    order written; a charge's argument is its priced increments, so replaying it is only the
+    additions.
+    """
+
+    base: int
+    device: Device
+    entries: list = field(default_factory=list)
+
+
 @dataclass
 class Ledger:
     """Modeled wafer cost of everything the mesh did.
@@ -309,6 +326,9 @@ class Ledger:
     _steps_device: Device | None = field(default=None, repr=False, compare=False)
     # id(cost) -> (cost, device, increments of charge()): costs are frozen and mostly cached
     _priced: dict = field(default_factory=dict, repr=False, compare=False)
+    # the tape being recorded (see recording()) and how many replaying() blocks are open
+    _tape: LedgerTape | None = field(default=None, repr=False, compare=False)
+    _muted: int = field(default=0, repr=False, compare=False)
 
     # -- recording -------------------------------------------------------------------------
     def _name(self, op: str) -> str:
@@ -404,13 +424,21 @@ class Ledger:
         costs on every token and layer); :meth:`record` is the same with the figures spelled
         out.
         """
+        if self._muted:
+            return 0.0
         got = self._priced.get(id(cost))
         if got is None or got[0] is not cost or got[1] is not self.device:
             if len(self._priced) >= 4096:  # costs made afresh per call: keep the memo bounded
                 self._priced.clear()
             got = self._priced[id(cost)] = (cost, self.device, *self._increments(cost))
+        if self._tape is not None:
+            self._tape.entries.append((_CHARGE, self._path[self._tape.base :] + op, got))
+        return self._add(self._path + op, got)
+
+    def _add(self, name: str, got: tuple) -> float:
+        """Add the increments ``got`` (a :attr:`_priced` entry) to op ``name`` (full name)."""
         (
-            _,
+            cost,
             _,
             steps,
             activations,
@@ -424,7 +452,6 @@ class Ledger:
             vectors,
             ret,
         ) = got
-        name = self._path + op
         kernel = kernel_of(name)
         extra = activations * self.device.task_switch
         if kernel != self.kernel:  # the cores start another kernel: one task switch
@@ -444,8 +471,8 @@ class Ledger:
         t.hops += hops
         t.routings += routings
         t.vectors += vectors
-        if cost.routes:
-            self.routes(op, cost.routes)
+        if cost.routes and cost.routes > self.max_routes:
+            self.max_routes, self.max_routes_op = cost.routes, name
         return ret + extra
 
     def _increments(self, cost: Cost) -> tuple:
@@ -470,20 +497,86 @@ class Ledger:
             total * n,
         )
 
+    # -- recording once, replaying many times ------------------------------------------------
+    @property
+    def muted(self) -> bool:
+        """Inside :meth:`replaying`: records are dropped (callers may skip pricing)."""
+        return self._muted > 0
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record what is written inside into a :class:`LedgerTape` (and write it as usual).
+
+        Names on the tape are relative to the section open at the start, so the tape can be
+        replayed under another section (layer ``i`` of a program recorded on layer 0).
+        """
+        if self._tape is not None or self._muted:
+            raise RuntimeError("a ledger records one tape at a time, and not while replaying")
+        tape = LedgerTape(len(self._path), self.device)
+        self._tape = tape
+        try:
+            yield tape
+        finally:
+            self._tape = None
+
+    @contextlib.contextmanager
+    def replaying(self, tape: LedgerTape):
+        """Run code whose records are exactly ``tape``'s, pricing it from the tape instead.
+
+        Records made inside are dropped; on a normal exit the tape's records are written
+        under the current section, in their order, with the same arithmetic as writing them
+        one by one (so every figure, task switch and peak is the same as without the tape).
+        """
+        if tape.device is not self.device:
+            raise ValueError("a tape replays only on a ledger of the device it was recorded on")
+        if self._tape is not None:
+            raise RuntimeError("a ledger does not replay a tape while it records one")
+        self._muted += 1
+        try:
+            yield
+        finally:
+            self._muted -= 1
+        self.replay(tape)
+
+    def replay(self, tape: LedgerTape) -> None:
+        """Write ``tape``'s records under the current section (see :meth:`replaying`)."""
+        path = self._path
+        for kind, name, arg in tape.entries:
+            if kind == _CHARGE:
+                self._add(path + name, arg)
+            elif kind == _MEMORY:
+                self.memory(name, arg)
+            elif kind == _ROUTES:
+                self.routes(name, arg)
+            else:
+                self.io(name, arg)
+
     def memory(self, op: str, words_per_core: float) -> None:
         """Note that ``op`` holds ``words_per_core`` elements per core at its peak."""
+        if self._muted:
+            return
+        if self._tape is not None:
+            self._tape.entries.append((_MEMORY, self._path[self._tape.base :] + op, words_per_core))
         nbytes = words_per_core * self.device.word_bytes
         if nbytes > self.peak_memory:
             self.peak_memory, self.peak_memory_op = nbytes, self._name(op)
 
     def routes(self, op: str, paths_per_core: int) -> None:
         """Note that ``op`` needs ``paths_per_core`` routing paths configured on some core."""
+        if self._muted:
+            return
+        if self._tape is not None:
+            self._tape.entries.append((_ROUTES, self._path[self._tape.base :] + op, paths_per_core))
         if paths_per_core > self.max_routes:
             self.max_routes, self.max_routes_op = paths_per_core, self._name(op)
 
     def io(self, nbytes: float, edge_links: int = 1) -> None:
         """Host <-> wafer transfer of ``nbytes`` through ``edge_links`` edge links (not mesh
         time)."""
+        if self._muted:
+            return
+        if self._tape is not None:
+            self._tape.entries.append((_IO, nbytes, edge_links))
         self.io_bytes += nbytes
         self.io_cycles += nbytes / (self.device.link_bytes_per_cycle * max(1, edge_links))
 

@@ -128,6 +128,8 @@ class MeshDecoder:
     def _charge_local(self, op, run) -> None:
         """The local work of ``op`` in ``run`` into the ledger (:func:`program.local_costs`,
         computed once per op and cache fill)."""
+        if self.fab.ledger.muted:
+            return
         key = (op.name, run.fill, run.shifts)
         parts = self._local.get(key)
         if parts is None:
@@ -142,7 +144,8 @@ class MeshDecoder:
         if words is None:
             return allreduce(self.fab, a, axis, op, self.spec, name=name)
         out = allreduce(self.fab, a, axis, op, self.spec, record=False, name=name)
-        self.spec.charge(self.fab.ledger, self.fab.layout.cores(axis), words, name)
+        if not self.fab.ledger.muted:
+            self.spec.charge(self.fab.ledger, self.fab.layout.cores(axis), words, name)
         return out
 
     def _embed(self, op, w, run):
@@ -274,10 +277,13 @@ class MeshDecoder:
         x = self.execute(self.head_ops, {}, self.glob, run)["x"]
         first_bad = None if _finite(x) else -1
         led = self.fab.ledger
+        tape = None  # layer 0's records: every layer of a token writes the same, renamed
         for i in range(len(self.layers)):
             self._layer = i
             with led.section(f"layer{i}"):
-                x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+                with led.recording() if tape is None else led.replaying(tape) as got:
+                    x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+                tape = tape or got
             if first_bad is None and not _finite(x):
                 first_bad = i
         self.cache.end_token()

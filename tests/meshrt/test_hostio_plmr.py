@@ -159,3 +159,42 @@ def test_cost_charge_equals_record_and_algebra():
     assert (step + step * 2).count == 3 and (3 * step).count == 3
     with pytest.raises(ValueError, match="different steps"):
         step + step.with_(hops=6)
+
+
+def _layer_work(led, step):
+    """What a layer of some program writes: two kernels, a route, a peak and host traffic."""
+    led.charge("norm", step)
+    led.charge("gemv/local", step.with_(vectors=3))
+    led.charge("gemv/allreduce", Cost(words=7, hops=2, overlap=True, routes=4))
+    led.memory("gemv", 100)
+    led.routes("gemv/extra", 5)
+    led.io(12, 2)
+
+
+def test_tape_replays_a_layer_with_the_same_figures():
+    dev = WSE2.with_(task_switch=50.0, vector_setup=1.5)
+    step = Cost(macs=0.1, words=3, hops=1, routings=1, overlap=False)
+    live, taped = Ledger(dev), Ledger(dev)
+    for _token in range(3):  # figures accumulate over tokens in the same order
+        live.charge("embed", step)
+        taped.charge("embed", step)
+        tape = None
+        for i in range(4):
+            with live.section(f"layer{i}"):
+                _layer_work(live, step)
+            with taped.section(f"layer{i}"):
+                with taped.recording() if tape is None else taped.replaying(tape) as got:
+                    assert taped.muted == (tape is not None)
+                    _layer_work(taped, step)
+                tape = tape or got
+    assert taped.ops == live.ops and list(taped.ops) == list(live.ops)
+    assert taped.summary() == live.summary()
+    assert taped.kernel == live.kernel == "layer3/gemv"
+    assert "layer2/gemv/task_switch" in taped.ops and taped.peak_memory_op == "layer0/gemv"
+    with pytest.raises(RuntimeError, match="records one tape"):
+        with taped.recording():
+            with taped.recording():
+                pass
+    with pytest.raises(ValueError, match="device"):
+        with Ledger(WSE2).replaying(tape):
+            pass
