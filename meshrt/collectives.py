@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -327,6 +327,11 @@ class SegmentPlan:
     send_up: bool
     recv_above: bool
     send_down: bool
+    # ``starts`` as the index array reduceat takes (made once)
+    offsets: np.ndarray = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "offsets", np.asarray(self.starts, np.intp))
 
     @classmethod
     def of(cls, segs, s0: int, e: int) -> SegmentPlan:
@@ -372,14 +377,10 @@ def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, plan: SegmentPlan,
     the identity elsewhere. A segment that straddles a rank boundary passes one carry across it.
     """
     ufunc = OPS[op]
-    red = ufunc.reduceat(vals, plan.starts, axis=axis)
-
-    def at(k):
-        sl = [slice(None)] * vals.ndim
-        sl[axis] = slice(k, k + 1)
-        return tuple(sl)
-
-    first, last = at(0), at(len(plan.starts) - 1)
+    red = ufunc.reduceat(vals, plan.offsets, axis=axis)
+    lead = (slice(None),) * axis  # index of run k along ``axis``: lead + (slice(k, k + 1),)
+    n_runs = len(plan.starts)
+    first, last = lead + (slice(0, 1),), lead + (slice(n_runs - 1, n_runs),)
     if plan.recv_below:
         got = fab.recv(red[first].shape, red.dtype, axis, LO, op=name)
         assert got is not None  # the segment crosses the edge: a neighbour exists
@@ -392,14 +393,15 @@ def _segment_reduce(fab: Fabric, vals: np.ndarray, axis: int, plan: SegmentPlan,
         red[last] = ufunc(red[last], got)
     if plan.send_down:
         fab.send(red[first], axis, LO, op=name)
-    out = np.full_like(vals, _identity(op, vals.dtype))
+    out = np.empty(vals.shape, vals.dtype)
+    out.fill(_identity(op, vals.dtype))
     for k, start, lower, upper in plan.roots:
-        acc = red[at(k)]
+        acc = red[lead + (slice(k, k + 1),)]
         if lower:
-            acc = ufunc(red[at(k - 1)], acc)
+            acc = ufunc(red[lead + (slice(k - 1, k),)], acc)
         if upper:
-            acc = ufunc(acc, red[at(k + 1)])
-        out[at(start)] = acc
+            acc = ufunc(acc, red[lead + (slice(k + 1, k + 2),)])
+        out[lead + (slice(start, start + 1),)] = acc
     return out
 
 
@@ -550,6 +552,9 @@ def allreduce(
     if record and not fab.ledger.muted:
         spec.charge(fab.ledger, fab.layout.cores(axis), math.prod(block.shape[2:]), name)
     if spec.algo == "ktree":
+        if fab.aggregate or fab.layout.ranks(axis) == 1:  # ktree_allreduce's one-sweep path
+            total = OPS[op].reduce(block, axis=axis, keepdims=True)
+            return repeat_view(_line_total(fab, total, axis, op, name), block.shape)
         return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)
     if spec.algo == "pipeline":
         n = fab.layout.cores(axis)

@@ -32,6 +32,7 @@ from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
 from meshrt.fabric import Fabric
 from meshrt.mesh import X
 from meshrt.ops.gemv import meshgemv
+from meshrt.plmr import LedgerTape
 from meshrt.precision import widen
 
 from ..modeling import functional as F
@@ -47,6 +48,10 @@ class NonFiniteError(FloatingPointError):
 class MeshDecoder:
     """The model's decode path on one fabric.
 
+    Every layer of a token writes the same ledger records under its own ``layer{i}/`` names,
+    so layer 0 records them on a :class:`~meshrt.plmr.LedgerTape` and the other layers replay
+    it (:attr:`tape_layers`; the figures are the same either way).
+
     Parameters
     ----------
     fab : Fabric
@@ -61,6 +66,9 @@ class MeshDecoder:
     allreduce : AllreduceSpec
         Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).
     """
+
+    #: Price layers 1.. from layer 0's tape; ``False``: every layer prices its own ops.
+    tape_layers = True
 
     def __init__(
         self,
@@ -92,6 +100,8 @@ class MeshDecoder:
         assert self.tq == self.tk * self.g  # a core's query heads sit on its K/V features
         self.rope_angle, self.rope_partner, self.rope_sign = rope_plan(self.tk, self.g)
         self._rope_at: tuple | None = None  # (position, cos, sin) of the token being run
+        self._tapes: dict[tuple, LedgerTape] = {}  # (fill, shifts) -> a token's layer records
+        self._plans: dict[int, tuple] = {}  # id(op list) -> (op list, its executor steps)
         self.handlers: dict[str, Callable[..., Any]] = {
             "embed_broadcast": self._embed,
             "norm": self._norm,
@@ -110,9 +120,18 @@ class MeshDecoder:
     # -- the executor ----------------------------------------------------------------------
     def execute(self, ops: list, acts: dict, weights: dict, run: P.Pass) -> dict:
         """Run ``ops`` on the activations ``acts`` (updated in place and returned)."""
-        for op in ops:
-            out = self.handlers[op.kind](op, weights, run, *(acts[k] for k in op.inputs))
-            acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+        plan = self._plans.get(id(ops))
+        if plan is None or plan[0] is not ops:  # once per op list: handlers and names looked up
+            steps = tuple(
+                (self.handlers[op.kind], op, op.inputs, op.outputs, len(op.outputs)) for op in ops
+            )
+            plan = self._plans[id(ops)] = (ops, steps)
+        for handler, op, inputs, outputs, n_out in plan[1]:
+            out = handler(op, weights, run, *[acts[k] for k in inputs])
+            if n_out == 1:
+                acts[outputs[0]] = out
+            elif n_out:
+                acts.update(zip(outputs, out))
         return acts
 
     def _pass(self, token: int) -> P.Pass:
@@ -281,9 +300,16 @@ class MeshDecoder:
         for i in range(len(self.layers)):
             self._layer = i
             with led.section(f"layer{i}"):
-                with led.recording() if tape is None else led.replaying(tape) as got:
+                if not self.tape_layers:
                     x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
-                tape = tape or got
+                else:
+                    with led.recording() if tape is None else led.replaying(tape) as got:
+                        x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+                    if tape is None:  # an equal tape of an earlier token: replays resolved
+                        assert got is not None  # recording() yields the tape
+                        same = self._tapes.get((run.fill, run.shifts))
+                        tape = same if same is not None and same == got else got
+                        self._tapes[(run.fill, run.shifts)] = tape
             if first_bad is None and not _finite(x):
                 first_bad = i
         self.cache.end_token()
