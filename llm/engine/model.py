@@ -24,6 +24,7 @@ from meshrt.plmr import Ledger, get_device
 from meshrt.runtime import ControlPlane
 
 from ..modeling.config import ModelConfig
+from ..placement.decode_tiles import stream_gemv_weights
 from ..placement.layout import PhaseLayout
 from ..placement.phase_tiles import PHASE_SPECS
 from .decode import MeshDecoder
@@ -136,6 +137,8 @@ class MeshModel:
         self.kv_policy = kv_policy
         self.allreduce = allreduce
         self.blocks = blocks
+        decode_specs = PHASE_SPECS["decode"](self.phase_layouts["decode"])
+        stream_gemv_weights(blocks["decode"], decode_specs)  # in place, a tensor at a time
         layers, glob = split_layers(blocks["decode"], config.num_layers)
         self._decode_weights = (layers, glob)
         self.decoder: MeshDecoder | None = None

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from meshrt.ops.gemv import vector_tiles
+from meshrt.ops.gemv import stream_layout, vector_tiles
 
 from .layout import PhaseLayout
 from .streamed import Const, Matrix, Part, Vector, feature_index, place
@@ -204,6 +204,26 @@ def decode_specs(lay: PhaseLayout) -> dict:
             else:
                 specs[f"layer{i}/{key}"] = Vector(vector, vec_axis[key])
     return specs
+
+
+def stream_gemv_weights(blocks: dict, specs: Mapping) -> None:
+    """Put every float32 GEMV weight of this rank's decode ``blocks`` (not the embedding,
+    which is looked up) in :func:`meshrt.ops.gemv.stream_layout` memory, in place: the same
+    shapes and values, a line of cores multiplied in one pass. Entries are replaced one at a
+    time, so only one tensor is ever held twice. 16-bit words keep their memory (they are
+    widened a few core rows at a time)."""
+    for name in list(blocks):  # names only: the old block is freed as soon as it is replaced
+        spec = specs.get(name)
+        block = blocks[name]
+        if (
+            name != "embed"
+            and isinstance(spec, Matrix)
+            and spec.placement in ("gemv_y", "gemv_x")
+            and isinstance(block, np.ndarray)
+            and block.dtype == np.float32
+        ):
+            blocks[name] = stream_layout(block, spec.placement[-1])
+        del block
 
 
 def decode_tiles(lay: PhaseLayout, w: Mapping):

@@ -96,16 +96,62 @@ def _gemv_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.matmul(x, w[:, :, None] if x.ndim > 4 else w)
 
 
-def local_gemv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def stream_layout(w: np.ndarray, input_axis: str = "y") -> np.ndarray:
+    """The tiles of ``w`` (``[by, bx, K, N]``, as :func:`weight_tiles` places them), stored so
+    that one matrix-vector product covers a whole line of cores (:func:`local_gemv`).
+
+    A Y-vector input is the same on every core of a core row, so the row's ``bx`` tiles are
+    stored as one row-major ``[K, bx * N]`` matrix (memory ``[by, K, bx, N]``); an X-vector
+    input is the same down a core column: memory ``[bx, K, by, N]``. Returns a view of that
+    memory with ``w``'s shape and values: indexing is unchanged, only a line's products are
+    one streaming pass instead of one per core.
+    """
+    by, bx, k, n = w.shape
+    if _in_axis(input_axis) == Y:
+        out = np.empty((by, k, bx, n), w.dtype).transpose(0, 2, 1, 3)
+    else:
+        out = np.empty((bx, k, by, n), w.dtype).transpose(2, 0, 1, 3)
+    out[...] = w
+    return out
+
+
+def _line_gemv(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
+    """``x @ w`` per core as one product per line of cores when ``w``'s memory allows it
+    (:func:`stream_layout`, or tiles stored transposed as a tied LM head's are); ``None`` when
+    it does not. ``x``: ``f32[by, bx, K]``, the same along the lines (``axis`` is the input's)."""
+    by, bx, k, n = w.shape
+    if axis == Y:
+        t = w.transpose(0, 2, 1, 3)  # [by, K, bx, N]
+        if t.flags.c_contiguous:
+            return np.matmul(x[:, 0, None, :], t.reshape(by, k, bx * n)).reshape(by, bx, n)
+        t = w.swapaxes(2, 3)  # [by, bx, N, K]: each tile transposed
+        if t.flags.c_contiguous:
+            return np.matmul(t.reshape(by, bx * n, k), x[:, 0, :, None]).reshape(by, bx, n)
+        return None
+    t = w.transpose(1, 2, 0, 3)  # [bx, K, by, N]
+    if t.flags.c_contiguous:
+        r = np.matmul(x[0, :, None, :], t.reshape(bx, k, by * n))
+        return r.reshape(bx, by, n).transpose(1, 0, 2)
+    return None
+
+
+def local_gemv(x: np.ndarray, w: np.ndarray, input_axis: str | None = None) -> np.ndarray:
     """Every core's partial ``x_tile @ w_tile``: ``f32[by, bx, *batch, K] x [by, bx, K, N]``.
 
     ``w`` may hold 16-bit storage words (:mod:`meshrt.precision`); they are widened to float32
     a few core rows at a time into one small buffer, as a core widens its 16-bit weights, so
-    no float32 copy of the weights is ever made.
+    no float32 copy of the weights is ever made. With ``input_axis`` (``x`` is then a Y- or
+    X-vector, the same along its lines) float32 weights in :func:`stream_layout` memory are
+    multiplied a line of cores at a time.
     """
     x = x.astype(np.float32, copy=False)
     if not is_words(w):
-        return _gemv_f32(x, w.astype(np.float32, copy=False))
+        w = w.astype(np.float32, copy=False)
+        if input_axis is not None and x.ndim == 3 and w.shape[2] * w.shape[3] >= 300:
+            out = _line_gemv(x, w, _in_axis(input_axis))
+            if out is not None:
+                return out
+        return _gemv_f32(x, w)
     by = w.shape[0]
     rows = max(1, WIDEN_ELEMENTS // max(1, math.prod(w.shape[1:])))
     buf = np.empty((min(rows, by),) + w.shape[1:], np.float32)
@@ -181,7 +227,7 @@ def meshgemv(
     if not led.muted:  # (a replayed ledger tape prices it)
         led.charge(f"{name}/local", local_cost(batch, tm, tn))
         led.memory(name, memory_words(batch, tm, tn))
-    part = local_gemv(x, w)
+    part = local_gemv(x, w, input_axis)
     out = allreduce(fab, part, axis, "sum", spec, record=False, name=f"{name}/allreduce")
     if not led.muted:
         spec.charge(led, fab.layout.cores(axis), batch * tn, f"{name}/allreduce")

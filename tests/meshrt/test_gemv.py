@@ -89,3 +89,29 @@ def test_ledger_equals_estimate(algo, input_axis):
         assert got[k] == est.ops[k], k
     assert fab.ledger.peak_memory == est.peak_memory
     assert fab.ledger.max_routes == est.max_routes
+
+
+@pytest.mark.parametrize("input_axis", ["y", "x"])
+@pytest.mark.parametrize("lay", layout_params())
+def test_stream_layout_multiplies_lines_of_cores_in_one_pass(input_axis, lay):
+    """Weights in stream_layout memory hold the same tiles, and their products per line of
+    cores agree with the per-core ones (a tied LM head's transposed tiles: the same bits)."""
+    rng = np.random.default_rng(11)
+    fab = fabric(lay)
+    mesh = (lay.py, lay.px)
+    m, n = 24 * lay.py * lay.px, 20 * lay.py * lay.px  # tiles of >= 300 elements
+    x = rng.standard_normal(m).astype(np.float32)
+    w = rng.standard_normal((m, n)).astype(np.float32)
+    wb = hostio.local_block(fab, G.weight_tiles(w, mesh, input_axis))
+    sb = G.stream_layout(wb, input_axis)
+    assert sb.shape == wb.shape and (not sb.flags.c_contiguous or min(sb.shape[:2]) == 1)
+    np.testing.assert_array_equal(sb, wb)
+    xb = hostio.local_block(fab, G.vector_tiles(x, mesh, input_axis))
+    per_core = G._gemv_f32(xb, wb)
+    line = G.local_gemv(xb, sb, input_axis)
+    np.testing.assert_allclose(line, per_core, rtol=1e-5, atol=1e-5)
+    y = G.meshgemv(fab, xb, sb, input_axis)
+    np.testing.assert_allclose(y, G.meshgemv(fab, xb, wb, input_axis), rtol=1e-5, atol=1e-4)
+    if input_axis == "y":  # tiles stored transposed (tied LM head): the same bits per line
+        tb = np.swapaxes(np.ascontiguousarray(np.swapaxes(wb, 2, 3)), 2, 3)
+        np.testing.assert_array_equal(G.local_gemv(xb, tb, "y"), G._gemv_f32(xb, tb))
