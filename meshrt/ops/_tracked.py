@@ -234,8 +234,9 @@ class TrackedLines:
         self.schedule = schedule
         self.store: np.ndarray | None
         self._recvs: deque = deque()  # (number, request, buffer, where) posted receives
-        self._sends: list = []  # (request, buffer) posted sends
-        self._pending = 0
+        self._sends: deque = deque()  # (request, buffer) posted sends
+        self._pending = 0  # bytes of the posted receives
+        self._sending = 0  # bytes of the posted sends
         self.block = block
         self.tile = block.shape[2:]
         home = self.schedule.initial_ids[:, line.lo : line.hi]
@@ -276,6 +277,11 @@ class TrackedLines:
                 )
                 assert sent is not None  # 0 < cut < n: a neighbour
                 self._sends.append(sent)
+                self._sending += sent[1].nbytes
+                while self._sending > self.PENDING_BYTES:  # the oldest sends completed first
+                    req, buf = self._sends.popleft()
+                    req.Wait()
+                    self._sending -= buf.nbytes
             else:
                 got = fab.irecv(m.shape + self.tile, store.dtype, axis, m.side, prefix + m.op)
                 assert got is not None
@@ -284,7 +290,7 @@ class TrackedLines:
                 if self._pending > self.PENDING_BYTES:
                     self._settle(self._recvs[0][0])
 
-    #: receive buffers allowed in flight before the oldest is waited for and stored
+    #: bytes of receive (and of send) buffers in flight before the oldest are completed
     PENDING_BYTES = 64 << 20
 
     def _settle(self, upto: int) -> None:
@@ -303,6 +309,7 @@ class TrackedLines:
             self._settle(self._recvs[-1][0])
         self.fab.wait_all([req for req, _ in self._sends])
         self._sends.clear()
+        self._sending = 0
 
     def permute(self, dest: np.ndarray, op: str = "permute_line") -> None:
         """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line."""

@@ -123,3 +123,16 @@ def test_meshgemm_aggregated_long_k_segments_match_exact():
             )
             np.testing.assert_allclose(r1, a @ b, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(r1, r0, rtol=1e-4, atol=1e-4)
+
+
+def test_aggregated_meshgemm_with_one_message_in_flight(monkeypatch):
+    """With no room for buffers in flight, every posted send and receive completes before the
+    next one: the same messages and results (the bounded-memory path of paper-size runs)."""
+    monkeypatch.setattr(TrackedLines, "PENDING_BYTES", 1)
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((7, 19)).astype(np.float32)
+    b = rng.standard_normal((19, 5)).astype(np.float32)
+    for lay in meshes(world().Get_size()):
+        r0, r1 = run_both(lay, lambda f: matmul(f, a, b, b_preskewed=False, to_all=True))
+        np.testing.assert_allclose(r1, a @ b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
