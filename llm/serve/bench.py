@@ -11,6 +11,7 @@ paper-size meshes fit in this machine's memory), or a converted shard set. Repor
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -19,6 +20,7 @@ import numpy as np
 from meshrt.plmr import get_device
 from meshrt.runtime import ControlPlane
 
+from .generate import format_ms, format_rate
 from .options import BenchOptions
 
 
@@ -147,7 +149,7 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         if i >= options.warmup:
             runs.append(m)
     med = {
-        k: statistics.median([r[k] for r in runs])
+        k: _median(r[k] for r in runs)
         for k in (
             "ttft_s",
             "tpot_s",
@@ -187,6 +189,13 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     }
 
 
+def _median(values) -> float | None:
+    """The median of the defined figures (a time per token needs two new tokens: with one it
+    is None or NaN in every run, and so is the median)."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(defined) if defined else None
+
+
 def format_report(out: dict, mem_per_core: int) -> str:
     """The :func:`run_bench` record as a few lines of text (``mem_per_core``: the device's
     core memory in bytes)."""
@@ -195,11 +204,11 @@ def format_report(out: dict, mem_per_core: int) -> str:
     lines = [
         f"{out['model']}: {out['layers_run']} layers run, decode {dmesh[0]}x{dmesh[1]}"
         f", {out['ranks']} ranks, {out['prompt_tokens']}+{out['new_tokens']} tokens",
-        f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {med['tpot_s'] * 1e3:.2f} ms"
+        f"  emulator : TTFT {med['ttft_s'] * 1e3:.1f} ms, TPOT {format_ms(med['tpot_s'], 2)}"
         f" ({med['tokens_per_s']:.1f} tok/s); peak RSS "
         f"{out['peak_rss_gib_per_rank']:.2f} GiB per rank",
         f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
-        f"{med['modeled_tpot_s'] * 1e3:.4f} ms, TPR {med['modeled_tpr']:.1f} tok/s "
+        f"{format_ms(med['modeled_tpot_s'], 4)}, TPR {format_rate(med['modeled_tpr'])} "
         f"(this run, {device})",
         f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
         f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "

@@ -31,10 +31,14 @@ class Generation:
     modeled_decode_s: float = 0.0
 
     def metrics(self) -> dict:
+        """Wall-clock and modeled figures of this generation. A time per token needs two new
+        tokens: with one, ``tpot_s``, ``modeled_tpot_s`` and ``modeled_tpr`` are ``None``
+        (JSON ``null``)."""
         n = len(self.new_ids)
-        tpot = self.decode_s / (n - 1) if n > 1 else float("nan")
-        m_tpot = self.modeled_decode_s / (n - 1) if n > 1 else float("nan")
+        tpot = self.decode_s / (n - 1) if n > 1 else None
+        m_tpot = self.modeled_decode_s / (n - 1) if n > 1 else None
         total = self.ttft_s + self.decode_s
+        modeled_total = self.modeled_prefill_s + self.modeled_decode_s
         return {
             "prompt_tokens": len(self.prompt_ids),
             "new_tokens": n,
@@ -44,10 +48,8 @@ class Generation:
             "tokens_per_s": n / total if total else 0.0,
             "modeled_ttft_s": self.modeled_prefill_s,
             "modeled_tpot_s": m_tpot,
-            "modeled_tpr": (1.0 / m_tpot) if n > 1 and m_tpot > 0 else float("nan"),
-            "modeled_end_to_end_tpr": n / (self.modeled_prefill_s + self.modeled_decode_s)
-            if n
-            else float("nan"),
+            "modeled_tpr": 1.0 / m_tpot if m_tpot else None,
+            "modeled_end_to_end_tpr": n / modeled_total if n and modeled_total else None,
         }
 
 
@@ -205,7 +207,7 @@ def format_metrics(m: dict, device: str) -> str:
     """
     wall = (
         f"{m['new_tokens']} tokens ({m['stopped_by']}): "
-        f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms, "
+        f"TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {format_ms(m['tpot_s'], 2)}, "
         f"{m['tokens_per_s']:.1f} tok/s on this machine"
     )
     where = ""
@@ -215,13 +217,24 @@ def format_metrics(m: dict, device: str) -> str:
         where = f" ({layers}decode {dy}x{dx}, prefill {py}x{px} cores)"
     ledger = (
         f"modeled {device}, this run's ledger{where}: "
-        f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {m['modeled_tpot_s'] * 1e3:.4f} ms, "
-        f"TPR {m['modeled_tpr']:.1f} tok/s, end-to-end TPR {m['modeled_end_to_end_tpr']:.1f} tok/s"
+        f"TTFT {m['modeled_ttft_s'] * 1e3:.4f} ms, TPOT {format_ms(m['modeled_tpot_s'], 4)}, "
+        f"TPR {format_rate(m['modeled_tpr'])}, "
+        f"end-to-end TPR {format_rate(m['modeled_end_to_end_tpr'])}"
     )
     text = f"{wall} | {ledger}"
     if "wafer" in m:
         text += "\n" + format_whole_model(m["wafer"], device)
     return text
+
+
+def format_ms(seconds: float | None, digits: int) -> str:
+    """``seconds`` in ms, or ``n/a`` for a figure one new token leaves undefined."""
+    return "n/a (one new token)" if seconds is None else f"{seconds * 1e3:.{digits}f} ms"
+
+
+def format_rate(per_s: float | None) -> str:
+    """A rate in tokens/s, or ``n/a``."""
+    return "n/a" if per_s is None else f"{per_s:.1f} tok/s"
 
 
 def format_whole_model(w: dict, device: str) -> str:

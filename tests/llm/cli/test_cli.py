@@ -182,3 +182,37 @@ def test_convert_then_generate_with_prefill_matches_transformers(tmp_path):
     assert res["new_ids"] == [int(t) for t in exp["greedy_ids"]]
     assert res["prefill_mesh"] == [2, 6] and res["decode_mesh"] == [4, 4]
     assert res["modeled_ttft_s"] > 0 and res["modeled_tpr"] > 0
+
+
+def test_one_new_token_reports_no_time_per_token(tmp_path):
+    # a time per token needs two new tokens: with one, JSON says null (strict JSON, no NaN)
+    # and the text says n/a, in generate and in bench
+    import json
+
+    fixture = os.path.join(ROOT, "tests", "fixtures", "tiny-llama-gqa")
+    out = tmp_path / "shards"
+    p, _ = run(["-m", "llm", "convert", fixture, "--out", str(out), "--decode-mesh", "2x2", "-q"])
+    assert p.returncode == 0, p.stderr
+    gen = ["-m", "llm", "generate", "--model", str(out), "--prompt-ids", "5,6,7"]
+    p, _ = run(gen + ["--max-new-tokens", "1", "--json"])
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert len(res["new_ids"]) == 1 and res["ttft_s"] > 0
+    assert res["tpot_s"] is None and res["modeled_tpot_s"] is None and res["modeled_tpr"] is None
+    p, _ = run(gen + ["--max-new-tokens", "1"])
+    assert p.returncode == 0, p.stderr
+    text = p.stdout + p.stderr  # the text, then the summary lines on the log
+    assert "TPOT n/a (one new token)" in text and "nan" not in text.lower()
+    p, _ = run(gen + ["--max-new-tokens", "3", "--ignore-eos", "--json"])
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["tpot_s"] > 0 and res["modeled_tpr"] == pytest.approx(1 / res["modeled_tpot_s"])
+    bench = ["-m", "llm", "bench", "--preset", "tiny-llama", "--decode-mesh", "2x2"]
+    bench += ["--prompt-len", "5", "--new-tokens", "1", "--repeat", "1", "--warmup", "0"]
+    p, _ = run(bench + ["--json"])
+    assert p.returncode == 0, p.stderr
+    em = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["emulator"]
+    assert em["ttft_s"] > 0 and em["tpot_s"] is None and em["median_tpot_s"] is None
+    p, _ = run(bench)
+    assert p.returncode == 0, p.stderr
+    assert (p.stdout + p.stderr).count("n/a (one new token)") == 2, p.stdout + p.stderr
