@@ -187,6 +187,37 @@ def permute_line(
     return out
 
 
+def back_shift_rounds(n: int, amounts, kind: str = "interleaved") -> tuple:
+    """The rounds in which lines move back ``amounts[l]`` ring positions on an ``n``-ring.
+
+    Each line takes the shorter way round: ``a`` reverse ring steps or ``n - a`` forward ones
+    (forward on a tie), one ring step per round.
+
+    Returns
+    -------
+    order : ndarray
+        The lines sorted so that the lines still moving in round ``r`` are a prefix of each
+        direction group (forward first).
+    rounds : int
+        Rounds until every line has arrived.
+    groups : tuple of (start, steps, dest)
+        Per direction (forward, then reverse): its first position in ``order``, the ring steps
+        of its lines in that order, and the ring's destination map.
+    """
+    amounts = np.asarray(amounts) % n
+    forward_steps = (n - amounts) % n
+    reverse = amounts < forward_steps
+    steps = np.where(reverse, amounts, forward_steps)
+    order = np.lexsort((-steps, reverse))
+    steps_sorted = steps[order]
+    n_fwd = int(np.count_nonzero(~reverse[order]))
+    groups = (
+        (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
+        (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True)),
+    )
+    return order, int(steps.max()) if steps.size else 0, groups
+
+
 def shift_lines_back(
     fab: Fabric,
     block: np.ndarray,
@@ -202,23 +233,11 @@ def shift_lines_back(
     takes the shorter way round: ``a`` reverse ring steps or ``n - a`` forward ones (forward on a
     tie), one ring step per round. Returns a new array; ``block`` is not modified.
     """
-    n = line.n
     other = 1 - axis
-    amounts = np.asarray(amounts) % n
-    forward_steps = (n - amounts) % n
-    reverse = amounts < forward_steps
-    steps = np.where(reverse, amounts, forward_steps)
-    # lines sorted so that the lines still moving in round r are a prefix of each direction group
-    order = np.lexsort((-steps, reverse))
-    steps_sorted, reverse_sorted = steps[order], reverse[order]
-    n_fwd = int(np.count_nonzero(~reverse_sorted))
+    order, rounds, groups = back_shift_rounds(line.n, amounts, kind)
     cur = np.take(block, order, axis=other)
     buf = np.empty_like(cur)
-    groups = (
-        (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
-        (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True)),
-    )
-    for r in range(int(steps.max()) if steps.size else 0):
+    for r in range(rounds):
         for start, group_steps, dest in groups:
             count = int(np.count_nonzero(group_steps > r))
             if count:

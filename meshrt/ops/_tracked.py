@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..fabric import HI, LO, Fabric
-from ._lines import Line, crossing, ring_dest
+from ._lines import Line, back_shift_rounds, crossing
 
 
 @dataclass(frozen=True)
@@ -148,25 +148,16 @@ class LineSchedule:
         n = self.line.n
         self.ids = self.ids[:, self.perm]
         self.perm = np.arange(n)
-        amounts = np.asarray(amounts) % n
-        forward_steps = (n - amounts) % n
-        reverse = amounts < forward_steps
-        steps = np.where(reverse, amounts, forward_steps)
-        order = np.lexsort((-steps, reverse))
-        steps_sorted, reverse_sorted = steps[order], reverse[order]
-        n_fwd = int(np.count_nonzero(~reverse_sorted))
+        order, rounds, directions = back_shift_rounds(n, amounts, kind)
         groups = []
-        for start, group_steps, dest in (
-            (0, steps_sorted[:n_fwd], ring_dest(n, kind)),
-            (n_fwd, steps_sorted[n_fwd:], ring_dest(n, kind, reverse=True)),
-        ):
+        for start, group_steps, dest in directions:
             inv = np.empty(n, dtype=np.int64)
             inv[dest] = np.arange(n)
             groups.append((start, group_steps, dest, inv))
         moved = [np.arange(n), np.arange(n)]  # each group's composed permutation
         final = self.ids.copy()
         moves: list[TileMessage] = []
-        for r in range(int(steps.max()) if steps.size else 0):
+        for r in range(rounds):
             for gi, (start, group_steps, dest, inv) in enumerate(groups):
                 count = int(np.count_nonzero(group_steps > r))
                 if count:
