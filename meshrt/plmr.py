@@ -439,6 +439,11 @@ class Ledger:
 
     def _add(self, name: str, got: tuple) -> float:
         """Add the increments ``got`` (a :attr:`_priced` entry) to op ``name`` (full name)."""
+        return self._apply(self.ops[name], name, kernel_of(name), got)
+
+    def _apply(self, t: OpTotals, name: str, kernel: str, got: tuple) -> float:
+        """Add ``got`` to ``t`` (op ``name`` of ``kernel``): a task switch first when the cores
+        start another kernel; returns the cycles ``got`` adds, the switches included."""
         (
             cost,
             _,
@@ -454,7 +459,6 @@ class Ledger:
             vectors,
             ret,
         ) = got
-        kernel = kernel_of(name)
         extra = activations * self.device.task_switch
         if kernel != self.kernel:  # the cores start another kernel: one task switch
             self.kernel = kernel
@@ -462,7 +466,6 @@ class Ledger:
             sw.activations += 1
             sw.cycles += self.device.task_switch
             extra += self.device.task_switch
-        t = self.ops[name]
         t.steps += steps
         t.activations += activations
         t.cycles += cycles
@@ -560,43 +563,11 @@ class Ledger:
                 self._replays.clear()
             self._replays[key] = (tape, self.ops, self._resolve(tape, path))
             return
-        ts = self.device.task_switch
         for kind, name, arg, t, kernel in plan[2]:
-            if kind != _CHARGE:
+            if kind == _CHARGE:
+                self._apply(t, path + name, kernel, arg)
+            else:
                 self._other(kind, name, arg)
-                continue
-            (
-                cost,
-                _,
-                steps,
-                activations,
-                cycles,
-                compute,
-                comm,
-                macs,
-                words,
-                hops,
-                routings,
-                vectors,
-                _,
-            ) = arg
-            if kernel != self.kernel:  # as in _add
-                self.kernel = kernel
-                sw = self.ops[kernel + "/task_switch"]
-                sw.activations += 1
-                sw.cycles += ts
-            t.steps += steps
-            t.activations += activations
-            t.cycles += cycles
-            t.compute_cycles += compute
-            t.comm_cycles += comm
-            t.macs += macs
-            t.words += words
-            t.hops += hops
-            t.routings += routings
-            t.vectors += vectors
-            if cost.routes and cost.routes > self.max_routes:
-                self.max_routes, self.max_routes_op = cost.routes, path + name
 
     def _resolve(self, tape: LedgerTape, path: str) -> tuple:
         """``tape``'s entries with each charge's :class:`OpTotals` and kernel under ``path``."""
