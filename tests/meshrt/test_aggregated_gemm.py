@@ -47,17 +47,26 @@ def run_both(lay, kernel):
     return r0, r1
 
 
-def test_meshgemm_aggregated_matches_exact():
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((13, 17)).astype(np.float32)
-    b = rng.standard_normal((17, 11)).astype(np.float32)
+@pytest.mark.parametrize(
+    "seed, m, k, n, tol",
+    [
+        (1, 13, 17, 11, 1e-5),
+        # K segments long enough for the batched product of B where it is held (a rank-local
+        # column of cores) or the whole-GEMM product (columns across ranks)
+        (4, 9, 300, 21, 1e-4),
+    ],
+)
+def test_meshgemm_aggregated_matches_exact(seed, m, k, n, tol):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
     for lay in meshes(world().Get_size()):
         for preskewed in (True, False):
             r0, r1 = run_both(
                 lay, lambda f, pre=preskewed: matmul(f, a, b, b_preskewed=pre, to_all=True)
             )
-            np.testing.assert_allclose(r1, a @ b, rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(r1, a @ b, rtol=tol, atol=tol)
+            np.testing.assert_allclose(r1, r0, rtol=tol, atol=tol)
 
 
 def test_cannon_bfloat16_words_aggregated_matches_exact():
@@ -108,21 +117,6 @@ def test_tracked_tiles_cannot_leave_a_rank_they_never_reached():
     else:
         with pytest.raises(RuntimeError, match="never reached"):
             tracked.complete()
-
-
-def test_meshgemm_aggregated_long_k_segments_match_exact():
-    """K segments long enough for the batched product of B where it is held (a rank-local
-    column of cores) or the whole-GEMM product (columns across ranks)."""
-    rng = np.random.default_rng(4)
-    a = rng.standard_normal((9, 300)).astype(np.float32)
-    b = rng.standard_normal((300, 21)).astype(np.float32)
-    for lay in meshes(world().Get_size()):
-        for preskewed in (True, False):
-            r0, r1 = run_both(
-                lay, lambda f, pre=preskewed: matmul(f, a, b, b_preskewed=pre, to_all=True)
-            )
-            np.testing.assert_allclose(r1, a @ b, rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(r1, r0, rtol=1e-4, atol=1e-4)
 
 
 def test_aggregated_meshgemm_with_one_message_in_flight(monkeypatch):
