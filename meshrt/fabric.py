@@ -210,9 +210,16 @@ class Fabric:
         would otherwise send and receive one after the other; ``recv_first`` names that order
         in the trace). The neighbour must exist."""
         peer = self.peer(axis, side)
-        assert peer is not None and self.cart is not None
+        assert peer is not None
+        return self._swap(peer, array, np.empty(shape, dtype=dtype), axis, op, recv_first)
+
+    def _swap(
+        self, peer: int, array: np.ndarray, out: np.ndarray, axis: int, op: str, recv_first=False
+    ) -> np.ndarray:
+        """Send ``array`` to ``peer`` and receive ``out`` from it in one ``Sendrecv``, traced as
+        the two messages (the receive first with ``recv_first``)."""
+        assert self.cart is not None
         buf = np.ascontiguousarray(array)
-        out = np.empty(shape, dtype=dtype)
         self.cart.Sendrecv(buf, dest=peer, sendtag=axis, recvbuf=out, source=peer, recvtag=axis)
         if recv_first:
             self._note(op, peer, out.nbytes, False)
@@ -257,13 +264,8 @@ class Fabric:
         peer = self.peer(axis, side)
         if peer is None:
             return None
-        assert self.cart is not None
         buf = np.ascontiguousarray(array)
-        out = np.empty_like(buf)
-        self.cart.Sendrecv(buf, dest=peer, sendtag=axis, recvbuf=out, source=peer, recvtag=axis)
-        self._note(op, peer, buf.nbytes, True)
-        self._note(op, peer, buf.nbytes, False)
-        return out
+        return self._swap(peer, buf, np.empty_like(buf), axis, op)
 
     # -- block movement --------------------------------------------------------------------
     def halo(
