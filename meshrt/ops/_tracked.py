@@ -302,17 +302,6 @@ class TrackedLines:
         self._sends.clear()
         self._sending = 0
 
-    def permute(self, dest: np.ndarray, op: str = "permute_line") -> None:
-        """One :func:`permute_line` step (``out[dest[i]] = in[i]``) of every line."""
-        self.play(self.schedule.permute(dest, op))
-
-    def shift_lines_back(
-        self, amounts: np.ndarray, kind: str = "interleaved", op: str = "skew"
-    ) -> None:
-        """:func:`shift_lines_back`: line ``l`` moves back ``amounts[l]`` ring positions, in
-        the same rounds and messages."""
-        self.play(self.schedule.shift_lines_back(amounts, kind, op))
-
     def complete(self) -> np.ndarray:
         """:attr:`store` once every tile of every line has passed through this rank."""
         if not self.schedule.complete:
