@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
         metavar="N",
         help="run only the first N layers (the estimate still covers all)",
     )
-    add_mesh_args(p, "8x8")
+    add_mesh_args(p, None, " (default: a shard set's own, else 8x8)")
     p.add_argument("--prompt-len", type=positive, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=positive, default=16, help="decoded tokens (default 16)")
     add_run_args(p)

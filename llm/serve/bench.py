@@ -83,18 +83,19 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
 
     size = plane.size
     device = get_device(options.run.device)
-    dmesh = options.mesh.decode or (8, 8)
-    pmesh = options.mesh.prefill or dmesh
     policy, spec, emulation = (
         options.run.kv_policy,
         options.run.allreduce_spec(),
         options.run.emulation,
     )
     placing, storage = None, None
-    if options.model:
+    if options.model:  # the meshes the shard set was converted for (a different one: error)
         model = MeshModel.from_shards(
             options.model,
             plane,
+            decode_mesh=options.mesh.decode,
+            prefill_mesh=options.mesh.prefill,
+            ranks=options.mesh.ranks,
             kv_policy=policy,
             device=device,
             allreduce=spec,
@@ -102,7 +103,12 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         )
         full = model.config
         storage = model.config.dtype
+        dmesh, pmesh = (
+            (model.layouts[ph].py, model.layouts[ph].px) for ph in ("decode", "prefill")
+        )
     else:
+        dmesh = options.mesh.decode or (8, 8)
+        pmesh = options.mesh.prefill or dmesh
         name = options.preset
         full = preset(name)
         config = preset(name, layers=options.layers)

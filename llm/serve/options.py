@@ -203,7 +203,8 @@ class BenchOptions:
     layers : int or None
         Run only the first N layers (the closed-form estimate still covers all).
     mesh : MeshSpec
-        ``decode`` defaults to 8x8, ``prefill`` to the decode mesh.
+        A shard set's own meshes; for random weights ``decode`` defaults to 8x8, ``prefill`` to
+        the decode mesh.
     run : RunOptions
     prompt_len, new_tokens : int
     seed : int

@@ -216,3 +216,24 @@ def test_one_new_token_reports_no_time_per_token(tmp_path):
     p, _ = run(bench)
     assert p.returncode == 0, p.stderr
     assert (p.stdout + p.stderr).count("n/a (one new token)") == 2, p.stdout + p.stderr
+
+
+def test_bench_of_a_shard_set_runs_and_reports_its_meshes(tmp_path):
+    # the shard set's meshes, not bench's random-weight default (8x8); another mesh is an error
+    import json
+
+    fixture = os.path.join(ROOT, "tests", "fixtures", "tiny-llama-gqa")
+    out = tmp_path / "shards"
+    convert = ["-m", "llm", "convert", fixture, "--out", str(out), "-q"]
+    p, _ = run(convert + ["--decode-mesh", "2x2", "--prefill-mesh", "2x4"])
+    assert p.returncode == 0, p.stderr
+    bench = ["-m", "llm", "bench", "--model", str(out), "--prompt-len", "4", "--new-tokens", "2"]
+    bench += ["--repeat", "1", "--warmup", "0"]
+    p, _ = run(bench + ["--json"])
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["decode_mesh"] == [2, 2] and res["prefill_mesh"] == [2, 4]
+    assert res["full_model_estimate"]["weights_kib_per_core"] > 0
+    p, _ = run(bench + ["--decode-mesh", "4x4"])
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "4x4" in p.stderr or "mesh" in p.stderr, p.stderr
