@@ -36,9 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="llama-100m", help="model shapes (default llama-100m)")
     p.add_argument(
         "--model",
-        metavar="SHARDS",
+        metavar="PATH",
         default=None,
-        help="a converted shard set instead of random preset weights",
+        help="a converted shard set (run on the meshes it was converted for) or an HF model "
+        "directory, instead of random preset weights",
     )
     p.add_argument(
         "--layers",
@@ -47,7 +48,9 @@ def add_parser(sub) -> None:
         metavar="N",
         help="run only the first N layers (the estimate still covers all)",
     )
-    add_mesh_args(p, None, " (default: a shard set's own, else 8x8)")
+    add_mesh_args(
+        p, None, " (default: a shard set's own; an HF directory 2x2 cores per rank; a preset 8x8)"
+    )
     p.add_argument("--prompt-len", type=positive, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=positive, default=16, help="decoded tokens (default 16)")
     add_run_args(p)

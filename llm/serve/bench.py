@@ -21,7 +21,7 @@ from meshrt.plmr import get_device
 from meshrt.runtime import ControlPlane
 
 from .generate import format_ms, format_rate
-from .options import BenchOptions
+from .options import BenchOptions, ModelSource
 
 
 def full_model_estimate(
@@ -79,7 +79,7 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     from ..engine.model import MeshModel
     from ..modeling.config import preset
     from ..storage.checkpoint import RandomWeights
-    from .generate import generate
+    from .generate import generate, load_model
 
     size = plane.size
     device = get_device(options.run.device)
@@ -88,19 +88,9 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         options.run.allreduce_spec(),
         options.run.emulation,
     )
-    placing, storage = None, None
-    if options.model:  # the meshes the shard set was converted for (a different one: error)
-        model = MeshModel.from_shards(
-            options.model,
-            plane,
-            decode_mesh=options.mesh.decode,
-            prefill_mesh=options.mesh.prefill,
-            ranks=options.mesh.ranks,
-            kv_policy=policy,
-            device=device,
-            allreduce=spec,
-            emulation=emulation,
-        )
+    t0 = time.perf_counter()
+    if options.model:  # a shard set on its own meshes (another one: error), or an HF directory
+        model = load_model(ModelSource(options.model, options.mesh, options.run), plane)
         full = model.config
         storage = model.config.dtype
         dmesh, pmesh = (
@@ -119,7 +109,6 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         storage = options.dtype or (
             config.dtype if config.dtype in ("float32", "float16", "bfloat16") else "float32"
         )
-        t0 = time.perf_counter()
         weights = RandomWeights(config, options.seed)
         model = MeshModel.from_weights(
             config,
@@ -133,8 +122,8 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
             emulation=emulation,
             storage=storage,
         )
-        placing = plane.allreduce_max(time.perf_counter() - t0)
-        log.info(f"placed in {placing:.1f} s ({storage} weights)")
+    placing = plane.allreduce_max(time.perf_counter() - t0)
+    log.info(f"placed in {placing:.1f} s ({storage} weights)")
     prompt_len, new = options.prompt_len, options.new_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.config.vocab_size, prompt_len).tolist()
