@@ -471,6 +471,6 @@ def test_help_and_argument_parsers():
         True,
     )
     b = parser.parse_args(["bench", "--preset", "llama3-8b", "--layers", "1", "--repeat", "2"])
-    assert (b.preset, b.layers, b.repeat, b.warmup, b.decode_mesh) == ("llama3-8b", 1, 2, 1, "8x8")
+    assert (b.preset, b.layers, b.repeat, b.warmup, b.decode_mesh) == ("llama3-8b", 1, 2, 1, None)
     p, dt = run(["convert", "x", "--out", "y", "--decode-mesh", "0x4"])
     assert_one_clear_error(p, dt, "decode mesh '0x4'")
