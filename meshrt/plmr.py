@@ -329,7 +329,12 @@ class Ledger:
     # the tape being recorded (see recording()) and how many replaying() blocks are open
     _tape: LedgerTape | None = field(default=None, repr=False, compare=False)
     _muted: int = field(default=0, repr=False, compare=False)
-    # (id(tape), section path) -> (tape, ops, the tape's charges resolved to their OpTotals)
+    # a tape's shape: its kinds and charge names in order. Tapes of the same shape (a token's
+    # layer records at another KV fill: other costs, the same ops) share one interned tuple.
+    # id(tape) -> (tape, shape); shape -> shape
+    _tape_shapes: dict = field(default_factory=dict, repr=False, compare=False)
+    _shapes: dict = field(default_factory=dict, repr=False, compare=False)
+    # (id(shape), section path) -> (shape, ops, each entry's OpTotals and kernel under the path)
     _replays: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- recording -------------------------------------------------------------------------
@@ -546,14 +551,15 @@ class Ledger:
     def replay(self, tape: LedgerTape) -> None:
         """Write ``tape``'s records under the current section (see :meth:`replaying`).
 
-        The first replay under a section writes them one by one (creating the ops in the
-        order live records would); later ones add to the same :class:`OpTotals`, resolved
-        once.
+        The first replay of a tape shape under a section writes the records one by one
+        (creating the ops in the order live records would); later ones, of any tape of that
+        shape, add to the same :class:`OpTotals`, resolved once.
         """
         path = self._path
-        key = (id(tape), path)
+        shape = self._shape(tape)
+        key = (id(shape), path)
         plan = self._replays.get(key)
-        if plan is None or plan[0] is not tape or plan[1] is not self.ops:
+        if plan is None or plan[0] is not shape or plan[1] is not self.ops:
             for kind, name, arg in tape.entries:
                 if kind == _CHARGE:
                     self._add(path + name, arg)
@@ -561,22 +567,35 @@ class Ledger:
                     self._other(kind, name, arg)
             if len(self._replays) >= 4096:
                 self._replays.clear()
-            self._replays[key] = (tape, self.ops, self._resolve(tape, path))
+            self._replays[key] = (shape, self.ops, self._resolve(tape, path))
             return
-        for kind, name, arg, t, kernel in plan[2]:
+        for (kind, name, arg), (t, kernel) in zip(tape.entries, plan[2]):
             if kind == _CHARGE:
                 self._apply(t, path + name, kernel, arg)
             else:
                 self._other(kind, name, arg)
 
+    def _shape(self, tape: LedgerTape) -> tuple:
+        """``tape``'s kinds and charge names, interned (worked out once per tape)."""
+        got = self._tape_shapes.get(id(tape))
+        if got is not None and got[0] is tape:
+            return got[1]
+        shape = tuple((kind, name if kind == _CHARGE else None) for kind, name, _ in tape.entries)
+        if len(self._shapes) >= 4096:
+            self._shapes.clear()
+        shape = self._shapes.setdefault(shape, shape)
+        if len(self._tape_shapes) >= 4096:
+            self._tape_shapes.clear()
+        self._tape_shapes[id(tape)] = (tape, shape)
+        return shape
+
     def _resolve(self, tape: LedgerTape, path: str) -> tuple:
-        """``tape``'s entries with each charge's :class:`OpTotals` and kernel under ``path``."""
+        """Each entry of ``tape``'s: its charge's :class:`OpTotals` and kernel under ``path``
+        (``(None, "")`` for the other kinds)."""
         out = []
-        for kind, name, arg in tape.entries:
+        for kind, name, _ in tape.entries:
             full = path + name if kind == _CHARGE else ""
-            out.append(
-                (kind, name, arg, self.ops[full] if full else None, kernel_of(full) if full else "")
-            )
+            out.append((self.ops[full], kernel_of(full)) if full else (None, ""))
         return tuple(out)
 
     def _other(self, kind: int, name, arg) -> None:

@@ -173,9 +173,11 @@ def _layer_work(led, step):
 
 def test_tape_replays_a_layer_with_the_same_figures():
     dev = WSE2.with_(task_switch=50.0, vector_setup=1.5)
-    step = Cost(macs=0.1, words=3, hops=1, routings=1, overlap=False)
     live, taped = Ledger(dev), Ledger(dev)
-    for _token in range(3):  # figures accumulate over tokens in the same order
+    for token in range(3):  # figures accumulate over tokens in the same order
+        # each token's tape has the same ops at other costs (a KV cache filling up): replays
+        # of a tape shape resolved on an earlier token add this token's figures
+        step = Cost(macs=0.1 * (token + 1), words=3 + token, hops=1, routings=1, overlap=False)
         live.charge("embed", step)
         taped.charge("embed", step)
         tape = None
