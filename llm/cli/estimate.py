@@ -3,7 +3,8 @@
 One request (``--preset``, meshes, prompt and output lengths) as one JSON object; ``--sweep``
 tabulates square meshes; ``--plot`` draws TPR against mesh side for the paper's four models;
 ``--paper-table`` writes the prediction table of the paper's settings (JSON and markdown);
-``--calibration`` prints the device constants and their residuals on the allowed points.
+``--breakdown`` shows where one layer's time goes; ``--calibration`` prints the device
+constants and their residuals on the allowed points.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ python -m llm estimate: closed-form predictions of the wafer, no emulation, no w
 One request (--preset, the two meshes, prompt and output lengths) as one JSON object; --sweep
 tabulates square meshes; --plot draws TPR against mesh side for the paper's four models;
 --paper-table writes the prediction table of the paper's settings (JSON and markdown);
---calibration prints the device constants and their residuals on the allowed points.
+--breakdown shows where one layer's time goes, kernel by kernel; --calibration prints the
+device constants and their residuals on the allowed points.
 """
 
 EPILOG = """\
@@ -37,6 +39,7 @@ examples:
       --prompt-len 4096 --new-tokens 128
   python -m llm estimate --preset qwen2-72b --sweep 420,540,660
   python -m llm estimate --calibration
+  python -m llm estimate --preset qwen2-72b --decode-mesh 420x420 --breakdown
   python -m llm estimate --paper-table out/predict --plot out/predict/tpr.png
 
 Decode TPR is 1/TPOT (TPOT: mean over new tokens 2..M, or the one step at context N when
@@ -111,6 +114,13 @@ def add_parser(sub):
         "--calibration",
         action="store_true",
         help="print the device constants and residuals on the allowed points",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="where one layer's time goes, kernel by kernel: a decode step at context N on "
+        "the decode mesh and a prefill of N tokens on the prefill mesh (compute, "
+        "communication and fixed cycles)",
     )
     p.add_argument("--json", action="store_true", help="print JSON (the default for one run)")
     return p
@@ -357,6 +367,17 @@ def run(args, plane=None) -> int:
             raise runtime.UsageError("estimate: --prompt-len and --new-tokens must be >= 1")
         dmesh = _mesh(args.decode_mesh, "decode mesh")
         pmesh = _mesh(args.prefill_mesh, "prefill mesh") or dmesh
+        if args.breakdown:
+            from ..cost.breakdown import format_breakdown, layer_breakdown
+
+            assert pmesh is not None and dmesh is not None  # --decode-mesh was given
+            b = layer_breakdown(
+                _config(args.preset), pmesh, dmesh, args.prompt_len, device, args.policy
+            )
+            print(json.dumps(b, indent=1) if args.json else format_breakdown(b), end="")
+            return 0
         r = one(args.preset, pmesh, dmesh, args.prompt_len, args.new_tokens, device, args.policy)
         print(json.dumps(r, indent=None if args.json else 1))
+    elif args.breakdown:
+        raise runtime.UsageError("estimate: --breakdown needs --preset and --decode-mesh")
     return 0
