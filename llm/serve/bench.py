@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from meshrt.plmr import get_device
-from meshrt.runtime import ControlPlane
+from meshrt.runtime import ControlPlane, UsageError
 
 from .generate import format_ms, format_rate
 from .options import BenchOptions, ModelSource
@@ -61,6 +61,16 @@ def _wafer(config, pmesh, dmesh, prompt, context, device, policy, allreduce) -> 
     return modeled_wafer(config, pmesh, dmesh, prompt, context - prompt, device, policy, allreduce)
 
 
+def _check_length(options: BenchOptions, config) -> None:
+    """The timed request must fit the model's context (``UsageError`` on every rank if not)."""
+    total, context = options.prompt_len + options.new_tokens, config.max_position_embeddings
+    if total > context:
+        raise UsageError(
+            f"bench: --prompt-len {options.prompt_len} + --new-tokens {options.new_tokens} = "
+            f"{total} tokens exceed {config.name}'s context of {context}"
+        )
+
+
 def _peak_rss_gib() -> float:
     """This process's peak resident set size so far (GiB)."""
     import resource
@@ -92,6 +102,7 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     if options.model:  # a shard set on its own meshes (another one: error), or an HF directory
         model = load_model(ModelSource(options.model, options.mesh, options.run), plane)
         full = model.config
+        _check_length(options, full)
         storage = model.config.dtype
         dmesh, pmesh = (
             (model.layouts[ph].py, model.layouts[ph].px) for ph in ("decode", "prefill")
@@ -101,6 +112,11 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         pmesh = options.mesh.prefill or dmesh
         name = options.preset
         full = preset(name)
+        if options.layers is not None and options.layers > full.num_layers:
+            raise UsageError(
+                f"bench: --layers {options.layers}: {name} has {full.num_layers} layers"
+            )
+        _check_length(options, full)
         config = preset(name, layers=options.layers)
         log.info(
             f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "

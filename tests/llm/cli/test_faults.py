@@ -395,6 +395,21 @@ def test_bad_bench_values_fail_at_parse_time(case):
     assert_one_error(p, dt, *phrases, within=10)
 
 
+BAD_LLM_BENCH = {
+    "layers": (["--layers", "9"], ["--layers 9", "tiny-llama has 2 layers"]),
+    "prompt": (["--prompt-len", "600"], ["600 + --new-tokens 2 = 602 tokens", "context of 512"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LLM_BENCH))
+def test_llm_bench_refuses_what_the_preset_cannot_run(case):
+    # before placing anything: more layers than the model has, or a request beyond its context
+    args, phrases = BAD_LLM_BENCH[case]
+    base = ["bench", "--preset", "tiny-llama", "--decode-mesh", "2x2", "--new-tokens", "2"]
+    p, dt = run([*base, *args])
+    assert_one_error(p, dt, *phrases, within=20)
+
+
 def test_meshgemv_is_an_alias_of_ktree(tmp_path):
     out = tmp_path / "gemv.json"
     p, _ = run(
