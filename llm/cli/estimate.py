@@ -337,9 +337,11 @@ def run(args, plane=None) -> int:
         try:
             sides = [int(s) for s in args.sweep.split(",") if s.strip()]
         except ValueError:
+            sides = []
+        if not sides or min(sides) < 1:
             raise runtime.UsageError(
-                f"estimate: --sweep {args.sweep!r}: expected sides like 420,540,660"
-            ) from None
+                f"estimate: --sweep {args.sweep!r}: expected positive sides like 420,540,660"
+            )
         rows = sweep(args.preset, sides, device, args.prompt_len)
         if args.json:
             print(json.dumps(rows, indent=1))

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
         action="store_false",
         help="with --verify: skip the sha256 check (sizes are still checked)",
     )
-    add_mesh_args(p, None, " expected (default: as converted)")
+    add_mesh_args(p, None, " a job will use; with --verify (default: as converted)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -51,6 +51,10 @@ def run(args, plane) -> int:
         raise runtime.UsageError("info needs a shard directory or --preset NAME")
     if args.verify:
         return verify(args, plane)
+    given = [f for f in ("decode_mesh", "prefill_mesh", "ranks") if getattr(args, f)]
+    if given:  # they describe a job to check the shard set against: that is --verify
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise runtime.UsageError(f"info: {flags} check the shard set against a job; add --verify")
     from ..storage.shards import ShardError, describe_manifest, read_manifest
 
     payload = plane.agree(lambda: read_manifest(args.shards), catch=ShardError)

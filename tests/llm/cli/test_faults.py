@@ -410,6 +410,14 @@ def test_llm_bench_refuses_what_the_preset_cannot_run(case):
     assert_one_error(p, dt, *phrases, within=20)
 
 
+def test_estimate_sweep_of_a_zero_side_and_info_mesh_without_verify(r11):
+    p, dt = run(["estimate", "--preset", "llama3-8b", "--sweep", "0,420"])
+    assert_one_error(p, dt, "--sweep '0,420'", "positive sides", within=20)
+    # a mesh given to info is a job to check against, which only --verify does
+    p, dt = run(["info", str(r11), "--decode-mesh", "3x3"])
+    assert_one_error(p, dt, "--decode-mesh", "add --verify", within=20)
+
+
 def test_meshgemv_is_an_alias_of_ktree(tmp_path):
     out = tmp_path / "gemv.json"
     p, _ = run(
