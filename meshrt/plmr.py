@@ -179,9 +179,36 @@ def get_device(name_or_device) -> Device:
             key, _, val = item.partition("=")
             if key not in {f.name for f in dataclasses.fields(Device)} or key == "name":
                 raise ValueError(f"device field {key!r} unknown or not settable")
-            changes[key] = type(getattr(dev, key))(float(val)) if key != "note" else val
+            if key == "note":
+                changes[key] = val
+                continue
+            try:
+                number = float(val)
+            except ValueError:
+                raise ValueError(f"device field {key}={val!r}: not a number") from None
+            positive = key in _POSITIVE_FIELDS
+            if not (number > 0 if positive else number >= 0):  # also refuses nan
+                raise ValueError(
+                    f"device field {key}={val}: must be {'> 0' if positive else '>= 0'}"
+                )
+            if isinstance(getattr(dev, key), int) and not number.is_integer():
+                raise ValueError(f"device field {key}={val}: must be a whole number")
+            changes[key] = type(getattr(dev, key))(number)
         dev = dev.with_(**changes)
     return dev
+
+
+# what a device override must keep above 0 (the others: 0 or more)
+_POSITIVE_FIELDS = {
+    "macs_per_cycle",
+    "cores_x",
+    "cores_y",
+    "mem_per_core",
+    "clock_hz",
+    "link_bytes_per_cycle",
+    "routing_paths",
+    "word_bytes",
+}
 
 
 @functools.lru_cache(maxsize=1 << 14)

@@ -65,6 +65,17 @@ def test_device_presets_and_overrides(device_presets):
         get_device("tpu")
     with pytest.raises(ValueError, match="not settable"):
         get_device("wse2:colour=3")
+    # an override the cost model cannot use is refused with the field named
+    for bad, why in [
+        ("alpha=-1", ">= 0"),
+        ("task_switch=nan", ">= 0"),
+        ("macs_per_cycle=0", "> 0"),
+        ("cores_x=0.5", "whole number"),
+        ("beta=fast", "not a number"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            get_device(f"wse2:{bad}")
+    assert get_device("wse2:macs_per_cycle=0.5,task_switch=0").macs_per_cycle == 0.5
     mine = Device(
         name="mymesh",
         cores_x=64,
