@@ -41,6 +41,19 @@ from meshrt.relayout import fetch_rows
 from ..modeling import functional as F
 from ..placement.layout import PhaseLayout
 from . import program as P
+from .decode import rope_plan
+
+
+def _keys_max(s: np.ndarray) -> np.ndarray:
+    """``s.max(axis=4)`` of scores ``f32[by, bx, T/Py, G, S/Px, n_kv]`` as a few elementwise
+    maxima of halves (numpy's reduction over that inner axis loops three values at a time)."""
+    while s.shape[4] > 1:
+        half = s.shape[4] // 2
+        top = np.maximum(s[:, :, :, :, :half], s[:, :, :, :, half : 2 * half])
+        if s.shape[4] % 2:
+            np.maximum(top[:, :, :, :, :1], s[:, :, :, :, 2 * half :], out=top[:, :, :, :, :1])
+        s = top
+    return s[:, :, :, :, 0]
 
 
 class MeshPrefiller:
@@ -118,13 +131,18 @@ class MeshPrefiller:
             self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl, name=op.name
         )
 
+    def _charge_local(self, op) -> None:
+        """Charge ``op``'s local work (skipped while a layer tape replays: it holds them)."""
+        if not self.fab.ledger.muted:
+            P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
+
     def _norm(self, op, w, x):
         """HF RMSNorm of every token row: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
         c = self.lay.config
         ss = np.einsum("abti,abti->abt", x, x)  # f32[by, bx, T/Py]
         ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
+        self._charge_local(op)
         return F.rms_scale(x, inv[..., None], w[op.weight][:, :, None, :])
 
     def _gemm(self, op, w, x):
@@ -134,24 +152,32 @@ class MeshPrefiller:
 
     def _rope(self, op, w, qkv):
         """Split ``q | k | v`` and rotate q ``f32[by, bx, T/Py, q/Px]`` and k
-        ``f32[by, bx, T/Py, kv/Px]`` at the absolute positions of the local token rows."""
+        ``f32[by, bx, T/Py, kv/Px]`` at the absolute positions of the local token rows, every
+        pair of both in one pass (:func:`llm.engine.decode.rope_plan`)."""
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
-        q, k, v = qkv[..., :tq], qkv[..., tq : tq + tk], qkv[..., tq + tk :]
-        by, bx, tl, _ = k.shape
-        cos, sin = self._angles(tl)
-        q = F.rope_pairs(q.reshape(by, bx, tl, tk, self.g), cos, sin).reshape(q.shape)
-        k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
-        return q, k, np.ascontiguousarray(v)
+        qk = qkv[..., : tq + tk]
+        cos, sin, partner = self._angles(qkv.shape[2])
+        rot = qk[..., partner]
+        rot *= sin
+        rot += qk * cos  # F.rotate's products: a c + b (-s) is a c - b s exactly
+        self._charge_local(op)
+        return (
+            rot[..., :tq],
+            np.ascontiguousarray(rot[..., tq:]),
+            np.ascontiguousarray(qkv[..., tq + tk :]),
+        )
 
     def _angles(self, tl: int) -> tuple:
-        """``cos``, ``sin`` of every local token row's RoPE angles, ``f32[by, bx, T/Py, kv/Px]``
-        (the same in every layer: worked out once per prompt)."""
+        """``cos`` and signed ``sin`` of every local token row's RoPE angle for each of the
+        core's ``q | k`` features, ``f32[by, bx, T/Py, (q + kv)/Px]``, and each feature's pair
+        partner (the same in every layer: worked out once per prompt)."""
         key = ("angles", tl)
         if key not in self._memo:
+            angle, partner, sign = rope_plan(self.lay.kv // self.lay.px, self.g)
             pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
-            angle = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]
-            self._memo[key] = np.cos(angle), np.sin(angle)
+            theta = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]
+            cos, sin = np.cos(theta), np.sin(theta)
+            self._memo[key] = cos[..., angle], sin[..., angle] * sign, partner
         return self._memo[key]
 
     def _scores(self, op, w, q, k):
@@ -198,13 +224,15 @@ class MeshPrefiller:
         fab = self.fab
         by, bx, tl, g, sl, nkv = s.shape
         masked = self._masked(tl, sl)
-        m = allreduce(fab, s.max(axis=4), op.axis, "max", self.spec, name=f"{op.name}/max")
+        m = allreduce(fab, _keys_max(s), op.axis, "max", self.spec, name=f"{op.name}/max")
         # F.softmax_numerator and F.softmax_normalize, in one buffer (gigabytes at 4096 tokens)
         e = np.subtract(s, m[:, :, :, :, None, :])
         np.exp(e, out=e)
         np.copyto(e, np.float32(0), where=masked)
-        z = allreduce(fab, e.sum(axis=4), op.axis, "sum", self.spec, name=f"{op.name}/sum")
-        P.charge_local(fab.ledger, op.name, P.local_costs(op, self._run))
+        # the sum over the keys in order, as e.sum(axis=4) adds them, without its strided loop
+        z = np.einsum("abtgsn->abtgn", e)
+        z = allreduce(fab, z, op.axis, "sum", self.spec, name=f"{op.name}/sum")
+        self._charge_local(op)
         e /= z[:, :, :, :, None, :]
         return e
 
@@ -229,7 +257,7 @@ class MeshPrefiller:
 
     def _swiglu(self, op, w, gu):
         tf = gu.shape[-1] // 2
-        P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
+        self._charge_local(op)
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _prompt_logits(self, op, w, logits):
@@ -267,9 +295,13 @@ class MeshPrefiller:
         first_bad = None if np.isfinite(x).all() else -1
         ks, vs = [], []
         layer_ops = P.prefill_layer(self.lay, ids.size)
+        tape = None  # layer 0's records: every layer writes the same, renamed
         for i, w in enumerate(self.layers):
             with led.section(f"layer{i}"):
-                acts = self.execute(layer_ops, {"x": x}, w, keep=("x", "k", "v"))
+                with led.recording() if tape is None else led.replaying(tape) as got:
+                    acts = self.execute(layer_ops, {"x": x}, w, keep=("x", "k", "v"))
+                if tape is None:
+                    tape = got
             x = acts["x"]
             ks.append(acts["k"])
             vs.append(acts["v"])

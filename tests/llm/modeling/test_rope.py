@@ -59,3 +59,25 @@ def test_rope_linear_and_rotation():
     np.testing.assert_allclose(
         r[:8] ** 2 + r[8:] ** 2, q[0, 0, :8] ** 2 + q[0, 0, 8:] ** 2, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("tk, g", [(4, 1), (6, 3), (8, 4)])
+def test_one_pass_rotation_is_rope_pairs_bit_for_bit(tk, g):
+    """The engines rotate a core's ``q | k`` features in one pass with
+    :func:`llm.engine.decode.rope_plan`; it must give :func:`F.rope_pairs`' values exactly."""
+    from llm.engine.decode import rope_plan
+    from llm.modeling import functional as F
+
+    rng = np.random.default_rng(tk * g)
+    rows = 5
+    q = rng.standard_normal((rows, tk * g)).astype(np.float32)  # feature j * g + h
+    k = rng.standard_normal((rows, tk)).astype(np.float32)
+    theta = rng.uniform(0, 50, (rows, tk)).astype(np.float32)
+    theta[:, 1::2] = theta[:, 0::2]  # a pair shares its angle
+    cos, sin = np.cos(theta), np.sin(theta)
+    angle, partner, sign = rope_plan(tk, g)
+    qk = np.concatenate([q, k], axis=1)
+    got = qk * cos[:, angle] + qk[:, partner] * (sin[:, angle] * sign)
+    want_q = F.rope_pairs(q.reshape(rows, tk, g), cos, sin).reshape(rows, tk * g)
+    want_k = F.rope_pairs(k[..., None], cos, sin)[..., 0]
+    np.testing.assert_array_equal(got, np.concatenate([want_q, want_k], axis=1))
