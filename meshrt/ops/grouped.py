@@ -301,77 +301,38 @@ def _grouped_gemm_t_aggregated(
         rp[i] = ((a_mat[:, f] * feat[f, g]) @ b_mat[:, f].T).reshape(rp.shape[1:])
     del b_mat, a_mat
     c = np.zeros((by, bx, rows_per, tmb, cols_per, tnb, groups), f32)
-    steps = _gemm_t_reduce_plan(fab, plan)
-    window = max(1, CHAIN_BYTES // (4 * by * tmb * groups * tnb))  # steps whose partials fly
+    r, nr = fab.coords[1], lay.rx
+    op = f"{name}/reduce"
+    part = np.zeros((by, 1, tmb, groups, tnb), f32)  # the rank's partial per row
     every = len(present) == groups
-    for w0 in range(0, len(steps), window):
-        parts = []
-        for lrows, n_seg, *_ in steps[w0 : w0 + window]:
-            part = np.zeros((by, 1, tmb, groups, tnb), f32)  # the rank's partial per row
-            # rp[:, lrows, :, n_seg] is [by, Gp, tmb, tnb] (advanced axes first)
-            picked = rp[:, lrows, :, n_seg].transpose(0, 2, 1, 3)
-            if every:
-                part[:, 0] = picked
-            else:
-                part[:, 0][:, :, present] = picked
-            parts.append(part)
-        window_steps = steps[w0 : w0 + window]
-        masks = [(up_mask, down_mask) for _, _, up_mask, down_mask, *_ in window_steps]
-        totals = _chain_totals(fab, parts, masks, f"{name}/reduce")
-        for (_, _, _, _, mine, col, slot, s), total in zip(window_steps, totals):
-            c[mine, col, s, :, slot] = total[mine, 0].transpose(0, 1, 3, 2)
+    for lrows, n_seg, up_mask, down_mask, mine, col, slot, s in _gemm_t_reduce_plan(fab, plan):
+        # rp[:, lrows, :, n_seg] is [by, Gp, tmb, tnb] (advanced axes first)
+        picked = rp[:, lrows, :, n_seg].transpose(0, 2, 1, 3)
+        if every:
+            part[:, 0] = picked
+        else:
+            part[:, 0][:, :, present] = picked
+        below = above = None
+        if 0 < r < nr - 1:
+            below = fab.recv(part.shape, f32, 1, LO, op=op)
+        if r < nr - 1:  # up the chain, and the carry coming down, in one Sendrecv
+            carry = part if below is None else part + below
+            up = np.where(up_mask, carry, f32(0))
+            above = fab.send_and_recv(up, part.shape, f32, 1, HI, op=op)
+        if r > 0:
+            carry = part if above is None else part + above
+            down = np.where(down_mask, carry, f32(0))
+            if r < nr - 1:
+                fab.send(down, 1, LO, op=op)
+            else:  # the top of the chain: what comes up, and what goes down, in one Sendrecv
+                below = fab.send_and_recv(down, part.shape, f32, 1, LO, op=op, recv_first=True)
+        total = part
+        if below is not None:
+            total = below + total
+        if above is not None:
+            total = total + above
+        c[mine, col, s, :, slot] = total[mine, 0].transpose(0, 1, 3, 2)
     return c.reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
-
-
-#: bytes of the partials whose chain-reduce messages are posted at once
-CHAIN_BYTES = 16 << 20
-
-
-def _chain_totals(fab: Fabric, parts: list, masks: list, op: str) -> list:
-    """The chain reduces along x of several steps of :func:`_grouped_gemm_t_aggregated`, their
-    messages posted at once.
-
-    ``parts[i]`` is the rank's partial of step ``i`` (``f32[by, 1, ...]``); ``masks[i]`` the
-    rows whose root lies above / below this rank. Per step the wafer's carries cross each rank
-    boundary once each way: up the carry from below plus this rank's partial (rows rooted above),
-    down the carry from above plus this rank's partial (rows rooted below); a slot of a row
-    that sends nothing on the wafer carries 0. Returns per step ``below + part + above``.
-
-    Each channel carries the steps' messages in step order, as the step-by-step chain does; a
-    rank at either end of the rank line sends only its own partials, so it posts everything
-    before it waits once.
-    """
-    r, nr = fab.coords[1], fab.layout.rx
-    f32 = np.float32
-    n = len(parts)
-    below: list = [None] * n
-    above: list = [None] * n
-    sends = []
-    if r > 0 and r == nr - 1:  # the top: per step, what comes up, then what goes down
-        for i, (part, (_, down_mask)) in enumerate(zip(parts, masks)):
-            below[i] = fab.irecv(part.shape, f32, 1, LO, op=op)
-            sends.append(fab.isend(np.where(down_mask, part, f32(0)), 1, LO, op=op))
-    elif r == 0 and nr > 1:  # the bottom: per step, what goes up, then what comes down
-        for i, (part, (up_mask, _)) in enumerate(zip(parts, masks)):
-            sends.append(fab.isend(np.where(up_mask, part, f32(0)), 1, HI, op=op))
-            above[i] = fab.irecv(part.shape, f32, 1, HI, op=op)
-    elif nr > 1:  # inside the line: a carry goes on once it has come in
-        below = [fab.irecv(p.shape, f32, 1, LO, op=op) for p in parts]
-        above = [fab.irecv(p.shape, f32, 1, HI, op=op) for p in parts]
-        for i, (part, (up_mask, _)) in enumerate(zip(parts, masks)):
-            below[i][0].Wait()
-            carry = part + below[i][1]
-            sends.append(fab.isend(np.where(up_mask, carry, f32(0)), 1, HI, op=op))
-        for i, (part, (_, down_mask)) in enumerate(zip(parts, masks)):
-            above[i][0].Wait()
-            carry = part + above[i][1]
-            sends.append(fab.isend(np.where(down_mask, carry, f32(0)), 1, LO, op=op))
-    fab.wait_all([q for q, _ in sends] + [g[0] for g in below + above if g is not None])
-    totals = []
-    for part, lo, hi in zip(parts, below, above):
-        total = part if lo is None else lo[1] + part
-        totals.append(total if hi is None else total + hi[1])
-    return totals
 
 
 def _gemm_t_reduce_plan(fab: Fabric, plan: GemmTiling) -> list:
