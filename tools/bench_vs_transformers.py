@@ -11,7 +11,8 @@ Needs the oracle venv (torch + transformers; gguf + accelerate for the real mode
 Transformers runs in this process with as many torch threads as the emulator has ranks (the
 cores both sides use; ``--torch-threads`` overrides); the emulator runs as ``python -m llm
 bench`` under ``mpiexec``, from the project venv. Prints each side's median TTFT and time per
-output token and the emulator's ratios to transformers.
+output token, the emulator's ratios to transformers, and the weight-stream floor: how long the
+same processes take to read the float32 weights once, which no decode step can beat.
 """
 
 from __future__ import annotations
@@ -240,13 +241,36 @@ def main(argv=None) -> int:
                 f"TPOT {em['tpot_s'] * 1e3:.2f} ms ({em['tpot_s'] / hf['tpot_s']:.2f}x "
                 f"transformers' time); modeled WSE-2 TPR {em['modeled_tpr']:.0f} tok/s"
             )
+    floors = {n: weight_stream_floor(config, n) for n in ranks}
+    for n, floor in floors.items():
+        print(
+            f"weight-stream floor, {n} rank(s): {floor * 1e3:.2f} ms per token "
+            f"({floor / hf['tpot_s']:.2f}x transformers' time): reading the float32 weights "
+            "once (tools/weight_stream.py)"
+        )
     if args.json:
         print(
             json.dumps(
-                {"model": args.model, "mesh": args.mesh, "transformers": hf, "emulator": runs}
+                {
+                    "model": args.model,
+                    "mesh": args.mesh,
+                    "transformers": hf,
+                    "emulator": runs,
+                    "weight_stream_floor_s": floors,
+                }
             )
         )
     return 0
+
+
+def weight_stream_floor(config, ranks: int) -> float:
+    """Seconds for ``ranks`` processes to read the model's float32 weights once (their shares
+    at once, as GEMVs): no decode step on these cores can be faster."""
+    mib = config.num_parameters() * 4 / 2**20
+    out = _venv_run(
+        [os.path.join(ROOT, "tools", "weight_stream.py"), "--mib", str(mib), "--json"], ranks
+    )
+    return json.loads(out.stdout)["seconds"]
 
 
 if __name__ == "__main__":
