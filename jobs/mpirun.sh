@@ -125,6 +125,9 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
     # one host: shared-memory transport only, which also avoids a slow start-up probe
     export OMPI_MCA_pml="${OMPI_MCA_pml:-ob1}" OMPI_MCA_btl="${OMPI_MCA_btl:-self,sm}"
+    # tile messages up to 128 KB go eagerly, without a rendezvous round trip (default 4 KB)
+    export OMPI_MCA_btl_sm_eager_limit="${OMPI_MCA_btl_sm_eager_limit:-131072}"
+    export OMPI_MCA_btl_sm_max_send_size="${OMPI_MCA_btl_sm_max_send_size:-131072}"
 fi
 # shellcheck disable=SC2206
 LAUNCH+=(${MPIEXEC_ARGS:-} "$PYTHON" -m mpi4py -m llm)
