@@ -79,6 +79,27 @@ def crossing(dest: np.ndarray, cut: int, upward: bool) -> np.ndarray:
     return i[(i >= cut) & (dest < cut)]
 
 
+def cut_crossings(dest: np.ndarray, line: Line):
+    """The messages of one :func:`permute_line` step at this rank's edges, in message order.
+
+    Yields ``(receive, side, src)``: receive from the neighbour at ``-side``, or send to the
+    one at ``side``, the tiles of sources ``src`` (sorted) that cross that edge. Per side (HI,
+    then LO) the receive comes first, so a tile passing through the rank is in hand before it
+    is forwarded. Nothing when the rank holds the whole line.
+    """
+    n, lo, hi = line.n, line.lo, line.hi
+    if lo == 0 and hi == n:
+        return
+    for side in (HI, LO):
+        upward = side == HI
+        in_cut, out_cut = (lo, hi) if upward else (hi, lo)
+        for receive, cut in ((True, in_cut), (False, out_cut)):
+            if 0 < cut < n:
+                src = crossing(dest, cut, upward)
+                if len(src):
+                    yield receive, side, src
+
+
 # ----------------------------------------------------------------------------------------------
 # Wafer cost of one permutation step
 # ----------------------------------------------------------------------------------------------
@@ -158,30 +179,24 @@ def permute_line(
         return out
     got: dict[int, np.ndarray] = {}
     nd = block.ndim
-    for side in (HI, LO):
-        upward = side == HI
-        in_cut, out_cut = (lo, hi) if upward else (hi, lo)
-        if 0 < in_cut < n:
-            ids = crossing(dest, in_cut, upward)
-            if len(ids):
-                shape = list(block.shape)
-                shape[axis] = len(ids)
-                slab = fab.recv(tuple(shape), block.dtype, axis, -side, op=op)
-                assert slab is not None  # the cut is inside the line: a neighbour exists
-                for k, i in enumerate(ids):
-                    got[int(i)] = slab[_at(nd, axis, k)]
-        if 0 < out_cut < n:
-            ids = crossing(dest, out_cut, upward)
-            if len(ids):
-                parts = [
-                    block[_at(nd, axis, int(i) - lo)] if lo <= i < hi else got[int(i)] for i in ids
-                ]
-                fab.send(
-                    parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis),
-                    axis,
-                    side,
-                    op=op,
-                )
+    for receive, side, ids in cut_crossings(dest, line):
+        if receive:
+            shape = list(block.shape)
+            shape[axis] = len(ids)
+            slab = fab.recv(tuple(shape), block.dtype, axis, -side, op=op)
+            assert slab is not None  # the cut is inside the line: a neighbour exists
+            for k, i in enumerate(ids):
+                got[int(i)] = slab[_at(nd, axis, k)]
+        else:
+            parts = [
+                block[_at(nd, axis, int(i) - lo)] if lo <= i < hi else got[int(i)] for i in ids
+            ]
+            fab.send(
+                parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis),
+                axis,
+                side,
+                op=op,
+            )
     for j in np.nonzero((local < 0) | (local >= line.size))[0]:
         out[_at(nd, axis, int(j))] = got[int(src[lo + j])]
     return out

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..fabric import HI, LO, Fabric
-from ._lines import Line, back_shift_rounds, crossing
+from ..fabric import Fabric
+from ._lines import Line, back_shift_rounds, cut_crossings
 
 
 @dataclass(frozen=True)
@@ -98,35 +98,23 @@ class LineSchedule:
     def _exchange(self, dest: np.ndarray, lines: np.ndarray, now, op: str) -> list:
         """The neighbour messages of one :func:`permute_line` step of ``lines`` (in message
         order); ``now(src)`` gives the identities at cores ``src`` of those lines."""
-        line = self.line
-        n, lo, hi = line.n, line.lo, line.hi
         moves: list[TileMessage] = []
-        if lo == 0 and hi == n:
-            return moves
-        for side in (HI, LO):
-            upward = side == HI
-            in_cut, out_cut = (lo, hi) if upward else (hi, lo)
-            if 0 < in_cut < n:
-                src = crossing(dest, in_cut, upward)
-                if len(src):
-                    ids = now(src)
-                    shape = (len(lines), len(src)) if self.axis == 1 else (len(src), len(lines))
-                    where = self._where(lines, ids)
-                    moves.append(TileMessage(False, -side, where, shape, op, self.receives))
-                    self.present[lines[:, None], ids] = True
-                    self.arrival[lines[:, None], ids] = self.receives
-                    self.receives += 1
-            if 0 < out_cut < n:
-                src = crossing(dest, out_cut, upward)
-                if len(src):
-                    ids = now(src)
-                    if not self.present[lines[:, None], ids].all():
-                        raise RuntimeError(
-                            "aggregated emulation: a tile would leave a rank it never reached"
-                        )
-                    after = int(self.arrival[lines[:, None], ids].max())
-                    where = self._where(lines, ids)
-                    moves.append(TileMessage(True, side, where, (), op, after=after))
+        for receive, side, src in cut_crossings(dest, self.line):
+            ids = now(src)
+            where = self._where(lines, ids)
+            if receive:
+                shape = (len(lines), len(src)) if self.axis == 1 else (len(src), len(lines))
+                moves.append(TileMessage(False, -side, where, shape, op, self.receives))
+                self.present[lines[:, None], ids] = True
+                self.arrival[lines[:, None], ids] = self.receives
+                self.receives += 1
+            else:
+                if not self.present[lines[:, None], ids].all():
+                    raise RuntimeError(
+                        "aggregated emulation: a tile would leave a rank it never reached"
+                    )
+                after = int(self.arrival[lines[:, None], ids].max())
+                moves.append(TileMessage(True, side, where, (), op, after=after))
         return moves
 
     def permute(self, dest: np.ndarray, op: str = "permute_line") -> list:
