@@ -32,7 +32,6 @@ from meshrt.collectives import KTREE, AllreduceSpec, allreduce, broadcast
 from meshrt.fabric import Fabric
 from meshrt.mesh import X
 from meshrt.ops.gemv import meshgemv
-from meshrt.plmr import LedgerTape
 from meshrt.precision import widen
 
 from ..modeling import functional as F
@@ -100,7 +99,6 @@ class MeshDecoder:
         assert self.tq == self.tk * self.g  # a core's query heads sit on its K/V features
         self.rope_angle, self.rope_partner, self.rope_sign = rope_plan(self.tk, self.g)
         self._rope_at: tuple | None = None  # (position, cos, sin) of the token being run
-        self._tapes: dict[tuple, LedgerTape] = {}  # (fill, shifts) -> a token's layer records
         self._plans: dict[int, tuple] = {}  # id(op list) -> (op list, its executor steps)
         self.handlers: dict[str, Callable[..., Any]] = {
             "embed_broadcast": self._embed,
@@ -305,11 +303,9 @@ class MeshDecoder:
                 else:
                     with led.recording() if tape is None else led.replaying(tape) as got:
                         x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
-                    if tape is None:  # an equal tape of an earlier token: replays resolved
+                    if tape is None:  # the ledger resolves replays once per tape shape
                         assert got is not None  # recording() yields the tape
-                        same = self._tapes.get((run.fill, run.shifts))
-                        tape = same if same is not None and same == got else got
-                        self._tapes[(run.fill, run.shifts)] = tape
+                        tape = got
             if first_bad is None and not _finite(x):
                 first_bad = i
         self.cache.end_token()
