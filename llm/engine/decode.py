@@ -97,7 +97,7 @@ class MeshDecoder:
         self._local: dict = {}  # (op name, fill, shifts) -> ((record name, Cost), ...)
         self.tq, self.tk = lay.q // lay.px, lay.kv // lay.px
         assert self.tq == self.tk * self.g  # a core's query heads sit on its K/V features
-        self.rope_angle, self.rope_partner, self.rope_sign = rope_plan(self.tk, self.g)
+        self.rope_angle, self.rope_partner, self.rope_sign = F.rope_plan(self.tk, self.g)
         self._rope_at: tuple | None = None  # (position, cos, sin) of the token being run
         self._plans: dict[int, tuple] = {}  # id(op list) -> (op list, its executor steps)
         self.handlers: dict[str, Callable[..., Any]] = {
@@ -406,23 +406,3 @@ class HeadPlan:
             out[self.kept] = picked
             picked = out
         return picked.reshape(by, bx, -1)
-
-
-def rope_plan(tk: int, g: int) -> tuple:
-    """Index arrays that rotate a core's ``q | k`` features (``tk * g`` query features, the
-    ``g`` heads of K/V feature ``j`` at ``j * g + h``, then ``tk`` key features) in one pass.
-
-    Adjacent K/V features ``(2i, 2i+1)`` form a RoPE pair with the angle of feature ``2i``
-    (:func:`llm.modeling.functional.rope_pairs`). Returns ``(angle, partner, sign)``, each of
-    length ``tk * g + tk``, per feature: the K/V feature whose angle it takes, the feature it
-    pairs with, and the sign of the sine term (``-1`` on the first of a pair), so that
-    ``x * cos[angle] + x[partner] * (sign * sin[angle])`` is ``F.rotate`` of every pair, product
-    for product (``a c + b (-s)`` is ``a c - b s`` exactly).
-    """
-    j = np.concatenate([np.repeat(np.arange(tk), g), np.arange(tk)])  # K/V feature of each
-    h = np.concatenate([np.tile(np.arange(g), tk), np.zeros(tk, np.int64)])  # its head
-    first = j % 2 == 0
-    angle = j - j % 2
-    partner = np.concatenate([(j[: tk * g] ^ 1) * g + h[: tk * g], tk * g + (j[tk * g :] ^ 1)])
-    sign = np.where(first, np.float32(-1), np.float32(1)).astype(np.float32)
-    return angle, partner, sign

@@ -41,7 +41,6 @@ from meshrt.relayout import fetch_rows
 from ..modeling import functional as F
 from ..placement.layout import PhaseLayout
 from . import program as P
-from .decode import rope_plan
 
 
 def _keys_max(s: np.ndarray) -> np.ndarray:
@@ -153,7 +152,7 @@ class MeshPrefiller:
     def _rope(self, op, w, qkv):
         """Split ``q | k | v`` and rotate q ``f32[by, bx, T/Py, q/Px]`` and k
         ``f32[by, bx, T/Py, kv/Px]`` at the absolute positions of the local token rows, every
-        pair of both in one pass (:func:`llm.engine.decode.rope_plan`)."""
+        pair of both in one pass (:func:`llm.modeling.functional.rope_plan`)."""
         tq, tk = self.lay.q // self.lay.px, self.lay.kv // self.lay.px
         qk = qkv[..., : tq + tk]
         cos, sin, partner = self._angles(qkv.shape[2])
@@ -173,7 +172,7 @@ class MeshPrefiller:
         partner (the same in every layer: worked out once per prompt)."""
         key = ("angles", tl)
         if key not in self._memo:
-            angle, partner, sign = rope_plan(self.lay.kv // self.lay.px, self.g)
+            angle, partner, sign = F.rope_plan(self.lay.kv // self.lay.px, self.g)
             pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
             theta = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]
             cos, sin = np.cos(theta), np.sin(theta)

@@ -53,6 +53,26 @@ def rope_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.stack([even, odd], axis=-2).reshape(x.shape)
 
 
+def rope_plan(tk: int, g: int) -> tuple:
+    """Index arrays that rotate a core's ``q | k`` features (``tk * g`` query features, the
+    ``g`` heads of K/V feature ``j`` at ``j * g + h``, then ``tk`` key features) in one pass.
+
+    Adjacent K/V features ``(2i, 2i+1)`` form a RoPE pair with the angle of feature ``2i``
+    (:func:`rope_pairs`). Returns ``(angle, partner, sign)``, each of
+    length ``tk * g + tk``, per feature: the K/V feature whose angle it takes, the feature it
+    pairs with, and the sign of the sine term (``-1`` on the first of a pair), so that
+    ``x * cos[angle] + x[partner] * (sign * sin[angle])`` is :func:`rotate` of every pair, product
+    for product (``a c + b (-s)`` is ``a c - b s`` exactly).
+    """
+    j = np.concatenate([np.repeat(np.arange(tk), g), np.arange(tk)])  # K/V feature of each
+    h = np.concatenate([np.tile(np.arange(g), tk), np.zeros(tk, np.int64)])  # its head
+    first = j % 2 == 0
+    angle = j - j % 2
+    partner = np.concatenate([(j[: tk * g] ^ 1) * g + h[: tk * g], tk * g + (j[tk * g :] ^ 1)])
+    sign = np.where(first, np.float32(-1), np.float32(1)).astype(np.float32)
+    return angle, partner, sign
+
+
 def rope_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate HF's half-split pairs ``(j, j + D/2)`` of ``x[T, H, D]``; cos, sin ``[T, D]``."""
     half = x.shape[-1] // 2

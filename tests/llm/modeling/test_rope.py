@@ -64,8 +64,7 @@ def test_rope_linear_and_rotation():
 @pytest.mark.parametrize("tk, g", [(4, 1), (6, 3), (8, 4)])
 def test_one_pass_rotation_is_rope_pairs_bit_for_bit(tk, g):
     """The engines rotate a core's ``q | k`` features in one pass with
-    :func:`llm.engine.decode.rope_plan`; it must give :func:`F.rope_pairs`' values exactly."""
-    from llm.engine.decode import rope_plan
+    :func:`llm.modeling.functional.rope_plan`; it must give :func:`F.rope_pairs`' values exactly."""
     from llm.modeling import functional as F
 
     rng = np.random.default_rng(tk * g)
@@ -75,7 +74,7 @@ def test_one_pass_rotation_is_rope_pairs_bit_for_bit(tk, g):
     theta = rng.uniform(0, 50, (rows, tk)).astype(np.float32)
     theta[:, 1::2] = theta[:, 0::2]  # a pair shares its angle
     cos, sin = np.cos(theta), np.sin(theta)
-    angle, partner, sign = rope_plan(tk, g)
+    angle, partner, sign = F.rope_plan(tk, g)
     qk = np.concatenate([q, k], axis=1)
     got = qk * cos[:, angle] + qk[:, partner] * (sin[:, angle] * sign)
     want_q = F.rope_pairs(q.reshape(rows, tk, g), cos, sin).reshape(rows, tk * g)
