@@ -60,8 +60,10 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
         d, name, kind = op.dims, op.name, op.kind
         local = P.local_costs(op, run)
         if kind == "embed_broadcast":
-            led.io(4, 1)  # the token id enters the wafer
-            led.charge(name, broadcast_cost(_axis_cores(op, mesh), run.token_col, d["seg"]))
+            cols = run.columns
+            led.io(4 * len(cols), 1)  # the token ids enter the wafer
+            for col in cols:  # each sequence's row multicast from its own column
+                led.charge(name, broadcast_cost(_axis_cores(op, mesh), col, d["seg"]))
         elif kind == "embed_fetch":
             ids = np.asarray(run.ids, dtype=np.int64)
             led.io(4 * ids.size, 1)
@@ -78,7 +80,15 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
             spec.charge(led, _axis_cores(op, mesh), d["rows"], f"{name}/allreduce")
         elif kind == "gemv":
             estimate_meshgemv(
-                d["m"], d["n"], mesh, device, d["input_axis"], spec, ledger=led, name=name
+                d["m"],
+                d["n"],
+                mesh,
+                device,
+                d["input_axis"],
+                spec,
+                batch=d.get("batch", 1),
+                ledger=led,
+                name=name,
             )
         elif kind == "gemm":
             estimate_meshgemm(d["m"], d["k"], d["n"], mesh, device, True, led, name)
@@ -88,10 +98,12 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
             spec.charge(led, _axis_cores(op, mesh), run.fill * d["heads"], f"{name}/allreduce")
         elif kind == "softmax":
             cores = _axis_cores(op, mesh)
-            spec.charge(led, cores, d["queries"], f"{name}/max")
-            spec.charge(led, cores, d["queries"], f"{name}/sum")
+            words = d["queries"] * d.get("batch", 1)
+            spec.charge(led, cores, words, f"{name}/max")
+            spec.charge(led, cores, words, f"{name}/sum")
         elif kind == "cache_pv":
-            spec.charge(led, _axis_cores(op, mesh), d["tq"], f"{name}/allreduce")
+            words = d["tq"] * d.get("batch", 1)
+            spec.charge(led, _axis_cores(op, mesh), words, f"{name}/allreduce")
         elif kind == "grouped_scores":
             estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
         elif kind == "grouped_pv":
@@ -99,10 +111,10 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
                 d["m"], d["k"], d["n"], d["groups"], mesh, device, False, led, name
             )
         elif kind == "argmax":
-            cores = _axis_cores(op, mesh)
-            spec.charge(led, cores, 1, f"{name}/value")
-            spec.charge(led, cores, 1, f"{name}/index")
-            led.io(4, 1)  # the token leaves the wafer
+            cores, b = _axis_cores(op, mesh), d.get("batch", 1)
+            spec.charge(led, cores, b, f"{name}/value")
+            spec.charge(led, cores, b, f"{name}/index")
+            led.io(4 * b, 1)  # the tokens leave the wafer
         elif kind == "prompt_logits":
             led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))  # float32, gathered by the host
         elif kind not in ("add", "vocab_mask", "rope", "swiglu"):
@@ -204,6 +216,57 @@ def decode_token(
     price(P.decode_head(lay), led, lay, allreduce, run)
     price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run)
     price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce, run)
+    return led
+
+
+def decode_batch_step(
+    config: ModelConfig,
+    mesh: tuple[int, int],
+    contexts,
+    device: Device | str = "wse2",
+    policy: str = "shift",
+    prompts=None,
+    token_cols=None,
+    allreduce: AllreduceSpec = KTREE,
+    greedy: bool = True,
+    ledger: Ledger | None = None,
+    kv_capacity: int | None = None,
+) -> Ledger:
+    """Ledger of one decode step of ``len(contexts)`` sequences decoded together.
+
+    Every vector op carries one vector per sequence; attention runs over each sequence's own
+    cache, sequence ``i`` holding ``contexts[i]`` tokens after the step (``prompts[i]`` of them
+    from prefill). Exactly the records :meth:`llm.engine.decode.MeshDecoder.step_batch` writes.
+
+    Parameters
+    ----------
+    contexts : sequence of int
+        Cache length of each sequence including this step's token.
+    prompts : sequence of int, optional
+        Prompt tokens of each cache (the concat policy's spread; default 0).
+    token_cols : sequence of int, optional
+        Mesh column of each input token's embedding row (default 0).
+    kv_capacity : int, optional
+        Slots per core of all the caches together (default: their fills).
+    """
+    device = get_device(device)
+    led = ledger if ledger is not None else Ledger(device)
+    lay = PhaseLayout(config, *mesh)
+    b = len(contexts)
+    prompts = list(prompts) if prompts is not None else [0] * b
+    fills = [row_fill(policy, c, mesh[0], p) for c, p in zip(contexts, prompts)]
+    cap = kv_capacity if kv_capacity is not None else sum(fills)
+    run = P.Pass(
+        fill=sum(fills),
+        shifts=sum(policy == "shift" and (c - 1) % mesh[0] != 0 for c in contexts),
+        capacity=cap,
+        token_cols=tuple(token_cols) if token_cols is not None else (0,) * b,
+    )
+    led.memory("decode/resident", decode_resident_words(config, mesh, cap))
+    price(P.decode_head(lay), led, lay, allreduce, run)
+    price_layers(P.decode_layer(lay, b), config.num_layers, led, lay, allreduce, run)
+    tail = P.decode_logits(lay, b) + (P.decode_pick(lay, b) if greedy else [])
+    price(tail, led, lay, allreduce, run)
     return led
 
 

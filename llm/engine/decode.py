@@ -15,6 +15,11 @@ Attention runs for all heads at once: thanks to the feature layout (:mod:`llm.pl
 query features on a core are exactly the ``G`` heads that share the core's K/V features, so
 per-head partial scores form locally and a single reduction along x completes them.
 
+A batch of ``B`` sequences decodes in one step (:meth:`MeshDecoder.step_batch`): every vector
+gains a batch axis (``f32[by, bx, B, seg]``), each GEMV multiplies ``B`` right-hand vectors and
+its K-tree carries ``B`` words per message; each sequence has its own KV cache (all of one
+capacity), and attention reads each sequence's cache only. One sequence runs :meth:`step`.
+
 Every step checks its logits: if any is not finite, :class:`NonFiniteError` names the first
 layer whose output held a non-finite value (each layer's output is checked as it is produced;
 a few element tests per core, against the layer's GEMVs).
@@ -94,7 +99,9 @@ class MeshDecoder:
         self.heads = HeadPlan(self.glob["kv_head"], self.g)
         self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
         self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
-        self._local: dict = {}  # (op name, fill, shifts) -> ((record name, Cost), ...)
+        self._local: dict = {}  # (op name, batch, fill, shifts) -> ((record name, Cost), ...)
+        self._batch_ops: dict[int, tuple] = {}  # B -> (layer, logits, pick) programs of B vectors
+        self._caches: list[KVCache] | None = None  # the sequences of the running batch step
         self.tq, self.tk = lay.q // lay.px, lay.kv // lay.px
         assert self.tq == self.tk * self.g  # a core's query heads sit on its K/V features
         self.rope_angle, self.rope_partner, self.rope_sign = F.rope_plan(self.tk, self.g)
@@ -147,7 +154,7 @@ class MeshDecoder:
         computed once per op and cache fill)."""
         if self.fab.ledger.muted:
             return
-        key = (op.name, run.fill, run.shifts)
+        key = (op.name, op.dims.get("rows", op.dims.get("batch", 1)), run.fill, run.shifts)
         parts = self._local.get(key)
         if parts is None:
             parts = self._local[key] = P.local_records(op.name, P.local_costs(op, run))
@@ -166,8 +173,19 @@ class MeshDecoder:
         return out
 
     def _embed(self, op, w, run):
-        """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]``."""
+        """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]`` (a batch: each
+        sequence's row multicast from its own column, ``f32[by, bx, B, H/Py]``)."""
         e = w[op.weight]  # [by, bx, V/Px, H/Py]
+        if self._caches is not None:
+            rows = []
+            for token, col in zip(self._tokens, run.token_cols):
+                mine = np.zeros((self.fab.by, self.fab.bx, e.shape[3]), np.float32)
+                j = col - self.fab.origin[X]
+                if 0 <= j < self.fab.bx:
+                    mine[:, j] = widen(e[:, j, token % self.vocab_seg, :])
+                rows.append(broadcast(self.fab, mine, op.axis, col, name=op.name))
+            self.fab.ledger.io(4 * len(rows), 1)  # the token ids enter the wafer
+            return np.stack(rows, 2)
         mine = np.zeros((self.fab.by, self.fab.bx, e.shape[3]), np.float32)
         j = run.token_col - self.fab.origin[X]
         if 0 <= j < self.fab.bx:  # only the core column holding the token reads its table
@@ -178,11 +196,15 @@ class MeshDecoder:
     def _norm(self, op, w, run, x):
         """HF RMSNorm of a Y-vector: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
         c = self.lay.config
-        ss = np.einsum("abi,abi->ab", x, x)[..., None]  # f32[by, bx, 1]
+        gamma = w[op.weight]
+        if x.ndim == 3:
+            ss = np.einsum("abi,abi->ab", x, x)[..., None]  # f32[by, bx, 1]
+        else:  # B vectors: f32[by, bx, B, 1]
+            ss, gamma = np.einsum("abki,abki->abk", x, x)[..., None], gamma[:, :, None]
         ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
         self._charge_local(op, run)
-        return F.rms_scale(x, inv, w[op.weight])
+        return F.rms_scale(x, inv, gamma)
 
     def _gemv(self, op, w, run, x):
         out = meshgemv(
@@ -194,11 +216,22 @@ class MeshDecoder:
             name=op.name,
             priced=P.gemv_tile(op, (self.lay.py, self.lay.px)),
         )
-        return out + w[op.bias] if op.bias in w else out
+        if op.bias not in w:
+            return out
+        return out + (w[op.bias] if out.ndim == 3 else w[op.bias][:, :, None])
 
     def _rope(self, op, w, run, qkv):
         """Split ``q | k | v`` (X-vectors) and rotate q and k at the token's position."""
         tq, tk = self.tq, self.tk
+        if self._caches is not None:  # B sequences, each at its own position
+            pos = np.asarray(self._positions, np.float32)[:, None]
+            angle = pos * self.glob["rope_freq"][:, :, None, :]  # f32[by, bx, B, kv/Px]
+            cos, sin = np.cos(angle), np.sin(angle)
+            cos, sin = cos[..., self.rope_angle], sin[..., self.rope_angle] * self.rope_sign
+            qk = qkv[..., : tq + tk]
+            qk = qk * cos + qk[..., self.rope_partner] * sin
+            self._charge_local(op, run)
+            return qk[..., :tq], qk[..., tq:], qkv[..., tq + tk :]
         if self._rope_at is None or self._rope_at[0] != self._pos:  # once per token
             angle = np.float32(self._pos) * self.glob["rope_freq"]  # f32[by, bx, kv/Px]
             cos, sin = np.cos(angle), np.sin(angle)
@@ -212,12 +245,28 @@ class MeshDecoder:
         return qk[..., :tq], qk[..., tq:], qkv[..., tq + tk :]
 
     def _kv_append(self, op, w, run, k, v):
-        self.cache.append(self._layer, k, v, name=op.name)
+        if self._caches is None:
+            self.cache.append(self._layer, k, v, name=op.name)
+        else:  # each sequence into its own cache; the memory figure is all of them
+            for i, cache in enumerate(self._caches):
+                cache.append(self._layer, k[:, :, i], v[:, :, i], name=op.name, memory=False)
+            self.fab.ledger.memory("kv_cache", 2 * len(self.layers) * run.capacity * k.shape[-1])
         self._charge_local(op, run)
         return ()
 
     def _scores(self, op, w, run, q):
-        """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf)."""
+        """``q . K`` over the cache, all heads: f32[by, bx, cap, nq] (invalid slots -inf); a batch:
+        each sequence over its own cache, f32[by, bx, B, cap, nq]."""
+        if self._caches is not None:
+            caches = self._caches
+            kc = np.stack([c.k[self._layer] for c in caches], 2)  # f32[by, bx, B, cap, kv/Px]
+            part = np.matmul(kc, self.heads.spread_batch(q))  # [by, bx, B, cap, nq]
+            self._charge_local(op, run)
+            s = self._allreduce(
+                part, op.axis, name=f"{op.name}/allreduce", words=run.fill * part.shape[-1]
+            )
+            valid = np.stack([c.valid() for c in caches], 2)  # bool[by, 1, B, cap, 1]
+            return np.where(valid, s * self.scale, -np.inf)
         kc = self.cache.k[self._layer]  # f32[by, bx, cap, kv/Px]
         part = np.matmul(kc, self.heads.spread(q))  # [by,bx,cap,nq]
         fill = self.cache.max_fill  # the wafer works on filled slots only: the fullest row
@@ -229,16 +278,27 @@ class MeshDecoder:
         """Softmax over the sequence (split along y): max and sum allreduced along y."""
         # Invalid slots hold -inf (:meth:`_scores`) and every line has a valid slot, so the max
         # is finite and exp() makes them exactly 0: no mask needed.
+        slots = s.ndim - 2  # the cache slots: axis 2, or 3 in a batch
         m = self._allreduce(
-            np.maximum.reduce(s, 2, keepdims=True), op.axis, "max", f"{op.name}/max"
+            np.maximum.reduce(s, slots, keepdims=True), op.axis, "max", f"{op.name}/max"
         )
         e = F.softmax_numerator(s, m)
-        z = self._allreduce(np.add.reduce(e, 2, keepdims=True), op.axis, name=f"{op.name}/sum")
+        z = self._allreduce(np.add.reduce(e, slots, keepdims=True), op.axis, name=f"{op.name}/sum")
         self._charge_local(op, run)
         return F.softmax_normalize(e, z)
 
     def _pv(self, op, w, run, p):
         """``p . V`` over the cache, all heads: the attention output as an X-vector."""
+        if self._caches is not None:
+            vc = np.stack([c.v[self._layer] for c in self._caches], 2)
+            o = np.matmul(np.swapaxes(vc, 3, 4), p)  # f32[by, bx, B, kv/Px, nq]
+            self._charge_local(op, run)
+            return self._allreduce(
+                self.heads.pick_batch(o),  # f32[by, bx, B, kv/Px * G]
+                op.axis,
+                name=f"{op.name}/allreduce",
+                words=op.dims["tq"] * o.shape[2],
+            )
         vc = self.cache.v[self._layer]
         o = np.matmul(np.swapaxes(vc, 2, 3), p)  # f32[by, bx, kv/Px, nq]
         self._charge_local(op, run)
@@ -258,17 +318,26 @@ class MeshDecoder:
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _vocab_mask(self, op, w, run, logits):
-        return np.where(self.real_vocab[None], logits, np.float32(-np.inf))
+        return np.where(self._real(logits), logits, np.float32(-np.inf))
+
+    def _real(self, logits: np.ndarray) -> np.ndarray:
+        """The real-vocabulary mask shaped to broadcast over ``logits`` (one or B vectors)."""
+        return self.real_vocab[None] if logits.ndim == 3 else self.real_vocab[None, :, None]
 
     def _argmax(self, op, w, run, logits):
-        """Greedy token on the mesh: max along x, then the lowest index holding it."""
+        """Greedy token on the mesh: max along x, then the lowest index holding it (a batch: a
+        list of B tokens, the reductions carrying B words)."""
         local = logits.max(axis=-1, keepdims=True)
         best = self._allreduce(local, op.axis, "max", f"{op.name}/value")
-        idx = np.where(logits == best, self.vocab_index[None], np.iinfo(np.int64).max)
+        index = self.vocab_index[None] if logits.ndim == 3 else self.vocab_index[None, :, None]
+        idx = np.where(logits == best, index, np.iinfo(np.int64).max)
         neg = -idx.min(axis=-1, keepdims=True).astype(np.float64)
         tok = -self._allreduce(neg, op.axis, "max", f"{op.name}/index")
-        self.fab.ledger.io(4, 1)  # the token leaves the wafer
-        return int(tok.reshape(-1)[0])
+        if logits.ndim == 3:
+            self.fab.ledger.io(4, 1)  # the token leaves the wafer
+            return int(tok.reshape(-1)[0])
+        self.fab.ledger.io(4 * logits.shape[2], 1)  # the tokens leave the wafer
+        return [int(t) for t in tok[0, 0, :, 0]]
 
     # -- the step --------------------------------------------------------------------------
     def logits(
@@ -282,9 +351,22 @@ class MeshDecoder:
         Checked (:meth:`check`): ``first_bad`` is the first layer (on this rank) whose output was
         not finite, ``source`` names where ``x`` comes from when none was.
         """
-        logits = self.execute(self.logit_ops, {"x": x}, self.glob, P.Pass())["logits"]
+        ops = self.logit_ops if x.ndim == 3 else self._programs(x.shape[2])[1]
+        logits = self.execute(ops, {"x": x}, self.glob, P.Pass())["logits"]
         self.check(logits, first_bad, source)
         return logits
+
+    def _programs(self, batch: int) -> tuple:
+        """``(layer, logits, pick)`` programs of ``batch`` vectors (made once per size)."""
+        got = self._batch_ops.get(batch)
+        if got is None:
+            lay = self.lay
+            got = self._batch_ops[batch] = (
+                P.decode_layer(lay, batch),
+                P.decode_logits(lay, batch),
+                P.decode_pick(lay, batch),
+            )
+        return got
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run ``token`` at position ``pos``; returns its logits (X-vector)."""
@@ -292,6 +374,44 @@ class MeshDecoder:
         self._token, self._pos = int(token), pos
         run = self._pass(token)
         x = self.execute(self.head_ops, {}, self.glob, run)["x"]
+        x, first_bad = self._layers(x, run, self.layer_ops)
+        self.cache.end_token()
+        return self.logits(x, first_bad, f"the embedding of token {token}")
+
+    def step_batch(self, tokens, positions, caches: list) -> np.ndarray:
+        """Run ``tokens[i]`` at ``positions[i]`` of the sequence whose cache is ``caches[i]``,
+        all in one step; returns their logits, ``f32[by, bx, B, V/Px]``.
+
+        The caches must have one capacity (a sequence's cache is its own; its slots per core
+        are the same for all, so one product covers them). The ledger records one step of the
+        batch: :func:`llm.cost.estimate.decode_batch_step` prices the same.
+        """
+        if len({c.capacity for c in caches}) != 1:
+            raise ValueError("the caches of a batch need one capacity")
+        for c in caches:  # every cache is checked before any bookkeeping moves
+            if c.full:
+                c.begin_token()  # raises ContextFullError, naming the cache
+        for c in caches:
+            c.begin_token()
+        self._caches, self._tokens = list(caches), [int(t) for t in tokens]
+        self._positions = list(positions)
+        try:
+            run = P.Pass(
+                fill=sum(c.max_fill for c in caches),
+                shifts=sum(c.shifting for c in caches),
+                capacity=sum(c.capacity for c in caches),
+                token_cols=tuple(t // self.vocab_seg for t in self._tokens),
+            )
+            x = self.execute(self.head_ops, {}, self.glob, run)["x"]
+            x, first_bad = self._layers(x, run, self._programs(len(caches))[0])
+        finally:
+            self._caches = None
+            for c in caches:
+                c.end_token()
+        return self.logits(x, first_bad, f"the embeddings of tokens {self._tokens}")
+
+    def _layers(self, x: np.ndarray, run: P.Pass, ops: list) -> tuple:
+        """Every layer on ``x``: ``(x, first layer whose output was not finite or None)``."""
         first_bad = None if _finite(x) else -1
         led = self.fab.ledger
         tape = None  # layer 0's records: every layer of a token writes the same, renamed
@@ -299,17 +419,16 @@ class MeshDecoder:
             self._layer = i
             with led.section(f"layer{i}"):
                 if not self.tape_layers:
-                    x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+                    x = self.execute(ops, {"x": x}, self.layers[i], run)["x"]
                 else:
                     with led.recording() if tape is None else led.replaying(tape) as got:
-                        x = self.execute(self.layer_ops, {"x": x}, self.layers[i], run)["x"]
+                        x = self.execute(ops, {"x": x}, self.layers[i], run)["x"]
                     if tape is None:  # the ledger resolves replays once per tape shape
                         assert got is not None  # recording() yields the tape
                         tape = got
             if first_bad is None and not _finite(x):
                 first_bad = i
-        self.cache.end_token()
-        return self.logits(x, first_bad, f"the embedding of token {token}")
+        return x, first_bad
 
     def check(self, logits: np.ndarray, first_bad: int | None, source: str) -> None:
         """Raise :class:`NonFiniteError` if any real logit is not finite.
@@ -318,7 +437,7 @@ class MeshDecoder:
         names the first layer whose output held a non-finite value on any rank (``-1``: the
         input ``source`` already did; none: the final norm or the LM head made them).
         """
-        bad = not np.isfinite(np.where(self.real_vocab[None], logits, 0)).all()
+        bad = not np.isfinite(np.where(self._real(logits), logits, 0)).all()
         control = self.fab.control
         bad = control.allreduce_max(bad)
         if not bad:
@@ -336,12 +455,15 @@ class MeshDecoder:
         raise NonFiniteError(f"non-finite logits: non-finite values first appear in {where}")
 
     # -- picking the next token -----------------------------------------------------------
-    def argmax(self, logits: np.ndarray) -> int:
-        """Greedy token on the mesh: max along x, then the lowest index holding it."""
-        return self.execute(self.pick_ops, {"logits": logits}, self.glob, P.Pass())["token"]
+    def argmax(self, logits: np.ndarray):
+        """Greedy token on the mesh: max along x, then the lowest index holding it (logits of
+        a batch: a list of tokens)."""
+        ops = self.pick_ops if logits.ndim == 3 else self._programs(logits.shape[2])[2]
+        return self.execute(ops, {"logits": logits}, self.glob, P.Pass())["token"]
 
     def gather_logits(self, logits: np.ndarray) -> np.ndarray:
-        """All ``vocab_size`` logits on every rank (control plane, for sampling and tests)."""
+        """All ``vocab_size`` logits on every rank (control plane, for sampling and tests):
+        ``f32[vocab]``, or ``f32[B, vocab]`` for a batch."""
         from meshrt import hostio
         from meshrt.ops.gemv import vector_from_tiles
 
@@ -388,6 +510,9 @@ class HeadPlan:
         self.slot = slot[keep]  # flat index in [by, bx, tk, nq] of every query feature kept
         self.kept = np.flatnonzero(keep)  # its flat index in [by, bx, tk * g]
         self._spread = np.zeros(by * bx * tk * nq, np.float32)  # zeros stay where no query is
+        # the same indices as (core, index within the core), for B vectors per core
+        self._slot_core, self._slot_in = np.divmod(self.slot, tk * nq)
+        self._kept_core, self._kept_in = np.divmod(self.kept, tk * g)
 
     def spread(self, q: np.ndarray) -> np.ndarray:
         """``f32[by, bx, tk * g]`` queries -> ``f32[by, bx, tk, nkv * g]`` (a reused buffer:
@@ -395,6 +520,26 @@ class HeadPlan:
         flat = q.reshape(-1)
         self._spread[self.slot] = flat[self.kept] if self.padded else flat
         return self._spread.reshape(self.shape)
+
+    def spread_batch(self, q: np.ndarray) -> np.ndarray:
+        """:meth:`spread` of ``B`` vectors: ``f32[by, bx, B, tk * g]`` ->
+        ``f32[by, bx, B, tk, nkv * g]``."""
+        by, bx, tk, nq = self.shape
+        b = q.shape[2]
+        out = np.zeros((by * bx, b, tk * nq), np.float32)
+        src = q.reshape(by * bx, b, tk * self.g)
+        out[self._slot_core, :, self._slot_in] = src[self._kept_core, :, self._kept_in]
+        return out.reshape(by, bx, b, tk, nq)
+
+    def pick_batch(self, o: np.ndarray) -> np.ndarray:
+        """:meth:`pick` of ``B`` vectors: ``f32[by, bx, B, tk, nkv * g]`` ->
+        ``f32[by, bx, B, tk * g]``."""
+        by, bx, tk, nq = self.shape
+        b = o.shape[2]
+        out = np.zeros((by * bx, b, tk * self.g), np.float32)
+        src = o.reshape(by * bx, b, tk * nq)
+        out[self._kept_core, :, self._kept_in] = src[self._slot_core, :, self._slot_in]
+        return out.reshape(by, bx, b, tk * self.g)
 
     def pick(self, o: np.ndarray) -> np.ndarray:
         """``f32[by, bx, tk, nkv * g]`` -> ``f32[by, bx, tk * g]``: each feature's own head

@@ -85,6 +85,11 @@ class KVCache:
         return self.length - int(self.count[-1]) + self.capacity
 
     @property
+    def full(self) -> bool:
+        """Whether another token would not fit (:meth:`begin_token` would raise)."""
+        return self.length + 1 > self.max_tokens
+
+    @property
     def shifting(self) -> bool:
         """Whether rows pass entries up for the token being run (between begin and end)."""
         return self._plan is not None and len(self._plan[0]) > 0
@@ -129,12 +134,20 @@ class KVCache:
         self._plan = self._moves = None
 
     # -- data movement ---------------------------------------------------------------------
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray, name: str = "kv_append") -> None:
+    def append(
+        self,
+        layer: int,
+        k: np.ndarray,
+        v: np.ndarray,
+        name: str = "kv_append",
+        memory: bool = True,
+    ) -> None:
         """Insert this token's ``k``, ``v`` (X-vectors ``f32[by, bx, kv/Px]``) into ``layer``.
 
         Under the shift policy the rows ``senders`` pass their oldest entry one row up first
         (:attr:`shifting`; the caller prices the move, see
-        :func:`llm.engine.program.kv_shift_cost`).
+        :func:`llm.engine.program.kv_shift_cost`). ``memory=False``: the caller records the
+        memory figure (a batch records all its caches at once).
         """
         fab = self.fab
         words = k.shape[-1]
@@ -151,7 +164,8 @@ class KVCache:
         if new_slot is not None:  # this rank holds the bottom row: the new entry
             self.k[layer][-1, :, new_slot] = k[-1]
             self.v[layer][-1, :, new_slot] = v[-1]
-        fab.ledger.memory("kv_cache", 2 * len(self.k) * self.capacity * words)
+        if memory:
+            fab.ledger.memory("kv_cache", 2 * len(self.k) * self.capacity * words)
 
     def _token_moves(self) -> tuple:
         """``(local rows, their oldest slots, receiving local rows, their free slots, the bottom

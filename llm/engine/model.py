@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -261,6 +262,68 @@ class MeshModel:
             "decode/resident", weights + 2 * self.config.num_layers * capacity * (lay.kv // lay.px)
         )
 
+    # -- several sequences (batched decode) ------------------------------------------------
+    def open_sequence(self, capacity: int) -> Sequence:
+        """A new sequence with its own KV cache of ``capacity`` slots per core (not yet run)."""
+        fab = self.decode_fabric
+        lay = self.phase_layouts["decode"]
+        cache = KVCache(fab, self.config.num_layers, lay.kv // lay.px, capacity, self.kv_policy)
+        if self.decoder is None:
+            self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, self.allreduce)
+        return Sequence(cache)
+
+    def _enter(self, seq: Sequence) -> None:
+        self.running.cache, self.position = seq.cache, seq.position
+
+    def prefill_sequence(self, seq: Sequence, ids: list[int]) -> np.ndarray:
+        """:meth:`prefill` into ``seq``'s cache; returns the last token's logits."""
+        self._enter(seq)
+        logits = self.prefill(ids)
+        seq.position = self.position
+        return logits
+
+    def decode_sequences(self, seqs: list, tokens: list) -> np.ndarray:
+        """Feed ``tokens[i]`` to ``seqs[i]``, all in one decode step.
+
+        Returns the logits: one X-vector ``f32[by, bx, V/Px]`` for one sequence (the step of
+        :meth:`decode`, figures and all), else ``f32[by, bx, B, V/Px]``.
+        """
+        limit = self.config.max_position_embeddings
+        if any(s.position >= limit for s in seqs):
+            raise ValueError(f"context of {limit} tokens is full")
+        if len(seqs) == 1:
+            self._enter(seqs[0])
+            logits = self.decode(tokens[0])
+            seqs[0].position = self.position
+            return logits
+        dec = self.running
+        fab, lay = self.decode_fabric, self.phase_layouts["decode"]
+        weights = sum(b.size for b in self.blocks["decode"].values()) // (fab.by * fab.bx)
+        cap = sum(s.cache.capacity for s in seqs)
+        fab.ledger.memory(
+            "decode/resident", weights + 2 * self.config.num_layers * cap * (lay.kv // lay.px)
+        )
+        logits = dec.step_batch(tokens, [s.position for s in seqs], [s.cache for s in seqs])
+        for s in seqs:
+            s.position += 1
+        return logits
+
+    def pick_sequences(self, logits: np.ndarray, samplers: list) -> list[int]:
+        """Next token of each sequence (:meth:`pick` per sequence, one mesh pass for all): the
+        greedy ones by the argmax on the mesh, the others by their sampler on the host."""
+        if logits.ndim == 3:
+            return [self.pick(logits, samplers[0])]
+        greedy = [s is None or getattr(s, "greedy", False) for s in samplers]
+        tokens = list(self.running.argmax(logits)) if any(greedy) else [-1] * len(samplers)
+        if not all(greedy):
+            full = self.running.gather_logits(logits)  # f32[B, vocab] on every rank
+            if self.control.is_root:  # only root's values count
+                for i, sampler in enumerate(samplers):
+                    if not greedy[i]:
+                        tokens[i] = int(sampler(full[i]))
+            tokens = [int(t) for t in self.control.bcast(tokens)]  # the host's choices
+        return tokens
+
     @property
     def running(self) -> MeshDecoder:
         """The decoder of the current sequence (:meth:`start`, or the first :meth:`prefill`)."""
@@ -347,6 +410,14 @@ class MeshModel:
 
     def ledgers(self) -> dict[str, Ledger]:
         return {ph: fab.ledger for ph, fab in self.fabrics.items()}
+
+
+@dataclass
+class Sequence:
+    """One request's state on the decode mesh: its own KV cache and its next position."""
+
+    cache: KVCache
+    position: int = 0
 
 
 class _StoredBlock:

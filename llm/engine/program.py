@@ -118,21 +118,31 @@ class Pass:
     ----------
     fill : int
         Decode: tokens in the fullest cache row after this token's append (attention work).
-    shifts : bool
-        Decode: whether the shift policy moves entries between rows for this token.
+    shifts : bool or int
+        Decode: whether the shift policy moves entries between rows for this token (a batch:
+        how many of its sequences' caches do).
     capacity : int
-        Decode: cache slots per core (memory figure).
+        Decode: cache slots per core (memory figure; a batch: all its caches together).
     token_col : int
         Decode: mesh column holding the input token's embedding row.
+    token_cols : tuple of int
+        Decode, a batch of sequences: the column of each sequence's input token (``fill`` is
+        then the sum of their caches' fullest rows: attention works through each in turn).
     ids : sequence of int
         Prefill: the prompt (its embedding lookup's routes depend on it).
     """
 
     fill: int = 0
-    shifts: bool = False
+    shifts: bool | int = False
     capacity: int = 0
     token_col: int = 0
     ids: tuple = ()
+    token_cols: tuple = ()
+
+    @property
+    def columns(self) -> tuple:
+        """The input tokens' embedding columns (one per sequence)."""
+        return self.token_cols or (self.token_col,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,9 +176,10 @@ def swiglu_cost(rows: int, ffn_seg: int) -> Cost:
     return Cost(macs=4 * rows * ffn_seg)
 
 
-def kv_shift_cost(kv_seg: int) -> Cost:
-    """The shift policy's move: every row of the run passes one K and one V entry one hop up."""
-    return Cost(words=2 * kv_seg, hops=1)
+def kv_shift_cost(kv_seg: int, caches: int = 1) -> Cost:
+    """The shift policy's move: every row of the run passes one K and one V entry one hop up
+    (``caches`` sequences' caches moving at once: each row link carries all their entries)."""
+    return Cost(words=2 * kv_seg * caches, hops=1)
 
 
 def local_costs(op: Op, run: Pass) -> dict:
@@ -180,7 +191,7 @@ def local_costs(op: Op, run: Pass) -> dict:
     if k == "rope":
         return {"": rope_cost(d["rows"], d["tq"], d["tk"])}
     if k == "kv_append":
-        return {"shift": kv_shift_cost(d["tk"])} if run.shifts else {}
+        return {"shift": kv_shift_cost(d["tk"], int(run.shifts))} if run.shifts else {}
     if k in ("cache_scores", "cache_pv"):
         return {"local": cache_attention_cost(run.fill, d["tq"])}
     if k == "softmax":
@@ -251,30 +262,37 @@ def _decode_sizes(lay: PhaseLayout) -> dict:
     }
 
 
-def _gemv(name, src, dst, m, n, input_axis, weight=None):
+def _gemv(name, src, dst, m, n, input_axis, weight=None, batch=1):
     return Op(
         "gemv",
         name,
         (src,),
         (dst,),
-        dims={"m": m, "n": n, "input_axis": input_axis},
+        dims={"m": m, "n": n, "input_axis": input_axis, "batch": batch},
         weight=weight or name,
         bias=f"{weight or name}_bias",
     )
 
 
 def decode_head(lay: PhaseLayout) -> list:
-    """The token's embedding row as a Y-vector ``x``."""
+    """The token's embedding row as a Y-vector ``x`` (a batch: each sequence's token from its
+    own column, ``x`` then ``f32[by, bx, B, H/Py]``)."""
     s = _decode_sizes(lay)
     return [
         Op("embed_broadcast", "embed", (), ("x",), axis=X, dims={"seg": s["h_y"]}, weight="embed")
     ]
 
 
-def decode_layer(lay: PhaseLayout) -> list:
-    """One decoder block on the Y-vector ``x`` (see :mod:`llm.engine.decode` for the layouts)."""
+def decode_layer(lay: PhaseLayout, batch: int = 1) -> list:
+    """One decoder block on the Y-vector ``x`` (see :mod:`llm.engine.decode` for the layouts).
+
+    ``batch`` sequences decode together: every vector op carries ``batch`` vectors (rows of
+    norms, RoPE and SwiGLU, right-hand vectors of the GEMVs, words of the reductions), and
+    attention runs over each sequence's own cache (the pass's ``fill`` sums their rows).
+    """
     s = _decode_sizes(lay)
     tk, tq, nq = s["tk"], s["tq"], s["g"] * s["nkv"]
+    b = batch
     return [
         Op(
             "norm",
@@ -282,16 +300,30 @@ def decode_layer(lay: PhaseLayout) -> list:
             ("x",),
             ("h",),
             axis=Y,
-            dims={"rows": 1, "seg": s["h_y"]},
+            dims={"rows": b, "seg": s["h_y"]},
             weight="attn_norm",
         ),
-        _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], "y"),
-        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": 1, "tq": tq, "tk": tk}),
+        _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], "y", batch=b),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": b, "tq": tq, "tk": tk}),
         Op("kv_append", "kv_append", ("k", "v"), (), dims={"tk": tk}),
-        Op("cache_scores", "scores", ("q",), ("s",), axis=X, dims={"tq": tq, "heads": nq}),
-        Op("softmax", "softmax", ("s",), ("p",), axis=Y, dims={"queries": nq, "keys": None}),
-        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tq": tq}),
-        _gemv("o", "a", "o", s["q"], s["hidden"], "x"),
+        Op(
+            "cache_scores",
+            "scores",
+            ("q",),
+            ("s",),
+            axis=X,
+            dims={"tq": tq, "heads": nq, "batch": b},
+        ),
+        Op(
+            "softmax",
+            "softmax",
+            ("s",),
+            ("p",),
+            axis=Y,
+            dims={"queries": nq, "keys": None, "batch": b},
+        ),
+        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tq": tq, "batch": b}),
+        _gemv("o", "a", "o", s["q"], s["hidden"], "x", batch=b),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
         Op(
             "norm",
@@ -299,18 +331,18 @@ def decode_layer(lay: PhaseLayout) -> list:
             ("x",),
             ("h",),
             axis=Y,
-            dims={"rows": 1, "seg": s["h_y"]},
+            dims={"rows": b, "seg": s["h_y"]},
             weight="mlp_norm",
         ),
-        _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], "y"),
-        Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": 1, "tf": s["tf"]}),
-        _gemv("down", "act", "d", s["ffn"], s["hidden"], "x"),
+        _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], "y", batch=b),
+        Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": b, "tf": s["tf"]}),
+        _gemv("down", "act", "d", s["ffn"], s["hidden"], "x", batch=b),
         Op("add", "mlp_residual", ("x", "d"), ("x",)),
     ]
 
 
-def decode_logits(lay: PhaseLayout) -> list:
-    """Final norm and LM head: the logits as an X-vector (padding ``-inf``)."""
+def decode_logits(lay: PhaseLayout, batch: int = 1) -> list:
+    """Final norm and LM head: the logits as an X-vector (padding ``-inf``), ``batch`` of them."""
     s = _decode_sizes(lay)
     return [
         Op(
@@ -319,17 +351,17 @@ def decode_logits(lay: PhaseLayout) -> list:
             ("x",),
             ("h",),
             axis=Y,
-            dims={"rows": 1, "seg": s["h_y"]},
+            dims={"rows": batch, "seg": s["h_y"]},
             weight="final_norm",
         ),
-        _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y"),
+        _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y", batch=batch),
         Op("vocab_mask", "vocab_mask", ("logits",), ("logits",)),
     ]
 
 
-def decode_pick(lay: PhaseLayout) -> list:
-    """The greedy pick on the mesh."""
-    return [Op("argmax", "argmax", ("logits",), ("token",), axis=X)]
+def decode_pick(lay: PhaseLayout, batch: int = 1) -> list:
+    """The greedy pick on the mesh (``batch`` tokens at once)."""
+    return [Op("argmax", "argmax", ("logits",), ("token",), axis=X, dims={"batch": batch})]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,6 +120,8 @@ def _line_gemv(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
     (:func:`stream_layout`, or tiles stored transposed as a tied LM head's are); ``None`` when
     it does not. ``x``: ``f32[by, bx, K]``, the same along the lines (``axis`` is the input's)."""
     by, bx, k, n = w.shape
+    if x.ndim == 4:
+        return _line_gemm(x, w, axis)
     if axis == Y:
         t = w.transpose(0, 2, 1, 3)  # [by, K, bx, N]
         if t.flags.c_contiguous:
@@ -135,6 +137,29 @@ def _line_gemv(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
     return None
 
 
+def _line_gemm(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
+    """:func:`_line_gemv` of ``B`` vectors ``x``: ``f32[by, bx, B, K]`` -> ``f32[by, bx, B, N]``,
+    one ``[B, K] x [K, line * N]`` product per line of cores (the weights stream once for all
+    ``B`` vectors)."""
+    by, bx, k, n = w.shape
+    b = x.shape[2]
+    if axis == Y:
+        t = w.transpose(0, 2, 1, 3)  # [by, K, bx, N]
+        if t.flags.c_contiguous:
+            r = np.matmul(x[:, 0], t.reshape(by, k, bx * n))  # [by, B, bx * N]
+            return r.reshape(by, b, bx, n).transpose(0, 2, 1, 3)
+        t = w.swapaxes(2, 3)  # [by, bx, N, K]: each tile transposed
+        if t.flags.c_contiguous:
+            r = np.matmul(t.reshape(by, bx * n, k), x[:, 0].swapaxes(1, 2))  # [by, bx * N, B]
+            return r.reshape(by, bx, n, b).swapaxes(2, 3)
+        return None
+    t = w.transpose(1, 2, 0, 3)  # [bx, K, by, N]
+    if t.flags.c_contiguous:
+        r = np.matmul(x[0], t.reshape(bx, k, by * n))  # [bx, B, by * N]
+        return r.reshape(bx, b, by, n).transpose(2, 0, 1, 3)
+    return None
+
+
 def local_gemv(x: np.ndarray, w: np.ndarray, input_axis: str | None = None) -> np.ndarray:
     """Every core's partial ``x_tile @ w_tile``: ``f32[by, bx, *batch, K] x [by, bx, K, N]``.
 
@@ -147,7 +172,7 @@ def local_gemv(x: np.ndarray, w: np.ndarray, input_axis: str | None = None) -> n
     x = x.astype(np.float32, copy=False)
     if not is_words(w):
         w = w.astype(np.float32, copy=False)
-        if input_axis is not None and x.ndim == 3 and w.shape[2] * w.shape[3] >= 300:
+        if input_axis is not None and x.ndim in (3, 4) and w.shape[2] * w.shape[3] >= 300:
             out = _line_gemv(x, w, _in_axis(input_axis))
             if out is not None:
                 return out
