@@ -217,6 +217,20 @@ class ControlPlane:
         """``root``'s ``value`` on every rank."""
         return value if self._size == 1 else self.communicator.bcast(value, root=root)
 
+    def bcast_idle(self, value: T, root: int = 0, max_sleep: float = 0.05) -> T:
+        """:meth:`bcast` for a value the root may take long to have, such as a line a person
+        types: the other ranks wait asleep instead of spinning in the broadcast.
+
+        Every rank enters a non-blocking barrier and tests it with sleeps that double from
+        0.2 ms to ``max_sleep`` seconds; once the root arrives, the value is broadcast. A
+        waiting rank then uses a few milliseconds of CPU per second, and the value arrives at
+        most ``max_sleep`` late: for waits on people, never on the mesh's own steps.
+        """
+        if self._size == 1:
+            return value
+        sleep_until(self.communicator.Ibarrier(), max_sleep)
+        return self.communicator.bcast(value, root=root)
+
     def gather(self, value: T, root: int = 0) -> list[T] | None:
         """Every rank's ``value`` in rank order on ``root``; ``None`` on the other ranks."""
         return [value] if self._size == 1 else self.communicator.gather(value, root=root)
@@ -314,6 +328,17 @@ class ControlPlane:
         elif first == self._rank and mine is not None:
             raise mine
         raise error from mine
+
+
+def sleep_until(request, max_sleep: float = 0.05) -> None:
+    """Wait for an MPI ``request`` by testing it with sleeps growing from 0.2 ms to
+    ``max_sleep`` seconds (a waiting rank sleeps instead of polling a core)."""
+    import time
+
+    pause = 0.0002
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, max_sleep)
 
 
 def _portable(e: BaseException) -> BaseException:

@@ -123,6 +123,7 @@ def write_tiny_gguf(
     pre: str = "smollm",
     arch: str = "llama",
     override_type: dict | None = None,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> dict:
     """Write the tiny model; returns the HF weights as the file stores them, de-quantized
     (``gguf.quants`` round trip of the original tensors, original q/k row order)."""
@@ -151,7 +152,7 @@ def write_tiny_gguf(
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template)
     stored = {}
     for name, shape in config.tensor_shapes().items():
         if name.endswith("norm.weight"):

@@ -1,9 +1,19 @@
-"""``python -m llm chat``: an interactive multi-turn session (see :mod:`llm.serve.chat`)."""
+"""``python -m llm chat``: an interactive multi-turn session (see :mod:`llm.serve.chat`).
+
+As a terminal program: rank 0 reads the keyboard (under ``mpiexec`` too, see
+:mod:`llm.cli.terminal`); ``/help`` and unknown ``/commands`` are answered there and never
+reach the model; Ctrl-C stops the reply being generated (rank 0 sees it, and every rank learns
+it through the control plane before its next decode step) and returns to the prompt; Ctrl-C
+again at the prompt, Ctrl-D (end of input) or ``/exit`` ends the chat with exit code 0. While
+rank 0 waits for a line, the other ranks sleep (:meth:`meshrt.runtime.ControlPlane.bcast_idle`).
+"""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 from meshrt import runtime
 
@@ -31,9 +41,10 @@ def add_parser(sub) -> None:
         "interactive multi-turn chat with the model's chat template",
         "Talk to a chat model on the emulated wafer. Rank 0 reads one user turn per line from "
         "the terminal (or a pipe); every rank runs the mesh. The KV cache is kept across turns: "
-        "each turn feeds only its new tokens, never an old turn again. Commands: /reset "
-        "(new conversation), /exit (or end of input; under mpiexec, end piped input with "
-        "/exit: Open MPI does not forward the end of input to rank 0).",
+        "each turn feeds only its new tokens, never an old turn again. Commands: /help, /reset "
+        "(new conversation), /exit. Ctrl-C stops a reply; Ctrl-C again at the prompt, Ctrl-D "
+        "or /exit leaves (exit code 0). Under mpiexec, end piped input with /exit: Open MPI "
+        "does not forward the end of piped input to rank 0.",
         "examples:\n"
         "  mpiexec -n 2 python -m mpi4py -m llm chat --model shards/smollm2\n"
         "  printf 'Hi!\\nWhat did I just say?\\n/exit\\n' | mpiexec -n 2 python -m mpi4py -m llm chat "
@@ -91,26 +102,156 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-turn timing lines")
 
 
-def read_line(plane, interactive: bool):
-    """Rank 0 reads one line (``None`` at end of input); every rank gets it."""
-    line = None
-    if plane.is_root:
-        if interactive:
-            sys.stderr.write("you> ")
-            sys.stderr.flush()
-        text = sys.stdin.readline()
-        line = None if text == "" else text.rstrip("\n")
-    return plane.bcast(line)  # control plane: the user's turn
+HELP = """commands:
+  /help    this list
+  /reset   start a new conversation
+  /exit    leave (also /quit, Ctrl-D, or Ctrl-C twice at the prompt)
+Ctrl-C while the model replies stops the reply. Any other line is your turn; start it
+with // to send a line that begins with /."""
+#: What rank 0 broadcasts for a line: ("say", text), ("reset", None), or None to end.
+END = None
+
+
+def parse_line(line: str):
+    """``(action, text)`` of a typed line: ``("say", text)``, ``("reset", None)``, ``("end",
+    None)``, ``("help", None)``, ``("unknown", command)`` or ``("skip", None)`` (blank)."""
+    text = line.strip()
+    if not text:
+        return "skip", None
+    if text.startswith("//"):
+        return "say", line.lstrip()[1:]
+    if not text.startswith("/"):
+        return "say", line
+    command = text.split()[0]
+    if command in ("/exit", "/quit"):
+        return "end", None
+    if command == "/reset":
+        return "reset", None
+    if command in ("/help", "/?"):
+        return "help", None
+    return "unknown", command
+
+
+class Keyboard:
+    """Rank 0's side of the session: reading lines, and Ctrl-C (SIGINT).
+
+    A Ctrl-C while the model replies sets :attr:`interrupted` (read at the next step
+    boundary); at the prompt it interrupts the read. Two in a row (one during a reply or at
+    the prompt, then one at the prompt) end the chat.
+    """
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.interrupted = False
+        self.at_prompt = False
+        self.leave_on_ctrl_c = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if self.at_prompt:
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _read(self):
+        """One line, ``None`` at end of input."""
+        self.at_prompt = True
+        try:
+            if self.interactive and sys.stdout.isatty():
+                try:
+                    import readline  # noqa: F401 - line editing and history for input()
+                except ImportError:
+                    pass
+                try:
+                    return input("you> ")
+                except EOFError:
+                    return None
+            if self.interactive:
+                sys.stderr.write("you> ")
+                sys.stderr.flush()
+            text = sys.stdin.readline()
+            return None if text == "" else text.rstrip("\n")
+        finally:
+            self.at_prompt = False
+
+    def next_turn(self):
+        """Read until a line for every rank: ``("say", text)``, ``("reset", None)`` or
+        :data:`END`. Help and unknown commands are answered here."""
+        while True:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:
+                if self.leave_on_ctrl_c:
+                    sys.stderr.write("\n")
+                    return END
+                self.leave_on_ctrl_c = True
+                sys.stderr.write("\n(Ctrl-C again, Ctrl-D or /exit to leave)\n")
+                continue
+            if line is None:
+                if self.interactive:
+                    sys.stderr.write("\n")
+                return END
+            self.leave_on_ctrl_c = False
+            action, text = parse_line(line)
+            if action == "end":
+                return END
+            if action in ("say", "reset"):
+                return action, text
+            if action == "help":
+                print(HELP, file=sys.stderr, flush=True)
+            elif action == "unknown":
+                print(
+                    f"unknown command {text}; /help lists the commands (start a message "
+                    "with // to send a line that begins with /)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def stop_reply(self, plane):
+        """``() -> bool`` for :meth:`~llm.serve.chat.ChatSession.ask`: whether Ctrl-C was
+        pressed, rank 0's answer broadcast to every rank at each step boundary."""
+        self.interrupted = False
+        if plane.size == 1:
+            return lambda: self.interrupted
+        return lambda: bool(plane.bcast(self.interrupted))  # control plane: rank 0's Ctrl-C
+
+
+def read_turn(plane, keyboard: Keyboard | None):
+    """Rank 0 reads the next turn (``keyboard``; ``None`` on the other ranks); every rank gets
+    it, the others asleep while they wait (control plane)."""
+    turn = keyboard.next_turn() if keyboard is not None else None
+    return plane.bcast_idle(turn)
+
+
+def _stop_on_other_ranks(plane):
+    return lambda: bool(plane.bcast(None))  # control plane: rank 0's answer
 
 
 def run(args, plane) -> int:
     """The session: load the model once, then one turn per line read on rank 0."""
+    from .terminal import Terminal
+
+    # under a launcher that reads the terminal, rank 0 reads (and takes Ctrl-C) there itself
+    terminal = Terminal.adopt() if plane.is_root and plane.size > 1 else None
+    try:
+        return _run(args, plane)
+    finally:
+        if terminal is not None:
+            terminal.release()
+
+
+def _run(args, plane) -> int:
     from meshrt.mesh import MeshError
 
     from ..serve.chat import DEFAULT_CONTEXT, ChatSession
-    from ..serve.generate import format_metrics, load_model
+    from ..serve.generate import load_model
     from ..serve.preflight import prepare_chat
-    from ..text.tokenizer import StreamDecoder
 
     rank = plane.rank
     log = runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
@@ -143,21 +284,33 @@ def run(args, plane) -> int:
         context,
         args.system,
     )
-    interactive = rank == 0 and sys.stdin.isatty()
     log.info(
-        f"chat with {model.config.name or model.config.family}: context {context} tokens, "
-        "/reset for a new conversation, /exit or end of input to stop"
+        f"chat with {model.config.name or model.config.family}: context {context} tokens; "
+        "/help for the commands, Ctrl-C stops a reply, Ctrl-D or /exit leaves"
     )
+    keyboard = Keyboard(sys.stdin.isatty()) if rank == 0 else None
+    try:
+        _session(args, plane, session, tokenizer, model, keyboard, log)
+    finally:
+        if keyboard is not None:
+            keyboard.close()
+    return 0
+
+
+def _session(args, plane, session, tokenizer, model, keyboard, log) -> None:
+    from ..serve.generate import format_metrics
+    from ..text.tokenizer import StreamDecoder
+
+    rank = plane.rank
     turn_no = 0
     while True:
-        line = read_line(plane, interactive)
-        if line is None or line.strip() in ("/exit", "/quit"):
+        request = read_turn(plane, keyboard)
+        if request is END:
             break
-        if line.strip() == "/reset":
+        action, line = request
+        if action == "reset":
             session.reset()
             log.info("new conversation")
-            continue
-        if not line.strip():
             continue
         turn_no += 1
         streamer = StreamDecoder(tokenizer)
@@ -168,10 +321,17 @@ def run(args, plane) -> int:
                 sys.stdout.write(streamer.push(t))
                 sys.stdout.flush()
 
-        turn = session.ask(line, on_token)
+        stop = keyboard.stop_reply(plane) if keyboard is not None else _stop_on_other_ranks(plane)
+        turn = session.ask(line, on_token, stop)
         gen = turn.generation
+        if stream:  # the reply's end, before any note about it
+            sys.stdout.write(streamer.flush() + "\n")
+            sys.stdout.flush()
         if turn.reprefilled:
             log.info("the conversation was prefilled again from its start")
+        if gen.stopped_by == "interrupted" and keyboard is not None:
+            keyboard.leave_on_ctrl_c = True
+            print("[reply stopped; Ctrl-C again to leave]", file=sys.stderr, flush=True)
         if rank == 0:
             if args.json:
                 reply = [t for t in gen.new_ids if t not in session.stop_ids]
@@ -189,15 +349,11 @@ def run(args, plane) -> int:
                     ),
                     flush=True,
                 )
-            else:
-                sys.stdout.write(streamer.flush() + "\n")
-                sys.stdout.flush()
-                if not args.quiet:
-                    print(
-                        f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
-                        f"the cache] "
-                        + format_metrics(gen.metrics(), model.decode_fabric.ledger.device.name),
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    return 0
+            elif not args.quiet:
+                print(
+                    f"[{len(turn.fed_ids)} new prompt tokens, {turn.cached} reused from "
+                    f"the cache] "
+                    + format_metrics(gen.metrics(), model.decode_fabric.ledger.device.name),
+                    file=sys.stderr,
+                    flush=True,
+                )

@@ -202,6 +202,12 @@ def run(args, plane) -> int:
         raise runtime.UsageError("--system goes with --chat")
     checked = prepare(source, request, plane)
     tokenizer, ids, stop = checked.tokenizer, checked.ids, checked.stop
+    if request.prompt.chat is not None:  # rendered (bounded) before any weight is read
+        from ..serve.chat import chat_prompt_ids
+
+        ids = chat_prompt_ids(
+            source.path, tokenizer, request.prompt.chat, request.prompt.system, plane
+        )
     try:
         model = load_model(source, plane)
     except MeshError as e:
@@ -221,9 +227,6 @@ def run(args, plane) -> int:
             lambda: ChatTemplate.from_model_dir(source.path),
         )
     if request.prompt.chat is not None:
-        from ..serve.chat import chat_prompt_ids
-
-        ids = chat_prompt_ids(source.path, tokenizer, request.prompt.chat, request.prompt.system)
         if len(ids) + request.max_new_tokens > model.config.max_position_embeddings:
             raise runtime.UsageError(
                 f"prompt ({len(ids)} tokens) + --max-new-tokens {request.max_new_tokens} exceeds "

@@ -3,9 +3,10 @@
 Both render the conversation with the model's own chat template (:mod:`llm.text.chat_template`).
 
 ``llm chat`` is a multi-turn session. Rank 0 reads the terminal (one line per user turn; the
-commands ``/reset`` and ``/exit``; end of input ends the session, but under ``mpiexec`` Open MPI
+commands of :mod:`llm.cli.chat`; end of input ends the session, but under ``mpiexec`` Open MPI
 does not pass the end of piped input on to rank 0, so a script must end with ``/exit``),
-broadcasts each line on the control plane, and every rank runs the mesh. The KV cache lives
+broadcasts each line on the control plane, and every rank runs the mesh. A reply can be
+stopped between two decode steps (``stop`` of :meth:`ChatSession.ask`). The KV cache lives
 across turns: a new turn feeds only the tokens the cache does not hold yet (the previous
 reply's last token and the new turn's template text), at positions following the old ones, so
 an old turn is never prefilled again.
@@ -32,17 +33,42 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT = 2048
 
 
-def chat_prompt_ids(model_dir, tokenizer, question: str, system: str | None = None) -> list:
-    """Token ids of a one-question conversation, ending with the assistant's turn opener."""
-    from ..text.chat_template import ChatTemplateError, chat_messages
+def chat_prompt_ids(
+    model_dir, tokenizer, question: str, system: str | None = None, plane=None
+) -> list:
+    """Token ids of a one-question conversation, ending with the assistant's turn opener.
+
+    The template is rendered on rank 0 of ``plane`` (a :class:`~meshrt.runtime.ControlPlane`;
+    ``None``: one process) and the ids are broadcast, so a render over its bounds fails on every
+    rank alike (``UsageError``)."""
     from .preflight import chat_template
 
     template = chat_template(model_dir, hint="give a plain prompt with --prompt instead")
+    plane = runtime.ControlPlane.single() if plane is None else plane
+    return plane.agree(lambda: encode_chat(template, tokenizer, chat_messages(question, system)))
+
+
+def chat_messages(question: str, system: str | None = None) -> list:
+    """See :func:`llm.text.chat_template.chat_messages`."""
+    from ..text.chat_template import chat_messages as messages
+
+    return messages(question, system)
+
+
+def render_chat(template, messages) -> str:
+    """``template.render(messages)``, a ``UsageError`` if the template fails or goes over its
+    bounds (time, output size)."""
+    from ..text.chat_template import ChatTemplateError
+
     try:
-        text = template.render(chat_messages(question, system))
+        return template.render(messages)
     except ChatTemplateError as e:
         raise runtime.UsageError(str(e)) from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_chat(template, tokenizer, messages) -> list:
+    """Token ids of ``messages`` rendered by ``template`` (see :func:`render_chat`)."""
+    return list(tokenizer.encode(render_chat(template, messages), add_special_tokens=False))
 
 
 @dataclass
@@ -108,21 +134,25 @@ class ChatSession:
                 return ([] if self.pending is None else [self.pending]) + list(ids), False
         return list(self.tokenizer.encode(text, add_special_tokens=False)), bool(have)
 
-    def ask(self, question: str, on_token=None) -> Turn:
-        """One user turn: feed the new tokens, generate the reply (``on_token`` per token)."""
+    def ask(self, question: str, on_token=None, stop=None) -> Turn:
+        """One user turn: feed the new tokens, generate the reply (``on_token`` per token).
+
+        ``stop()`` is asked before each decode step, alike on every rank (see
+        :func:`~llm.serve.generate.generate`); a reply it stops stays in the conversation as
+        far as it got."""
         from .generate import generate
 
+        # rendered on rank 0 only, the outcome broadcast: a bound on time must not split ranks
+        plane = self.model.control
         messages = self.messages + [{"role": "user", "content": question}]
-        ids, rewrite = self._new_ids(self.template.render(messages))
+        ids, rewrite = plane.agree(lambda: self._new_ids(render_chat(self.template, messages)))
         if rewrite or len(self.fed) + len(ids) + self.max_new_tokens > self.context:
             if not rewrite:  # the conversation is full: start again with this question
                 self.messages = self.messages[:1] if self.system is not None else []
                 messages = self.messages + [{"role": "user", "content": question}]
             self.model.start(self.model.capacity_for(self.context))
             self.fed, self.pending = [], None
-            ids = list(
-                self.tokenizer.encode(self.template.render(messages), add_special_tokens=False)
-            )
+            ids = plane.agree(lambda: encode_chat(self.template, self.tokenizer, messages))
             rewrite = True
             if len(ids) + self.max_new_tokens > self.context:
                 raise runtime.UsageError(
@@ -132,7 +162,14 @@ class ChatSession:
                 )
         cached = len(self.fed)
         gen = generate(
-            self.model, ids, self.max_new_tokens, self.sampler, self.stop_ids, on_token, fresh=False
+            self.model,
+            ids,
+            self.max_new_tokens,
+            self.sampler,
+            self.stop_ids,
+            on_token,
+            fresh=False,
+            stop=stop,
         )
         self.fed += ids + gen.new_ids[:-1]
         self.pending = gen.new_ids[-1]

@@ -62,6 +62,7 @@ def generate(
     on_token=None,
     kv_capacity: int | None = None,
     fresh: bool = True,
+    stop=None,
 ) -> Generation:
     """Prefill ``prompt_ids``, then decode up to ``max_new_tokens`` tokens.
 
@@ -70,6 +71,9 @@ def generate(
     KV cache fills up, generation ends with ``stopped_by == "kv_full"`` and keeps its tokens.
     ``fresh=False`` keeps the KV cache: ``prompt_ids`` continue the tokens already in it, at
     the positions that follow (a chat's next turn; the caller sized the cache).
+    ``stop()``, if given, is called on every rank before each decode step and must return the
+    same answer on every rank (a chat's Ctrl-C, agreed on the control plane): ``True`` ends
+    generation with ``stopped_by == "interrupted"``, keeping the tokens made.
     """
     from ..engine.kvcache import ContextFullError
 
@@ -99,6 +103,9 @@ def generate(
             break
         if model.position >= model.config.max_position_embeddings:
             gen.stopped_by = "context_full"
+            break
+        if stop is not None and stop():
+            gen.stopped_by = "interrupted"
             break
         try:
             logits = model.decode(token)

@@ -154,6 +154,16 @@ def chat_template(
         raise runtime.UsageError(str(e)) from None
 
 
+def check_template(template) -> None:
+    """A first turn renders within the template's bounds (``UsageError`` if not)."""
+    from ..text.chat_template import ChatTemplateError
+
+    try:
+        template.check()
+    except ChatTemplateError as e:
+        raise runtime.UsageError(str(e)) from None
+
+
 def _model_files(
     source: ModelSource, control: ControlPlane, need_text: bool, **hint
 ) -> tuple[str, str, ModelConfig, object]:
@@ -293,6 +303,7 @@ def prepare_chat(source: ModelSource, control: ControlPlane):
     path, kind, config, tokenizer = _model_files(source, control, True, hint=hint)
     template = agree(control, chat_template, path)
     same_on_every_rank(control, f"has one of sha256 {digest(template.source)}", "chat template")
+    control.agree(lambda: check_template(template))  # rendered on rank 0, outcome agreed
     return Request(path, kind, config, tokenizer, [], set(config.eos_ids)), template
 
 

@@ -41,6 +41,7 @@ DEFAULT_DECODE_MESH = (8, 8)
 COPIED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
     "tokenizer.model",
     "generation_config.json",
@@ -123,6 +124,27 @@ def open_source(
     config, label = _truncate(config, layers, path.absolute().name)
     files = {n: path / n for n in COPIED_FILES if (path / n).is_file()}
     return ModelSource(config, weights, label, files)
+
+
+def check_chat_template(files: dict) -> None:
+    """The chat template among a source's travelling ``files``, if any, must compile and render
+    a first turn within its bounds (:mod:`llm.text.chat_template`); ``ShardError`` if not, so
+    that no shard set carries a template that hangs or floods every chat. Without jinja2 (the
+    ``chat`` extra) there is nothing to check with, and the template travels unchecked."""
+    from ..text.chat_template import ChatTemplate, ChatTemplateError, NoChatTemplate
+
+    if not {"chat_template.jinja", "tokenizer_config.json"} & set(files):
+        return
+    try:
+        import jinja2  # noqa: F401
+    except ImportError:
+        return
+    try:
+        ChatTemplate.from_files(files).check()
+    except NoChatTemplate:
+        return
+    except ChatTemplateError as e:
+        raise ShardError(f"the model's chat template is unusable: {e}") from None
 
 
 def _is_gguf(path: Path) -> bool:
@@ -384,6 +406,7 @@ def convert(
 
     # the source must read alike on every rank (shared FS)
     src = control.agree(open_own_source, on="all", catch=ShardError)
+    control.agree(lambda: check_chat_template(src.files), catch=ShardError)  # rank 0 renders
     config, weights, label = src.config, src.weights, src.label
     copied = list(src.files)
 

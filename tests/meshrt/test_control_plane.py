@@ -210,3 +210,22 @@ def test_errors_outside_catch_are_not_agreed_on():
     with pytest.raises(KeyError):
         c.agree(lambda: _raise(KeyError("k")), on="all", catch=CheckFailed)
     c.barrier()
+
+
+@pytest.mark.mpi
+def test_ranks_waiting_for_the_root_sleep():
+    """``bcast_idle``: while the root takes a second (a person typing), the other ranks use a
+    few percent of a core, not a whole one as a spinning broadcast does; the value arrives."""
+    import time
+
+    c = _control()
+    assert c.bcast_idle(("from", c.rank)) == ("from", 0)
+    c.barrier()
+    cpu = time.process_time()
+    if c.is_root:
+        time.sleep(1.0)
+    value = c.bcast_idle(["line", c.rank])
+    cpu = time.process_time() - cpu
+    assert value == ["line", 0]
+    if not c.is_root:
+        assert cpu < 0.15, f"rank {c.rank} used {cpu:.2f} s of CPU waiting 1 s for the root"
