@@ -1,0 +1,195 @@
+"""``mpiexec -n 2 python -m mpi4py -m llm chat`` in a real terminal (tmux), as a person uses it.
+
+Keys are sent with ``tmux send-keys`` and the screen is read with ``capture-pane``: a question,
+``/help``, an unknown ``/command``, Ctrl-C in the middle of a reply (the chat goes on), end of
+input (Ctrl-D: exit 0), and in a second session Ctrl-C twice (exit 0). While the chat waits at
+the prompt, rank 1 must sleep. Without tmux the test is skipped, unless ``REQUIRE_TMUX=1`` (as
+in CI, which installs it) makes that a failure.
+
+The model is the tiny HF fixture with a ChatML template in ``chat_template.jinja``; its EOS is
+set to ``<unk>`` (id 0), which its greedy replies never produce, and its context to 4096, so a
+reply runs until Ctrl-C (or --max-new-tokens) and there is time to interrupt it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from faultcase import ENV, MPIEXEC, ROOT
+
+pytest.importorskip("jinja2")
+
+FIX = ROOT / "tests" / "fixtures" / "tiny-llama-gqa"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TMUX = shutil.which("tmux")
+if TMUX is None:
+    if os.environ.get("REQUIRE_TMUX") == "1":
+        raise RuntimeError("REQUIRE_TMUX=1 but tmux is not installed (apt-get install tmux)")
+    pytest.skip("tmux is not installed (apt-get install tmux)", allow_module_level=True)
+if not os.path.exists(MPIEXEC):
+    pytest.skip("no mpiexec in the venv", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tmuxchat") / "model"
+    shutil.copytree(FIX, d)
+    (d / "chat_template.jinja").write_text(CHATML)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((d / name).read_text())
+        cfg["eos_token_id"] = 0  # never produced: replies run until stopped
+        if "max_position_embeddings" in cfg:
+            cfg["max_position_embeddings"] = 4096  # room for long replies
+        (d / name).write_text(json.dumps(cfg))
+    return d
+
+
+class Pane:
+    """One tmux server (a private socket) running one command in a terminal of 200x50."""
+
+    def __init__(self, tmp: Path, command: str):
+        self.socket = str(tmp / "tmux.sock")
+        env = {**ENV, "TERM": "xterm"}
+        self.tmux(
+            "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50",
+            f"cd {shlex.quote(str(ROOT))} && {command}; echo EXIT=$?; sleep 600",
+            env=env,
+        )  # fmt: skip
+        self.tmux("set-option", "-t", "chat", "history-limit", "5000")
+
+    def tmux(self, *args, env=None) -> str:
+        p = subprocess.run(
+            [TMUX, "-S", self.socket, *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+        )
+        assert p.returncode == 0, f"tmux {args[0]}: {p.stderr}"
+        return p.stdout
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "chat", *keys)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-5000", "-t", "chat")
+
+    def wait(self, predicate, what: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.screen()
+            if predicate(text):
+                return text
+            if "EXIT=" in text:
+                break  # the command ended: nothing more will come
+            time.sleep(0.2)
+        raise AssertionError(f"no {what} within {timeout:.0f} s; the screen:\n{self.screen()}")
+
+    def wait_for(self, phrase: str, count: int = 1, timeout: float = 60.0) -> str:
+        return self.wait(lambda t: t.count(phrase) >= count, f"{count} x {phrase!r}", timeout)
+
+    def ranks(self) -> dict[int, int]:
+        """``{MPI rank: pid}`` of the processes under the pane."""
+        todo, out = [int(self.tmux("display-message", "-p", "-t", "chat", "#{pane_pid}"))], {}
+        while todo:
+            pid = todo.pop()
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            todo += [int(c) for c in children]
+            for var in environ:
+                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    out[int(var.split(b"=")[1])] = pid
+        return out
+
+    def close(self) -> None:
+        subprocess.run([TMUX, "-S", self.socket, "kill-server"], capture_output=True, timeout=20)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def chat_command(model: Path) -> str:
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "llm", "chat"]
+    cmd += ["--model", str(model), "--max-new-tokens", "1500"]
+    return shlex.join(cmd)
+
+
+def reply_started(question: str):
+    """The screen shows some 20 characters of the reply to ``question``."""
+
+    def started(text: str) -> bool:
+        lines = text.splitlines()
+        asked = [i for i, line in enumerate(lines) if line.endswith("you> " + question)]
+        return bool(asked) and any(len(line) >= 20 for line in lines[asked[-1] + 1 :])
+
+    return started
+
+
+def interrupt_reply(pane: Pane, question: str, stopped_before: int) -> None:
+    pane.keys("-l", question)
+    pane.keys("Enter")
+    pane.wait(reply_started(question), f"the reply to {question!r}", timeout=90)
+    pane.keys("C-c")
+    text = pane.wait_for("[reply stopped", stopped_before + 1, timeout=30)
+    assert "tokens (interrupted)" in text
+    pane.wait(lambda t: t.rstrip().endswith("you>"), "the prompt after the stopped reply")
+
+
+def test_chat_in_a_terminal(model, tmp_path):
+    pane = Pane(tmp_path, chat_command(model))
+    try:
+        pane.wait_for("you> ", timeout=120)  # the model loaded; rank 0 reads the terminal
+        pane.keys("/help", "Enter")
+        pane.wait_for("/reset   start a new conversation")
+        pane.keys("/frobnicate now", "Enter")
+        pane.wait_for("unknown command /frobnicate")
+
+        # at the prompt, rank 1 sleeps (a spinning broadcast used ~1 s of CPU per second)
+        ranks = pane.ranks()
+        assert sorted(ranks) == [0, 1], ranks
+        before = cpu_seconds(ranks[1])
+        time.sleep(3.0)
+        idle = cpu_seconds(ranks[1]) - before
+        assert idle < 0.3, f"rank 1 used {idle:.2f} s of CPU in 3 s at the prompt"
+
+        interrupt_reply(pane, "tell me a story", 0)
+        interrupt_reply(pane, "and then?", 1)  # the chat goes on after a stopped reply
+        pane.keys("/help", "Enter")  # a line between: the next Ctrl-C would not leave
+        pane.wait_for("/reset   start a new conversation", 2)
+        pane.keys("C-d")
+        text = pane.wait_for("EXIT=", timeout=60)
+        assert "EXIT=0" in text, text
+        assert "Traceback" not in text and "error" not in text.lower(), text
+        # neither command reached the model: two turns, both the questions
+        assert text.count("new prompt tokens") == 2, text
+    finally:
+        pane.close()
+
+
+def test_ctrl_c_twice_leaves(model, tmp_path):
+    pane = Pane(tmp_path, chat_command(model))
+    try:
+        pane.wait_for("you> ", timeout=120)
+        interrupt_reply(pane, "tell me a story", 0)
+        pane.keys("C-c")
+        text = pane.wait_for("EXIT=", timeout=60)
+        assert "EXIT=0" in text, text
+        assert "Traceback" not in text, text
+    finally:
+        pane.close()
