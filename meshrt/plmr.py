@@ -142,7 +142,7 @@ WSE2 = Device(
     word_bytes=2,
     vector_setup=2.195652,
     step_overhead=0.0,
-    task_switch=295.3861,
+    task_switch=297.2509,
     reserved_bytes=1554.049,
     note="Cerebras WSE-2: 850k cores, 48 KB SRAM/core, 1.1 GHz, 32-bit links; "
     "beta, vector set-up, kernel switch and reserve calibrated on the paper's "

@@ -86,17 +86,12 @@ def options(args) -> BenchOptions:
 
 def run(args, plane) -> int:
     """Measure on every rank; rank 0 prints the record (``--json``) or a summary."""
-    from meshrt.plmr import get_device
 
     from ..serve.bench import format_report, run_bench
 
     log = runtime.setup_logging(plane, name="llm")
     out = run_bench(options(args), plane, log)
     if plane.is_root:
-        print(
-            json.dumps(out, indent=2)
-            if args.json
-            else format_report(out, get_device(args.device).mem_per_core)
-        )
+        print(json.dumps(out, indent=2) if args.json else format_report(out))
         sys.stdout.flush()
     return 0

@@ -6,7 +6,7 @@ import json
 
 from meshrt import runtime
 
-from .common import grid, grid_or_none, kib, positive, subparser
+from .common import grid, grid_or_none, positive, subparser
 
 
 def add_parser(sub) -> None:
@@ -14,10 +14,12 @@ def add_parser(sub) -> None:
         sub,
         "plan",
         "per-core memory, KV capacity and meshes that fit a device",
-        "Pure arithmetic, no MPI needed: weights per core of each phase, KV bytes per token "
-        "per core, KV capacity under the shift and concat policies, whether it fits "
-        "the device's core memory, and the smallest square meshes that do. Sizes are "
-        "the wafer's (2-byte words on WSE-2); activations are not counted. Under mpiexec "
+        "Pure arithmetic, no MPI needed: the placement every other command uses. Per phase "
+        "its pipeline stages (regions, folds, remainder stages), what each core holds "
+        "(weights, KV, buffers, free), the wafers it needs; the decode KV capacity under the "
+        "shift and concat policies; whether prefill and decode coexist; the smallest square "
+        "meshes that hold a phase in one stage. Sizes are the wafer's (2-byte words on "
+        "WSE-2). Under mpiexec "
         "every rank reads its own copy of --model and all stop with one error unless "
         "they read the same model.",
         "examples:\n"
@@ -56,18 +58,11 @@ def add_parser(sub) -> None:
         "--device", default="wse2", help="wse2 (default), wse3, or NAME:field=value,... overrides"
     )
     p.add_argument(
-        "--kv-memory",
-        type=kib,
-        default=None,
-        metavar="KIB",
-        help="KiB per core for the KV cache (default: what the weights leave free)",
-    )
-    p.add_argument(
         "--context",
         type=positive,
         default=None,
         metavar="TOKENS",
-        help="tokens the KV cache must hold for a mesh to count as fitting",
+        help="tokens of the request placed, half prompt and half output (default 4096)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -114,7 +109,6 @@ def run(args, plane) -> int:
             decode_mesh,
             prefill_mesh,
             args.device,
-            None if args.kv_memory is None else int(args.kv_memory * 1024),
             args.context,
         )
     except ValueError as e:  # unknown device or device field

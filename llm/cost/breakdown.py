@@ -13,8 +13,12 @@ The same ledgers the estimates come from (:func:`llm.cost.estimate.decode_token`
 The three add up to the kernel's cycles, and the kernels to the layer's. What runs once, outside
 the layers, comes from the whole model's ledger: for decode the embedding, final norm, LM head
 and pick; for prefill the embedding and the hand-off of every layer's K/V to the decode mesh.
-So the whole model is ``outside + num_layers * layer``. Stage hand-overs are left out
-(``llm estimate`` prices them with the placement).
+So the whole model on one mesh is ``outside + num_layers * layer``.
+
+The kernel tables price the emulator's mesh (an unfolded square). ``stages`` then follows the
+decode step through the placement :mod:`llm.cost.wafer` makes of it (what ``llm estimate`` and
+the decode tables price): every stage's mesh, fold and layers, its per-layer cycles, and the
+hand-overs between stages; they add up to the modeled time per token at that context.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device, kernel_of
 
 from ..modeling.config import ModelConfig
-from . import estimate
+from . import estimate, predict
+from .wafer import place_decode, stage_transfers
 
 LAYER = "layer0/"
 _IN_LAYER = re.compile(r"layer\d+/")
@@ -110,6 +115,9 @@ def layer_breakdown(
         return estimate.prefill(cfg, prefill_mesh, tokens, device, decode_mesh, allreduce=allreduce)
 
     one = dataclasses.replace(config, num_layers=1)
+    pl = place_decode(config, device, decode_mesh, tokens, policy)
+    stages = predict.decode_stages(config, pl, device, tokens, policy, 0, allreduce)
+    handovers = predict.transfer_cycles(device, stage_transfers(pl, config, 1))
     return {
         "model": config.name,
         "device": device.name,
@@ -120,6 +128,10 @@ def layer_breakdown(
             mesh=list(decode_mesh),
             context=tokens,
             policy=policy,
+            stages=stages,
+            handover_cycles=handovers,
+            step_cycles=sum(r["cycles"] for r in stages) + handovers,
+            step_seconds=device.seconds(sum(r["cycles"] for r in stages) + handovers),
         ),
         "prefill": _section(
             prefill(one), prefill(config), device, mesh=list(prefill_mesh), tokens=tokens
@@ -152,5 +164,17 @@ def format_breakdown(b: dict) -> str:
                 f"{r['compute']:12,.0f} {r['communication']:12,.0f} {r['fixed']:8,.0f}"
             )
         outside = ", ".join(f"{r['kernel']} {r['cycles']:,.0f}" for r in s["outside_layers"])
-        lines += [f"  outside the layers (once): {outside}", ""]
+        lines.append(f"  outside the layers (once): {outside}")
+        if "stages" in s:
+            lines.append(
+                f"  on the wafer: {len(s['stages'])} stage(s), one step {s['step_cycles']:,.0f} "
+                f"cycles ({s['step_seconds'] * 1e6:.2f} us, {1 / s['step_seconds']:.1f} tok/s) "
+                f"with {s['handover_cycles']:,.0f} cycles of hand-overs:"
+            )
+            for r in s["stages"]:
+                lines.append(
+                    f"    {r['stage']}: {r['layer_cycles']:,.0f} cycles per layer, "
+                    f"{r['cycles']:,.0f} in all"
+                )
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from meshrt.collectives import KTREE, AllreduceSpec, broadcast_cost
+from meshrt.mesh import X, Y
 from meshrt.ops.estimate import estimate_meshgemm
 from meshrt.ops.gemv import estimate_meshgemv
 from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
@@ -41,7 +42,14 @@ from ..placement.layout import PhaseLayout
 from ..placement.prefill_tiles import prefill_weight_words
 
 
-def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass) -> None:
+def price(
+    ops: list,
+    led: Ledger,
+    lay: PhaseLayout,
+    spec: AllreduceSpec,
+    run: P.Pass,
+    links: tuple[int, int] = (1, 1),
+) -> None:
     """Write into ``led`` the records the emulator writes when it executes ``ops``.
 
     Parameters
@@ -53,7 +61,22 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
     spec : AllreduceSpec
     run : Pass
         The pass-dependent figures (cache fill, prompt ids, ...).
+    links : (int, int)
+        Physical hops of one logical link along y and x: ``(1, 1)`` on a square region (the
+        emulator's mesh); a stage folded onto a rectangle has longer links along one axis
+        (:mod:`llm.cost.regions`), and every hop of an op's traffic along that axis costs
+        ``alpha`` that many times.
     """
+    if links != (1, 1):
+        base = led.device
+        stretched = {f: base.with_(alpha=base.alpha * f) for f in set(links)}
+        try:
+            for op in ops:
+                led.device = stretched[_op_links(op, links)]
+                price([op], led, lay, spec, run)
+        finally:
+            led.device = base
+        return
     mesh = (lay.py, lay.px)
     device = led.device
     for op in ops:
@@ -122,6 +145,19 @@ def price(ops: list, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.
         P.charge_local(led, name, local)
 
 
+def _op_links(op: P.Op, links: tuple[int, int]) -> int:
+    """Physical hops per logical link of ``op``'s traffic: its reduction or broadcast axis; the
+    GEMV's input axis; the cache shift along y; both axes (the longer) for the GEMM kernels,
+    whose operands move along x and y in the same steps."""
+    if op.kind in ("gemm", "grouped_scores", "grouped_pv"):
+        return max(links)
+    if op.kind == "gemv":
+        return links[Y if op.dims["input_axis"] == "y" else X]
+    if op.kind == "kv_append":
+        return links[Y]
+    return 1 if op.axis is None else links[op.axis]
+
+
 def _axis_cores(op: P.Op, mesh: tuple[int, int]) -> int:
     """Cores along the mesh axis that ``op``'s reduction or broadcast runs on."""
     if op.axis is None:
@@ -130,7 +166,13 @@ def _axis_cores(op: P.Op, mesh: tuple[int, int]) -> int:
 
 
 def price_layers(
-    ops: list, layers: int, led: Ledger, lay: PhaseLayout, spec: AllreduceSpec, run: P.Pass
+    ops: list,
+    layers: int,
+    led: Ledger,
+    lay: PhaseLayout,
+    spec: AllreduceSpec,
+    run: P.Pass,
+    links: tuple[int, int] = (1, 1),
 ) -> None:
     """:func:`price` a layer program once per layer, under the sections ``layer{i}``.
 
@@ -142,7 +184,7 @@ def price_layers(
         return
     one = Ledger(led.device)
     with one.section("layer0"):
-        price(ops, one, lay, spec, run)
+        price(ops, one, lay, spec, run, links)
     for i in range(layers):
         for name, t in one.ops.items():
             dst = led.ops[f"layer{i}" + name[len("layer0") :]]
@@ -184,6 +226,7 @@ def decode_token(
     greedy: bool = True,
     ledger: Ledger | None = None,
     kv_capacity: int | None = None,
+    links: tuple[int, int] = (1, 1),
 ) -> Ledger:
     """Ledger of one decode step with ``context`` tokens in the cache after it.
 
@@ -200,6 +243,8 @@ def decode_token(
         Whether the next token is picked on the mesh (argmax) after this step.
     kv_capacity : int, optional
         Slots per core reserved for the cache (for the memory figure).
+    links : (int, int)
+        Physical hops per logical link of the stage's region (see :func:`price`).
     """
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
@@ -213,9 +258,10 @@ def decode_token(
         token_col=token_col,
     )
     led.memory("decode/resident", decode_resident_words(config, mesh, cap))
-    price(P.decode_head(lay), led, lay, allreduce, run)
-    price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run)
-    price(P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce, run)
+    price(P.decode_head(lay), led, lay, allreduce, run, links)
+    price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run, links)
+    tail = P.decode_logits(lay) + (P.decode_pick(lay) if greedy else [])
+    price(tail, led, lay, allreduce, run, links)
     return led
 
 
@@ -281,29 +327,6 @@ def kv_words_per_token(config: ModelConfig, mesh: tuple[int, int]) -> int:
     return kv_slot_words(PhaseLayout(config, *mesh))
 
 
-def kv_capacity(
-    config: ModelConfig,
-    mesh: tuple[int, int],
-    device: Device | str = "wse2",
-    free_bytes: float | None = None,
-) -> dict:
-    """Tokens the decode KV cache can hold in each core's free memory, per policy.
-
-    ``free_bytes`` defaults to the device memory minus the decode weights per core.
-    """
-    device = get_device(device)
-    if free_bytes is None:
-        free_bytes = device.mem_per_core - decode_weight_words(config, mesh) * device.word_bytes
-    per_token = kv_words_per_token(config, mesh) * device.word_bytes
-    slots = max(0, int(free_bytes // per_token))
-    return {
-        "free_bytes_per_core": free_bytes,
-        "bytes_per_token_per_core": per_token,
-        "concat": slots,
-        "shift": slots * mesh[0],
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # Prefill (time to first token)
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +342,7 @@ def prefill(
     ids=None,
     all_logits: bool = False,
     ledger: Ledger | None = None,
+    links: tuple[int, int] = (1, 1),
 ) -> Ledger:
     """Ledger of prefilling ``tokens`` prompt tokens on ``mesh``, hand-off to decode included.
 
@@ -338,6 +362,8 @@ def prefill(
         pseudo-random prompt.
     all_logits : bool
         Also price the LM head of every prompt token on the prefill mesh and its gathering.
+    links : (int, int)
+        Physical hops per logical link of the prefill stage's region (see :func:`price`).
     """
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
@@ -347,8 +373,9 @@ def prefill(
         ids = np.random.default_rng(0).integers(0, config.vocab_size, tokens)
     run = P.Pass(ids=tuple(int(t) for t in ids))
     led.memory("prefill/resident", prefill_resident_words(lay, tokens))
-    price(P.prefill_head(lay, tokens), led, lay, allreduce, run)
-    price_layers(P.prefill_layer(lay, tokens), config.num_layers, led, lay, allreduce, run)
+    price(P.prefill_head(lay, tokens), led, lay, allreduce, run, links)
+    layer = P.prefill_layer(lay, tokens)
+    price_layers(layer, config.num_layers, led, lay, allreduce, run, links)
     Handoff(lay, dlay, tokens, allreduce).charge(led)
     if all_logits:
         price(P.prefill_all_logits(lay, tokens), led, lay, allreduce, run)

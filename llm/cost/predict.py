@@ -7,8 +7,12 @@ them, whether prefill and decode coexist). No emulation and no weights.
 All layers of a model are the same, so every schedule is priced for a 1-layer and a 2-layer
 copy of the model: ``cost(L) = ends + L * layer`` exactly, because every record of the
 schedule is either per layer or once per run (``layer = cost(2) - cost(1)``,
-``ends = 2 cost(1) - cost(2)``). A decode step depends on its context only through the fullest
-cache row (and whether the cache shifts), so steps with the same row fill are priced once.
+``ends = 2 cost(1) - cost(2)``). Each stage is priced at its own mesh and region links (a
+remainder stage has a smaller mesh, a folded one longer links): its layers at its per-layer
+cost, the embedding on the first stage, the LM head and pick on the last (decode); in prefill
+what runs once (embedding, hand-off, first token) is priced at the first stage's mesh. A decode
+step depends on its context only through the fullest cache row (and whether the cache shifts),
+so steps with the same row fill are priced once.
 
 Timeline of a request with a ``N``-token prompt and ``M`` new tokens (batch 1)::
 
@@ -30,16 +34,17 @@ import functools
 from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
 
+from ..engine import program as P
 from ..modeling.config import ModelConfig
-from ..placement.layout import mesh_pair
+from ..placement.layout import PhaseLayout, mesh_pair
 from . import estimate
 from .wafer import (
+    PhasePlacement,
     PlacementError,
     RunPlacement,
-    Shelves,
     kv_capacity,
     place,
-    place_phase,
+    place_decode,
     stage_transfers,
 )
 
@@ -60,29 +65,30 @@ def _ops_cycles(led: Ledger, suffix: str) -> float:
     return sum(t.cycles for name, t in led.ops.items() if name.endswith(suffix))
 
 
-_DECODE_STEPS: dict = {}
+_DECODE_PARTS: dict = {}
 
 
-def decode_step_cycles(
+def _decode_parts(
     config: ModelConfig,
     mesh: tuple[int, int],
+    links: tuple[int, int],
     device: Device,
     context: int,
-    policy: str = "shift",
-    prompt: int = 0,
-    allreduce: AllreduceSpec = KTREE,
-) -> float:
-    """Cycles of one decode step (all layers, one mesh) with ``context`` cached tokens.
+    policy: str,
+    prompt: int,
+    allreduce: AllreduceSpec,
+) -> tuple[float, float, float]:
+    """``(head, per_layer, tail)`` cycles of a decode step on one stage's mesh and links.
 
     Steps with the same fullest-row fill (and shift or not) cost the same: priced once.
     """
     py = mesh[0]
     fill = estimate.row_fill(policy, context, py, prompt)
     shifts = policy == "shift" and (context - 1) % py != 0
-    key = (config, tuple(mesh), device, policy, fill, shifts, allreduce)
-    if key not in _DECODE_STEPS:
-        if len(_DECODE_STEPS) > 4096:
-            _DECODE_STEPS.clear()
+    key = (config, tuple(mesh), tuple(links), device, policy, fill, shifts, allreduce)
+    if key not in _DECODE_PARTS:
+        if len(_DECODE_PARTS) > 4096:
+            _DECODE_PARTS.clear()
 
         def cycles(cfg):
             return estimate.decode_token(
@@ -93,11 +99,66 @@ def decode_step_cycles(
                 policy=policy,
                 prompt=prompt,
                 allreduce=allreduce,
+                links=links,
             ).cycles
 
-        _DECODE_STEPS[key] = _affine(cycles, config)
-    ends, layer = _DECODE_STEPS[key]
-    return ends + config.num_layers * layer
+        ends, layer = _affine(cycles, config)
+        lay = PhaseLayout(config, *mesh)
+        head = Ledger(device)
+        estimate.price(P.decode_head(lay), head, lay, allreduce, P.Pass(token_col=0), links)
+        _DECODE_PARTS[key] = (head.cycles, layer, ends - head.cycles)
+    return _DECODE_PARTS[key]
+
+
+def decode_stages(
+    config: ModelConfig,
+    placement: PhasePlacement,
+    device: Device,
+    context: int,
+    policy: str = "shift",
+    prompt: int = 0,
+    allreduce: AllreduceSpec = KTREE,
+) -> list[dict]:
+    """Cycles of one decode step with ``context`` cached tokens, stage by stage: each stage's
+    layers at its own mesh and links (``layer_cycles`` each, ``cycles`` in all), the first
+    stage with the embedding (``head_cycles``), the last with the LM head and pick
+    (``tail_cycles``). Hand-overs between stages excluded."""
+    stages = placement.stages
+    rows = []
+    for i, s in enumerate(stages):
+        head, layer, tail = _decode_parts(
+            config, s.mesh, s.links, device, context, policy, prompt, allreduce
+        )
+        head = head if i == 0 else 0.0
+        tail = tail if i == len(stages) - 1 else 0.0
+        rows.append(
+            {
+                "stage": s.describe(),
+                "mesh": list(s.mesh),
+                "links": list(s.links),
+                "layers": s.layers,
+                "layer_cycles": layer,
+                "head_cycles": head,
+                "tail_cycles": tail,
+                "cycles": s.layers * layer + head + tail,
+            }
+        )
+    return rows
+
+
+def decode_step_cycles(
+    config: ModelConfig,
+    placement: PhasePlacement,
+    device: Device,
+    context: int,
+    policy: str = "shift",
+    prompt: int = 0,
+    allreduce: AllreduceSpec = KTREE,
+) -> float:
+    """Cycles of one decode step with ``context`` cached tokens through every stage of
+    ``placement`` (:func:`decode_stages`), hand-overs excluded."""
+    rows = decode_stages(config, placement, device, context, policy, prompt, allreduce)
+    return sum(r["cycles"] for r in rows)
 
 
 @functools.lru_cache(maxsize=256)
@@ -108,13 +169,40 @@ def _ttft_parts(
     tokens: int,
     device: Device,
     allreduce: AllreduceSpec = KTREE,
+    links: tuple = (1, 1),
 ) -> tuple:
     def parts(cfg):
-        r = estimate.ttft(cfg, prefill_mesh, tokens, decode_mesh, device, allreduce=allreduce)
+        r = estimate.ttft(
+            cfg, prefill_mesh, tokens, decode_mesh, device, allreduce=allreduce, links=links
+        )
         return (r["cycles"], _ops_cycles(r["prefill_ledger"], "handoff/weights"))
 
     one, two = parts(_with_layers(config, 1)), parts(_with_layers(config, 2))
     return tuple(2 * a - b for a, b in zip(one, two)), tuple(b - a for a, b in zip(one, two))
+
+
+def ttft_cycles(
+    config: ModelConfig,
+    placement: PhasePlacement,
+    decode_mesh: tuple[int, int],
+    tokens: int,
+    device: Device,
+    allreduce: AllreduceSpec = KTREE,
+) -> tuple[float, float]:
+    """``(cycles, weight re-placement cycles)`` of a prefill of ``tokens`` through every stage
+    of ``placement`` with the hand-off and the first token, stage hand-overs excluded.
+
+    Each stage's layers are priced at its own mesh and links; what runs once (the embedding,
+    the hand-off to decode, the first token) at the first stage's.
+    """
+    total = replace = 0.0
+    for i, s in enumerate(placement.stages):
+        (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(
+            config, tuple(s.mesh), tuple(decode_mesh), tokens, device, allreduce, tuple(s.links)
+        )
+        total += s.layers * t_layer + (t_ends if i == 0 else 0)
+        replace += s.layers * w_layer + (w_ends if i == 0 else 0)
+    return total, replace
 
 
 def transfer_cycles(device: Device, transfers: list[dict]) -> float:
@@ -143,12 +231,12 @@ def predict(
     -------
     dict
         ``ttft_s``, ``prefill_tpr`` (``prompt / ttft_s``), ``tpot_s``, ``decode_tpr``,
-        ``e2e_tpr``, ``kv_capacity`` {shift, concat}, ``stages`` {prefill, decode}, ``cores``
-        {prefill, decode, wafer}, ``fits``, ``violations``, ``wafers``, ``method``,
-        ``placement`` (details), ``parts_s`` (TTFT and decode breakdown) and
-        ``inter_wafer_handovers`` {prefill, decode_per_token}: stage hand-overs that cross
-        wafers, priced as on-wafer hand-overs (the wafer-to-wafer link is excluded, see
-        :data:`llm.cost.wafer.INTER_WAFER_NOTE`).
+        ``e2e_tpr``, ``kv_capacity`` {shift, concat} (:func:`llm.cost.wafer.kv_capacity`),
+        ``stages`` {prefill, decode}, ``cores`` {prefill, decode, wafer}, ``fits``,
+        ``violations``, ``wafers``, ``method``, ``placement`` (details), ``parts_s`` (TTFT and
+        decode breakdown) and ``inter_wafer_handovers`` {prefill, decode_per_token}: stage
+        hand-overs that cross wafers, priced as on-wafer hand-overs (the wafer-to-wafer link is
+        excluded, see :data:`llm.cost.wafer.INTER_WAFER_NOTE`).
 
     Raises
     ------
@@ -159,42 +247,37 @@ def predict(
     if prompt < 1 or new_tokens < 1:
         raise ValueError("prompt and new_tokens must be at least 1")
     pmesh, dmesh = mesh_pair(prefill_mesh), mesh_pair(decode_mesh)
-    placement: RunPlacement = place(config, device, pmesh, dmesh, prompt, new_tokens)
-    L = config.num_layers
+    placement: RunPlacement = place(config, device, pmesh, dmesh, prompt, new_tokens, policy)
 
-    (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(
-        config, pmesh, dmesh, prompt, device, allreduce
+    ttft_c, replace_cycles = ttft_cycles(
+        config, placement.prefill, dmesh, prompt, device, allreduce
     )
-    ttft_cycles = t_ends + L * t_layer
-    replace_cycles = w_ends + L * w_layer
     if placement.coexist:
-        ttft_cycles -= replace_cycles
+        ttft_c -= replace_cycles
     pre_transfers = stage_transfers(placement.prefill, config, prompt)
     pre_xfer = transfer_cycles(device, pre_transfers)
-    ttft_cycles += pre_xfer
+    ttft_c += pre_xfer
 
-    dec_transfers = stage_transfers(placement.decode, config, 1)
+    dec = placement.decode
+    dec_transfers = stage_transfers(dec, config, 1)
     dec_xfer = transfer_cycles(device, dec_transfers)
-    if new_tokens == 1:
-        steps = [decode_step_cycles(config, dmesh, device, prompt, policy, prompt, allreduce)]
-    else:
-        steps = [
-            decode_step_cycles(config, dmesh, device, prompt + j - 1, policy, prompt, allreduce)
-            for j in range(2, new_tokens + 1)
-        ]
-    steps = [s + dec_xfer for s in steps]
+    contexts = [prompt] if new_tokens == 1 else range(prompt + 1, prompt + new_tokens)
+    steps = [
+        decode_step_cycles(config, dec, device, c, policy, prompt, allreduce) + dec_xfer
+        for c in contexts
+    ]
     tpot_cycles = sum(steps) / len(steps)
     decode_total = sum(steps) if new_tokens > 1 else 0.0
 
-    ttft_s = device.seconds(ttft_cycles)
+    ttft_s = device.seconds(ttft_c)
     tpot_s = device.seconds(tpot_cycles)
     e2e_s = ttft_s + device.seconds(decode_total)
-    kv = kv_capacity(config, device, dmesh, wafers=placement.decode.wafers)
+    kv = kv_capacity(config, device, dmesh)
     violations = []
     context = prompt + new_tokens
-    if kv["shift"] < context:
+    if kv[policy] < context:
         violations.append(
-            f"the KV cache holds {kv['shift']} tokens (shift), fewer than the "
+            f"the KV cache holds {kv[policy]} tokens ({policy}), fewer than the "
             f"{context} of this request"
         )
     if placement.wafers > 1:
@@ -219,11 +302,11 @@ def predict(
         "kv_capacity": {"shift": kv["shift"], "concat": kv["concat"]},
         "stages": {
             "prefill": len(placement.prefill.stages),
-            "decode": len(placement.decode.stages),
+            "decode": len(dec.stages),
         },
         "cores": {
-            "prefill": len(placement.prefill.stages) * placement.prefill.cores,
-            "decode": len(placement.decode.stages) * placement.decode.cores,
+            "prefill": placement.prefill.stage_cores,
+            "decode": dec.stage_cores,
             "wafer": wafer_cores,
         },
         "fits": not violations,
@@ -231,7 +314,7 @@ def predict(
         "wafers": placement.wafers,
         "method": placement.method,
         "parts_s": {
-            "prefill_and_first_token": device.seconds(ttft_cycles - pre_xfer),
+            "prefill_and_first_token": device.seconds(ttft_c - pre_xfer),
             "prefill_stage_transfers": device.seconds(pre_xfer),
             "weight_replacement": 0.0 if placement.coexist else device.seconds(replace_cycles),
             "decode_stage_transfers_per_token": device.seconds(dec_xfer),
@@ -251,16 +334,8 @@ def decode_tpr(
     """Decode TPR of one step with ``context`` cached tokens on a decode-only placement
     (stages and their transfers included): the figure of the paper's decode tables."""
     device = get_device(device)
-    pl = place_phase(
-        config,
-        device,
-        mesh_pair(mesh),
-        "decode",
-        context,
-        context,
-        Shelves(device.cores_y, device.cores_x),
-    )
-    cycles = decode_step_cycles(config, mesh_pair(mesh), device, context) + transfer_cycles(
+    pl = place_decode(config, device, mesh_pair(mesh), context)
+    cycles = decode_step_cycles(config, pl, device, context) + transfer_cycles(
         device, stage_transfers(pl, config, 1)
     )
     return 1.0 / device.seconds(cycles)

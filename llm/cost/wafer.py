@@ -1,11 +1,12 @@
-"""Placement of a model on the wafer: pipeline stages, their regions, and the KV cache they hold.
+"""Placement of a model on the wafer: the one place that decides stages, regions, wafers, memory
+per core and KV capacity. ``plan``, ``estimate``, ``bench``, ``generate``'s modeled line,
+``--breakdown`` and ``make predict`` all read it.
 
-A phase (prefill or decode) runs on a ``Py x Px`` mesh of cores. When one mesh cannot hold the
-phase's weights, its KV budget and its working buffers in ``mem_per_core`` bytes per core, the
-layers are split over ``S`` *stages*, each a ``Py x Px`` region of its own (the paper's layer
-pipeline, §7.5: "48 KB per core rules out full tensor parallelism ... up to 5x
-under-utilisation"). A token visits the stages in turn (batch 1, no overlap), so the time per
-token is the sum over stages plus the transfers between them.
+A phase (prefill or decode) computes on a logical ``Py x Px`` mesh. When one mesh cannot hold
+the phase's weights, its KV budget and its working buffers in ``mem_per_core`` bytes per core,
+the layers are split over *stages* (the paper's layer pipeline, §7.5). A token visits the
+stages in turn (batch 1, no overlap), so the time per token is the sum over stages plus the
+hand-overs between them.
 
 Sizes are what the wafer stores: fp16 (``device.word_bytes``) tiles of ``ceil(rows / Py) x
 ceil(cols / Px)`` elements, with no padding beyond that (the emulator's even-segment padding
@@ -13,39 +14,58 @@ is not carried). Per core and per layer:
 
 * weights: QKV, O, gate/up and down tiles, two RMSNorm weight segments, biases if any;
 * the KV cache: one token adds ``2 ceil(kv / Px)`` elements per layer to every core of the row
-  holding it;
+  holding it; the shift policy spreads the tokens over the ``Py`` rows (``ceil(T / Py)`` per
+  row), the concat policy adds every token to the same row;
 * working buffers: the phase's activation tiles (see :func:`buffer_words`);
 * ``device.reserved_bytes``: code, fabric queues and kernel scratch (calibrated on the paper's
   KV-capacity point, :mod:`llm.cost.calibration`).
 
 The decode phase keeps no embedding table of an untied model: the host knows the token it
-picked and streams that one row in (the paper's decode code has no embedding either); the LM
-head stays on the last stage. Prefill keeps the table on its first stage (the lookup runs on the
-mesh).
+picked and streams that one row in; the LM head stays on the last stage. Prefill keeps the table
+on its first stage (the lookup runs on the mesh).
 
-Regions are packed on the device's fabric (``cores_y x cores_x``) in shelves, prefill first,
-then decode. When the regions of both phases fit together they coexist and the weights need no
-re-placement at the switch; otherwise decode takes over the prefill cores and the weights are
-re-placed over the fabric (priced by the hand-off in :mod:`llm.cost.estimate`). A phase whose stages
-do not fit one wafer is priced as the paper measured CodeLLaMA-34B and QWen2-72B: its layers
-are run on one wafer a subset at a time and the cost is scaled per layer
+**Stages and regions.** A phase takes the fewest stages of its mesh whose cores hold their
+layers (each stage as many layers as its memory allows, in proportion), and packs their regions
+by area on the wafer's usable cores (:class:`~llm.cost.regions.Fabric`): a stage that does not
+fit as a square is folded onto a rectangle (:mod:`llm.cost.regions`), and its steps pay the
+longer logical links that folding makes. Prefill is placed first, decode beside it: when both
+fit they coexist and the weights need no re-placement at the switch; otherwise decode takes the
+wafer after the switch and the weights are re-placed over the fabric (priced by the hand-off).
+
+**Remainder stages.** Some one-wafer set-ups cannot be equal stages of the named mesh: LLaMA2-13B
+decoding on 540x540 needs three stages of 291,600 cores, more than the wafer's 745,500, yet its
+weights and cache fill only 80% of the wafer's memory. The wafer then runs as many stages of the
+named mesh as fit, and the layers left over go to *remainder stages*: the largest square logical
+meshes (no larger than the named mesh) that fit the cores that remain, folded if that is what
+fits. Each remainder stage holds as many layers as its memory allows and runs them at its own
+mesh's per-layer time. This is what the hardware offers: every core of a stage computes, a
+remainder stage is a smaller mesh doing the same kernels, and its layers are priced there.
+
+**More than one wafer.** Only a phase whose stages cannot be held by one wafer's cores, even
+with remainder stages, goes to more wafers. It is priced as the paper measured CodeLLaMA-34B and
+QWen2-72B: its layers run on one wafer a subset at a time and the cost is scaled per layer
 (``method = "layer-subset"``); ``wafers`` reports how many wafers would hold the model at once.
-The links between wafers are not priced (:data:`INTER_WAFER_NOTE`, stated in ``method``): a
-hand-over that would cross to another wafer costs what the on-wafer hand-over to the adjacent
-region costs, which is what a one-wafer layer-subset measurement contains.
+The links between wafers are not priced (:data:`INTER_WAFER_NOTE`).
+
+**KV capacity.** The longest context a decode placement accepts: the largest ``T`` for which
+:func:`place_phase` places the decode phase, with a cache of ``T`` tokens, on as many wafers as
+``T = 1`` needs (:func:`kv_capacity`, per policy). It is what the placement itself refuses
+beyond, so every command reports the same figure.
+
 A mesh larger than the fabric, or a layer that alone does not fit a core, is a
-:class:`PlacementError`.
+:class:`PlacementError` naming the sizes.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 
 from meshrt.plmr import Device
 
 from ..modeling.config import ModelConfig
 from ..placement.layout import mesh_pair
+from .regions import Fabric, Region
 
 #: What a multi-wafer prediction leaves out, and why (reported in ``method``).
 INTER_WAFER_NOTE = (
@@ -119,26 +139,168 @@ def buffer_words(config: ModelConfig, mesh: tuple[int, int], phase: str, tokens:
 
 
 # ----------------------------------------------------------------------------------------------
+# What a stage's cores hold
+# ----------------------------------------------------------------------------------------------
+
+#: Remainder stages a one-wafer placement may add after the stages of the named mesh.
+MAX_REMAINDER_STAGES = 4
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one phase asks of every core of a stage, as a function of the stage's mesh.
+
+    ``tokens``: prompt length (prefill) or cached positions (decode) for the buffers;
+    ``kv_tokens``: cache budget (prefill: the prompt, held by the prefill stages' own rows;
+    decode: prompt + new tokens, held in the wafer's pooled free memory, :func:`kv_capacity`);
+    ``policy``: the decode cache's ``"shift"`` or ``"concat"``.
+    """
+
+    config: ModelConfig
+    device: Device
+    phase: str
+    tokens: int
+    kv_tokens: int
+    policy: str = "shift"
+
+    def kv_rows(self, mesh: tuple[int, int]) -> int:
+        """Cached tokens in the fullest row of a stage's cores."""
+        if self.kv_tokens <= 0 or self.phase == "decode":
+            return 0  # the decode cache is pooled over the wafer: see kv_pool_bytes
+        return _cd(self.kv_tokens, mesh[0])
+
+    def parts(self, mesh: tuple[int, int], first: bool, last: bool) -> dict:
+        """Bytes per core: ``layer`` (weights of one layer), ``kv_layer`` (its cache),
+        ``tables`` (embedding / LM head the stage holds) and ``buffers``."""
+        wb, c = self.device.word_bytes, self.config
+        table = table_words(c, mesh) * wb
+        first_table = table if self.phase == "prefill" or c.tie_word_embeddings else 0
+        last_table = table if self.phase == "decode" else 0
+        tables = (first_table if first else 0) + (
+            last_table if last and not (first and first_table) else 0
+        )
+        return {
+            "layer": layer_weight_words(c, mesh) * wb,
+            "kv_layer": self.kv_rows(mesh) * kv_token_words(c, mesh, 1) * wb,
+            "tables": tables,
+            "buffers": buffer_words(c, mesh, self.phase, self.tokens) * wb,
+        }
+
+    def room(self, mesh: tuple[int, int], first: bool, last: bool) -> float:
+        """Bytes per core left for layers once the tables, buffers and reserve are in."""
+        p = self.parts(mesh, first, last)
+        return self.device.mem_per_core - self.device.reserved_bytes - p["tables"] - p["buffers"]
+
+    def max_layers(self, mesh: tuple[int, int], first: bool, last: bool) -> int:
+        """Most layers (weights and cache) a stage on ``mesh`` holds."""
+        p = self.parts(mesh, first, last)
+        return max(0, int(self.room(mesh, first, last) // (p["layer"] + p["kv_layer"])))
+
+    def stage(self, mesh, first_layer: int, layers: int, first: bool, last: bool, **where) -> Stage:
+        p = self.parts(mesh, first, last)
+        w = layers * p["layer"] + p["tables"]
+        kv = layers * p["kv_layer"]
+        free = self.device.mem_per_core - self.device.reserved_bytes - w - kv - p["buffers"]
+        return Stage(
+            first_layer, layers, tuple(mesh), int(w), int(kv), int(p["buffers"]), int(free), **where
+        )
+
+    def one_layer_error(self, mesh: tuple[int, int]) -> PlacementError:
+        p = self.parts(mesh, False, False)
+        need = p["layer"] + p["kv_layer"] + p["buffers"] + self.device.reserved_bytes
+        d = self.device
+        return PlacementError(
+            f"{self.phase} on {mesh[0]}x{mesh[1]}: one layer alone needs {need / 1024:.1f} KiB "
+            f"per core (weights {p['layer'] / 1024:.1f}, KV {p['kv_layer'] / 1024:.1f}, buffers "
+            f"{p['buffers'] / 1024:.1f}, reserve {d.reserved_bytes / 1024:.1f}) of the "
+            f"{d.mem_per_core / 1024:.0f} KiB a {d.name} core has"
+        )
+
+
+def share_layers(layers: int, caps: list[int]) -> list[int] | None:
+    """``layers`` over stages holding at most ``caps`` each, in proportion to the caps (equal
+    caps: an even split, the larger shares first); ``None`` if they cannot hold them all or
+    a stage would hold none."""
+    total = sum(caps)
+    if total < layers or min(caps, default=0) < 1 or layers < len(caps):
+        return None
+    exact = [layers * c / total for c in caps]
+    share = [max(1, min(c, int(e))) for c, e in zip(caps, exact)]
+    order = sorted(range(len(caps)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    while sum(share) < layers:
+        for i in order:
+            if sum(share) < layers and share[i] < caps[i]:
+                share[i] += 1
+    while sum(share) > layers:
+        i = max(range(len(caps)), key=lambda j: (share[j] - exact[j], j))
+        share[i] -= 1
+    return share
+
+
+def _stages_for(demand: Demand, spots: list[tuple]) -> list[Stage] | None:
+    """Stages on the fewest leading ``spots`` (``(mesh, region, remainder)``) that hold every
+    layer, or ``None``."""
+    layers = demand.config.num_layers
+    for n in range(1, len(spots) + 1):
+        caps = [
+            demand.max_layers(mesh, i == 0, i == n - 1) for i, (mesh, _, _) in enumerate(spots[:n])
+        ]
+        share = share_layers(layers, caps)
+        if share is None:
+            continue
+        out, start = [], 0
+        for i, ((mesh, region, rem), k) in enumerate(zip(spots, share)):
+            out.append(
+                demand.stage(mesh, start, k, i == 0, i == n - 1, region=region, remainder=rem)
+            )
+            start += k
+        return out
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Stages and regions
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Stage:
-    """One pipeline stage: consecutive layers on one ``Py x Px`` region.
+    """One pipeline stage: consecutive layers on one logical mesh and its region.
 
-    ``origin`` is the region's top-left core ``(y, x)`` on its wafer (``wafer`` 0-based), or
-    ``None`` when the phase is priced as a layer subset and the stage is not placed at once.
+    ``region`` is where the stage sits on wafer ``wafer`` (0-based), folded or not;
+    ``remainder`` marks a stage on the cores left over after the named mesh's stages.
     """
 
     first_layer: int
     layers: int
+    mesh: tuple[int, int]
     weight_bytes: int  # per core
     kv_bytes: int  # per core, the phase's KV budget
     buffer_bytes: int  # per core
     free_bytes: int  # per core, after everything above and the reserve
-    origin: tuple[int, int] | None = None
+    region: Region | None = None
     wafer: int = 0
+    remainder: bool = False
+
+    @property
+    def origin(self) -> tuple[int, int] | None:
+        return None if self.region is None else (self.region.y, self.region.x)
+
+    @property
+    def links(self) -> tuple[int, int]:
+        """Physical hops of one logical link along ``(y, x)`` in this stage's region."""
+        return (1, 1) if self.region is None else self.region.links
+
+    @property
+    def cores(self) -> int:
+        return self.mesh[0] * self.mesh[1]
+
+    def describe(self) -> str:
+        py, px = self.mesh
+        kind = "remainder stage" if self.remainder else "stage"
+        fold = "" if self.region is None else f", {self.region.fold.describe()}"
+        at = "" if self.region is None else f" at ({self.region.y},{self.region.x})"
+        return f"{kind} {py}x{px}{fold}{at}, wafer {self.wafer}: {self.layers} layers"
 
 
 @dataclass
@@ -151,22 +313,40 @@ class PhasePlacement:
     stages: list[Stage] = field(default_factory=list)
     wafers: int = 1
     method: str = "placed"
+    policy: str = "shift"
 
     @property
     def cores(self) -> int:
+        """Cores of the named mesh (one stage)."""
         return self.mesh[0] * self.mesh[1]
+
+    @property
+    def stage_cores(self) -> int:
+        """Cores of every stage together."""
+        return sum(s.cores for s in self.stages)
+
+    @property
+    def remainder(self) -> bool:
+        return any(s.remainder for s in self.stages)
 
     def summary(self) -> dict:
         return {
             "mesh": list(self.mesh),
             "stages": len(self.stages),
+            "stage_meshes": [list(s.mesh) for s in self.stages],
+            "remainder_stages": sum(s.remainder for s in self.stages),
             "wafers": self.wafers,
             "method": self.method,
             "kv_tokens": self.kv_tokens,
+            "cores": self.stage_cores,
             "layers_per_stage": [s.layers for s in self.stages],
             "weight_bytes_per_core": [s.weight_bytes for s in self.stages],
+            "kv_bytes_per_core": [s.kv_bytes for s in self.stages],
+            "buffer_bytes_per_core": [s.buffer_bytes for s in self.stages],
             "free_bytes_per_core": [s.free_bytes for s in self.stages],
             "origins": [None if s.origin is None else [s.wafer, *s.origin] for s in self.stages],
+            "folds": [None if s.region is None else s.region.fold.describe() for s in self.stages],
+            "links": [list(s.links) for s in self.stages],
         }
 
 
@@ -176,77 +356,125 @@ def split_layers(layers: int, stages: int) -> list[int]:
     return [base + (i < extra) for i in range(stages)]
 
 
-def stage_stack(
-    config: ModelConfig,
-    mesh: tuple[int, int],
-    device: Device,
-    phase: str,
-    tokens: int,
-    kv_tokens: int,
-) -> list[Stage]:
-    """The fewest stages whose every core holds its weights, KV budget, buffers and reserve.
-
-    ``tokens``: prompt length (prefill) or cached positions (decode) for the buffers;
-    ``kv_tokens``: cache budget (prefill: the prompt; decode: prompt + new tokens).
-    """
+def check_mesh(device: Device, mesh: tuple[int, int], phase: str) -> None:
     py, px = mesh
+    if py < 1 or px < 1:
+        raise PlacementError(f"{phase} mesh {py}x{px} has no cores")
     if py > device.cores_y or px > device.cores_x:
         raise PlacementError(
             f"{phase} mesh {py}x{px} is larger than the {device.name} fabric "
             f"({device.cores_y}x{device.cores_x} usable cores)"
         )
-    wb, mem = device.word_bytes, device.mem_per_core
-    per_layer = layer_weight_words(config, mesh) * wb
-    table = table_words(config, mesh) * wb
-    buffers = buffer_words(config, mesh, phase, tokens) * wb
-    kv_rows = _cd(kv_tokens, py) if kv_tokens else 0  # prompt rows (prefill) or shift fill
-    kv_layer = kv_rows * kv_token_words(config, mesh, 1) * wb
-    first_table = table if phase == "prefill" or config.tie_word_embeddings else 0
-    last_table = table if phase == "decode" else 0
-    for n in range(1, config.num_layers + 1):
-        split = split_layers(config.num_layers, n)
-        stages, start = [], 0
-        for i, layers in enumerate(split):
-            w = (
-                layers * per_layer
-                + (first_table if i == 0 else 0)
-                + (last_table if i == n - 1 and not (i == 0 and first_table) else 0)
-            )
-            kv = layers * kv_layer
-            free = mem - device.reserved_bytes - w - kv - buffers
-            stages.append(Stage(start, layers, int(w), int(kv), int(buffers), int(free)))
-            start += layers
-        if all(s.free_bytes >= 0 for s in stages):
-            return stages
-    need = per_layer + kv_layer + buffers + device.reserved_bytes
-    raise PlacementError(
-        f"{phase} on {py}x{px}: one layer alone needs {need / 1024:.1f} KiB per core "
-        f"(weights {per_layer / 1024:.1f}, KV {kv_layer / 1024:.1f}, buffers "
-        f"{buffers / 1024:.1f}, reserve {device.reserved_bytes / 1024:.1f}) of the "
-        f"{mem / 1024:.0f} KiB a {device.name} core has"
+
+
+def fewest_stages(demand: Demand, mesh: tuple[int, int]) -> int:
+    """Fewest stages of ``mesh`` whose cores hold every layer (regions aside)."""
+    layers = demand.config.num_layers
+    inner = demand.max_layers(mesh, False, False)
+    if inner < 1 and layers > 2:
+        raise demand.one_layer_error(mesh)
+    for n in range(1, layers + 1):
+        caps = [demand.max_layers(mesh, i == 0, i == n - 1) for i in range(n)]
+        if share_layers(layers, caps) is not None:
+            return n
+    raise demand.one_layer_error(mesh)
+
+
+def _place_on(demand: Demand, mesh: tuple[int, int], fabric: Fabric) -> list[Stage] | None:
+    """The phase's stages on the free cores of ``fabric`` (one wafer), committed there; or
+    ``None`` when this wafer cannot hold them, even with remainder stages."""
+    n = fewest_stages(demand, mesh)
+    trial = fabric.copy()
+    spots = []
+    for _ in range(n):
+        region = trial.place(mesh)
+        if region is None:
+            break
+        spots.append((mesh, region, False))
+    if not spots:
+        return None
+    if len(spots) < n:  # the named mesh's stages do not all fit: remainder stages
+        side = min(mesh)
+        while len(spots) < n + MAX_REMAINDER_STAGES:
+            got = trial.largest_square(side)
+            if got is None:
+                break
+            side_s, fold, (y, x) = got
+            square = (side_s, side_s)
+            if demand.max_layers(square, False, True) < 1:
+                break
+            spots.append((square, trial.take(y, x, *fold.shape(square), fold), True))
+    stages = _stages_for(demand, spots)
+    if stages is None:
+        return None
+    for s in stages:  # commit only the regions used
+        r = s.region
+        assert r is not None
+        fabric.take(r.y, r.x, r.height, r.width, r.fold)
+    return stages
+
+
+def place_phase(
+    config: ModelConfig,
+    device: Device,
+    mesh,
+    phase: str,
+    tokens: int,
+    kv_tokens: int,
+    fabric: Fabric | None = None,
+    policy: str = "shift",
+) -> PhasePlacement:
+    """Stages and regions of one phase, on ``fabric`` (default: a whole wafer).
+
+    On one wafer when its cores can hold the phase (stages of ``mesh``, folded where needed,
+    then remainder stages); otherwise as a layer subset over as many wafers as the stages of
+    ``mesh`` need.
+
+    Raises
+    ------
+    PlacementError
+        A mesh larger than the fabric, or one layer that does not fit a core.
+    """
+    mesh = mesh_pair(mesh)
+    check_mesh(device, mesh, phase)
+    demand = Demand(config, device, phase, tokens, kv_tokens, policy)
+    fab = fabric if fabric is not None else Fabric(device.cores_y, device.cores_x)
+    stages = _place_on(demand, mesh, fab)
+    if stages is not None:
+        return PhasePlacement(phase, mesh, kv_tokens, stages, policy=policy)
+    # more than one wafer: the named mesh's stages, wafer after wafer
+    n = fewest_stages(demand, mesh)
+    caps = [demand.max_layers(mesh, i == 0, i == n - 1) for i in range(n)]
+    share = share_layers(config.num_layers, caps)
+    assert share is not None
+    out, start, wafer = [], 0, 0
+    fresh = Fabric(device.cores_y, device.cores_x)
+    for i, k in enumerate(share):
+        region = fresh.place(mesh)
+        if region is None:
+            wafer, fresh = wafer + 1, Fabric(device.cores_y, device.cores_x)
+            region = fresh.place(mesh)
+        out.append(demand.stage(mesh, start, k, i == 0, i == n - 1, region=region, wafer=wafer))
+        start += k
+    return PhasePlacement(
+        phase, mesh, kv_tokens, out, wafers=wafer + 1, method="layer-subset", policy=policy
     )
 
 
-class Shelves:
-    """Shelf packing of rectangles on a ``height x width`` fabric (first fit, top to bottom)."""
-
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
-        self.shelves: list[list[int]] = []  # [y, shelf height, next free x]
-
-    def place(self, h: int, w: int) -> tuple[int, int] | None:
-        if h > self.height or w > self.width:
+def repack(pl: PhasePlacement, fabric: Fabric) -> PhasePlacement | None:
+    """``pl``'s stages (same meshes, same layers) on the free cores of ``fabric``, committed
+    there; ``None`` if they do not all fit."""
+    if pl.wafers > 1:
+        return None
+    trial = fabric.copy()
+    stages = []
+    for s in pl.stages:
+        region = trial.place(s.mesh)
+        if region is None:
             return None
-        for shelf in self.shelves:
-            y, sh, x = shelf
-            if h <= sh and x + w <= self.width:
-                shelf[2] = x + w
-                return y, x
-        y = sum(s[1] for s in self.shelves)
-        if y + h > self.height:
-            return None
-        self.shelves.append([y, h, w])
-        return y, 0
+        stages.append(dataclasses.replace(s, region=region))
+    fabric.free, fabric.regions = trial.free, trial.regions
+    return dataclasses.replace(pl, stages=stages)
 
 
 def transfer_cost(
@@ -263,15 +491,13 @@ def transfer_cost(
     A hand-over between stages on different wafers (``inter_wafer``) is priced as the hand-over
     to the adjacent region below on one wafer: that is what the paper's measurement of a model
     larger than a wafer contains (a layer subset run on one wafer, scaled per layer, §7 setup).
-    The wafer-to-wafer link itself is not priced: the paper gives no figure for it (no
-    multi-wafer run), and no allowed calibration point could fix one; see
-    :data:`INTER_WAFER_NOTE`.
+    The wafer-to-wafer link itself is not priced; see :data:`INTER_WAFER_NOTE`.
     """
-    py, px = phase.mesh
+    py, px = a.mesh
     h = config.hidden_size
     inter = a.wafer != b.wafer
     if a.origin is None or b.origin is None or inter:
-        hops = py  # a layer subset (or the next wafer) priced as the adjacent region below
+        hops = py  # the next wafer priced as the adjacent region below
     else:
         hops = abs(a.origin[0] - b.origin[0]) + abs(a.origin[1] - b.origin[1])
     if phase.phase == "decode":
@@ -279,6 +505,11 @@ def transfer_cost(
     else:
         words = _cd(tokens, py) * py * _cd(h, px)
     return {"words": words, "hops": hops, "routings": 0, "inter_wafer": inter}
+
+
+def stage_transfers(pl: PhasePlacement, config: ModelConfig, tokens: int) -> list[dict]:
+    """Costs of the ``S - 1`` hand-overs between consecutive stages."""
+    return [transfer_cost(pl, a, b, config, tokens) for a, b in zip(pl.stages, pl.stages[1:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,33 +550,59 @@ class RunPlacement:
         }
 
 
-def place_phase(config, device, mesh, phase, tokens, kv_tokens, shelves) -> PhasePlacement:
-    pl = PhasePlacement(
-        phase,
-        mesh_pair(mesh),
-        kv_tokens,
-        stage_stack(config, mesh_pair(mesh), device, phase, tokens, kv_tokens),
-    )
-    regions = []
-    for _ in pl.stages:
-        spot = shelves.place(*mesh)
-        if spot is None:
-            break
-        regions.append(spot)
-    if len(regions) == len(pl.stages):
-        for s, r in zip(pl.stages, regions):
-            s.origin = r
-    else:
-        # does not fit one wafer next to what is placed: fresh wafers, regions per wafer
-        per = max(1, (device.cores_y // mesh[0]) * (device.cores_x // mesh[1]))
-        pl.wafers = math.ceil(len(pl.stages) / per)
-        pl.method = "layer-subset"
-        fresh = Shelves(device.cores_y, device.cores_x)
-        for i, s in enumerate(pl.stages):
-            if i % per == 0:
-                fresh = Shelves(device.cores_y, device.cores_x)
-            s.origin, s.wafer = fresh.place(*mesh), i // per
-    return pl
+def place_decode(
+    config: ModelConfig, device: Device, mesh, context: int, policy: str = "shift"
+) -> PhasePlacement:
+    """The decode phase alone on the wafer, with a cache of ``context`` tokens."""
+    return place_phase(config, device, mesh, "decode", context, context, policy=policy)
+
+
+def kv_token_bytes(config: ModelConfig, device: Device, mesh: tuple[int, int]) -> int:
+    """Bytes one cached token takes over all layers: ``2 ceil(kv / Px)`` elements per layer on
+    each of the ``Px`` cores of the row holding it."""
+    return kv_token_words(config, mesh, config.num_layers) * device.word_bytes * mesh[1]
+
+
+def kv_pool_bytes(pl: PhasePlacement, device: Device, taken_cores: int = 0) -> float:
+    """Memory the decode cache can use: every usable core of the phase's wafers, less the
+    reserve, less what its stages hold (weights, buffers), less ``taken_cores`` cores that
+    other regions occupy (prefill's, when the phases coexist)."""
+    usable = device.mem_per_core - device.reserved_bytes
+    pool = (pl.wafers * device.cores_x * device.cores_y - taken_cores) * usable
+    return pool - sum(s.cores * (s.weight_bytes + s.buffer_bytes) for s in pl.stages)
+
+
+def kv_capacity(config: ModelConfig, device: Device, decode_mesh) -> dict:
+    """Longest context the decode phase holds, per cache policy.
+
+    The decode stages placed alone (:func:`place_decode`, one cached token for the buffers)
+    leave :func:`kv_pool_bytes` free on their wafers. With the shift policy the cache fills
+    that memory, wherever it is: a stage's rows hand their oldest entries to the adjacent row,
+    so entries travel on to cores beyond the stage's own (the partial scores of an entry are
+    computed where it sits; the longer reduction this implies is not priced). With concat every
+    new token joins the same row, so ``1/Py`` of it holds tokens.
+
+    Returns
+    -------
+    dict
+        ``shift``, ``concat`` (tokens), ``exact_shift``, ``wafers``, ``stages``, ``cores``
+        (of the stages), ``free_bytes`` (the pool) and ``bytes_per_token``.
+    """
+    mesh = mesh_pair(decode_mesh)
+    pl = place_decode(config, device, mesh, 1)
+    free = kv_pool_bytes(pl, device)
+    per_token = kv_token_bytes(config, device, mesh)
+    tokens = max(0.0, free / per_token)
+    return {
+        "shift": int(tokens),
+        "concat": int(tokens / mesh[0]),
+        "exact_shift": tokens,
+        "wafers": pl.wafers,
+        "stages": len(pl.stages),
+        "cores": pl.stage_cores,
+        "free_bytes": free,
+        "bytes_per_token": per_token,
+    }
 
 
 def place(
@@ -355,67 +612,25 @@ def place(
     decode_mesh: tuple[int, int],
     prompt: int,
     new_tokens: int,
+    policy: str = "shift",
 ) -> RunPlacement:
     """Stages and regions of a run: a ``prompt``-token prefill then ``new_tokens`` decodes.
+
+    Decode is placed as it would be alone (:func:`place_decode`); the two phases coexist when
+    those stages also fit the cores prefill leaves free, and the request's cache fits the
+    memory left beside both.
 
     Raises
     ------
     PlacementError
         A mesh larger than the fabric, or one layer that does not fit a core.
     """
-    shelves = Shelves(device.cores_y, device.cores_x)
-    pre = place_phase(config, device, prefill_mesh, "prefill", prompt, prompt, shelves)
-    if pre.method != "placed":
-        shelves = Shelves(device.cores_y, device.cores_x)
-    context = prompt + new_tokens
-    together = Shelves(device.cores_y, device.cores_x)
-    together.shelves = [list(s) for s in shelves.shelves]
-    dec = place_phase(config, device, decode_mesh, "decode", context, context, together)
-    coexist = pre.method == "placed" and dec.method == "placed"
-    if not coexist:  # decode takes the whole wafer after the switch
-        dec = place_phase(
-            config,
-            device,
-            decode_mesh,
-            "decode",
-            context,
-            context,
-            Shelves(device.cores_y, device.cores_x),
-        )
-    return RunPlacement(config, device, pre, dec, coexist)
-
-
-def stage_transfers(pl: PhasePlacement, config: ModelConfig, tokens: int) -> list[dict]:
-    """Costs of the ``S - 1`` hand-overs between consecutive stages."""
-    return [transfer_cost(pl, a, b, config, tokens) for a, b in zip(pl.stages, pl.stages[1:])]
-
-
-def kv_capacity(
-    config: ModelConfig, device: Device, decode_mesh: tuple[int, int], wafers: int | None = None
-) -> dict:
-    """Longest context the decode cache can hold, for the shift and concat policies.
-
-    The decode weights, buffers and reserve of every stage are subtracted from the memory of
-    every usable core of the wafer(s); the rest holds the cache. With the shift policy a stage's
-    rows hand their oldest entries to adjacent cores, so the cache fills every free core; a
-    token costs ``2 ceil(kv/Px)`` elements per layer on each of ``Px`` cores. With concat every
-    new token joins the same row of each stage, so only ``1/Py`` of that memory is usable.
-    """
-    py, px = decode_mesh
-    wb = device.word_bytes
-    stages = stage_stack(config, mesh_pair(decode_mesh), device, "decode", 1, 0)
-    n = wafers or max(
-        1, math.ceil(len(stages) / max(1, (device.cores_y // py) * (device.cores_x // px)))
-    )
-    pool = n * device.cores_x * device.cores_y * (device.mem_per_core - device.reserved_bytes)
-    used = sum(s.weight_bytes + s.buffer_bytes for s in stages) * py * px
-    per_token = kv_token_words(config, decode_mesh, config.num_layers) * wb * px
-    tokens = max(0.0, (pool - used) / per_token)
-    return {
-        "shift": int(tokens),
-        "concat": int(tokens / py),
-        "exact_shift": tokens,
-        "wafers": n,
-        "free_bytes": pool - used,
-        "bytes_per_token": per_token,
-    }
+    fabric = Fabric(device.cores_y, device.cores_x)
+    pre = place_phase(config, device, prefill_mesh, "prefill", prompt, prompt, fabric)
+    dec = place_decode(config, device, decode_mesh, prompt + new_tokens, policy)
+    beside = repack(dec, fabric) if pre.wafers == 1 else None
+    if beside is not None:
+        room = kv_pool_bytes(beside, device, pre.stage_cores)
+        if room < (prompt + new_tokens) * kv_token_bytes(config, device, dec.mesh):
+            beside = None
+    return RunPlacement(config, device, pre, beside or dec, beside is not None)

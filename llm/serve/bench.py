@@ -27,38 +27,24 @@ from .options import BenchOptions, ModelSource
 def full_model_estimate(
     config, mesh, device, context: int, prompt: int, policy: str, allreduce, prefill_mesh=None
 ) -> dict:
-    from ..cost.estimate import decode_token, decode_weight_words, kv_capacity, ttft
-
-    led = decode_token(
-        config, mesh, device, context=context, policy=policy, prompt=prompt, allreduce=allreduce
-    )
-    t = led.totals()
-    cap = kv_capacity(config, mesh, device)
-    first = ttft(config, prefill_mesh or mesh, prompt, mesh, device, allreduce=allreduce)
-    return {
-        "layers": config.num_layers,
-        "ttft_s": first["seconds"],
-        "tpot_s": led.seconds,
-        "tpr": 1.0 / led.seconds,
-        "compute_fraction": t.compute_cycles / t.cycles,
-        "comm_fraction": t.comm_cycles / t.cycles,
-        "weights_kib_per_core": decode_weight_words(config, mesh) * device.word_bytes / 1024,
-        "fits_device": decode_weight_words(config, mesh) * device.word_bytes <= device.mem_per_core,
-        "kv_bytes_per_token_per_core": cap["bytes_per_token_per_core"],
-        "kv_capacity_concat": cap["concat"],
-        "kv_capacity_shift": cap["shift"],
-        "violations": led.violations(),
-        "wafer": _wafer(
-            config, prefill_mesh or mesh, mesh, prompt, context, device, policy, allreduce
-        ),
-    }
-
-
-def _wafer(config, pmesh, dmesh, prompt, context, device, policy, allreduce) -> dict:
-    """The request on the wafer, stages and transfers included (``llm estimate``'s figures)."""
+    """The whole model's wafer figures for this run's config, meshes and lengths: exactly
+    ``llm estimate``'s (:func:`llm.cost.predict.modeled_wafer`, one placement for all)."""
     from ..cost.predict import modeled_wafer
 
-    return modeled_wafer(config, pmesh, dmesh, prompt, context - prompt, device, policy, allreduce)
+    return modeled_wafer(
+        config, prefill_mesh or mesh, mesh, prompt, context - prompt, device, policy, allreduce
+    )
+
+
+def _check_meshes(device, dmesh, pmesh) -> None:
+    """Meshes the wafer cannot hold are refused before anything is placed (``UsageError``)."""
+    from ..cost.wafer import PlacementError, check_mesh
+
+    for phase, mesh in (("decode", dmesh), ("prefill", pmesh)):
+        try:
+            check_mesh(device, tuple(mesh), phase)
+        except PlacementError as e:
+            raise UsageError(f"bench: {e}") from None
 
 
 def _check_length(options: BenchOptions, config) -> None:
@@ -117,6 +103,7 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
                 f"bench: --layers {options.layers}: {name} has {full.num_layers} layers"
             )
         _check_length(options, full)
+        _check_meshes(device, dmesh, pmesh)
         config = preset(name, layers=options.layers)
         log.info(
             f"placing random {name} ({config.num_layers}/{full.num_layers} layers) on "
@@ -207,9 +194,8 @@ def _median(values) -> float | None:
     return statistics.median(defined) if defined else None
 
 
-def format_report(out: dict, mem_per_core: int) -> str:
-    """The :func:`run_bench` record as a few lines of text (``mem_per_core``: the device's
-    core memory in bytes)."""
+def format_report(out: dict) -> str:
+    """The :func:`run_bench` record as a few lines of text."""
     med, est = out["emulator"], out["full_model_estimate"]
     dmesh, device = out["decode_mesh"], out["device"]
     lines = [
@@ -221,15 +207,8 @@ def format_report(out: dict, mem_per_core: int) -> str:
         f"  modeled  : TTFT {med['modeled_ttft_s'] * 1e3:.4f} ms, TPOT "
         f"{format_ms(med['modeled_tpot_s'], 4)}, TPR {format_rate(med['modeled_tpr'])} "
         f"(this run, {device})",
-        f"  full {est['layers']}-layer model: TTFT {est['ttft_s'] * 1e3:.3f} ms, "
-        f"TPOT {est['tpot_s'] * 1e3:.4f} ms, TPR "
-        f"{est['tpr']:.1f} tok/s, comm {est['comm_fraction']:.0%}, weights "
-        f"{est['weights_kib_per_core']:.1f} KiB/core "
-        f"({'fits' if est['fits_device'] else 'does not fit'} "
-        f"{mem_per_core // 1024} KiB), KV capacity concat "
-        f"{est['kv_capacity_concat']} / shift {est['kv_capacity_shift']} tokens",
     ]
     from ..cost.predict import format_modeled_wafer
 
-    lines.append("  " + format_modeled_wafer(est["wafer"], device))
+    lines.append("  " + format_modeled_wafer(est, device))
     return "\n".join(lines)

@@ -233,7 +233,7 @@ def test_bench_of_a_shard_set_runs_and_reports_its_meshes(tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["decode_mesh"] == [2, 2] and res["prefill_mesh"] == [2, 4]
-    assert res["full_model_estimate"]["weights_kib_per_core"] > 0
+    assert res["full_model_estimate"]["decode_tpr"] > 0
     p, _ = run(bench + ["--decode-mesh", "4x4"])
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "converted for" in p.stderr or "4x4 was requested" in p.stderr, p.stderr

@@ -74,3 +74,17 @@ def test_estimate_breakdown_cli():
         timeout=120,
     )
     assert p.returncode == 2 and "--breakdown needs --preset" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "model,side", [("llama3-8b", 420), ("llama2-13b", 420), ("llama2-13b", 540)]
+)
+def test_breakdown_stages_add_up_to_the_decode_tables_time_per_token(model, side):
+    from llm.cost.predict import decode_tpr
+    from meshrt.plmr import WSE2
+
+    d = layer_breakdown(preset(model), (side, side), (side, side), 4096)["decode"]
+    assert sum(r["layers"] for r in d["stages"]) == preset(model).num_layers
+    assert d["step_seconds"] == pytest.approx(1 / decode_tpr(preset(model), (side, side), WSE2))
+    text = format_breakdown(layer_breakdown(preset(model), (side, side), (side, side), 4096))
+    assert f"{len(d['stages'])} stage(s)" in text

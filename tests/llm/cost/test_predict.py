@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from llm.cost.predict import decode_tpr, predict
-from llm.cost.wafer import PlacementError, kv_capacity, place, stage_stack
+from llm.cost.wafer import PlacementError, kv_capacity, place, place_decode
 from llm.modeling.config import preset
 from meshrt.collectives import AllreduceSpec
 from meshrt.ops.estimate import estimate_cannon, estimate_meshgemm, estimate_summa
@@ -31,11 +31,30 @@ FLAT_72B = (
 )
 
 
+FOLDED_13B = (
+    "one wafer holds LLaMA2-13B decoding on 420x420 only with three 420x420 stages (one folded "
+    "2x, its column links 2 hops) and two remainder stages (331x331 folded 3x, 308x308 folded "
+    "2x): their layers cost 23-41% more than an unfolded 420x420 layer, so 420 (1778 tok/s) "
+    "falls below 540 (1885) and 660 (1829); 540 > 660 still holds"
+)
+FOLDED_34B = (
+    "CodeLLaMA-34B on 420x420: every wafer of its layer subset holds two 420x420 stages and one "
+    "folded 2x (its layers 19% slower), which 660x660 stages never need: 660 (1364 tok/s) is "
+    "faster than 420 (1319)"
+)
+REMAINDER_13B = (
+    "LLaMA2-13B prefill on 600x600 fits one wafer (one 600x600 stage and remainder stages of "
+    "394, 356 and 300 for 20 of its 40 layers), while 480 and 720 need two wafers and run "
+    "every layer on the named mesh (layer subset): the one-wafer 600 placement is slower than "
+    "480 (9816 against 10826 tok/s)"
+)
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "llama3-8b",
-        "llama2-13b",
+        pytest.param("llama2-13b", marks=pytest.mark.xfail(strict=True, reason=FOLDED_13B)),
         pytest.param("codellama-34b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
         pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
     ],
@@ -72,8 +91,8 @@ def test_decode_tpr_falls_from_420_through_540_to_660(name):
     "name",
     [
         "llama3-8b",
-        "llama2-13b",
-        "codellama-34b",
+        pytest.param("llama2-13b", marks=pytest.mark.xfail(strict=True, reason=FOLDED_13B)),
+        pytest.param("codellama-34b", marks=pytest.mark.xfail(strict=True, reason=FOLDED_34B)),
         pytest.param("qwen2-72b", marks=pytest.mark.xfail(strict=True, reason=FLAT_72B)),
     ],
 )
@@ -83,7 +102,15 @@ def test_decode_tpr_at_660_is_below_420(name):
     assert decode_tpr(c, (660, 660), WSE2, 4096) < decode_tpr(c, (420, 420), WSE2, 4096)
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3-8b",
+        pytest.param("llama2-13b", marks=pytest.mark.xfail(strict=True, reason=REMAINDER_13B)),
+        "codellama-34b",
+        "qwen2-72b",
+    ],
+)
 def test_prefill_tpr_rises_from_480_to_720(name):
     c = preset(name)
     tpr = [predict(c, (s, s), (s, s), 4096, 1)["prefill_tpr"] for s in (480, 600, 720)]
@@ -146,19 +173,19 @@ def test_mesh_larger_than_the_fabric_is_an_error():
 
 def test_layer_that_does_not_fit_a_core_is_an_error():
     with pytest.raises(PlacementError, match="one layer alone"):
-        stage_stack(preset("qwen2-72b"), (32, 32), WSE2, "decode", 1, 16)
+        place_decode(preset("qwen2-72b"), WSE2, (32, 32), 16)
 
 
 def test_stages_hold_every_layer_and_fit_the_core():
     c = preset("llama3-8b")
-    stages = stage_stack(c, (360, 360), WSE2, "decode", 4096, 4096)
+    stages = place_decode(c, WSE2, (360, 360), 4096).stages
     assert len(stages) > 1
     assert sum(s.layers for s in stages) == c.num_layers
     for s in stages:
         used = s.weight_bytes + s.kv_bytes + s.buffer_bytes + WSE2.reserved_bytes
         assert used + s.free_bytes == pytest.approx(WSE2.mem_per_core, abs=1)
         assert s.free_bytes >= 0
-    fewer = stage_stack(c, (360, 360), WSE2.with_(mem_per_core=480 * 1024), "decode", 4096, 4096)
+    fewer = place_decode(c, WSE2.with_(mem_per_core=480 * 1024), (360, 360), 4096).stages
     assert len(fewer) == 1
 
 
@@ -205,10 +232,20 @@ def test_decode_step_cost_is_affine_in_the_layers():
 
     from llm.cost.estimate import decode_token
     from llm.cost.predict import decode_step_cycles
+    from llm.cost.wafer import PhasePlacement, Stage
 
     c = dataclasses.replace(preset("llama3-8b"), num_layers=5)
     full = decode_token(c, (48, 48), WSE2, context=300).cycles
-    assert decode_step_cycles(c, (48, 48), WSE2, 300) == pytest.approx(full, rel=1e-12)
+    one = PhasePlacement("decode", (48, 48), 300, [Stage(0, 5, (48, 48), 0, 0, 0, 0)])
+    assert decode_step_cycles(c, one, WSE2, 300) == pytest.approx(full, rel=1e-12)
+    # the same layers over two stages of the same mesh and links: the same step
+    two = PhasePlacement(
+        "decode",
+        (48, 48),
+        300,
+        [Stage(0, 2, (48, 48), 0, 0, 0, 0), Stage(2, 3, (48, 48), 0, 0, 0, 0)],
+    )
+    assert decode_step_cycles(c, two, WSE2, 300) == pytest.approx(full, rel=1e-9)
 
 
 KEYS = {

@@ -231,9 +231,9 @@ def test_plan_shapes_match_the_tile_producer(model):
         assert {n: t.shape for n, t in decode_tiles(lay, weights)} == decode_tile_shapes(lay)
 
 
-def test_plan_agrees_with_the_closed_form_estimator():
-    estimate = pytest.importorskip("llm.cost.estimate")
-    from llm.cost.memory_budget import phase_memory
+def test_plan_reads_the_placement():
+    from llm.cost.memory_budget import memory_budget
+    from llm.cost.wafer import kv_capacity, place_phase
     from llm.modeling.config import preset
     from meshrt.plmr import get_device
 
@@ -244,10 +244,16 @@ def test_plan_agrees_with_the_closed_form_estimator():
         ("tiny-llama", (4, 6)),
     ]:
         config = preset(name)
-        mem = phase_memory(config, mesh, device)
-        assert mem["weights_bytes"] == estimate.decode_weight_words(config, mesh) * 2
-        cap = estimate.kv_capacity(config, mesh, device)
-        assert (mem["capacity_concat"], mem["capacity_shift"]) == (cap["concat"], cap["shift"])
+        plan = memory_budget(config, mesh, mesh, "wse2", 1024)
+        pl = place_phase(config, device, mesh, "decode", 1024, 1024)
+        assert plan["phases"]["decode"]["weight_bytes_per_core"] == [
+            s.weight_bytes for s in pl.stages
+        ]
+        cap = kv_capacity(config, device, mesh)
+        assert (plan["kv_capacity"]["shift"], plan["kv_capacity"]["concat"]) == (
+            cap["shift"],
+            cap["concat"],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,12 +433,12 @@ def test_plan_text_and_json():
     r = json.loads(p.stdout)
     d = r["phases"]["decode"]
     assert d["mesh"] == [660, 660] and d["fits"]
-    assert d["capacity_shift"] == 660 * d["capacity_concat"] > 0
+    assert r["kv_capacity"]["shift"] > 0 and r["kv_capacity"]["concat"] > 0
     assert 0 < d["weights_bytes"] <= 48 * 1024
     p, _ = run(["plan", "--preset", "llama-100m", "--decode-mesh", "8x8"])
     assert p.returncode == 0 and "fits: NO" in p.stdout and "smallest square" in p.stdout
     p, _ = run(["plan", "--model", str(FIXTURES / "tiny-qwen2"), "--decode-mesh", "4x4"])
-    assert p.returncode == 0 and "tiny-qwen2" in p.stdout and "fits: yes" in p.stdout
+    assert p.returncode == 0 and "tiny-qwen2" in p.stdout and "fits one wafer: yes" in p.stdout
 
 
 def test_help_and_argument_parsers():
