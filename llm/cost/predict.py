@@ -146,21 +146,6 @@ def decode_stages(
     return rows
 
 
-def decode_step_cycles(
-    config: ModelConfig,
-    placement: PhasePlacement,
-    device: Device,
-    context: int,
-    policy: str = "shift",
-    prompt: int = 0,
-    allreduce: AllreduceSpec = KTREE,
-) -> float:
-    """Cycles of one decode step with ``context`` cached tokens through every stage of
-    ``placement`` (:func:`decode_stages`), hand-overs excluded."""
-    rows = decode_stages(config, placement, device, context, policy, prompt, allreduce)
-    return sum(r["cycles"] for r in rows)
-
-
 @functools.lru_cache(maxsize=256)
 def _ttft_parts(
     config: ModelConfig,
@@ -263,7 +248,8 @@ def predict(
     dec_xfer = transfer_cycles(device, dec_transfers)
     contexts = [prompt] if new_tokens == 1 else range(prompt + 1, prompt + new_tokens)
     steps = [
-        decode_step_cycles(config, dec, device, c, policy, prompt, allreduce) + dec_xfer
+        sum(r["cycles"] for r in decode_stages(config, dec, device, c, policy, prompt, allreduce))
+        + dec_xfer
         for c in contexts
     ]
     tpot_cycles = sum(steps) / len(steps)
@@ -335,7 +321,8 @@ def decode_tpr(
     (stages and their transfers included): the figure of the paper's decode tables."""
     device = get_device(device)
     pl = place_decode(config, device, mesh_pair(mesh), context)
-    cycles = decode_step_cycles(config, pl, device, context) + transfer_cycles(
+    stages = decode_stages(config, pl, device, context)
+    cycles = sum(r["cycles"] for r in stages) + transfer_cycles(
         device, stage_transfers(pl, config, 1)
     )
     return 1.0 / device.seconds(cycles)

@@ -231,13 +231,15 @@ def test_decode_step_cost_is_affine_in_the_layers():
     import dataclasses
 
     from llm.cost.estimate import decode_token
-    from llm.cost.predict import decode_step_cycles
+    from llm.cost.predict import decode_stages
     from llm.cost.wafer import PhasePlacement, Stage
 
     c = dataclasses.replace(preset("llama3-8b"), num_layers=5)
     full = decode_token(c, (48, 48), WSE2, context=300).cycles
     one = PhasePlacement("decode", (48, 48), 300, [Stage(0, 5, (48, 48), 0, 0, 0, 0)])
-    assert decode_step_cycles(c, one, WSE2, 300) == pytest.approx(full, rel=1e-12)
+    assert sum(r["cycles"] for r in decode_stages(c, one, WSE2, 300)) == pytest.approx(
+        full, rel=1e-12
+    )
     # the same layers over two stages of the same mesh and links: the same step
     two = PhasePlacement(
         "decode",
@@ -245,7 +247,9 @@ def test_decode_step_cost_is_affine_in_the_layers():
         300,
         [Stage(0, 2, (48, 48), 0, 0, 0, 0), Stage(2, 3, (48, 48), 0, 0, 0, 0)],
     )
-    assert decode_step_cycles(c, two, WSE2, 300) == pytest.approx(full, rel=1e-9)
+    assert sum(r["cycles"] for r in decode_stages(c, two, WSE2, 300)) == pytest.approx(
+        full, rel=1e-9
+    )
 
 
 KEYS = {
