@@ -46,6 +46,7 @@ from .wafer import (
     place,
     place_decode,
     stage_transfers,
+    stream_cycles,
 )
 
 __all__ = ["predict", "modeled_wafer", "format_modeled_wafer", "PlacementError"]
@@ -177,16 +178,19 @@ def ttft_cycles(
     """``(cycles, weight re-placement cycles)`` of a prefill of ``tokens`` through every stage
     of ``placement`` with the hand-off and the first token, stage hand-overs excluded.
 
-    Each stage's layers are priced at its own mesh and links; what runs once (the embedding,
-    the hand-off to decode, the first token) at the first stage's.
+    Each stage's layers are priced at its own mesh and links, a streamed layer at the longer of
+    its compute and its weights' stream (:func:`llm.cost.wafer.stream_cycles`); what runs once
+    (the embedding, the hand-off to decode, the first token) at the first stage's.
     """
     total = replace = 0.0
     for i, s in enumerate(placement.stages):
         (t_ends, w_ends), (t_layer, w_layer) = _ttft_parts(
             config, tuple(s.mesh), tuple(decode_mesh), tokens, device, allreduce, tuple(s.links)
         )
-        total += s.layers * t_layer + (t_ends if i == 0 else 0)
-        replace += s.layers * w_layer + (w_ends if i == 0 else 0)
+        # a streamed layer takes the longer of its compute and the stream of its weights
+        streamed = s.streamed * max(t_layer, stream_cycles(config, device, s)) if s.streamed else 0
+        total += s.layers * t_layer + streamed + (t_ends if i == 0 else 0)
+        replace += (s.layers + s.streamed) * w_layer + (w_ends if i == 0 else 0)
     return total, replace
 
 

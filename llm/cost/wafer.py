@@ -32,14 +32,21 @@ longer logical links that folding makes. Prefill is placed first, decode beside 
 fit they coexist and the weights need no re-placement at the switch; otherwise decode takes the
 wafer after the switch and the weights are re-placed over the fabric (priced by the hand-off).
 
-**Remainder stages.** Some one-wafer set-ups cannot be equal stages of the named mesh: LLaMA2-13B
-decoding on 540x540 needs three stages of 291,600 cores, more than the wafer's 745,500, yet its
-weights and cache fill only 80% of the wafer's memory. The wafer then runs as many stages of the
-named mesh as fit, and the layers left over go to *remainder stages*: the largest square logical
-meshes (no larger than the named mesh) that fit the cores that remain, folded if that is what
-fits. Each remainder stage holds as many layers as its memory allows and runs them at its own
-mesh's per-layer time. This is what the hardware offers: every core of a stage computes, a
-remainder stage is a smaller mesh doing the same kernels, and its layers are priced there.
+**When the named mesh's stages do not all fit.** Some one-wafer set-ups cannot be equal stages
+of the named mesh: LLaMA2-13B decoding on 540x540 needs three stages of 291,600 cores, more than
+the wafer's 745,500, yet its weights and cache fill only 80% of the wafer's memory. The wafer
+then runs as many stages of the named mesh as fit, and the layers left over go where the phase's
+arithmetic says they cost least:
+
+* decode reads every weight once per token, so weights must sit in the cores that use them: the
+  layers left over go to *remainder stages*, the largest square logical meshes (no larger than
+  the named mesh) that fit the cores that remain, folded if that is what fits. Each holds as
+  many layers as its memory allows and runs them at its own mesh's per-layer time;
+* prefill multiplies every weight by the whole prompt: the last stage of the named mesh also
+  runs the layers left over, their weights (and K/V) kept in the wafer's other cores and
+  streamed in one layer at a time over the fabric, overlapped with the previous layer's
+  compute (:func:`stream_cycles`). A remainder mesh would compute those layers several times
+  slower than the named mesh; streaming costs a few percent of a layer.
 
 **More than one wafer.** Only a phase whose stages cannot be held by one wafer's cores, even
 with remainder stages, goes to more wafers. It is priced as the paper measured CodeLLaMA-34B and
@@ -268,7 +275,9 @@ class Stage:
     """One pipeline stage: consecutive layers on one logical mesh and its region.
 
     ``region`` is where the stage sits on wafer ``wafer`` (0-based), folded or not;
-    ``remainder`` marks a stage on the cores left over after the named mesh's stages.
+    ``remainder`` marks a stage on the cores left over after the named mesh's stages;
+    ``streamed`` counts the layers (after its own) the stage runs with weights streamed in from
+    storage cores (prefill, :func:`_streamed_prefill`).
     """
 
     first_layer: int
@@ -281,6 +290,7 @@ class Stage:
     region: Region | None = None
     wafer: int = 0
     remainder: bool = False
+    streamed: int = 0  # layers run here whose weights stream in from storage cores
 
     @property
     def origin(self) -> tuple[int, int] | None:
@@ -300,7 +310,8 @@ class Stage:
         kind = "remainder stage" if self.remainder else "stage"
         fold = "" if self.region is None else f", {self.region.fold.describe()}"
         at = "" if self.region is None else f" at ({self.region.y},{self.region.x})"
-        return f"{kind} {py}x{px}{fold}{at}, wafer {self.wafer}: {self.layers} layers"
+        more = f" + {self.streamed} streamed in" if self.streamed else ""
+        return f"{kind} {py}x{px}{fold}{at}, wafer {self.wafer}: {self.layers} layers{more}"
 
 
 @dataclass
@@ -314,6 +325,7 @@ class PhasePlacement:
     wafers: int = 1
     method: str = "placed"
     policy: str = "shift"
+    store_cores: int = 0  # cores holding streamed layers' weights (prefill)
 
     @property
     def cores(self) -> int:
@@ -322,8 +334,8 @@ class PhasePlacement:
 
     @property
     def stage_cores(self) -> int:
-        """Cores of every stage together."""
-        return sum(s.cores for s in self.stages)
+        """Cores of every stage together (and of the storage of streamed weights)."""
+        return sum(s.cores for s in self.stages) + self.store_cores
 
     @property
     def remainder(self) -> bool:
@@ -335,6 +347,8 @@ class PhasePlacement:
             "stages": len(self.stages),
             "stage_meshes": [list(s.mesh) for s in self.stages],
             "remainder_stages": sum(s.remainder for s in self.stages),
+            "streamed_layers": [s.streamed for s in self.stages],
+            "store_cores": self.store_cores,
             "wafers": self.wafers,
             "method": self.method,
             "kv_tokens": self.kv_tokens,
@@ -380,9 +394,11 @@ def fewest_stages(demand: Demand, mesh: tuple[int, int]) -> int:
     raise demand.one_layer_error(mesh)
 
 
-def _place_on(demand: Demand, mesh: tuple[int, int], fabric: Fabric) -> list[Stage] | None:
-    """The phase's stages on the free cores of ``fabric`` (one wafer), committed there; or
-    ``None`` when this wafer cannot hold them, even with remainder stages."""
+def _place_on(
+    demand: Demand, mesh: tuple[int, int], fabric: Fabric
+) -> tuple[list[Stage], int] | None:
+    """The phase's stages on the free cores of ``fabric`` (one wafer), committed there, and the
+    cores that store streamed weights; or ``None`` when this wafer cannot hold the phase."""
     n = fewest_stages(demand, mesh)
     trial = fabric.copy()
     spots = []
@@ -393,7 +409,12 @@ def _place_on(demand: Demand, mesh: tuple[int, int], fabric: Fabric) -> list[Sta
         spots.append((mesh, region, False))
     if not spots:
         return None
-    if len(spots) < n:  # the named mesh's stages do not all fit: remainder stages
+    store = 0
+    if len(spots) == n:
+        stages = _stages_for(demand, spots)
+    elif demand.phase == "prefill":  # weights of the layers left over stream in
+        stages, store = _streamed_prefill(demand, spots, trial) or (None, 0)
+    else:  # decode: remainder stages on the cores left
         side = min(mesh)
         while len(spots) < n + MAX_REMAINDER_STAGES:
             got = trial.largest_square(side)
@@ -404,14 +425,65 @@ def _place_on(demand: Demand, mesh: tuple[int, int], fabric: Fabric) -> list[Sta
             if demand.max_layers(square, False, True) < 1:
                 break
             spots.append((square, trial.take(y, x, *fold.shape(square), fold), True))
-    stages = _stages_for(demand, spots)
+        stages = _stages_for(demand, spots)
     if stages is None:
         return None
     for s in stages:  # commit only the regions used
         r = s.region
         assert r is not None
         fabric.take(r.y, r.x, r.height, r.width, r.fold)
-    return stages
+    if store:  # the cores left store the streamed weights: nothing else goes there
+        fabric.free = []
+    return stages, store
+
+
+def _streamed_prefill(demand: Demand, spots: list, trial: Fabric) -> tuple[list[Stage], int] | None:
+    """Prefill stages of the named mesh that fit, the last also running the layers they cannot
+    hold, with those layers' weights and K/V kept in the wafer's other cores and streamed in
+    one layer at a time; ``(stages, storage cores)`` or ``None`` if the other cores cannot
+    hold them.
+
+    Prefill multiplies every weight by the whole prompt, so bringing a layer's weights over
+    the fabric costs little beside its compute (:func:`stream_cycles`), while a smaller
+    remainder mesh would compute its layers several times slower.
+    """
+    mesh, k = spots[0][0], len(spots)
+    p = demand.parts(mesh, False, False)
+    per_layer = p["layer"] + p["kv_layer"]
+    caps = [demand.max_layers(mesh, i == 0, i == k - 1) for i in range(k)]
+    # the last stage keeps room for the layer streaming in
+    caps[-1] = max(0, int((demand.room(mesh, k == 1, True) - per_layer) // per_layer))
+    streamed = demand.config.num_layers - sum(caps)
+    if streamed <= 0 or min(caps) < 1:
+        return None
+    dev = demand.device
+    store_cores = trial.height * trial.width - trial.used_cores
+    need = streamed * per_layer * mesh[0] * mesh[1]
+    if need > store_cores * (dev.mem_per_core - dev.reserved_bytes):
+        return None
+    stages, start = [], 0
+    for i, ((m, region, _), c) in enumerate(zip(spots, caps)):
+        stages.append(demand.stage(m, start, c, i == 0, i == k - 1, region=region))
+        start += c
+    last = stages[-1]
+    stages[-1] = dataclasses.replace(
+        last,
+        streamed=streamed,
+        buffer_bytes=last.buffer_bytes + int(per_layer),
+        free_bytes=last.free_bytes - int(per_layer),
+    )
+    used = -(-need // int(dev.mem_per_core - dev.reserved_bytes))
+    return stages, int(min(store_cores, used))
+
+
+def stream_cycles(config: ModelConfig, device: Device, stage: Stage) -> float:
+    """Cycles to stream one layer's weights into ``stage`` from the storage cores: the whole
+    mesh's weight elements cross the region's shorter side, one element per link per cycle, on
+    pre-routed paths up to a wafer's side long."""
+    py, px = stage.mesh
+    words = layer_weight_words(config, stage.mesh) * py * px
+    side = min(stage.region.height, stage.region.width) if stage.region else min(py, px)
+    return words / side * device.wavelet_cycles + device.alpha * max(device.cores_y, device.cores_x)
 
 
 def place_phase(
@@ -426,9 +498,9 @@ def place_phase(
 ) -> PhasePlacement:
     """Stages and regions of one phase, on ``fabric`` (default: a whole wafer).
 
-    On one wafer when its cores can hold the phase (stages of ``mesh``, folded where needed,
-    then remainder stages); otherwise as a layer subset over as many wafers as the stages of
-    ``mesh`` need.
+    On one wafer when its cores can hold the phase (stages of ``mesh``, folded where needed;
+    then, for decode, remainder stages, for prefill, layers streamed in from storage cores);
+    otherwise as a layer subset over as many wafers as the stages of ``mesh`` need.
 
     Raises
     ------
@@ -439,9 +511,9 @@ def place_phase(
     check_mesh(device, mesh, phase)
     demand = Demand(config, device, phase, tokens, kv_tokens, policy)
     fab = fabric if fabric is not None else Fabric(device.cores_y, device.cores_x)
-    stages = _place_on(demand, mesh, fab)
-    if stages is not None:
-        return PhasePlacement(phase, mesh, kv_tokens, stages, policy=policy)
+    got = _place_on(demand, mesh, fab)
+    if got is not None:
+        return PhasePlacement(phase, mesh, kv_tokens, got[0], policy=policy, store_cores=got[1])
     # more than one wafer: the named mesh's stages, wafer after wafer
     n = fewest_stages(demand, mesh)
     caps = [demand.max_layers(mesh, i == 0, i == n - 1) for i in range(n)]

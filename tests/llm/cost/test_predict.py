@@ -42,12 +42,6 @@ FOLDED_34B = (
     "folded 2x (its layers 19% slower), which 660x660 stages never need: 660 (1364 tok/s) is "
     "faster than 420 (1319)"
 )
-REMAINDER_13B = (
-    "LLaMA2-13B prefill on 600x600 fits one wafer (one 600x600 stage and remainder stages of "
-    "394, 356 and 300 for 20 of its 40 layers), while 480 and 720 need two wafers and run "
-    "every layer on the named mesh (layer subset): the one-wafer 600 placement is slower than "
-    "480 (9816 against 10826 tok/s)"
-)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +100,7 @@ def test_decode_tpr_at_660_is_below_420(name):
     "name",
     [
         "llama3-8b",
-        pytest.param("llama2-13b", marks=pytest.mark.xfail(strict=True, reason=REMAINDER_13B)),
+        "llama2-13b",
         "codellama-34b",
         "qwen2-72b",
     ],

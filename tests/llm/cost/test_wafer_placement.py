@@ -107,6 +107,34 @@ def test_13b_on_540_runs_remainder_stages_and_says_so():
     assert decode_tpr(preset("llama2-13b"), (540, 540), WSE2) > 0
 
 
+def test_13b_prefill_on_750_streams_the_layers_its_stage_cannot_hold():
+    from llm.cost.predict import ttft_cycles
+    from llm.cost.wafer import place_phase, stream_cycles
+
+    c = preset("llama2-13b")
+    pl = place_phase(c, WSE2, (750, 750), "prefill", 2048, 2048)
+    assert pl.wafers == 1 and len(pl.stages) == 1
+    (stage,) = pl.stages
+    assert stage.streamed > 0 and stage.layers + stage.streamed == c.num_layers
+    assert stage.free_bytes >= 0 and pl.store_cores > 0
+    assert "streamed in" in stage.describe()
+    # a streamed layer costs at least its compute and at least the stream of its weights
+    resident = type(pl)(
+        pl.phase,
+        pl.mesh,
+        pl.kv_tokens,
+        [type(stage)(0, c.num_layers, stage.mesh, 0, 0, 0, 0, region=stage.region)],
+    )
+    with_stream, _ = ttft_cycles(c, pl, (375, 375), 2048, WSE2)
+    all_resident, _ = ttft_cycles(c, resident, (375, 375), 2048, WSE2)
+    assert with_stream >= all_resident
+    from llm.cost.wafer import layer_weight_words
+
+    # the layer's weight elements cross the 750-core side, one per link per cycle
+    words = layer_weight_words(c, (750, 750)) * 750 * 750
+    assert stream_cycles(c, WSE2, stage) == pytest.approx(words / 750 + 994)
+
+
 @pytest.mark.parametrize("model", ["codellama-34b", "qwen2-72b"])
 @pytest.mark.parametrize("side", [420, 540, 660])
 def test_34b_and_72b_need_more_than_one_wafer(model, side):
