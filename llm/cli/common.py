@@ -110,6 +110,18 @@ def token_ids(text: str) -> str:
     return text
 
 
+def device(text: str) -> str:
+    """argparse type: a device the PLMR ledger knows (``wse2``, ``wse3``,
+    ``NAME:field=value,...``), checked now; the text is kept."""
+    from meshrt.plmr import get_device
+
+    try:
+        get_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def allreduce(text: str) -> str:
     return ALLREDUCE_ALIASES.get(text.strip().lower(), text.strip().lower())
 
@@ -167,6 +179,7 @@ def add_run_args(p) -> None:
     )
     p.add_argument(
         "--device",
+        type=device,
         default="wse2",
         help="device priced by the PLMR ledger: wse2, wse3, or NAME:field=value,...",
     )

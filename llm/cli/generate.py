@@ -137,6 +137,12 @@ def add_batch_args(p, prompt_group) -> None:
         action="store_true",
         help="with --batch: a bad request line stops the job (default: skip it)",
     )
+    p.add_argument(
+        "--allow-sampling-change",
+        action="store_true",
+        help="with --batch: resume into --out even if its results were made with other "
+        "sampling settings (temperature, top_k, top_p, seed) than their requests say now",
+    )
 
 
 def add_chat_args(p, prompt_group) -> None:
@@ -208,16 +214,24 @@ def run(args, plane) -> int:
         ids = chat_prompt_ids(
             source.path, tokenizer, request.prompt.chat, request.prompt.system, plane
         )
+    batch = None
+    if request.prompt.batch:  # the files are checked before the model loads
+        from ..serve.batch import check_batch_files
+
+        batch = BatchOptions(
+            request.prompt.batch, args.out, args.strict, args.allow_sampling_change
+        )
+        check_batch_files(batch, plane)
     try:
         model = load_model(source, plane)
     except MeshError as e:
         raise runtime.UsageError(str(e)) from None
-    if request.prompt.batch:
+    if batch is not None:
         from ..serve.batch import run_batch
         from ..text.chat_template import ChatTemplate
 
         return run_batch(
-            BatchOptions(request.prompt.batch, args.out, args.strict),
+            batch,
             request,
             model,
             tokenizer,

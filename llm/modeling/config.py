@@ -18,10 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+#: Largest size accepted for each field: far beyond any published model, yet small enough that
+#: a config claiming more (a typo, a crafted file) is refused before anything is sized by it.
+MAX_SIZES = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_layers": 1 << 14,
+    "num_heads": 1 << 14,
+    "num_kv_heads": 1 << 14,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 30,
+}
 
 
 class ConfigError(ValueError):
@@ -32,7 +47,37 @@ def _id_tuple(ids) -> tuple:
     """Token ids as HF configs write them (one int, a list, or null) as a tuple of int."""
     if ids is None:
         return ()
-    return (int(ids),) if isinstance(ids, int) else tuple(int(e) for e in ids)
+    items = [ids] if isinstance(ids, (int, float, str, bool)) else ids
+    try:
+        out = tuple(items)
+    except TypeError:
+        raise ConfigError(f"token ids must be integers, got {ids!r}") from None
+    if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in out):
+        raise ConfigError(f"token ids must be integers, got {ids!r}")
+    return tuple(int(e) for e in out)
+
+
+def _whole(d: dict, key: str, default=None):
+    """``d[key]`` as an int: an integer, or a float with no fractional part (``ConfigError``
+    for anything else: a fractional head count must not be rounded silently)."""
+    value = d.get(key, default)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be a whole number, got {value!r}")
+
+
+def _real(d: dict, key: str, default: float) -> float:
+    """``d[key]`` as a finite float (``ConfigError`` for text, booleans, NaN or infinity)."""
+    value = d.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -176,6 +221,11 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+            if value > MAX_SIZES[key]:
+                raise ConfigError(
+                    f"{key}={value} is beyond any real model (at most {MAX_SIZES[key]} is "
+                    "accepted); is the config damaged?"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_kv_heads={self.num_kv_heads} does not divide "
@@ -183,10 +233,12 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-        if not self.rms_norm_eps > 0:
-            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{key} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be a positive finite number, got {value!r}")
         if self.hidden_act != "silu":
             raise NotImplementedError(
                 f"hidden_act {self.hidden_act!r} is not supported (only silu)"
@@ -202,6 +254,9 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", _check_rope_scaling(dict(self.rope_scaling)))
         eos = _id_tuple(self.eos_token_id)
         object.__setattr__(self, "eos_token_id", eos)
+        if self.bos_token_id is not None:
+            (bos,) = _id_tuple(self.bos_token_id)
+            object.__setattr__(self, "bos_token_id", bos)
         for tok in eos + ((self.bos_token_id,) if self.bos_token_id is not None else ()):
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(
@@ -306,6 +361,8 @@ class ModelConfig:
         name : str
             Label stored in :attr:`name`.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, not a {type(d).__name__}")
         family = d.get("model_type") or next(
             (_ARCHITECTURES[a] for a in d.get("architectures") or () if a in _ARCHITECTURES), None
         )
@@ -327,19 +384,23 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing}")
-        heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim")
+        heads, hidden = _whole(d, "num_attention_heads"), _whole(d, "hidden_size")
+        head_dim = _whole(d, "head_dim")
         if head_dim is None:
-            if d["hidden_size"] % heads:
+            if heads <= 0 or hidden % heads:
                 raise ConfigError(
-                    f"hidden_size={d['hidden_size']} is not divisible by "
+                    f"hidden_size={hidden} is not divisible by "
                     f"num_attention_heads={heads} and no head_dim is given"
                 )
-            head_dim = d["hidden_size"] // heads
+            head_dim = hidden // heads
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             raise NotImplementedError("partial_rotary_factor != 1 is not supported")
 
-        max_pos = int(d.get("max_position_embeddings") or fam.default_max_pos)
+        max_pos = _whole(d, "max_position_embeddings")
+        if max_pos is None:
+            max_pos = fam.default_max_pos
+        elif max_pos <= 0:
+            raise ConfigError(f"max_position_embeddings must be positive, got {max_pos}")
         theta, scaling = _parse_rope(d, fam.default_theta, max_pos)
         if max_context is not None:
             if not 0 < max_context <= max_pos:
@@ -350,7 +411,7 @@ class ModelConfig:
         if fam.sliding_window == "plain" or (
             fam.sliding_window == "qwen2" and d.get("use_sliding_window")
         ):
-            window = d.get("sliding_window")
+            window = _whole(d, "sliding_window")
 
         def flag(spec):
             return bool(d.get(spec, False)) if isinstance(spec, str) else spec
@@ -358,14 +419,14 @@ class ModelConfig:
         dtype = str(d.get("dtype") or d.get("torch_dtype") or "float32").replace("torch.", "")
         return cls(
             family=family,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            vocab_size=_whole(d, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_whole(d, "intermediate_size"),
+            num_layers=_whole(d, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_whole(d, "num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=_real(d, "rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
@@ -375,7 +436,7 @@ class ModelConfig:
             mlp_bias=flag(fam.mlp_bias),
             bos_token_id=d.get("bos_token_id", fam.default_bos),
             eos_token_id=_id_tuple(d.get("eos_token_id", fam.default_eos)),
-            sliding_window=None if window is None else int(window),
+            sliding_window=window,
             dtype=dtype,
             hidden_act=d.get("hidden_act", "silu"),
             name=name,
@@ -393,6 +454,10 @@ class ModelConfig:
             raise ConfigError(f"no config.json at {path}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object, not a {type(d).__name__}")
         return cls.from_hf_dict(d, max_context=max_context, name=path.parent.name)
 
     def to_hf_dict(self) -> dict:
@@ -439,6 +504,10 @@ class ModelConfig:
 def _parse_rope(d: dict, default_theta: float, max_pos: int) -> tuple[float, dict | None]:
     """(rope_theta, normalised rope_scaling) from either config layout."""
     params = d.get("rope_parameters")
+    legacy = d.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", legacy)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a JSON object, got {value!r}")
     if (
         isinstance(params, dict)
         and params
@@ -450,12 +519,11 @@ def _parse_rope(d: dict, default_theta: float, max_pos: int) -> tuple[float, dic
             raise NotImplementedError("different RoPE parameters per layer type are not supported")
         params = json.loads(distinct.pop()) if distinct else {}
     params = dict(params or {})
-    legacy = d.get("rope_scaling")
     if legacy:
         for key, value in legacy.items():
             params.setdefault(key, value)
     theta = params.get("rope_theta", d.get("rope_theta"))
-    theta = float(default_theta if theta is None else theta)
+    theta = _real({"rope_theta": theta}, "rope_theta", default_theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
@@ -489,7 +557,10 @@ def _check_rope_scaling(s: dict) -> dict:
         raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {missing}")
     out = {"rope_type": rope_type}
     for k in keys:
-        out[k] = int(s[k]) if k == "original_max_position_embeddings" else float(s[k])
+        value = _whole(s, k) if k == "original_max_position_embeddings" else _real(s, k, 0.0)
+        if not value > 0:
+            raise ConfigError(f"rope_scaling {k} must be positive, got {value!r}")
+        out[k] = value
     if rope_type == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
         raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
     return out

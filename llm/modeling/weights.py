@@ -19,9 +19,21 @@ class CheckpointError(ValueError):
 
 def check_weights(config: ModelConfig, shapes: Mapping) -> None:
     """Raise :class:`CheckpointError` unless ``shapes`` (name -> shape, or name -> array) holds
-    exactly the tensors ``config`` needs, with the right shapes."""
-    want = config.tensor_shapes()
+    exactly the tensors ``config`` needs, with the right shapes.
+
+    The counts are compared first, from the config's sizes alone: a config that claims far more
+    layers than the checkpoint holds is refused before its tensor list is made.
+    """
     have = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+    need = tensor_count(config)
+    if need > len(have):
+        layers = {k.split(".")[2] for k in have if k.startswith("model.layers.")}
+        raise CheckpointError(
+            f"the {config.family} config needs {need} tensors ({config.num_layers} layers) but "
+            f"the checkpoint holds {len(have)} (tensors of {len(layers)} layers): is the config "
+            "damaged, or from another model?"
+        )
+    want = config.tensor_shapes()
     missing = [k for k in want if k not in have]
     extra = [k for k in have if k not in want]
     wrong = [
@@ -43,6 +55,13 @@ def check_weights(config: ModelConfig, shapes: Mapping) -> None:
         raise CheckpointError(
             f"weights do not match the {config.family} config: " + "; ".join(problems)
         )
+
+
+def tensor_count(config: ModelConfig) -> int:
+    """How many tensors :meth:`ModelConfig.tensor_shapes` lists, computed without listing them."""
+    per_layer = 2 + 4 + 3  # two norms, q/k/v/o, gate/up/down
+    per_layer += 3 * config.attention_bias + config.attention_out_bias + 3 * config.mlp_bias
+    return 2 + config.num_layers * per_layer + (not config.tie_word_embeddings)
 
 
 def lm_head_weight(config: ModelConfig, weights: Mapping) -> np.ndarray:

@@ -18,30 +18,47 @@ completes: the request's ``id`` and input ``line``, then the same record ``gener
 prints (``prompt_ids``, ``new_ids``, ``text``, ``stopped_by``, timings, modeled wafer time,
 meshes). Results therefore come in completion order, one line each.
 
-Resuming: a rerun with the same ``--out`` skips every id already there, so a killed job loses at
-most the request in flight. A last line without its newline (the job died while writing it) is
-cut off before anything is appended and its request runs again; any other line that is not a
-result stops the job with an error (the file is left untouched).
+Each result also records its request's sampling settings (``sampling``: ``temperature``,
+``top_k``, ``top_p``, ``seed``).
 
-A bad input line (not JSON, unknown keys, no prompt, a prompt that does not fit the context, a
-duplicate id, ...) is reported with its line number and skipped; with ``--strict`` the job stops
-before generating anything. Requests are checked on rank 0 and the checked list is broadcast, so
-every rank runs the same requests.
+Resuming: a rerun with the same ``--out`` skips every id already there, so a killed job loses at
+most the request in flight. A last line without its newline that begins as a result does (the
+job died while writing it) is cut off before anything is appended and its request runs again.
+Any other content (a line that is not a result, a file that is not a results file) stops the
+job with an error naming the file, which is left untouched; so does ``--out`` naming the
+``--batch`` file itself (also through a link), a directory or a device. A finished result whose
+sampling settings differ from its request's now is refused too, unless
+``--allow-sampling-change``. A job stopped by SIGTERM says so, with how to resume, and exits
+with status 143.
+
+A bad input line (not UTF-8, not JSON, unknown keys, no prompt, a prompt that does not fit the
+context, a duplicate id, ...) is reported with its line number and skipped; with ``--strict`` the
+job stops before generating anything. Requests are checked on rank 0 and the checked list is
+broadcast, so every rank runs the same requests.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshrt import runtime
 
 from .options import BatchOptions, GenerateOptions, StopOptions
+from .results import (
+    BadRequest,
+    ResultWriter,
+    check_out,
+    check_sampling,
+    finished_ids,
+    id_key,
+)
 
 if TYPE_CHECKING:
     from ..text.chat_template import ChatTemplate
@@ -49,6 +66,11 @@ if TYPE_CHECKING:
 PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
 SETTING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
 KNOWN_KEYS = frozenset(("id",) + PROMPT_KEYS + SETTING_KEYS)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+#: Longest request line read (bytes): a longer one (or an endless one, /dev/zero) is refused.
+MAX_LINE_BYTES = 16 << 20
+#: Exit status of a batch stopped by SIGTERM (128 + 15, as the shell reports it).
+STOPPED_EXIT = 143
 
 BATCH_HELP = """\
 batch mode (--batch FILE --out FILE):
@@ -56,15 +78,14 @@ batch mode (--batch FILE --out FILE):
   with the model's template) or "prompt_ids", and optionally max_new_tokens, temperature, top_k,
   top_p, seed, stop, ignore_eos (defaults: this command's options). The model is loaded once.
   Each result is appended to --out as one JSON line (id, line, prompt_ids, new_ids, text,
-  stopped_by, and the metrics of --json) and flushed when its request finishes. A rerun skips
-  the ids already in --out; a half-written last line (a job killed while writing it) is cut off
-  and its request runs again. A bad request line is reported with its number and skipped, or
-  stops the job before any generation with --strict.
+  stopped_by, sampling, and the metrics of --json) and flushed when its request finishes. A
+  rerun skips the ids already in --out; a half-written last result line (a job killed while
+  writing it) is cut off and its request runs again; a result made with other sampling
+  settings than its request's now stops the job unless --allow-sampling-change. --out must
+  be a results file (or new). A bad request line is reported with its number and skipped, or
+  stops the job before any generation with --strict. SIGTERM stops the job (exit 143); the
+  same command resumes it.
 """
-
-
-class BadRequest(ValueError):
-    """One request line that cannot run; the message says why."""
 
 
 @dataclass
@@ -81,10 +102,9 @@ class Request:
     seed: int | None = 0
     stop_ids: list = field(default_factory=list)
 
-
-def id_key(value) -> str:
-    """Canonical form of a request id (so that 7 and "7" stay different)."""
-    return json.dumps(value)
+    def sampling(self) -> dict:
+        """The sampling settings stored with the result (compared when a job resumes)."""
+        return {k: getattr(self, k) for k in SAMPLING_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,19 +265,37 @@ class RequestReader:
 
 
 def read_requests(path, reader: RequestReader) -> tuple[list, list]:
-    """``(requests, problems)`` of a JSON-lines file; ``problems`` = ``[(line, message)]``."""
+    """``(requests, problems)`` of a JSON-lines file; ``problems`` = ``[(line, message)]``.
+
+    A line that is not UTF-8 text is one of the problems, reported by number; a line longer
+    than :data:`MAX_LINE_BYTES` (or a file that is not one: a directory, a device) stops.
+    """
     requests, problems = [], []
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, text in enumerate(f, start=1):
+        kind = os.stat(path).st_mode
+        if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):
+            what = "a directory" if stat.S_ISDIR(kind) else "not a regular file"
+            raise BadRequest(f"--batch {path} is {what}; give a JSON-lines file of requests")
+        with open(path, "rb") as f:
+            number = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise BadRequest(
+                        f"{path}:{number}: a line longer than {MAX_LINE_BYTES >> 20} MiB; "
+                        "is this a file of JSON requests?"
+                    )
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    problems.append((number, f"not UTF-8 text ({e.reason} at byte {e.start})"))
+                    continue
                 if not text.strip():
                     continue
                 try:
                     requests.append(reader.parse(text, number))
                 except BadRequest as e:
                     problems.append((number, str(e)))
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"{path} is not UTF-8 text ({e})") from None
     except OSError as e:
         raise BadRequest(f"cannot read --batch {path}: {e.strerror or e}") from None
     return requests, problems
@@ -268,51 +306,44 @@ def read_requests(path, reader: RequestReader) -> tuple[list, list]:
 # ----------------------------------------------------------------------------------------------
 
 
-def finished_ids(out_path) -> tuple[set, int]:
-    """Ids already in the results file, after cutting off a half-written last line.
+def check_batch_files(batch: BatchOptions, plane) -> None:
+    """Before the model loads: ``--batch`` and ``--out`` are files this job can use (checked
+    on rank 0, the same ``UsageError`` on every rank)."""
 
-    Returns ``(ids, bytes_cut)``. Raises :class:`BadRequest` if a complete line is not a result
-    (the file is then left as it is).
-    """
-    path = Path(out_path)
-    if not path.exists():
-        if not path.parent.is_dir():
-            raise BadRequest(f"--out {out_path}: directory {path.parent} does not exist")
-        return set(), 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is half-written
-    done = set()
-    for number, raw in enumerate(data[:keep].splitlines(), start=1):
-        if not raw.strip():
-            continue
+    def check() -> None:
         try:
-            rec = json.loads(raw)
-            done.add(id_key(rec["id"]))
-        except (ValueError, KeyError, TypeError):
-            raise BadRequest(
-                f"--out {out_path}:{number} is not a result line of this command; "
-                "refusing to append to it (choose another --out)"
-            ) from None
-    cut = len(data) - keep
-    if cut:
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return done, cut
+            kind = os.stat(batch.requests).st_mode
+            if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):
+                what = "a directory" if stat.S_ISDIR(kind) else "not a regular file"
+                raise BadRequest(
+                    f"--batch {batch.requests} is {what}; give a JSON-lines file of requests"
+                )
+        except OSError as e:
+            raise BadRequest(f"cannot read --batch {batch.requests}: {e.strerror or e}") from None
+        check_out(batch.out, batch.requests)
+        finished_ids(batch.out, cut=False)
+
+    try:
+        plane.agree(check, catch=BadRequest)
+    except BadRequest as e:
+        raise runtime.UsageError(str(e)) from None
 
 
-class ResultWriter:
-    """Appends one JSON line per result, flushed and fsync'ed, so a crash loses no result."""
+class Stopped(Exception):
+    """SIGTERM arrived while the batch ran."""
 
-    def __init__(self, path):
-        self.f = open(path, "a", encoding="utf-8")
 
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
+def _raise_on_sigterm():
+    """Make SIGTERM raise :class:`Stopped` in the main thread; returns the previous handler
+    (``None`` if it could not be set)."""
 
-    def close(self) -> None:
-        self.f.close()
+    def stop(signum, frame):
+        raise Stopped()
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,10 +355,7 @@ def _prepare(
     batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, template_loader, log
 ) -> tuple:
     """Rank 0: check the files and read the requests -> ``("ok", pending, problems, n_done)``."""
-    if not batch.out:
-        raise BadRequest("--batch needs --out FILE (where the results go)")
-    if os.path.abspath(batch.out) == os.path.abspath(batch.requests):
-        raise BadRequest("--out must not be the --batch file")
+    check_out(batch.out, batch.requests)
     reader = RequestReader(tokenizer, model.config, defaults, template_loader)
     requests, problems = read_requests(batch.requests, reader)
     for number, message in problems:
@@ -341,8 +369,10 @@ def _prepare(
             f"{batch.requests}:{number}: {message} (--strict: nothing was run; "
             f"{len(problems)} bad line{'s' if len(problems) > 1 else ''})"
         )
-    done, cut = finished_ids(batch.out)
+    done, cut = finished_ids(batch.out, cut=False)  # nothing is cut before all is checked
+    check_sampling(done, requests, batch.out, batch.allow_sampling_change, log)
     if cut:
+        finished_ids(batch.out)
         log.warning(
             f"{batch.out}: cut off a half-written last line ({cut} bytes); its request runs again"
         )
@@ -415,6 +445,7 @@ def run_batch(
         dynamic_ncols=True,
     )
     tokens, finished, t0 = 0, 0, time.perf_counter()
+    previous = _raise_on_sigterm()
     try:
         for req in pending:
             sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
@@ -430,7 +461,8 @@ def run_batch(
             tokens += len(gen.new_ids)
             rate = tokens / (time.perf_counter() - t0)
             if writer is not None:
-                writer.write({"id": req.id, "line": req.line, **record(req.prompt_ids, gen)})
+                result = record(req.prompt_ids, gen)
+                writer.write({"id": req.id, "line": req.line, "sampling": req.sampling(), **result})
                 finished += 1
                 bar.update(1)
                 bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
@@ -439,7 +471,20 @@ def run_batch(
                         f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
                         f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
                     )
+    except Stopped:
+        bar.close()
+        if rank == 0:
+            print(
+                f"batch stopped by SIGTERM after {finished} of {len(pending)} requests (results "
+                f"so far in {batch.out}); to resume, run the same command again: finished "
+                "requests are skipped",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(STOPPED_EXIT) from None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         bar.close()
         if writer is not None:
             writer.close()

@@ -86,6 +86,11 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     )
     t0 = time.perf_counter()
     if options.model:  # a shard set on its own meshes (another one: error), or an HF directory
+        from .preflight import agree, check_run, decode_mesh, model_kind
+
+        kind = agree(plane, model_kind, options.model)
+        source = ModelSource(options.model, options.mesh, options.run)
+        check_run(options.run, agree(plane, decode_mesh, source, kind, size))
         model = load_model(ModelSource(options.model, options.mesh, options.run), plane)
         full = model.config
         _check_length(options, full)
@@ -94,8 +99,11 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
             (model.layouts[ph].py, model.layouts[ph].px) for ph in ("decode", "prefill")
         )
     else:
+        from .preflight import check_run
+
         dmesh = options.mesh.decode or (8, 8)
         pmesh = options.mesh.prefill or dmesh
+        check_run(options.run, dmesh)
         name = options.preset
         full = preset(name)
         if options.layers is not None and options.layers > full.num_layers:

@@ -188,6 +188,8 @@ class BatchOptions:
     requests: str
     out: str | None = None
     strict: bool = False
+    #: Resume into ``out`` even if its results were made with other sampling settings.
+    allow_sampling_change: bool = False
 
 
 @dataclass(frozen=True)

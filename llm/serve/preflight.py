@@ -22,7 +22,7 @@ from meshrt.runtime import ControlPlane
 from ..modeling.config import ConfigError, ModelConfig
 from ..modeling.weights import CheckpointError
 from ..storage.shards import MANIFEST_NAME, ShardError, file_sha256, read_manifest
-from .options import GenerateOptions, ModelSource, PromptSpec, StopOptions
+from .options import GenerateOptions, ModelSource, PromptSpec, RunOptions, StopOptions
 
 #: Failures of bad input or of the environment (a user can fix them): one message, exit 2.
 EXPECTED = (
@@ -118,10 +118,12 @@ def open_tokenizer(
     ``need_text``: the prompt or a stop string is text, so a tokenizer is required (``hint``
     ends the error message when there is none).
     """
-    from ..text.tokenizer import load_tokenizer
+    from ..text.tokenizer import TokenizerError, load_tokenizer
 
     try:
         return load_tokenizer(path, config)
+    except TokenizerError as e:  # a damaged file is an error even when ids are given
+        raise runtime.UsageError(str(e)) from None
     except ValueError as e:  # no tokenizer file and a vocabulary too small for bytes
         if need_text:
             raise runtime.UsageError(f"{e}; {hint}") from None
@@ -164,6 +166,44 @@ def check_template(template) -> None:
         raise runtime.UsageError(str(e)) from None
 
 
+def decode_mesh(source: ModelSource, kind: str, nranks: int) -> tuple | None:
+    """The decode mesh a run of ``source`` will use: ``--decode-mesh``, a shard set's own, or
+    2x2 cores per rank for an HF directory (``None`` if a damaged manifest does not say; the
+    shard reader then reports it)."""
+    if source.mesh.decode is not None:
+        return tuple(source.mesh.decode)
+    if kind == "shards":
+        try:
+            return tuple(int(v) for v in read_manifest(source.path)["phases"]["decode"]["mesh"])
+        except (KeyError, TypeError, ValueError):
+            return None
+    from meshrt.mesh import default_rank_grid
+
+    ry, rx = source.mesh.ranks or default_rank_grid(nranks)
+    return (2 * ry, 2 * rx)
+
+
+def check_run(run: RunOptions, mesh: tuple | None) -> None:
+    """``--device`` and ``--groups`` against the decode mesh (``UsageError`` if they cannot
+    run): the K-tree splits each line of the mesh into at most as many groups as it has cores,
+    along both axes (decode alternates them)."""
+    from meshrt.plmr import get_device
+
+    try:
+        get_device(run.device)
+    except ValueError as e:
+        raise runtime.UsageError(f"--device {run.device}: {e}") from None
+    if run.groups is None or run.allreduce != "ktree" or mesh is None:
+        return
+    line = min(mesh)
+    if run.groups > line:
+        raise runtime.UsageError(
+            f"--groups {run.groups}: the K-tree splits each line of the decode mesh "
+            f"{mesh[0]}x{mesh[1]} into groups, and its shortest lines have {line} cores: give "
+            f"--groups between 1 and {line}"
+        )
+
+
 def _model_files(
     source: ModelSource, control: ControlPlane, need_text: bool, **hint
 ) -> tuple[str, str, ModelConfig, object]:
@@ -174,6 +214,7 @@ def _model_files(
     assert path is not None, "model_kind refuses a missing --model on every rank"
     config = agree(control, read_config, path, kind, source.max_context)
     same_on_every_rank(control, f"has one of sha256 {digest(config.to_dict())}", "model config")
+    check_run(source.run, agree(control, decode_mesh, source, kind, control.size))
     tokenizer = agree(control, open_tokenizer, path, config, need_text, **hint)
     same_on_every_rank(control, agree(control, tokenizer_identity, tokenizer), "tokenizer")
     return path, kind, config, tokenizer

@@ -50,8 +50,20 @@ _ROW_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+#: The safetensors library's own limit on the JSON header (bytes).
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(path) -> tuple[dict, int]:
-    """Parse the header of one ``.safetensors`` file and check it against the file size.
+    """Parse the header of one ``.safetensors`` file and check it as the format's own library
+    does, against the file size.
+
+    The header is a JSON object; ``__metadata__`` (if present) maps strings to strings; every
+    other entry has a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets``, two integers. Sorted by offset, the tensors tile the data section exactly:
+    each starts where the previous one ends (the first at 0, the last ending at the file's end),
+    and each spans ``dtype size x number of elements`` bytes. Anything else is refused with a
+    :class:`CheckpointError` naming the file and the tensor, before any data is read.
 
     Returns
     -------
@@ -70,29 +82,88 @@ def read_header(path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", prefix)
             if n > size - 8:
                 raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header of {n} bytes, more than safetensors allows")
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise CheckpointError(f"missing checkpoint file {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except ValueError as e:  # a key given twice
+        raise CheckpointError(f"{path}: header {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: header must be a JSON object, not a {type(header).__name__}"
+        )
     data_start, data_size = 8 + n, size - 8 - n
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if dtype not in _ITEMSIZE:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        if not 0 <= begin <= end <= data_size or end - begin != count * _ITEMSIZE[dtype]:
+        spans.append((_span(path, name, info), name))
+    end = 0
+    for (begin, stop), name in sorted(spans):
+        if begin != end:
+            what = "overlaps the one before it" if begin < end else "leaves a gap before it"
             raise CheckpointError(
-                f"{path}: tensor {name!r} ({dtype}{shape}) has data offsets "
-                f"[{begin}, {end}) inconsistent with the file (corrupt or "
-                "truncated?)"
+                f"{path}: tensor {name!r} starts at data offset {begin}, which {what} (at "
+                f"{end}): the offsets are not contiguous (corrupt or crafted file?)"
             )
+        end = stop
+    if end != data_size:
+        raise CheckpointError(
+            f"{path}: the header's tensors cover {end} bytes of data but the file holds "
+            f"{data_size} ({'truncated' if end > data_size else 'bytes that no tensor owns'}?)"
+        )
     return header, data_start
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json`` object hook refusing a key given twice (which would hide one tensor)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"names {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _span(path: Path, name: str, info) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, checked for types and against dtype x shape."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: header entry for {name!r} is not a JSON object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{path}: tensor {name!r} has no dtype")
+    if dtype not in _ITEMSIZE:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(is_int(s) for s in shape):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {shape!r}, not a list of non-negative integers"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers"
+        )
+    begin, end = offsets
+    count = 1
+    for s in shape:
+        count *= s
+    if end < begin or end - begin != count * _ITEMSIZE[dtype]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ({dtype}{shape}) has data offsets [{begin}, {end}), "
+            f"not the {count * _ITEMSIZE[dtype]} bytes its shape needs (corrupt or crafted file?)"
+        )
+    return begin, end
 
 
 class SafetensorsFile:

@@ -123,6 +123,13 @@ def open_source(
     config, weights = load_checkpoint(path, lazy=True, max_context=max_context)
     config, label = _truncate(config, layers, path.absolute().name)
     files = {n: path / n for n in COPIED_FILES if (path / n).is_file()}
+    if "tokenizer.json" in files:  # a broken one must not travel with the shards
+        from ..text.tokenizer import TokenizerError, load_tokenizer
+
+        try:
+            load_tokenizer(path, config)
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
     return ModelSource(config, weights, label, files)
 
 
@@ -496,7 +503,7 @@ def convert(
                 files.update(recs)
             manifest["files"] = dict(sorted(files.items()))
             src.write_files(tmp)  # tokenizer and HF config travel with the shards
-            publish(tmp, out_dir, manifest, delete_other_files)
+            publish(tmp, out_dir, manifest, delete_other_files, force)
             return manifest
         except ShardError:
             remove_temporary(tmp)

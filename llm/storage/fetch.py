@@ -64,11 +64,21 @@ class FetchError(ValueError):
 
 
 def cache_dir(explicit=None) -> Path:
-    """``explicit``, else ``$WAFERLLM_CACHE``, else ``~/.cache/waferllm``."""
+    """``explicit``, else ``$WAFERLLM_CACHE``, else ``~/.cache/waferllm``.
+
+    A ``HOME`` that is set but empty or relative names no home (``~`` would become ``/`` or the
+    working directory): :class:`FetchError` then asks for ``--cache-dir`` or the variable.
+    """
     if explicit:
         return Path(explicit).expanduser()
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):
+        raise FetchError(
+            f"HOME is {'empty' if not home else f'relative ({home!r})'}, so there is no "
+            f"~/.cache for the model: set {CACHE_ENV}=DIR or pass --cache-dir DIR"
+        )
     return Path.home() / ".cache" / "waferllm"
 
 

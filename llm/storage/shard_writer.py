@@ -311,13 +311,42 @@ def remove_temporary(tmp) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) -> Path:
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (``FileExistsError``), atomically where
+    the kernel offers it (Linux ``renameat2(RENAME_NOREPLACE)``)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):  # not a kernel or filesystem without it
+            raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def publish(
+    tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False, force: bool = False
+) -> Path:
     """Write the manifest last and rename the finished temporary directory to ``out_dir``.
 
-    Called on one process (rank 0) after every rank file is complete. An existing ``out_dir``
-    (already checked by :func:`prepare_target`) is moved aside first; then only the files its
-    manifest lists are deleted (everything, with ``delete_other_files``). Anything else that
-    appeared there meanwhile is kept in ``<out_dir>.old-<pid>`` and reported.
+    Called on one process (rank 0) after every rank file is complete. ``out_dir`` is checked
+    again (:func:`replaceable_files`): without ``force``, a set that appeared during the run
+    (another conversion into the same directory) is never replaced. With ``force``, an existing
+    ``out_dir`` is moved aside first; then only the files its manifest lists are deleted
+    (everything, with ``delete_other_files``). Anything else that appeared there meanwhile is
+    kept in ``<out_dir>.old-<pid>`` and reported.
     """
     tmp, out = Path(tmp_dir), Path(out_dir).absolute()
     for fname, rec in manifest["files"].items():
@@ -327,7 +356,7 @@ def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) 
                 f"{path} is missing or incomplete after writing: are all ranks "
                 "writing to a shared filesystem?"
             )
-    listed = replaceable_files(out, True, delete_other_files)
+    listed = replaceable_files(out, force, delete_other_files)
     staged = tmp / (MANIFEST_NAME + ".partial")
     staged.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(staged, tmp / MANIFEST_NAME)
@@ -336,7 +365,14 @@ def publish(tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False) 
     if listed is not None:
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        _rename_no_replace(tmp, out)
+    except FileExistsError:
+        raise ShardError(
+            f"{out} appeared while this conversion ran (another conversion into the same "
+            "directory?); it was kept: pass --force to replace it, or choose another output "
+            "directory"
+        ) from None
     if old is not None:
         if delete_other_files:
             shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 REPLACEMENT_CHAR = "\ufffd"
+#: A ``tokenizer.json`` larger than this is refused unread (the largest real ones are ~20 MB).
+MAX_TOKENIZER_BYTES = 1 << 30
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used (damaged, not a tokenizer, or not this model's)."""
 
 
 class ByteTokenizer:
@@ -81,11 +87,11 @@ class HFTokenizer:
     """
 
     def __init__(self, path, bos_id: int | None = None, eos_ids: Iterable[int] = ()):
-        from tokenizers import Tokenizer
-
         self.path = Path(path)
-        self._tok = Tokenizer.from_file(str(self.path))
+        self._tok = _read_tokenizer(self.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        #: The largest token id the tokenizer can produce.
+        self.max_id = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
         self.bos_id = bos_id
         self.eos_ids = tuple(int(e) for e in eos_ids)
 
@@ -141,6 +147,32 @@ class SentencePieceTokenizer:
         )
 
 
+def _read_tokenizer(path: Path):
+    """A ``tokenizer.json`` read by the ``tokenizers`` library, once checked to be a JSON
+    object with a ``model`` (:class:`TokenizerError` naming the file if it is not usable)."""
+    from tokenizers import Tokenizer
+
+    bad = f"{path} is not a usable tokenizer.json"
+    try:
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{bad} (larger than {MAX_TOKENIZER_BYTES >> 20} MiB)")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{bad}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise TokenizerError(f"{bad}: {e.strerror or e}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{bad}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+        raise TokenizerError(f'{bad}: a JSON object with a "model" object is expected')
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception
+        raise TokenizerError(f"{bad}: {' '.join(str(e).split())[:200]}") from None
+
+
 def _valid(token_id: int) -> int | None:
     return None if token_id is None or token_id < 0 else int(token_id)
 
@@ -188,7 +220,13 @@ def load_tokenizer(model_dir=None, config=None):
         raise ValueError("load_tokenizer needs a model directory or a config")
     bos, eos, vocab = _special_ids(model_dir, config)
     if model_dir is not None and (model_dir / "tokenizer.json").exists():
-        return HFTokenizer(model_dir / "tokenizer.json", bos, eos)
+        tok = HFTokenizer(model_dir / "tokenizer.json", bos, eos)
+        if vocab is not None and tok.max_id >= vocab:
+            raise TokenizerError(
+                f"{tok.path} has token ids up to {tok.max_id}, beyond the model's vocabulary "
+                f"(0..{vocab - 1}): is it the tokenizer of another model?"
+            )
+        return tok
     if model_dir is not None and (model_dir / "tokenizer.model").exists():
         return SentencePieceTokenizer(model_dir / "tokenizer.model", bos, eos)
     if vocab is None:
