@@ -557,7 +557,10 @@ def _check_rope_scaling(s: dict) -> dict:
         raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {missing}")
     out = {"rope_type": rope_type}
     for k in keys:
-        value = _whole(s, k) if k == "original_max_position_embeddings" else _real(s, k, 0.0)
+        try:
+            value = _whole(s, k) if k == "original_max_position_embeddings" else _real(s, k, 0.0)
+        except ConfigError as e:
+            raise ConfigError(f"rope_scaling {e}") from None
         if not value > 0:
             raise ConfigError(f"rope_scaling {k} must be positive, got {value!r}")
         out[k] = value

@@ -1,0 +1,512 @@
+"""The fault matrix of crafted files, batch outputs and concurrent conversions (round three).
+
+Every case runs the real CLI as a subprocess with a timeout and asserts the exit code, the one
+``error:`` line, the wall time (no hang) and that no file outside the intended output changed.
+The library-level cases of the same families are in ``tests/llm/storage/test_crafted_files.py``.
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from faultcase import ENV, ROOT, assert_one_error, changed, needs_mpiexec, run, snapshot
+from goldens import FIXTURES
+
+from llm.storage.convert import convert
+
+MODEL = FIXTURES / "tiny-llama-gqa"
+#: Address space of a case that must fail before anything is sized by the config: a run that
+#: allocates per layer instead hits it within seconds (MemoryError) instead of filling the box.
+LIMIT_BYTES = 3 << 30
+
+
+def _limited():
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_BYTES, LIMIT_BYTES))
+
+
+def _model(tmp_path: Path, **config) -> Path:
+    """A copy of the fixture with ``config.json`` keys changed (``None`` removes one)."""
+    model = tmp_path / "model"
+    if not model.exists():
+        shutil.copytree(MODEL, model)
+    d = json.loads((MODEL / "config.json").read_text())
+    for key, value in config.items():
+        if value is None:
+            d.pop(key, None)
+        else:
+            d[key] = value
+    (model / "config.json").write_text(json.dumps(d))
+    return model
+
+
+def _generate(model, *extra, n=None, preexec_fn=None):
+    args = ["generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens", "2"]
+    return run([*args, "--decode-mesh", "2x2", *extra], n=n, preexec_fn=preexec_fn)
+
+
+def _convert(model, out, *extra, n=None, preexec_fn=None):
+    args = ["convert", model, "--out", out, "--decode-mesh", "2x2", "-q", *extra]
+    return run(args, n=n, preexec_fn=preexec_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. absurd sizes: refused from the config and the checkpoint's contents, before any allocation
+# ----------------------------------------------------------------------------------------------
+
+SIZES = {
+    "layers-1e9": ({"num_hidden_layers": 1_000_000_000}, "num_layers=1000000000 is beyond"),
+    "layers-16000": (
+        {"num_hidden_layers": 16000},
+        "needs 144003 tensors (16000 layers) but the checkpoint holds 30 (tensors of 3 layers)",
+    ),
+    "hidden-1e9": ({"hidden_size": 10**9}, "hidden_size=1000000000 is beyond"),
+    "hidden-2e20": (
+        {"hidden_size": 1 << 20, "intermediate_size": 1 << 22},
+        "wrong shapes (e.g. model.embed_tokens.weight: (157, 48) != expected (157, 1048576)",
+    ),
+    "vocab-2e40": ({"vocab_size": 1 << 40}, "vocab_size=1099511627776 is beyond"),
+    "heads-1e8": ({"num_attention_heads": 10**8}, "num_heads=100000000 is beyond"),
+    "context-1e12": ({"max_position_embeddings": 10**12}, "max_position_embeddings=10"),
+    "layers-negative": ({"num_hidden_layers": -2}, "num_layers must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIZES))
+def test_absurd_sizes_are_refused_fast_and_small(case, tmp_path):
+    changes, phrase = SIZES[case]
+    model = _model(tmp_path, **changes)
+    before = snapshot(tmp_path, MODEL)
+    p, dt = _generate(model, preexec_fn=_limited)
+    assert_one_error(p, dt, phrase, within=15)
+    p, dt = _convert(model, tmp_path / "out", preexec_fn=_limited)
+    assert_one_error(p, dt, phrase, within=15)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. values that used to change silently, or fail only after loading
+# ----------------------------------------------------------------------------------------------
+
+VALUES = {
+    "heads-fractional": ({"num_attention_heads": 6.5}, "num_attention_heads must be a whole"),
+    "kv-heads-fractional": ({"num_key_value_heads": 2.5}, "num_key_value_heads must be a whole"),
+    "layers-text": ({"num_hidden_layers": "3"}, "num_hidden_layers must be a whole number"),
+    "context-zero": ({"max_position_embeddings": 0}, "max_position_embeddings must be positive"),
+    "eps-nan": ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+    "theta-infinite": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+        "rope_theta must be a finite number",
+    ),
+    "rope-factor-nan": (
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "factor": float("nan"),
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 10000.0,
+            }
+        },
+        "rope_scaling factor must be a finite number",
+    ),
+    "eos-fractional": ({"eos_token_id": 2.5}, "token ids must be integers"),
+}
+
+
+@pytest.mark.parametrize("case", list(VALUES))
+def test_config_values_are_refused_not_changed(case, tmp_path):
+    changes, phrase = VALUES[case]
+    model = _model(tmp_path, **changes)
+    before = snapshot(tmp_path, MODEL)
+    p, dt = _generate(model)
+    assert_one_error(p, dt, phrase, within=15)
+    p, dt = _convert(model, tmp_path / "out")
+    assert_one_error(p, dt, phrase, within=15)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "\"a string\"", "null"])
+def test_config_json_that_is_not_an_object(text, tmp_path):
+    model = _model(tmp_path)
+    (model / "config.json").write_text(text)
+    p, dt = _generate(model)
+    assert_one_error(p, dt, "config.json must hold a JSON object", within=15)
+    p, dt = _convert(model, tmp_path / "out")
+    assert_one_error(p, dt, "config.json must hold a JSON object", within=15)
+    p, dt = run(["plan", "--model", model])
+    assert_one_error(p, dt, "config.json must hold a JSON object", within=15)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. safetensors headers: checked as the format's own library checks them
+# ----------------------------------------------------------------------------------------------
+
+
+def _rewrite_header(model: Path, edit) -> None:
+    path = model / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header, data = edit(header, data)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _first(header):
+    names = [k for k in header if k != "__metadata__"]
+    return sorted(names, key=lambda k: header[k]["data_offsets"])
+
+
+def _shift(h, d):
+    name = _first(h)[0]
+    h[name]["data_offsets"] = [x + 4 for x in h[name]["data_offsets"]]
+    return h, d
+
+
+def _overlap(h, d):
+    a, b = _first(h)[:2]
+    h[b]["data_offsets"] = [x - 4 for x in h[b]["data_offsets"]]
+    return h, d
+
+
+def _offsets_text(h, d):
+    name = _first(h)[0]
+    h[name]["data_offsets"] = [str(x) for x in h[name]["data_offsets"]]
+    return h, d
+
+
+HEADERS = {
+    "shifted-by-4": (_shift, "the offsets are not contiguous"),
+    "overlapping": (_overlap, "overlaps the one before it"),
+    "offsets-as-text": (_offsets_text, "not two non-negative integers"),
+    "header-a-list": (lambda h, d: ([h], d), "header must be a JSON object, not a list"),
+    "truncated": (lambda h, d: (h, d[: len(d) // 2]), "truncated?"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADERS))
+def test_crafted_safetensors_headers_are_refused(case, tmp_path):
+    edit, phrase = HEADERS[case]
+    model = _model(tmp_path)
+    _rewrite_header(model, edit)
+    before = snapshot(tmp_path, MODEL)
+    p, dt = _generate(model)
+    assert_one_error(p, dt, "model.safetensors", phrase, within=15)
+    p, dt = _convert(model, tmp_path / "out")
+    assert_one_error(p, dt, "model.safetensors", phrase, within=15)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. tokenizer.json: one error line, and convert does not copy a broken one
+# ----------------------------------------------------------------------------------------------
+
+
+def _extra_id(text):
+    d = json.loads(text)
+    d["added_tokens"].append(dict(d["added_tokens"][0], id=157, content="<extra>"))
+    return json.dumps(d)
+
+
+TOKENIZERS = {
+    "truncated": (lambda t: t[:500], "not valid JSON"),
+    "a-list": (lambda t: "[]", 'a JSON object with a "model" object'),
+    "wrong-structure": (lambda t: json.dumps({"model": {"type": "BPE", "vocab": 7}}), "usable"),
+    "binary": (lambda t: "\x00\x01\x02\xff", "not UTF-8 text"),
+    "beyond-vocab": (_extra_id, "token ids up to 157, beyond the model's vocabulary (0..156)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZERS))
+def test_broken_tokenizer_is_one_error_and_is_not_converted(case, tmp_path):
+    edit, phrase = TOKENIZERS[case]
+    model = _model(tmp_path)
+    text = edit((MODEL / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_bytes(text.encode("latin-1" if case == "binary" else "utf-8"))
+    before = snapshot(tmp_path, MODEL)
+    p, dt = _generate(model)  # token ids need no tokenizer, but a broken one is still an error
+    assert_one_error(p, dt, "tokenizer.json", phrase, within=15)
+    p, dt = _convert(model, tmp_path / "out")
+    assert_one_error(p, dt, "tokenizer.json", phrase, within=15)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []  # no shard set
+
+
+@needs_mpiexec
+def test_broken_tokenizer_on_two_ranks_is_one_line(tmp_path):
+    model = _model(tmp_path)
+    (model / "tokenizer.json").write_text((MODEL / "tokenizer.json").read_text()[:300])
+    p, dt = _generate(model, n=2)
+    assert_one_error(p, dt, "tokenizer.json", "not valid JSON")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. two conversions into one --out, neither with --force
+# ----------------------------------------------------------------------------------------------
+
+
+def _start_convert(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llm", "convert", "random:llama-100m", "--layers", "4"]
+        + ["--out", str(out), "--decode-mesh", "4x4", "-q"],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(pattern_dir: Path, glob: str, job: subprocess.Popen, timeout=60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(pattern_dir.glob(glob)):
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.01)
+
+
+def test_a_set_that_appears_during_a_conversion_is_kept(tmp_path):
+    out = tmp_path / "out"
+    job = _start_convert(out)
+    try:
+        _wait_for(tmp_path, "out.tmp-*/rank*.h5", job)
+        job.send_signal(signal.SIGSTOP)  # paused while writing: the other one finishes first
+        p, _ = _convert(MODEL, out)
+        assert p.returncode == 0, p.stderr
+        first = snapshot(out)
+        job.send_signal(signal.SIGCONT)
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        job.send_signal(signal.SIGCONT)
+        job.kill()
+        job.wait(timeout=30)
+    assert job.returncode == 2, stderr
+    lines = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and str(out) in lines[0] and "--force" in lines[0], stderr
+    assert snapshot(out) == first  # the finished set is the first one, untouched
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]  # no temporary left
+
+
+def test_two_concurrent_converts_leave_one_whole_set(tmp_path):
+    from llm.storage.shards import open_shards
+
+    out = tmp_path / "out"
+    jobs = [_start_convert(out) for _ in range(2)]
+    try:
+        outcomes = [job.communicate(timeout=300) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait(timeout=30)
+    codes = sorted(job.returncode for job in jobs)
+    assert codes == [0, 2], outcomes
+    loser = outcomes[[job.returncode for job in jobs].index(2)][1]
+    assert "already exists" in loser or "appeared while" in loser, loser
+    assert open_shards(out, verify=True).config.num_layers == 4
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6 and 7. generate --batch --out: only a results file is appended to, never the input
+# ----------------------------------------------------------------------------------------------
+
+REQUEST = json.dumps({"id": "a", "prompt_ids": [1, 5, 9], "max_new_tokens": 2}) + "\n"
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch") / "shards"
+    convert(out, str(MODEL), ranks=(1, 1), meshes={"decode": (2, 2)}, progress=False)
+    return out
+
+
+def _batch(requests, out, *extra, model=MODEL, n=None, timeout=60):
+    args = ["generate", "--model", model, "--decode-mesh", "2x2", "--batch", requests]
+    return run([*args, "--out", out, *extra], n=n, timeout=timeout)
+
+
+def _foreign_outs(tmp_path, shard_set):
+    config = tmp_path / "config.json"
+    config.write_text((MODEL / "config.json").read_text().rstrip("\n"))  # no final newline
+    notes = tmp_path / "notes.txt"
+    notes.write_text("line one\nline two, no newline")
+    minified = tmp_path / "min.json"
+    minified.write_text('{"version": "1.0", "model": {}}')
+    results_like = tmp_path / "list.jsonl"
+    results_like.write_text('["id", "line", "new_ids"]\n')
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)))
+    return {
+        "json-config": config,
+        "text-file": notes,
+        "minified-json": minified,
+        "tokenizer-of-a-shard-set": shard_set / "tokenizer.json",
+        "a-json-list-line": results_like,
+        "binary": binary,
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "json-config",
+        "text-file",
+        "minified-json",
+        "tokenizer-of-a-shard-set",
+        "a-json-list-line",
+        "binary",
+    ],
+)
+def test_out_that_is_not_a_results_file_is_refused_and_kept(case, tmp_path, shard_set):
+    requests = tmp_path / "req.jsonl"
+    requests.write_text(REQUEST)
+    out = _foreign_outs(tmp_path, shard_set)[case]
+    before = snapshot(tmp_path, shard_set)
+    p, dt = _batch(requests, out)
+    assert_one_error(p, dt, f"--out {out}", "is not a result line", "refusing to append")
+    assert changed(before, snapshot(tmp_path, shard_set)) == []
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "dot-path"])
+def test_out_that_is_the_batch_file_under_another_name_is_refused(link, tmp_path):
+    requests = tmp_path / "req.jsonl"
+    requests.write_text(REQUEST)
+    out = tmp_path / "out.jsonl"
+    if link == "symlink":
+        out.symlink_to(requests)
+    elif link == "hardlink":
+        os.link(requests, out)
+    else:
+        out = tmp_path / "." / "sub" / ".." / "req.jsonl"
+        (tmp_path / "sub").mkdir()
+    before = snapshot(tmp_path)
+    p, dt = _batch(requests, out)
+    assert_one_error(p, dt, f"--out {out} is the --batch file {requests}")
+    assert changed(before, snapshot(tmp_path)) == []
+
+
+def test_out_directory_and_device_batch_are_one_error_each(tmp_path):
+    requests = tmp_path / "req.jsonl"
+    requests.write_text(REQUEST)
+    p, dt = _batch(requests, tmp_path)
+    assert_one_error(p, dt, f"--out {tmp_path} is a directory")
+    p, dt = _batch("/dev/zero", tmp_path / "out.jsonl")
+    assert_one_error(p, dt, "--batch /dev/zero is not a regular file")
+    p, dt = _batch(tmp_path, tmp_path / "out.jsonl")
+    assert_one_error(p, dt, f"--batch {tmp_path} is a directory")
+    p, dt = _batch(requests, "/dev/null")
+    assert_one_error(p, dt, "--out /dev/null is not a regular file")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["req.jsonl"]
+
+
+def test_endless_batch_line_through_a_pipe_is_refused(tmp_path):
+    fifo = tmp_path / "requests.fifo"
+    os.mkfifo(fifo)
+    feeder = subprocess.Popen(
+        ["sh", "-c", f"head -c 40000000 /dev/zero > {fifo}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        p, dt = _batch(fifo, tmp_path / "out.jsonl", "--strict")
+    finally:
+        feeder.kill()
+        feeder.wait(timeout=30)
+    assert_one_error(p, dt, f"{fifo}:1: a line longer than 16 MiB")
+
+
+def test_non_utf8_batch_line_is_named_and_skipped(tmp_path):
+    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
+    second = json.dumps({"id": "b", "prompt_ids": [1, 7], "max_new_tokens": 2}).encode()
+    requests.write_bytes(REQUEST.encode() + b'{"id": "x", "prompt": "caf\xe9"}\n' + second + b"\n")
+    p, _ = _batch(requests, out)
+    assert p.returncode == 0, p.stderr
+    assert f"{requests}:2: not UTF-8 text" in p.stderr and "skipped" in p.stderr
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b"]
+    out.unlink()
+    p, dt = _batch(requests, out, "--strict")
+    assert_one_error(p, dt, f"{requests}:2: not UTF-8 text", "nothing was run")
+    assert not out.exists() or out.read_text() == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. resumed batches: sampling settings are stored and compared; SIGTERM says how to resume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resume_with_other_sampling_settings_is_refused_unless_asked(tmp_path):
+    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": i, "prompt_ids": [1, 5 + i], "max_new_tokens": 2} for i in range(3)]
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
+    p, _ = _batch(requests, out)
+    assert p.returncode == 0, p.stderr
+    first = out.read_text()
+    stored = [json.loads(x)["sampling"] for x in first.splitlines()]
+    assert stored == [{"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}] * 2
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))  # one more request
+    p, dt = _batch(requests, out, "--temperature", "0.7", "--seed", "5")
+    assert_one_error(
+        p,
+        dt,
+        f"--out {out}: 2 finished result(s) were made with other sampling settings",
+        "temperature 0.0 there, 0.7 now",
+        "seed 0 there, 5 now",
+        "--allow-sampling-change",
+    )
+    assert out.read_text() == first
+    p, _ = _batch(requests, out, "--temperature", "0.7", "--seed", "5", "--allow-sampling-change")
+    assert p.returncode == 0, p.stderr
+    assert "kept (--allow-sampling-change)" in p.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [0, 1, 2]
+    assert records[2]["sampling"]["temperature"] == 0.7
+    # the same settings resume without a word
+    p, _ = _batch(requests, out)
+    assert p.returncode == 2  # results 0, 1 greedy, 2 sampled: result 2 differs now
+    p, _ = _batch(requests, out, "--temperature", "0.7", "--seed", "5")
+    assert p.returncode == 2  # and 0, 1 differ the other way
+
+
+def test_sigterm_stops_a_batch_and_says_how_to_resume(tmp_path):
+    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
+    count = 400
+    requests.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}) + "\n"
+            for i in range(count)
+        )
+    )
+    cmd = [sys.executable, "-m", "llm", "generate", "--model", str(MODEL), "--decode-mesh", "2x2"]
+    job = subprocess.Popen(
+        [*cmd, "--batch", str(requests), "--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+        job.wait(timeout=30)
+    assert job.returncode == 143, stderr
+    assert "batch stopped by SIGTERM after" in stderr and "run the same command again" in stderr
+    assert str(out) in stderr and "Traceback" not in stderr
+    done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert 2 <= len(done) < count and done == list(range(len(done)))
