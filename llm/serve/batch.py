@@ -45,6 +45,7 @@ import signal
 import stat
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -333,22 +334,53 @@ class Stopped(Exception):
     """SIGTERM arrived while the batch ran."""
 
 
-def _raise_on_sigterm():
-    """Make SIGTERM raise :class:`Stopped` in the main thread; returns the previous handler
-    (``None`` if it could not be set)."""
+class StopOnSigterm:
+    """While installed, SIGTERM raises :class:`Stopped` in the main thread, except while a
+    result is being recorded (``with guard.recording():``): then it is raised right after.
 
-    def stop(signum, frame):
-        raise Stopped()
+    Under ``mpiexec`` every rank gets the signal; the ranks other than 0 wait
+    :data:`STOP_GRACE_S` before they end, so that rank 0's message is printed before the job is
+    torn down.
+    """
 
-    try:
-        return signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread
-        return None
+    def __init__(self):
+        self.previous = None
+        self.pending = False
+        self.busy = False
+
+    def _handler(self, signum, frame):
+        if self.busy:
+            self.pending = True
+        else:
+            raise Stopped()
+
+    def install(self) -> StopOnSigterm:
+        """Take over SIGTERM (kept as it was outside the main thread)."""
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:
+            self.previous = None
+        return self
+
+    def restore(self) -> None:
+        """Give SIGTERM back its previous handler."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    @contextmanager
+    def recording(self):
+        """A section SIGTERM does not interrupt (it takes effect at its end)."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
+        if self.pending:
+            raise Stopped()
 
 
-# ----------------------------------------------------------------------------------------------
-# the job
-# ----------------------------------------------------------------------------------------------
+#: How long ranks other than 0 wait after SIGTERM before ending (seconds).
+STOP_GRACE_S = 2.0
 
 
 def _prepare(
@@ -445,7 +477,7 @@ def run_batch(
         dynamic_ncols=True,
     )
     tokens, finished, t0 = 0, 0, time.perf_counter()
-    previous = _raise_on_sigterm()
+    guard = StopOnSigterm().install()
     try:
         for req in pending:
             sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
@@ -462,8 +494,11 @@ def run_batch(
             rate = tokens / (time.perf_counter() - t0)
             if writer is not None:
                 result = record(req.prompt_ids, gen)
-                writer.write({"id": req.id, "line": req.line, "sampling": req.sampling(), **result})
-                finished += 1
+                with guard.recording():
+                    writer.write(
+                        {"id": req.id, "line": req.line, "sampling": req.sampling(), **result}
+                    )
+                    finished += 1
                 bar.update(1)
                 bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
                 if bar.disable:
@@ -481,10 +516,11 @@ def run_batch(
                 file=sys.stderr,
                 flush=True,
             )
+        else:
+            time.sleep(STOP_GRACE_S)  # rank 0 says it and ends the job
         raise SystemExit(STOPPED_EXIT) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        guard.restore()
         bar.close()
         if writer is not None:
             writer.close()

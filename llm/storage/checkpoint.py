@@ -89,7 +89,7 @@ def read_header(path) -> tuple[dict, int]:
         raise CheckpointError(f"missing checkpoint file {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-    except ValueError as e:  # a key given twice
+    except _NameTwice as e:
         raise CheckpointError(f"{path}: header {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(
@@ -123,12 +123,16 @@ def read_header(path) -> tuple[dict, int]:
     return header, data_start
 
 
+class _NameTwice(ValueError):
+    """A JSON object of a safetensors header gives one key twice."""
+
+
 def _unique_keys(pairs: list) -> dict:
     """``json`` object hook refusing a key given twice (which would hide one tensor)."""
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"names {key!r} twice")
+            raise _NameTwice(f"names {key!r} twice")
         out[key] = value
     return out
 
@@ -250,8 +254,12 @@ class Checkpoint(Mapping):
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(
+                    f"{index}: not a valid safetensors index (weight_map is not a JSON object)"
+                )
             for fname in set(weight_map.values()):
                 if not _inside(fname):
                     raise CheckpointError(

@@ -123,7 +123,7 @@ def open_source(
     config, weights = load_checkpoint(path, lazy=True, max_context=max_context)
     config, label = _truncate(config, layers, path.absolute().name)
     files = {n: path / n for n in COPIED_FILES if (path / n).is_file()}
-    if "tokenizer.json" in files:  # a broken one must not travel with the shards
+    if (path / "tokenizer.json").exists():  # a broken one must not travel with the shards
         from ..text.tokenizer import TokenizerError, load_tokenizer
 
         try:

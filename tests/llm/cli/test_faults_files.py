@@ -134,7 +134,7 @@ def test_config_values_are_refused_not_changed(case, tmp_path):
     assert changed(before, snapshot(tmp_path, MODEL)) == []
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", "\"a string\"", "null"])
+@pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "null"])
 def test_config_json_that_is_not_an_object(text, tmp_path):
     model = _model(tmp_path)
     (model / "config.json").write_text(text)
@@ -204,6 +204,75 @@ def test_crafted_safetensors_headers_are_refused(case, tmp_path):
     p, dt = _convert(model, tmp_path / "out")
     assert_one_error(p, dt, "model.safetensors", phrase, within=15)
     assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+def _index(text: bytes):
+    def build(model: Path) -> None:
+        (model / "model.safetensors").rename(model / "part-1.safetensors")
+        (model / "model.safetensors.index.json").write_bytes(text)
+
+    return build
+
+
+def _tokenizer_directory(model: Path) -> None:
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").mkdir()
+
+
+MODEL_FILES = {
+    "safetensors-5-bytes": (
+        lambda m: (m / "model.safetensors").write_bytes(b"\x08\0\0\0\0"),
+        "model.safetensors: too short to be a safetensors file",
+    ),
+    "header-longer-than-file": (
+        lambda m: (m / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}"),
+        "header length 1099511627776 exceeds the file size 10",
+    ),
+    "index-a-list": (_index(b"[1]"), "not a valid safetensors index"),
+    "index-map-a-list": (
+        _index(b'{"weight_map": []}'),
+        "not a valid safetensors index (weight_map is not a JSON object)",
+    ),
+    "index-binary": (_index(b'{"weight_map": {"a": "\xff"}}'), "not a valid safetensors index"),
+    "index-names-a-missing-tensor": (
+        _index(b'{"weight_map": {"x": "part-1.safetensors"}}'),
+        "puts 'x' in part-1.safetensors, which lacks it",
+    ),
+    "tokenizer-a-directory": (_tokenizer_directory, "tokenizer.json is not a usable"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_FILES))
+def test_more_damaged_model_files(case, tmp_path):
+    build, phrase = MODEL_FILES[case]
+    model = _model(tmp_path)
+    build(model)
+    before = snapshot(tmp_path, MODEL)
+    p, dt = _generate(model)
+    assert_one_error(p, dt, phrase, within=15)
+    p, dt = _convert(model, tmp_path / "out")
+    assert_one_error(p, dt, phrase, within=15)
+    assert changed(before, snapshot(tmp_path, MODEL)) == []
+
+
+@pytest.mark.parametrize("forged", [False, True], ids=["plain", "manifest-restamped"])
+def test_truncated_rank_file(forged, tmp_path):
+    from llm.storage.shards import MANIFEST_NAME, file_sha256
+
+    out = tmp_path / "shards"
+    convert(out, str(MODEL), ranks=(1, 1), meshes={"decode": (2, 2)}, progress=False)
+    rank_file = out / "rank000x000.h5"
+    with open(rank_file, "r+b") as f:
+        f.truncate(rank_file.stat().st_size // 2)
+    if forged:
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        m["files"][rank_file.name].update(
+            bytes=rank_file.stat().st_size, sha256=file_sha256(rank_file)
+        )
+        (out / MANIFEST_NAME).write_text(json.dumps(m))
+    p, dt = run(["generate", "--model", out, "--prompt-ids", "1,5", "--no-verify"])
+    phrase = "cannot be opened as HDF5" if forged else "the file is truncated or was replaced"
+    assert_one_error(p, dt, f"shard set {out} is damaged", "rank000x000.h5", phrase, within=15)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,8 +393,14 @@ REQUEST = json.dumps({"id": "a", "prompt_ids": [1, 5, 9], "max_new_tokens": 2}) 
 
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
-    out = tmp_path_factory.mktemp("batch") / "shards"
-    convert(out, str(MODEL), ranks=(1, 1), meshes={"decode": (2, 2)}, progress=False)
+    """A 1-rank shard set whose tokenizer.json is on one line, as ``tokenizers`` saves it."""
+    base = tmp_path_factory.mktemp("batch")
+    model = base / "model"
+    shutil.copytree(MODEL, model)
+    tokenizer = json.loads((MODEL / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer, separators=(",", ":")))
+    out = base / "shards"
+    convert(out, str(model), ranks=(1, 1), meshes={"decode": (2, 2)}, progress=False)
     return out
 
 
@@ -334,42 +409,45 @@ def _batch(requests, out, *extra, model=MODEL, n=None, timeout=60):
     return run([*args, "--out", out, *extra], n=n, timeout=timeout)
 
 
-def _foreign_outs(tmp_path, shard_set):
-    config = tmp_path / "config.json"
-    config.write_text((MODEL / "config.json").read_text().rstrip("\n"))  # no final newline
-    notes = tmp_path / "notes.txt"
-    notes.write_text("line one\nline two, no newline")
-    minified = tmp_path / "min.json"
-    minified.write_text('{"version": "1.0", "model": {}}')
-    results_like = tmp_path / "list.jsonl"
-    results_like.write_text('["id", "line", "new_ids"]\n')
-    binary = tmp_path / "data.bin"
-    binary.write_bytes(bytes(range(256)))
-    return {
-        "json-config": config,
-        "text-file": notes,
-        "minified-json": minified,
-        "tokenizer-of-a-shard-set": shard_set / "tokenizer.json",
-        "a-json-list-line": results_like,
-        "binary": binary,
-    }
+def _foreign_out(case: str, tmp_path: Path, shard_set: Path) -> Path:
+    """A file that is not a results file; most end without a newline, as a results file does
+    whose job was killed while writing."""
+    config = json.loads((MODEL / "config.json").read_text())
+    if case == "tokenizer-of-a-shard-set":
+        return shard_set / "tokenizer.json"
+    path = tmp_path / case
+    content = {
+        "json-config-one-line": json.dumps(config),
+        "json-config-indented": json.dumps(config, indent=2),
+        "text-one-line": "a note without a newline",
+        "text-lines": "line one\nline two, no newline",
+        "a-json-list-line": '["id", "line", "new_ids"]\n',
+        "results-then-text": json.dumps({"id": 1, "line": 1, "new_ids": []}) + "\nnot a result",
+    }.get(case)
+    if content is None:
+        path.write_bytes(bytes(range(256)))
+    else:
+        path.write_text(content)
+    return path
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "json-config",
-        "text-file",
-        "minified-json",
-        "tokenizer-of-a-shard-set",
-        "a-json-list-line",
-        "binary",
-    ],
-)
+FOREIGN_OUTS = [
+    "json-config-one-line",
+    "json-config-indented",
+    "text-one-line",
+    "text-lines",
+    "tokenizer-of-a-shard-set",
+    "a-json-list-line",
+    "results-then-text",
+    "binary",
+]
+
+
+@pytest.mark.parametrize("case", FOREIGN_OUTS)
 def test_out_that_is_not_a_results_file_is_refused_and_kept(case, tmp_path, shard_set):
     requests = tmp_path / "req.jsonl"
     requests.write_text(REQUEST)
-    out = _foreign_outs(tmp_path, shard_set)[case]
+    out = _foreign_out(case, tmp_path, shard_set)
     before = snapshot(tmp_path, shard_set)
     p, dt = _batch(requests, out)
     assert_one_error(p, dt, f"--out {out}", "is not a result line", "refusing to append")
@@ -510,3 +588,128 @@ def test_sigterm_stops_a_batch_and_says_how_to_resume(tmp_path):
     assert str(out) in stderr and "Traceback" not in stderr
     done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert 2 <= len(done) < count and done == list(range(len(done)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. --device and --groups on generate, chat and bench: one error line before the model loads
+# ----------------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "generate": ["generate", "--model", MODEL, "--prompt-ids", "1,5", "--decode-mesh", "2x2"],
+    "chat": ["chat", "--model", MODEL, "--decode-mesh", "2x2"],
+    "bench": ["bench", "--preset", "tiny-llama", "--decode-mesh", "2x2", "--new-tokens", "2"],
+}
+RUN_OPTIONS = {
+    "device-unknown": (["--device", "wse9"], ["--device", "unknown device 'wse9'"]),
+    "device-field": (["--device", "wse2:clock_hz=-1"], ["--device", "clock_hz=-1: must be > 0"]),
+    "device-name": (["--device", "wse2:nonsense=1"], ["--device", "'nonsense' unknown"]),
+    "groups": (["--groups", "3"], ["--groups 3", "decode mesh 2x4", "between 1 and 2"]),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("case", list(RUN_OPTIONS))
+def test_device_and_groups_are_one_error_line(command, case):
+    extra, phrases = RUN_OPTIONS[case]
+    args = [str(a) for a in COMMANDS[command]]
+    if case == "groups":
+        args[args.index("2x2")] = "2x4"
+    p, dt = run([*args, *extra])
+    assert_one_error(p, dt, *phrases, within=20)
+
+
+def test_groups_against_a_shard_sets_own_mesh(shard_set):
+    p, dt = run(["generate", "--model", shard_set, "--prompt-ids", "1,5", "--groups", "4"])
+    assert_one_error(p, dt, "--groups 4", "decode mesh 2x2", within=20)
+    p, _ = run(["generate", "--model", shard_set, "--prompt-ids", "1,5", "--groups", "2", "-q"])
+    assert p.returncode == 0, p.stderr
+
+
+@needs_mpiexec
+def test_groups_on_two_ranks_is_one_line():
+    p, dt = run([*COMMANDS["generate"], "--groups", "5"], n=2)
+    assert_one_error(p, dt, "--groups 5", within=30)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. an empty HOME does not put the model cache in /.cache
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("home", ["", "relative/dir"])
+def test_empty_home_is_refused_with_the_fix(home):
+    env = {"HOME": home, "WAFERLLM_CACHE": ""}
+    p, dt = run(["fetch", "smollm2", "-q"], env=env)
+    assert_one_error(p, dt, "HOME is", "WAFERLLM_CACHE=DIR", "--cache-dir", within=20)
+
+
+@needs_mpiexec
+def test_batch_file_checks_on_two_ranks(tmp_path):
+    requests = tmp_path / "req.jsonl"
+    requests.write_text(REQUEST)
+    out = tmp_path / "out.jsonl"
+    out.symlink_to(requests)
+    before = snapshot(tmp_path)
+    p, dt = _batch(requests, out, n=2)
+    assert_one_error(p, dt, f"--out {out} is the --batch file")
+    assert changed(before, snapshot(tmp_path)) == []
+    out.unlink()
+    out.write_text("a note, no newline")
+    before = snapshot(tmp_path)
+    p, dt = _batch(requests, out, n=2)
+    assert_one_error(p, dt, f"--out {out}:1 (the last line, cut short) is not a result line")
+    assert changed(before, snapshot(tmp_path)) == []
+
+
+def _children(pid: int) -> list:
+    kids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat_file.parent.name))
+    return kids
+
+
+@needs_mpiexec
+def test_sigterm_to_every_rank_stops_a_batch_on_two_ranks(tmp_path):
+    """As ``scancel`` does: every task gets SIGTERM; rank 0 says how to resume."""
+    from faultcase import MPIEXEC
+
+    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
+    requests.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}) + "\n"
+            for i in range(400)
+        )
+    )
+    job = subprocess.Popen(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "llm", "generate"]
+        + ["--model", str(MODEL), "--decode-mesh", "2x2", "--batch", str(requests)]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (out.exists() and out.read_text().count("\n") >= 1):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        ranks = _children(job.pid)
+        assert len(ranks) == 2, ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+        job.wait(timeout=30)
+    assert job.returncode == 143, stderr
+    assert "batch stopped by SIGTERM after" in stderr and "run the same command again" in stderr
+    done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert 1 <= len(done) < 400 and done == list(range(len(done)))

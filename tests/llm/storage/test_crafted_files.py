@@ -39,7 +39,8 @@ def write_safetensors(path: Path, header, data: bytes, text: bytes | None = None
 
 
 def _by_offset(header: dict) -> list:
-    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    names = [k for k in header if k != "__metadata__"]
+    return sorted(names, key=lambda k: header[k]["data_offsets"])
 
 
 def _shift4(h, data):
@@ -87,7 +88,8 @@ def test_crafted_header_is_refused_as_the_safetensors_library_refuses_it(case, t
     from safetensors import safe_open
 
     header, data = _parts()
-    path = write_safetensors(tmp_path / "x.safetensors", *CRAFTED[case](copy.deepcopy(header), data))
+    crafted = CRAFTED[case](copy.deepcopy(header), data)
+    path = write_safetensors(tmp_path / "x.safetensors", *crafted)
     with pytest.raises(Exception):  # noqa: B017, PT011 - the library raises its own type
         with safe_open(str(path), framework="np") as f:
             [f.get_tensor(k) for k in f.keys()]
