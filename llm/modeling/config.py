@@ -385,6 +385,7 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"config.json lacks required keys {missing}")
         heads, hidden = _whole(d, "num_attention_heads"), _whole(d, "hidden_size")
+        kv_heads = _whole(d, "num_key_value_heads")  # null or absent: as many as query heads
         head_dim = _whole(d, "head_dim")
         if head_dim is None:
             if heads <= 0 or hidden % heads:
@@ -424,7 +425,7 @@ class ModelConfig:
             intermediate_size=_whole(d, "intermediate_size"),
             num_layers=_whole(d, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=_whole(d, "num_key_value_heads") or heads,
+            num_kv_heads=heads if kv_heads is None else kv_heads,
             head_dim=head_dim,
             rms_norm_eps=_real(d, "rms_norm_eps", 1e-6),
             rope_theta=theta,

@@ -329,7 +329,7 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
         err = ctypes.get_errno()
         if err == errno.EEXIST:
             raise FileExistsError(err, os.strerror(err), str(dst))
-        if err not in (errno.ENOSYS, errno.EINVAL):  # not a kernel or filesystem without it
+        if err not in (errno.ENOSYS, errno.EINVAL):  # those two: no such rename here
             raise OSError(err, os.strerror(err), str(dst))
     if dst.exists() or dst.is_symlink():
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))

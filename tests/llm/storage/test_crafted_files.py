@@ -133,6 +133,7 @@ BAD_CONFIGS = {
     "hidden-huge": ({"hidden_size": 1 << 24, "head_dim": 8}, "hidden_size=16777216 is beyond"),
     "vocab-huge": ({"vocab_size": 1 << 40}, "vocab_size=1099511627776 is beyond"),
     "layers-negative": ({"num_hidden_layers": -3}, "num_layers must be a positive integer"),
+    "kv-heads-zero": ({"num_key_value_heads": 0}, "num_kv_heads must be a positive integer"),
     "heads-zero": ({"num_attention_heads": 0, "head_dim": None}, "not divisible"),
     "heads-fractional": ({"num_attention_heads": 6.5}, "num_attention_heads must be a whole"),
     "kv-heads-fractional": ({"num_key_value_heads": 1.5}, "num_key_value_heads must be a whole"),
