@@ -212,15 +212,28 @@ class Demand:
             first_layer, layers, tuple(mesh), int(w), int(kv), int(p["buffers"]), int(free), **where
         )
 
-    def one_layer_error(self, mesh: tuple[int, int]) -> PlacementError:
-        p = self.parts(mesh, False, False)
-        need = p["layer"] + p["kv_layer"] + p["buffers"] + self.device.reserved_bytes
+    def one_layer_error(
+        self, mesh: tuple[int, int], first: bool = False, last: bool = False
+    ) -> PlacementError:
+        """Why a stage of ``mesh`` (the first and/or last, with their tables) cannot hold even
+        one layer."""
+        p = self.parts(mesh, first, last)
+        need = p["layer"] + p["kv_layer"] + p["tables"] + p["buffers"] + self.device.reserved_bytes
         d = self.device
+        which = {
+            (True, True): "one stage with one layer",
+            (True, False): "the first stage with one layer",
+            (False, True): "the last stage with one layer",
+        }.get((first, last), "one layer alone")
+        table = ""
+        if p["tables"]:
+            name = "LM head" if last and self.phase == "decode" else "embedding"
+            table = f", {name} table {p['tables'] / 1024:.1f}"
         return PlacementError(
-            f"{self.phase} on {mesh[0]}x{mesh[1]}: one layer alone needs {need / 1024:.1f} KiB "
-            f"per core (weights {p['layer'] / 1024:.1f}, KV {p['kv_layer'] / 1024:.1f}, buffers "
+            f"{self.phase} on {mesh[0]}x{mesh[1]}: {which} needs {need / 1024:.1f} KiB per core "
+            f"(weights {p['layer'] / 1024:.1f}, KV {p['kv_layer'] / 1024:.1f}{table}, buffers "
             f"{p['buffers'] / 1024:.1f}, reserve {d.reserved_bytes / 1024:.1f}) of the "
-            f"{d.mem_per_core / 1024:.0f} KiB a {d.name} core has"
+            f"{d.mem_per_core / 1024:.0f} KiB a {d.name} core has; a larger mesh spreads it"
         )
 
 
@@ -391,7 +404,10 @@ def fewest_stages(demand: Demand, mesh: tuple[int, int]) -> int:
         caps = [demand.max_layers(mesh, i == 0, i == n - 1) for i in range(n)]
         if share_layers(layers, caps) is not None:
             return n
-    raise demand.one_layer_error(mesh)
+    # the first or last stage cannot hold its table beside a layer
+    if layers == 1 or demand.max_layers(mesh, True, False) < 1:
+        raise demand.one_layer_error(mesh, True, layers == 1)
+    raise demand.one_layer_error(mesh, False, True)
 
 
 def _place_on(
