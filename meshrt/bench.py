@@ -12,7 +12,6 @@ Two kinds of figures, never mixed up:
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -321,17 +320,25 @@ def model_rows(kernel: str, sides, sizes, algos, device, levels=2) -> list[dict]
     return rows
 
 
-def plot_rows(rows: list[dict], path: str, title: str) -> bool:
+#: How to get matplotlib, for every ``--plot``.
+PLOT_INSTALL = "make install-plot, or pip install 'waferllm-mpi[plot]'"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend; ``UsageError`` (exit 2) naming how to install
+    it if it is missing, so that ``--plot`` never ends quietly without its file."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(
-            "matplotlib is not installed (pip install '.[plot]'); no plot written", file=sys.stderr
-        )
-        return False
+        raise runtime.UsageError(f"--plot needs matplotlib: {PLOT_INSTALL}") from None
+    return plt
+
+
+def plot_rows(rows: list[dict], path: str, title: str) -> bool:
+    plt = pyplot()
     sizes = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), squeeze=False)
     for ax, n in zip(axes[0], sizes):
@@ -356,6 +363,8 @@ def bench_model(
     from .plmr import get_device
 
     device = get_device(spec.device)
+    if plot:
+        pyplot()  # before any work: missing matplotlib is bad input
     if kernel == "gemv":
         sizes = list(sizes or (2048, 8192, 16384, 32768))
         algos = list(spec.algos or ALGOS["gemv"])

@@ -271,15 +271,9 @@ def table_markdown(t: dict) -> str:
 
 def plot(path: str, device="wse2", sides=range(300, 751, 30)) -> None:
     """PNG of decode and prefill TPR against mesh side for the paper's four models."""
-    try:
-        import matplotlib
+    from meshrt.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise runtime.UsageError(
-            "--plot needs matplotlib (pip install matplotlib, or `make predict`, which installs it)"
-        ) from None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in PAPER_MODELS:
         rows = [r for r in sweep(name, list(sides), device) if "error" not in r]
@@ -311,6 +305,10 @@ def run(args, plane=None) -> int:
         device = get_device(args.device)
     except ValueError as e:
         raise runtime.UsageError(f"estimate: {e}") from None
+    if args.plot:
+        from meshrt.bench import pyplot
+
+        pyplot()  # before any output: a missing matplotlib is bad input
     did = False
     if args.calibration:
         from ..cost.calibration import report

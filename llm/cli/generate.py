@@ -193,7 +193,13 @@ def run(args, plane) -> int:
     """Check everything, load the model, then one request (streamed) or a whole batch."""
     from meshrt.mesh import MeshError
 
-    from ..serve.generate import format_metrics, generate, load_model, result_record
+    from ..serve.generate import (
+        format_metrics,
+        generate,
+        load_model,
+        result_record,
+        violation_warning,
+    )
     from ..serve.preflight import check_kv_capacity, prepare
     from ..text.tokenizer import StreamDecoder
 
@@ -267,8 +273,9 @@ def run(args, plane) -> int:
     if stream:
         sys.stdout.write((streamer.flush() if streamer else "") + "\n")
     out = result_record(model, tokenizer, ids, gen)
-    for v in out["violations"] if rank == 0 else ():  # the same on every rank: say it once
-        log.warning(f"PLMR: {v}")  # the emulator ran it; a real wafer of this device could not
+    warning = violation_warning(out["violations"], out["device"])
+    if warning and rank == 0:  # the same on every rank: say it once
+        log.warning(warning)
     if rank == 0:
         if args.json:
             print(json.dumps(out))

@@ -20,7 +20,7 @@ import numpy as np
 from meshrt.plmr import get_device
 from meshrt.runtime import ControlPlane, UsageError
 
-from .generate import format_ms, format_rate
+from .generate import format_ms, format_rate, violation_warning
 from .options import BenchOptions, ModelSource
 
 
@@ -171,8 +171,10 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     )
     led = model.decode_fabric.ledger
     t = led.totals()
-    for v in sorted({v for ledger in model.ledgers().values() for v in ledger.violations()}):
-        log.warning(f"PLMR: {v}")
+    violations = sorted({v for ledger in model.ledgers().values() for v in ledger.violations()})
+    warning = violation_warning(violations, device.name)
+    if warning and plane.is_root:  # the same on every rank: say it once
+        log.warning(warning)
     return {
         "model": model.config.name,
         "layers_run": model.config.num_layers,

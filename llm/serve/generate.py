@@ -200,6 +200,20 @@ def result_record(model, tokenizer, prompt_ids: list, gen: Generation) -> dict:
     }
 
 
+def violation_warning(violations, device: str) -> str | None:
+    """One warning line for the PLMR limits a run's ledger broke (``None`` if none): the
+    emulator ran it, but a wafer of ``device`` could not hold it as meshed, so this run's
+    modeled times assume too much; ``llm plan`` lists the meshes that fit. (The whole-model
+    figures, ``wafer``, are placed on the wafer and hold either way.)"""
+    if not violations:
+        return None
+    return (
+        f"PLMR: {'; '.join(violations)}: a {device} wafer could not hold this run's meshes, "
+        "so its modeled times (this run's ledger) assume too much; python -m llm plan shows "
+        "the meshes that fit"
+    )
+
+
 def format_metrics(m: dict, device: str) -> str:
     """The text summary of a :meth:`Generation.metrics` or :func:`result_record` record.
 
