@@ -322,7 +322,13 @@ def _session(args, plane, session, tokenizer, model, keyboard, log) -> None:
                 sys.stdout.flush()
 
         stop = keyboard.stop_reply(plane) if keyboard is not None else _stop_on_other_ranks(plane)
-        turn = session.ask(line, on_token, stop)
+        try:
+            turn = session.ask(line, on_token, stop)
+        except runtime.UsageError as e:  # alike on every rank: the render and ids are agreed
+            turn_no -= 1
+            if rank == 0:  # a turn too long for the context, a template that refuses it
+                print(f"[not sent: {e}]", file=sys.stderr, flush=True)
+            continue
         gen = turn.generation
         if stream:  # the reply's end, before any note about it
             sys.stdout.write(streamer.flush() + "\n")

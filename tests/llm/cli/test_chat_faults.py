@@ -81,6 +81,19 @@ def test_end_of_input_ends_the_chat_cleanly(tmp_path):
     assert [json.loads(line)["turn"] for line in p.stdout.splitlines()] == [1]
 
 
+def test_a_turn_that_cannot_be_sent_leaves_the_chat_going(tmp_path):
+    """A turn longer than the session context, or one the template refuses, is reported and
+    the chat goes on (it used to end the session with exit 2)."""
+    template = "{% if messages[-1].content == 'refuse me' %}{{ raise_exception('no') }}{% endif %}"
+    model = hf_copy(tmp_path, template + CHATML)
+    script = "w " * 200 + "\nrefuse me\nhello\n/exit\n"
+    p = chat_session(model, script, "--json", "--context", "64", "--max-new-tokens", "4")
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line)["turn"] for line in p.stdout.splitlines()] == [1]
+    assert "[not sent: this turn" in p.stderr and "context of 64 tokens" in p.stderr
+    assert "[not sent: the chat template refused the messages: no]" in p.stderr
+
+
 def test_slash_commands_are_answered_locally(tmp_path):
     model = hf_copy(tmp_path, CHATML)
     p = chat_session(model, "/help\n/frobnicate now\nhello\n//not a command\n/exit\n", "--json")
