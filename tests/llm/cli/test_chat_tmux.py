@@ -99,20 +99,19 @@ class Pane:
     def wait_for(self, phrase: str, count: int = 1, timeout: float = 60.0) -> str:
         return self.wait(lambda t: t.count(phrase) >= count, f"{count} x {phrase!r}", timeout)
 
-    def ranks(self) -> dict[int, int]:
-        """``{MPI rank: pid}`` of the processes under the pane."""
-        todo, out = [int(self.tmux("display-message", "-p", "-t", "chat", "#{pane_pid}"))], {}
-        while todo:
-            pid = todo.pop()
+    def ranks(self, marker: str) -> dict[int, int]:
+        """``{MPI rank: pid}`` of the processes whose command line holds ``marker``."""
+        out = {}
+        for proc in Path("/proc").iterdir():
             try:
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if not proc.name.isdigit() or marker not in (proc / "cmdline").read_text():
+                    continue
+                environ = (proc / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            todo += [int(c) for c in children]
             for var in environ:
                 if var.startswith(b"OMPI_COMM_WORLD_RANK="):
-                    out[int(var.split(b"=")[1])] = pid
+                    out[int(var.split(b"=")[1])] = int(proc.name)
         return out
 
     def close(self) -> None:
@@ -161,7 +160,7 @@ def test_chat_in_a_terminal(model, tmp_path):
         pane.wait_for("unknown command /frobnicate")
 
         # at the prompt, rank 1 sleeps (a spinning broadcast used ~1 s of CPU per second)
-        ranks = pane.ranks()
+        ranks = pane.ranks(str(model))
         assert sorted(ranks) == [0, 1], ranks
         before = cpu_seconds(ranks[1])
         time.sleep(3.0)
