@@ -216,6 +216,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template does not compile: {_reason(e)}") from None
         self.source = source
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self._timed_out: str | None = None  # a render ran out of time: the next fail at once
 
     @classmethod
     def from_model_dir(cls, model_dir) -> ChatTemplate:
@@ -281,6 +282,8 @@ class ChatTemplate:
         import jinja2
 
         messages = check_messages(messages)
+        if self._timed_out is not None:  # a batch of many requests pays the time bound once
+            raise ChatTemplateError(self._timed_out)
         parts, size = [], 0
         try:
             with _time_bound(MAX_RENDER_SECONDS):
@@ -300,7 +303,10 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template failed: {e}") from None
         except (_OverBound, RecursionError, MemoryError) as e:
-            raise ChatTemplateError(f"the chat template is over its bounds: {_reason(e)}") from None
+            message = f"the chat template is over its bounds: {_reason(e)}"
+            if isinstance(e, _OverBound) and e.args[0].startswith("it ran for"):
+                self._timed_out = message
+            raise ChatTemplateError(message) from None
         except Exception as e:  # noqa: BLE001 - any error of the model's program is bad input
             raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
         return "".join(parts)

@@ -48,6 +48,17 @@ def test_a_template_over_its_bounds_fails_in_bounded_time(source):
     assert time.monotonic() - t0 < MAX_RENDER_SECONDS + 3
 
 
+def test_a_template_that_ran_out_of_time_fails_at_once_next_time():
+    """A batch of many chat requests pays the time bound once, not once per request."""
+    template = ChatTemplate(NESTED_LOOPS)
+    with pytest.raises(ChatTemplateError, match="more than"):
+        template.render(HELLO)
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="more than"):
+        template.render([{"role": "user", "content": "another"}])
+    assert time.monotonic() - t0 < 0.5
+
+
 def test_bounds_leave_ordinary_templates_alone():
     template = ChatTemplate(
         CHATML + "{% for i in range(3) %}{{ loop.index0 % 2 }}{% endfor %}{{ 'ab' * 2 }}"
