@@ -68,6 +68,15 @@ def _whole(d: dict, key: str, default=None):
     raise ConfigError(f"{key} must be a whole number, got {value!r}")
 
 
+def _flag(d: dict, key: str) -> bool:
+    """``d[key]`` as a bool: ``true``/``false`` (null or absent: false). Text such as
+    ``"false"`` is refused: read as a truth value it would silently mean true."""
+    value = d.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
 def _real(d: dict, key: str, default: float) -> float:
     """``d[key]`` as a finite float (``ConfigError`` for text, booleans, NaN or infinity)."""
     value = d.get(key, default)
@@ -363,9 +372,13 @@ class ModelConfig:
         """
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a JSON object, not a {type(d).__name__}")
+        archs = d.get("architectures")
+        archs = archs if isinstance(archs, list) else ()
         family = d.get("model_type") or next(
-            (_ARCHITECTURES[a] for a in d.get("architectures") or () if a in _ARCHITECTURES), None
+            (_ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in _ARCHITECTURES), None
         )
+        if not isinstance(family, (str, type(None))):
+            raise ConfigError(f"model_type must be a name, got {family!r}")
         if family not in _FAMILIES:
             raise ConfigError(
                 f"model_type {family!r} is not supported; supported: {', '.join(sorted(_FAMILIES))}"
@@ -410,14 +423,17 @@ class ModelConfig:
 
         window = None
         if fam.sliding_window == "plain" or (
-            fam.sliding_window == "qwen2" and d.get("use_sliding_window")
+            fam.sliding_window == "qwen2" and _flag(d, "use_sliding_window")
         ):
             window = _whole(d, "sliding_window")
 
         def flag(spec):
-            return bool(d.get(spec, False)) if isinstance(spec, str) else spec
+            return _flag(d, spec) if isinstance(spec, str) else spec
 
-        dtype = str(d.get("dtype") or d.get("torch_dtype") or "float32").replace("torch.", "")
+        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        if not isinstance(dtype, str):
+            raise ConfigError(f"dtype must be a name such as bfloat16, got {dtype!r}")
+        dtype = dtype.replace("torch.", "")
         return cls(
             family=family,
             vocab_size=_whole(d, "vocab_size"),
@@ -431,7 +447,7 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(d, "tie_word_embeddings"),
             attention_bias=flag(fam.qkv_bias),
             attention_out_bias=flag(fam.out_bias),
             mlp_bias=flag(fam.mlp_bias),

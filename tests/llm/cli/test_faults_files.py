@@ -119,6 +119,8 @@ VALUES = {
         "rope_scaling factor must be a finite number",
     ),
     "eos-fractional": ({"eos_token_id": 2.5}, "token ids must be integers"),
+    "tie-as-text": ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    "model-type-a-list": ({"model_type": ["llama"]}, "model_type must be a name"),
 }
 
 

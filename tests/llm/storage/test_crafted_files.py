@@ -161,6 +161,18 @@ BAD_CONFIGS = {
     "rope-parameters-list": ({"rope_parameters": [1, 2]}, "rope_parameters must be a JSON object"),
     "eos-fractional": ({"eos_token_id": 2.5}, "token ids must be integers"),
     "bos-text": ({"bos_token_id": "1"}, "token ids must be integers"),
+    "tie-as-text": ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    "bias-as-text": ({"attention_bias": "no"}, "attention_bias must be true or false"),
+    "sliding-as-text": (
+        {"model_type": "qwen2", "use_sliding_window": "false", "sliding_window": 4},
+        "use_sliding_window must be true or false",
+    ),
+    "model-type-a-list": ({"model_type": ["llama"]}, "model_type must be a name"),
+    "architectures-nested": (
+        {"model_type": None, "architectures": [["LlamaForCausalLM"]]},
+        "model_type None is not supported",
+    ),
+    "dtype-a-list": ({"dtype": ["bfloat16"]}, "dtype must be a name"),
     "window-fractional": (
         {"model_type": "mistral", "sliding_window": 100.5},
         "sliding_window must be a whole number",
