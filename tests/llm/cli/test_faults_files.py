@@ -499,7 +499,17 @@ def test_out_directory_and_device_batch_are_one_error_each(tmp_path):
     assert_one_error(p, dt, f"--batch {tmp_path} is a directory")
     p, dt = _batch(requests, "/dev/null")
     assert_one_error(p, dt, "--out /dev/null is not a regular file")
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["req.jsonl"]
+    zero = tmp_path / "zero.jsonl"
+    zero.symlink_to("/dev/zero")
+    p, dt = _batch(zero, tmp_path / "out.jsonl")
+    assert_one_error(p, dt, f"--batch {zero} is not a regular file")
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    p, dt = _batch(requests, fifo)
+    assert_one_error(p, dt, f"--out {fifo} is not a regular file")
+    p, dt = _batch(requests, tmp_path / "no-such-dir" / "out.jsonl")
+    assert_one_error(p, dt, f"directory {tmp_path / 'no-such-dir'} does not exist")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.fifo", "req.jsonl", "zero.jsonl"]
 
 
 def test_endless_batch_line_through_a_pipe_is_refused(tmp_path):
