@@ -277,6 +277,33 @@ def test_truncated_rank_file(forged, tmp_path):
     assert_one_error(p, dt, f"shard set {out} is damaged", "rank000x000.h5", phrase, within=15)
 
 
+FORGED_MANIFESTS = {
+    "layers-1e9": ({"num_layers": 10**9}, "num_layers=1000000000 is beyond"),
+    "heads-fractional": ({"num_heads": 6.5}, "num_heads must be a positive integer"),
+    "theta-nan": ({"rope_theta": float("nan")}, "rope_theta must be a positive finite number"),
+    "eps-text": ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED_MANIFESTS))
+def test_shard_manifest_config_restamped_by_a_forger(case, tmp_path):
+    """The manifest's content hash recomputed, as a forger would: the config is still checked
+    before anything is sized by it."""
+    from llm.storage.shards import MANIFEST_NAME, content_hash
+
+    changes, phrase = FORGED_MANIFESTS[case]
+    out = tmp_path / "shards"
+    convert(out, str(MODEL), ranks=(1, 1), meshes={"decode": (2, 2)}, progress=False)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    m["config"].update(changes)
+    m["content_hash"] = content_hash(
+        {k: v for k, v in m.items() if k not in ("files", "content_hash")}
+    )
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    p, dt = run(["generate", "--model", out, "--prompt-ids", "1,5"], preexec_fn=_limited)
+    assert_one_error(p, dt, "model config is not readable", phrase, within=15)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. tokenizer.json: one error line, and convert does not copy a broken one
 # ----------------------------------------------------------------------------------------------
