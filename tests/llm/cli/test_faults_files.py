@@ -91,6 +91,16 @@ def test_absurd_sizes_are_refused_fast_and_small(case, tmp_path):
     assert changed(before, snapshot(tmp_path, MODEL)) == []
 
 
+@needs_mpiexec
+def test_absurd_sizes_on_two_ranks_are_one_line(tmp_path):
+    model = _model(tmp_path, num_hidden_layers=16000)
+    p, dt = _generate(model, n=2, preexec_fn=_limited)
+    assert_one_error(p, dt, "needs 144003 tensors", within=30)
+    p, dt = _convert(model, tmp_path / "out", "--ranks", "1x2", n=2, preexec_fn=_limited)
+    assert_one_error(p, dt, "needs 144003 tensors", within=30)
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. values that used to change silently, or fail only after loading
 # ----------------------------------------------------------------------------------------------
