@@ -47,7 +47,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshrt import runtime
 
@@ -335,20 +335,24 @@ class Stopped(Exception):
 
 
 class StopOnSigterm:
-    """While installed, SIGTERM raises :class:`Stopped` in the main thread, except while a
-    result is being recorded (``with guard.recording():``): then it is raised right after.
+    """While installed, SIGTERM raises :class:`Stopped` in the main thread of rank 0, except
+    while a result is being recorded (``with guard.recording():``): then right after it.
 
-    Under ``mpiexec`` every rank gets the signal; the ranks other than 0 wait
-    :data:`STOP_GRACE_S` before they end, so that rank 0's message is printed before the job is
-    torn down.
+    Under ``mpiexec`` or ``scancel`` every rank gets the signal. Only rank 0 (``lead``) acts on
+    it: the others keep going, so that a rank 0 waiting for them in a message returns to Python,
+    says how to resume, and ends the job (were another rank to end first, rank 0 would be torn
+    down while blocked in that message, before a word was printed).
     """
 
-    def __init__(self):
-        self.previous = None
+    def __init__(self, lead: bool = True):
+        self.lead = lead
+        self.previous: Any = None
         self.pending = False
         self.busy = False
 
     def _handler(self, signum, frame):
+        if not self.lead:
+            return
         if self.busy:
             self.pending = True
         else:
@@ -377,10 +381,6 @@ class StopOnSigterm:
             self.busy = False
         if self.pending:
             raise Stopped()
-
-
-#: How long ranks other than 0 wait after SIGTERM before ending (seconds).
-STOP_GRACE_S = 2.0
 
 
 def _prepare(
@@ -477,7 +477,7 @@ def run_batch(
         dynamic_ncols=True,
     )
     tokens, finished, t0 = 0, 0, time.perf_counter()
-    guard = StopOnSigterm().install()
+    guard = StopOnSigterm(lead=rank == 0).install()
     try:
         for req in pending:
             sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
@@ -506,18 +506,15 @@ def run_batch(
                         f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
                         f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
                     )
-    except Stopped:
+    except Stopped:  # rank 0 only: it says so, and its exit ends the job
         bar.close()
-        if rank == 0:
-            print(
-                f"batch stopped by SIGTERM after {finished} of {len(pending)} requests (results "
-                f"so far in {batch.out}); to resume, run the same command again: finished "
-                "requests are skipped",
-                file=sys.stderr,
-                flush=True,
-            )
-        else:
-            time.sleep(STOP_GRACE_S)  # rank 0 says it and ends the job
+        print(
+            f"batch stopped by SIGTERM after {finished} of {len(pending)} requests (results "
+            f"so far in {batch.out}); to resume, run the same command again: finished "
+            "requests are skipped",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(STOPPED_EXIT) from None
     finally:
         guard.restore()
