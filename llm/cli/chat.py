@@ -284,9 +284,12 @@ def _run(args, plane) -> int:
         context,
         args.system,
     )
+    keys = (  # on a terminal rank 0 reads itself; else the launcher has the keyboard
+        "Ctrl-C stops a reply, Ctrl-D or /exit leaves" if sys.stdin.isatty() else "/exit leaves"
+    )
     log.info(
         f"chat with {model.config.name or model.config.family}: context {context} tokens; "
-        "/help for the commands, Ctrl-C stops a reply, Ctrl-D or /exit leaves"
+        f"/help for the commands, {keys}"
     )
     keyboard = Keyboard(sys.stdin.isatty()) if rank == 0 else None
     try:

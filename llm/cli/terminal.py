@@ -11,7 +11,14 @@ mpiexec, now in the background, leaves the keyboard alone. :meth:`Terminal.relea
 terminal back (also at exit, and on SIGTERM or SIGHUP). While rank 0 holds it, Ctrl-Z is
 ignored: it would stop rank 0 alone, not the job.
 
-Outside that case (one process on a terminal, piped input, a batch system) nothing changes.
+This needs the launcher's process group to be orphaned (no member's parent in another group
+of the session), as when mpiexec runs under ``bash -c``, tmux or screen directly: a read of
+the terminal from the background then fails (EIO) instead of stopping mpiexec. Started from
+an interactive shell with job control, mpiexec would be stopped (SIGTTIN) the first time it
+looks at the keyboard, and the shell would take the terminal back; there rank 0 leaves the
+terminal to mpiexec, and Ctrl-C ends the whole job as before (leave with ``/exit``).
+
+Outside these cases (one process on a terminal, piped input, a batch system) nothing changes.
 """
 
 from __future__ import annotations
@@ -34,6 +41,37 @@ def _controlling_terminal() -> int:
         return int(fields[4])  # tty_nr, the 7th field of the whole line
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def _stat(pid) -> tuple[int, int, int]:
+    """``(ppid, pgrp, session)`` of a process, from ``/proc/PID/stat``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def orphaned(group: int) -> bool:
+    """Whether process group ``group`` is orphaned: no member has a parent in another group of
+    the same session. Reading the terminal from the background then fails with EIO instead of
+    stopping the reader with SIGTTIN, which under a job-control shell would stop mpiexec and
+    hand the terminal back to the shell."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid, pgrp, session = _stat(entry)
+            except (OSError, IndexError, ValueError):
+                continue
+            if pgrp == group:
+                members.append((ppid, session))
+    for ppid, session in members:
+        try:
+            _, parent_group, parent_session = _stat(ppid)
+        except (OSError, IndexError, ValueError):
+            continue  # no parent to speak of
+        if parent_group != group and parent_session == session:
+            return False
+    return bool(members)
 
 
 def _is_terminal(path: str, device: int) -> bool:
@@ -73,7 +111,8 @@ class Terminal:
     @classmethod
     def adopt(cls) -> Terminal | None:
         """Take over the launcher's terminal if this process is a launched rank whose
-        launcher reads a terminal in the foreground; ``None`` (nothing done) otherwise."""
+        launcher reads a terminal in the foreground, in an orphaned process group; ``None``
+        (nothing done) otherwise."""
         if os.name != "posix" or sys.stdin.isatty():
             return None  # not launched, or the terminal is already ours
         try:
@@ -88,6 +127,8 @@ class Terminal:
             device = _controlling_terminal()
             if not _is_terminal(f"/proc/{launcher}/fd/0", device):
                 raise OSError("the launcher does not read this terminal")
+            if not orphaned(foreground):
+                raise OSError("a job-control shell would stop the launcher")
             term = cls(fd, foreground, device)
             term._take(launcher)
             return term
