@@ -91,6 +91,32 @@ def test_absurd_sizes_are_refused_fast_and_small(case, tmp_path):
     assert changed(before, snapshot(tmp_path, MODEL)) == []
 
 
+GGUF_SIZES = {
+    "block-count-1e9": (b"llama.block_count", 10**9, "num_layers=1000000000 is beyond"),
+    "block-count-16000": (b"llama.block_count", 16000, "needs 144002 tensors (16000 layers)"),
+    "embedding-1e9": (b"llama.embedding_length", 10**9, "hidden_size=1000000000 is beyond"),
+    "heads-0": (b"llama.attention.head_count", 0, "num_heads must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_SIZES))
+def test_absurd_sizes_in_a_gguf_file(case, tmp_path):
+    pytest.importorskip("gguf")
+    from gguf_fixture import write_tiny_gguf
+
+    key, value, phrase = GGUF_SIZES[case]
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    at = data.find(key) + len(key)
+    assert struct.unpack("<I", data[at : at + 4]) == (4,)  # a uint32 value follows
+    data[at + 4 : at + 8] = struct.pack("<I", value)
+    path.write_bytes(bytes(data))
+    p, dt = _convert(path, tmp_path / "out", preexec_fn=_limited)
+    assert_one_error(p, dt, "tiny.gguf", phrase, within=15)
+    assert not (tmp_path / "out").exists()
+
+
 @needs_mpiexec
 def test_absurd_sizes_on_two_ranks_are_one_line(tmp_path):
     model = _model(tmp_path, num_hidden_layers=16000)
