@@ -8,6 +8,7 @@ import sys
 from meshrt import runtime
 
 from ..serve.options import BatchOptions, GenerateOptions, ModelSource, PromptSpec, StopOptions
+from ..serve.scheduler import DEFAULT_MAX_BATCH
 from .common import (
     WEIGHTS_NOTE,
     add_mesh_args,
@@ -143,6 +144,22 @@ def add_batch_args(p, prompt_group) -> None:
         help="with --batch: resume into --out even if its results were made with other "
         "sampling settings (temperature, top_k, top_p, seed) than their requests say now",
     )
+    p.add_argument(
+        "--max-batch",
+        type=positive,
+        default=DEFAULT_MAX_BATCH,
+        metavar="B",
+        help="with --batch: up to B requests decode together, each with its own KV cache; "
+        "a finished one makes room for the next (default %(default)s; 1: one after the other)",
+    )
+    p.add_argument(
+        "--kv-pool",
+        type=positive,
+        default=None,
+        metavar="SLOTS",
+        help="with --batch: KV slots per core that the requests decoding together share "
+        "(default: B caches); requests that do not fit wait for one that finishes",
+    )
 
 
 def add_chat_args(p, prompt_group) -> None:
@@ -225,7 +242,12 @@ def run(args, plane) -> int:
         from ..serve.batch import check_batch_files
 
         batch = BatchOptions(
-            request.prompt.batch, args.out, args.strict, args.allow_sampling_change
+            request.prompt.batch,
+            args.out,
+            args.strict,
+            args.allow_sampling_change,
+            args.max_batch,
+            args.kv_pool,
         )
         check_batch_files(batch, plane)
     try:

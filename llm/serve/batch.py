@@ -478,34 +478,40 @@ def run_batch(
     )
     tokens, finished, t0 = 0, 0, time.perf_counter()
     guard = StopOnSigterm(lead=rank == 0).install()
+
+    def done(req, gen) -> None:
+        nonlocal tokens, finished
+        tokens += len(gen.new_ids)
+        rate = tokens / (time.perf_counter() - t0)
+        if writer is not None:
+            result = record(req.prompt_ids, gen)
+            with guard.recording():
+                writer.write({"id": req.id, "line": req.line, "sampling": req.sampling(), **result})
+                finished += 1
+            bar.update(1)
+            bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+            if bar.disable:
+                log.info(
+                    f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
+                    f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
+                )
+
     try:
-        for req in pending:
-            sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
-            gen = generate(
-                model,
-                req.prompt_ids,
-                req.max_new_tokens,
-                sampler,
-                req.stop_ids,
-                None,
-                defaults.kv_capacity,
-            )
-            tokens += len(gen.new_ids)
-            rate = tokens / (time.perf_counter() - t0)
-            if writer is not None:
-                result = record(req.prompt_ids, gen)
-                with guard.recording():
-                    writer.write(
-                        {"id": req.id, "line": req.line, "sampling": req.sampling(), **result}
-                    )
-                    finished += 1
-                bar.update(1)
-                bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
-                if bar.disable:
-                    log.info(
-                        f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
-                        f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
-                    )
+        if batch.max_batch > 1 or batch.kv_pool is not None:
+            _run_together(batch, defaults, model, pending, done)
+        else:
+            for req in pending:
+                sampler = Sampler(req.temperature, req.top_k, req.top_p, req.seed)
+                gen = generate(
+                    model,
+                    req.prompt_ids,
+                    req.max_new_tokens,
+                    sampler,
+                    req.stop_ids,
+                    None,
+                    defaults.kv_capacity,
+                )
+                done(req, gen)
     except Stopped:  # rank 0 only: it says so, and its exit ends the job
         bar.close()
         print(
@@ -526,3 +532,44 @@ def run_batch(
         f"{time.perf_counter() - t0:.1f} s -> {batch.out}"
     )
     return 0
+
+
+def _run_together(batch: BatchOptions, defaults: GenerateOptions, model, pending, done) -> None:
+    """The requests with up to ``batch.max_batch`` decoding together
+    (:func:`llm.serve.scheduler.run_continuous`); ``done(request, generation)`` in the
+    requests' order (a request that finishes early waits for those before it)."""
+    from ..text.sampling import Sampler
+    from .scheduler import Job, run_continuous, slots_needed
+
+    if not pending:
+        return
+    jobs = [
+        Job(
+            req,
+            req.prompt_ids,
+            req.max_new_tokens,
+            Sampler(req.temperature, req.top_k, req.top_p, req.seed),
+            frozenset(req.stop_ids),
+        )
+        for req in pending
+    ]
+    capacity = slots_needed(model, jobs, defaults.kv_capacity)
+    if batch.kv_pool is not None and capacity > batch.kv_pool:
+        biggest = max(jobs, key=lambda j: len(j.prompt_ids) + j.max_new_tokens)
+        raise runtime.UsageError(
+            f"--kv-pool {batch.kv_pool} is too small: each request's KV cache needs {capacity} "
+            f"slots per core (id {biggest.key.id!r}: {len(biggest.prompt_ids)} prompt + "
+            f"{biggest.max_new_tokens} new tokens)"
+        )
+    order = {id(j): n for n, j in enumerate(jobs)}
+    held: dict[int, tuple] = {}
+    next_out = 0
+
+    def finished(job: Job, gen) -> None:
+        nonlocal next_out
+        held[order[id(job)]] = (job.key, gen)
+        while next_out in held:
+            done(*held.pop(next_out))
+            next_out += 1
+
+    run_continuous(model, jobs, batch.max_batch, capacity, batch.kv_pool, finished)

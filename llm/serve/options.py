@@ -183,13 +183,20 @@ class GenerateOptions:
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """``generate --batch``: requests in, results appended to ``out``."""
+    """``generate --batch``: requests in, results appended to ``out``.
+
+    ``max_batch`` requests decode together (continuous batching, :mod:`llm.serve.scheduler`;
+    1: one after the other); ``kv_pool`` is the KV slots per core their caches share
+    (``None``: ``max_batch`` caches).
+    """
 
     requests: str
     out: str | None = None
     strict: bool = False
     #: Resume into ``out`` even if its results were made with other sampling settings.
     allow_sampling_change: bool = False
+    max_batch: int = 1
+    kv_pool: int | None = None
 
 
 @dataclass(frozen=True)
