@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .generate import Generation
 
@@ -33,7 +34,7 @@ DEFAULT_MAX_BATCH = 8
 class Job:
     """One request for :func:`run_continuous`."""
 
-    key: object
+    key: Any
     prompt_ids: list
     max_new_tokens: int
     sampler: object = None
@@ -43,7 +44,7 @@ class Job:
 @dataclass
 class _Running:
     job: Job
-    seq: object
+    seq: Any  # llm.engine.model.Sequence
     gen: Generation
     t_first: float = 0.0
     next_token: int = -1
