@@ -683,7 +683,8 @@ class Ledger:
 
     @property
     def cycles(self) -> float:
-        return self.totals().cycles
+        """``totals().cycles``, the same sum in the same order, without the other fields."""
+        return sum((t.cycles for t in self.ops.values()), 0.0)
 
     @property
     def seconds(self) -> float:
