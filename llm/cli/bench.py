@@ -65,6 +65,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--repeat", type=positive, default=3, help="timed runs, median reported")
     p.add_argument("--warmup", type=non_negative, default=1, help="untimed runs first (default 1)")
+    p.add_argument(
+        "--batch",
+        type=positive,
+        default=1,
+        metavar="B",
+        help="decode B requests together (each its own random prompt and KV cache): "
+        "per-request TPOT beside the total tokens/s (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -81,6 +89,7 @@ def options(args) -> BenchOptions:
         dtype=args.dtype,
         repeat=args.repeat,
         warmup=args.warmup,
+        batch=args.batch,
     )
 
 

@@ -138,9 +138,19 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
     prompt_len, new = options.prompt_len, options.new_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.config.vocab_size, prompt_len).tolist()
+    prompts = [ids] + [
+        rng.integers(3, model.config.vocab_size, prompt_len).tolist()
+        for _ in range(options.batch - 1)
+    ]
     runs = []
     for i in range(options.warmup + options.repeat):
         plane.barrier()
+        if options.batch > 1:
+            if i >= options.warmup:
+                runs.append(_batched_run(model, prompts, new))
+            else:
+                _batched_run(model, prompts, new)
+            continue
         step_times = []
         last = [time.perf_counter()]
 
@@ -165,6 +175,7 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
             "modeled_tpot_s",
             "modeled_tpr",
         )
+        + (("total_tokens_per_s", "modeled_total_tokens_per_s") if options.batch > 1 else ())
     }
     est = full_model_estimate(
         full, dmesh, device, prompt_len + new, prompt_len, policy, spec, pmesh
@@ -183,6 +194,7 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         "ranks": size,
         "prompt_tokens": prompt_len,
         "new_tokens": new,
+        "batch": options.batch,
         "device": device.name,
         "kv_policy": policy,
         "allreduce": spec.algo,
@@ -195,6 +207,28 @@ def run_bench(options: BenchOptions, plane: ControlPlane, log) -> dict:
         "modeled_peak_kib_per_core": led.peak_memory / 1024,
         "full_model_estimate": est,
     }
+
+
+def _batched_run(model, prompts: list, new: int) -> dict:
+    """The requests of ``prompts`` decoded together (one run): per-request medians of
+    :meth:`Generation.metrics`, the total tokens/s of the run (wall clock) and of the wafer
+    (one modeled step gives every request a token)."""
+    from .scheduler import Job, run_continuous, slots_needed
+
+    for ledger in model.ledgers().values():
+        ledger.reset()
+    jobs = [Job(k, p, new) for k, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    gens = run_continuous(model, jobs, len(jobs), slots_needed(model, jobs, None))
+    wall = time.perf_counter() - t0
+    per = [g.metrics() for g in gens]
+    keys = ("ttft_s", "tpot_s", "tokens_per_s", "modeled_ttft_s", "modeled_tpot_s", "modeled_tpr")
+    m = {k: _median(r[k] for r in per) for k in keys}
+    m["median_tpot_s"] = m["tpot_s"]
+    m["total_tokens_per_s"] = sum(len(g.new_ids) for g in gens) / wall
+    tpr = m["modeled_tpr"]
+    m["modeled_total_tokens_per_s"] = None if tpr is None else len(gens) * tpr
+    return m
 
 
 def _median(values) -> float | None:
@@ -218,6 +252,12 @@ def format_report(out: dict) -> str:
         f"{format_ms(med['modeled_tpot_s'], 4)}, TPR {format_rate(med['modeled_tpr'])} "
         f"(this run, {device})",
     ]
+    if out.get("batch", 1) > 1:
+        lines.append(
+            f"  batch {out['batch']}: per request TPOT {format_ms(med['tpot_s'], 2)}, "
+            f"{med['total_tokens_per_s']:.1f} tok/s in all on this machine; modeled "
+            f"{format_rate(med['modeled_total_tokens_per_s'])} in all ({device}, this run)"
+        )
     from ..cost.predict import format_modeled_wafer
 
     lines.append("  " + format_modeled_wafer(est, device))

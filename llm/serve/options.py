@@ -222,6 +222,8 @@ class BenchOptions:
         How random weights are held (``None``: the preset's dtype).
     repeat, warmup : int
         Timed runs (median reported) and untimed runs first.
+    batch : int
+        Requests decoded together (each its own prompt and KV cache).
     """
 
     preset: str = "llama-100m"
@@ -235,3 +237,4 @@ class BenchOptions:
     dtype: str | None = None
     repeat: int = 3
     warmup: int = 1
+    batch: int = 1

@@ -109,3 +109,20 @@ def test_requests_that_do_not_fit_the_pool_wait():
     assert finished != sorted(finished)  # short requests finish first
     with pytest.raises(ValueError, match="holds no cache"):
         run_continuous(model, jobs, 4, cap, pool=cap - 1)
+
+
+def test_bench_batch_reports_per_request_and_total_rates():
+    from test_batch import llm
+
+    bench = ["bench", "--preset", "tiny-llama", "--decode-mesh", "2x2", "--prompt-len", "5"]
+    bench += ["--new-tokens", "4", "--repeat", "1", "--warmup", "0", "--batch", "3"]
+    p = llm(bench + ["--json"])
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    em = out["emulator"]
+    assert out["batch"] == 3 and em["tpot_s"] > 0 and em["total_tokens_per_s"] > 0
+    assert em["modeled_total_tokens_per_s"] == pytest.approx(3 * em["modeled_tpr"])
+    p = llm(bench)
+    assert p.returncode == 0 and "batch 3: per request TPOT" in p.stdout, p.stderr
+    p = llm(bench[:-1] + ["0"])
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "--batch" in p.stderr
