@@ -1,6 +1,9 @@
 """Batch generation: ``llm generate --batch requests.jsonl --out results.jsonl``.
 
-The model is loaded once; the requests run one after the other on the mesh.
+The model is loaded once; up to ``--max-batch`` requests decode together on the mesh, each with
+its own KV cache (continuous batching, :mod:`llm.serve.scheduler`: a finished request frees
+its cache and the next one's prefill runs between decode steps; ``--max-batch 1`` runs them one
+after the other). Each request's tokens are those it gets alone.
 
 Input: one JSON object per line (blank lines are ignored)::
 
@@ -16,14 +19,16 @@ ids or single-token strings), ``ignore_eos``; they default to the command line's
 Output: one JSON object per finished request, appended and flushed (and fsync'ed) as soon as it
 completes: the request's ``id`` and input ``line``, then the same record ``generate --json``
 prints (``prompt_ids``, ``new_ids``, ``text``, ``stopped_by``, timings, modeled wafer time,
-meshes). Results therefore come in completion order, one line each.
+meshes). Results come in the requests' order, one line each (a request that finishes before
+an earlier one waits for it and is written right after it).
 
 Each result also records its request's sampling settings (``sampling``: ``temperature``,
 ``top_k``, ``top_p``, ``seed``).
 
 Resuming: a rerun with the same ``--out`` skips every id already there, so a killed job loses at
-most the request in flight. A last line without its newline that begins as a result does (the
-job died while writing it) is cut off before anything is appended and its request runs again.
+most the requests in flight (and those finished behind them). A last line without its newline
+that begins as a result does (the job died while writing it) is cut off before anything is
+appended and its request runs again.
 Any other content (a line that is not a result, a file that is not a results file) stops the
 job with an error naming the file, which is left untouched; so does ``--out`` naming the
 ``--batch`` file itself (also through a link), a directory or a device. A finished result whose
@@ -77,7 +82,9 @@ BATCH_HELP = """\
 batch mode (--batch FILE --out FILE):
   FILE holds one JSON request per line: "id" plus one of "prompt", "messages" (chat, rendered
   with the model's template) or "prompt_ids", and optionally max_new_tokens, temperature, top_k,
-  top_p, seed, stop, ignore_eos (defaults: this command's options). The model is loaded once.
+  top_p, seed, stop, ignore_eos (defaults: this command's options). The model is loaded once;
+  up to --max-batch requests decode together (each its own KV cache; --kv-pool SLOTS caps the
+  slots per core they share: requests that do not fit wait).
   Each result is appended to --out as one JSON line (id, line, prompt_ids, new_ids, text,
   stopped_by, sampling, and the metrics of --json) and flushed when its request finishes. A
   rerun skips the ids already in --out; a half-written last result line (a job killed while
