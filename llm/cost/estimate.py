@@ -277,6 +277,7 @@ def decode_batch_step(
     greedy: bool = True,
     ledger: Ledger | None = None,
     kv_capacity: int | None = None,
+    links: tuple[int, int] = (1, 1),
 ) -> Ledger:
     """Ledger of one decode step of ``len(contexts)`` sequences decoded together.
 
@@ -294,6 +295,8 @@ def decode_batch_step(
         Mesh column of each input token's embedding row (default 0).
     kv_capacity : int, optional
         Slots per core of all the caches together (default: their fills).
+    links : (int, int)
+        Physical hops per logical link of the stage's region (see :func:`price`).
     """
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
@@ -309,10 +312,10 @@ def decode_batch_step(
         token_cols=tuple(token_cols) if token_cols is not None else (0,) * b,
     )
     led.memory("decode/resident", decode_resident_words(config, mesh, cap))
-    price(P.decode_head(lay), led, lay, allreduce, run)
-    price_layers(P.decode_layer(lay, b), config.num_layers, led, lay, allreduce, run)
+    price(P.decode_head(lay), led, lay, allreduce, run, links)
+    price_layers(P.decode_layer(lay, b), config.num_layers, led, lay, allreduce, run, links)
     tail = P.decode_logits(lay, b) + (P.decode_pick(lay, b) if greedy else [])
-    price(tail, led, lay, allreduce, run)
+    price(tail, led, lay, allreduce, run, links)
     return led
 
 
