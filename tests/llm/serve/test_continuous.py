@@ -50,8 +50,11 @@ def test_batched_job_writes_what_the_sequential_job_writes(model_dir, tmp_path):
 def test_batched_job_resumes_and_stops_a_full_cache_visibly(model_dir, tmp_path):
     req, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
     fits = [r for r in REQUESTS if r["id"] != "long"]  # every prompt fits 4 slots on 2 rows
+    write_lines(req, fits[:1])
+    assert batch(model_dir, req, out, "--kv-capacity", "4").returncode == 0
+    with open(out, "a") as f:
+        f.write('{"id": 2, "li')  # a job killed while writing
     write_lines(req, fits)
-    out.write_text(json.dumps({"id": "a", "line": 1}) + "\n" + '{"id": 2, "li')
     p = batch(model_dir, req, out, "--max-batch", "4", "--kv-capacity", "4")
     assert p.returncode == 0, p.stderr
     got = results(out)
