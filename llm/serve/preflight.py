@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from meshrt import runtime
 from meshrt.runtime import ControlPlane
@@ -60,6 +60,51 @@ def same_on_every_rank(control: ControlPlane, value: str, what: str) -> None:
                 f"the ranks read different {what}s: rank 0 {values[0]}, rank {rank} {other} "
                 "(give every rank the same model directory)"
             )
+
+
+def same_as_root(control: ControlPlane, value, differs) -> None:
+    """Return if this rank's ``value`` equals rank 0's on every rank, else raise the same
+    ``UsageError`` on every rank: ``"on rank R: " + differs(value, rank_0_value)`` for the
+    lowest rank R that differs. Collective over ``control``."""
+    root = control.bcast(value)
+
+    def check():
+        if value != root:
+            raise runtime.UsageError(differs(value, root))
+
+    agree(control, check)
+
+
+def weight_files(path, verify: bool = True) -> dict:
+    """``{file name: "sha256 ..." or "N bytes"}`` of the weight files of an HF model directory
+    (its safetensors index, if any, and every ``*.safetensors``); sizes only without
+    ``verify``."""
+    from ..storage.checkpoint import INDEX_FILE
+
+    out = {}
+    for p in sorted(os.scandir(path), key=lambda e: e.name):
+        if p.name == INDEX_FILE or p.name.endswith(".safetensors"):
+            out[p.name] = (
+                f"sha256 {file_sha256(p.path)[:12]}" if verify else f"{p.stat().st_size} bytes"
+            )
+    return out
+
+
+def _weights_differ(path):
+    def differs(mine: dict, root: dict) -> str:
+        for name in sorted(set(mine) | set(root)):
+            if name not in mine:
+                return f"{path} has no {name}, which rank 0 has (give every rank the same model)"
+            if name not in root:
+                return f"{path} has {name}, which rank 0 has not (give every rank the same model)"
+            if mine[name] != root[name]:
+                return (
+                    f"{path}/{name} differs from rank 0's ({mine[name]}, rank 0 {root[name]}): "
+                    "give every rank the same model"
+                )
+        return f"{path}: the weight files differ from rank 0's"
+
+    return differs
 
 
 def digest(value) -> str:
@@ -217,6 +262,10 @@ def _model_files(
     check_run(source.run, agree(control, decode_mesh, source, kind, control.size))
     tokenizer = agree(control, open_tokenizer, path, config, need_text, **hint)
     same_on_every_rank(control, agree(control, tokenizer_identity, tokenizer), "tokenizer")
+    if kind == "hf":  # every rank reads the tensors itself: the same bytes, before any is read
+        same_as_root(
+            control, agree(control, weight_files, path, source.verify), _weights_differ(path)
+        )
     return path, kind, config, tokenizer
 
 
@@ -241,17 +290,22 @@ def parse_ids(text: str, vocab_size: int | None = None, what: str = "--prompt-id
     return ids
 
 
+def read_prompt_file(name: str) -> str:
+    """The text of ``--prompt-file`` (``UsageError`` if unreadable or not UTF-8)."""
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise runtime.UsageError(f"--prompt-file {name}: {_message(e)}") from None
+
+
 def prompt_ids(prompt: PromptSpec, tokenizer, config: ModelConfig) -> list:
     """The prompt's token ids from ``--prompt-ids``, ``--prompt`` or ``--prompt-file``."""
     if prompt.ids:
         return parse_ids(prompt.ids, config.vocab_size)
     text = prompt.text
     if prompt.file:
-        try:
-            with open(prompt.file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise runtime.UsageError(f"--prompt-file {prompt.file}: {_message(e)}") from None
+        text = read_prompt_file(prompt.file)
     if text is None:
         raise runtime.UsageError(
             "give a prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids '1 2 3'"
@@ -319,9 +373,26 @@ def prepare(source: ModelSource, request: GenerateOptions, control: ControlPlane
     )
     path, kind, config, tokenizer = _model_files(source, control, need_text)
     stop = agree(control, stop_ids, request.stop, tokenizer, config)
+    if request.prompt.chat is not None:  # each rank renders the question with its template
+        template = agree(
+            control, chat_template, path, hint="give a plain prompt with --prompt instead"
+        )
+        same_as_root(
+            control,
+            digest(template.source),
+            lambda mine, root: (
+                f"{path}: the chat template differs from rank 0's (sha256 {mine}, "
+                f"rank 0 {root}): give every rank the same model"
+            ),
+        )
     if later:
         return Request(path, kind, config, tokenizer, [], stop)  # prompts come later
-    ids = agree(control, prompt_ids, request.prompt, tokenizer, config)
+    prompt = request.prompt
+    file = prompt.file
+    if file and not prompt.ids:  # read on rank 0 only: every rank gets its text
+        text = control.agree(lambda: read_prompt_file(file), catch=runtime.UsageError)
+        prompt = replace(prompt, text=text, file=None)
+    ids = agree(control, prompt_ids, prompt, tokenizer, config)
     new = request.max_new_tokens
     if len(ids) + new > config.max_position_embeddings:
         raise runtime.UsageError(
