@@ -67,6 +67,12 @@ def add_parser(sub) -> None:
         "(without it, such files make convert refuse)",
     )
     p.add_argument(
+        "--node-local",
+        action="store_true",
+        help="DIR is on each node's own disk (not shared): run one process per rank, placed as "
+        "the ranks of generate will be; each node gets the files of its ranks and the manifest",
+    )
+    p.add_argument(
         "--progress",
         choices=["auto", "on", "off"],
         default="auto",
@@ -93,5 +99,6 @@ def run(args, plane) -> int:
         layers=args.layers,
         max_context=args.max_context,
         delete_other_files=args.delete_other_files,
+        node_local=args.node_local,
     )
     return 0

@@ -31,6 +31,7 @@ from meshrt.runtime import ControlPlane
 from ..modeling.config import ConfigError, ModelConfig, preset
 from ..placement.layout import LAYOUT_VERSION, PhaseLayout, mesh_pair
 from ..placement.phase_tiles import PHASE_TILES
+from . import node_local as node_local_files
 from .checkpoint import CheckpointError, RandomWeights, load_checkpoint
 from .shard_writer import FileRecord, ShardWriter, prepare_target, publish, remove_temporary
 from .shards import FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, ShardError, content_hash, grid_text
@@ -335,6 +336,7 @@ def convert(
     log: logging.Logger | None = None,
     log_every: int = 20,
     delete_other_files: bool = False,
+    node_local: bool = False,
 ) -> dict:
     """Convert ``source`` into a shard set at ``out_dir`` (collective over ``control``).
 
@@ -367,6 +369,10 @@ def convert(
         A plain progress line every this many tensors when no live bar is shown.
     delete_other_files : bool
         With ``force``: also delete files in ``out_dir`` that its manifest does not list.
+    node_local : bool
+        ``out_dir`` is on each node's own disk: one process per rank file, placed as the ranks
+        that will read them; each node gets the files of the ranks it hosts and the manifest
+        (see :mod:`llm.storage.node_local`).
 
     Returns
     -------
@@ -404,6 +410,11 @@ def convert(
             f"{nfiles} rank files: run with at most {nfiles} processes or pass "
             f"--ranks for a grid of {nprocs} ranks"
         )
+    if node_local and nprocs != nfiles:
+        raise MeshError(
+            f"--node-local writes each rank's file on the node of that rank: run it with as "
+            f"many processes as the rank grid {grid_text(grid)} has ranks ({nfiles}), not {nprocs}"
+        )
 
     def open_own_source():
         try:
@@ -433,7 +444,11 @@ def convert(
         "phases": {},
     }
 
-    tmp = prepare_target(out_dir, control, force, delete_other_files)
+    if node_local:
+        where = node_local_files.nodes(control)
+        tmp = node_local_files.prepare_target(out_dir, control, where, force, delete_other_files)
+    else:
+        tmp = prepare_target(out_dir, control, force, delete_other_files)
     if rank == 0:
         for phase, lay in layouts.items():
             note = padding_note(config, PhaseLayout(config, lay.py, lay.px))
@@ -515,7 +530,20 @@ def convert(
             remove_temporary(tmp)
             raise
 
-    payload = control.agree(publish_on_root, catch=ShardError)
+    if node_local:
+        payload = node_local_files.finish(
+            control,
+            where,
+            gathered,
+            manifest,
+            tmp,
+            out_dir,
+            src.write_files,
+            delete_other_files,
+            force,
+        )
+    else:
+        payload = control.agree(publish_on_root, catch=ShardError)
     if rank == 0:
         total = sum(r["bytes"] for r in payload["files"].values())
         log.info(

@@ -191,7 +191,8 @@ def prepare_target(
             shutil.rmtree(tmp, ignore_errors=True)
         raise ShardError(
             f"the output directory {tmp.parent} is not visible on every rank (use a "
-            "filesystem shared by all nodes); missing on: "
+            "filesystem shared by all nodes, or convert --node-local to write on each node "
+            "the files of the ranks it hosts); missing on: "
             + "; ".join(f"rank {r}" for r in missing[:4])
             + ("; ..." if len(missing) > 4 else "")
         )
@@ -337,7 +338,12 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
 
 
 def publish(
-    tmp_dir, out_dir, manifest: dict, delete_other_files: bool = False, force: bool = False
+    tmp_dir,
+    out_dir,
+    manifest: dict,
+    delete_other_files: bool = False,
+    force: bool = False,
+    present=None,
 ) -> Path:
     """Write the manifest last and rename the finished temporary directory to ``out_dir``.
 
@@ -346,10 +352,13 @@ def publish(
     (another conversion into the same directory) is never replaced. With ``force``, an existing
     ``out_dir`` is moved aside first; then only the files its manifest lists are deleted
     (everything, with ``delete_other_files``). Anything else that appeared there meanwhile is
-    kept in ``<out_dir>.old-<pid>`` and reported.
+    kept in ``<out_dir>.old-<pid>`` and reported. ``present``: the rank files this directory
+    holds (a node-local shard set), by default all the manifest lists.
     """
     tmp, out = Path(tmp_dir), Path(out_dir).absolute()
     for fname, rec in manifest["files"].items():
+        if present is not None and fname not in present:
+            continue
         path = tmp / fname
         if not path.exists() or path.stat().st_size != rec["bytes"]:
             raise ShardError(

@@ -585,6 +585,12 @@ def open_shards(
     coords = control.coords(m["rank_grid"])
 
     def check_own_file():
+        # every rank sees rank 0's manifest (a node-local shard set has one per node)
+        if not control.is_root and _read_manifest_text(path) != text:
+            raise ShardError(
+                f"shard set {path}: its {MANIFEST_NAME} differs from rank 0's (another "
+                "conversion?); convert again"
+            )
         problem = check_rank_file(path, m, coords, verify)
         if problem:
             raise ShardError(f"shard set {path} is damaged: {problem}")

@@ -189,18 +189,18 @@ def _world():
 
 
 @pytest.mark.mpi
-def test_convert_gguf_on_every_rank_count(mpi_tmp_path):
+def test_convert_gguf_on_every_rank_count(shared_tmp_path):
     from meshrt.mesh import default_rank_grid
 
     comm = _world()
     control = ControlPlane.of(comm)
     size = 1 if comm is None else comm.Get_size()
-    path = mpi_tmp_path / "tiny.gguf"
+    path = shared_tmp_path / "tiny.gguf"
     rank = 0 if comm is None else comm.Get_rank()
     stored = write_tiny_gguf(path) if rank == 0 else None
     stored = stored if comm is None else comm.bcast(stored, root=0)
     ry, rx = default_rank_grid(size)
-    out = mpi_tmp_path / "shards"
+    out = shared_tmp_path / "shards"
     convert(
         out,
         str(path),

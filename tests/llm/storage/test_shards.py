@@ -1,7 +1,7 @@
 """Shards on disk: convert, read back exactly, validate, fail clearly; ``python -m llm`` commands.
 
-MPI-marked tests run on any rank count (a shared directory from ``mpi_tmp_path``); the failure
-paths run whole processes, as a user would, and must end within seconds with one message.
+MPI-marked tests run on any rank count (in a directory every rank sees: ``shared_tmp_path``); the
+failure paths run whole processes, as a user would, and must end within seconds with one message.
 """
 
 import json
@@ -78,11 +78,11 @@ def _fabric(comm, mesh, grid):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("model", MODELS)
-def test_convert_and_read_back_exactly(model, mpi_tmp_path):
+def test_convert_and_read_back_exactly(model, shared_tmp_path):
     comm = _world()
     control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
-    out = mpi_tmp_path / f"{model}-shards"
+    out = shared_tmp_path / f"{model}-shards"
     manifest = convert(
         out,
         str(FIXTURES / model),
@@ -92,7 +92,7 @@ def test_convert_and_read_back_exactly(model, mpi_tmp_path):
         progress=False,
     )
     assert manifest["rank_grid"] == list(grid)
-    assert not list(mpi_tmp_path.glob("*.tmp-*")), "temporary directory left behind"
+    assert not list(shared_tmp_path.glob("*.tmp-*")), "temporary directory left behind"
 
     shards = open_shards(out, control, decode_mesh=mesh)
     config, weights = load_checkpoint(FIXTURES / model)
@@ -118,11 +118,11 @@ def _as_float16(x):
 @pytest.mark.parametrize(
     "dtype,stored,rtol", [("float16", _as_float16, 1e-3), ("bfloat16", round_to_bf16, 4e-3)]
 )
-def test_16bit_storage_and_random_preset(mpi_tmp_path, dtype, stored, rtol):
+def test_16bit_storage_and_random_preset(shared_tmp_path, dtype, stored, rtol):
     comm = _world()
     control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
-    out = mpi_tmp_path / f"random-{dtype}"
+    out = shared_tmp_path / f"random-{dtype}"
     manifest = convert(
         out,
         "random:tiny-llama",
@@ -149,11 +149,11 @@ def test_16bit_storage_and_random_preset(mpi_tmp_path, dtype, stored, rtol):
 
 
 @pytest.mark.mpi
-def test_validation_errors_are_the_same_on_every_rank(mpi_tmp_path):
+def test_validation_errors_are_the_same_on_every_rank(shared_tmp_path):
     comm = _world()
     control = ControlPlane.of(comm)
     grid, mesh = _grid_and_mesh(comm)
-    out = mpi_tmp_path / "validate"
+    out = shared_tmp_path / "validate"
     convert(
         out,
         "random:tiny-llama",
