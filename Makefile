@@ -7,6 +7,9 @@ MPIEXEC := $(VENV)/bin/mpiexec
 MPI_SIZES ?= 2 4 6
 # No single MPI run may outlive this (seconds); a hang ends as a failure, never as a stuck CI.
 MPI_TIMEOUT ?= 900
+# Seconds any one launch of the other targets may take (demo, bench, ...): `make demo TIMEOUT=1200`;
+# unset, each uses its own bound below.
+TIMEOUT ?=
 
 # Open MPI (the PyPI wheel) as root, with more ranks than cores, and with fast start-up.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -33,6 +36,7 @@ help:
 	@echo "make predict      modeled WSE-2 tables at the paper's settings, calibration, TPR plot (out/predict)"
 	@echo "make test-oracle  compare live against HF transformers (installs torch in .venv-oracle)"
 	@echo "make test-slurm   jobs/slurm.sbatch on a one-node SLURM cluster (root; installs slurm-wlm)"
+	@echo "make test-multihost  MPI jobs, job scripts and SLURM across 3 simulated hosts (root)"
 	@echo "make bench-hf     TTFT and time per token of the emulator (2 ranks) vs transformers, SmolLM2-135M"
 	@echo "make bench-scale  one LLaMA3-8B layer on paper-size meshes (64..720), 2 ranks: JSON + PNG"
 	@echo "make fixtures     regenerate the golden fixtures with transformers"
@@ -80,6 +84,16 @@ test-mpi:
 test-slurm: install
 	timeout -k 10 600 tests/slurm/run.sh < /dev/null
 
+# The runtime across 3 simulated hosts on this machine (network namespaces, a private TCP network;
+# needs root, ip and unshare): the MPI suite on 2, 4 and 6 ranks spread over the hosts, generate
+# against one host, jobs/mpirun.sh with a hostfile, node-local shard sets on hosts with a /tmp
+# each, and jobs/slurm.sbatch -N 2 (srun and mpirun). Checks where the ranks ran, removes all it
+# made. Without root or the tools it says so and passes (REQUIRE_MULTIHOST=1 makes that a failure).
+MULTIHOST_TIMEOUT ?= 900
+.PHONY: test-multihost
+test-multihost: install
+	timeout -k 20 $(MULTIHOST_TIMEOUT) tests/multihost/run.sh < /dev/null
+
 # Live comparison against HF transformers (torch CPU wheel, pinned) in a separate venv.
 ORACLE := .venv-oracle/bin/python
 $(ORACLE): $(STAMP)
@@ -90,13 +104,13 @@ $(ORACLE): $(STAMP)
 
 test-oracle: $(ORACLE) model
 	timeout -k 10 $(MPI_TIMEOUT) $(ORACLE) -m pytest -q --color=no tests/oracle/test_oracle_live.py tests/llm/modeling
-	WAFERLLM_GGUF=$$($(PY) -m llm fetch smollm2 -q) timeout -k 10 3600 $(ORACLE) -m pytest -q -s \
+	WAFERLLM_GGUF=$$($(PY) -m llm fetch smollm2 -q) timeout -k 10 $(or $(TIMEOUT),3600) $(ORACLE) -m pytest -q -s \
 	  --color=no -o faulthandler_timeout=3000 tests/oracle/test_oracle_gguf.py
 
 # The real model on both sides, the issue's setting: 43-token prompt, 32 greedy tokens, 2 ranks,
 # both emulation modes, on a 4x4 and an 8x8 decode mesh (`--model llama-100m` for random weights).
 bench-hf: model $(ORACLE)
-	for mesh in 4x4 8x8; do timeout -k 10 1800 $(ORACLE) tools/bench_vs_transformers.py --model smollm2 \
+	for mesh in 4x4 8x8; do timeout -k 10 $(or $(TIMEOUT),1800) $(ORACLE) tools/bench_vs_transformers.py --model smollm2 \
 	  --mesh $$mesh --ranks 2 --prompt-len 43 --new-tokens 32 < /dev/null || exit 1; done
 
 fixtures: $(ORACLE)
@@ -112,11 +126,11 @@ model: install
 DEMO_SHARDS ?= out/smollm2-2ranks
 DEMO_QUESTION ?= What is the capital of France? Answer in one sentence.
 demo: model
-	@test -f $(DEMO_SHARDS)/manifest.json || timeout -k 10 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py \
+	@test -f $(DEMO_SHARDS)/manifest.json || timeout -k 10 $(or $(TIMEOUT),600) $(MPIEXEC) -n 2 $(PY) -m mpi4py \
 	  -m llm convert "$$($(PY) -m llm fetch smollm2 -q)" --out $(DEMO_SHARDS) --ranks 1x2 \
 	  --decode-mesh 2x2 --prefill-mesh 1x2 --force < /dev/null
 	@echo "== question: $(DEMO_QUESTION)"
-	timeout -k 10 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m llm generate --model $(DEMO_SHARDS) \
+	timeout -k 10 $(or $(TIMEOUT),600) $(MPIEXEC) -n 2 $(PY) -m mpi4py -m llm generate --model $(DEMO_SHARDS) \
 	  --chat "$(DEMO_QUESTION)" --max-new-tokens 48 < /dev/null
 
 # The main job in miniature, no download: convert a small model (HF checkpoint in tests/fixtures)
@@ -124,8 +138,8 @@ demo: model
 DEMO_MODEL ?= tests/fixtures/tiny-llama-gqa
 DEMO_PROMPT ?= the mesh passes the cache
 demo-tiny: install
-	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm convert $(DEMO_MODEL) --out out/demo-shards --ranks 2x2 --decode-mesh 4x4 --force < /dev/null
-	timeout -k 10 300 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm generate --model out/demo-shards --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 < /dev/null
+	timeout -k 10 $(or $(TIMEOUT),300) $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm convert $(DEMO_MODEL) --out out/demo-shards --ranks 2x2 --decode-mesh 4x4 --force < /dev/null
+	timeout -k 10 $(or $(TIMEOUT),300) $(MPIEXEC) -n 4 $(PY) -m mpi4py -m llm generate --model out/demo-shards --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 < /dev/null
 
 # Plots: matplotlib is an optional extra, installed by the targets that draw.
 PLOT_STAMP := $(VENV)/.plot-installed
@@ -140,12 +154,12 @@ install-plot: $(PLOT_STAMP)
 BENCH_OUT ?= out/bench
 bench: install $(PLOT_STAMP)
 	mkdir -p $(BENCH_OUT)
-	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric --mesh 512x512 --json $(BENCH_OUT)/fabric.json < /dev/null
-	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemm --mesh 64x64 --size 4096 --algo meshgemm,cannon,summa --repeat 3 --check --json $(BENCH_OUT)/gemm.json < /dev/null
-	timeout -k 10 1800 $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemv --mesh 128x128 --size 8192 --algo ktree,pipeline,ring --check --json $(BENCH_OUT)/gemv.json < /dev/null
+	timeout -k 10 $(or $(TIMEOUT),1800) $(MPIEXEC) -n 4 $(PY) -m meshrt bench fabric --mesh 512x512 --json $(BENCH_OUT)/fabric.json < /dev/null
+	timeout -k 10 $(or $(TIMEOUT),1800) $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemm --mesh 64x64 --size 4096 --algo meshgemm,cannon,summa --repeat 3 --check --json $(BENCH_OUT)/gemm.json < /dev/null
+	timeout -k 10 $(or $(TIMEOUT),1800) $(MPIEXEC) -n 4 $(PY) -m meshrt bench gemv --mesh 128x128 --size 8192 --algo ktree,pipeline,ring --check --json $(BENCH_OUT)/gemv.json < /dev/null
 	$(PY) -m meshrt bench model --kernel gemm --json $(BENCH_OUT)/model-gemm.json --plot $(BENCH_OUT)/model-gemm.png
 	$(PY) -m meshrt bench model --kernel gemv --json $(BENCH_OUT)/model-gemv.json --plot $(BENCH_OUT)/model-gemv.png
-	timeout -k 10 1800 $(PY) -m llm bench --preset llama-100m --decode-mesh 8x8 --json > $(BENCH_OUT)/llm-100m.json
+	timeout -k 10 $(or $(TIMEOUT),1800) $(PY) -m llm bench --preset llama-100m --decode-mesh 8x8 --json > $(BENCH_OUT)/llm-100m.json
 	@echo "results in $(BENCH_OUT)/"
 
 # Closed-form predictions at the paper's settings (no emulation): JSON + markdown table, the
@@ -154,8 +168,8 @@ PREDICT_OUT ?= out/predict
 predict: install
 	mkdir -p $(PREDICT_OUT)
 	$(PY) -m pip install -q "matplotlib>=3.7"
-	timeout -k 10 600 $(PY) -m llm estimate --calibration > $(PREDICT_OUT)/calibration.txt
-	timeout -k 10 600 $(PY) -m llm estimate --paper-table $(PREDICT_OUT) --plot $(PREDICT_OUT)/tpr-vs-mesh.png
+	timeout -k 10 $(or $(TIMEOUT),600) $(PY) -m llm estimate --calibration > $(PREDICT_OUT)/calibration.txt
+	timeout -k 10 $(or $(TIMEOUT),600) $(PY) -m llm estimate --paper-table $(PREDICT_OUT) --plot $(PREDICT_OUT)/tpr-vs-mesh.png
 	@cat $(PREDICT_OUT)/calibration.txt
 	@echo "results in $(PREDICT_OUT)/"
 
@@ -164,7 +178,7 @@ predict: install
 # hour on a 2-core machine; runs one configuration at a time.
 BENCH_SCALE_OUT ?= out/bench-scale
 bench-scale: install $(PLOT_STAMP) $(ORACLE)
-	timeout -k 10 10800 $(PY) tools/bench_scale.py --out $(BENCH_SCALE_OUT) --oracle $(ORACLE) < /dev/null
+	timeout -k 10 $(or $(TIMEOUT),10800) $(PY) tools/bench_scale.py --out $(BENCH_SCALE_OUT) --oracle $(ORACLE) < /dev/null
 
 clean:
 	rm -rf $(VENV) .venv-oracle build *.egg-info .pytest_cache

@@ -26,15 +26,28 @@
 #   DTYPE          float32 | float16 | bfloat16 storage [float32]
 #   LAYERS         keep only the first N layers [all]
 #   FORCE          1 = replace an existing shard set [0]
+#   NODE_LOCAL     1 = SHARDS is on each host's own disk: convert --node-local writes there the
+#                  files of the ranks that host runs, and the manifest [0]
 #   PROMPT         prompt text [Once upon a time]; PROMPT_IDS (e.g. 1,450,4996) instead
 #   MAX_NEW_TOKENS tokens to generate [32]
 #   OUT            batch: results file [<repository>/out/<REQUESTS name without .jsonl>.results.jsonl]
 #   PRESET         bench: model shapes [llama-100m]
 #   PYTHON         interpreter [.venv/bin/python if present, else python3]
 #   MPIEXEC        launcher [mpiexec next to PYTHON if present, else mpiexec]
-#   HOSTFILE       hostfile for several hosts [none: this host only]
+#   HOSTFILE       hostfile for several hosts, "HOST slots=N" per line [none: this host only];
+#                  every host must see the repository, PYTHON and the model (or, for a shard set
+#                  converted with --node-local, its own rank files) at the same paths
+#   MAP_BY         slot (fill each host's slots in turn) or node (round robin) [slot]
+#   OVERSUBSCRIBE  1 = more ranks than slots or cores; auto = only on this host alone when it
+#                  has fewer cores than RANKS x THREADS [auto]
+#   TIMEOUT        seconds each launch may take; then it is stopped and the ranks that did not
+#                  finish are named with their hosts [3600]
+#   CHECK_PLACEMENT  1 = first print where the ranks run (and warn if a job given several hosts
+#                  has them all on one) [1]
 #   MPIEXEC_ARGS   extra launcher arguments [none]
 #   THREADS        BLAS threads per rank [1]
+#   Across hosts Open MPI uses TCP (OMPI_MCA_btl=self,sm,tcp; restrict the interfaces with
+#   OMPI_MCA_btl_tcp_if_include); on one host shared memory only (self,sm).
 #   DRY_RUN        1 = print the commands instead of running them [0]
 #
 # Examples (the first three fit a 2-core machine with a few GB free):
@@ -84,12 +97,17 @@ RANK_GRID="${RANK_GRID:-}"
 DTYPE="${DTYPE:-float32}"
 LAYERS="${LAYERS:-}"
 FORCE="${FORCE:-0}"
+NODE_LOCAL="${NODE_LOCAL:-0}"
 PROMPT="${PROMPT:-Once upon a time}"
 PROMPT_IDS="${PROMPT_IDS:-}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-32}"
 PRESET="${PRESET:-llama-100m}"
 THREADS="${THREADS:-1}"
 DRY_RUN="${DRY_RUN:-0}"
+OVERSUBSCRIBE="${OVERSUBSCRIBE:-auto}"
+MAP_BY="${MAP_BY:-slot}"
+TIMEOUT="${TIMEOUT:-3600}"
+CHECK_PLACEMENT="${CHECK_PLACEMENT:-1}"
 model_name="$(basename "${MODEL#random:}")"
 # In the repository (not the caller's directory), named by everything that changes the files, so
 # a later run never silently reuses a shard set made with other settings.
@@ -107,35 +125,66 @@ if [[ -z "${MPIEXEC:-}" ]]; then
     if [[ -x "$venv_mpiexec" ]]; then MPIEXEC="$venv_mpiexec"; else MPIEXEC=mpiexec; fi
 fi
 
+# shellcheck source=jobs/launch.sh
+source "$REPO/jobs/launch.sh"
+# Cores here, read before OMP_NUM_THREADS is set (GNU nproc obeys it).
+CORES="$(available_cores)"
 # One BLAS thread per rank unless asked otherwise (ranks x threads must not exceed the cores).
 export OPENBLAS_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 export PYTHONUNBUFFERED=1
-# Open MPI refuses to run as root, and more ranks than cores, unless told (containers, CI).
+# Open MPI refuses to run as root unless told (containers, CI).
 if [[ "$(id -u)" == 0 ]]; then
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-    export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}"
 fi
-if [[ "$RANKS" -gt "$(nproc 2>/dev/null || echo 1)" ]]; then
-    export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}"
-    export OMPI_MCA_rmaps_base_oversubscribe="${OMPI_MCA_rmaps_base_oversubscribe:-true}"
-fi
-LAUNCH=("$MPIEXEC" -n "$RANKS")
+# Hosts of the hostfile (one per line, "host [slots=N]", # comments) and their slots.
+HOSTS_GIVEN=1
 if [[ -n "${HOSTFILE:-}" ]]; then
-    LAUNCH+=(--hostfile "$HOSTFILE")
-else
+    [[ -r "$HOSTFILE" ]] || { echo "error: HOSTFILE=$HOSTFILE: no such file" >&2; exit 2; }
+    HOSTS_GIVEN="$(sed 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}' | sort -u | wc -l)"
+    slots="$(sed 's/#.*//' "$HOSTFILE" | awk 'NF { if (match($0, /slots=[0-9]+/)) s += substr($0, RSTART + 6, RLENGTH - 6); else u = 1 }
+                                             END { print (u ? "" : s + 0) }')"
+    if [[ -n "$slots" && "$slots" -lt "$RANKS" && "$OVERSUBSCRIBE" != 1 ]]; then
+        echo "error: HOSTFILE=$HOSTFILE gives $slots slots for $RANKS ranks: add slots, or set" \
+             "OVERSUBSCRIBE=1 to run more ranks than slots" >&2
+        exit 2
+    fi
+fi
+# More ranks than cores only when asked, or on this host alone when it has fewer cores.
+if [[ "$OVERSUBSCRIBE" == auto ]]; then
+    OVERSUBSCRIBE=0
+    if [[ "$HOSTS_GIVEN" == 1 && -z "${HOSTFILE:-}" ]] && (( RANKS * THREADS > CORES )); then
+        OVERSUBSCRIBE=1
+    fi
+fi
+map="$MAP_BY"
+if [[ "$OVERSUBSCRIBE" == 1 ]]; then
+    map="$map:oversubscribe"
+    export OMPI_MCA_rmaps_base_oversubscribe=true
+    # waiting ranks yield the CPU to the ranks that compute instead of spinning
+    export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
+fi
+LAUNCH=("$MPIEXEC" -n "$RANKS" --map-by "$map")
+[[ -n "${HOSTFILE:-}" ]] && LAUNCH+=(--hostfile "$HOSTFILE")
+if [[ "$HOSTS_GIVEN" == 1 ]]; then
     # one host: shared-memory transport only, which also avoids a slow start-up probe
     export OMPI_MCA_pml="${OMPI_MCA_pml:-ob1}" OMPI_MCA_btl="${OMPI_MCA_btl:-self,sm}"
-    # tile messages up to 128 KB go eagerly, without a rendezvous round trip (default 4 KB)
-    export OMPI_MCA_btl_sm_eager_limit="${OMPI_MCA_btl_sm_eager_limit:-131072}"
-    export OMPI_MCA_btl_sm_max_send_size="${OMPI_MCA_btl_sm_max_send_size:-131072}"
+else
+    # several hosts: TCP between them (a site's faster network: set OMPI_MCA_btl yourself)
+    case "${OMPI_MCA_btl:-}" in ""|self,sm|sm,self) export OMPI_MCA_btl=self,sm,tcp ;; esac
+    export OMPI_MCA_pml="${OMPI_MCA_pml:-ob1}"
 fi
+# tile messages up to 128 KB go eagerly, without a rendezvous round trip (default 4 KB)
+export OMPI_MCA_btl_sm_eager_limit="${OMPI_MCA_btl_sm_eager_limit:-131072}"
+export OMPI_MCA_btl_sm_max_send_size="${OMPI_MCA_btl_sm_max_send_size:-131072}"
 # shellcheck disable=SC2206
-LAUNCH+=(${MPIEXEC_ARGS:-} "$PYTHON" -m mpi4py -m llm)
+LAUNCH+=(${MPIEXEC_ARGS:-})
+# jobs/rank.py is `python -m mpi4py` that also says when the program reached its end
+LLM=("${LAUNCH[@]}" "$PYTHON" "$REPO/jobs/rank.py" -m llm)
 
 run() {
     { printf '+'; printf ' %q' "$@"; printf '\n'; } >&2
     if [[ "$DRY_RUN" != 1 ]]; then
-        "$@" </dev/null
+        bounded "$@"
     fi
 }
 
@@ -147,7 +196,8 @@ convert() {
     local args=(convert "$MODEL" --out "$SHARDS" --dtype "$DTYPE" "${mesh_args[@]}")
     [[ -n "$LAYERS" ]] && args+=(--layers "$LAYERS")
     [[ "$FORCE" == 1 ]] && args+=(--force)
-    run "${LAUNCH[@]}" "${args[@]}" "$@"
+    [[ "$NODE_LOCAL" == 1 ]] && args+=(--node-local)
+    run "${LLM[@]}" "${args[@]}" "$@"
 }
 
 convert_if_needed() {
@@ -158,6 +208,7 @@ convert_if_needed() {
     fi
 }
 
+[[ "$DRY_RUN" == 1 || "$CHECK_PLACEMENT" != 1 ]] || check_placement
 case "$COMMAND" in
     convert)
         convert "$@"
@@ -169,24 +220,24 @@ case "$COMMAND" in
         for arg in "$@"; do    # a prompt among the extra arguments wins
             case "$arg" in --prompt|--prompt=*|--prompt-ids*|--prompt-file*|--chat*|--batch*) prompt=() ;; esac
         done
-        run "${LAUNCH[@]}" generate --model "$SHARDS" ${prompt[@]+"${prompt[@]}"} \
+        run "${LLM[@]}" generate --model "$SHARDS" ${prompt[@]+"${prompt[@]}"} \
             --max-new-tokens "$MAX_NEW_TOKENS" "$@"
         ;;
     batch)
         convert_if_needed
         [[ "$DRY_RUN" == 1 ]] || mkdir -p "$(dirname "$OUT")"
-        run "${LAUNCH[@]}" generate --model "$SHARDS" --batch "$REQUESTS" --out "$OUT" \
+        run "${LLM[@]}" generate --model "$SHARDS" --batch "$REQUESTS" --out "$OUT" \
             --max-new-tokens "$MAX_NEW_TOKENS" "$@"
         echo "results in $OUT" >&2
         ;;
     bench)
         if [[ -n "$MODEL_GIVEN" ]]; then
             convert_if_needed
-            run "${LAUNCH[@]}" bench --model "$SHARDS" "${mesh_args[@]}" "$@"
+            run "${LLM[@]}" bench --model "$SHARDS" "${mesh_args[@]}" "$@"
         else
             args=(bench --preset "$PRESET" "${mesh_args[@]}")
             [[ -n "$LAYERS" ]] && args+=(--layers "$LAYERS")
-            run "${LAUNCH[@]}" "${args[@]}" "$@"
+            run "${LLM[@]}" "${args[@]}" "$@"
         fi
         ;;
 esac

@@ -22,6 +22,11 @@
 # The node declares more CPUs than the machine has (SLURM_TEST_CPUS [8]), so jobs with more tasks
 # than cores are scheduled instead of pending for ever; jobs/slurm.sbatch then lets waiting MPI
 # ranks yield the CPU.
+#
+# Several hosts (simulated ones, tools/multihost.sh): SLURM_TEST_HOSTS="h1=ADDR h2=ADDR ..." puts
+# slurmctld on the first host and a slurmd on each of the others, each started with
+# SLURM_TEST_EXEC HOST (e.g. "tools/multihost.sh exec"); the client commands (sinfo, sbatch,
+# squeue, scancel) must then run on one of the hosts, as `up` and `down` do.
 set -euo pipefail
 
 DIR="${SLURM_TEST_DIR:-/tmp/waferllm-slurm}"
@@ -31,6 +36,10 @@ UP_TIMEOUT="${SLURM_TEST_UP_TIMEOUT:-60}"     # seconds for the node to become i
 PACKAGES=(slurm-wlm munge libpmix2)
 CONF="$DIR/slurm.conf"
 PIDS="$DIR/pids"                              # "name pid" per line, in start order
+# shellcheck disable=SC2206
+HOSTS=(${SLURM_TEST_HOSTS:-})                 # NAME=ADDR: the controller's host, then the nodes
+# shellcheck disable=SC2206
+EXEC=(${SLURM_TEST_EXEC:-})
 MUNGE_SOCKET=/run/munge/munge.socket.2
 
 die() { echo "slurm_cluster: error: $*" >&2; exit 1; }
@@ -74,7 +83,8 @@ cmd_install() {
 live_pid() {
     local pid
     pid="$(awk -v n="$1" '$1 == n {print $2}' "$PIDS" 2>/dev/null)"
-    if [[ -n "$pid" ]] && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]]; then echo "$pid"; fi
+    # a record "slurmd-h2" is a slurmd process
+    if [[ -n "$pid" ]] && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${1%%-*}" ]]; then echo "$pid"; fi
 }
 
 # Wait (up to $2 seconds) for a file to appear; the daemons write their pid file once they run.
@@ -88,6 +98,54 @@ wait_file() {
 
 record() { echo "$1 $2" >> "$PIDS"; }
 
+# on HOST CMD...: CMD on that simulated host (here, without SLURM_TEST_HOSTS)
+on() {
+    local h="$1"
+    shift
+    if [[ ${#HOSTS[@]} -gt 0 ]]; then "${EXEC[@]}" "$h" "$@"; else "$@"; fi
+}
+ctl_host() { local h="${HOSTS[0]:-}"; echo "${h%%=*}"; }
+
+write_conf_hosts() {
+    local ctl="${HOSTS[0]%%=*}" ctl_addr="${HOSTS[0]#*=}" entry names=()
+    cat > "$CONF" <<EOF
+# Written by tools/slurm_cluster.sh: a test cluster of simulated hosts; everything under $DIR.
+ClusterName=waferllm-test
+SlurmctldHost=$ctl($ctl_addr)
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool-%n
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+PlugStackConfig=$DIR/plugstack.conf
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+EOF
+    for entry in "${HOSTS[@]:1}"; do
+        echo "NodeName=${entry%%=*} NodeAddr=${entry#*=} CPUs=$CPUS State=UNKNOWN" >> "$CONF"
+        names+=("${entry%%=*}")
+    done
+    echo "PartitionName=test Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP" \
+        >> "$CONF"
+    : > "$DIR/plugstack.conf"
+}
+
 libpmix_link() {
     # Slurm's mpi/pmix plugin dlopens .../pmix2/lib/libpmix.so, which only libpmix-dev ships.
     local so
@@ -97,6 +155,7 @@ libpmix_link() {
 }
 
 write_conf() {
+    if [[ ${#HOSTS[@]} -gt 0 ]]; then write_conf_hosts; return; fi
     local host
     host="$(hostname -s)"
     # slurmctld runs only on the host named by SlurmctldHost, and the daemons look the name up.
@@ -170,24 +229,38 @@ cmd_up() {
             || die "munge cannot encode and decode a credential (see $DIR/log/munged.log)"
     fi
 
-    slurmctld -f "$CONF" </dev/null
+    export SLURM_CONF="$CONF"
+    local ctl nodes=() entry node
+    ctl="$(ctl_host)"
+    for entry in "${HOSTS[@]:1}"; do nodes+=("${entry%%=*}"); done
+    on "$ctl" slurmctld -f "$CONF" </dev/null
     wait_file "$DIR/slurmctld.pid" 20 || die "slurmctld did not start (see $DIR/log/slurmctld.log)"
     record slurmctld "$(cat "$DIR/slurmctld.pid")"
-    slurmd -f "$CONF" </dev/null
-    wait_file "$DIR/slurmd.pid" 20 || die "slurmd did not start (see $DIR/log/slurmd.log)"
-    record slurmd "$(cat "$DIR/slurmd.pid")"
+    if [[ ${#nodes[@]} == 0 ]]; then
+        slurmd -f "$CONF" </dev/null
+        wait_file "$DIR/slurmd.pid" 20 || die "slurmd did not start (see $DIR/log/slurmd.log)"
+        record slurmd "$(cat "$DIR/slurmd.pid")"
+    fi
+    for node in "${nodes[@]+"${nodes[@]}"}"; do
+        mkdir -p "$DIR/spool-$node"
+        on "$node" slurmd -f "$CONF" </dev/null
+        wait_file "$DIR/slurmd-$node.pid" 20 \
+            || die "slurmd did not start on $node (see $DIR/log/slurmd-$node.log)"
+        record "slurmd-$node" "$(cat "$DIR/slurmd-$node.pid")"
+    done
 
-    export SLURM_CONF="$CONF"
-    local deadline=$((SECONDS + UP_TIMEOUT)) state=""
-    until [[ "$state" == idle ]]; do
+    local deadline=$((SECONDS + UP_TIMEOUT)) state="" want=idle
+    [[ ${#nodes[@]} == 0 ]] || want="$(for node in "${nodes[@]}"; do echo idle; done | paste -sd' ' -)"
+    until [[ "$state" == "$want" ]]; do
         if (( SECONDS >= deadline )); then
-            tail -n 5 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
-            die "node not idle after ${UP_TIMEOUT}s (state '${state:-none}'; logs in $DIR/log)"
+            tail -n 5 "$DIR"/log/*.log >&2 || true
+            die "nodes not idle after ${UP_TIMEOUT}s (state '${state:-none}'; logs in $DIR/log)"
         fi
         sleep 0.5
-        state="$(timeout 10 sinfo -h -o %T 2>/dev/null | head -n 1 || true)"
+        state="$(on "$ctl" timeout 10 sinfo -h -N -o %T 2>/dev/null | paste -sd' ' - || true)"
     done
-    say "up: node $(hostname -s) idle with $CPUS CPUs; $(timeout 10 srun --mpi=list 2>&1 | tr -s '\n ' ' ')"
+    say "up: ${nodes[*]:-$(hostname -s)} idle with $CPUS CPUs each;" \
+        "$(on "$ctl" timeout 10 srun --mpi=list 2>&1 | tr -s '\n ' ' ')"
     say "use it with: export SLURM_CONF=$CONF"
 }
 
@@ -197,19 +270,22 @@ cmd_down() {
     # Cancel the jobs still queued or running, so that no rank outlives the cluster.
     if [[ -n "$(live_pid slurmctld)" ]]; then
         export SLURM_CONF="$CONF"
-        jobs="$(timeout 10 squeue -h -o %i 2>/dev/null || true)"
+        local ctl
+        ctl="$(ctl_host)"
+        jobs="$(on "$ctl" timeout 10 squeue -h -o %i 2>/dev/null || true)"
         if [[ -n "$jobs" ]]; then
             say "cancelling jobs: $(echo $jobs)"
             # shellcheck disable=SC2086
-            timeout 10 scancel $jobs || true
+            on "$ctl" timeout 10 scancel $jobs || true
             deadline=$((SECONDS + 30))
-            while [[ -n "$(timeout 10 squeue -h -o %i 2>/dev/null || true)" ]] && (( SECONDS < deadline )); do
+            while [[ -n "$(on "$ctl" timeout 10 squeue -h -o %i 2>/dev/null || true)" ]] &&
+                  (( SECONDS < deadline )); do
                 sleep 0.5
             done
         fi
     fi
     # slurmd first (it ends the job steps it runs), then the controller, then munge.
-    for name in slurmd slurmctld munged; do
+    for name in $(awk '$1 ~ /^slurmd/ {print $1}' "$PIDS") slurmctld munged; do
         pid="$(live_pid "$name")"
         [[ -n "$pid" ]] || continue
         kill -TERM "$pid" 2>/dev/null || true

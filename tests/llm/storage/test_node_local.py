@@ -47,9 +47,32 @@ def _grid(world):
     return default_rank_grid(world.size)
 
 
+def _shared_by_hosts(world, path) -> bool:
+    """Whether ranks on different hosts see the same directory ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    mark = path / f"seen-{world.bcast(os.getpid())}"
+    if world.rank == 0:
+        mark.write_text("")
+    world.barrier()
+    seen = world.allgather(mark.exists())
+    hosts = world.allgather(socket.gethostname())
+    return any(s and h != hosts[0] for s, h in zip(seen, hosts, strict=True))
+
+
 def test_node_local_convert_then_every_rank_reads_its_own_file(world, node_local_path):
     grid = _grid(world)
     mesh = (2 * grid[0], 2 * grid[1])
+    if _shared_by_hosts(world, node_local_path.parent):  # hosts that share /tmp
+        with pytest.raises(ShardError, match="shared by the nodes"):
+            convert(
+                node_local_path,
+                str(MODEL),
+                meshes={"decode": mesh},
+                control=world,
+                progress=False,
+                node_local=True,
+            )
+        return
     manifest = convert(
         node_local_path,
         str(MODEL),
