@@ -89,7 +89,7 @@ test-slurm: install
 # against one host, jobs/mpirun.sh with a hostfile, node-local shard sets on hosts with a /tmp
 # each, and jobs/slurm.sbatch -N 2 (srun and mpirun). Checks where the ranks ran, removes all it
 # made. Without root or the tools it says so and passes (REQUIRE_MULTIHOST=1 makes that a failure).
-MULTIHOST_TIMEOUT ?= 900
+MULTIHOST_TIMEOUT ?= 1500
 .PHONY: test-multihost
 test-multihost: install
 	timeout -k 20 $(MULTIHOST_TIMEOUT) tests/multihost/run.sh < /dev/null

@@ -86,7 +86,7 @@ check_placement() {
 # are named with their hosts. A launcher still running EXIT_GRACE seconds after every rank's
 # process ended is stopped, and the job's status is the ranks' own.
 bounded() {
-    local n_launch="${#LAUNCH[@]}" marks pid rc=0 hung=0 done_since=""
+    local n_launch="${#LAUNCH[@]}" marks pid rc=0 hung=0 done_since="" traps
     local cmd=("${@:1:n_launch}" bash -c \
         '"$@"; rc=$?; echo "waferllm-rank-exit ${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-${SLURM_PROCID:-?}}} ${HOSTNAME:-?} $rc" >&2; exit $rc' \
         rank "${@:n_launch+1}")
@@ -100,6 +100,7 @@ bounded() {
             esac
         done) &
     pid=$!
+    traps="$(trap -p TERM INT)"
     trap 'kill -TERM "$pid" 2>/dev/null; exit 143' TERM INT
     while kill -0 "$pid" 2>/dev/null; do
         if [[ "$(grep -c '^exit ' "$marks")" -ge "$RANKS" ]]; then
@@ -114,6 +115,7 @@ bounded() {
     done
     wait "$pid" || rc=$?
     trap - TERM INT
+    eval "$traps"
     sleep 0.1    # the filter's last lines
     if [[ "$hung" == 1 ]]; then
         rc="$(awk 'BEGIN {m = 0} $1 == "exit" && $4 > m {m = $4} END {print m}' "$marks")"

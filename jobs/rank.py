@@ -26,5 +26,6 @@ def _reached_the_end() -> None:
 
 
 if __name__ == "__main__":
+    sys.path[0] = os.getcwd()  # as for `python -m`: modules of the current directory, not of jobs/
     atexit.register(_reached_the_end)  # runs before mpi4py's MPI_Finalize (a C-level exit hook)
     runpy.run_module("mpi4py", run_name="__main__", alter_sys=True)
