@@ -8,6 +8,8 @@
 # daemons on the other hosts through `agent`, which stands in for ssh.
 #
 # Usage (as root):
+#   tools/multihost.sh install             apt-get install iproute2 and util-linux if ip, unshare or
+#                                          nsenter is missing (root)
 #   tools/multihost.sh check               exit 0 if the hosts can be made here, else say why (exit 3)
 #   tools/multihost.sh up [N] [--private-tmp]   make hosts h1..hN [3]
 #   tools/multihost.sh down                remove everything `up` made (processes by recorded pid,
@@ -48,6 +50,19 @@ cmd_check() {
         ip netns del "$PREFIX-probe" 2>/dev/null || true
         echo "cannot create mount/UTS/IPC namespaces here (unshare failed)" >&2; exit 3
     fi
+}
+
+cmd_install() {
+    local tool
+    for tool in ip unshare nsenter; do
+        command -v "$tool" >/dev/null && continue
+        if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then return 0; fi   # check says why
+        say "installing iproute2 and util-linux ($tool is missing)"
+        export DEBIAN_FRONTEND=noninteractive
+        timeout 300 apt-get update -qq </dev/null
+        timeout 300 apt-get install -y -qq --no-install-recommends iproute2 util-linux </dev/null
+        return
+    done
 }
 
 hosts() { cat "$DIR/hosts" 2>/dev/null; }
@@ -210,6 +225,7 @@ cmd_down() {
 
 case "${1:-}" in
     check) cmd_check ;;
+    install) cmd_install ;;
     up) shift; cmd_up "$@"
         printf '#!/bin/sh\nexec %q agent "$@"\n' "$SELF" > "$DIR/agent"
         chmod +x "$DIR/agent" ;;

@@ -47,6 +47,7 @@ PROMPT="the mesh passes the cache"
 NEW_TOKENS=12
 T0=$SECONDS
 
+"$HOSTS" install || echo "test-multihost: installing iproute2 and util-linux failed"
 if ! reason="$("$HOSTS" check 2>&1)"; then
     if [[ "${REQUIRE_MULTIHOST:-0}" == 1 ]]; then
         echo "test-multihost: cannot run ($reason), and REQUIRE_MULTIHOST=1"
