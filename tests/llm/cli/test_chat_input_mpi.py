@@ -16,12 +16,17 @@ class Unreadable(io.StringIO):
 
 
 def test_chat_turns_come_from_rank_0_only(monkeypatch):
-    from llm.cli.chat import read_line
+    from llm.cli.chat import END, Keyboard, read_turn
     from meshrt.runtime import ControlPlane
 
     plane = ControlPlane.world()
-    stdin = io.StringIO("what is a wafer?\n/exit\n") if plane.is_root else Unreadable("other\n")
+    stdin = io.StringIO("what is a wafer?\n/reset\n/exit\n") if plane.is_root else Unreadable("x\n")
     monkeypatch.setattr(sys, "stdin", stdin)
-    assert read_line(plane, interactive=False) == "what is a wafer?"
-    assert read_line(plane, interactive=False) == "/exit"
-    assert read_line(plane, interactive=False) is None  # end of rank 0's input ends every rank
+    keyboard = Keyboard(interactive=False) if plane.is_root else None  # as llm chat does
+    try:
+        assert read_turn(plane, keyboard) == ("say", "what is a wafer?")
+        assert read_turn(plane, keyboard) == ("reset", None)
+        assert read_turn(plane, keyboard) == END  # rank 0's /exit ends every rank
+    finally:
+        if keyboard is not None:
+            keyboard.close()
