@@ -122,8 +122,95 @@ def add_parser(sub):
         "the decode mesh and a prefill of N tokens on the prefill mesh (compute, "
         "communication and fixed cycles)",
     )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="B",
+        help="B requests decoded together: per-request TPR, total tokens/s and KV capacity "
+        "per request (one step at context N + M - 1 on the decode mesh)",
+    )
+    p.add_argument(
+        "--batch-sweep",
+        default=None,
+        metavar="B1,B2,...",
+        help="the same for each batch size (e.g. 1,2,4,...,128): a table for --preset on "
+        "--decode-mesh, or for the paper's four models on 420x420 without them",
+    )
+    p.add_argument(
+        "--batch-plot",
+        default=None,
+        metavar="PNG",
+        help="with --batch-sweep: total tokens/s against per-request TPR, one curve per model",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (the default for one run)")
     return p
+
+
+def batch_rows(models, mesh, sizes, context, device, policy="shift") -> list[dict]:
+    """:func:`llm.cost.batch.batch_decode` of each model and batch size (errors as rows)."""
+    from ..cost.batch import batch_decode
+    from ..cost.wafer import PlacementError
+
+    rows = []
+    for name in models:
+        config = _config(name)
+        for b in sizes:
+            row = {"model": name, "decode_mesh": list(mesh)}
+            try:
+                row.update(batch_decode(config, mesh, b, context, device, policy))
+            except PlacementError as e:
+                row.update(batch=b, error=str(e))
+            rows.append(row)
+    return rows
+
+
+def batch_table(rows) -> str:
+    """The rows of :func:`batch_rows` as text."""
+    out = [
+        f"{'model':<14s} {'B':>4s} {'step ms':>9s} {'TPR/request':>12s} {'total tok/s':>12s} "
+        f"{'KV tokens/request':>18s}"
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['model']:<14s} {r['batch']:4d}  {r['error']}")
+            continue
+        kv = f"{r['kv_capacity_per_request']}{'' if r['kv_fits'] else ' (< context)'}"
+        out.append(
+            f"{r['model']:<14s} {r['batch']:4d} {r['step_s'] * 1e3:9.4f} "
+            f"{r['tpr_per_request']:12.1f} {r['total_tokens_per_s']:12.1f} {kv:>18s}"
+        )
+    return "\n".join(out)
+
+
+def batch_plot(path: str, rows, device_name: str) -> None:
+    """PNG of total tokens/s against per-request TPR, one curve per model."""
+    from meshrt.bench import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = [r for r in rows if r["model"] == name and "error" not in r]
+        ax.plot(
+            [r["tpr_per_request"] for r in pts],
+            [r["total_tokens_per_s"] for r in pts],
+            marker="o",
+            label=name,
+        )
+        for r in pts:
+            ax.annotate(
+                str(r["batch"]), (r["tpr_per_request"], r["total_tokens_per_s"]), fontsize=7
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens/s per request (TPR)")
+    ax.set_ylabel("tokens/s in all")
+    ax.set_title(f"Modeled {device_name}: batched decode (labels: B)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def _mesh(text: str | None, what: str) -> tuple[int, int] | None:
@@ -310,6 +397,32 @@ def run(args, plane=None) -> int:
 
         pyplot()  # before any output: a missing matplotlib is bad input
     did = False
+    if args.batch is not None and args.batch < 1:
+        raise runtime.UsageError(f"estimate: --batch must be >= 1, got {args.batch}")
+    if args.batch_plot and not args.batch_sweep:
+        raise runtime.UsageError("estimate: --batch-plot goes with --batch-sweep")
+    if args.batch_sweep:
+        try:
+            sizes = [int(b) for b in args.batch_sweep.split(",") if b.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise runtime.UsageError(
+                f"estimate: --batch-sweep {args.batch_sweep!r}: expected batch sizes like 1,2,4"
+            )
+        if args.batch_plot:
+            from meshrt.bench import pyplot
+
+            pyplot()  # before any output: a missing matplotlib is bad input
+        mesh = _mesh(args.decode_mesh, "decode mesh") or (DECODE_SIDES[0], DECODE_SIDES[0])
+        models = [args.preset] if args.preset else list(PAPER_MODELS)
+        context = args.prompt_len + args.new_tokens - 1
+        rows = batch_rows(models, mesh, sizes, context, device, args.policy)
+        print(json.dumps(rows, indent=1) if args.json else batch_table(rows))
+        if args.batch_plot:
+            batch_plot(args.batch_plot, rows, device.name)
+            print(f"wrote {args.batch_plot}")
+        return 0
     if args.calibration:
         from ..cost.calibration import report
 
@@ -377,6 +490,12 @@ def run(args, plane=None) -> int:
             print(json.dumps(b, indent=1) if args.json else format_breakdown(b), end="")
             return 0
         r = one(args.preset, pmesh, dmesh, args.prompt_len, args.new_tokens, device, args.policy)
+        if args.batch is not None:
+            context = args.prompt_len + args.new_tokens - 1
+            assert dmesh is not None  # --decode-mesh was given
+            r["batch"] = batch_rows(
+                [args.preset], dmesh, [args.batch], context, device, args.policy
+            )[0]
         print(json.dumps(r, indent=None if args.json else 1))
     elif args.breakdown:
         raise runtime.UsageError("estimate: --breakdown needs --preset and --decode-mesh")
