@@ -492,16 +492,18 @@ def run_batch(
         rate = tokens / (time.perf_counter() - t0)
         if writer is not None:
             result = record(req.prompt_ids, gen)
+            # the progress and log lines too: SIGTERM raised inside a logging handler would be
+            # swallowed by logging (several results are written at once in a batch)
             with guard.recording():
                 writer.write({"id": req.id, "line": req.line, "sampling": req.sampling(), **result})
                 finished += 1
-            bar.update(1)
-            bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
-            if bar.disable:
-                log.info(
-                    f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
-                    f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
-                )
+                bar.update(1)
+                bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+                if bar.disable:
+                    log.info(
+                        f"batch: id {req.id!r} done ({len(gen.new_ids)} tokens, "
+                        f"{gen.stopped_by}); {finished}/{len(pending)}, {rate:.1f} tok/s"
+                    )
 
     try:
         if batch.max_batch > 1 or batch.kv_pool is not None:
