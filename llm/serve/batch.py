@@ -45,6 +45,7 @@ broadcast, so every rank runs the same requests.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import stat
@@ -416,12 +417,29 @@ def _prepare(
             f"{batch.out}: cut off a half-written last line ({cut} bytes); its request runs again"
         )
     pending = [r for r in requests if id_key(r.id) not in done]
+    _check_prompts_fit(pending, defaults.kv_capacity, model, batch.requests)
     log.info(
         f"batch {batch.requests}: {len(requests)} requests, {len(requests) - len(pending)} "
         f"already in {batch.out}, {len(pending)} to run"
         + (f", {len(problems)} bad lines skipped" if problems else "")
     )
     return pending, problems
+
+
+def _check_prompts_fit(pending, capacity: int | None, model, path) -> None:
+    """With ``--kv-capacity``, every prompt must fit the cache before anything runs (as for one
+    ``generate``); the first that does not is a :class:`BadRequest` naming it."""
+    if capacity is None:
+        return
+    rows = model.layouts["decode"].py
+    for req in pending:
+        slots = math.ceil(len(req.prompt_ids) / rows)  # the prompt is spread over the rows
+        if slots > capacity:
+            raise BadRequest(
+                f"{path}:{req.line}: id {req.id!r}: --kv-capacity {capacity} is too small for "
+                f"its prompt: {len(req.prompt_ids)} tokens need {slots} slots per core on "
+                f"{rows} rows (nothing was run)"
+            )
 
 
 def run_batch(

@@ -70,6 +70,10 @@ def test_batched_job_resumes_and_stops_a_full_cache_visibly(model_dir, tmp_path)
         (["--max-batch", "0"], "--max-batch: 0 must be positive"),
         (["--max-batch", "-2"], "--max-batch: -2 must be positive"),
         (["--kv-pool", "3"], "--kv-pool 3 is too small: each request's KV cache needs"),
+        # the 37-token prompt of "long" needs 19 slots per core on 2 rows: refused before
+        # anything runs, batched or not (it was a ContextFullError traceback)
+        (["--kv-capacity", "4"], "id 'long': --kv-capacity 4 is too small for its prompt"),
+        (["--kv-capacity", "4", "--max-batch", "1"], "id 'long': --kv-capacity 4 is too small"),
     ],
 )
 def test_bad_batch_settings_are_one_error_line(model_dir, tmp_path, flags, message):
