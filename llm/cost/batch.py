@@ -12,43 +12,12 @@ Each request gets one token per step: per-request TPR is ``1 / step``, the wafer
 from __future__ import annotations
 
 from meshrt.collectives import KTREE, AllreduceSpec
-from meshrt.plmr import Device, Ledger, get_device
+from meshrt.plmr import Device, get_device
 
-from ..engine import program as P
 from ..modeling.config import ModelConfig
-from ..placement.layout import PhaseLayout, mesh_pair
-from . import estimate
-from .predict import transfer_cycles
+from ..placement.layout import mesh_pair
+from .predict import decode_stages, transfer_cycles
 from .wafer import kv_capacity, place_decode, stage_transfers
-
-
-def _stage_cycles(config, stage, device, batch, context, policy, allreduce, first, last):
-    """Cycles of one stage's layers (and the head on the first, the tail on the last)."""
-    import dataclasses
-
-    def cycles(layers: int) -> float:
-        cfg = dataclasses.replace(config, num_layers=layers)
-        return estimate.decode_batch_step(
-            cfg,
-            tuple(stage.mesh),
-            [context] * batch,
-            device,
-            policy,
-            allreduce=allreduce,
-            links=tuple(stage.links),
-        ).cycles
-
-    one, two = cycles(1), cycles(2)
-    layer, ends = two - one, 2 * one - two
-    lay = PhaseLayout(config, *stage.mesh)
-    head = Ledger(device)
-    run = P.Pass(token_cols=(0,) * batch)
-    estimate.price(P.decode_head(lay), head, lay, allreduce, run, tuple(stage.links))
-    return (
-        stage.layers * layer
-        + (head.cycles if first else 0.0)
-        + (ends - head.cycles if last else 0.0)
-    )
 
 
 def batch_decode(
@@ -76,12 +45,8 @@ def batch_decode(
     mesh = mesh_pair(mesh)
     pl = place_decode(config, device, mesh, context, policy)
     stages = pl.stages
-    cycles = sum(
-        _stage_cycles(
-            config, s, device, batch, context, policy, allreduce, i == 0, i == len(stages) - 1
-        )
-        for i, s in enumerate(stages)
-    )
+    rows = decode_stages(config, pl, device, context, policy, 0, allreduce, batch)
+    cycles = sum(r["cycles"] for r in rows)
     cycles += transfer_cycles(device, stage_transfers(pl, config, batch))
     step = device.seconds(cycles)
     per_request = kv_capacity(config, device, mesh)[policy] // batch

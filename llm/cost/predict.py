@@ -78,35 +78,51 @@ def _decode_parts(
     policy: str,
     prompt: int,
     allreduce: AllreduceSpec,
+    batch: int = 1,
 ) -> tuple[float, float, float]:
-    """``(head, per_layer, tail)`` cycles of a decode step on one stage's mesh and links.
+    """``(head, per_layer, tail)`` cycles of a decode step of ``batch`` sequences, each with
+    ``context`` cached tokens, on one stage's mesh and links.
 
     Steps with the same fullest-row fill (and shift or not) cost the same: priced once.
     """
     py = mesh[0]
     fill = estimate.row_fill(policy, context, py, prompt)
     shifts = policy == "shift" and (context - 1) % py != 0
-    key = (config, tuple(mesh), tuple(links), device, policy, fill, shifts, allreduce)
+    key = (config, tuple(mesh), tuple(links), device, policy, fill, shifts, allreduce, batch)
     if key not in _DECODE_PARTS:
         if len(_DECODE_PARTS) > 4096:
             _DECODE_PARTS.clear()
 
         def cycles(cfg):
-            return estimate.decode_token(
-                cfg,
-                tuple(mesh),
-                device,
-                context=context,
-                policy=policy,
-                prompt=prompt,
-                allreduce=allreduce,
-                links=links,
-            ).cycles
+            if batch == 1:
+                led = estimate.decode_token(
+                    cfg,
+                    tuple(mesh),
+                    device,
+                    context=context,
+                    policy=policy,
+                    prompt=prompt,
+                    allreduce=allreduce,
+                    links=links,
+                )
+            else:
+                led = estimate.decode_batch_step(
+                    cfg,
+                    tuple(mesh),
+                    [context] * batch,
+                    device,
+                    policy,
+                    prompts=[prompt] * batch,
+                    allreduce=allreduce,
+                    links=links,
+                )
+            return led.cycles
 
         ends, layer = _affine(cycles, config)
         lay = PhaseLayout(config, *mesh)
         head = Ledger(device)
-        estimate.price(P.decode_head(lay), head, lay, allreduce, P.Pass(token_col=0), links)
+        run = P.Pass(token_col=0) if batch == 1 else P.Pass(token_cols=(0,) * batch)
+        estimate.price(P.decode_head(lay), head, lay, allreduce, run, links)
         _DECODE_PARTS[key] = (head.cycles, layer, ends - head.cycles)
     return _DECODE_PARTS[key]
 
@@ -119,8 +135,10 @@ def decode_stages(
     policy: str = "shift",
     prompt: int = 0,
     allreduce: AllreduceSpec = KTREE,
+    batch: int = 1,
 ) -> list[dict]:
-    """Cycles of one decode step with ``context`` cached tokens, stage by stage: each stage's
+    """Cycles of one decode step of ``batch`` sequences (each with ``context`` cached tokens),
+    stage by stage: each stage's
     layers at its own mesh and links (``layer_cycles`` each, ``cycles`` in all), the first
     stage with the embedding (``head_cycles``), the last with the LM head and pick
     (``tail_cycles``). Hand-overs between stages excluded."""
@@ -128,7 +146,7 @@ def decode_stages(
     rows = []
     for i, s in enumerate(stages):
         head, layer, tail = _decode_parts(
-            config, s.mesh, s.links, device, context, policy, prompt, allreduce
+            config, s.mesh, s.links, device, context, policy, prompt, allreduce, batch
         )
         head = head if i == 0 else 0.0
         tail = tail if i == len(stages) - 1 else 0.0
