@@ -11,9 +11,7 @@ and that the manifest is rank 0's (:func:`llm.storage.shards.open_shards`).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +19,7 @@ from pathlib import Path
 from meshrt.mesh import grid_coords
 from meshrt.runtime import ControlPlane
 
-from .shard_writer import (
-    OWNER_NAME,
-    _owner,
-    _remove_dead_temporaries,
-    publish,
-    remove_temporary,
-    replaceable_files,
-)
+from .shard_writer import make_temporary_dir, publish, remove_temporary
 from .shards import ShardError, rank_file_name
 
 
@@ -82,17 +73,8 @@ def prepare_target(
     tmp = temps[where.leader]
 
     def make_temporary() -> None:
-        if not where.leads:
-            return
-        try:
-            replaceable_files(out, force, delete_other_files)
-            _remove_dead_temporaries(out, tmp)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            (tmp / OWNER_NAME).write_text(json.dumps(_owner()) + "\n")
-        except OSError as e:
-            raise ShardError(str(e)) from None
+        if where.leads:
+            make_temporary_dir(out, tmp, force, delete_other_files)
 
     control.agree(make_temporary, on="all", catch=ShardError)
 

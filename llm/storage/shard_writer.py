@@ -172,16 +172,8 @@ def prepare_target(
     out = Path(out_dir).absolute()
 
     def make_temporary() -> str:
-        try:
-            replaceable_files(out, force, delete_other_files)
-            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-            _remove_dead_temporaries(out, tmp)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            (tmp / OWNER_NAME).write_text(json.dumps(_owner()) + "\n")
-        except OSError as e:
-            raise ShardError(str(e)) from None
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        make_temporary_dir(out, tmp, force, delete_other_files)
         return str(tmp)
 
     tmp = Path(control.agree(make_temporary, catch=ShardError))
@@ -197,6 +189,20 @@ def prepare_target(
             + ("; ..." if len(missing) > 4 else "")
         )
     return tmp
+
+
+def make_temporary_dir(out: Path, tmp: Path, force: bool, delete_other_files: bool) -> None:
+    """Check that ``out`` may be written (:func:`replaceable_files`), remove the temporaries
+    of dead conversions, and make ``tmp`` afresh with its owner file; ``ShardError`` if not."""
+    try:
+        replaceable_files(out, force, delete_other_files)
+        _remove_dead_temporaries(out, tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / OWNER_NAME).write_text(json.dumps(_owner()) + "\n")
+    except OSError as e:
+        raise ShardError(str(e)) from None
 
 
 def replaceable_files(out: Path, force: bool, delete_other_files: bool = False) -> list | None:
