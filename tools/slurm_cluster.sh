@@ -106,10 +106,31 @@ on() {
 }
 ctl_host() { local h="${HOSTS[0]:-}"; echo "${h%%=*}"; }
 
-write_conf_hosts() {
-    local ctl="${HOSTS[0]%%=*}" ctl_addr="${HOSTS[0]#*=}" entry names=()
+libpmix_link() {
+    # Slurm's mpi/pmix plugin dlopens .../pmix2/lib/libpmix.so, which only libpmix-dev ships.
+    local so
+    so="$(dpkg -L libpmix2 | grep '/pmix2/lib/libpmix\.so\.2$' | head -n 1)"
+    [[ -n "$so" ]] || die "libpmix2 does not ship pmix2/lib/libpmix.so.2"
+    [[ -e "$(dirname "$so")/libpmix.so" ]] || ln -s libpmix.so.2 "$(dirname "$so")/libpmix.so"
+}
+
+write_conf() {
+    # one node (this host), or the simulated hosts of SLURM_TEST_HOSTS: the first runs
+    # slurmctld, the others slurmd (one spool, pid and log file each: %n)
+    local ctl ctl_addr per kind entry names=()
+    if [[ ${#HOSTS[@]} -gt 0 ]]; then
+        ctl="${HOSTS[0]%%=*}" ctl_addr="${HOSTS[0]#*=}" per="-%n"
+        kind="a test cluster of simulated hosts"
+    else
+        ctl="$(hostname -s)" ctl_addr=127.0.0.1 per="" kind="a one-node test cluster"
+        # slurmctld runs only on the host named by SlurmctldHost, and the daemons look the name up.
+        if ! getent hosts "$ctl" >/dev/null; then
+            say "adding '127.0.0.1 $ctl' to /etc/hosts (the host name did not resolve)"
+            echo "127.0.0.1 $ctl" >> /etc/hosts
+        fi
+    fi
     cat > "$CONF" <<EOF
-# Written by tools/slurm_cluster.sh: a test cluster of simulated hosts; everything under $DIR.
+# Written by tools/slurm_cluster.sh: $kind; everything under $DIR.
 ClusterName=waferllm-test
 SlurmctldHost=$ctl($ctl_addr)
 SlurmctldPort=$PORT
@@ -120,66 +141,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCKET
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool-%n
+SlurmdSpoolDir=$DIR/spool$per
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd-%n.pid
+SlurmdPidFile=$DIR/slurmd$per.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd-%n.log
-PlugStackConfig=$DIR/plugstack.conf
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MpiDefault=none
-ReturnToService=2
-SlurmdParameters=config_overrides
-EOF
-    for entry in "${HOSTS[@]:1}"; do
-        echo "NodeName=${entry%%=*} NodeAddr=${entry#*=} CPUs=$CPUS State=UNKNOWN" >> "$CONF"
-        names+=("${entry%%=*}")
-    done
-    echo "PartitionName=test Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP" \
-        >> "$CONF"
-    : > "$DIR/plugstack.conf"
-}
-
-libpmix_link() {
-    # Slurm's mpi/pmix plugin dlopens .../pmix2/lib/libpmix.so, which only libpmix-dev ships.
-    local so
-    so="$(dpkg -L libpmix2 | grep '/pmix2/lib/libpmix\.so\.2$' | head -n 1)"
-    [[ -n "$so" ]] || die "libpmix2 does not ship pmix2/lib/libpmix.so.2"
-    [[ -e "$(dirname "$so")/libpmix.so" ]] || ln -s libpmix.so.2 "$(dirname "$so")/libpmix.so"
-}
-
-write_conf() {
-    if [[ ${#HOSTS[@]} -gt 0 ]]; then write_conf_hosts; return; fi
-    local host
-    host="$(hostname -s)"
-    # slurmctld runs only on the host named by SlurmctldHost, and the daemons look the name up.
-    if ! getent hosts "$host" >/dev/null; then
-        say "adding '127.0.0.1 $host' to /etc/hosts (the host name did not resolve)"
-        echo "127.0.0.1 $host" >> /etc/hosts
-    fi
-    cat > "$CONF" <<EOF
-# Written by tools/slurm_cluster.sh: a one-node test cluster; everything under $DIR.
-ClusterName=waferllm-test
-SlurmctldHost=$host(127.0.0.1)
-SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
-StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
-SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd$per.log
 PlugStackConfig=$DIR/plugstack.conf
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -192,9 +158,18 @@ MpiDefault=none
 ReturnToService=2
 # More CPUs than cores: without it a job with more tasks than cores pends for ever.
 SlurmdParameters=config_overrides
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=test Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
+    if [[ ${#HOSTS[@]} -gt 0 ]]; then
+        for entry in "${HOSTS[@]:1}"; do
+            echo "NodeName=${entry%%=*} NodeAddr=${entry#*=} CPUs=$CPUS State=UNKNOWN" >> "$CONF"
+            names+=("${entry%%=*}")
+        done
+    else
+        echo "NodeName=$ctl NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN" >> "$CONF"
+        names=("$ctl")
+    fi
+    echo "PartitionName=test Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP" \
+        >> "$CONF"
     : > "$DIR/plugstack.conf"
 }
 
