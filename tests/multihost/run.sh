@@ -78,17 +78,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ok() { passed=$((passed + 1)); echo "ok     $1"; }
-not_ok() {
-    failed=$((failed + 1))
-    echo "FAILED $1"
-    shift
-    local f
-    for f in "$@"; do
-        [[ -s "$f" ]] && { echo "  --- $f (last lines)"; tail -n 15 "$f" | sed 's/^/  /'; }
-    done
-    return 0
-}
+# shellcheck source=tests/checks.sh
+source "$REPO/tests/checks.sh"
 
 # Open MPI across the hosts: only what is set here (not the Makefile's one-host settings).
 for var in $(env | sed -n 's/^\(OMPI_[A-Za-z0-9_]*\|PRTE_[A-Za-z0-9_]*\|PMIX_[A-Za-z0-9_]*\)=.*/\1/p'); do

@@ -57,17 +57,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ok() { passed=$((passed + 1)); echo "ok     $1"; }
-not_ok() {
-    failed=$((failed + 1))
-    echo "FAILED $1"
-    shift
-    local f
-    for f in "$@"; do
-        [[ -s "$f" ]] && { echo "  --- $f (last lines)"; tail -n 15 "$f" | sed 's/^/  /'; }
-    done
-    return 0
-}
+# shellcheck source=tests/checks.sh
+source "$REPO/tests/checks.sh"
 
 # The jobs must work without what a shell or the Makefile may carry: an activated venv on PATH,
 # Open MPI's root and oversubscribe variables.
