@@ -572,9 +572,10 @@ def transfer_cost(
 
     Every core sends its tile to the core at the same position of the next region along a
     pre-routed path (no software routing stage): ``hops`` is the offset between the regions.
-    Decode moves the Y-vector (each row's segment; the ``Px`` columns carry ``Py`` segments);
-    prefill moves the ``T x hidden`` activation tile, a column's ``ceil(T/Py)`` rows each
-    crossing that column's link.
+    Decode moves the Y-vector (each row's segment; the ``Px`` columns carry ``Py`` segments)
+    of each of the ``tokens`` sequences decoded together (1 for one request, ``B`` for a
+    batched step); prefill moves the ``T x hidden`` activation tile, a column's
+    ``ceil(T/Py)`` rows each crossing that column's link.
 
     A hand-over between stages on different wafers (``inter_wafer``) is priced as the hand-over
     to the adjacent region below on one wafer: that is what the paper's measurement of a model
@@ -589,14 +590,18 @@ def transfer_cost(
     else:
         hops = abs(a.origin[0] - b.origin[0]) + abs(a.origin[1] - b.origin[1])
     if phase.phase == "decode":
-        words = _cd(py, px) * _cd(h, py)
+        words = tokens * _cd(py, px) * _cd(h, py)
     else:
         words = _cd(tokens, py) * py * _cd(h, px)
     return {"words": words, "hops": hops, "routings": 0, "inter_wafer": inter}
 
 
 def stage_transfers(pl: PhasePlacement, config: ModelConfig, tokens: int) -> list[dict]:
-    """Costs of the ``S - 1`` hand-overs between consecutive stages."""
+    """Costs of the ``S - 1`` hand-overs between consecutive stages.
+
+    ``tokens`` is the prompt length for prefill and the number of sequences decoded together
+    (the batch) for decode.
+    """
     return [transfer_cost(pl, a, b, config, tokens) for a, b in zip(pl.stages, pl.stages[1:])]
 
 

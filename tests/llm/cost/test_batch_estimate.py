@@ -8,9 +8,10 @@ import pytest
 from cliproc import ENV, ROOT
 
 from llm.cost.batch import batch_decode
-from llm.cost.predict import decode_tpr
-from llm.cost.wafer import kv_capacity
+from llm.cost.predict import decode_stages, decode_tpr
+from llm.cost.wafer import kv_capacity, place_decode, stage_transfers
 from llm.modeling.config import preset
+from meshrt.collectives import KTREE
 from meshrt.plmr import get_device
 
 
@@ -62,3 +63,24 @@ def test_estimate_batch_and_batch_sweep_on_the_command_line():
         p = _estimate("--preset", "llama3-8b", "--decode-mesh", "420x420", *bad)
         assert p.returncode == 2 and p.stderr.startswith("error:"), (bad, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_stage_hand_overs_carry_every_sequence_of_the_batch():
+    # LLaMA2-13B decode needs several stages on 420x420: a batched step hands B Y-vectors from
+    # each stage's region to the next, so the hand-over words grow B-fold (hops do not)
+    config, device, mesh = preset("llama2-13b"), get_device("wse2"), (420, 420)
+    pl = place_decode(config, device, mesh, 4096)
+    assert len(pl.stages) > 1
+    one, eight = stage_transfers(pl, config, 1), stage_transfers(pl, config, 8)
+    assert [t["words"] for t in eight] == [8 * t["words"] for t in one]
+    assert [t["hops"] for t in eight] == [t["hops"] for t in one]
+
+    def hand_overs_s(batch):
+        rows = decode_stages(config, pl, device, 4096, "shift", 0, KTREE, batch)
+        step = batch_decode(config, mesh, batch, 4096)["step_s"]
+        return step - device.seconds(sum(r["cycles"] for r in rows))
+
+    words = sum(t["words"] for t in one)
+    assert hand_overs_s(8) - hand_overs_s(1) == pytest.approx(
+        device.seconds(7 * words * device.wavelet_cycles)
+    )
