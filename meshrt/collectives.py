@@ -549,7 +549,7 @@ def allreduce(
         :meth:`AllreduceSpec.charge` for the block's vector length.
     """
     name = name or f"allreduce_{spec.algo}"
-    if record and not fab.ledger.muted:
+    if record:
         spec.charge(fab.ledger, fab.layout.cores(axis), math.prod(block.shape[2:]), name)
     if spec.algo == "ktree":
         if fab.aggregate or fab.layout.ranks(axis) == 1:  # ktree_allreduce's one-sweep path

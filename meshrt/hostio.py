@@ -68,12 +68,15 @@ def gather(
     block: np.ndarray,
     root: int = 0,
     to_all: bool = False,
+    record: bool = True,
 ) -> np.ndarray | None:
     """Collect every rank's ``(by, bx, *tile)`` block into the global tile array on ``root``
-    (on every rank with ``to_all``). Other ranks get ``None``."""
+    (on every rank with ``to_all``). Other ranks get ``None``. ``record=False``: the caller
+    prices the transfer."""
     lay = fabric.layout
     block = np.ascontiguousarray(block)
-    fabric.ledger.io(block.nbytes * fabric.nranks, _edge_links(fabric))
+    if record:
+        fabric.ledger.io(block.nbytes * fabric.nranks, _edge_links(fabric))
     if fabric.nranks == 1:
         return block.copy()
     comm = fabric.control.communicator
@@ -107,7 +110,9 @@ def gather_matrix(
     shape: tuple[int, int] | None = None,
     root: int = 0,
     to_all: bool = False,
+    record: bool = True,
 ) -> np.ndarray | None:
-    """Assemble ``(by, bx, tm, tn)`` blocks into the global matrix, cropped to ``shape``."""
-    tiles = gather(fabric, block, root, to_all)
+    """Assemble ``(by, bx, tm, tn)`` blocks into the global matrix, cropped to ``shape``
+    (``record``: as :func:`gather`)."""
+    tiles = gather(fabric, block, root, to_all, record)
     return None if tiles is None else from_tiles(tiles, shape)

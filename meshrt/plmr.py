@@ -343,7 +343,6 @@ class Ledger:
     max_routes_op: str = ""
     io_bytes: float = 0.0  # host <-> wafer edge traffic
     io_cycles: float = 0.0
-    _prefix: list = field(default_factory=list)
     kernel: str | None = None  # the kernel the cores run; None: none yet
     # "a/b/" for the open sections (the prefix of every name recorded now)
     _path: str = field(default="", repr=False, compare=False)
@@ -353,9 +352,8 @@ class Ledger:
     _steps_device: Device | None = field(default=None, repr=False, compare=False)
     # id(cost) -> (cost, device, increments of charge()): costs are frozen and mostly cached
     _priced: dict = field(default_factory=dict, repr=False, compare=False)
-    # the tape being recorded (see recording()) and how many replaying() blocks are open
+    # the tape being recorded (see recording())
     _tape: LedgerTape | None = field(default=None, repr=False, compare=False)
-    _muted: int = field(default=0, repr=False, compare=False)
     # a tape's shape: its kinds and charge names in order. Tapes of the same shape (a token's
     # layer records at another KV fill: other costs, the same ops) share one interned tuple.
     # id(tape) -> (tape, shape); shape -> shape
@@ -371,12 +369,10 @@ class Ledger:
     @contextlib.contextmanager
     def section(self, name: str):
         """Group the records made inside under ``name/`` (e.g. per layer)."""
-        self._prefix.append(name)
         outer, self._path = self._path, self._path + name + "/"
         try:
             yield self
         finally:
-            self._prefix.pop()
             self._path = outer
 
     def step_cycles(
@@ -458,8 +454,6 @@ class Ledger:
         costs on every token and layer); :meth:`record` is the same with the figures spelled
         out.
         """
-        if self._muted:
-            return 0.0
         got = self._priced.get(id(cost))
         if got is None or got[0] is not cost or got[1] is not self.device:
             if len(self._priced) >= 4096:  # costs made afresh per call: keep the memo bounded
@@ -535,11 +529,6 @@ class Ledger:
         )
 
     # -- recording once, replaying many times ------------------------------------------------
-    @property
-    def muted(self) -> bool:
-        """Inside :meth:`replaying`: records are dropped (callers may skip pricing)."""
-        return self._muted > 0
-
     @contextlib.contextmanager
     def recording(self):
         """Record what is written inside into a :class:`LedgerTape` (and write it as usual).
@@ -547,8 +536,8 @@ class Ledger:
         Names on the tape are relative to the section open at the start, so the tape can be
         replayed under another section (layer ``i`` of a program recorded on layer 0).
         """
-        if self._tape is not None or self._muted:
-            raise RuntimeError("a ledger records one tape at a time, and not while replaying")
+        if self._tape is not None:
+            raise RuntimeError("a ledger records one tape at a time")
         tape = LedgerTape(len(self._path), self.device)
         self._tape = tape
         try:
@@ -556,32 +545,18 @@ class Ledger:
         finally:
             self._tape = None
 
-    @contextlib.contextmanager
-    def replaying(self, tape: LedgerTape):
-        """Run code whose records are exactly ``tape``'s, pricing it from the tape instead.
-
-        Records made inside are dropped; on a normal exit the tape's records are written
-        under the current section, in their order, with the same arithmetic as writing them
-        one by one (so every figure, task switch and peak is the same as without the tape).
-        """
-        if tape.device is not self.device:
-            raise ValueError("a tape replays only on a ledger of the device it was recorded on")
-        if self._tape is not None:
-            raise RuntimeError("a ledger does not replay a tape while it records one")
-        self._muted += 1
-        try:
-            yield
-        finally:
-            self._muted -= 1
-        self.replay(tape)
-
     def replay(self, tape: LedgerTape) -> None:
-        """Write ``tape``'s records under the current section (see :meth:`replaying`).
+        """Write ``tape``'s records under the current section, in their order, with the same
+        arithmetic as writing them one by one (every figure, task switch and peak the same).
 
         The first replay of a tape shape under a section writes the records one by one
         (creating the ops in the order live records would); later ones, of any tape of that
         shape, add to the same :class:`OpTotals`, resolved once.
         """
+        if tape.device is not self.device:
+            raise ValueError("a tape replays only on a ledger of the device it was recorded on")
+        if self._tape is not None:
+            raise RuntimeError("a ledger does not replay a tape while it records one")
         path = self._path
         shape = self._shape(tape)
         key = (id(shape), path)
@@ -636,8 +611,6 @@ class Ledger:
 
     def memory(self, op: str, words_per_core: float) -> None:
         """Note that ``op`` holds ``words_per_core`` elements per core at its peak."""
-        if self._muted:
-            return
         if self._tape is not None:
             self._tape.entries.append((_MEMORY, self._path[self._tape.base :] + op, words_per_core))
         nbytes = words_per_core * self.device.word_bytes
@@ -646,8 +619,6 @@ class Ledger:
 
     def routes(self, op: str, paths_per_core: int) -> None:
         """Note that ``op`` needs ``paths_per_core`` routing paths configured on some core."""
-        if self._muted:
-            return
         if self._tape is not None:
             self._tape.entries.append((_ROUTES, self._path[self._tape.base :] + op, paths_per_core))
         if paths_per_core > self.max_routes:
@@ -656,8 +627,6 @@ class Ledger:
     def io(self, nbytes: float, edge_links: int = 1) -> None:
         """Host <-> wafer transfer of ``nbytes`` through ``edge_links`` edge links (not mesh
         time)."""
-        if self._muted:
-            return
         if self._tape is not None:
             self._tape.entries.append((_IO, nbytes, edge_links))
         self.io_bytes += nbytes

@@ -19,21 +19,16 @@ public prefill kernel likewise applies no mask and computes every block
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 
-from meshrt.collectives import KTREE, AllreduceSpec, broadcast_cost
-from meshrt.mesh import X, Y
-from meshrt.ops.estimate import estimate_meshgemm
-from meshrt.ops.gemv import estimate_meshgemv
-from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
+from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
-from meshrt.relayout import fetch_cost
 
 from ..engine import program as P
 from ..engine.handoff import Handoff
+from ..engine.kinds import Site, charge, charge_layers
 from ..engine.kvcache import balanced_counts
 from ..modeling.config import ModelConfig
 from ..placement.decode_tiles import decode_tile_shapes
@@ -50,119 +45,9 @@ def price(
     run: P.Pass,
     links: tuple[int, int] = (1, 1),
 ) -> None:
-    """Write into ``led`` the records the emulator writes when it executes ``ops``.
-
-    Parameters
-    ----------
-    ops : list of Op
-        A program from :mod:`llm.engine.program`.
-    lay : PhaseLayout
-        The phase's layout (its mesh is the mesh the ops run on).
-    spec : AllreduceSpec
-    run : Pass
-        The pass-dependent figures (cache fill, prompt ids, ...).
-    links : (int, int)
-        Physical hops of one logical link along y and x: ``(1, 1)`` on a square region (the
-        emulator's mesh); a stage folded onto a rectangle has longer links along one axis
-        (:mod:`llm.cost.regions`), and every hop of an op's traffic along that axis costs
-        ``alpha`` that many times.
-    """
-    if links != (1, 1):
-        base = led.device
-        stretched = {f: base.with_(alpha=base.alpha * f) for f in set(links)}
-        try:
-            for op in ops:
-                led.device = stretched[_op_links(op, links)]
-                price([op], led, lay, spec, run)
-        finally:
-            led.device = base
-        return
-    mesh = (lay.py, lay.px)
-    device = led.device
-    for op in ops:
-        d, name, kind = op.dims, op.name, op.kind
-        local = P.local_costs(op, run)
-        if kind == "embed_broadcast":
-            cols = run.columns
-            led.io(4 * len(cols), 1)  # the token ids enter the wafer
-            for col in cols:  # each sequence's row multicast from its own column
-                led.charge(name, broadcast_cost(_axis_cores(op, mesh), col, d["seg"]))
-        elif kind == "embed_fetch":
-            ids = np.asarray(run.ids, dtype=np.int64)
-            led.io(4 * ids.size, 1)
-            led.charge(
-                name,
-                fetch_cost(
-                    ids // d["vocab_rows"],
-                    np.arange(ids.size) // d["rows"],
-                    _axis_cores(op, mesh),
-                    d["seg"],
-                ),
-            )
-        elif kind == "norm":
-            spec.charge(led, _axis_cores(op, mesh), d["rows"], f"{name}/allreduce")
-        elif kind == "gemv":
-            estimate_meshgemv(
-                d["m"],
-                d["n"],
-                mesh,
-                device,
-                d["input_axis"],
-                spec,
-                batch=d.get("batch", 1),
-                ledger=led,
-                name=name,
-            )
-        elif kind == "gemm":
-            estimate_meshgemm(d["m"], d["k"], d["n"], mesh, device, True, led, name)
-        elif kind == "kv_append":
-            led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * lay.kv // lay.px)
-        elif kind == "cache_scores":
-            spec.charge(led, _axis_cores(op, mesh), run.fill * d["heads"], f"{name}/allreduce")
-        elif kind == "softmax":
-            cores = _axis_cores(op, mesh)
-            words = d["queries"] * d.get("batch", 1)
-            spec.charge(led, cores, words, f"{name}/max")
-            spec.charge(led, cores, words, f"{name}/sum")
-        elif kind == "cache_pv":
-            words = d["tq"] * d.get("batch", 1)
-            spec.charge(led, _axis_cores(op, mesh), words, f"{name}/allreduce")
-        elif kind == "grouped_scores":
-            estimate_grouped_gemm_t(d["m"], d["n"], d["d"], d["groups"], mesh, device, led, name)
-        elif kind == "grouped_pv":
-            estimate_grouped_meshgemm(
-                d["m"], d["k"], d["n"], d["groups"], mesh, device, False, led, name
-            )
-        elif kind == "argmax":
-            cores, b = _axis_cores(op, mesh), d.get("batch", 1)
-            spec.charge(led, cores, b, f"{name}/value")
-            spec.charge(led, cores, b, f"{name}/index")
-            led.io(4 * b, 1)  # the tokens leave the wafer
-        elif kind == "prompt_logits":
-            led.io(d["rows"] * d["vocab"] * 4, 2 * sum(mesh))  # float32, gathered by the host
-        elif kind not in ("add", "vocab_mask", "rope", "swiglu"):
-            raise ValueError(f"no price for op kind {kind!r}")
-        P.charge_local(led, name, local)
-
-
-def _op_links(op: P.Op, links: tuple[int, int]) -> int:
-    """Physical hops per logical link of ``op``'s traffic: its reduction or broadcast axis; the
-    GEMV's input axis; the cache shift along y; both axes (the longer) for the GEMM kernels,
-    whose operands move along x and y in the same steps."""
-    if op.kind in ("gemm", "grouped_scores", "grouped_pv"):
-        return max(links)
-    if op.kind == "gemv":
-        return links[Y if op.dims["input_axis"] == "y" else X]
-    if op.kind == "kv_append":
-        return links[Y]
-    return 1 if op.axis is None else links[op.axis]
-
-
-def _axis_cores(op: P.Op, mesh: tuple[int, int]) -> int:
-    """Cores along the mesh axis that ``op``'s reduction or broadcast runs on."""
-    if op.axis is None:
-        raise ValueError(f"op {op.name!r} ({op.kind}) communicates but names no mesh axis")
-    return mesh[op.axis]
+    """Write into ``led`` the records the emulator writes when it executes ``ops``: each op's
+    :meth:`~llm.engine.kinds.OpKind.cost` (see :func:`llm.engine.kinds.charge` for ``links``)."""
+    charge(ops, led, Site(lay, spec, run), links)
 
 
 def price_layers(
@@ -174,28 +59,9 @@ def price_layers(
     run: P.Pass,
     links: tuple[int, int] = (1, 1),
 ) -> None:
-    """:func:`price` a layer program once per layer, under the sections ``layer{i}``.
-
-    Every layer does the same work, and each layer's records live under its own names, so the
-    first layer is priced once and its records are copied: the same figures as pricing every
-    layer, ``layers`` times faster.
-    """
-    if layers <= 0:
-        return
-    one = Ledger(led.device)
-    with one.section("layer0"):
-        price(ops, one, lay, spec, run, links)
-    for i in range(layers):
-        for name, t in one.ops.items():
-            dst = led.ops[f"layer{i}" + name[len("layer0") :]]
-            for f in dataclasses.fields(t):
-                setattr(dst, f.name, getattr(dst, f.name) + getattr(t, f.name))
-        led.io_bytes += one.io_bytes
-        led.io_cycles += one.io_cycles
-    if one.peak_memory > led.peak_memory:
-        led.peak_memory, led.peak_memory_op = one.peak_memory, one.peak_memory_op
-    if one.max_routes > led.max_routes:
-        led.max_routes, led.max_routes_op = one.max_routes, one.max_routes_op
+    """:func:`price` a layer program once per layer, under the sections ``layer{i}``
+    (:func:`llm.engine.kinds.charge_layers`)."""
+    charge_layers(ops, layers, led, Site(lay, spec, run), links)
 
 
 def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:

@@ -20,6 +20,11 @@ gains a batch axis (``f32[by, bx, B, seg]``), each GEMV multiplies ``B`` right-h
 its K-tree carries ``B`` words per message; each sequence has its own KV cache (all of one
 capacity), and attention reads each sequence's cache only. One sequence runs :meth:`step`.
 
+The kernels and collectives only compute here (``record=False``); each program's records are
+written from its shapes by :mod:`llm.engine.kinds` (:meth:`MeshDecoder.execute`), the layers'
+once for all layers (:func:`~llm.engine.kinds.charge_layers`), exactly as the estimator writes
+them.
+
 Every step checks its logits: if any is not finite, :class:`NonFiniteError` names the first
 layer whose output held a non-finite value (each layer's output is checked as it is produced;
 a few element tests per core, against the layer's GEMVs).
@@ -42,6 +47,7 @@ from meshrt.precision import widen
 from ..modeling import functional as F
 from ..placement.layout import PhaseLayout
 from . import program as P
+from .kinds import Site, charge, charge_layers
 from .kvcache import KVCache
 
 
@@ -51,10 +57,6 @@ class NonFiniteError(FloatingPointError):
 
 class MeshDecoder:
     """The model's decode path on one fabric.
-
-    Every layer of a token writes the same ledger records under its own ``layer{i}/`` names,
-    so layer 0 records them on a :class:`~meshrt.plmr.LedgerTape` and the other layers replay
-    it (:attr:`tape_layers`; the figures are the same either way).
 
     Parameters
     ----------
@@ -70,9 +72,6 @@ class MeshDecoder:
     allreduce : AllreduceSpec
         Allreduce used by every GEMV and reduction (MeshGEMV's K-tree by default).
     """
-
-    #: Price layers 1.. from layer 0's tape; ``False``: every layer prices its own ops.
-    tape_layers = True
 
     def __init__(
         self,
@@ -99,7 +98,6 @@ class MeshDecoder:
         self.heads = HeadPlan(self.glob["kv_head"], self.g)
         self.head_ops, self.layer_ops = P.decode_head(lay), P.decode_layer(lay)
         self.logit_ops, self.pick_ops = P.decode_logits(lay), P.decode_pick(lay)
-        self._local: dict = {}  # (op name, batch, fill, shifts) -> ((record name, Cost), ...)
         self._batch_ops: dict[int, tuple] = {}  # B -> (layer, logits, pick) programs of B vectors
         self._caches: list[KVCache] | None = None  # the sequences of the running batch step
         self.tq, self.tk = lay.q // lay.px, lay.kv // lay.px
@@ -123,8 +121,11 @@ class MeshDecoder:
         }
 
     # -- the executor ----------------------------------------------------------------------
-    def execute(self, ops: list, acts: dict, weights: dict, run: P.Pass) -> dict:
-        """Run ``ops`` on the activations ``acts`` (updated in place and returned)."""
+    def execute(
+        self, ops: list, acts: dict, weights: dict, run: P.Pass, priced: bool = True
+    ) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned), then
+        (``priced``) write their records into the ledger."""
         plan = self._plans.get(id(ops))
         if plan is None or plan[0] is not ops:  # once per op list: handlers and names looked up
             steps = tuple(
@@ -137,6 +138,8 @@ class MeshDecoder:
                 acts[outputs[0]] = out
             elif n_out:
                 acts.update(zip(outputs, out))
+        if priced:
+            charge(ops, self.fab.ledger, Site(self.lay, self.spec, run))
         return acts
 
     def _pass(self, token: int) -> P.Pass:
@@ -149,28 +152,9 @@ class MeshDecoder:
         )
 
     # -- op handlers -----------------------------------------------------------------------
-    def _charge_local(self, op, run) -> None:
-        """The local work of ``op`` in ``run`` into the ledger (:func:`program.local_costs`,
-        computed once per op and cache fill)."""
-        if self.fab.ledger.muted:
-            return
-        key = (op.name, op.dims.get("rows", op.dims.get("batch", 1)), run.fill, run.shifts)
-        parts = self._local.get(key)
-        if parts is None:
-            parts = self._local[key] = P.local_records(op.name, P.local_costs(op, run))
-        led = self.fab.ledger
-        for name, cost in parts:
-            led.charge(name, cost)
-
-    def _allreduce(self, a, axis, op="sum", name="allreduce", words=None):
-        """Allreduce of ``a`` along ``axis``; ``words`` overrides the priced vector length (the
-        emulator reduces whole fixed-size buffers, the wafer only their filled part)."""
-        if words is None:
-            return allreduce(self.fab, a, axis, op, self.spec, name=name)
-        out = allreduce(self.fab, a, axis, op, self.spec, record=False, name=name)
-        if not self.fab.ledger.muted:
-            self.spec.charge(self.fab.ledger, self.fab.layout.cores(axis), words, name)
-        return out
+    def _allreduce(self, a, axis, op="sum", name="allreduce"):
+        """Allreduce of ``a`` along ``axis`` (the wafer's figures: :mod:`llm.engine.kinds`)."""
+        return allreduce(self.fab, a, axis, op, self.spec, record=False, name=name)
 
     def _embed(self, op, w, run):
         """Embedding row of the token as a Y-vector ``f32[by, bx, H/Py]`` (a batch: each
@@ -183,15 +167,13 @@ class MeshDecoder:
                 j = col - self.fab.origin[X]
                 if 0 <= j < self.fab.bx:
                     mine[:, j] = widen(e[:, j, token % self.vocab_seg, :])
-                rows.append(broadcast(self.fab, mine, op.axis, col, name=op.name))
-            self.fab.ledger.io(4 * len(rows), 1)  # the token ids enter the wafer
+                rows.append(broadcast(self.fab, mine, op.axis, col, False, op.name))
             return np.stack(rows, 2)
         mine = np.zeros((self.fab.by, self.fab.bx, e.shape[3]), np.float32)
         j = run.token_col - self.fab.origin[X]
         if 0 <= j < self.fab.bx:  # only the core column holding the token reads its table
             mine[:, j] = widen(e[:, j, self._token % self.vocab_seg, :])
-        self.fab.ledger.io(4, 1)  # the token id enters the wafer
-        return broadcast(self.fab, mine, op.axis, run.token_col, name=op.name)
+        return broadcast(self.fab, mine, op.axis, run.token_col, False, op.name)
 
     def _norm(self, op, w, run, x):
         """HF RMSNorm of a Y-vector: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
@@ -203,19 +185,10 @@ class MeshDecoder:
             ss, gamma = np.einsum("abki,abki->abk", x, x)[..., None], gamma[:, :, None]
         ss = self._allreduce(ss, op.axis, name=f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
-        self._charge_local(op, run)
         return F.rms_scale(x, inv, gamma)
 
     def _gemv(self, op, w, run, x):
-        out = meshgemv(
-            self.fab,
-            x,
-            w[op.weight],
-            op.dims["input_axis"],
-            self.spec,
-            name=op.name,
-            priced=P.gemv_tile(op, (self.lay.py, self.lay.px)),
-        )
+        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, op.name, False)
         if op.bias not in w:
             return out
         return out + (w[op.bias] if out.ndim == 3 else w[op.bias][:, :, None])
@@ -230,7 +203,6 @@ class MeshDecoder:
             cos, sin = cos[..., self.rope_angle], sin[..., self.rope_angle] * self.rope_sign
             qk = qkv[..., : tq + tk]
             qk = qk * cos + qk[..., self.rope_partner] * sin
-            self._charge_local(op, run)
             return qk[..., :tq], qk[..., tq:], qkv[..., tq + tk :]
         if self._rope_at is None or self._rope_at[0] != self._pos:  # once per token
             angle = np.float32(self._pos) * self.glob["rope_freq"]  # f32[by, bx, kv/Px]
@@ -241,17 +213,14 @@ class MeshDecoder:
         qk = qkv[..., : tq + tk]
         # F.rotate on every pair at once: (a cos - b sin, b cos + a sin), the same products
         qk = qk * cos + qk[..., self.rope_partner] * sin
-        self._charge_local(op, run)
         return qk[..., :tq], qk[..., tq:], qkv[..., tq + tk :]
 
     def _kv_append(self, op, w, run, k, v):
         if self._caches is None:
-            self.cache.append(self._layer, k, v, name=op.name)
-        else:  # each sequence into its own cache; the memory figure is all of them
+            self.cache.append(self._layer, k, v, name=op.name, memory=False)
+        else:  # each sequence into its own cache
             for i, cache in enumerate(self._caches):
                 cache.append(self._layer, k[:, :, i], v[:, :, i], name=op.name, memory=False)
-            self.fab.ledger.memory("kv_cache", 2 * len(self.layers) * run.capacity * k.shape[-1])
-        self._charge_local(op, run)
         return ()
 
     def _scores(self, op, w, run, q):
@@ -261,17 +230,12 @@ class MeshDecoder:
             caches = self._caches
             kc = np.stack([c.k[self._layer] for c in caches], 2)  # f32[by, bx, B, cap, kv/Px]
             part = np.matmul(kc, self.heads.spread_batch(q))  # [by, bx, B, cap, nq]
-            self._charge_local(op, run)
-            s = self._allreduce(
-                part, op.axis, name=f"{op.name}/allreduce", words=run.fill * part.shape[-1]
-            )
+            s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce")
             valid = np.stack([c.valid() for c in caches], 2)  # bool[by, 1, B, cap, 1]
             return np.where(valid, s * self.scale, -np.inf)
         kc = self.cache.k[self._layer]  # f32[by, bx, cap, kv/Px]
         part = np.matmul(kc, self.heads.spread(q))  # [by,bx,cap,nq]
-        fill = self.cache.max_fill  # the wafer works on filled slots only: the fullest row
-        self._charge_local(op, run)
-        s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce", words=fill * part.shape[-1])
+        s = self._allreduce(part, op.axis, name=f"{op.name}/allreduce")
         return np.where(self.cache.valid(), s * self.scale, -np.inf)
 
     def _softmax(self, op, w, run, s):
@@ -284,7 +248,6 @@ class MeshDecoder:
         )
         e = F.softmax_numerator(s, m)
         z = self._allreduce(np.add.reduce(e, slots, keepdims=True), op.axis, name=f"{op.name}/sum")
-        self._charge_local(op, run)
         return F.softmax_normalize(e, z)
 
     def _pv(self, op, w, run, p):
@@ -292,29 +255,18 @@ class MeshDecoder:
         if self._caches is not None:
             vc = np.stack([c.v[self._layer] for c in self._caches], 2)
             o = np.matmul(np.swapaxes(vc, 3, 4), p)  # f32[by, bx, B, kv/Px, nq]
-            self._charge_local(op, run)
-            return self._allreduce(
-                self.heads.pick_batch(o),  # f32[by, bx, B, kv/Px * G]
-                op.axis,
-                name=f"{op.name}/allreduce",
-                words=op.dims["tq"] * o.shape[2],
-            )
+            picked = self.heads.pick_batch(o)  # f32[by, bx, B, kv/Px * G]
+            return self._allreduce(picked, op.axis, name=f"{op.name}/allreduce")
         vc = self.cache.v[self._layer]
         o = np.matmul(np.swapaxes(vc, 2, 3), p)  # f32[by, bx, kv/Px, nq]
-        self._charge_local(op, run)
-        return self._allreduce(
-            self.heads.pick(o),  # f32[by, bx, kv/Px * G]
-            op.axis,
-            name=f"{op.name}/allreduce",
-            words=op.dims["tq"],
-        )
+        picked = self.heads.pick(o)  # f32[by, bx, kv/Px * G]
+        return self._allreduce(picked, op.axis, name=f"{op.name}/allreduce")
 
     def _add(self, op, w, run, a, b):
         return a + b
 
     def _swiglu(self, op, w, run, gu):
         tf = gu.shape[-1] // 2
-        self._charge_local(op, run)
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _vocab_mask(self, op, w, run, logits):
@@ -334,9 +286,7 @@ class MeshDecoder:
         neg = -idx.min(axis=-1, keepdims=True).astype(np.float64)
         tok = -self._allreduce(neg, op.axis, "max", f"{op.name}/index")
         if logits.ndim == 3:
-            self.fab.ledger.io(4, 1)  # the token leaves the wafer
             return int(tok.reshape(-1)[0])
-        self.fab.ledger.io(4 * logits.shape[2], 1)  # the tokens leave the wafer
         return [int(t) for t in tok[0, 0, :, 0]]
 
     # -- the step --------------------------------------------------------------------------
@@ -411,23 +361,16 @@ class MeshDecoder:
         return self.logits(x, first_bad, f"the embeddings of tokens {self._tokens}")
 
     def _layers(self, x: np.ndarray, run: P.Pass, ops: list) -> tuple:
-        """Every layer on ``x``: ``(x, first layer whose output was not finite or None)``."""
+        """Every layer on ``x``: ``(x, first layer whose output was not finite or None)``;
+        their records written once for all (every layer does the same work)."""
         first_bad = None if _finite(x) else -1
-        led = self.fab.ledger
-        tape = None  # layer 0's records: every layer of a token writes the same, renamed
         for i in range(len(self.layers)):
             self._layer = i
-            with led.section(f"layer{i}"):
-                if not self.tape_layers:
-                    x = self.execute(ops, {"x": x}, self.layers[i], run)["x"]
-                else:
-                    with led.recording() if tape is None else led.replaying(tape) as got:
-                        x = self.execute(ops, {"x": x}, self.layers[i], run)["x"]
-                    if tape is None:  # the ledger resolves replays once per tape shape
-                        assert got is not None  # recording() yields the tape
-                        tape = got
+            x = self.execute(ops, {"x": x}, self.layers[i], run, priced=False)["x"]
             if first_bad is None and not _finite(x):
                 first_bad = i
+        site = Site(self.lay, self.spec, run)
+        charge_layers(ops, len(self.layers), self.fab.ledger, site)
         return x, first_bad
 
     def check(self, logits: np.ndarray, first_bad: int | None, source: str) -> None:

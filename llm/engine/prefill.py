@@ -19,6 +19,10 @@ Every query head at once: a core's q segment is its K/V segment times ``G`` (que
 left operand aligned feature by feature with K and V; the group labels (K/V heads) keep heads
 apart in the grouped kernels. Nothing is transposed or replicated.
 
+The kernels and collectives only compute here (``record=False``); each program's records are
+written from its shapes by :mod:`llm.engine.kinds`, the layers' once for all layers, exactly as
+the estimator writes them.
+
 :meth:`MeshPrefiller.run` returns every layer's K/V and the last layer's output; moving them to
 the decode mesh is :class:`llm.engine.handoff.Handoff`'s job.
 """
@@ -41,6 +45,7 @@ from meshrt.relayout import fetch_rows
 from ..modeling import functional as F
 from ..placement.layout import PhaseLayout
 from . import program as P
+from .kinds import Site, charge, charge_layers
 
 
 def _keys_max(s: np.ndarray) -> np.ndarray:
@@ -104,8 +109,11 @@ class MeshPrefiller:
         }
 
     # -- op handlers -----------------------------------------------------------------------
-    def execute(self, ops: list, acts: dict, weights: dict, keep: tuple = ()) -> dict:
-        """Run ``ops`` on the activations ``acts`` (updated in place and returned).
+    def execute(
+        self, ops: list, acts: dict, weights: dict, keep: tuple = (), priced: bool = True
+    ) -> dict:
+        """Run ``ops`` on the activations ``acts`` (updated in place and returned), then
+        (``priced``) write their records into the ledger.
 
         An activation is dropped after the last op that reads it unless it is in ``keep`` (at
         4096 tokens one layer's scores and probabilities are gigabytes per rank).
@@ -117,6 +125,8 @@ class MeshPrefiller:
             for k in op.inputs:
                 if last[k] == i and k not in keep and k not in op.outputs:
                     del acts[k]
+        if priced:
+            charge(ops, self.fab.ledger, Site(self.lay, self.spec, self._run))
         return acts
 
     def _embed(self, op, w):
@@ -125,28 +135,20 @@ class MeshPrefiller:
         table = w[op.weight]  # f32[by, bx, V/Py, H/Px]
         vr = table.shape[2]
         t = np.arange(ids.size)
-        self.fab.ledger.io(4 * ids.size, 1)  # the token ids enter the wafer
         return fetch_rows(
-            self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl, name=op.name
+            self.fab, table, op.axis, ids // vr, ids % vr, t // tl, t % tl, tl, False, op.name
         )
-
-    def _charge_local(self, op) -> None:
-        """Charge ``op``'s local work (skipped while a layer tape replays: it holds them)."""
-        if not self.fab.ledger.muted:
-            P.charge_local(self.fab.ledger, op.name, P.local_costs(op, self._run))
 
     def _norm(self, op, w, x):
         """HF RMSNorm of every token row: ``x * rsqrt(mean(x^2) + eps) * gamma``."""
         c = self.lay.config
         ss = np.einsum("abti,abti->abt", x, x)  # f32[by, bx, T/Py]
-        ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, name=f"{op.name}/allreduce")
+        ss = allreduce(self.fab, ss, op.axis, "sum", self.spec, False, f"{op.name}/allreduce")
         inv = F.rms_inverse(ss / np.float32(c.hidden_size), c.rms_norm_eps)
-        self._charge_local(op)
         return F.rms_scale(x, inv[..., None], w[op.weight][:, :, None, :])
 
     def _gemm(self, op, w, x):
-        d = op.dims
-        out = meshgemm(self.fab, x, w[op.weight], name=op.name, priced=(d["m"], d["k"], d["n"]))
+        out = meshgemm(self.fab, x, w[op.weight], name=op.name, record=False)
         return out + w[op.bias][:, :, None, :] if op.bias in w else out
 
     def _rope(self, op, w, qkv):
@@ -159,7 +161,6 @@ class MeshPrefiller:
         rot = qk[..., partner]
         rot *= sin
         rot += qk * cos  # F.rotate's products: a c + b (-s) is a c - b s exactly
-        self._charge_local(op)
         return (
             rot[..., :tq],
             np.ascontiguousarray(rot[..., tq:]),
@@ -186,15 +187,9 @@ class MeshPrefiller:
         by, bx, tl, tk = k.shape
         # rows (t, g), columns kv features: local column slicing of q, no data movement
         qr = q.reshape(by, bx, tl, tk, g).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl * g, tk)
-        d = op.dims
         s = grouped_gemm_t(
-            fab,
-            qr,
-            k,
-            heads,
-            name=op.name,  # [by, bx, tl*g, S/Px, nkv]
-            priced=(d["m"], d["n"], d["d"]),
-        )
+            fab, qr, k, heads, name=op.name, record=False
+        )  # [by, bx, tl*g, S/Px, nkv]
         sl, nkv = s.shape[3], s.shape[4]
         s = s.reshape(by, bx, tl, g, sl, nkv)
         s *= self.scale  # in place: s is ours
@@ -223,15 +218,14 @@ class MeshPrefiller:
         fab = self.fab
         by, bx, tl, g, sl, nkv = s.shape
         masked = self._masked(tl, sl)
-        m = allreduce(fab, _keys_max(s), op.axis, "max", self.spec, name=f"{op.name}/max")
+        m = allreduce(fab, _keys_max(s), op.axis, "max", self.spec, False, f"{op.name}/max")
         # F.softmax_numerator and F.softmax_normalize, in one buffer (gigabytes at 4096 tokens)
         e = np.subtract(s, m[:, :, :, :, None, :])
         np.exp(e, out=e)
         np.copyto(e, np.float32(0), where=masked)
         # the sum over the keys in order, as e.sum(axis=4) adds them, without its strided loop
         z = np.einsum("abtgsn->abtgn", e)
-        z = allreduce(fab, z, op.axis, "sum", self.spec, name=f"{op.name}/sum")
-        self._charge_local(op)
+        z = allreduce(fab, z, op.axis, "sum", self.spec, False, f"{op.name}/sum")
         e /= z[:, :, :, :, None, :]
         return e
 
@@ -239,7 +233,6 @@ class MeshPrefiller:
         """``P V`` of all heads: ``f32[by, bx, T/Py, q/Px]`` in q order."""
         by, bx, tl, g, sl, nkv = p.shape
         tk = v.shape[3]
-        d = op.dims
         o = grouped_meshgemm(
             self.fab,
             p.reshape(by, bx, tl * g, sl, nkv),
@@ -247,7 +240,7 @@ class MeshPrefiller:
             self.glob["kv_head"],
             b_preskewed=False,
             name=op.name,
-            priced=(d["m"], d["k"], d["n"]),
+            record=False,
         )
         return o.reshape(by, bx, tl, g, tk).transpose(0, 1, 2, 4, 3).reshape(by, bx, tl, tk * g)
 
@@ -256,14 +249,12 @@ class MeshPrefiller:
 
     def _swiglu(self, op, w, gu):
         tf = gu.shape[-1] // 2
-        self._charge_local(op)
         return F.swiglu(gu[..., :tf], gu[..., tf:])
 
     def _prompt_logits(self, op, w, logits):
         """Every prompt token's logits gathered on every rank (control plane): f32[T, vocab]."""
-        return hostio.gather_matrix(
-            self.fab, logits, (self._ids.size, self.lay.config.vocab_size), to_all=True
-        )
+        shape = (self._ids.size, self.lay.config.vocab_size)
+        return hostio.gather_matrix(self.fab, logits, shape, to_all=True, record=False)
 
     # -- the whole prompt ------------------------------------------------------------------
     def run(self, ids, all_logits: bool = False) -> dict:
@@ -294,18 +285,14 @@ class MeshPrefiller:
         first_bad = None if np.isfinite(x).all() else -1
         ks, vs = [], []
         layer_ops = P.prefill_layer(self.lay, ids.size)
-        tape = None  # layer 0's records: every layer writes the same, renamed
         for i, w in enumerate(self.layers):
-            with led.section(f"layer{i}"):
-                with led.recording() if tape is None else led.replaying(tape) as got:
-                    acts = self.execute(layer_ops, {"x": x}, w, keep=("x", "k", "v"))
-                if tape is None:
-                    tape = got
+            acts = self.execute(layer_ops, {"x": x}, w, keep=("x", "k", "v"), priced=False)
             x = acts["x"]
             ks.append(acts["k"])
             vs.append(acts["v"])
             if first_bad is None and not np.isfinite(x).all():
                 first_bad = i
+        charge_layers(layer_ops, len(self.layers), led, Site(self.lay, self.spec, self._run))
         out = {"k": ks, "v": vs, "x": x, "first_bad": first_bad}
         if all_logits:
             out["all_logits"] = self.execute(

@@ -2,23 +2,21 @@
 
 Each phase's work is an ordered list of :class:`Op` built from the model config and the phase's
 :class:`~llm.placement.layout.PhaseLayout`: the per-token head (embedding), one decoder layer
-(repeated
-for every layer under the ledger section ``layer{i}``) and the tail (final norm, LM head, the
-pick). Two consumers walk the same list:
+(repeated for every layer under the ledger section ``layer{i}``) and the tail (final norm, LM
+head, the pick). Two consumers walk the same list:
 
 * the emulator (:class:`llm.engine.decode.MeshDecoder`, :class:`llm.engine.prefill.MeshPrefiller`)
-executes
-  every op on real blocks, moving data through the fabric; the kernels and collectives it calls
-  write the ledger;
-* the estimator (:mod:`llm.cost.estimate`) prices every op from its shapes alone (no data, like a
-  model built on a meta device), writing exactly the same ledger records.
+  executes every op on real blocks, moving data through the fabric;
+* the estimator (:mod:`llm.cost.estimate`) runs nothing (no data, like a model built on a meta
+  device).
+
+Both price the list with :mod:`llm.engine.kinds`, one cost per op kind, so they write exactly
+the same ledger records.
 
 An op names its ledger record once, here (``name``); sub-records are ``name/<part>``. Its
 ``inputs`` and ``outputs`` name the activations it reads and writes (the emulator keeps them in
 a dict per layer), ``axis`` is the mesh axis its reduction runs along, ``dims`` its per-core
-sizes. The closed-form cost of the local (non-kernel) work of every kind is a function of those
-sizes below, shared by both consumers; kernels and collectives price themselves
-(:mod:`meshrt.ops`, :mod:`meshrt.collectives`).
+sizes.
 
 Op kinds
 --------
@@ -50,29 +48,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshrt.mesh import X, Y, padded
-from meshrt.plmr import Cost, Ledger
 
 from ..placement.layout import PhaseLayout
-
-KINDS = (
-    "embed_broadcast",
-    "embed_fetch",
-    "norm",
-    "gemv",
-    "gemm",
-    "rope",
-    "kv_append",
-    "cache_scores",
-    "grouped_scores",
-    "softmax",
-    "cache_pv",
-    "grouped_pv",
-    "add",
-    "swiglu",
-    "vocab_mask",
-    "argmax",
-    "prompt_logits",
-)
+from .kinds import KINDS
 
 
 @dataclass(frozen=True)
@@ -82,7 +60,7 @@ class Op:
     Parameters
     ----------
     kind : str
-        One of :data:`KINDS`.
+        One of :data:`~llm.engine.kinds.KINDS`.
     name : str
         Ledger name (inside the layer's section for layer ops).
     inputs, outputs : tuple of str
@@ -146,73 +124,6 @@ class Pass:
 
 
 # ----------------------------------------------------------------------------------------------
-# Local work of each kind, as a function of per-core sizes (shared by emulator and estimator)
-# ----------------------------------------------------------------------------------------------
-
-
-def norm_costs(rows: int, seg: int) -> dict:
-    """RMSNorm of ``rows`` vectors whose ``seg`` features sit on a core: sum of squares, then
-    scale (multiply by the inverse RMS and the weight)."""
-    return {"sumsq": Cost(macs=rows * seg), "scale": Cost(macs=2 * rows * seg)}
-
-
-def rope_cost(rows: int, q_seg: int, kv_seg: int) -> Cost:
-    """Rotation of ``rows`` tokens' q (``q_seg``) and k (``kv_seg``) features."""
-    return Cost(macs=2 * rows * (q_seg + kv_seg))
-
-
-def cache_attention_cost(fill: int, q_seg: int) -> Cost:
-    """Decode scores (or P.V) over ``fill`` cached tokens: every query feature of the core
-    meets the cached K (or V) feature it shares."""
-    return Cost(macs=fill * q_seg)
-
-
-def softmax_cost(queries: int, keys: int) -> Cost:
-    """Scale, subtract the max, exponentiate, normalise: four operations per score."""
-    return Cost(macs=4 * queries * keys)
-
-
-def swiglu_cost(rows: int, ffn_seg: int) -> Cost:
-    return Cost(macs=4 * rows * ffn_seg)
-
-
-def kv_shift_cost(kv_seg: int, caches: int = 1) -> Cost:
-    """The shift policy's move: every row of the run passes one K and one V entry one hop up
-    (``caches`` sequences' caches moving at once: each row link carries all their entries)."""
-    return Cost(words=2 * kv_seg * caches, hops=1)
-
-
-def local_costs(op: Op, run: Pass) -> dict:
-    """``{part: Cost}`` of the local (non-kernel, non-collective) work of ``op`` in ``run``;
-    ledger name ``op.name/part`` (``""``: ``op.name``)."""
-    d, k = op.dims, op.kind
-    if k == "norm":
-        return norm_costs(d["rows"], d["seg"])
-    if k == "rope":
-        return {"": rope_cost(d["rows"], d["tq"], d["tk"])}
-    if k == "kv_append":
-        return {"shift": kv_shift_cost(d["tk"], int(run.shifts))} if run.shifts else {}
-    if k in ("cache_scores", "cache_pv"):
-        return {"local": cache_attention_cost(run.fill, d["tq"])}
-    if k == "softmax":
-        return {"local": softmax_cost(d["queries"], run.fill if d["keys"] is None else d["keys"])}
-    if k == "swiglu":
-        return {"": swiglu_cost(d["rows"], d["tf"])}
-    return {}
-
-
-def local_records(name: str, costs: dict) -> tuple:
-    """``{part: Cost}`` as ``((record name, Cost), ...)``: ``name/part`` (``""``: ``name``)."""
-    return tuple((f"{name}/{part}" if part else name, cost) for part, cost in costs.items())
-
-
-def charge_local(led: Ledger, name: str, costs: dict) -> None:
-    """Charge ``{part: Cost}`` under the names :func:`local_records` gives."""
-    for record_name, cost in local_records(name, costs):
-        led.charge(record_name, cost)
-
-
-# ----------------------------------------------------------------------------------------------
 # Priced sizes: the padding the wafer carries
 # ----------------------------------------------------------------------------------------------
 
@@ -233,15 +144,6 @@ def wafer_sizes(lay: PhaseLayout) -> dict:
         "q": padded(c.q_size, u),
         "kv": padded(c.kv_size, u),
     }
-
-
-def gemv_tile(op: Op, mesh: tuple) -> tuple:
-    """Weight tile ``(rows, cols)`` a ``gemv`` op is priced at on ``mesh``."""
-    py, px = mesh
-    d = op.dims
-    if d["input_axis"] == "y":
-        return d["m"] // py, d["n"] // px
-    return d["m"] // px, d["n"] // py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,8 +392,3 @@ def prefill_activation_words(lay: PhaseLayout, tokens: int) -> int:
     every layer's K and V ``[T/Py, kv/Px]``."""
     tl = padded(tokens, lay.unit) // lay.py
     return tl * lay.hidden // lay.px + 2 * lay.config.num_layers * tl * lay.kv // lay.px
-
-
-def layer_ops(program: list) -> set:
-    """The kinds a program uses (for coverage checks)."""
-    return {op.kind for op in program}

@@ -131,13 +131,19 @@ def shift_gemm_routes(plan: GemmTiling, kind: str, b_preskewed: bool) -> int:
     return COLOURS_PER_RING[kind] * rings
 
 
-def _estimate_shift_gemm(kernel, m, k, n, mesh, device, b_preskewed, ledger, name):
-    led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmTiling.for_shapes(m, k, n, mesh)
-    kind = KERNEL_RINGS[kernel]
+def charge_shift_gemm(led: Ledger, name: str, plan: GemmTiling, kind: str, b_preskewed: bool):
+    """Write the records of a MeshGEMM or Cannon run (``kind``: its ring) on ``plan``: its
+    steps, its memory per core and its routing paths. The kernels and the estimators charge
+    this, and only this."""
     record(led, name, shift_gemm_costs(plan, kind, b_preskewed, led.device))
     led.memory(name, shift_gemm_memory(plan))
     led.routes(name, shift_gemm_routes(plan, kind, b_preskewed))
+
+
+def _estimate_shift_gemm(kernel, m, k, n, mesh, device, b_preskewed, ledger, name):
+    led = ledger if ledger is not None else Ledger(device or WSE2)
+    plan = GemmTiling.for_shapes(m, k, n, mesh)
+    charge_shift_gemm(led, name, plan, KERNEL_RINGS[kernel], b_preskewed)
     return led
 
 

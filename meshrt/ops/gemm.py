@@ -55,10 +55,8 @@ from ._tiles import (
 from ._tracked import LineSchedule, TrackedLines
 from .estimate import (
     KERNEL_RINGS,
+    charge_shift_gemm,
     record,
-    shift_gemm_costs,
-    shift_gemm_memory,
-    shift_gemm_routes,
     summa_costs,
     summa_memory,
     summa_roots,
@@ -114,14 +112,14 @@ def _shift_gemm(
     b_preskewed: bool,
     name: str,
     priced: tuple | None = None,
+    record: bool = True,
 ) -> np.ndarray:
     lay = fab.layout
     mesh = (lay.py, lay.px)
     a, b = np.asarray(a), np.asarray(b)  # a weight placed on demand is placed once here
     plan = GemmTiling.from_blocks(lay, a.shape, b.shape, name)
-    led = fab.ledger
-    cost_plan = priced_plan(plan, priced)
-    costs = shift_gemm_costs(cost_plan, kind, b_preskewed, led.device)
+    if record:
+        charge_shift_gemm(fab.ledger, name, priced_plan(plan, priced), kind, b_preskewed)
     if fab.aggregate:
         ta, tb = track_shift_operands(
             fab,
@@ -130,12 +128,7 @@ def _shift_gemm(
             kind,
             b_preskewed,
             name,
-            None if led.muted else lambda: record(led, name, costs[:1]),
         )
-        if not led.muted:  # (a replayed ledger tape prices it)
-            record(led, name, costs[1:])
-            led.memory(name, shift_gemm_memory(cost_plan))
-            led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
         b_held, b_ids = tb.held()
         return logical_to_virtual(stored_product(ta.complete(), b_held, b_ids=b_ids), mesh)
 
@@ -151,7 +144,6 @@ def _shift_gemm(
     b_cur = virtual_to_logical(b, mesh)
     if not b_preskewed:
         b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], kind, op=f"{name}/skew")
-    record(led, name, costs[:1])
 
     a_bufs = (np.empty_like(a_cur), a_cur)
     b_bufs = (np.empty_like(b_cur), np.empty_like(b_cur))
@@ -168,9 +160,6 @@ def _shift_gemm(
             c += partial
         a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
         b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
-    record(led, name, costs[1:])
-    led.memory(name, shift_gemm_memory(cost_plan))
-    led.routes(name, shift_gemm_routes(cost_plan, kind, b_preskewed))
     return logical_to_virtual(c, mesh)
 
 
@@ -213,7 +202,6 @@ def track_shift_operands(
     kind: str,
     b_preskewed: bool,
     name: str,
-    after_skew=None,
 ):
     """The skews and the ``Nl`` shift steps of MeshGEMM/Cannon on tracked tiles (aggregated
     emulation): the same neighbour messages as the exact schedule, local moves relabelled.
@@ -230,8 +218,6 @@ def track_shift_operands(
     prefix = f"{name}/"
     ta.play(skew_a, prefix)
     tb.play(skew_b, prefix)
-    if after_skew is not None:
-        after_skew()
     for moves_a, moves_b in steps:
         ta.play(moves_a, prefix)
         tb.play(moves_b, prefix)
@@ -339,6 +325,7 @@ def meshgemm(
     b_preskewed: bool = True,
     name: str = "meshgemm",
     priced: tuple | None = None,
+    record: bool = True,
 ) -> np.ndarray:
     """MeshGEMM ``C = A @ B`` on the interleaved two-hop rings.
 
@@ -351,13 +338,16 @@ def meshgemm(
         ``b_preskewed=False`` natural tiles, skewed on the mesh first.
     priced : (m, k, n), optional
         Shapes the ledger prices (see :func:`meshrt.ops._tiles.priced_plan`).
+    record : bool
+        Write the ledger records (:func:`meshrt.ops.estimate.charge_shift_gemm`); ``False``:
+        only compute (a caller that prices the op itself).
 
     Returns
     -------
     ndarray
         ``f32[by, bx, M/Py, N/Px]``: ``C[M-seg py, N-seg px]``.
     """
-    return _shift_gemm(fab, a, b, "interleaved", b_preskewed, name, priced)
+    return _shift_gemm(fab, a, b, "interleaved", b_preskewed, name, priced, record)
 
 
 def cannon(

@@ -214,7 +214,7 @@ def meshgemv(
     input_axis: str = "y",
     spec: AllreduceSpec = KTREE,
     name: str = "meshgemv",
-    priced: tuple | None = None,
+    record: bool = True,
 ) -> np.ndarray:
     """``y = x @ W`` on the mesh.
 
@@ -228,9 +228,9 @@ def meshgemv(
         ``f32[by, bx, M/Py, N/Px]`` or ``f32[by, bx, M/Px, N/Py]``.
     spec : AllreduceSpec
         Allreduce of the partial products (MeshGEMV's K-tree by default).
-    priced : (int, int), optional
-        Weight tile ``(rows, cols)`` the ledger prices, when the blocks carry more padding than
-        the modeled device would (at most the block's tile).
+    record : bool
+        Write the ledger records (:func:`charge_meshgemv` for the block's tile); ``False``:
+        only compute (a caller that prices the op itself).
 
     Returns
     -------
@@ -244,19 +244,24 @@ def meshgemv(
             f"vector segment {x.shape[-1]} does not match weight tile rows "
             f"{w.shape[2]} (input_axis={input_axis!r})"
         )
-    batch = math.prod(x.shape[2:-1])
-    led = fab.ledger
-    tm, tn = priced if priced is not None else w.shape[2:]
-    if tm > w.shape[2] or tn > w.shape[3]:
-        raise ValueError(f"priced tile {tm}x{tn} exceeds the weight tile {w.shape[2:]}")
-    if not led.muted:  # (a replayed ledger tape prices it)
-        led.charge(f"{name}/local", local_cost(batch, tm, tn))
-        led.memory(name, memory_words(batch, tm, tn))
+    if record:
+        tile = w.shape[2], w.shape[3]
+        cores = fab.layout.cores(axis)
+        charge_meshgemv(fab.ledger, name, tile, cores, spec, math.prod(x.shape[2:-1]))
     part = local_gemv(x, w, input_axis)
-    out = allreduce(fab, part, axis, "sum", spec, record=False, name=f"{name}/allreduce")
-    if not led.muted:
-        spec.charge(led, fab.layout.cores(axis), batch * tn, f"{name}/allreduce")
-    return out
+    return allreduce(fab, part, axis, "sum", spec, record=False, name=f"{name}/allreduce")
+
+
+def charge_meshgemv(
+    led: Ledger, name: str, tile: tuple, cores: int, spec: AllreduceSpec, batch: int = 1
+) -> None:
+    """Write the records of a MeshGEMV of ``batch`` vectors on weight tiles ``(rows, cols)``
+    whose partial products are allreduced over ``cores``: the local products, the memory per
+    core and the allreduce. The kernel and the estimator charge this, and only this."""
+    tm, tn = tile
+    led.charge(f"{name}/local", local_cost(batch, tm, tn))
+    led.memory(name, memory_words(batch, tm, tn))
+    spec.charge(led, cores, batch * tn, f"{name}/allreduce")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,13 +282,10 @@ def estimate_meshgemv(
 ) -> Ledger:
     """The ledger :func:`meshgemv` would write for ``[batch, m] @ [m, n]``, without running it."""
     led = ledger if ledger is not None else Ledger(device) if device else Ledger()
-    py, px = mesh_shape
     axis = _in_axis(input_axis)
-    tm = ceil_div(m, (py, px)[axis])
-    tn = ceil_div(n, (px, py)[axis])
-    led.charge(f"{name}/local", local_cost(batch, tm, tn))
-    led.memory(name, memory_words(batch, tm, tn))
-    spec.charge(led, (py, px)[axis], batch * tn, f"{name}/allreduce")
+    cores = mesh_shape[axis]
+    tile = ceil_div(m, cores), ceil_div(n, mesh_shape[1 - axis])
+    charge_meshgemv(led, name, tile, cores, spec, batch)
     return led
 
 

@@ -186,6 +186,7 @@ def grouped_gemm_t(
     labels: np.ndarray,
     name: str = "grouped_gemm_t",
     priced: tuple | None = None,
+    record: bool = True,
 ) -> np.ndarray:
     """``C[:, :, g] = A[:, F_g] @ B[:, F_g]^T`` for every group ``g``, with no transpose.
 
@@ -209,7 +210,6 @@ def grouped_gemm_t(
     plan = plan_from_blocks(lay, a.shape, b.shape, name)
     cost_plan = priced_plan(plan, None if priced is None else (priced[0], priced[2], priced[1]))
     _check_labels(labels, (lay.by, lay.bx, a.shape[3]), name)
-    led = fab.ledger
     groups = labels.shape[3]
     by, bx, rows_per, cols_per = lay.by, lay.bx, plan.b, plan.a
     tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
@@ -217,10 +217,8 @@ def grouped_gemm_t(
     y_line = line_of(fab, 0, rows_per)
     if fab.aggregate and (labels == labels[:1]).all():
         c = _grouped_gemm_t_aggregated(fab, a, b, labels, plan, cost_plan, name)
-        if not led.muted:  # (a replayed ledger tape prices it)
-            record(led, name, _tallied_gemm_t_costs(cost_plan, groups))
-            led.memory(name, grouped_gemm_t_memory(cost_plan, groups))
-            led.routes(name, gemm_t_routes(cost_plan))
+        if record:
+            charge_grouped_gemm_t(fab.ledger, name, cost_plan, groups)
         return c
     # al: [by, bx, b, tmb*G, D/Px]: A's rows masked by each group's features (A stays: once)
     lab_t = np.swapaxes(labels, 2, 3).astype(f32, copy=False)  # [by, bx, G, D/Px]
@@ -252,9 +250,8 @@ def grouped_gemm_t(
             c[iy, ix, s, :, :, slot, :] += red
         reduces[grouped_gemm_t_reduce(cost_plan, seg // cols_per, groups)] += 1
         b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=bufs[t % 2], op=f"{name}/shift")
-    record(led, name, grouped_gemm_t_costs(cost_plan, reduces))
-    led.memory(name, grouped_gemm_t_memory(cost_plan, groups))
-    led.routes(name, gemm_t_routes(cost_plan))
+    if record:
+        charge_grouped_gemm_t(fab.ledger, name, cost_plan, groups, reduces)
     c = c.transpose(0, 1, 2, 3, 5, 6, 4)  # [by, bx, b, tmb, a, tnb, G]
     return np.ascontiguousarray(c).reshape(by, bx, rows_per * tmb, cols_per * tnb, groups)
 
@@ -382,6 +379,7 @@ def grouped_meshgemm(
     b_preskewed: bool = False,
     name: str = "grouped_meshgemm",
     priced: tuple | None = None,
+    record: bool = True,
 ) -> np.ndarray:
     """``C[:, f] = sum_u A[:, u, g(f)] B[u, f]`` on MeshGEMM's interleaved rings.
 
@@ -411,7 +409,6 @@ def grouped_meshgemm(
     _check_labels(labels, (lay.by, lay.bx, b.shape[3]), name)
     if labels.shape[3] != groups:
         raise MeshError(f"{name}: A carries {groups} groups, labels {labels.shape[3]}")
-    led = fab.ledger
     nl, ca, rb = plan.nl, plan.a, plan.b
     tkb, tnb = plan.tkb, plan.tnb
     f32 = np.float32
@@ -422,10 +419,10 @@ def grouped_meshgemm(
 
     # a_cur: [by*b, bx*a, tmb, tkb*G] (K-major, group-minor)   b_cur: [by*b, bx*a, tkb, tnb]
     a_flat = a.reshape(a.shape[:3] + (a.shape[3] * groups,))
+    if record:
+        charge_grouped_meshgemm(fab.ledger, name, priced_plan(plan, priced), groups, b_preskewed)
     if fab.aggregate and (labels == labels[:1]).all():
         # aggregated emulation: the same messages; each core's products summed as one GEMM
-        cost_plan = priced_plan(plan, priced)
-        costs = grouped_gemm_costs(cost_plan, groups, b_preskewed, led.device)
         ta, tb = track_shift_operands(
             fab,
             virtual_to_logical(a_flat, mesh),
@@ -433,12 +430,7 @@ def grouped_meshgemm(
             RING,
             b_preskewed,
             name,
-            None if led.muted else lambda: record(led, name, costs[:1]),
         )
-        if not led.muted:  # (a replayed ledger tape prices it)
-            record(led, name, costs[1:])
-            led.memory(name, grouped_gemm_memory(cost_plan, groups))
-            led.routes(name, shift_gemm_routes(cost_plan, RING, b_preskewed))
         col_groups = labels[0].reshape(-1, groups).astype(f32, copy=False)
         b_held, b_ids = tb.held()
         return logical_to_virtual(
@@ -450,9 +442,6 @@ def grouped_meshgemm(
     b_cur = virtual_to_logical(b, mesh)
     if not b_preskewed:
         b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], RING, op=f"{name}/skew")
-    cost_plan = priced_plan(plan, priced)
-    costs = grouped_gemm_costs(cost_plan, groups, b_preskewed, led.device)
-    record(led, name, costs[:1])
     # labels per logical core, transposed: [by*b, bx*a, 1, G, tnb] (they never move)
     lab = labels.reshape(lay.by, lay.bx * ca, tnb, groups)
     lab = np.repeat(np.swapaxes(lab, 2, 3)[:, :, None], rb, axis=0).astype(f32, copy=False)
@@ -471,9 +460,6 @@ def grouped_meshgemm(
             c += partial
         a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
         b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
-    record(led, name, costs[1:])
-    led.memory(name, grouped_gemm_memory(cost_plan, groups))
-    led.routes(name, shift_gemm_routes(cost_plan, RING, b_preskewed))
     return logical_to_virtual(c, mesh)
 
 
@@ -534,6 +520,32 @@ def matmul_grouped(
 # ----------------------------------------------------------------------------------------------
 
 
+def charge_grouped_gemm_t(
+    led: Ledger, name: str, plan: GemmTiling, groups: int, reduces: Counter | None = None
+) -> None:
+    """Write the records of a :func:`grouped_gemm_t` run on ``plan``: its steps (``reduces``:
+    the reductions the run made, by cost; default: the closed-form tally), its memory per core
+    and its routing paths. The kernel and the estimator charge this, and only this."""
+    costs = (
+        _tallied_gemm_t_costs(plan, groups)
+        if reduces is None
+        else grouped_gemm_t_costs(plan, reduces)
+    )
+    record(led, name, costs)
+    led.memory(name, grouped_gemm_t_memory(plan, groups))
+    led.routes(name, gemm_t_routes(plan))
+
+
+def charge_grouped_meshgemm(
+    led: Ledger, name: str, plan: GemmTiling, groups: int, b_preskewed: bool
+) -> None:
+    """Write the records of a :func:`grouped_meshgemm` run on ``plan``: its steps, its memory
+    per core and its routing paths. The kernel and the estimator charge this, and only this."""
+    record(led, name, grouped_gemm_costs(plan, groups, b_preskewed, led.device))
+    led.memory(name, grouped_gemm_memory(plan, groups))
+    led.routes(name, shift_gemm_routes(plan, RING, b_preskewed))
+
+
 def estimate_grouped_gemm_t(
     m: int,
     n: int,
@@ -546,10 +558,7 @@ def estimate_grouped_gemm_t(
 ) -> Ledger:
     """The ledger :func:`grouped_gemm_t` writes for ``[m, d] x [n, d]^T`` with ``groups``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmTiling.for_shapes(m, d, n, mesh)
-    record(led, name, grouped_gemm_t_costs(plan, _gemm_t_tally(plan, groups)))
-    led.memory(name, grouped_gemm_t_memory(plan, groups))
-    led.routes(name, gemm_t_routes(plan))
+    charge_grouped_gemm_t(led, name, GemmTiling.for_shapes(m, d, n, mesh), groups)
     return led
 
 
@@ -566,8 +575,5 @@ def estimate_grouped_meshgemm(
 ) -> Ledger:
     """The ledger :func:`grouped_meshgemm` writes for ``[m, k, G] x [k, n]``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmTiling.for_shapes(m, k, n, mesh)
-    record(led, name, grouped_gemm_costs(plan, groups, b_preskewed, led.device))
-    led.memory(name, grouped_gemm_memory(plan, groups))
-    led.routes(name, shift_gemm_routes(plan, RING, b_preskewed))
+    charge_grouped_meshgemm(led, name, GemmTiling.for_shapes(m, k, n, mesh), groups, b_preskewed)
     return led

@@ -88,30 +88,3 @@ def test_aggregated_emulation_same_tokens():
     prompt_logits, ids, _ = run_model(model, exp, steps=6)
     assert ids == [int(t) for t in exp["greedy_ids"][:6]]
     np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("policy", ["shift", "concat"])
-def test_layer_tapes_write_the_ledger_of_pricing_every_layer(policy, monkeypatch):
-    """Layers replaying layer 0's ledger tape leave every figure as pricing each layer does,
-    over a prompt and greedy tokens (cache fills and shifts change from token to token; with 4
-    rows, tokens of equal fill and shift reuse a tape)."""
-    from llm.engine.decode import MeshDecoder
-
-    config, weights, exp = golden("tiny-llama-gqa")
-    ry, rx = rank_grids(world().Get_size())[-1]
-    ledgers = []
-    for taped in (True, False):
-        monkeypatch.setattr(MeshDecoder, "tape_layers", taped)
-        model = MeshModel.from_weights(
-            config,
-            weights,
-            control_plane(),
-            decode_mesh=(4 * ry, 2 * rx),
-            phases=["decode"],
-            kv_policy=policy,
-        )
-        _, ids, _ = run_model(model, exp, steps=6)
-        ledgers.append(model.decode_fabric.ledger)
-    taped, each = ledgers
-    assert len(taped.ops) > 40 and list(taped.ops) == list(each.ops)
-    assert taped.ops == each.ops and taped.summary() == each.summary()

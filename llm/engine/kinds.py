@@ -1,0 +1,379 @@
+"""What each op kind of the layer program costs on the wafer: one object per kind, priced once.
+
+An op kind (:class:`OpKind`) prices an :class:`~llm.engine.program.Op` from its shapes alone:
+:meth:`OpKind.cost` writes the op's ledger records (steps, memory, routes, host I/O) for one
+:class:`Site` (the phase's layout, the allreduce algorithm, the pass). Both consumers of a
+program charge exactly this:
+
+* the estimator (:mod:`llm.cost.estimate`) on meshes too large to emulate;
+* the emulator (:mod:`llm.engine.decode`, :mod:`llm.engine.prefill`), whose kernels and
+  collectives only compute and move data (``record=False``); after running a program it
+  charges the program here.
+
+So a record has one author, and estimator == emulator holds by construction; the kernels' own
+records (:mod:`meshrt.ops`) are tied to the same closed forms by meshrt's tests.
+
+:func:`charge` prices a list of ops; :func:`charge_layers` prices a layer program for every
+layer (layer 0 priced, layers 1.. replayed from its :class:`~meshrt.plmr.LedgerTape`: the one
+way a layer is repeated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from meshrt.collectives import AllreduceSpec, broadcast_cost
+from meshrt.mesh import X, Y
+from meshrt.ops.estimate import estimate_meshgemm
+from meshrt.ops.gemv import estimate_meshgemv
+from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
+from meshrt.plmr import Cost, Ledger
+from meshrt.relayout import fetch_cost
+
+from ..placement.layout import PhaseLayout
+
+if TYPE_CHECKING:
+    from .program import Op, Pass
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a program is priced.
+
+    Attributes
+    ----------
+    lay : PhaseLayout
+        The phase's layout; its mesh ``(Py, Px)`` is the mesh the ops run on.
+    spec : AllreduceSpec
+        The allreduce of every reduction.
+    run : Pass
+        The pass-dependent figures (cache fill, prompt ids, ...).
+    """
+
+    lay: PhaseLayout
+    spec: AllreduceSpec
+    run: Pass
+
+    @property
+    def mesh(self) -> tuple[int, int]:
+        return self.lay.py, self.lay.px
+
+    def cores(self, op: Op) -> int:
+        """Cores along the mesh axis that ``op``'s reduction or broadcast runs on."""
+        if op.axis is None:
+            raise ValueError(f"op {op.name!r} ({op.kind}) communicates but names no mesh axis")
+        return self.mesh[op.axis]
+
+
+# ----------------------------------------------------------------------------------------------
+# Local work, as a function of per-core sizes
+# ----------------------------------------------------------------------------------------------
+
+
+def norm_costs(rows: int, seg: int) -> dict:
+    """RMSNorm of ``rows`` vectors whose ``seg`` features sit on a core: sum of squares, then
+    scale (multiply by the inverse RMS and the weight)."""
+    return {"sumsq": Cost(macs=rows * seg), "scale": Cost(macs=2 * rows * seg)}
+
+
+def kv_shift_cost(kv_seg: int, caches: int = 1) -> Cost:
+    """The shift policy's move: every row of the run passes one K and one V entry one hop up
+    (``caches`` sequences' caches moving at once: each row link carries all their entries)."""
+    return Cost(words=2 * kv_seg * caches, hops=1)
+
+
+def _charge_parts(led: Ledger, name: str, parts: dict) -> None:
+    """Charge ``{part: Cost}`` as ``name/part`` (``""``: ``name`` itself)."""
+    for part, cost in parts.items():
+        led.charge(f"{name}/{part}" if part else name, cost)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kinds
+# ----------------------------------------------------------------------------------------------
+
+
+class OpKind:
+    """One kind of op: its name, its cost, and the mesh axis its traffic crosses.
+
+    Subclasses set :attr:`name` and override :meth:`cost`; a kind that moves no data between
+    cores and does no priced work (a residual add) keeps the empty cost.
+    """
+
+    name: ClassVar[str] = ""
+
+    def cost(self, op: Op, led: Ledger, site: Site) -> None:
+        """Write ``op``'s records into ``led``."""
+
+    def hops_per_link(self, op: Op, links: tuple[int, int]) -> int:
+        """Physical hops per logical link of ``op``'s traffic on a region whose links are
+        ``links`` (y, x) long: along its reduction or broadcast axis (1: it moves no data)."""
+        return 1 if op.axis is None else links[op.axis]
+
+    def local(self, op: Op, run: Pass) -> dict:
+        """``{part: Cost}`` of the op's local (non-kernel) work."""
+        return {}
+
+
+class EmbedBroadcast(OpKind):
+    name = "embed_broadcast"
+
+    def cost(self, op, led, site):
+        cols = site.run.columns
+        led.io(4 * len(cols), 1)  # the token ids enter the wafer
+        for col in cols:  # each sequence's row multicast from its own column
+            led.charge(op.name, broadcast_cost(site.cores(op), col, op.dims["seg"]))
+
+
+class EmbedFetch(OpKind):
+    name = "embed_fetch"
+
+    def cost(self, op, led, site):
+        d = op.dims
+        ids = np.asarray(site.run.ids, dtype=np.int64)
+        led.io(4 * ids.size, 1)  # the token ids enter the wafer
+        rows = fetch_cost(
+            ids // d["vocab_rows"], np.arange(ids.size) // d["rows"], site.cores(op), d["seg"]
+        )
+        led.charge(op.name, rows)
+
+
+class Norm(OpKind):
+    name = "norm"
+
+    def cost(self, op, led, site):
+        site.spec.charge(led, site.cores(op), op.dims["rows"], f"{op.name}/allreduce")
+        _charge_parts(led, op.name, self.local(op, site.run))
+
+    def local(self, op, run):
+        return norm_costs(op.dims["rows"], op.dims["seg"])
+
+
+class Gemv(OpKind):
+    name = "gemv"
+
+    def cost(self, op, led, site):
+        d = op.dims
+        estimate_meshgemv(
+            d["m"],
+            d["n"],
+            site.mesh,
+            led.device,
+            d["input_axis"],
+            site.spec,
+            batch=d.get("batch", 1),
+            ledger=led,
+            name=op.name,
+        )
+
+    def hops_per_link(self, op, links):
+        return links[Y if op.dims["input_axis"] == "y" else X]  # the K-tree's axis
+
+
+class Gemm(OpKind):
+    name = "gemm"
+
+    def cost(self, op, led, site):
+        d = op.dims
+        estimate_meshgemm(d["m"], d["k"], d["n"], site.mesh, led.device, True, led, op.name)
+
+    def hops_per_link(self, op, links):
+        return max(links)  # operands move along x and y in the same steps
+
+
+class GroupedScores(Gemm):
+    name = "grouped_scores"
+
+    def cost(self, op, led, site):
+        d = op.dims
+        estimate_grouped_gemm_t(
+            d["m"], d["n"], d["d"], d["groups"], site.mesh, led.device, led, op.name
+        )
+
+
+class GroupedPv(Gemm):
+    name = "grouped_pv"
+
+    def cost(self, op, led, site):
+        d = op.dims
+        estimate_grouped_meshgemm(
+            d["m"], d["k"], d["n"], d["groups"], site.mesh, led.device, False, led, op.name
+        )
+
+
+class Rope(OpKind):
+    name = "rope"
+
+    def cost(self, op, led, site):
+        _charge_parts(led, op.name, self.local(op, site.run))
+
+    def local(self, op, run):
+        d = op.dims  # q and k features of every row rotated
+        return {"": Cost(macs=2 * d["rows"] * (d["tq"] + d["tk"]))}
+
+
+class KvAppend(OpKind):
+    name = "kv_append"
+
+    def cost(self, op, led, site):
+        lay, run = site.lay, site.run
+        led.memory("kv_cache", 2 * lay.config.num_layers * run.capacity * lay.kv // lay.px)
+        _charge_parts(led, op.name, self.local(op, run))
+
+    def hops_per_link(self, op, links):
+        return links[Y]  # the shift moves entries up the rows
+
+    def local(self, op, run):
+        return {"shift": kv_shift_cost(op.dims["tk"], int(run.shifts))} if run.shifts else {}
+
+
+class CacheScores(OpKind):
+    name = "cache_scores"
+
+    def cost(self, op, led, site):
+        words = site.run.fill * op.dims["heads"]  # the wafer reduces the filled slots only
+        site.spec.charge(led, site.cores(op), words, f"{op.name}/allreduce")
+        _charge_parts(led, op.name, self.local(op, site.run))
+
+    def local(self, op, run):
+        # every query feature of the core meets the cached K (or V) feature it shares
+        return {"local": Cost(macs=run.fill * op.dims["tq"])}
+
+
+class CachePv(CacheScores):
+    name = "cache_pv"
+
+    def cost(self, op, led, site):
+        words = op.dims["tq"] * op.dims.get("batch", 1)
+        site.spec.charge(led, site.cores(op), words, f"{op.name}/allreduce")
+        _charge_parts(led, op.name, self.local(op, site.run))
+
+
+class Softmax(OpKind):
+    name = "softmax"
+
+    def cost(self, op, led, site):
+        cores, words = site.cores(op), op.dims["queries"] * op.dims.get("batch", 1)
+        site.spec.charge(led, cores, words, f"{op.name}/max")
+        site.spec.charge(led, cores, words, f"{op.name}/sum")
+        _charge_parts(led, op.name, self.local(op, site.run))
+
+    def local(self, op, run):
+        d = op.dims  # scale, subtract the max, exponentiate, normalise: four per score
+        keys = run.fill if d["keys"] is None else d["keys"]
+        return {"local": Cost(macs=4 * d["queries"] * keys)}
+
+
+class Swiglu(OpKind):
+    name = "swiglu"
+
+    def cost(self, op, led, site):
+        _charge_parts(led, op.name, self.local(op, site.run))
+
+    def local(self, op, run):
+        return {"": Cost(macs=4 * op.dims["rows"] * op.dims["tf"])}
+
+
+class Add(OpKind):
+    name = "add"  # free: no record
+
+
+class VocabMask(OpKind):
+    name = "vocab_mask"  # free: no record
+
+
+class Argmax(OpKind):
+    name = "argmax"
+
+    def cost(self, op, led, site):
+        cores, b = site.cores(op), op.dims.get("batch", 1)
+        site.spec.charge(led, cores, b, f"{op.name}/value")
+        site.spec.charge(led, cores, b, f"{op.name}/index")
+        led.io(4 * b, 1)  # the tokens leave the wafer
+
+
+class PromptLogits(OpKind):
+    name = "prompt_logits"
+
+    def cost(self, op, led, site):
+        d = op.dims  # float32, gathered by the host
+        led.io(d["rows"] * d["vocab"] * 4, 2 * sum(site.mesh))
+
+
+#: Every op kind by name.
+KINDS: dict[str, OpKind] = {
+    k.name: k()
+    for k in (
+        EmbedBroadcast,
+        EmbedFetch,
+        Norm,
+        Gemv,
+        Gemm,
+        Rope,
+        KvAppend,
+        CacheScores,
+        GroupedScores,
+        Softmax,
+        CachePv,
+        GroupedPv,
+        Add,
+        Swiglu,
+        VocabMask,
+        Argmax,
+        PromptLogits,
+    )
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pricing a program
+# ----------------------------------------------------------------------------------------------
+
+
+def charge(ops: list, led: Ledger, site: Site, links: tuple[int, int] = (1, 1)) -> None:
+    """Write into ``led`` the records of running ``ops`` at ``site``.
+
+    Parameters
+    ----------
+    ops : list of Op
+        A program from :mod:`llm.engine.program`.
+    links : (int, int)
+        Physical hops of one logical link along y and x: ``(1, 1)`` on a square region (the
+        emulator's mesh); a stage folded onto a rectangle has longer links along one axis
+        (:mod:`llm.cost.regions`), and every hop of an op's traffic along that axis costs
+        ``alpha`` that many times (:meth:`OpKind.hops_per_link`).
+    """
+    if links == (1, 1):
+        for op in ops:
+            KINDS[op.kind].cost(op, led, site)
+        return
+    base = led.device
+    stretched = {f: base.with_(alpha=base.alpha * f) for f in {1, *links}}
+    try:
+        for op in ops:
+            kind = KINDS[op.kind]
+            led.device = stretched[kind.hops_per_link(op, links)]
+            kind.cost(op, led, site)
+    finally:
+        led.device = base
+
+
+def charge_layers(
+    ops: list, layers: int, led: Ledger, site: Site, links: tuple[int, int] = (1, 1)
+) -> None:
+    """:func:`charge` a layer program once per layer, under the sections ``layer{i}``.
+
+    Every layer does the same work under its own names, so layer 0 is priced while recording
+    a tape and layers 1.. replay it: the same figures as pricing every layer, added in the
+    same order, without the pricing.
+    """
+    if layers <= 0:
+        return
+    with led.section("layer0"), led.recording() as tape:
+        charge(ops, led, site, links)
+    for i in range(1, layers):
+        with led.section(f"layer{i}"):
+            led.replay(tape)
