@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import runtime
-from .collectives import AllreduceSpec
+from .collectives import ALLREDUCES, AllreduceSpec
+from .ops.gemm import ALGOS as GEMM_ALGOS
 
-#: Algorithms each benchmark runs; ``meshgemv`` is the paper's name of the K-tree GEMV.
-ALGOS = {"gemv": ("ktree", "pipeline", "ring"), "gemm": ("meshgemm", "cannon", "summa")}
-ALGO_ALIASES = {"meshgemv": "ktree"}
+#: Algorithms each benchmark runs: the GEMV's allreduces, the GEMM kernels.
+ALGOS = {"gemv": tuple(ALLREDUCES), "gemm": GEMM_ALGOS}
 
 
 #: The virtual mesh of each benchmark when none is given.
@@ -151,11 +151,7 @@ def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
     vec = block.reshape(lay.by, lay.bx, -1)[..., :t]
     for algo in ("ktree", "pipeline"):
         fab.ledger.reset()
-        ar = (
-            AllreduceSpec(algo, spec.groups, spec.levels)
-            if algo == "ktree"
-            else AllreduceSpec(algo)
-        )
+        ar = AllreduceSpec.of(algo, spec.groups, spec.levels)
         t_ar = _timed(lambda: allreduce(fab, vec, 0, spec=ar), comm, spec.repeat, spec.warmup)
         t_sum = _timed(
             lambda: np.broadcast_to(vec.sum(0, keepdims=True), vec.shape).copy(),
@@ -203,7 +199,7 @@ def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
         wb = hostio.local_block(fab, G.weight_tiles(w, mesh, "y"))
         xb = hostio.local_block(fab, G.vector_tiles(x, mesh, "y"))
         log.info(f"gemv {algo}: [1,{n}]x[{n},{n}] on {lay}")
-        ar = AllreduceSpec(algo, spec.groups, spec.levels)
+        ar = AllreduceSpec.of(algo, spec.groups, spec.levels)
         t = _timed(lambda: G.meshgemv(fab, xb, wb, "y", ar), comm, spec.repeat, spec.warmup)
         est = G.estimate_meshgemv(n, n, mesh, get_device(spec.device), spec=ar)
         row = {

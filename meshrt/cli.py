@@ -193,7 +193,8 @@ def algos_from_args(args) -> tuple[str, ...]:
     """Validate what argparse cannot see alone (``--algo`` per benchmark, ``--device``)
     before any work; raises :class:`runtime.UsageError`. Returns the normalised ``--algo``
     names (empty: the benchmark's default)."""
-    from .bench import ALGO_ALIASES, ALGOS
+    from .bench import ALGOS
+    from .collectives import allreduce_name, allreduce_names
 
     kernel = args.kernel if args.what == "model" else args.what
     names: tuple[str, ...] = ()
@@ -202,13 +203,11 @@ def algos_from_args(args) -> tuple[str, ...]:
             raise runtime.UsageError(f"--algo does not apply to bench {args.what}")
         given = [a.strip().lower() for a in args.algo.split(",")]
         if kernel == "gemv":
-            given = [ALGO_ALIASES.get(a, a) for a in given]
+            given = [allreduce_name(a) for a in given]
         unknown = [a for a in given if a not in ALGOS[kernel]]
         if unknown:
-            raise runtime.UsageError(
-                f"--algo {unknown[0]!r}: {kernel} algorithms are "
-                f"{', '.join(ALGOS[kernel])}" + (" (meshgemv = ktree)" if kernel == "gemv" else "")
-            )
+            known = allreduce_names() if kernel == "gemv" else ", ".join(ALGOS[kernel])
+            raise runtime.UsageError(f"--algo {unknown[0]!r}: {kernel} algorithms are {known}")
         names = tuple(dict.fromkeys(given))
     from .plmr import get_device
 

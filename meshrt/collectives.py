@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -189,7 +190,114 @@ def ring_cost(n_cores: int, words: float) -> Cost:
     )
 
 
-ALLREDUCE_ALGOS = ("ktree", "pipeline", "ring")
+# ----------------------------------------------------------------------------------------------
+# The allreduce algorithms: one class each, registered by name
+# ----------------------------------------------------------------------------------------------
+
+
+class AllreduceAlgorithm:
+    """One allreduce algorithm: its closed-form phases and its emulation.
+
+    Adding an algorithm is one subclass decorated with :func:`register_allreduce`; the
+    command-line choices (``--allreduce``, ``meshrt bench --algos``) come from
+    :data:`ALLREDUCES`.
+    """
+
+    #: The name ``--allreduce`` takes.
+    name: ClassVar[str] = ""
+    #: Whether the spec's ``groups`` and ``levels`` apply.
+    tree: ClassVar[bool] = False
+    #: Other names it answers to (the paper's).
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def phases(self, spec: AllreduceSpec, n_cores: int, words: float) -> tuple:
+        """``((ledger suffix, Cost), ...)`` of one allreduce of ``words`` per core over
+        ``n_cores`` (suffix ``""``: the allreduce's own name)."""
+        raise NotImplementedError
+
+    def run(self, fab: Fabric, block, axis: int, op: str, spec: AllreduceSpec, name: str):
+        """The allreduce of ``block`` along ``axis`` on the fabric, unrecorded."""
+        raise NotImplementedError
+
+
+#: Every allreduce algorithm, by name, in the order registered.
+ALLREDUCES: dict[str, AllreduceAlgorithm] = {}
+
+
+def register_allreduce(cls: type[AllreduceAlgorithm]) -> type[AllreduceAlgorithm]:
+    """Class decorator: add ``cls`` to :data:`ALLREDUCES` under ``cls.name``."""
+    ALLREDUCES[cls.name] = cls()
+    return cls
+
+
+def allreduce_name(text: str) -> str:
+    """The registered name ``text`` stands for (case and aliases resolved; unknown names are
+    returned as given, for the caller to refuse)."""
+    key = text.strip().lower()
+    for name, algo in ALLREDUCES.items():
+        if key in algo.aliases:
+            return name
+    return key
+
+
+def allreduce_names() -> str:
+    """``"ktree (meshgemv), pipeline, ring"``: the names and their aliases, for messages."""
+    return ", ".join(
+        f"{n} ({', '.join(a.aliases)})" if a.aliases else n for n, a in ALLREDUCES.items()
+    )
+
+
+@register_allreduce
+class KTreeAllreduce(AllreduceAlgorithm):
+    """MeshGEMV's K-level tree of grouped chain reduces, then a multicast from the root."""
+
+    name = "ktree"
+    tree = True
+    aliases = ("meshgemv",)
+
+    def phases(self, spec, n_cores, words):
+        costs = ktree_cost(n_cores, words, spec.levels, spec.groups)
+        return tuple(
+            ("/broadcast" if i == len(costs) - 1 else f"/level{i + 1}", c)
+            for i, c in enumerate(costs)
+        )
+
+    def run(self, fab, block, axis, op, spec, name):
+        if fab.aggregate or fab.layout.ranks(axis) == 1:  # ktree_allreduce's one-sweep path
+            total = OPS[op].reduce(block, axis=axis, keepdims=True)
+            return repeat_view(_line_total(fab, total, axis, op, name), block.shape)
+        return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)
+
+
+@register_allreduce
+class PipelineAllreduce(AllreduceAlgorithm):
+    """A chain reduce to the line's last core, then a multicast back."""
+
+    name = "pipeline"
+
+    def phases(self, spec, n_cores, words):
+        return (
+            ("/reduce", chain_cost(n_cores, n_cores - 1, words)),
+            ("/broadcast", broadcast_cost(n_cores, n_cores - 1, words)),
+        )
+
+    def run(self, fab, block, axis, op, spec, name):
+        n = fab.layout.cores(axis)
+        red = reduce_to_root(fab, block, axis, n - 1, op, False, name + "/reduce")
+        return broadcast(fab, red, axis, n - 1, False, name + "/broadcast")
+
+
+@register_allreduce
+class RingAllreduce(AllreduceAlgorithm):
+    """Reduce-scatter, then all-gather, on the interleaved two-hop ring."""
+
+    name = "ring"
+
+    def phases(self, spec, n_cores, words):
+        return (("", ring_cost(n_cores, words)),)
+
+    def run(self, fab, block, axis, op, spec, name):
+        return ring_allreduce(fab, block, axis, op, False, name)
 
 
 @dataclass(frozen=True)
@@ -198,14 +306,15 @@ class AllreduceSpec:
 
     Parameters
     ----------
-    algo : {"ktree", "pipeline", "ring"}
-        ``ktree``: MeshGEMV's K-level tree, then a multicast from the tree root. ``pipeline``:
-        chain reduce to the last core, then multicast back. ``ring``: reduce-scatter and
-        all-gather on the interleaved two-hop ring.
+    algo : str
+        A name in :data:`ALLREDUCES`: ``ktree`` (MeshGEMV's K-level tree, then a multicast from
+        the tree root), ``pipeline`` (chain reduce to the last core, then multicast back),
+        ``ring`` (reduce-scatter and all-gather on the interleaved two-hop ring).
     groups : int, optional
-        K-tree only: number of first-level groups (the paper's ``group_num``; two levels).
+        Tree algorithms only: number of first-level groups (the paper's ``group_num``; two
+        levels).
     levels : int
-        K-tree only: tree levels ``K``.
+        Tree algorithms only: tree levels ``K``.
     """
 
     algo: str = "ktree"
@@ -213,13 +322,23 @@ class AllreduceSpec:
     levels: int = 2
 
     def __post_init__(self):
-        if self.algo not in ALLREDUCE_ALGOS:
+        if self.algo not in ALLREDUCES:
             raise ValueError(
-                f"unknown allreduce algorithm {self.algo!r}; use one of "
-                f"{', '.join(ALLREDUCE_ALGOS)}"
+                f"unknown allreduce algorithm {self.algo!r}; use one of {', '.join(ALLREDUCES)}"
             )
-        if self.algo == "ktree" and self.groups is not None and self.levels != 2:
+        if ALLREDUCES[self.algo].tree and self.groups is not None and self.levels != 2:
             raise ValueError("groups= applies to the two-level tree (levels=2)")
+
+    @classmethod
+    def of(cls, algo: str, groups: int | None = None, levels: int = 2) -> AllreduceSpec:
+        """The spec of ``algo``, with the tree settings only if ``algo`` is a tree."""
+        if algo in ALLREDUCES and not ALLREDUCES[algo].tree:
+            return cls(algo)
+        return cls(algo, groups, levels)
+
+    @property
+    def algorithm(self) -> AllreduceAlgorithm:
+        return ALLREDUCES[self.algo]
 
     def costs(self, n_cores: int, words: float) -> list[tuple[str, Cost]]:
         """``(phase, cost)`` of one allreduce of ``words`` per core over ``n_cores``; the phase
@@ -228,18 +347,7 @@ class AllreduceSpec:
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (specs are few, frozen and long-lived)
     def _costs(self, n_cores: int, words: float) -> tuple:
-        if self.algo == "ktree":
-            costs = ktree_cost(n_cores, words, self.levels, self.groups)
-            return tuple(
-                ("/broadcast" if i == len(costs) - 1 else f"/level{i + 1}", c)
-                for i, c in enumerate(costs)
-            )
-        if self.algo == "pipeline":
-            return (
-                ("/reduce", chain_cost(n_cores, n_cores - 1, words)),
-                ("/broadcast", broadcast_cost(n_cores, n_cores - 1, words)),
-            )
-        return (("", ring_cost(n_cores, words)),)
+        return self.algorithm.phases(self, n_cores, words)
 
     def charge(self, ledger: Ledger, n_cores: int, words: float, name: str) -> None:
         """Write into ``ledger`` exactly what :func:`allreduce` records under ``name``."""
@@ -551,16 +659,7 @@ def allreduce(
     name = name or f"allreduce_{spec.algo}"
     if record:
         spec.charge(fab.ledger, fab.layout.cores(axis), math.prod(block.shape[2:]), name)
-    if spec.algo == "ktree":
-        if fab.aggregate or fab.layout.ranks(axis) == 1:  # ktree_allreduce's one-sweep path
-            total = OPS[op].reduce(block, axis=axis, keepdims=True)
-            return repeat_view(_line_total(fab, total, axis, op, name), block.shape)
-        return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)
-    if spec.algo == "pipeline":
-        n = fab.layout.cores(axis)
-        red = reduce_to_root(fab, block, axis, n - 1, op, False, name + "/reduce")
-        return broadcast(fab, red, axis, n - 1, False, name + "/broadcast")
-    return ring_allreduce(fab, block, axis, op, False, name)
+    return spec.algorithm.run(fab, block, axis, op, spec, name)
 
 
 def ktree_allreduce(

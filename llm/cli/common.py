@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..serve.options import MeshSpec, RunOptions, SamplingOptions
+from meshrt.collectives import ALLREDUCES, allreduce_name
 
-#: The paper's name of the K-tree allreduce GEMV is MeshGEMV.
-ALLREDUCE_ALIASES = {"meshgemv": "ktree"}
+from ..serve.options import MeshSpec, RunOptions, SamplingOptions
 
 #: Why both phases' weights stay placed (shown by generate and bench --help).
 WEIGHTS_NOTE = """
@@ -123,7 +122,7 @@ def device(text: str) -> str:
 
 
 def allreduce(text: str) -> str:
-    return ALLREDUCE_ALIASES.get(text.strip().lower(), text.strip().lower())
+    return allreduce_name(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ def add_run_args(p) -> None:
     p.add_argument(
         "--allreduce",
         type=allreduce,
-        choices=["ktree", "pipeline", "ring"],
+        choices=list(ALLREDUCES),
         default="ktree",
         help="allreduce of every GEMV and reduction (default ktree; meshgemv, the "
         "paper's name, is ktree)",

@@ -381,7 +381,7 @@ BAD_BENCH = {
     "size-negative": (["gemm", "--size", "-5"], ["--size", "-5 must be >= 1"]),
     "repeat-zero": (["gemm", "--repeat", "0"], ["--repeat", "0 must be >= 1"]),
     "warmup-negative": (["gemv", "--warmup", "-1"], ["--warmup"]),
-    "algo": (["gemv", "--algo", "kree"], ["--algo 'kree'", "ktree, pipeline, ring"]),
+    "algo": (["gemv", "--algo", "kree"], ["--algo 'kree'", "ktree (meshgemv), pipeline, ring"]),
     "gemm-algo": (["gemm", "--algo", "meshgemv"], ["--algo 'meshgemv'", "meshgemm"]),
     "sides": (["model", "--sides", "60,0"], ["--sides", "'0'"]),
     "device": (["gemv", "--device", "wse9"], ["--device wse9", "unknown device"]),
