@@ -195,31 +195,25 @@ class Fabric:
             assert self._mpi is not None
             self._mpi.Request.Waitall(requests)
 
-    def send_and_recv(
+    def exchange(
         self,
         array: np.ndarray,
-        shape,
-        dtype,
         axis: int,
         side: int,
-        op: str = "send_and_recv",
+        op: str = "exchange",
+        shape=None,
         recv_first: bool = False,
-    ) -> np.ndarray:
-        """Send ``array`` to the neighbour on ``side`` of ``axis`` and receive an array of
-        ``shape`` from the same neighbour, in one ``Sendrecv`` (two messages that the caller
-        would otherwise send and receive one after the other; ``recv_first`` names that order
-        in the trace). The neighbour must exist."""
+    ) -> np.ndarray | None:
+        """Send ``array`` to the neighbour on ``side`` of ``axis`` and receive the neighbour's
+        array (``shape``: its shape, when it is not ``array``'s; same dtype) in one
+        ``Sendrecv``: the two messages a caller would otherwise send and receive one after the
+        other (``recv_first`` names that order in the trace). ``None`` at an edge."""
         peer = self.peer(axis, side)
-        assert peer is not None
-        return self._swap(peer, array, np.empty(shape, dtype=dtype), axis, op, recv_first)
-
-    def _swap(
-        self, peer: int, array: np.ndarray, out: np.ndarray, axis: int, op: str, recv_first=False
-    ) -> np.ndarray:
-        """Send ``array`` to ``peer`` and receive ``out`` from it in one ``Sendrecv``, traced as
-        the two messages (the receive first with ``recv_first``)."""
+        if peer is None:
+            return None
         assert self.cart is not None
         buf = np.ascontiguousarray(array)
+        out = np.empty(buf.shape if shape is None else shape, dtype=buf.dtype)
         self.cart.Sendrecv(buf, dest=peer, sendtag=axis, recvbuf=out, source=peer, recvtag=axis)
         if recv_first:
             self._note(op, peer, out.nbytes, False)
@@ -228,15 +222,12 @@ class Fabric:
             self._note(op, peer, out.nbytes, False)
         return out
 
-    def sendrecv(
-        self,
-        array: np.ndarray,
-        axis: int,
-        to_side: int,
-        op: str = "sendrecv",
+    def pass_on(
+        self, array: np.ndarray, axis: int, to_side: int, op: str = "pass_on"
     ) -> np.ndarray | None:
         """Send ``array`` to the neighbour on ``to_side`` and receive the same-shaped array from
-        the neighbour on the opposite side. Returns ``None`` where that neighbour does not exist.
+        the neighbour on the opposite side, in one ``Sendrecv`` (one step of a relay). Returns
+        ``None`` where that neighbour does not exist.
         """
         dst = self.peer(axis, to_side)
         src = self.peer(axis, -to_side)
@@ -257,15 +248,6 @@ class Fabric:
         self._note(op, dst, buf.nbytes, True)
         self._note(op, src, buf.nbytes, False)
         return out if src is not None else None
-
-    def exchange(self, array: np.ndarray, axis: int, side: int, op: str = "exchange"):
-        """Swap same-shaped arrays with the neighbour on ``side`` of ``axis``: send ``array`` to
-        it and receive its array, in one ``Sendrecv``. ``None`` at an edge."""
-        peer = self.peer(axis, side)
-        if peer is None:
-            return None
-        buf = np.ascontiguousarray(array)
-        return self._swap(peer, buf, np.empty_like(buf), axis, op)
 
     # -- block movement --------------------------------------------------------------------
     def halo(
@@ -306,7 +288,7 @@ class Fabric:
             if self.cart is None:
                 recv = None
             else:
-                recv = self.sendrecv(outgoing, axis, to_side=-side, op=op)
+                recv = self.pass_on(outgoing, axis, to_side=-side, op=op)
             if recv is None:
                 shape = list(block.shape)
                 shape[axis] = take

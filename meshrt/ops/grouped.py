@@ -315,14 +315,14 @@ def _grouped_gemm_t_aggregated(
         if r < nr - 1:  # up the chain, and the carry coming down, in one Sendrecv
             carry = part if below is None else part + below
             up = np.where(up_mask, carry, f32(0))
-            above = fab.send_and_recv(up, part.shape, f32, 1, HI, op=op)
+            above = fab.exchange(up, 1, HI, op, part.shape)
         if r > 0:
             carry = part if above is None else part + above
             down = np.where(down_mask, carry, f32(0))
             if r < nr - 1:
                 fab.send(down, 1, LO, op=op)
             else:  # the top of the chain: what comes up, and what goes down, in one Sendrecv
-                below = fab.send_and_recv(down, part.shape, f32, 1, LO, op=op, recv_first=True)
+                below = fab.exchange(down, 1, LO, op, part.shape, True)
         total = part
         if below is not None:
             total = below + total
