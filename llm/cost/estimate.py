@@ -29,7 +29,7 @@ from meshrt.plmr import Device, Ledger, get_device
 from ..engine import program as P
 from ..engine.handoff import Handoff
 from ..engine.kinds import Site, charge, charge_layers
-from ..engine.kvcache import balanced_counts
+from ..engine.kvcache import balanced_counts, kv_step
 from ..modeling.config import ModelConfig
 from ..placement.decode_tiles import decode_tile_shapes
 from ..placement.footprint import kv_slot_words, weight_words_per_core
@@ -119,7 +119,7 @@ def decode_token(
     cap = kv_capacity if kv_capacity is not None else fill
     run = P.Pass(
         fill=fill,
-        shifts=policy == "shift" and (context - 1) % mesh[0] != 0,
+        shifts=kv_step(policy, context - 1, mesh[0]).size > 0,
         capacity=cap,
         token_col=token_col,
     )
@@ -173,7 +173,7 @@ def decode_batch_step(
     cap = kv_capacity if kv_capacity is not None else sum(fills)
     run = P.Pass(
         fill=sum(fills),
-        shifts=sum(policy == "shift" and (c - 1) % mesh[0] != 0 for c in contexts),
+        shifts=sum(kv_step(policy, c - 1, mesh[0]).size > 0 for c in contexts),
         capacity=cap,
         token_cols=tuple(token_cols) if token_cols is not None else (0,) * b,
     )

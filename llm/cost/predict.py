@@ -35,6 +35,7 @@ from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
 
 from ..engine import program as P
+from ..engine.kvcache import kv_step
 from ..modeling.config import ModelConfig
 from ..placement.layout import PhaseLayout, mesh_pair
 from . import estimate
@@ -87,7 +88,7 @@ def _decode_parts(
     """
     py = mesh[0]
     fill = estimate.row_fill(policy, context, py, prompt)
-    shifts = policy == "shift" and (context - 1) % py != 0
+    shifts = kv_step(policy, context - 1, py).size > 0
     key = (config, tuple(mesh), tuple(links), device, policy, fill, shifts, allreduce, batch)
     if key not in _DECODE_PARTS:
         if len(_DECODE_PARTS) > 4096:

@@ -25,6 +25,18 @@ class ContextFullError(RuntimeError):
     """The cache has no slot left for another token."""
 
 
+def kv_step(policy: str, tokens: int, rows: int) -> np.ndarray:
+    """The rows that pass their oldest entry one row up when a cache of ``rows`` rows holding
+    ``tokens`` tokens takes one more: under the shift policy the bottom ``tokens % rows`` rows
+    (none when the rows are balanced); none under concat (new tokens join the bottom row).
+
+    The one statement of the shift rule: the cache moves by it, and the estimators price a
+    step's shift (``kv_step(...).size > 0``) by it.
+    """
+    extra = tokens % rows if policy == "shift" else 0
+    return np.arange(rows - extra, rows) if extra else np.arange(0)
+
+
 def balanced_counts(n_tokens: int, rows: int) -> np.ndarray:
     """Tokens per row under the shift policy: ``n // rows`` each, one more in the bottom rows."""
     base, extra = divmod(n_tokens, rows)
@@ -117,11 +129,7 @@ class KVCache:
                 f"({self.rows} rows x {self.capacity} slots per core"
                 f"{'' if self.policy == 'shift' else ', new tokens only in the bottom row'})"
             )
-        if self.policy == "shift":
-            extra = n % self.rows
-            senders = np.arange(self.rows - extra, self.rows) if extra else np.arange(0)
-        else:
-            senders = np.arange(0)
+        senders = kv_step(self.policy, n, self.rows)
         self._plan = (senders, self.head.copy(), self.count.copy())
         self._valid = self._moves = None
         if len(senders):  # the bookkeeping moves at once: attention sees the new token
