@@ -2,11 +2,12 @@
 
 Every GEMM kernel sees a ``Py x Px`` mesh as a square **logical mesh** of ``Nl x Nl`` cores,
 ``Nl = lcm(Py, Px)`` (the paper's partition for non-square meshes). Virtual core ``(py, px)``
-holds the ``b x a`` logical cores ``(py*b + i, px*a + j)`` with ``b = Nl/Py`` and ``a = Nl/Px``,
-so a logical tile array ``[Nl, Nl, s, t]`` and the virtual tiles ``[Py, Px, b*s, a*t]`` are the
+holds the ``r x c`` logical cores ``(py*r + i, px*c + j)``, ``r = Nl/Py`` rows and ``c = Nl/Px``
+columns of them (:attr:`GemmTiling.rows_per_core`, :attr:`GemmTiling.cols_per_core`), so a
+logical tile array ``[Nl, Nl, s, t]`` and the virtual tiles ``[Py, Px, r*s, c*t]`` are the
 same matrix cut two ways: a virtual tile is the contiguous block ``X[row-seg py, col-seg px]``.
 Matrices are zero-padded so that every dimension is a multiple of ``Nl``; padding never changes
-a product. On a square mesh ``a = b = 1`` and logical and virtual cores coincide.
+a product. On a square mesh ``r = c = 1`` and logical and virtual cores coincide.
 """
 
 from __future__ import annotations
@@ -77,29 +78,29 @@ class GemmTiling:
         return lcm(self.py, self.px)
 
     @property
-    def a(self) -> int:
-        """Logical columns per virtual core (``Nl / Px``)."""
+    def cols_per_core(self) -> int:
+        """Logical columns of cores per virtual core (``Nl / Px``)."""
         return self.nl // self.px
 
     @property
-    def b(self) -> int:
-        """Logical rows per virtual core (``Nl / Py``)."""
+    def rows_per_core(self) -> int:
+        """Logical rows of cores per virtual core (``Nl / Py``)."""
         return self.nl // self.py
 
     @property
     def tile_a(self) -> tuple[int, int]:
         """Virtual A tile ``[M/Py, K/Px]``."""
-        return self.b * self.tmb, self.a * self.tkb
+        return self.rows_per_core * self.tmb, self.cols_per_core * self.tkb
 
     @property
     def tile_b(self) -> tuple[int, int]:
         """Virtual B tile ``[K/Py, N/Px]``."""
-        return self.b * self.tkb, self.a * self.tnb
+        return self.rows_per_core * self.tkb, self.cols_per_core * self.tnb
 
     @property
     def tile_c(self) -> tuple[int, int]:
         """Virtual C tile ``[M/Py, N/Px]``."""
-        return self.b * self.tmb, self.a * self.tnb
+        return self.rows_per_core * self.tmb, self.cols_per_core * self.tnb
 
     @property
     def padded(self) -> tuple[int, int, int]:
@@ -138,7 +139,7 @@ def preskewed_b_tiles(
     Returns
     -------
     ndarray
-        ``[Py, Px, K/Py, N/Px]`` virtual tiles (``b x a`` logical tiles each), in ``dtype``.
+        ``[Py, Px, K/Py, N/Px]`` virtual tiles (``Nl/Py x Nl/Px`` logical tiles each), in ``dtype``.
     """
     py, px = mesh
     nl = lcm(py, px)
@@ -151,31 +152,32 @@ def preskewed_b_tiles(
 
 
 def logical_to_virtual(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
-    """``[Nl, Nl, s, u]`` logical tiles (or a rank's ``[by*b, bx*a, s, u]``) as virtual tiles
-    ``[Py, Px, b*s, a*u]`` (``[by, bx, b*s, a*u]``)."""
+    """``[Nl, Nl, s, u]`` logical tiles (or a rank's ``[by*r, bx*c, s, u]``) as virtual tiles
+    ``[Py, Px, r*s, c*u]`` (``[by, bx, r*s, c*u]``); ``r``, ``c``: logical rows and columns per
+    virtual core."""
     py, px = mesh
     nl = lcm(py, px)
-    b, a = nl // py, nl // px
+    r, c = nl // py, nl // px
     ly, lx, s, u = t.shape
-    if a == 1 and b == 1:
+    if r == 1 and c == 1:
         return t
-    v = t.reshape(ly // b, b, lx // a, a, s, u).transpose(0, 2, 1, 4, 3, 5)
-    return np.ascontiguousarray(v).reshape(ly // b, lx // a, b * s, a * u)
+    v = t.reshape(ly // r, r, lx // c, c, s, u).transpose(0, 2, 1, 4, 3, 5)
+    return np.ascontiguousarray(v).reshape(ly // r, lx // c, r * s, c * u)
 
 
 def virtual_to_logical(t: np.ndarray, mesh: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`logical_to_virtual`: ``[by, bx, b*s, a*u]`` to ``[by*b, bx*a, s, u]``.
+    """Inverse of :func:`logical_to_virtual`: ``[by, bx, r*s, c*u]`` to ``[by*r, bx*c, s, u]``.
 
     A view when the mesh is square; a contiguous copy otherwise.
     """
     py, px = mesh
     nl = lcm(py, px)
-    b, a = nl // py, nl // px
-    vy, vx, rs, ru = t.shape
-    if a == 1 and b == 1:
+    r, c = nl // py, nl // px
+    vy, vx, rs, cu = t.shape
+    if r == 1 and c == 1:
         return t
-    v = t.reshape(vy, vx, b, rs // b, a, ru // a).transpose(0, 2, 1, 4, 3, 5)
-    return np.ascontiguousarray(v).reshape(vy * b, vx * a, rs // b, ru // a)
+    v = t.reshape(vy, vx, r, rs // r, c, cu // c).transpose(0, 2, 1, 4, 3, 5)
+    return np.ascontiguousarray(v).reshape(vy * r, vx * c, rs // r, cu // c)
 
 
 def priced_plan(plan: GemmTiling, priced: tuple[int, int, int] | None) -> GemmTiling:
@@ -213,15 +215,15 @@ def preskewed_b_region(
     nl = lcm(py, px)
     k, n = shape
     tkb, tnb = k // nl, n // nl
-    b, a = nl // py, nl // px
+    r, c = nl // py, nl // px  # logical rows / columns per virtual core
     y0, x0 = origin
     by, bx = block
-    out = np.empty((by, bx, b * tkb, a * tnb), word_dtype(storage))
-    ly = np.arange(y0 * b, (y0 + by) * b)  # this rank's logical rows
-    step = max(1, chunk_elements // max(1, a * tnb * k))
+    out = np.empty((by, bx, r * tkb, c * tnb), word_dtype(storage))
+    ly = np.arange(y0 * r, (y0 + by) * r)  # this rank's logical rows
+    step = max(1, chunk_elements // max(1, c * tnb * k))
     for v0 in range(0, bx, step):
         v1 = min(bx, v0 + step)
-        lx = np.arange((x0 + v0) * a, (x0 + v1) * a)  # logical columns of the piece
+        lx = np.arange((x0 + v0) * c, (x0 + v1) * c)  # logical columns of the piece
         ind = order[(positions[ly][:, None] + positions[lx][None, :]) % nl]  # k-block per core
         kblocks = np.unique(ind)
         rows = (kblocks[:, None] * tkb + np.arange(tkb)[None, :]).ravel()
@@ -229,6 +231,6 @@ def preskewed_b_region(
         piece = get(rows, cols).reshape(len(kblocks), tkb, len(lx), tnb)
         where = np.searchsorted(kblocks, ind)  # [len(ly), len(lx)]
         logical = piece[where, :, np.arange(len(lx))[None, :], :]  # [ly, lx, tkb, tnb]
-        t = logical.reshape(by, b, v1 - v0, a, tkb, tnb).transpose(0, 2, 1, 4, 3, 5)
-        out[:, v0:v1] = to_words(t.reshape(by, v1 - v0, b * tkb, a * tnb), storage)
+        t = logical.reshape(by, r, v1 - v0, c, tkb, tnb).transpose(0, 2, 1, 4, 3, 5)
+        out[:, v0:v1] = to_words(t.reshape(by, v1 - v0, r * tkb, c * tnb), storage)
     return out

@@ -95,23 +95,23 @@ def shift_gemm_costs(
     Every argument is immutable and so is the result: a layer's GEMMs of one shape are priced
     once (each prefill layer repeats the same shapes).
     """
-    nl, a, b = plan.nl, plan.a, plan.b
+    nl, cols, rows = plan.nl, plan.cols_per_core, plan.rows_per_core
     tile_a, tile_b = plan.tmb * plan.tkb * a_factor, plan.tkb * plan.tnb
-    x_fwd = ring_transfer(nl, kind, a, b, tile_a)
-    y_fwd = ring_transfer(nl, kind, b, a, tile_b)
-    skew = [x_fwd, ring_transfer(nl, kind, a, b, tile_a, reverse=True)]
+    x_fwd = ring_transfer(nl, kind, cols, rows, tile_a)
+    y_fwd = ring_transfer(nl, kind, rows, cols, tile_b)
+    skew = [x_fwd, ring_transfer(nl, kind, cols, rows, tile_a, reverse=True)]
     if not b_preskewed:
-        skew += [y_fwd, ring_transfer(nl, kind, b, a, tile_b, reverse=True)]
+        skew += [y_fwd, ring_transfer(nl, kind, rows, cols, tile_b, reverse=True)]
     shift = _worse(device, x_fwd, y_fwd)
     return (
         ("skew", _worse(device, *skew).with_(tasks=1) * skew_rounds(plan)),
         (
             "step",
             shift.with_(
-                macs=a * b * plan.tmb * plan.tkb * plan.tnb,
+                macs=cols * rows * plan.tmb * plan.tkb * plan.tnb,
                 overlap=True,
                 count=nl,
-                vectors=a * b * plan.tkb * plan.tnb,
+                vectors=cols * rows * plan.tkb * plan.tnb,
                 tasks=1,
             ),
         ),
@@ -182,7 +182,7 @@ def estimate_cannon(
 
 def summa_roots(plan: GemmTiling, kb: int) -> tuple[int, int]:
     """``(column, row)`` of the cores that own the ``kb``-th K block of A and of B."""
-    return kb // plan.a, kb // plan.b
+    return kb // plan.cols_per_core, kb // plan.rows_per_core
 
 
 def summa_step(plan: GemmTiling, kb: int, device: Device) -> Cost:
@@ -251,32 +251,33 @@ def gemm_t_segments(plan: GemmTiling, t: int) -> np.ndarray:
 
     B rotates forward on the interleaved ring with no skew, so logical row ``i`` holds segment
     ``L[(pos(i) - t) mod Nl]``. Its chain reduce goes to the logical column of that segment,
-    which lives on virtual column ``segment // a``.
+    which lives on virtual column ``segment // cols_per_core``.
     """
     nl = plan.nl
     return ring_order(nl)[(ring_positions(nl, "interleaved") - t) % nl]
 
 
 def gemm_t_step(plan: GemmTiling) -> tuple:
-    """Local ``A_tile @ B_tile^T`` for the ``b`` logical rows, overlapped with the B ring shift.
+    """Local ``A_tile @ B_tile^T`` for the ``rows_per_core`` logical rows, overlapped with the
+    B ring shift.
 
     ``plan`` describes ``C[M, N] = A[M, D] @ B[N, D]^T`` with ``tkb`` the logical D segment.
     """
-    a, b = plan.a, plan.b
-    d_tile = a * plan.tkb
-    shift = ring_transfer(plan.nl, "interleaved", b, 1, plan.tnb * d_tile)
+    rows = plan.rows_per_core
+    d_tile = plan.cols_per_core * plan.tkb
+    shift = ring_transfer(plan.nl, "interleaved", rows, 1, plan.tnb * d_tile)
     return "step", shift.with_(
-        macs=b * plan.tmb * d_tile * plan.tnb,
+        macs=rows * plan.tmb * d_tile * plan.tnb,
         overlap=True,
         count=plan.nl,
-        vectors=b * d_tile * plan.tnb,
+        vectors=rows * d_tile * plan.tnb,
         tasks=1,
     )
 
 
 def gemm_t_reduce(plan: GemmTiling, roots: np.ndarray) -> Cost:
     """One step's chain reduces toward ``roots``."""
-    return chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb)
+    return chain_cost(plan.px, roots, plan.rows_per_core * plan.tmb * plan.tnb)
 
 
 def pipelined_reduces(reduces: Counter) -> list:
@@ -308,8 +309,8 @@ def gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
 def gemm_t_memory(plan: GemmTiling) -> int:
     """Words per core: A, double-buffered B, C and one partial-product tile."""
     tm, td = plan.tile_a
-    tn_b = plan.b * plan.tnb
-    return tm * td + 2 * tn_b * td + tm * plan.a * plan.tnb + tm * plan.tnb
+    tn_b = plan.rows_per_core * plan.tnb
+    return tm * td + 2 * tn_b * td + tm * plan.cols_per_core * plan.tnb + tm * plan.tnb
 
 
 def gemm_t_routes(plan: GemmTiling) -> int:
@@ -329,7 +330,9 @@ def estimate_gemm_t(
     """The ledger :func:`meshrt.ops.gemm_t.gemm_t` writes for ``[m, d] @ [n, d]^T``."""
     led = ledger if ledger is not None else Ledger(device or WSE2)
     plan = GemmTiling.for_shapes(m, d, n, mesh)
-    tally = Counter(gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a) for t in range(plan.nl))
+    tally = Counter(
+        gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.cols_per_core) for t in range(plan.nl)
+    )
     record(led, name, gemm_t_costs(plan, tally))
     led.memory(name, gemm_t_memory(plan))
     led.routes(name, gemm_t_routes(plan))

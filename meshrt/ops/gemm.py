@@ -16,8 +16,8 @@ MeshGEMM's interleaved ring has edges of at most two hops; Cannon's ring closes 
 edge that relays across the whole line. After ``Nl`` steps B is back where it started.
 
 A non-square mesh runs the square algorithm on the ``Nl x Nl`` logical mesh, each virtual core
-standing for ``b x a`` logical cores (see :mod:`meshrt.ops._tiles`); logical moves inside a core
-are local copies, only tiles crossing a core boundary use the fabric.
+standing for ``Nl/Py x Nl/Px`` logical cores (see :mod:`meshrt.ops._tiles`); logical moves inside
+a core are local copies, only tiles crossing a core boundary use the fabric.
 
 Storage may be 16-bit words (float16, or bfloat16 as ``uint16``, :mod:`meshrt.precision`): half
 the words move, and each step widens its operands to float32; products accumulate in float32.
@@ -133,7 +133,7 @@ def _shift_gemm(
         return logical_to_virtual(stored_product(ta.complete(), b_held, b_ids=b_ids), mesh)
 
     nl = plan.nl
-    x_line, y_line = line_of(fab, 1, plan.a), line_of(fab, 0, plan.b)
+    x_line, y_line = line_of(fab, 1, plan.cols_per_core), line_of(fab, 0, plan.rows_per_core)
     rows = np.arange(y_line.lo, y_line.hi)  # global logical rows / columns of this rank
     cols = np.arange(x_line.lo, x_line.hi)
     pos = ring_positions(nl, kind)
@@ -386,17 +386,18 @@ def summa(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "summa") -> np.
     led = fab.ledger
     by, bx = lay.by, lay.bx
     tm, tn = plan.tile_c
-    a_blocks = a.reshape(by, bx, tm, plan.a, plan.tkb)  # [.., tm, K-block within core, tkb]
-    b_blocks = b.reshape(by, bx, plan.b, plan.tkb, tn)
+    cols, rows = plan.cols_per_core, plan.rows_per_core  # logical cores per virtual core
+    a_blocks = a.reshape(by, bx, tm, cols, plan.tkb)  # [.., tm, K-block within core, tkb]
+    b_blocks = b.reshape(by, bx, rows, plan.tkb, tn)
     c = np.zeros((by, bx, tm, tn), np.float32)
     steps: Counter[Cost] = Counter()
     for kb in range(plan.nl):
         col, row = summa_roots(plan, kb)
         panel_a = broadcast(
-            fab, a_blocks[:, :, :, kb % plan.a], 1, col, record=False, name=f"{name}/broadcast"
+            fab, a_blocks[:, :, :, kb % cols], 1, col, record=False, name=f"{name}/broadcast"
         )
         panel_b = broadcast(
-            fab, b_blocks[:, :, kb % plan.b], 0, row, record=False, name=f"{name}/broadcast"
+            fab, b_blocks[:, :, kb % rows], 0, row, record=False, name=f"{name}/broadcast"
         )
         c += np.matmul(widen(panel_a), widen(panel_b))
         steps[summa_step(plan, kb, led.device)] += 1

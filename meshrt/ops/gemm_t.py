@@ -93,7 +93,7 @@ def gemm_t(fab: Fabric, a: np.ndarray, b: np.ndarray, name: str = "gemm_t") -> n
     lay = fab.layout
     plan = plan_from_blocks(lay, a.shape, b.shape, name)
     led = fab.ledger
-    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.b, plan.a
+    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.rows_per_core, plan.cols_per_core
     tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
     y_line = line_of(fab, 0, rows_per)
 

@@ -137,7 +137,7 @@ def grouped_gemm_memory(plan: GemmTiling, groups: int) -> int:
 
 def grouped_gemm_t_reduce(plan: GemmTiling, roots: np.ndarray, groups: int) -> Cost:
     """One step's chain reduces of ``G`` partials toward ``roots``."""
-    return chain_cost(plan.px, roots, plan.b * plan.tmb * plan.tnb * groups)
+    return chain_cost(plan.px, roots, plan.rows_per_core * plan.tmb * plan.tnb * groups)
 
 
 def grouped_gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
@@ -148,13 +148,18 @@ def grouped_gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
 def grouped_gemm_t_memory(plan: GemmTiling, groups: int) -> int:
     """Words per core: A, double-buffered B, labels, and the C and partial tiles per group."""
     tm, td = plan.tile_a
-    tn_b = plan.b * plan.tnb
-    return tm * td + 2 * tn_b * td + td * groups + groups * (tm * plan.a * plan.tnb + tm * plan.tnb)
+    tn_b = plan.rows_per_core * plan.tnb
+    return (
+        tm * td
+        + 2 * tn_b * td
+        + td * groups
+        + groups * (tm * plan.cols_per_core * plan.tnb + tm * plan.tnb)
+    )
 
 
 def _gemm_t_tally(plan: GemmTiling, groups: int) -> Counter:
     return Counter(
-        grouped_gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.a, groups)
+        grouped_gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.cols_per_core, groups)
         for t in range(plan.nl)
     )
 
@@ -211,7 +216,7 @@ def grouped_gemm_t(
     cost_plan = priced_plan(plan, None if priced is None else (priced[0], priced[2], priced[1]))
     _check_labels(labels, (lay.by, lay.bx, a.shape[3]), name)
     groups = labels.shape[3]
-    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.b, plan.a
+    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.rows_per_core, plan.cols_per_core
     tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
     f32 = np.float32
     y_line = line_of(fab, 0, rows_per)
@@ -271,7 +276,7 @@ def _grouped_gemm_t_aggregated(
     the same messages, in another order.
     """
     lay = fab.layout
-    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.b, plan.a
+    by, bx, rows_per, cols_per = lay.by, lay.bx, plan.rows_per_core, plan.cols_per_core
     tmb, tnb, td = plan.tmb, plan.tnb, a.shape[3]
     groups = labels.shape[3]
     f32 = np.float32
@@ -340,7 +345,7 @@ def _gemm_t_reduce_plan(fab: Fabric, plan: GemmTiling) -> list:
     lies above / below this rank (``[by, 1, 1, 1, 1]``), and the rows rooted here (``mine``)
     with their virtual column and slot."""
     lay = fab.layout
-    rows_per, cols_per = plan.b, plan.a
+    rows_per, cols_per = plan.rows_per_core, plan.cols_per_core
     key = ("gemm_t_reduce", plan.nl, rows_per, cols_per)
     if key in fab.plans:
         return fab.plans[key]
@@ -409,7 +414,7 @@ def grouped_meshgemm(
     _check_labels(labels, (lay.by, lay.bx, b.shape[3]), name)
     if labels.shape[3] != groups:
         raise MeshError(f"{name}: A carries {groups} groups, labels {labels.shape[3]}")
-    nl, ca, rb = plan.nl, plan.a, plan.b
+    nl, ca, rb = plan.nl, plan.cols_per_core, plan.rows_per_core
     tkb, tnb = plan.tkb, plan.tnb
     f32 = np.float32
     x_line, y_line = line_of(fab, 1, ca), line_of(fab, 0, rb)

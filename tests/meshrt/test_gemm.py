@@ -218,11 +218,13 @@ def test_meshgemm_bytes_equal_the_schedule(lay):
     nbr_y = sum(fab.peer(0, s) is not None for s in (-1, 1))
     item = 4
     tile_a, tile_b = plan.tmb * plan.tkb * item, plan.tkb * plan.tnb * item
-    rows = np.arange(fab.origin[0] * plan.b, (fab.origin[0] + lay.by) * plan.b)
+    rows = np.arange(
+        fab.origin[0] * plan.rows_per_core, (fab.origin[0] + lay.by) * plan.rows_per_core
+    )
     p = ring_pos(plan.nl)[rows]
     skew_steps = np.minimum(p, plan.nl - p).sum()
     want = skew_steps * nbr_x * tile_a + plan.nl * (
-        nbr_x * len(rows) * tile_a + nbr_y * lay.bx * plan.a * tile_b
+        nbr_x * len(rows) * tile_a + nbr_y * lay.bx * plan.cols_per_core * tile_b
     )
     assert sum(r.nbytes for r in fab.trace if r.sent) == want
     assert sum(r.nbytes for r in fab.trace if not r.sent) == want
@@ -296,7 +298,7 @@ def test_paper_scale_estimates():
 
 def test_non_square_mesh_uses_the_lcm_partition():
     plan = E.GemmTiling.for_shapes(37, 29, 41, (4, 6))
-    assert (plan.nl, plan.a, plan.b) == (12, 2, 3)
+    assert (plan.nl, plan.cols_per_core, plan.rows_per_core) == (12, 2, 3)
     assert plan.tile_a == (3 * 4, 2 * 3) and plan.padded == (48, 36, 48)
     led = E.estimate_meshgemm(37, 29, 41, (4, 6))
     step = led.ops["meshgemm/step"]
