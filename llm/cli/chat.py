@@ -138,10 +138,20 @@ class Keyboard:
     A Ctrl-C while the model replies sets :attr:`interrupted` (read at the next step
     boundary); at the prompt it interrupts the read. Two in a row (one during a reply or at
     the prompt, then one at the prompt) end the chat.
+
+    Parameters
+    ----------
+    interactive : bool
+        Whether a person types the lines (a prompt is shown).
+    keys : llm.cli.terminal.Keys, optional
+        Where the lines come from when ``mpiexec`` keeps the terminal and forwards the keys,
+        Ctrl-C and Ctrl-D among them (:mod:`llm.cli.terminal`); else stdin, and Ctrl-C is
+        SIGINT.
     """
 
-    def __init__(self, interactive: bool):
+    def __init__(self, interactive: bool, keys=None):
         self.interactive = interactive
+        self.keys = keys
         self.interrupted = False
         self.at_prompt = False
         self.leave_on_ctrl_c = False
@@ -163,6 +173,10 @@ class Keyboard:
         """One line, ``None`` at end of input."""
         self.at_prompt = True
         try:
+            if self.keys is not None:
+                sys.stderr.write("you> ")
+                sys.stderr.flush()
+                return self.keys.read_line()
             if self.interactive and sys.stdout.isatty():
                 try:
                     import readline  # noqa: F401 - line editing and history for input()
@@ -217,9 +231,15 @@ class Keyboard:
         """``() -> bool`` for :meth:`~llm.serve.chat.ChatSession.ask`: whether Ctrl-C was
         pressed, rank 0's answer broadcast to every rank at each step boundary."""
         self.interrupted = False
+
+        def pressed() -> bool:
+            if self.keys is not None and self.keys.interrupted():
+                self.interrupted = True
+            return self.interrupted
+
         if plane.size == 1:
-            return lambda: self.interrupted
-        return lambda: bool(plane.bcast(self.interrupted))  # control plane: rank 0's Ctrl-C
+            return pressed
+        return lambda: bool(plane.bcast(pressed()))  # control plane: rank 0's Ctrl-C
 
 
 def read_turn(plane, keyboard: Keyboard | None):
@@ -237,16 +257,16 @@ def run(args, plane) -> int:
     """The session: load the model once, then one turn per line read on rank 0."""
     from .terminal import Terminal
 
-    # under a launcher that reads the terminal, rank 0 reads (and takes Ctrl-C) there itself
+    # under a launcher that reads the terminal, rank 0 reads it (itself or through the launcher)
     terminal = Terminal.adopt() if plane.is_root and plane.size > 1 else None
     try:
-        return _run(args, plane)
+        return _run(args, plane, terminal)
     finally:
         if terminal is not None:
             terminal.release()
 
 
-def _run(args, plane) -> int:
+def _run(args, plane, terminal=None) -> int:
     from meshrt.mesh import MeshError
 
     from ..serve.chat import DEFAULT_CONTEXT, ChatSession
@@ -284,14 +304,15 @@ def _run(args, plane) -> int:
         context,
         args.system,
     )
-    keys = (  # on a terminal rank 0 reads itself; else the launcher has the keyboard
-        "Ctrl-C stops a reply, Ctrl-D or /exit leaves" if sys.stdin.isatty() else "/exit leaves"
-    )
+    # on a terminal rank 0 reads itself or through mpiexec; else it reads a pipe
+    on_terminal = sys.stdin.isatty() or terminal is not None
+    keys = "Ctrl-C stops a reply, Ctrl-D or /exit leaves" if on_terminal else "/exit leaves"
     log.info(
         f"chat with {model.config.name or model.config.family}: context {context} tokens; "
         f"/help for the commands, {keys}"
     )
-    keyboard = Keyboard(sys.stdin.isatty()) if rank == 0 else None
+    forwarded = terminal.keys if terminal is not None else None
+    keyboard = Keyboard(on_terminal, forwarded) if rank == 0 else None
     try:
         _session(args, plane, session, tokenizer, model, keyboard, log)
     finally:

@@ -3,30 +3,42 @@
 Run from a terminal, ``mpiexec`` reads the keyboard and forwards it to rank 0 through a pipe,
 and it keeps Ctrl-C for itself: the terminal sends SIGINT to mpiexec's process group, and
 Open MPI ends the whole job (it cannot forward SIGINT). It does not pass the end of input
-(Ctrl-D) on either. So rank 0 of ``llm chat`` takes the terminal over, as a shell hands it to
-a job: when its launcher is the terminal's foreground process and reads that terminal, rank 0
-makes its own process group the foreground one (``tcsetpgrp``) and reads, writes and takes
-signals at the terminal itself. Ctrl-C then reaches rank 0 alone, end of input is seen, and
-mpiexec, now in the background, leaves the keyboard alone. :meth:`Terminal.release` gives the
-terminal back (also at exit, and on SIGTERM or SIGHUP). While rank 0 holds it, Ctrl-Z is
-ignored: it would stop rank 0 alone, not the job.
+(Ctrl-D) on either: it stops reading instead, and nothing typed after it reaches rank 0. So
+rank 0 of ``llm chat`` takes the terminal over, in one of two ways (:meth:`Terminal.adopt`),
+when its launcher is the terminal's foreground process and reads that terminal:
 
-This needs the launcher's process group to be orphaned (no member's parent in another group
-of the session), as when mpiexec runs under ``bash -c``, tmux or screen directly: a read of
-the terminal from the background then fails (EIO) instead of stopping mpiexec. Started from
-an interactive shell with job control, mpiexec would be stopped (SIGTTIN) the first time it
-looks at the keyboard, and the shell would take the terminal back; there rank 0 leaves the
-terminal to mpiexec, and Ctrl-C ends the whole job as before (leave with ``/exit``).
+* The launcher's process group is orphaned (no member's parent in another group of the
+  session), as when mpiexec runs under ``bash -c``, tmux or screen directly: rank 0 makes its
+  own process group the foreground one (``tcsetpgrp``), as a shell hands the terminal to a
+  job, and reads, writes and takes signals there itself (with line editing). Ctrl-C reaches
+  rank 0 alone, and the end of input is seen. mpiexec, now in the background, may look at the
+  keyboard: its read fails (EIO), as it does in an orphaned group.
+* Started from an interactive shell with job control, the launcher's group is not orphaned,
+  and mpiexec cannot be sent to the background: Open MPI's stdin thread keeps reading the
+  terminal whichever group is in the foreground, so the first line typed would stop it
+  (SIGTTIN) and the shell would take the terminal back. There mpiexec keeps the terminal and
+  forwards every byte typed, and rank 0 changes what the keys send instead: Ctrl-C and
+  Ctrl-D no longer signal or end the input but end the line (``stty -isig eol ^C eol2 ^D
+  eof undef``), so they reach rank 0 through mpiexec as the bytes ``\x03`` and ``\x04``
+  (:class:`Keys`), and mpiexec neither aborts the job nor stops reading. The kernel still
+  edits the line (erase, ^U, ^W) and echoes it.
 
-Outside these cases (one process on a terminal, piped input, a batch system) nothing changes.
+Either way rank 0 writes to the terminal itself, and while it holds it Ctrl-Z is ignored (it
+would stop rank 0 alone, or mpiexec alone). :meth:`Terminal.release` gives the terminal
+back as it was (foreground group and settings), also at exit and on SIGTERM or SIGHUP.
+
+Outside these cases (one process on a terminal, piped input, a batch system, mpiexec in the
+background) nothing changes.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import select
 import signal
 import sys
+import termios
 
 _TTY = "/dev/tty"
 _STREAMS = (0, 1, 2)
@@ -92,6 +104,103 @@ def _set_foreground(fd: int, group: int) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def _set_attributes(fd: int, attributes: list) -> None:
+    """``tcsetattr`` on the terminal ``fd``, also from the background (SIGTTOU blocked)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+    try:
+        termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _keys_as_line_ends(attributes: list, disabled: bytes) -> tuple[list, bytes, bytes]:
+    """Terminal settings in which the interrupt and end-of-file keys end a line instead of
+    sending SIGINT or ending the input, and the suspend key does nothing; also the two keys'
+    bytes (``b""``: that key is not set)."""
+    new = [*attributes[:6], list(attributes[6])]
+    cc = new[6]
+    interrupt, eof = cc[termios.VINTR], cc[termios.VEOF]
+    interrupt = b"" if interrupt == disabled else interrupt
+    eof = b"" if eof == disabled else eof
+    new[3] &= ~termios.ISIG  # no signal keys: Ctrl-C, Ctrl-\ and Ctrl-Z are bytes
+    new[3] |= termios.IEXTEN  # for VEOL2
+    cc[termios.VEOL] = interrupt or disabled
+    cc[termios.VEOL2] = eof or disabled
+    cc[termios.VEOF] = disabled
+    return new, interrupt, eof
+
+
+class Keys:
+    """Lines typed at a terminal that the launcher reads and forwards to rank 0's stdin, the
+    interrupt and end-of-file keys arriving as bytes that end a line (see the module
+    docstring).
+
+    Parameters
+    ----------
+    fd : int
+        Where the launcher forwards the keyboard (rank 0's stdin).
+    interrupt, eof : bytes
+        The interrupt (Ctrl-C) and end-of-file (Ctrl-D) keys' bytes (``b""``: none).
+    """
+
+    def __init__(self, fd: int, interrupt: bytes, eof: bytes):
+        self.fd = fd
+        self.interrupt = interrupt[0] if interrupt else -1
+        self.eof = eof[0] if eof else -1
+        self._pending = bytearray()  # received, not yet a whole line
+        self._events: list = []  # ("line", str), ("interrupt", None) or ("eof", None)
+        self._closed = False
+
+    def _receive(self, data: bytes) -> None:
+        if not data:
+            self._closed = True
+            self._events.append(("eof", None))
+            return
+        for byte in data:
+            if byte == 0x0A:  # newline
+                self._events.append(("line", self._pending.decode(errors="replace")))
+                self._pending.clear()
+            elif byte == self.interrupt:  # the line typed so far is dropped, as by a shell
+                self._events.append(("interrupt", None))
+                self._pending.clear()
+            elif byte == self.eof:  # the end of input on an empty line; else nothing
+                if not self._pending:
+                    self._events.append(("eof", None))
+            else:
+                self._pending.append(byte)
+
+    def _fill(self, timeout: float | None) -> None:
+        """Take what the launcher forwarded, waiting up to ``timeout`` seconds for it
+        (``None``: until something comes)."""
+        if self._closed:
+            return
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if ready:
+            self._receive(os.read(self.fd, 4096))
+
+    def interrupted(self) -> bool:
+        """Whether the interrupt key was pressed (the press is used up; lines typed ahead
+        stay for later), without waiting."""
+        self._fill(0)
+        for i, (kind, _) in enumerate(self._events):
+            if kind == "interrupt":
+                del self._events[i]
+                return True
+        return False
+
+    def read_line(self) -> str | None:
+        """The next line, ``None`` at the end of input; the interrupt key raises
+        :class:`KeyboardInterrupt`."""
+        while not self._events:
+            if self._closed:
+                return None
+            self._fill(None)
+        kind, text = self._events.pop(0)
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        return text
+
+
 class Terminal:
     """Rank 0's hold on its launcher's terminal (see the module docstring).
 
@@ -101,18 +210,26 @@ class Terminal:
         The terminal, open.
     foreground : int
         The process group to give the terminal back to (the launcher's).
+    device : int
+        The terminal's device number.
+    shared : bool
+        Whether the launcher keeps the terminal (its process group is not orphaned): then
+        :attr:`keys` reads what it forwards; else rank 0 takes the foreground.
     """
 
-    def __init__(self, fd: int, foreground: int, device: int):
+    def __init__(self, fd: int, foreground: int, device: int, shared: bool = False):
         self.fd, self.foreground, self.device = fd, foreground, device
+        self.shared = shared
         self.held = True
+        self.keys: Keys | None = None
         self._saved: dict = {}
+        self._attributes: list | None = None
+        self._streams: dict[int, int] = {}  # stdout and stderr as launched, while replaced
 
     @classmethod
     def adopt(cls) -> Terminal | None:
         """Take over the launcher's terminal if this process is a launched rank whose
-        launcher reads a terminal in the foreground, in an orphaned process group; ``None``
-        (nothing done) otherwise."""
+        launcher reads a terminal in the foreground; ``None`` (nothing done) otherwise."""
         if os.name != "posix" or sys.stdin.isatty():
             return None  # not launched, or the terminal is already ours
         try:
@@ -127,26 +244,37 @@ class Terminal:
             device = _controlling_terminal()
             if not _is_terminal(f"/proc/{launcher}/fd/0", device):
                 raise OSError("the launcher does not read this terminal")
-            if not orphaned(foreground):
-                raise OSError("a job-control shell would stop the launcher")
-            term = cls(fd, foreground, device)
+            term = cls(fd, foreground, device, shared=not orphaned(foreground))
             term._take(launcher)
             return term
-        except OSError:
+        except (OSError, termios.error):
             os.close(fd)
             return None
 
     def _take(self, launcher: int) -> None:
+        self._attributes = termios.tcgetattr(self.fd)
+        if self.shared:
+            disabled = bytes([os.fpathconf(self.fd, "PC_VDISABLE") & 0xFF])
+            settings, interrupt, eof = _keys_as_line_ends(self._attributes, disabled)
+            # writing and setting the terminal from the background; the launcher still reads
+            self._saved[signal.SIGTTOU] = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            _set_attributes(self.fd, settings)
+            self.keys = Keys(0, interrupt, eof)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             self._saved[sig] = signal.signal(sig, self._on_end_signal)
         self._saved[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, signal.SIG_IGN)
-        _set_foreground(self.fd, os.getpgrp())
+        if not self.shared:
+            _set_foreground(self.fd, os.getpgrp())
         atexit.register(self.release)
         for n in _STREAMS:  # the streams the launcher would forward from or to this terminal
+            if n == 0 and self.shared:
+                continue  # the launcher reads the keyboard
             if n == 0 or _is_terminal(f"/proc/{launcher}/fd/{n}", self.device):
                 stream = (sys.stdin, sys.stdout, sys.stderr)[n]
                 if n:
                     stream.flush()
+                    # kept open: were they closed, the launcher would stop forwarding stdin
+                    self._streams[n] = os.dup(n)
                 os.dup2(self.fd, n)
                 if n and hasattr(stream, "reconfigure"):
                     stream.reconfigure(line_buffering=True)
@@ -157,7 +285,8 @@ class Terminal:
         os.kill(os.getpid(), signum)
 
     def release(self) -> None:
-        """Give the terminal back to the launcher's process group (once)."""
+        """Give the terminal back as it was: to the launcher's process group, with its
+        settings (once)."""
         if not self.held:
             return
         self.held = False
@@ -166,10 +295,19 @@ class Terminal:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        try:
-            _set_foreground(self.fd, self.foreground)
-        except OSError:
-            pass  # the launcher is gone: nothing to give back to
+        if self._attributes is not None:
+            try:
+                _set_attributes(self.fd, self._attributes)
+            except (OSError, termios.error):
+                pass  # the terminal is gone
+        if not self.shared:
+            try:
+                _set_foreground(self.fd, self.foreground)
+            except OSError:
+                pass  # the launcher is gone: nothing to give back to
+        for n, original in self._streams.items():  # output goes through the launcher again
+            os.dup2(original, n)
+            os.close(original)
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
         os.close(self.fd)

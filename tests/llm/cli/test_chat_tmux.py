@@ -3,8 +3,11 @@
 Keys are sent with ``tmux send-keys`` and the screen is read with ``capture-pane``: a question,
 ``/help``, an unknown ``/command``, Ctrl-C in the middle of a reply (the chat goes on), end of
 input (Ctrl-D: exit 0), and in a second session Ctrl-C twice (exit 0). While the chat waits at
-the prompt, rank 1 must sleep. Without tmux the test is skipped, unless ``REQUIRE_TMUX=1`` (as
-in CI, which installs it) makes that a failure.
+the prompt, rank 1 must sleep. The command runs once as the pane's own command (mpiexec in an
+orphaned process group, as under ``bash -c``) and once typed into an interactive shell with job
+control, where mpiexec keeps the terminal (:mod:`llm.cli.terminal`); there the shell must get
+the terminal back as it was after each chat. Without tmux the test is skipped, unless
+``REQUIRE_TMUX=1`` (as in CI, which installs it) makes that a failure.
 
 The model is the tiny HF fixture with a ChatML template in ``chat_template.jinja``; its EOS is
 set to ``<unk>`` (id 0), which its greedy replies never produce, and its context to 4096, so a
@@ -56,15 +59,20 @@ def model(tmp_path_factory):
 
 
 class Pane:
-    """One tmux server (a private socket) running one command in a terminal of 200x50."""
+    """One tmux server (a private socket) running one command in a terminal of 200x50 (``None``:
+    an interactive bash, with job control, prompt :data:`PROMPT`)."""
 
-    def __init__(self, tmp: Path, command: str):
+    def __init__(self, tmp: Path, command: str | None):
         self.socket = str(tmp / "tmux.sock")
         env = {**ENV, "TERM": "xterm"}
+        if command is None:
+            rc = tmp / "bashrc"
+            rc.write_text(f"PS1={shlex.quote(PROMPT)}\n")
+            command = f"bash --rcfile {shlex.quote(str(rc))} -i"
+        else:
+            command = f"cd {shlex.quote(str(ROOT))} && {command}; echo EXIT=$?; sleep 600"
         self.tmux(
-            "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50",
-            f"cd {shlex.quote(str(ROOT))} && {command}; echo EXIT=$?; sleep 600",
-            env=env,
+            "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", command, env=env
         )  # fmt: skip
         self.tmux("set-option", "-t", "chat", "history-limit", "5000")
 
@@ -116,6 +124,10 @@ class Pane:
 
     def close(self) -> None:
         subprocess.run([TMUX, "-S", self.socket, "kill-server"], capture_output=True, timeout=20)
+
+
+#: The interactive shell's prompt.
+PROMPT = "shell$ "
 
 
 def cpu_seconds(pid: int) -> float:
@@ -190,5 +202,65 @@ def test_ctrl_c_twice_leaves(model, tmp_path):
         text = pane.wait_for("EXIT=", timeout=60)
         assert "EXIT=0" in text, text
         assert "Traceback" not in text, text
+    finally:
+        pane.close()
+
+
+def type_command(pane: Pane, command: str, sessions: int) -> None:
+    """Type ``command`` at the shell prompt; wait for the chat's prompt (the ``sessions``-th
+    chat in this shell), after a banner that offers Ctrl-C and Ctrl-D."""
+    pane.keys("-l", command)
+    pane.keys("Enter")
+    text = pane.wait_for("/help for the commands", sessions, timeout=120)
+    banner = [line for line in text.splitlines() if "/help for the commands" in line][-1]
+    assert "Ctrl-C stops a reply, Ctrl-D or /exit leaves" in banner, text
+    pane.wait_for("you> ", sessions, timeout=30)
+
+
+def back_in_the_shell(pane: Pane, count: int) -> None:
+    """The chat has ended with exit code 0, the shell has its prompt and the terminal back, and
+    the terminal's settings are those from before (``$S0``)."""
+    pane.wait(lambda t: t.rstrip().endswith(PROMPT.rstrip()), "the shell's prompt", timeout=60)
+    pane.keys("-l", 'echo done-$? tty-$([ "$(stty -g)" = "$S0" ] && echo same || echo changed)')
+    pane.keys("Enter")
+    outputs = lambda t: [line for line in t.splitlines() if line.startswith("done-")]  # noqa: E731
+    text = pane.wait(lambda t: len(outputs(t)) == count, "the echo's output", timeout=20)
+    assert outputs(text)[-1].split() == ["done-0", "tty-same"], text
+    assert "Traceback" not in text and "Stopped" not in text, text
+
+
+def test_chat_typed_into_an_interactive_shell(model, tmp_path):
+    """mpiexec started by a job-control shell: it keeps the terminal (the shell would stop it
+    in the background), and the keys still work; the shell gets its terminal back."""
+    pane = Pane(tmp_path, None)
+    try:
+        pane.wait(lambda t: t.rstrip().endswith(PROMPT.rstrip()), "the shell's prompt")
+        pane.keys("-l", f"cd {shlex.quote(str(ROOT))} && set -m && S0=$(stty -g)")
+        pane.keys("Enter")
+        command = chat_command(model)
+
+        type_command(pane, command, 1)
+        pane.keys("/help", "Enter")
+        pane.wait_for("/reset   start a new conversation")
+        interrupt_reply(pane, "tell me a story", 0)
+        interrupt_reply(pane, "and then?", 1)  # the chat goes on after a stopped reply
+        pane.keys("/help", "Enter")  # a line between: the next Ctrl-C does not leave
+        pane.wait_for("/reset   start a new conversation", 2)
+        pane.keys("-l", "half a line")
+        pane.keys("C-c")  # at the prompt: drops the line, and leaves only when pressed again
+        pane.wait_for("(Ctrl-C again, Ctrl-D or /exit to leave)")
+        pane.keys("C-d")
+        back_in_the_shell(pane, 1)
+
+        type_command(pane, command, 2)  # Ctrl-C twice leaves
+        interrupt_reply(pane, "tell me a story", 2)
+        pane.keys("C-c")
+        back_in_the_shell(pane, 2)
+
+        type_command(pane, command, 3)  # /exit, after a Ctrl-C at the prompt
+        pane.keys("C-c")
+        pane.wait_for("(Ctrl-C again, Ctrl-D or /exit to leave)", 2)
+        pane.keys("/exit", "Enter")
+        back_in_the_shell(pane, 3)
     finally:
         pane.close()
