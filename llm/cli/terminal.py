@@ -1,4 +1,4 @@
-"""The terminal of an interactive command on rank 0, also under ``mpiexec``.
+r"""The terminal of an interactive command on rank 0, also under ``mpiexec``.
 
 Run from a terminal, ``mpiexec`` reads the keyboard and forwards it to rank 0 through a pipe,
 and it keeps Ctrl-C for itself: the terminal sends SIGINT to mpiexec's process group, and
@@ -18,14 +18,16 @@ when its launcher is the terminal's foreground process and reads that terminal:
   terminal whichever group is in the foreground, so the first line typed would stop it
   (SIGTTIN) and the shell would take the terminal back. There mpiexec keeps the terminal and
   forwards every byte typed, and rank 0 changes what the keys send instead: Ctrl-C and
-  Ctrl-D no longer signal or end the input but end the line (``stty -isig eol ^C eol2 ^D
-  eof undef``), so they reach rank 0 through mpiexec as the bytes ``\x03`` and ``\x04``
-  (:class:`Keys`), and mpiexec neither aborts the job nor stops reading. The kernel still
-  edits the line (erase, ^U, ^W) and echoes it.
+  Ctrl-D no longer signal or end the input but end the line (``stty intr undef eol ^C
+  eof undef eol2 ^D susp undef``), so they reach rank 0 through mpiexec as the bytes
+  ``\x03`` and ``\x04`` (:class:`Keys`), and mpiexec neither aborts the job nor stops
+  reading. The kernel still edits the line (erase, ^U, ^W) and echoes it. Ctrl-\ still
+  quits mpiexec, the way out of a job that no longer answers.
 
 Either way rank 0 writes to the terminal itself, and while it holds it Ctrl-Z is ignored (it
 would stop rank 0 alone, or mpiexec alone). :meth:`Terminal.release` gives the terminal
-back as it was (foreground group and settings), also at exit and on SIGTERM or SIGHUP.
+back as it was (foreground group and settings), also at exit and on SIGTERM or SIGHUP; if
+rank 0 dies without it (SIGKILL, a crash), a small guard process puts the settings back.
 
 Outside these cases (one process on a terminal, piped input, a batch system, mpiexec in the
 background) nothing changes.
@@ -37,6 +39,7 @@ import atexit
 import os
 import select
 import signal
+import subprocess
 import sys
 import termios
 
@@ -115,19 +118,56 @@ def _set_attributes(fd: int, attributes: list) -> None:
 
 def _keys_as_line_ends(attributes: list, disabled: bytes) -> tuple[list, bytes, bytes]:
     """Terminal settings in which the interrupt and end-of-file keys end a line instead of
-    sending SIGINT or ending the input, and the suspend key does nothing; also the two keys'
-    bytes (``b""``: that key is not set)."""
+    sending SIGINT or ending the input, and the suspend key is an ordinary one; also the two
+    keys' bytes (``b""``: that key is not set). The quit key (Ctrl-\\) still ends mpiexec."""
     new = [*attributes[:6], list(attributes[6])]
     cc = new[6]
     interrupt, eof = cc[termios.VINTR], cc[termios.VEOF]
     interrupt = b"" if interrupt == disabled else interrupt
     eof = b"" if eof == disabled else eof
-    new[3] &= ~termios.ISIG  # no signal keys: Ctrl-C, Ctrl-\ and Ctrl-Z are bytes
     new[3] |= termios.IEXTEN  # for VEOL2
     cc[termios.VEOL] = interrupt or disabled
     cc[termios.VEOL2] = eof or disabled
-    cc[termios.VEOF] = disabled
+    for key in (termios.VINTR, termios.VEOF, termios.VSUSP):
+        cc[key] = disabled
     return new, interrupt, eof
+
+
+#: The guard of a terminal's settings: it reads them (a Python literal, one line), then waits
+#: for the end of its input; without the word ``released`` before it, the process holding the
+#: terminal died (SIGKILL, a crash), and the guard puts the settings back. In a session of its
+#: own it has no controlling terminal: no job control stops it, nor does a hangup or the
+#: launcher's end of the job (signals to process groups) reach it.
+_GUARD = (
+    "import ast, sys, termios\n"
+    "attributes = ast.literal_eval(sys.stdin.readline())\n"
+    "if sys.stdin.read() != 'released':\n"
+    "    try:\n"
+    "        termios.tcsetattr(int(sys.argv[1]), termios.TCSANOW, attributes)\n"
+    "    except termios.error:\n"
+    "        pass\n"
+)
+
+
+def _guard(fd: int, attributes: list) -> subprocess.Popen | None:
+    """Start the guard of the settings ``attributes`` of the terminal ``fd`` (``None``: it
+    could not be started); write ``released`` to its stdin and close it once they are back."""
+    try:
+        guard = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _GUARD, str(fd)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # not the launcher's pipes: it would wait for their end
+            stderr=subprocess.DEVNULL,
+            pass_fds=(fd,),
+            start_new_session=True,
+            text=True,
+        )
+        assert guard.stdin is not None
+        guard.stdin.write(repr(attributes) + "\n")
+        guard.stdin.flush()
+        return guard
+    except OSError:
+        return None
 
 
 class Keys:
@@ -225,6 +265,7 @@ class Terminal:
         self._saved: dict = {}
         self._attributes: list | None = None
         self._streams: dict[int, int] = {}  # stdout and stderr as launched, while replaced
+        self._guard: subprocess.Popen | None = None
 
     @classmethod
     def adopt(cls) -> Terminal | None:
@@ -253,6 +294,7 @@ class Terminal:
 
     def _take(self, launcher: int) -> None:
         self._attributes = termios.tcgetattr(self.fd)
+        self._guard = _guard(self.fd, self._attributes)
         if self.shared:
             disabled = bytes([os.fpathconf(self.fd, "PC_VDISABLE") & 0xFF])
             settings, interrupt, eof = _keys_as_line_ends(self._attributes, disabled)
@@ -305,6 +347,13 @@ class Terminal:
                 _set_foreground(self.fd, self.foreground)
             except OSError:
                 pass  # the launcher is gone: nothing to give back to
+        if self._guard is not None and self._guard.stdin is not None:
+            try:
+                self._guard.stdin.write("released")
+                self._guard.stdin.close()
+                self._guard.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         for n, original in self._streams.items():  # output goes through the launcher again
             os.dup2(original, n)
             os.close(original)

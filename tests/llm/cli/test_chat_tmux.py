@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,15 +218,15 @@ def type_command(pane: Pane, command: str, sessions: int) -> None:
     pane.wait_for("you> ", sessions, timeout=30)
 
 
-def back_in_the_shell(pane: Pane, count: int) -> None:
-    """The chat has ended with exit code 0, the shell has its prompt and the terminal back, and
-    the terminal's settings are those from before (``$S0``)."""
+def back_in_the_shell(pane: Pane, count: int, code: int = 0) -> None:
+    """The chat has ended with exit code ``code``, the shell has its prompt and the terminal
+    back, and the terminal's settings are those from before (``$S0``)."""
     pane.wait(lambda t: t.rstrip().endswith(PROMPT.rstrip()), "the shell's prompt", timeout=60)
     pane.keys("-l", 'echo done-$? tty-$([ "$(stty -g)" = "$S0" ] && echo same || echo changed)')
     pane.keys("Enter")
     outputs = lambda t: [line for line in t.splitlines() if line.startswith("done-")]  # noqa: E731
     text = pane.wait(lambda t: len(outputs(t)) == count, "the echo's output", timeout=20)
-    assert outputs(text)[-1].split() == ["done-0", "tty-same"], text
+    assert outputs(text)[-1].split() == [f"done-{code}", "tty-same"], text
     assert "Traceback" not in text and "Stopped" not in text, text
 
 
@@ -262,5 +263,11 @@ def test_chat_typed_into_an_interactive_shell(model, tmp_path):
         pane.wait_for("(Ctrl-C again, Ctrl-D or /exit to leave)", 2)
         pane.keys("/exit", "Enter")
         back_in_the_shell(pane, 3)
+
+        type_command(pane, command, 4)  # rank 0 killed: the terminal's settings come back
+        ranks = pane.ranks(str(model))
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[0], signal.SIGKILL)
+        back_in_the_shell(pane, 4, 128 + signal.SIGKILL)
     finally:
         pane.close()
