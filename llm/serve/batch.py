@@ -34,7 +34,9 @@ job with an error naming the file, which is left untouched; so does ``--out`` na
 ``--batch`` file itself (also through a link), a directory or a device. A finished result whose
 sampling settings differ from its request's now is refused too, unless
 ``--allow-sampling-change``. A job stopped by SIGTERM says so, with how to resume, and exits
-with status 143.
+with status 143; also when the signal (or Ctrl-C) went to ``mpiexec`` itself, which then
+stops forwarding the ranks' output (rank 0 writes to mpiexec's stderr directly; the job's
+status is then mpiexec's own, 1).
 
 A bad input line (not UTF-8, not JSON, unknown keys, no prompt, a prompt that does not fit the
 context, a duplicate id, ...) is reported with its line number and skipped; with ``--strict`` the
@@ -391,6 +393,65 @@ class StopOnSigterm:
             raise Stopped()
 
 
+#: Names of Open MPI's launcher process (``mpiexec`` and ``mpirun`` run ``prterun``).
+OPEN_MPI_LAUNCHERS = frozenset(("prterun", "prte", "mpiexec", "mpirun"))
+
+
+def _launcher_stopped_forwarding(wait: float = 0.1) -> bool:
+    """Whether this rank's launcher is Open MPI's and has stopped reading what the rank
+    writes on stderr: ``wait`` seconds after the last write, the pipe still holds it.
+
+    On SIGTERM or SIGINT (``kill``, ``timeout``, ``scancel``, Ctrl-C on its terminal) Open
+    MPI's mpiexec ends the job by itself: it sends SIGCONT, SIGTERM and, a quarter of a second
+    later, SIGKILL to the ranks, and reads none of their output in between."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(2).st_mode):
+            return False
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            if f.read().strip() not in OPEN_MPI_LAUNCHERS:
+                return False
+        import array
+        import fcntl
+        import termios
+
+        unread = array.array("i", [0])
+        deadline = time.monotonic() + wait
+        while True:
+            fcntl.ioctl(2, termios.FIONREAD, unread)
+            if unread[0] == 0:
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.005)
+    except OSError:
+        return False
+
+
+def tell_past_the_launcher(message: str) -> bool:
+    """Print ``message`` on stderr, and if the launcher no longer forwards it (see
+    :func:`_launcher_stopped_forwarding`), write it to the launcher's own stderr (terminal,
+    pipe or file, appended). Returns whether it did: the launcher is ending the job, and this
+    process must end without more words (Open MPI would write its MPI_Abort report where the
+    launcher's file position is, over the message)."""
+    print(message, file=sys.stderr, flush=True)
+    if not _launcher_stopped_forwarding():
+        return False
+    # written as a background job may (mpiexec has the terminal): SIGTTOU ignored
+    ignored = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK
+        fd = os.open(f"/proc/{os.getppid()}/fd/2", flags)
+        try:
+            os.write(fd, (message + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        signal.signal(signal.SIGTTOU, ignored)
+    return True
+
+
 def _prepare(
     batch: BatchOptions, defaults: GenerateOptions, model, tokenizer, template_loader, log
 ) -> tuple:
@@ -502,6 +563,7 @@ def run_batch(
         dynamic_ncols=True,
     )
     tokens, finished, t0 = 0, 0, time.perf_counter()
+    ended_by_launcher = False
     guard = StopOnSigterm(lead=rank == 0).install()
 
     def done(req, gen) -> None:
@@ -541,19 +603,21 @@ def run_batch(
                 done(req, gen)
     except Stopped:  # rank 0 only: it says so, and its exit ends the job
         bar.close()
-        print(
+        ended_by_launcher = tell_past_the_launcher(
             f"batch stopped by SIGTERM after {finished} of {len(pending)} requests (results "
             f"so far in {batch.out}); to resume, run the same command again: finished "
-            "requests are skipped",
-            file=sys.stderr,
-            flush=True,
+            "requests are skipped"
         )
-        raise SystemExit(STOPPED_EXIT) from None
+        if not ended_by_launcher:
+            raise SystemExit(STOPPED_EXIT) from None
     finally:
         guard.restore()
         bar.close()
         if writer is not None:
             writer.close()
+    if ended_by_launcher:  # no MPI_Abort: its report would be written over the message
+        sys.stdout.flush()
+        os._exit(STOPPED_EXIT)
     log.info(
         f"batch: {len(pending)} requests, {tokens} tokens in "
         f"{time.perf_counter() - t0:.1f} s -> {batch.out}"

@@ -800,5 +800,68 @@ def test_sigterm_to_every_rank_stops_a_batch_on_two_ranks(tmp_path):
         job.wait(timeout=30)
     assert job.returncode == 143, stderr
     assert "batch stopped by SIGTERM after" in stderr and "run the same command again" in stderr
+    assert stderr.count("batch stopped by SIGTERM") == 1, stderr  # once, through mpiexec
     done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert 1 <= len(done) < 400 and done == list(range(len(done)))
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("stderr_to", ["pipe", "file"])
+def test_sigterm_to_mpiexec_stops_a_batch_and_says_how_to_resume(tmp_path, stderr_to):
+    """SIGTERM to mpiexec itself (``kill``, ``timeout``): Open MPI ends the job on its own and
+    no longer forwards what the ranks write, yet the job says how to resume, once, also into
+    a file that mpiexec writes to; and the same command resumes it."""
+    from faultcase import MPIEXEC
+
+    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
+    count = 400
+    requests.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}) + "\n"
+            for i in range(count)
+        )
+    )
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "llm", "generate"]
+    cmd += ["--model", str(MODEL), "--decode-mesh", "2x2", "--batch", str(requests)]
+    cmd += ["--out", str(out), "-q"]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as log_file:
+        job = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=ENV,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if stderr_to == "pipe" else log_file,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGTERM)  # mpiexec (it runs prterun in its place)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+        job.wait(timeout=30)
+    if stderr_to == "file":
+        stderr = log.read_text()
+    assert job.returncode != 0, stderr
+    assert stderr.count("batch stopped by SIGTERM after") == 1, stderr
+    assert "run the same command again" in stderr and str(out) in stderr
+    assert "Traceback" not in stderr
+    stopped = stderr[stderr.index("batch stopped") :]
+    assert "MPI_ABORT" not in stopped, stderr  # not written over, nor followed by the report
+    done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert 2 <= len(done) < count and done == list(range(len(done)))
+    # the same command goes on from there (with the requests cut short, to be quick)
+    rest = len(done) + 3
+    requests.write_text("".join(requests.read_text().splitlines(keepends=True)[:rest]))
+    p = subprocess.run(
+        cmd[:-1], cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert f"{len(done)} already in {out}, 3 to run" in p.stderr, p.stderr
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == list(range(rest))
