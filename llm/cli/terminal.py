@@ -116,21 +116,22 @@ def _set_attributes(fd: int, attributes: list) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _keys_as_line_ends(attributes: list, disabled: bytes) -> tuple[list, bytes, bytes]:
+def _keys_as_line_ends(attributes: list, disabled: bytes) -> tuple[list, bytes, bytes, bytes]:
     """Terminal settings in which the interrupt and end-of-file keys end a line instead of
-    sending SIGINT or ending the input, and the suspend key is an ordinary one; also the two
+    sending SIGINT or ending the input, and the suspend key is an ordinary one; also the three
     keys' bytes (``b""``: that key is not set). The quit key (Ctrl-\\) still ends mpiexec."""
     new = [*attributes[:6], list(attributes[6])]
     cc = new[6]
-    interrupt, eof = cc[termios.VINTR], cc[termios.VEOF]
-    interrupt = b"" if interrupt == disabled else interrupt
-    eof = b"" if eof == disabled else eof
+    interrupt, eof, suspend = (
+        b"" if cc[key] == disabled else cc[key]
+        for key in (termios.VINTR, termios.VEOF, termios.VSUSP)
+    )
     new[3] |= termios.IEXTEN  # for VEOL2
     cc[termios.VEOL] = interrupt or disabled
     cc[termios.VEOL2] = eof or disabled
     for key in (termios.VINTR, termios.VEOF, termios.VSUSP):
         cc[key] = disabled
-    return new, interrupt, eof
+    return new, interrupt, eof, suspend
 
 
 #: The guard of a terminal's settings: it reads them (a Python literal, one line), then waits
@@ -181,12 +182,15 @@ class Keys:
         Where the launcher forwards the keyboard (rank 0's stdin).
     interrupt, eof : bytes
         The interrupt (Ctrl-C) and end-of-file (Ctrl-D) keys' bytes (``b""``: none).
+    ignored : bytes
+        Bytes left out of the lines (the suspend key, Ctrl-Z, which does nothing here).
     """
 
-    def __init__(self, fd: int, interrupt: bytes, eof: bytes):
+    def __init__(self, fd: int, interrupt: bytes, eof: bytes, ignored: bytes = b""):
         self.fd = fd
         self.interrupt = interrupt[0] if interrupt else -1
         self.eof = eof[0] if eof else -1
+        self.ignored = frozenset(ignored)
         self._pending = bytearray()  # received, not yet a whole line
         self._events: list = []  # ("line", str), ("interrupt", None) or ("eof", None)
         self._closed = False
@@ -206,7 +210,7 @@ class Keys:
             elif byte == self.eof:  # the end of input on an empty line; else nothing
                 if not self._pending:
                     self._events.append(("eof", None))
-            else:
+            elif byte not in self.ignored:
                 self._pending.append(byte)
 
     def _fill(self, timeout: float | None) -> None:
@@ -297,11 +301,11 @@ class Terminal:
         self._guard = _guard(self.fd, self._attributes)
         if self.shared:
             disabled = bytes([os.fpathconf(self.fd, "PC_VDISABLE") & 0xFF])
-            settings, interrupt, eof = _keys_as_line_ends(self._attributes, disabled)
+            settings, interrupt, eof, suspend = _keys_as_line_ends(self._attributes, disabled)
             # writing and setting the terminal from the background; the launcher still reads
             self._saved[signal.SIGTTOU] = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
             _set_attributes(self.fd, settings)
-            self.keys = Keys(0, interrupt, eof)
+            self.keys = Keys(0, interrupt, eof, suspend)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             self._saved[sig] = signal.signal(sig, self._on_end_signal)
         self._saved[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, signal.SIG_IGN)
