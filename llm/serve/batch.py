@@ -352,13 +352,26 @@ class StopOnSigterm:
     it: the others keep going, so that a rank 0 waiting for them in a message returns to Python,
     says how to resume, and ends the job (were another rank to end first, rank 0 would be torn
     down while blocked in that message, before a word was printed).
+
+    It also notes when SIGCONT arrives: a launcher ending the job (Open MPI's mpiexec on its
+    own SIGTERM or SIGINT, Slurm's ``scancel``) sends it just before SIGTERM
+    (:meth:`continued_lately`).
     """
 
     def __init__(self, lead: bool = True):
         self.lead = lead
         self.previous: Any = None
+        self.previous_continue: Any = None
+        self.continued: float | None = None  # time.monotonic() of the last SIGCONT
         self.pending = False
         self.busy = False
+
+    def _on_continue(self, signum, frame):
+        self.continued = time.monotonic()
+
+    def continued_lately(self, within: float = 2.0) -> bool:
+        """Whether SIGCONT arrived in the last ``within`` seconds."""
+        return self.continued is not None and time.monotonic() - self.continued < within
 
     def _handler(self, signum, frame):
         if not self.lead:
@@ -369,17 +382,20 @@ class StopOnSigterm:
             raise Stopped()
 
     def install(self) -> StopOnSigterm:
-        """Take over SIGTERM (kept as it was outside the main thread)."""
+        """Take over SIGTERM and SIGCONT (kept as they were outside the main thread)."""
         try:
             self.previous = signal.signal(signal.SIGTERM, self._handler)
+            self.previous_continue = signal.signal(signal.SIGCONT, self._on_continue)
         except ValueError:
-            self.previous = None
+            self.previous = self.previous_continue = None
         return self
 
     def restore(self) -> None:
-        """Give SIGTERM back its previous handler."""
+        """Give SIGTERM and SIGCONT back their previous handlers."""
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+        if self.previous_continue is not None:
+            signal.signal(signal.SIGCONT, self.previous_continue)
 
     @contextmanager
     def recording(self):
@@ -398,8 +414,8 @@ OPEN_MPI_LAUNCHERS = frozenset(("prterun", "prte", "mpiexec", "mpirun"))
 
 
 def _launcher_stopped_forwarding(wait: float = 0.1) -> bool:
-    """Whether this rank's launcher is Open MPI's and has stopped reading what the rank
-    writes on stderr: ``wait`` seconds after the last write, the pipe still holds it.
+    """Whether this rank's launcher is Open MPI's and does not read what the rank writes on
+    stderr: ``wait`` seconds after the last write, the pipe still holds it.
 
     On SIGTERM or SIGINT (``kill``, ``timeout``, ``scancel``, Ctrl-C on its terminal) Open
     MPI's mpiexec ends the job by itself: it sends SIGCONT, SIGTERM and, a quarter of a second
@@ -427,14 +443,15 @@ def _launcher_stopped_forwarding(wait: float = 0.1) -> bool:
         return False
 
 
-def tell_past_the_launcher(message: str) -> bool:
-    """Print ``message`` on stderr, and if the launcher no longer forwards it (see
-    :func:`_launcher_stopped_forwarding`), write it to the launcher's own stderr (terminal,
-    pipe or file, appended). Returns whether it did: the launcher is ending the job, and this
-    process must end without more words (Open MPI would write its MPI_Abort report where the
-    launcher's file position is, over the message)."""
+def tell_past_the_launcher(message: str, ending) -> bool:
+    """Print ``message`` on stderr, and if the launcher is ending the job and no longer
+    forwards it (:func:`_launcher_stopped_forwarding`, and ``ending()``: SIGCONT came, see
+    :class:`StopOnSigterm`), write it to the launcher's own stderr (terminal, pipe or file,
+    appended). Returns whether it did: then this process must end without more words (Open
+    MPI would write its MPI_Abort report where the launcher's file position is, over the
+    message)."""
     print(message, file=sys.stderr, flush=True)
-    if not _launcher_stopped_forwarding():
+    if not (_launcher_stopped_forwarding() and ending()):  # SIGCONT is handled while waiting
         return False
     # written as a background job may (mpiexec has the terminal): SIGTTOU ignored
     ignored = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
@@ -606,7 +623,8 @@ def run_batch(
         ended_by_launcher = tell_past_the_launcher(
             f"batch stopped by SIGTERM after {finished} of {len(pending)} requests (results "
             f"so far in {batch.out}); to resume, run the same command again: finished "
-            "requests are skipped"
+            "requests are skipped",
+            guard.continued_lately,
         )
         if not ended_by_launcher:
             raise SystemExit(STOPPED_EXIT) from None
