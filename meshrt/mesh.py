@@ -13,14 +13,46 @@ Conventions
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-Y, X = 0, 1
-AXIS_NAMES = ("y", "x")
+
+class Axis(enum.IntEnum):
+    """A mesh axis: ``Y`` (rows, numpy axis 0 of a rank block) or ``X`` (columns, axis 1).
+
+    An ``int``, so it indexes shapes and numpy axes directly; :meth:`of` reads the names
+    ``"y"`` and ``"x"`` where a user or a file gives them.
+    """
+
+    Y = 0
+    X = 1
+
+    @classmethod
+    def of(cls, axis: Axis | int | str) -> Axis:
+        """``axis`` as an :class:`Axis`: itself, ``0``/``1``, or ``"y"``/``"x"``."""
+        if isinstance(axis, str):
+            key = axis.strip().upper()
+            if key in cls.__members__:
+                return cls[key]
+            raise ValueError(f"mesh axis must be 'y' or 'x', not {axis!r}")
+        return cls(axis)
+
+    @property
+    def other(self) -> Axis:
+        """The other axis."""
+        return Axis(1 - self)
+
+    @property
+    def letter(self) -> str:
+        """``"y"`` or ``"x"``."""
+        return self.name.lower()
+
+
+Y, X = Axis.Y, Axis.X
 
 
 class MeshError(ValueError):

@@ -188,7 +188,7 @@ class MeshDecoder:
         return F.rms_scale(x, inv, gamma)
 
     def _gemv(self, op, w, run, x):
-        out = meshgemv(self.fab, x, w[op.weight], op.dims["input_axis"], self.spec, op.name, False)
+        out = meshgemv(self.fab, x, w[op.weight], op.dims.input_axis, self.spec, op.name, False)
         if op.bias not in w:
             return out
         return out + (w[op.bias] if out.ndim == 3 else w[op.bias][:, :, None])

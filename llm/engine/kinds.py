@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from meshrt.collectives import AllreduceSpec, broadcast_cost
-from meshrt.mesh import X, Y
+from meshrt.mesh import Axis, Y
 from meshrt.ops.estimate import estimate_meshgemm
 from meshrt.ops.gemv import estimate_meshgemv
 from meshrt.ops.grouped import estimate_grouped_gemm_t, estimate_grouped_meshgemm
@@ -69,6 +69,117 @@ class Site:
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-core sizes of each kind (an op's ``dims``)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoDims:
+    """A kind priced without sizes (a residual add, the vocabulary mask)."""
+
+
+@dataclass(frozen=True)
+class RowDims:
+    """``rows`` vectors (decode: the batch; prefill: a core's token rows) of ``seg`` features
+    per core: a norm, the decode embedding (``rows`` unused there)."""
+
+    seg: int
+    rows: int = 1
+
+
+@dataclass(frozen=True)
+class FetchDims:
+    """The prefill embedding fetch: ``rows`` token rows per core, ``seg`` features per core,
+    ``vocab_rows`` table rows per core (the table is cut along y)."""
+
+    rows: int
+    seg: int
+    vocab_rows: int
+
+
+@dataclass(frozen=True)
+class GemvDims:
+    """MeshGEMV of ``batch`` vectors by ``W[m, n]`` (wafer sizes), the input cut along
+    ``input_axis``."""
+
+    m: int
+    n: int
+    input_axis: Axis
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class GemmDims:
+    """MeshGEMM ``[m, k] @ [k, n]`` (wafer sizes)."""
+
+    m: int
+    k: int
+    n: int
+
+
+@dataclass(frozen=True)
+class GroupedDims:
+    """A grouped kernel: ``[m, k] x [k, n]`` in ``groups`` groups (dist-GEMM-T: ``k`` is the
+    shared feature size ``d``)."""
+
+    m: int
+    k: int
+    n: int
+    groups: int
+
+
+@dataclass(frozen=True)
+class RopeDims:
+    """``rows`` vectors whose ``tq`` query and ``tk`` key features per core are rotated."""
+
+    rows: int
+    tq: int
+    tk: int
+
+
+@dataclass(frozen=True)
+class CacheDims:
+    """Decode attention over the cache: ``tq`` query features per core (``tk`` K/V
+    features), ``heads`` query heads, ``batch`` sequences."""
+
+    tq: int = 0
+    tk: int = 0
+    heads: int = 0
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class SoftmaxDims:
+    """``queries`` score lines per core over ``keys`` keys per core (``None``: the decode
+    cache's fill, known per pass), ``batch`` sequences."""
+
+    queries: int
+    keys: int | None = None
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class SwigluDims:
+    rows: int
+    tf: int
+
+
+@dataclass(frozen=True)
+class PickDims:
+    """The greedy pick of ``batch`` tokens."""
+
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class LogitsDims:
+    """Every prompt token's logits gathered: ``rows`` tokens (padded) by ``vocab``."""
+
+    rows: int
+    vocab: int
+
+
+# ----------------------------------------------------------------------------------------------
 # Local work, as a function of per-core sizes
 # ----------------------------------------------------------------------------------------------
 
@@ -104,6 +215,8 @@ class OpKind:
     """
 
     name: ClassVar[str] = ""
+    #: The type of its ops' ``dims``.
+    dims: ClassVar[type] = NoDims
 
     def cost(self, op: Op, led: Ledger, site: Site) -> None:
         """Write ``op``'s records into ``led``."""
@@ -120,65 +233,68 @@ class OpKind:
 
 class EmbedBroadcast(OpKind):
     name = "embed_broadcast"
+    dims: ClassVar[type] = RowDims
 
     def cost(self, op, led, site):
         cols = site.run.columns
         led.io(4 * len(cols), 1)  # the token ids enter the wafer
         for col in cols:  # each sequence's row multicast from its own column
-            led.charge(op.name, broadcast_cost(site.cores(op), col, op.dims["seg"]))
+            led.charge(op.name, broadcast_cost(site.cores(op), col, op.dims.seg))
 
 
 class EmbedFetch(OpKind):
     name = "embed_fetch"
+    dims: ClassVar[type] = FetchDims
 
     def cost(self, op, led, site):
         d = op.dims
         ids = np.asarray(site.run.ids, dtype=np.int64)
         led.io(4 * ids.size, 1)  # the token ids enter the wafer
-        rows = fetch_cost(
-            ids // d["vocab_rows"], np.arange(ids.size) // d["rows"], site.cores(op), d["seg"]
-        )
+        rows = fetch_cost(ids // d.vocab_rows, np.arange(ids.size) // d.rows, site.cores(op), d.seg)
         led.charge(op.name, rows)
 
 
 class Norm(OpKind):
     name = "norm"
+    dims: ClassVar[type] = RowDims
 
     def cost(self, op, led, site):
-        site.spec.charge(led, site.cores(op), op.dims["rows"], f"{op.name}/allreduce")
+        site.spec.charge(led, site.cores(op), op.dims.rows, f"{op.name}/allreduce")
         _charge_parts(led, op.name, self.local(op, site.run))
 
     def local(self, op, run):
-        return norm_costs(op.dims["rows"], op.dims["seg"])
+        return norm_costs(op.dims.rows, op.dims.seg)
 
 
 class Gemv(OpKind):
     name = "gemv"
+    dims: ClassVar[type] = GemvDims
 
     def cost(self, op, led, site):
         d = op.dims
         estimate_meshgemv(
-            d["m"],
-            d["n"],
+            d.m,
+            d.n,
             site.mesh,
             led.device,
-            d["input_axis"],
+            d.input_axis,
             site.spec,
-            batch=d.get("batch", 1),
+            batch=d.batch,
             ledger=led,
             name=op.name,
         )
 
     def hops_per_link(self, op, links):
-        return links[Y if op.dims["input_axis"] == "y" else X]  # the K-tree's axis
+        return links[op.dims.input_axis]  # the K-tree's axis
 
 
 class Gemm(OpKind):
     name = "gemm"
+    dims: ClassVar[type] = GemmDims
 
     def cost(self, op, led, site):
         d = op.dims
-        estimate_meshgemm(d["m"], d["k"], d["n"], site.mesh, led.device, True, led, op.name)
+        estimate_meshgemm(d.m, d.k, d.n, site.mesh, led.device, True, led, op.name)
 
     def hops_per_link(self, op, links):
         return max(links)  # operands move along x and y in the same steps
@@ -186,37 +302,39 @@ class Gemm(OpKind):
 
 class GroupedScores(Gemm):
     name = "grouped_scores"
+    dims: ClassVar[type] = GroupedDims
 
     def cost(self, op, led, site):
         d = op.dims
-        estimate_grouped_gemm_t(
-            d["m"], d["n"], d["d"], d["groups"], site.mesh, led.device, led, op.name
-        )
+        estimate_grouped_gemm_t(d.m, d.n, d.k, d.groups, site.mesh, led.device, led, op.name)
 
 
 class GroupedPv(Gemm):
     name = "grouped_pv"
+    dims: ClassVar[type] = GroupedDims
 
     def cost(self, op, led, site):
         d = op.dims
         estimate_grouped_meshgemm(
-            d["m"], d["k"], d["n"], d["groups"], site.mesh, led.device, False, led, op.name
+            d.m, d.k, d.n, d.groups, site.mesh, led.device, False, led, op.name
         )
 
 
 class Rope(OpKind):
     name = "rope"
+    dims: ClassVar[type] = RopeDims
 
     def cost(self, op, led, site):
         _charge_parts(led, op.name, self.local(op, site.run))
 
     def local(self, op, run):
         d = op.dims  # q and k features of every row rotated
-        return {"": Cost(macs=2 * d["rows"] * (d["tq"] + d["tk"]))}
+        return {"": Cost(macs=2 * d.rows * (d.tq + d.tk))}
 
 
 class KvAppend(OpKind):
     name = "kv_append"
+    dims: ClassVar[type] = CacheDims
 
     def cost(self, op, led, site):
         lay, run = site.lay, site.run
@@ -227,54 +345,57 @@ class KvAppend(OpKind):
         return links[Y]  # the shift moves entries up the rows
 
     def local(self, op, run):
-        return {"shift": kv_shift_cost(op.dims["tk"], int(run.shifts))} if run.shifts else {}
+        return {"shift": kv_shift_cost(op.dims.tk, int(run.shifts))} if run.shifts else {}
 
 
 class CacheScores(OpKind):
     name = "cache_scores"
+    dims: ClassVar[type] = CacheDims
 
     def cost(self, op, led, site):
-        words = site.run.fill * op.dims["heads"]  # the wafer reduces the filled slots only
+        words = site.run.fill * op.dims.heads  # the wafer reduces the filled slots only
         site.spec.charge(led, site.cores(op), words, f"{op.name}/allreduce")
         _charge_parts(led, op.name, self.local(op, site.run))
 
     def local(self, op, run):
         # every query feature of the core meets the cached K (or V) feature it shares
-        return {"local": Cost(macs=run.fill * op.dims["tq"])}
+        return {"local": Cost(macs=run.fill * op.dims.tq)}
 
 
 class CachePv(CacheScores):
     name = "cache_pv"
 
     def cost(self, op, led, site):
-        words = op.dims["tq"] * op.dims.get("batch", 1)
+        words = op.dims.tq * op.dims.batch
         site.spec.charge(led, site.cores(op), words, f"{op.name}/allreduce")
         _charge_parts(led, op.name, self.local(op, site.run))
 
 
 class Softmax(OpKind):
     name = "softmax"
+    dims: ClassVar[type] = SoftmaxDims
 
     def cost(self, op, led, site):
-        cores, words = site.cores(op), op.dims["queries"] * op.dims.get("batch", 1)
+        cores, words = site.cores(op), op.dims.queries * op.dims.batch
         site.spec.charge(led, cores, words, f"{op.name}/max")
         site.spec.charge(led, cores, words, f"{op.name}/sum")
         _charge_parts(led, op.name, self.local(op, site.run))
 
     def local(self, op, run):
         d = op.dims  # scale, subtract the max, exponentiate, normalise: four per score
-        keys = run.fill if d["keys"] is None else d["keys"]
-        return {"local": Cost(macs=4 * d["queries"] * keys)}
+        keys = run.fill if d.keys is None else d.keys
+        return {"local": Cost(macs=4 * d.queries * keys)}
 
 
 class Swiglu(OpKind):
     name = "swiglu"
+    dims: ClassVar[type] = SwigluDims
 
     def cost(self, op, led, site):
         _charge_parts(led, op.name, self.local(op, site.run))
 
     def local(self, op, run):
-        return {"": Cost(macs=4 * op.dims["rows"] * op.dims["tf"])}
+        return {"": Cost(macs=4 * op.dims.rows * op.dims.tf)}
 
 
 class Add(OpKind):
@@ -287,9 +408,10 @@ class VocabMask(OpKind):
 
 class Argmax(OpKind):
     name = "argmax"
+    dims: ClassVar[type] = PickDims
 
     def cost(self, op, led, site):
-        cores, b = site.cores(op), op.dims.get("batch", 1)
+        cores, b = site.cores(op), op.dims.batch
         site.spec.charge(led, cores, b, f"{op.name}/value")
         site.spec.charge(led, cores, b, f"{op.name}/index")
         led.io(4 * b, 1)  # the tokens leave the wafer
@@ -297,10 +419,11 @@ class Argmax(OpKind):
 
 class PromptLogits(OpKind):
     name = "prompt_logits"
+    dims: ClassVar[type] = LogitsDims
 
     def cost(self, op, led, site):
         d = op.dims  # float32, gathered by the host
-        led.io(d["rows"] * d["vocab"] * 4, 2 * sum(site.mesh))
+        led.io(d.rows * d.vocab * 4, 2 * sum(site.mesh))
 
 
 #: Every op kind by name.

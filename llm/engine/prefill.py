@@ -131,7 +131,7 @@ class MeshPrefiller:
 
     def _embed(self, op, w):
         """Embedding rows of the prompt fetched along y: ``f32[by, bx, T/Py, H/Px]``."""
-        ids, tl = self._ids, op.dims["rows"]
+        ids, tl = self._ids, op.dims.rows
         table = w[op.weight]  # f32[by, bx, V/Py, H/Px]
         vr = table.shape[2]
         t = np.arange(ids.size)

@@ -45,11 +45,13 @@ kind                what it does (decode: vectors; prefill: token-row tiles)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from meshrt.mesh import X, Y, padded
+from meshrt.mesh import Axis, X, Y, padded
 
 from ..placement.layout import PhaseLayout
+from . import kinds as K
 from .kinds import KINDS
 
 
@@ -65,11 +67,12 @@ class Op:
         Ledger name (inside the layer's section for layer ops).
     inputs, outputs : tuple of str
         Activations read and written.
-    axis : int, optional
+    axis : Axis, optional
         Mesh axis (:data:`~meshrt.mesh.Y` or :data:`~meshrt.mesh.X`) of the op's reduction.
-    dims : dict
-        Per-core sizes of the kind (see each builder); ``None`` values come from the pass
-        (e.g. the cache fill of a decode step).
+    dims : frozen dataclass
+        Per-core sizes, of the kind's own type (``KINDS[kind].dims``, e.g.
+        :class:`~llm.engine.kinds.GemvDims`); ``None`` sizes come from the pass (e.g. the
+        cache fill of a decode step).
     weight, bias : str, optional
         Keys of the op's weight blocks.
     """
@@ -78,14 +81,19 @@ class Op:
     name: str
     inputs: tuple = ()
     outputs: tuple = ()
-    axis: int | None = None
-    dims: dict = field(default_factory=dict)
+    axis: Axis | None = None
+    dims: Any = K.NoDims()
     weight: str | None = None
     bias: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown op kind {self.kind!r}")
+        if not isinstance(self.dims, KINDS[self.kind].dims):
+            want = KINDS[self.kind].dims.__name__
+            raise TypeError(
+                f"op {self.name!r} ({self.kind}): dims must be {want}, not {self.dims!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,7 @@ def _gemv(name, src, dst, m, n, input_axis, weight=None, batch=1):
         name,
         (src,),
         (dst,),
-        dims={"m": m, "n": n, "input_axis": input_axis, "batch": batch},
+        dims=K.GemvDims(m, n, input_axis, batch),
         weight=weight or name,
         bias=f"{weight or name}_bias",
     )
@@ -181,7 +189,7 @@ def decode_head(lay: PhaseLayout) -> list:
     own column, ``x`` then ``f32[by, bx, B, H/Py]``)."""
     s = _decode_sizes(lay)
     return [
-        Op("embed_broadcast", "embed", (), ("x",), axis=X, dims={"seg": s["h_y"]}, weight="embed")
+        Op("embed_broadcast", "embed", (), ("x",), axis=X, dims=K.RowDims(s["h_y"]), weight="embed")
     ]
 
 
@@ -202,19 +210,19 @@ def decode_layer(lay: PhaseLayout, batch: int = 1) -> list:
             ("x",),
             ("h",),
             axis=Y,
-            dims={"rows": b, "seg": s["h_y"]},
+            dims=K.RowDims(s["h_y"], b),
             weight="attn_norm",
         ),
-        _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], "y", batch=b),
-        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims={"rows": b, "tq": tq, "tk": tk}),
-        Op("kv_append", "kv_append", ("k", "v"), (), dims={"tk": tk}),
+        _gemv("qkv", "h", "qkv", s["hidden"], s["q"] + 2 * s["kv"], Y, batch=b),
+        Op("rope", "rope", ("qkv",), ("q", "k", "v"), dims=K.RopeDims(b, tq, tk)),
+        Op("kv_append", "kv_append", ("k", "v"), (), dims=K.CacheDims(tk=tk)),
         Op(
             "cache_scores",
             "scores",
             ("q",),
             ("s",),
             axis=X,
-            dims={"tq": tq, "heads": nq, "batch": b},
+            dims=K.CacheDims(tq=tq, heads=nq, batch=b),
         ),
         Op(
             "softmax",
@@ -222,10 +230,10 @@ def decode_layer(lay: PhaseLayout, batch: int = 1) -> list:
             ("s",),
             ("p",),
             axis=Y,
-            dims={"queries": nq, "keys": None, "batch": b},
+            dims=K.SoftmaxDims(nq, None, b),
         ),
-        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims={"tq": tq, "batch": b}),
-        _gemv("o", "a", "o", s["q"], s["hidden"], "x", batch=b),
+        Op("cache_pv", "pv", ("p",), ("a",), axis=Y, dims=K.CacheDims(tq=tq, batch=b)),
+        _gemv("o", "a", "o", s["q"], s["hidden"], X, batch=b),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
         Op(
             "norm",
@@ -233,12 +241,12 @@ def decode_layer(lay: PhaseLayout, batch: int = 1) -> list:
             ("x",),
             ("h",),
             axis=Y,
-            dims={"rows": b, "seg": s["h_y"]},
+            dims=K.RowDims(s["h_y"], b),
             weight="mlp_norm",
         ),
-        _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], "y", batch=b),
-        Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": b, "tf": s["tf"]}),
-        _gemv("down", "act", "d", s["ffn"], s["hidden"], "x", batch=b),
+        _gemv("gate_up", "h", "gu", s["hidden"], 2 * s["ffn"], Y, batch=b),
+        Op("swiglu", "swiglu", ("gu",), ("act",), dims=K.SwigluDims(b, s["tf"])),
+        _gemv("down", "act", "d", s["ffn"], s["hidden"], X, batch=b),
         Op("add", "mlp_residual", ("x", "d"), ("x",)),
     ]
 
@@ -253,17 +261,17 @@ def decode_logits(lay: PhaseLayout, batch: int = 1) -> list:
             ("x",),
             ("h",),
             axis=Y,
-            dims={"rows": batch, "seg": s["h_y"]},
+            dims=K.RowDims(s["h_y"], batch),
             weight="final_norm",
         ),
-        _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], "y", batch=batch),
+        _gemv("lm_head", "h", "logits", s["hidden"], s["vocab"], Y, batch=batch),
         Op("vocab_mask", "vocab_mask", ("logits",), ("logits",)),
     ]
 
 
 def decode_pick(lay: PhaseLayout, batch: int = 1) -> list:
     """The greedy pick on the mesh (``batch`` tokens at once)."""
-    return [Op("argmax", "argmax", ("logits",), ("token",), axis=X, dims={"batch": batch})]
+    return [Op("argmax", "argmax", ("logits",), ("token",), axis=X, dims=K.PickDims(batch))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ def _gemm(name, src, dst, m, k, n):
         name,
         (src,),
         (dst,),
-        dims={"m": m, "k": k, "n": n},
+        dims=K.GemmDims(m, k, n),
         weight=name,
         bias=f"{name}_bias",
     )
@@ -310,7 +318,7 @@ def prefill_head(lay: PhaseLayout, tokens: int) -> list:
             (),
             ("x",),
             axis=Y,
-            dims={"rows": s["tl"], "seg": s["hl"], "vocab_rows": lay.vocab // lay.py},
+            dims=K.FetchDims(s["tl"], s["hl"], lay.vocab // lay.py),
             weight="embed",
         )
     ]
@@ -320,7 +328,7 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
     """One decoder block on every prompt token (see :mod:`llm.engine.prefill` for the layouts)."""
     s = _prefill_sizes(lay, tokens)
     tp, tl, g, nkv = s["tp"], s["tl"], s["g"], s["nkv"]
-    norm = {"rows": tl, "seg": s["hl"]}
+    norm = K.RowDims(s["hl"], tl)
     return [
         Op("norm", "attn_norm", ("x",), ("h",), axis=X, dims=norm, weight="attn_norm"),
         _gemm("qkv", "h", "qkv", tp, s["hidden"], s["q"] + 2 * s["kv"]),
@@ -329,14 +337,14 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
             "rope",
             ("qkv",),
             ("q", "k", "v"),
-            dims={"rows": tl, "tq": s["tq"], "tk": s["tk"]},
+            dims=K.RopeDims(tl, s["tq"], s["tk"]),
         ),
         Op(
             "grouped_scores",
             "scores",
             ("q", "k"),
             ("s",),
-            dims={"m": g * tp, "n": tp, "d": s["kv"], "groups": nkv},
+            dims=K.GroupedDims(g * tp, s["kv"], tp, nkv),
         ),
         Op(
             "softmax",
@@ -344,20 +352,20 @@ def prefill_layer(lay: PhaseLayout, tokens: int) -> list:
             ("s",),
             ("p",),
             axis=X,
-            dims={"queries": tl * g * nkv, "keys": s["sl"]},
+            dims=K.SoftmaxDims(tl * g * nkv, s["sl"]),
         ),
         Op(
             "grouped_pv",
             "pv",
             ("p", "v"),
             ("a",),
-            dims={"m": g * tp, "k": tp, "n": s["kv"], "groups": nkv},
+            dims=K.GroupedDims(g * tp, tp, s["kv"], nkv),
         ),
         _gemm("o", "a", "o", tp, s["q"], s["hidden"]),
         Op("add", "attn_residual", ("x", "o"), ("x",)),
         Op("norm", "mlp_norm", ("x",), ("h",), axis=X, dims=norm, weight="mlp_norm"),
         _gemm("gate_up", "h", "gu", tp, s["hidden"], 2 * s["ffn"]),
-        Op("swiglu", "swiglu", ("gu",), ("act",), dims={"rows": tl, "tf": s["tf"]}),
+        Op("swiglu", "swiglu", ("gu",), ("act",), dims=K.SwigluDims(tl, s["tf"])),
         _gemm("down", "act", "d", tp, s["ffn"], s["hidden"]),
         Op("add", "mlp_residual", ("x", "d"), ("x",)),
     ]
@@ -373,7 +381,7 @@ def prefill_all_logits(lay: PhaseLayout, tokens: int) -> list:
             ("x",),
             ("h",),
             axis=X,
-            dims={"rows": s["tl"], "seg": s["hl"]},
+            dims=K.RowDims(s["hl"], s["tl"]),
             weight="final_norm",
         ),
         _gemm("lm_head", "h", "logits", s["tp"], s["hidden"], s["vocab"]),
@@ -382,7 +390,7 @@ def prefill_all_logits(lay: PhaseLayout, tokens: int) -> list:
             "prompt_logits",
             ("logits",),
             ("all_logits",),
-            dims={"rows": s["tp"], "vocab": lay.vocab},
+            dims=K.LogitsDims(s["tp"], lay.vocab),
         ),
     ]
 

@@ -218,11 +218,11 @@ def stream_gemv_weights(blocks: dict, specs: Mapping) -> None:
         if (
             name != "embed"
             and isinstance(spec, Matrix)
-            and spec.placement in ("gemv_y", "gemv_x")
+            and spec.input_axis is not None
             and isinstance(block, np.ndarray)
             and block.dtype == np.float32
         ):
-            blocks[name] = stream_layout(block, spec.placement[-1])
+            blocks[name] = stream_layout(block, spec.input_axis)
         del block
 
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from meshrt.mesh import Axis, X, Y
 from meshrt.ops.gemm import prepare_b_region
-from meshrt.ops.gemv import vector_tiles, weight_region
+from meshrt.ops.gemv import gemv_tile, vector_tiles, weight_region
 from meshrt.precision import to_words, widen, word_dtype
 
 
@@ -198,6 +199,11 @@ class Matrix:
     def out_size(self) -> int:
         return sum(p.out_idx.size for p in self.parts)
 
+    @property
+    def input_axis(self) -> Axis | None:
+        """The mesh axis a GEMV placement cuts the input along (``None``: the MeshGEMM skew)."""
+        return Axis.of(self.placement[-1]) if self.placement.startswith("gemv_") else None
+
     def _column_map(self) -> tuple[np.ndarray, np.ndarray]:
         """``(part, column within the part)`` of every fused output column."""
         if not self._cols:
@@ -252,14 +258,13 @@ class Matrix:
             return self.get(src, rows, cols)
 
         shape = (self.in_size, self.out_size)
-        if self.placement == "skew":
+        if self.input_axis is None:
             return prepare_b_region(get, shape, mesh, origin, block, storage=storage)
-        axis = {"gemv_y": "y", "gemv_x": "x"}[self.placement]
         return weight_region(
             get,
             shape,
             mesh,
-            axis,
+            self.input_axis,
             origin,
             block,
             storage,
@@ -330,8 +335,8 @@ class RowTable:
     """A rank's block of an embedding table ``[by, bx, R, C]`` whose rows are read on lookup.
 
     Core ``(a, b)`` slot ``r`` column ``c`` is entry ``E[row, col]`` of the padded table with
-    ``orient="x"`` (decode: vocabulary segment along x, hidden along y):
-    ``row = (x0 + b) R + r``, ``col = (y0 + a) C + c``; ``orient="y"`` (prefill, natural):
+    ``orient=X`` (decode: vocabulary segment along x, hidden along y):
+    ``row = (x0 + b) R + r``, ``col = (y0 + a) C + c``; ``orient=Y`` (prefill, natural):
     ``row = (y0 + a) R + r``, ``col = (x0 + b) C + c``. Indexing with integers and slices
     returns float32 values at the table's storage precision; only the rows indexed are read.
     ``size`` and ``shape`` are the block's, as if it were resident (the wafer holds it).
@@ -346,11 +351,11 @@ class RowTable:
         part: Part,
         shape: tuple,
         origin: tuple,
-        orient: str,
+        orient: Axis | str,
         storage: str = "float32",
     ):
         self.src, self.part, self.shape = src, part, tuple(shape)
-        self.origin, self.orient, self.storage = tuple(origin), orient, storage
+        self.origin, self.orient, self.storage = tuple(origin), Axis.of(orient), storage
         self.size = int(np.prod(self.shape))
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
@@ -374,7 +379,7 @@ class RowTable:
         )
         y0, x0 = self.origin
         rows_per_core, cols_per_core = self.shape[2], self.shape[3]
-        if self.orient == "x":
+        if self.orient == X:
             row, col0 = (x0 + b) * rows_per_core + r, (y0 + a) * cols_per_core
         else:
             row, col0 = (y0 + a) * rows_per_core + r, (x0 + b) * cols_per_core
@@ -456,11 +461,8 @@ class StoredTable:
 
 
 def tile_shape(spec: Matrix, mesh: tuple) -> tuple:
-    """Tile shape of a matrix spec on ``mesh``."""
-    py, px = mesh
-    if spec.placement == "gemv_x":
-        return spec.in_size // px, spec.out_size // py
-    return spec.in_size // py, spec.out_size // px
+    """Tile shape of a matrix spec on ``mesh`` (a skewed matrix is cut as a Y-input GEMV's)."""
+    return gemv_tile(spec.in_size, spec.out_size, mesh, spec.input_axis or Y)
 
 
 #: How each phase holds each of its tensors on the model path: resident blocks, except
@@ -489,9 +491,7 @@ def place_one(
     how = residency(phase, name, tied)
     shape = tuple(block) + (tile_shape(spec, mesh) if isinstance(spec, Matrix) else ())
     if how == "rows":
-        return RowTable(
-            src, spec.parts[0], shape, origin, "x" if spec.placement == "gemv_x" else "y", storage
-        )
+        return RowTable(src, spec.parts[0], shape, origin, spec.input_axis or Y, storage)
     if how == "lazy":
         return LazyBlock(spec, src, mesh, origin, block, shape, storage)
     return place(spec, src, mesh, origin, block, storage)

@@ -23,21 +23,28 @@ import numpy as np
 
 from ..collectives import KTREE, AllreduceSpec, allreduce
 from ..fabric import Fabric
-from ..mesh import X, Y, ceil_div, pad_to
+from ..mesh import Axis, X, Y, ceil_div, pad_to
 from ..plmr import Cost, Device, Ledger
 from ..precision import is_words, widen
 
-AXIS = {"y": Y, "x": X}
+
+def _in_axis(input_axis: Axis | str) -> Axis:
+    try:
+        return Axis.of(input_axis)
+    except ValueError:
+        raise ValueError(f"input_axis must be 'y' or 'x', not {input_axis!r}") from None
 
 
-def _in_axis(input_axis: str) -> int:
-    if input_axis not in AXIS:
-        raise ValueError(f"input_axis must be 'y' or 'x', not {input_axis!r}")
-    return AXIS[input_axis]
+def gemv_tile(m: int, n: int, mesh_shape: tuple[int, int], input_axis: Axis | str) -> tuple:
+    """The weight tile ``(rows, cols)`` one core holds of ``W[m, n]`` for :func:`meshgemv`:
+    the input (``m``) is cut along ``input_axis``, the output (``n``) along the other axis,
+    each rounded up. The one statement of the GEMV's tile arithmetic."""
+    axis = _in_axis(input_axis)
+    return ceil_div(m, mesh_shape[axis]), ceil_div(n, mesh_shape[axis.other])
 
 
 def weight_tiles(
-    w: np.ndarray, mesh_shape: tuple[int, int], input_axis: str = "y", dtype=np.float32
+    w: np.ndarray, mesh_shape: tuple[int, int], input_axis: Axis | str = Y, dtype=np.float32
 ) -> np.ndarray:
     """Host-side placement of ``W[M, N]`` for :func:`meshgemv`.
 
@@ -50,18 +57,15 @@ def weight_tiles(
         ``f32[Py, Px, M/Px, N/Py]``.
         Segments are zero-padded, so padding never changes a result.
     """
-    py, px = mesh_shape
+    axis = _in_axis(input_axis)
     m, n = w.shape
-    if _in_axis(input_axis) == Y:
-        tm, tn = ceil_div(m, py), ceil_div(n, px)
-        t = pad_to(w.astype(dtype, copy=False), (py * tm, px * tn)).reshape(py, tm, px, tn)
-        return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
-    tm, tn = ceil_div(m, px), ceil_div(n, py)
-    t = pad_to(w.astype(dtype, copy=False), (px * tm, py * tn)).reshape(px, tm, py, tn)
-    return np.ascontiguousarray(t.transpose(2, 0, 1, 3))
+    tm, tn = gemv_tile(m, n, mesh_shape, axis)
+    n_in, n_out = mesh_shape[axis], mesh_shape[axis.other]
+    t = pad_to(w.astype(dtype, copy=False), (n_in * tm, n_out * tn)).reshape(n_in, tm, n_out, tn)
+    return np.ascontiguousarray(t.transpose((0, 2, 1, 3) if axis == Y else (2, 0, 1, 3)))
 
 
-def vector_tiles(x: np.ndarray, mesh_shape: tuple[int, int], axis: str = "y") -> np.ndarray:
+def vector_tiles(x: np.ndarray, mesh_shape: tuple[int, int], axis: Axis | str = Y) -> np.ndarray:
     """Host-side layout of a vector (or ``[*batch, L]`` vectors) as a Y- or X-vector.
 
     Returns ``f32[Py, Px, *batch, seg]`` with the segment replicated along the other axis.
@@ -76,7 +80,7 @@ def vector_tiles(x: np.ndarray, mesh_shape: tuple[int, int], axis: str = "y") ->
     return np.ascontiguousarray(np.broadcast_to(out, (py, px) + xp.shape[1:]))
 
 
-def vector_from_tiles(tiles: np.ndarray, length: int, axis: str) -> np.ndarray:
+def vector_from_tiles(tiles: np.ndarray, length: int, axis: Axis | str) -> np.ndarray:
     """Inverse of :func:`vector_tiles` (reads one replica): ``[*batch, length]``."""
     line = tiles[:, 0] if _in_axis(axis) == Y else tiles[0, :]
     v = np.moveaxis(line, 0, -2)
@@ -96,7 +100,7 @@ def _gemv_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.matmul(x, w[:, :, None] if x.ndim > 4 else w)
 
 
-def stream_layout(w: np.ndarray, input_axis: str = "y") -> np.ndarray:
+def stream_layout(w: np.ndarray, input_axis: Axis | str = Y) -> np.ndarray:
     """The tiles of ``w`` (``[by, bx, K, N]``, as :func:`weight_tiles` places them), stored so
     that one matrix-vector product covers a whole line of cores (:func:`local_gemv`).
 
@@ -115,7 +119,7 @@ def stream_layout(w: np.ndarray, input_axis: str = "y") -> np.ndarray:
     return out
 
 
-def _line_gemv(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
+def _line_gemv(x: np.ndarray, w: np.ndarray, axis: Axis) -> np.ndarray | None:
     """``x @ w`` per core as one product per line of cores when ``w``'s memory allows it
     (:func:`stream_layout`, or tiles stored transposed as a tied LM head's are); ``None`` when
     it does not. ``x``: ``f32[by, bx, K]``, the same along the lines (``axis`` is the input's)."""
@@ -137,7 +141,7 @@ def _line_gemv(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
     return None
 
 
-def _line_gemm(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
+def _line_gemm(x: np.ndarray, w: np.ndarray, axis: Axis) -> np.ndarray | None:
     """:func:`_line_gemv` of ``B`` vectors ``x``: ``f32[by, bx, B, K]`` -> ``f32[by, bx, B, N]``,
     one ``[B, K] x [K, line * N]`` product per line of cores (the weights stream once for all
     ``B`` vectors)."""
@@ -160,7 +164,7 @@ def _line_gemm(x: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray | None:
     return None
 
 
-def local_gemv(x: np.ndarray, w: np.ndarray, input_axis: str | None = None) -> np.ndarray:
+def local_gemv(x: np.ndarray, w: np.ndarray, input_axis: Axis | str | None = None) -> np.ndarray:
     """Every core's partial ``x_tile @ w_tile``: ``f32[by, bx, *batch, K] x [by, bx, K, N]``.
 
     ``w`` may hold 16-bit storage words (:mod:`meshrt.precision`); they are widened to float32
@@ -211,7 +215,7 @@ def meshgemv(
     fab: Fabric,
     x: np.ndarray,
     w: np.ndarray,
-    input_axis: str = "y",
+    input_axis: Axis | str = Y,
     spec: AllreduceSpec = KTREE,
     name: str = "meshgemv",
     record: bool = True,
@@ -274,7 +278,7 @@ def estimate_meshgemv(
     n: int,
     mesh_shape: tuple[int, int],
     device: Device | None = None,
-    input_axis: str = "y",
+    input_axis: Axis | str = Y,
     spec: AllreduceSpec = KTREE,
     batch: int = 1,
     ledger: Ledger | None = None,
@@ -283,9 +287,8 @@ def estimate_meshgemv(
     """The ledger :func:`meshgemv` would write for ``[batch, m] @ [m, n]``, without running it."""
     led = ledger if ledger is not None else Ledger(device) if device else Ledger()
     axis = _in_axis(input_axis)
-    cores = mesh_shape[axis]
-    tile = ceil_div(m, cores), ceil_div(n, mesh_shape[1 - axis])
-    charge_meshgemv(led, name, tile, cores, spec, batch)
+    tile = gemv_tile(m, n, mesh_shape, axis)
+    charge_meshgemv(led, name, tile, mesh_shape[axis], spec, batch)
     return led
 
 
@@ -308,7 +311,7 @@ def weight_region(
     get,
     shape: tuple[int, int],
     mesh_shape: tuple[int, int],
-    input_axis: str,
+    input_axis: Axis | str,
     origin: tuple[int, int],
     block: tuple[int, int],
     storage: str = "float32",
@@ -339,13 +342,11 @@ def weight_region(
     """
     from ..precision import to_words, word_dtype
 
-    py, px = mesh_shape
-    m, n = shape
     y0, x0 = origin
     by, bx = block
     axis = _in_axis(input_axis)
     # in-segments follow core rows for a Y input, core columns for an X input
-    tm, tn = (m // py, n // px) if axis == Y else (m // px, n // py)
+    tm, tn = gemv_tile(shape[0], shape[1], mesh_shape, axis)
     out = np.empty((by, bx, tm, tn), word_dtype(storage))
     in_cores, out_cores = ((by, y0), (bx, x0)) if axis == Y else ((bx, x0), (by, y0))
     # pieces run over the cores of the reader's fast index; the other index is taken whole

@@ -14,6 +14,7 @@ from llm.engine.kinds import KINDS, OpKind, Site, charge, charge_layers
 from llm.modeling.config import preset
 from llm.placement.layout import PhaseLayout
 from meshrt.collectives import KTREE, AllreduceSpec
+from meshrt.mesh import X
 from meshrt.plmr import WSE2, Ledger
 
 
@@ -87,7 +88,7 @@ def test_a_fold_stretches_only_the_traffic_along_its_long_links():
     changed = {k.split("/")[0] for k in flat.ops if flat.ops[k] != folded.ops[k]}
     for name in changed:
         op = by_op[name]
-        along_x = op.axis == 1 or op.dims.get("input_axis") == "x"
+        along_x = op.axis == 1 or getattr(op.dims, "input_axis", None) == X
         assert along_x, name
     assert {"o", "down", "scores"} <= changed
     assert not changed & {"qkv", "gate_up", "attn_norm", "rope", "swiglu", "pv"}
