@@ -45,90 +45,13 @@ kind                what it does (decode: vectors; prefill: token-row tiles)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-from meshrt.mesh import Axis, X, Y, padded
+from meshrt.mesh import X, Y, padded
 
 from ..placement.layout import PhaseLayout
 from . import kinds as K
-from .kinds import KINDS
+from .kinds import Op, Pass
 
-
-@dataclass(frozen=True)
-class Op:
-    """One step of a phase's program.
-
-    Parameters
-    ----------
-    kind : str
-        One of :data:`~llm.engine.kinds.KINDS`.
-    name : str
-        Ledger name (inside the layer's section for layer ops).
-    inputs, outputs : tuple of str
-        Activations read and written.
-    axis : Axis, optional
-        Mesh axis (:data:`~meshrt.mesh.Y` or :data:`~meshrt.mesh.X`) of the op's reduction.
-    dims : frozen dataclass
-        Per-core sizes, of the kind's own type (``KINDS[kind].dims``, e.g.
-        :class:`~llm.engine.kinds.GemvDims`); ``None`` sizes come from the pass (e.g. the
-        cache fill of a decode step).
-    weight, bias : str, optional
-        Keys of the op's weight blocks.
-    """
-
-    kind: str
-    name: str
-    inputs: tuple = ()
-    outputs: tuple = ()
-    axis: Axis | None = None
-    dims: Any = K.NoDims()
-    weight: str | None = None
-    bias: str | None = None
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown op kind {self.kind!r}")
-        if not isinstance(self.dims, KINDS[self.kind].dims):
-            want = KINDS[self.kind].dims.__name__
-            raise TypeError(
-                f"op {self.name!r} ({self.kind}): dims must be {want}, not {self.dims!r}"
-            )
-
-
-@dataclass(frozen=True)
-class Pass:
-    """What one execution of a program depends on beyond the shapes.
-
-    Attributes
-    ----------
-    fill : int
-        Decode: tokens in the fullest cache row after this token's append (attention work).
-    shifts : bool or int
-        Decode: whether the shift policy moves entries between rows for this token (a batch:
-        how many of its sequences' caches do).
-    capacity : int
-        Decode: cache slots per core (memory figure; a batch: all its caches together).
-    token_col : int
-        Decode: mesh column holding the input token's embedding row.
-    token_cols : tuple of int
-        Decode, a batch of sequences: the column of each sequence's input token (``fill`` is
-        then the sum of their caches' fullest rows: attention works through each in turn).
-    ids : sequence of int
-        Prefill: the prompt (its embedding lookup's routes depend on it).
-    """
-
-    fill: int = 0
-    shifts: bool | int = False
-    capacity: int = 0
-    token_col: int = 0
-    ids: tuple = ()
-    token_cols: tuple = ()
-
-    @property
-    def columns(self) -> tuple:
-        """The input tokens' embedding columns (one per sequence)."""
-        return self.token_cols or (self.token_col,)
+__all__ = ["Op", "Pass"]  # the op records, defined with their kinds
 
 
 # ----------------------------------------------------------------------------------------------

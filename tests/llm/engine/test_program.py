@@ -14,6 +14,7 @@ from llm.cost import estimate as E
 from llm.engine import program as P
 from llm.engine.decode import NonFiniteError
 from llm.engine.handoff import Handoff
+from llm.engine.kinds import KINDS
 from llm.engine.model import MeshModel
 from llm.modeling.config import preset
 from llm.placement.layout import PhaseLayout
@@ -52,7 +53,7 @@ def test_programs_use_every_kind_and_own_every_ledger_record():
     mesh, tokens = (2, 3), 11
     progs = _programs(config, mesh, tokens)
     kinds = {op.kind for parts in progs.values() for part in parts for op in part}
-    assert kinds == set(P.KINDS)
+    assert kinds == set(KINDS)
     for parts in progs.values():
         for part in parts:
             assert len({op.name for op in part}) == len(part)  # one ledger name per op
