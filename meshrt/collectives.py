@@ -350,9 +350,11 @@ class AllreduceSpec:
         return self.algorithm.phases(self, n_cores, words)
 
     def charge(self, ledger: Ledger, n_cores: int, words: float, name: str) -> None:
-        """Write into ``ledger`` exactly what :func:`allreduce` records under ``name``."""
-        for phase, cost in self._costs(n_cores, words):
-            ledger.charge(name + phase, cost)
+        """Write into ``ledger`` exactly what :func:`allreduce` records under ``name`` (one
+        kernel: ``name``, or the kernel it is part of)."""
+        with ledger.running(name):
+            for phase, cost in self._costs(n_cores, words):
+                ledger.charge(name + phase, cost)
 
 
 KTREE = AllreduceSpec()

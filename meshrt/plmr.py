@@ -30,14 +30,14 @@ Where each term comes from:
   element in each wavelet, so an fp16 stream moves one element per cycle, not two.
 * ``task_switch``: activating a task on a core: the task switch, the set-up of its DSDs and
   the switch to its fabric colours. Paid (a) when a core moves from one kernel to the next
-  (RMSNorm, then the QKV GEMV, then the scores, ...: the "kernel" of a record is its name up to
-  the first component after any ``layerN/``; recorded as ``<kernel>/task_switch``; a kernel
-  repeated back to back, like the paper's GEMV benchmark loop, pays none: give the ledger
-  ``kernel=`` the running kernel) and (b) at every step of a task-chained kernel
-  (``tasks=1``): MeshGEMM, Cannon, SUMMA
-  and dist-GEMM-T fire each compute-shift step from the completion callbacks of the previous
-  one (the public CSL code's task chain), while a K-tree allreduce runs its phases as blocking
-  fabric operations inside one task.
+  (RMSNorm, then the QKV GEMV, then the scores, ...: the kernel a record belongs to is the one
+  its writer names with :meth:`Ledger.running`, never read from the record's name; recorded as
+  ``<kernel>/task_switch``; a kernel repeated back to back, like the paper's GEMV benchmark
+  loop, pays none: give the ledger ``kernel=`` the running kernel) and (b) at every step of a
+  task-chained kernel (``tasks=1``): MeshGEMM, Cannon, SUMMA and dist-GEMM-T fire each
+  compute-shift step from the completion callbacks of the previous one (the public CSL code's
+  task chain), while a K-tree allreduce runs its phases as blocking fabric operations inside
+  one task.
 * ``step_overhead``: a fixed cost per step inside a kernel (default 0: the paper's GEMV points
   only fix ``27 beta + 4 step_overhead`` together, and are attributed to ``beta``).
 """
@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -211,18 +209,6 @@ _POSITIVE_FIELDS = {
 }
 
 
-@functools.lru_cache(maxsize=1 << 14)
-def kernel_of(name: str) -> str:
-    """The kernel a record belongs to: its name up to the first component after ``layerN/``
-    prefixes (``layer3/qkv/allreduce/level1`` -> ``layer3/qkv``). Cached: a run repeats a few
-    thousand names."""
-    parts = name.split("/")
-    i = 0
-    while i < len(parts) - 1 and re.fullmatch(r"layer\d+", parts[i]):
-        i += 1
-    return "/".join(parts[: i + 1])
-
-
 @dataclass(frozen=True)
 class Cost:
     """Closed-form wafer cost of ``count`` identical lockstep steps of the mesh.
@@ -317,8 +303,8 @@ class LedgerTape:
     """The records a piece of work wrote into a :class:`Ledger` (:meth:`Ledger.recording`).
 
     ``entries``: ``(kind, name relative to the section open at the start, argument)`` in the
-    order written; a charge's argument is its priced increments, so replaying it is only the
-    additions.
+    order written; a charge's name is ``(record, kernel)`` and its argument its priced
+    increments, so replaying it is only the additions.
     """
 
     base: int
@@ -344,6 +330,8 @@ class Ledger:
     io_bytes: float = 0.0  # host <-> wafer edge traffic
     io_cycles: float = 0.0
     kernel: str | None = None  # the kernel the cores run; None: none yet
+    # the kernel named by the outermost open running() block (full name), None: none open
+    _running: str | None = field(default=None, repr=False, compare=False)
     # "a/b/" for the open sections (the prefix of every name recorded now)
     _path: str = field(default="", repr=False, compare=False)
     # step figures -> (total, compute, comm) on _steps_device: a run prices a few hundred
@@ -374,6 +362,21 @@ class Ledger:
             yield self
         finally:
             self._path = outer
+
+    @contextlib.contextmanager
+    def running(self, kernel: str):
+        """The records written inside belong to ``kernel`` (under the open sections): the cores
+        run it, and pay a task switch when they start it after another kernel. Blocks nest;
+        the outermost names the kernel (a GEMV's allreduce is part of the GEMV). A record
+        written outside any block is a kernel of its own."""
+        if self._running is not None:
+            yield self
+            return
+        self._running = self._path + kernel
+        try:
+            yield self
+        finally:
+            self._running = None
 
     def step_cycles(
         self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False, vectors=0
@@ -459,13 +462,12 @@ class Ledger:
             if len(self._priced) >= 4096:  # costs made afresh per call: keep the memo bounded
                 self._priced.clear()
             got = self._priced[id(cost)] = (cost, self.device, *self._increments(cost))
+        name = self._path + op
+        kernel = self._running or name
         if self._tape is not None:
-            self._tape.entries.append((_CHARGE, self._path[self._tape.base :] + op, got))
-        return self._add(self._path + op, got)
-
-    def _add(self, name: str, got: tuple) -> float:
-        """Add the increments ``got`` (a :attr:`_priced` entry) to op ``name`` (full name)."""
-        return self._apply(self.ops[name], name, kernel_of(name), got)
+            base = self._tape.base
+            self._tape.entries.append((_CHARGE, (name[base:], kernel[base:]), got))
+        return self._apply(self.ops[name], name, kernel, got)
 
     def _apply(self, t: OpTotals, name: str, kernel: str, got: tuple) -> float:
         """Add ``got`` to ``t`` (op ``name`` of ``kernel``): a task switch first when the cores
@@ -564,7 +566,8 @@ class Ledger:
         if plan is None or plan[0] is not shape or plan[1] is not self.ops:
             for kind, name, arg in tape.entries:
                 if kind == _CHARGE:
-                    self._add(path + name, arg)
+                    full = path + name[0]
+                    self._apply(self.ops[full], full, path + name[1], arg)
                 else:
                     self._other(kind, name, arg)
             if len(self._replays) >= 4096:
@@ -573,7 +576,7 @@ class Ledger:
             return
         for (kind, name, arg), (t, kernel) in zip(tape.entries, plan[2]):
             if kind == _CHARGE:
-                self._apply(t, path + name, kernel, arg)
+                self._apply(t, path + name[0], kernel, arg)
             else:
                 self._other(kind, name, arg)
 
@@ -596,8 +599,8 @@ class Ledger:
         (``(None, "")`` for the other kinds)."""
         out = []
         for kind, name, _ in tape.entries:
-            full = path + name if kind == _CHARGE else ""
-            out.append((self.ops[full], kernel_of(full)) if full else (None, ""))
+            charged = kind == _CHARGE
+            out.append((self.ops[path + name[0]], path + name[1]) if charged else (None, ""))
         return tuple(out)
 
     def _other(self, kind: int, name, arg) -> None:

@@ -27,7 +27,7 @@ import dataclasses
 import re
 
 from meshrt.collectives import KTREE, AllreduceSpec
-from meshrt.plmr import Device, Ledger, get_device, kernel_of
+from meshrt.plmr import Device, Ledger, get_device
 
 from ..modeling.config import ModelConfig
 from . import estimate, predict
@@ -43,13 +43,29 @@ def _kind(part: str, t) -> str:
     return "compute" if t.compute_cycles >= t.comm_cycles else "communication"
 
 
+def _kernel_names(led: Ledger) -> set:
+    """The kernels the ledger's cores ran: each paid its task switch, ``<kernel>/task_switch``."""
+    end = "/task_switch"
+    return {name[: -len(end)] for name in led.ops if name.endswith(end)}
+
+
+def _kernel_of(name: str, kernels: set) -> str:
+    """The kernel of record ``name``: the longest of ``kernels`` that holds it (itself if
+    none)."""
+    part = name
+    while part not in kernels and "/" in part:
+        part = part.rsplit("/", 1)[0]
+    return part if part in kernels else name
+
+
 def _kernels(led: Ledger, inside: bool) -> list[dict]:
     """The ledger's records by kernel: those of the layers (``inside``) or all the others."""
     rows: dict[str, dict] = {}
+    names = _kernel_names(led)
     for name, t in led.ops.items():
         if bool(_IN_LAYER.match(name)) != inside:
             continue
-        kernel = kernel_of(name)
+        kernel = _kernel_of(name, names)
         part = name[len(kernel) + 1 :] or "step"
         row = rows.setdefault(
             kernel,

@@ -114,9 +114,10 @@ class Handoff:
         return out
 
     def charge(self, led: Ledger) -> None:
-        """Write :meth:`cost` into ``led``."""
-        for name, c in self.cost().items():
-            led.charge(name, c)
+        """Write :meth:`cost` into ``led`` (one kernel, ``handoff``)."""
+        with led.running("handoff"):
+            for name, c in self.cost().items():
+                led.charge(name, c)
 
     # -- data ------------------------------------------------------------------------------
     def forward(self, src: Fabric, dst: Fabric, ks: list, vs: list, x: np.ndarray) -> tuple:

@@ -550,7 +550,8 @@ def charge(ops: list, led: Ledger, site: Site, links: tuple[int, int] = (1, 1)) 
     """
     if links == (1, 1):
         for op in ops:
-            KINDS[op.kind].cost(op, led, site)
+            with led.running(op.name):  # an op is one kernel: its records' task switches
+                KINDS[op.kind].cost(op, led, site)
         return
     base = led.device
     stretched = {f: base.with_(alpha=base.alpha * f) for f in {1, *links}}
@@ -558,7 +559,8 @@ def charge(ops: list, led: Ledger, site: Site, links: tuple[int, int] = (1, 1)) 
         for op in ops:
             kind = KINDS[op.kind]
             led.device = stretched[kind.hops_per_link(op, links)]
-            kind.cost(op, led, site)
+            with led.running(op.name):
+                kind.cost(op, led, site)
     finally:
         led.device = base
 

@@ -46,10 +46,12 @@ KERNEL_RINGS = {"meshgemm": "interleaved", "cannon": "linear"}
 
 
 def record(ledger: Ledger, name: str, costs) -> None:
-    """Charge ``[(op, Cost), ...]`` into ``ledger`` under ``name/op`` (empty costs skipped)."""
-    for op, c in costs:
-        if c.count:
-            ledger.charge(f"{name}/{op}", c)
+    """Charge ``[(op, Cost), ...]`` into ``ledger`` under ``name/op`` (empty costs skipped),
+    all of kernel ``name``."""
+    with ledger.running(name):
+        for op, c in costs:
+            if c.count:
+                ledger.charge(f"{name}/{op}", c)
 
 
 def _comm_cycles(device: Device, c: Cost) -> float:

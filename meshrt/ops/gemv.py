@@ -263,9 +263,10 @@ def charge_meshgemv(
     whose partial products are allreduced over ``cores``: the local products, the memory per
     core and the allreduce. The kernel and the estimator charge this, and only this."""
     tm, tn = tile
-    led.charge(f"{name}/local", local_cost(batch, tm, tn))
-    led.memory(name, memory_words(batch, tm, tn))
-    spec.charge(led, cores, batch * tn, f"{name}/allreduce")
+    with led.running(name):
+        led.charge(f"{name}/local", local_cost(batch, tm, tn))
+        led.memory(name, memory_words(batch, tm, tn))
+        spec.charge(led, cores, batch * tn, f"{name}/allreduce")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,25 +101,37 @@ def test_fixed_costs_per_vector_step_and_task():
     )
     led = Ledger(dev)
     # the cores start a kernel: one task switch; 4 vector instructions of set-up
-    assert led.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12 + 100
-    # same kernel, another phase: no switch
-    assert led.record("gemv/allreduce/level1", words=10, hops=2, overlap=True) == 7 + 12
+    with led.running("gemv"):
+        assert led.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12 + 100
+        # same kernel, another phase: no switch
+        assert led.record("gemv/allreduce/level1", words=10, hops=2, overlap=True) == 7 + 12
     # a different kernel: one task switch, recorded as <kernel>/task_switch
-    assert led.record("norm/scale", macs=2) == 7 + 1 + 100
+    with led.running("norm"):
+        assert led.record("norm/scale", macs=2) == 7 + 1 + 100
     assert led.ops["norm/task_switch"].activations == 1
     # a task-chained kernel: one activation per step, plus the switch into it
-    assert led.record("gemm/step", macs=20, count=3, tasks=1) == 3 * (7 + 10 + 100) + 100
-    with led.section("layer0"):
+    with led.running("gemm"):
+        assert led.record("gemm/step", macs=20, count=3, tasks=1) == 3 * (7 + 10 + 100) + 100
+    with led.section("layer0"), led.running("qkv"):
         led.record("qkv/local", macs=2)
         led.record("qkv/allreduce", words=1, hops=1)
     assert led.ops["layer0/qkv/allreduce"].activations == 0
     assert led.ops["layer0/qkv/task_switch"].activations == 1
-    assert led.totals().activations == 1 + 1 + (1 + 3) + 1
+    # the kernel is what the writer names, not the record's name: renaming a record changes
+    # no figure, and a record written outside any kernel is a kernel of its own
+    with led.running("qkv"):
+        assert led.record("renamed/part", macs=2) == 7 + 1 + 100  # kernel qkv: a switch
+        assert led.record("other", macs=2) == 7 + 1  # still qkv
+    assert "renamed/task_switch" not in led.ops and led.ops["qkv/task_switch"].activations == 1
+    assert led.record("loose/a", macs=2) == 7 + 1 + 100
+    assert led.record("loose/b", macs=2) == 7 + 1 + 100  # its own kernel: another switch
+    assert led.totals().activations == 1 + 1 + (1 + 3) + 1 + 1 + 2
     assert led.totals().vectors == 4
     led.reset()
     assert led.record("x", macs=2) == 8 + 100  # reset: no kernel running
     warm = Ledger(dev, kernel="gemv")  # a benchmark loop: the kernel already runs
-    assert warm.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12
+    with warm.running("gemv"):
+        assert warm.record("gemv/local", macs=40, vectors=4) == 7 + 20 + 12
 
 
 def test_ledger_cycles_overlap_and_violations():
@@ -175,10 +187,12 @@ def test_cost_charge_equals_record_and_algebra():
 def _layer_work(led, step):
     """What a layer of some program writes: two kernels, a route, a peak and host traffic."""
     led.charge("norm", step)
-    led.charge("gemv/local", step.with_(vectors=3))
-    led.charge("gemv/allreduce", Cost(words=7, hops=2, overlap=True, routes=4))
-    led.memory("gemv", 100)
-    led.routes("gemv/extra", 5)
+    with led.running("gemv"):
+        led.charge("gemv/local", step.with_(vectors=3))
+        with led.running("gemv/allreduce"):  # part of the GEMV: the outer block names it
+            led.charge("gemv/allreduce", Cost(words=7, hops=2, overlap=True, routes=4))
+        led.memory("gemv", 100)
+        led.routes("gemv/extra", 5)
     led.io(12, 2)
 
 
