@@ -1,13 +1,13 @@
 """Closed-form wafer cost of decoding one token and of prefill, for meshes too large to emulate.
 
-Both walk the phase's program (:mod:`llm.engine.program`), the same op list the emulator executes,
-and
-price every op from its shapes alone (:func:`price`): :func:`decode_token` writes exactly the
-records :class:`llm.engine.decode.MeshDecoder` writes when it runs a token, :func:`prefill` (with
-:func:`first_token`, summed by :func:`ttft`) those of :class:`llm.engine.prefill.MeshPrefiller` and
-the
-hand-off (tests tie them on emulated meshes). No data is touched, so paper-scale meshes (e.g.
-LLaMA3-8B on 420 x 420 cores) are priced in milliseconds.
+Both walk the phase's program (:mod:`llm.engine.program`), the same op list the emulator
+executes, and price every op from its shapes alone with the op kinds' costs
+(:func:`llm.engine.kinds.charge`), as the emulator does after running it: :func:`decode_token`
+writes exactly the records :class:`llm.engine.decode.MeshDecoder` writes when it runs a token,
+:func:`prefill` (with :func:`first_token`, summed by :func:`ttft`) those of
+:class:`llm.engine.prefill.MeshPrefiller` and the hand-off (tests tie them on emulated meshes).
+No data is touched, so paper-scale meshes (e.g. LLaMA3-8B on 420 x 420 cores) are priced in
+milliseconds.
 
 Prefill attention is priced over the whole ``T x T`` square, not its causal half: every
 lockstep step of dist-GEMM-T and of the P.V MeshGEMM is priced by its busiest core, and the
@@ -35,33 +35,6 @@ from ..placement.decode_tiles import decode_tile_shapes
 from ..placement.footprint import kv_slot_words, weight_words_per_core
 from ..placement.layout import PhaseLayout
 from ..placement.prefill_tiles import prefill_weight_words
-
-
-def price(
-    ops: list,
-    led: Ledger,
-    lay: PhaseLayout,
-    spec: AllreduceSpec,
-    run: P.Pass,
-    links: tuple[int, int] = (1, 1),
-) -> None:
-    """Write into ``led`` the records the emulator writes when it executes ``ops``: each op's
-    :meth:`~llm.engine.kinds.OpKind.cost` (see :func:`llm.engine.kinds.charge` for ``links``)."""
-    charge(ops, led, Site(lay, spec, run), links)
-
-
-def price_layers(
-    ops: list,
-    layers: int,
-    led: Ledger,
-    lay: PhaseLayout,
-    spec: AllreduceSpec,
-    run: P.Pass,
-    links: tuple[int, int] = (1, 1),
-) -> None:
-    """:func:`price` a layer program once per layer, under the sections ``layer{i}``
-    (:func:`llm.engine.kinds.charge_layers`)."""
-    charge_layers(ops, layers, led, Site(lay, spec, run), links)
 
 
 def row_fill(policy: str, tokens: int, rows: int, prompt: int = 0) -> int:
@@ -110,7 +83,8 @@ def decode_token(
     kv_capacity : int, optional
         Slots per core reserved for the cache (for the memory figure).
     links : (int, int)
-        Physical hops per logical link of the stage's region (see :func:`price`).
+        Physical hops per logical link of the stage's region (see
+        :func:`llm.engine.kinds.charge`).
     """
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
@@ -124,10 +98,11 @@ def decode_token(
         token_col=token_col,
     )
     led.memory("decode/resident", decode_resident_words(config, mesh, cap))
-    price(P.decode_head(lay), led, lay, allreduce, run, links)
-    price_layers(P.decode_layer(lay), config.num_layers, led, lay, allreduce, run, links)
+    site = Site(lay, allreduce, run)
+    charge(P.decode_head(lay), led, site, links)
+    charge_layers(P.decode_layer(lay), config.num_layers, led, site, links)
     tail = P.decode_logits(lay) + (P.decode_pick(lay) if greedy else [])
-    price(tail, led, lay, allreduce, run, links)
+    charge(tail, led, site, links)
     return led
 
 
@@ -162,7 +137,8 @@ def decode_batch_step(
     kv_capacity : int, optional
         Slots per core of all the caches together (default: their fills).
     links : (int, int)
-        Physical hops per logical link of the stage's region (see :func:`price`).
+        Physical hops per logical link of the stage's region (see
+        :func:`llm.engine.kinds.charge`).
     """
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
@@ -178,10 +154,11 @@ def decode_batch_step(
         token_cols=tuple(token_cols) if token_cols is not None else (0,) * b,
     )
     led.memory("decode/resident", decode_resident_words(config, mesh, cap))
-    price(P.decode_head(lay), led, lay, allreduce, run, links)
-    price_layers(P.decode_layer(lay, b), config.num_layers, led, lay, allreduce, run, links)
+    site = Site(lay, allreduce, run)
+    charge(P.decode_head(lay), led, site, links)
+    charge_layers(P.decode_layer(lay, b), config.num_layers, led, site, links)
     tail = P.decode_logits(lay, b) + (P.decode_pick(lay, b) if greedy else [])
-    price(tail, led, lay, allreduce, run, links)
+    charge(tail, led, site, links)
     return led
 
 
@@ -232,7 +209,8 @@ def prefill(
     all_logits : bool
         Also price the LM head of every prompt token on the prefill mesh and its gathering.
     links : (int, int)
-        Physical hops per logical link of the prefill stage's region (see :func:`price`).
+        Physical hops per logical link of the prefill stage's region (see
+        :func:`llm.engine.kinds.charge`).
     """
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
@@ -242,12 +220,13 @@ def prefill(
         ids = np.random.default_rng(0).integers(0, config.vocab_size, tokens)
     run = P.Pass(ids=tuple(int(t) for t in ids))
     led.memory("prefill/resident", prefill_resident_words(lay, tokens))
-    price(P.prefill_head(lay, tokens), led, lay, allreduce, run, links)
+    site = Site(lay, allreduce, run)
+    charge(P.prefill_head(lay, tokens), led, site, links)
     layer = P.prefill_layer(lay, tokens)
-    price_layers(layer, config.num_layers, led, lay, allreduce, run, links)
+    charge_layers(layer, config.num_layers, led, site, links)
     Handoff(lay, dlay, tokens, allreduce).charge(led)
     if all_logits:
-        price(P.prefill_all_logits(lay, tokens), led, lay, allreduce, run)
+        charge(P.prefill_all_logits(lay, tokens), led, site)
     return led
 
 
@@ -269,9 +248,8 @@ def first_token(
     device = get_device(device)
     led = ledger if ledger is not None else Ledger(device)
     lay = PhaseLayout(config, *mesh)
-    price(
-        P.decode_logits(lay) + (P.decode_pick(lay) if greedy else []), led, lay, allreduce, P.Pass()
-    )
+    ops = P.decode_logits(lay) + (P.decode_pick(lay) if greedy else [])
+    charge(ops, led, Site(lay, allreduce, P.Pass()))
     return led
 
 

@@ -35,6 +35,7 @@ from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.plmr import Device, Ledger, get_device
 
 from ..engine import program as P
+from ..engine.kinds import Site, charge
 from ..engine.kvcache import kv_step
 from ..modeling.config import ModelConfig
 from ..placement.layout import PhaseLayout, mesh_pair
@@ -123,7 +124,7 @@ def _decode_parts(
         lay = PhaseLayout(config, *mesh)
         head = Ledger(device)
         run = P.Pass(token_col=0) if batch == 1 else P.Pass(token_cols=(0,) * batch)
-        estimate.price(P.decode_head(lay), head, lay, allreduce, run, links)
+        charge(P.decode_head(lay), head, Site(lay, allreduce, run), links)
         _DECODE_PARTS[key] = (head.cycles, layer, ends - head.cycles)
     return _DECODE_PARTS[key]
 

@@ -19,7 +19,7 @@ logical link from it, and :attr:`Fold.links` the closed form (tests tie the two)
 A pre-routed path forwards a wavelet one hop per cycle without a routing stage, so a logical
 link of ``f`` hops costs ``f`` times the per-hop latency and nothing else: the cost model prices
 a folded stage's steps with ``alpha`` scaled by the links their traffic crosses
-(:func:`llm.cost.estimate.price`).
+(:func:`llm.engine.kinds.charge`).
 
 :class:`Fabric` packs regions on a wafer's ``cores_y x cores_x`` usable cores (maximal free
 rectangles, bottom-left first), trying each region unfolded first, then folded 2, 3 and 4 times
