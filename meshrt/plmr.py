@@ -332,6 +332,8 @@ class Ledger:
     kernel: str | None = None  # the kernel the cores run; None: none yet
     # the kernel named by the outermost open running() block (full name), None: none open
     _running: str | None = field(default=None, repr=False, compare=False)
+    # what the open sealed() block runs (None: no block open): nothing may be written
+    _sealed: str | None = field(default=None, repr=False, compare=False)
     # "a/b/" for the open sections (the prefix of every name recorded now)
     _path: str = field(default="", repr=False, compare=False)
     # step figures -> (total, compute, comm) on _steps_device: a run prices a few hundred
@@ -377,6 +379,24 @@ class Ledger:
             yield self
         finally:
             self._running = None
+
+    @contextlib.contextmanager
+    def sealed(self, what: str):
+        """Run ``what`` (code whose records are written by someone else, e.g. kernels run
+        unrecorded while their op's kind prices them): any record written inside raises
+        ``RuntimeError`` naming it, instead of being added to the figures twice."""
+        outer, self._sealed = self._sealed, what
+        try:
+            yield self
+        finally:
+            self._sealed = outer
+
+    def _refuse(self, record: str) -> None:
+        raise RuntimeError(
+            f"ledger record {self._path + record!r} written while the ledger is sealed for "
+            f"{self._sealed} (its cost is written by the op's kind: run the kernel with "
+            "record=False)"
+        )
 
     def step_cycles(
         self, macs=0.0, words=0.0, hops=0, routings=0, overlap=False, vectors=0
@@ -457,6 +477,8 @@ class Ledger:
         costs on every token and layer); :meth:`record` is the same with the figures spelled
         out.
         """
+        if self._sealed is not None:
+            self._refuse(op)
         got = self._priced.get(id(cost))
         if got is None or got[0] is not cost or got[1] is not self.device:
             if len(self._priced) >= 4096:  # costs made afresh per call: keep the memo bounded
@@ -614,6 +636,8 @@ class Ledger:
 
     def memory(self, op: str, words_per_core: float) -> None:
         """Note that ``op`` holds ``words_per_core`` elements per core at its peak."""
+        if self._sealed is not None:
+            self._refuse(op)
         if self._tape is not None:
             self._tape.entries.append((_MEMORY, self._path[self._tape.base :] + op, words_per_core))
         nbytes = words_per_core * self.device.word_bytes
@@ -622,6 +646,8 @@ class Ledger:
 
     def routes(self, op: str, paths_per_core: int) -> None:
         """Note that ``op`` needs ``paths_per_core`` routing paths configured on some core."""
+        if self._sealed is not None:
+            self._refuse(op)
         if self._tape is not None:
             self._tape.entries.append((_ROUTES, self._path[self._tape.base :] + op, paths_per_core))
         if paths_per_core > self.max_routes:
@@ -630,6 +656,8 @@ class Ledger:
     def io(self, nbytes: float, edge_links: int = 1) -> None:
         """Host <-> wafer transfer of ``nbytes`` through ``edge_links`` edge links (not mesh
         time)."""
+        if self._sealed is not None:
+            self._refuse("io")
         if self._tape is not None:
             self._tape.entries.append((_IO, nbytes, edge_links))
         self.io_bytes += nbytes

@@ -132,12 +132,13 @@ class MeshDecoder:
                 (self.handlers[op.kind], op, op.inputs, op.outputs, len(op.outputs)) for op in ops
             )
             plan = self._plans[id(ops)] = (ops, steps)
-        for handler, op, inputs, outputs, n_out in plan[1]:
-            out = handler(op, weights, run, *[acts[k] for k in inputs])
-            if n_out == 1:
-                acts[outputs[0]] = out
-            elif n_out:
-                acts.update(zip(outputs, out))
+        with self.fab.ledger.sealed("the decode program"):  # kernels compute, kinds price
+            for handler, op, inputs, outputs, n_out in plan[1]:
+                out = handler(op, weights, run, *[acts[k] for k in inputs])
+                if n_out == 1:
+                    acts[outputs[0]] = out
+                elif n_out:
+                    acts.update(zip(outputs, out))
         if priced:
             charge(ops, self.fab.ledger, Site(self.lay, self.spec, run))
         return acts

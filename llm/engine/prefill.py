@@ -119,12 +119,13 @@ class MeshPrefiller:
         4096 tokens one layer's scores and probabilities are gigabytes per rank).
         """
         last = {k: i for i, op in enumerate(ops) for k in op.inputs}
-        for i, op in enumerate(ops):
-            out = self.handlers[op.kind](op, weights, *(acts[k] for k in op.inputs))
-            acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
-            for k in op.inputs:
-                if last[k] == i and k not in keep and k not in op.outputs:
-                    del acts[k]
+        with self.fab.ledger.sealed("the prefill program"):  # kernels compute, kinds price
+            for i, op in enumerate(ops):
+                out = self.handlers[op.kind](op, weights, *(acts[k] for k in op.inputs))
+                acts.update(zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
+                for k in op.inputs:
+                    if last[k] == i and k not in keep and k not in op.outputs:
+                        del acts[k]
         if priced:
             charge(ops, self.fab.ledger, Site(self.lay, self.spec, self._run))
         return acts

@@ -228,3 +228,23 @@ def test_tape_replays_a_layer_with_the_same_figures():
     with pytest.raises(RuntimeError, match="while it records"):
         with taped.recording():
             taped.replay(tape)
+
+
+def test_a_sealed_ledger_refuses_every_record_and_names_it():
+    """Kernels run unrecorded inside a sealed block (their op's kind prices them): a record
+    written there is an error naming it, never a figure added twice."""
+    led = Ledger(WSE2)
+    with led.section("layer2"), led.sealed("the decode program"):
+        for write in (
+            lambda: led.charge("qkv/local", Cost(macs=1)),
+            lambda: led.memory("qkv", 4),
+            lambda: led.routes("qkv", 2),
+            lambda: led.io(8),
+        ):
+            with pytest.raises(RuntimeError, match="sealed for the decode program"):
+                write()
+        with pytest.raises(RuntimeError, match="'layer2/qkv/local'"):
+            led.charge("qkv/local", Cost(macs=1))
+    assert not led.ops and led.peak_memory == 0 and led.io_bytes == 0
+    led.charge("qkv/local", Cost(macs=1))  # the block closed: records are written again
+    assert led.ops["qkv/local"].macs == 1
