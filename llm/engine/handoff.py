@@ -65,6 +65,11 @@ class Handoff:
         Real prompt tokens.
     allreduce : AllreduceSpec
         Of the hidden state's gather along x.
+    start : int
+        Prompts prefilled together (:meth:`llm.engine.prefill.MeshPrefiller.run` with
+        ``lengths``): the prompt's first token row among the ``total`` rows of the prefill.
+    total : int, optional
+        Token rows of the prefill (default ``tokens``: the prompt was prefilled alone).
 
     Attributes
     ----------
@@ -82,18 +87,27 @@ class Handoff:
         decode: PhaseLayout,
         tokens: int,
         allreduce: AllreduceSpec = KTREE,
+        start: int = 0,
+        total: int | None = None,
     ):
         if tokens < 1:
             raise ValueError("empty prompt")
+        total = tokens if total is None else int(total)
+        if start < 0 or start + tokens > total:
+            raise ValueError(f"tokens {start}..{start + tokens - 1} are not among {total}")
         self.src, self.dst, self.tokens, self.spec = prefill, decode, int(tokens), allreduce
+        self.start = int(start)
         kv = prefill.config.kv_size
         fp, fd = prefill.kv // prefill.px, decode.kv // decode.px
-        self.tl = padded(tokens, prefill.unit) // prefill.py
+        self.tl = padded(total, prefill.unit) // prefill.py
         self.src_cols = np.clip(kv - np.arange(prefill.px) * fp, 0, fp)
         self.dst_cols = np.clip(kv - np.arange(decode.px) * fd, 0, fd)
-        self.src_rows = np.clip(tokens - np.arange(prefill.py) * self.tl, 0, self.tl)
+        first = np.arange(prefill.py) * self.tl  # each core row's first token row
+        self.src_rows = np.clip(
+            np.minimum(first + self.tl, start + tokens) - np.maximum(first, start), 0, self.tl
+        )
         self.dst_rows = balanced_counts(tokens, decode.py)
-        self.rows_per_core = min(self.tl, tokens)
+        self.rows_per_core = int(self.src_rows.max())
         self.feats_per_core = min(fd, kv)
 
     # -- price -----------------------------------------------------------------------------
@@ -109,7 +123,7 @@ class Handoff:
             out[name] = move_cost(*_line_pair(src, dst), words * per_item)
         for phase, c in self.spec.costs(max(lay.px, dlay.px), lay.hidden):
             out["handoff/hidden/gather" + (f"/{phase}" if phase else "")] = c
-        row = (self.tokens - 1) // self.tl
+        row = (self.start + self.tokens - 1) // self.tl
         out["handoff/hidden/broadcast"] = broadcast_cost(max(lay.py, dlay.py), row, lay.hidden)
         return out
 
@@ -158,10 +172,12 @@ class Handoff:
         data = np.stack(ks + vs)  # [2L, by, bx, T/Py, kv/Px]
         data = data.transpose(0, 1, 3, 2, 4).reshape(nl2, by * tl, bx * fp)  # rank's rows x feats
         ry, rx = fab.coords
+        s, d = rank_bounds(self.src_rows, lay.ry), rank_bounds(self.dst_rows, lay.ry)
+        lo = min(max(self.start - ry * by * tl, 0), by * tl)  # the prompt's rows on this rank
+        data, ys = data[:, lo : lo + s[ry + 1] - s[ry]], (s, d)
         s, d = rank_bounds(self.src_cols, lay.rx), rank_bounds(self.dst_cols, lay.rx)
         data = rebalance(fab, data[:, :, : s[rx + 1] - s[rx]], X, 2, s, d, name="handoff/kv")
-        s, d = rank_bounds(self.src_rows, lay.ry), rank_bounds(self.dst_rows, lay.ry)
-        data = rebalance(fab, data[:, : s[ry + 1] - s[ry]], Y, 1, s, d, name="handoff/kv")
+        data = rebalance(fab, data, Y, 1, *ys, name="handoff/kv")
         # cut into decode cores: [2L, tokens of this rank, bx_d, kv_d/Px_d]
         fd = dlay.kv // dlay.px
         flat = np.zeros((nl2, data.shape[1], dfab.bx * fd), np.float32)
@@ -182,7 +198,7 @@ class Handoff:
         gives it to every core, so every decode core takes its segment locally."""
         lay, dlay = self.src, self.dst
         by, bx, tl, hl = x.shape
-        row, slot = divmod(self.tokens - 1, tl)
+        row, slot = divmod(self.start + self.tokens - 1, tl)
         spread = np.zeros((by, bx, lay.px, hl), np.float32)
         mine = np.flatnonzero(fab.index(Y) == row)
         if mine.size:

@@ -282,6 +282,58 @@ class MeshModel:
         seq.position = self.position
         return logits
 
+    def prefill_sequences(self, seqs: list, prompts: list) -> np.ndarray:
+        """Prefill ``prompts[i]`` into ``seqs[i]``'s cache, all the prompts in one prefill
+        (:meth:`llm.engine.prefill.MeshPrefiller.run` with their lengths: each attends to
+        itself only), then one hand-off per sequence; returns the last tokens' logits as
+        :meth:`decode_sequences` does. One sequence (or no prefill engine): :meth:`prefill`
+        per sequence.
+        """
+        if len(seqs) != len(prompts):
+            raise ValueError("one prompt per sequence")
+        if self.prefiller is None or len(seqs) == 1 or any(s.position for s in seqs):
+            logits = [self.prefill_sequence(s, list(p)) for s, p in zip(seqs, prompts)]
+            return logits[0] if len(logits) == 1 else np.stack(logits, 2)
+        from .handoff import Handoff
+        from .kvcache import ContextFullError
+
+        lengths = [len(p) for p in prompts]
+        limit = self.config.max_position_embeddings
+        if min(lengths) < 1:
+            raise ValueError("empty prompt")
+        if max(lengths) > limit:
+            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the context of {limit}")
+        total, hands, start = sum(lengths), [], 0
+        for seq, n in zip(seqs, lengths):
+            hand = Handoff(
+                self.phase_layouts["prefill"],
+                self.phase_layouts["decode"],
+                n,
+                self.allreduce,
+                start=start,
+                total=total,
+            )
+            if hand.dst_rows.max() > seq.cache.capacity:
+                raise ContextFullError(
+                    f"prompt of {n} tokens needs {hand.dst_rows.max()} KV "
+                    f"slots per decode core; capacity is {seq.cache.capacity}"
+                )
+            hands.append(hand)
+            start += n
+        ids = [int(t) for p in prompts for t in p]
+        out = self.prefiller.run(ids, lengths=lengths)
+        pfab = self.fabrics["prefill"]
+        hidden = []
+        for seq, hand in zip(seqs, hands):
+            cache_rows, x = hand.forward(pfab, self.decode_fabric, out["k"], out["v"], out["x"])
+            hand.charge(pfab.ledger)
+            seq.cache.set_counts(hand.dst_rows)
+            for layer, (k_rows, v_rows) in enumerate(cache_rows):
+                seq.cache.load(layer, k_rows, v_rows)
+            seq.position = hand.tokens
+            hidden.append(x)
+        return self.running.logits(np.stack(hidden, 2), out["first_bad"], "the prompts' embeddings")
+
     def decode_sequences(self, seqs: list, tokens: list) -> np.ndarray:
         """Feed ``tokens[i]`` to ``seqs[i]``, all in one decode step.
 

@@ -6,7 +6,11 @@ prices): one handler per op kind, activations in a dict, data through the fabric
 Activations are natural tiles: ``X[T, H]`` with tokens along y and features along x, core
 ``(py, px)`` holding ``X[t-seg py, h-seg px]``, ``f32[by, bx, T/Py, H/Px]``. ``T`` is padded to a
 multiple of ``lcm(Py, Px)``; padded token rows are zero at the start, are never attended to (the
-causal mask also masks padding keys) and so never change a real row. Per layer::
+causal mask also masks padding keys) and so never change a real row. Several prompts can be
+prefilled together (:meth:`MeshPrefiller.run` with ``lengths``): their tokens follow one another
+as one ``T``, each at its own positions from 0, and a token attends to the tokens of its own
+prompt only (the causal mask is block-diagonal), so each prompt's K/V and hidden states are
+those it gets alone, up to float32 sums in another order. Per layer::
 
     X -> RMSNorm (sum along x) -> q|k|v = MeshGEMM -> RoPE (absolute positions, adjacent pairs)
       -> scores = grouped dist-GEMM-T (groups = K/V heads) -> causal mask, softmax along keys
@@ -37,7 +41,7 @@ import numpy as np
 from meshrt import hostio
 from meshrt.collectives import KTREE, AllreduceSpec, allreduce
 from meshrt.fabric import Fabric
-from meshrt.mesh import X, Y
+from meshrt.mesh import X, Y, padded
 from meshrt.ops.gemm import meshgemm
 from meshrt.ops.grouped import grouped_gemm_t, grouped_meshgemm
 from meshrt.relayout import fetch_rows
@@ -58,6 +62,21 @@ def _keys_max(s: np.ndarray) -> np.ndarray:
             np.maximum(top[:, :, :, :, :1], s[:, :, :, :, 2 * half :], out=top[:, :, :, :, :1])
         s = top
     return s[:, :, :, :, 0]
+
+
+def _segments(lengths, tokens: int, lay: PhaseLayout) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt, position)`` of every token row of prompts of ``lengths`` prefilled together,
+    ``int[T padded]`` each; padding rows continue the last prompt (as a single prompt's do)."""
+    lengths = [int(n) for n in lengths]
+    if sum(lengths) != tokens or min(lengths, default=0) < 1:
+        raise ValueError(f"prompt lengths {lengths} do not split {tokens} tokens")
+    rows = padded(tokens, lay.unit)
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    pos = np.concatenate([np.arange(n) for n in lengths])
+    pad = rows - tokens
+    seg = np.concatenate([seg, np.full(pad, len(lengths) - 1)])
+    pos = np.concatenate([pos, pos[-1] + 1 + np.arange(pad)])
+    return seg, pos
 
 
 class MeshPrefiller:
@@ -90,6 +109,7 @@ class MeshPrefiller:
         self.fab, self.lay, self.layers, self.glob = fab, lay, layers, glob
         self.spec = allreduce
         self._memo: dict = {}  # what every layer of the running prompt shares
+        self._segments: tuple | None = None  # prompts prefilled together: (prompt, position)
         c = lay.config
         self.g = c.group_size
         self.scale = np.float32(c.head_dim**-0.5)
@@ -176,6 +196,8 @@ class MeshPrefiller:
         if key not in self._memo:
             angle, partner, sign = F.rope_plan(self.lay.kv // self.lay.px, self.g)
             pos = (self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]).astype(np.float32)
+            if self._segments is not None:  # prompts together: each from position 0
+                pos = self._segments[1][pos.astype(np.int64)].astype(np.float32)
             theta = pos[:, None, :, None] * self.glob["rope_freq"][:, :, None, :]
             cos, sin = np.cos(theta), np.sin(theta)
             self._memo[key] = cos[..., angle], sin[..., angle] * sign, partner
@@ -206,13 +228,16 @@ class MeshPrefiller:
         return self._memo[key]
 
     def _causal(self, tl: int, sl: int) -> np.ndarray:
-        """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token."""
+        """``bool[by, bx, T/Py, 1, S/Px, 1]``: key at or before the query, and a real token
+        (prompts prefilled together: also of the query's prompt)."""
         t_glob = self.fab.index(Y)[:, None] * tl + np.arange(tl)[None, :]  # [by, tl]
         s_glob = self.fab.index(X)[:, None] * sl + np.arange(sl)[None, :]  # [bx, S/Px]
-        return (
-            (s_glob[None, :, None, :] <= t_glob[:, None, :, None])
-            & (s_glob < self._ids.size)[None, :, None, :]
-        )[:, :, :, None, :, None]
+        real = (s_glob < self._ids.size)[None, :, None, :]
+        causal = (s_glob[None, :, None, :] <= t_glob[:, None, :, None]) & real
+        if self._segments is not None:
+            seg = self._segments[0]
+            causal &= seg[s_glob][None, :, None, :] == seg[t_glob][:, None, :, None]
+        return causal[:, :, :, None, :, None]
 
     def _softmax(self, op, w, s):
         """Softmax along the keys (split along x): max and sum allreduced along x."""
@@ -258,8 +283,12 @@ class MeshPrefiller:
         return hostio.gather_matrix(self.fab, logits, shape, to_all=True, record=False)
 
     # -- the whole prompt ------------------------------------------------------------------
-    def run(self, ids, all_logits: bool = False) -> dict:
+    def run(self, ids, all_logits: bool = False, lengths=None) -> dict:
         """Prefill ``ids``.
+
+        ``lengths`` (summing to ``len(ids)``): ``ids`` holds several prompts one after the
+        other, of these lengths, prefilled together: each prompt's tokens are at positions
+        from 0 and attend to that prompt only.
 
         Returns
         -------
@@ -277,6 +306,7 @@ class MeshPrefiller:
         if ids.min() < 0 or ids.max() >= c.vocab_size:
             raise ValueError(f"token ids must be in 0..{c.vocab_size - 1}")
         self._ids, self._run = ids, P.Pass(ids=tuple(ids.tolist()))
+        self._segments = None if lengths is None else _segments(lengths, ids.size, self.lay)
         self._memo = {}  # RoPE angles and the mask: a new prompt, new positions
         led = self.fab.ledger
         led.memory(

@@ -1,9 +1,11 @@
 """Continuous batching: up to ``B`` requests decode together on the mesh.
 
 Requests start in their given order. Between two decode steps, waiting requests are admitted
-while fewer than ``max_batch`` run and their KV caches fit what is left of the pool: each one's
-prefill runs then (its first token is picked from the prompt's last logits), and it joins the
-next step. A decode step runs every running sequence at once
+while fewer than ``max_batch`` run and their KV caches fit what is left of the pool; their
+prompts are prefilled together, up to :data:`PREFILL_TOKENS` tokens in one prefill
+(:meth:`llm.engine.model.MeshModel.prefill_sequences`: each prompt attends to itself only),
+their first tokens are picked from the prompts' last logits, and they join the next step. A
+decode step runs every running sequence at once
 (:meth:`llm.engine.model.MeshModel.decode_sequences`, each over its own KV cache); each
 sequence stops on its own (a stop token, its token limit, the context, or its cache full:
 ``stopped_by`` says which, as for one request), frees its cache, and makes room for the next
@@ -11,8 +13,9 @@ request. A request that does not fit waits for one that finishes; none is droppe
 
 Each sequence's tokens are the tokens it gets alone (greedy on the mesh, or its own seeded
 sampler on the host); its figures are its own: TTFT is its prefill and first pick (wall clock
-and ledger), its decode time covers the steps it took part in, each step whole (a wafer step
-gives every sequence of the batch one token).
+and ledger; the prefill it shared with the prompts admitted with it), its decode time covers
+the steps it took part in, each step whole (a wafer step gives every sequence of the batch
+one token).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from .generate import Generation
 #: other, and 25.2 / 17.9 / 14.1 s with 8 / 16 / 32 decoding together (0.44 / 0.31 / 0.25x);
 #: 16 keeps most of the gain with half the caches of 32.
 DEFAULT_MAX_BATCH = 16
+
+#: Most prompt tokens prefilled together (a longer prompt is prefilled alone): a prefill's
+#: scores grow with the square of its tokens, and a batch of short prompts gains most.
+PREFILL_TOKENS = 512
 
 
 @dataclass
@@ -69,6 +76,7 @@ def run_continuous(
     capacity: int,
     pool: int | None = None,
     on_done: Callable[[Job, Generation], None] | None = None,
+    prefill_tokens: int = PREFILL_TOKENS,
 ) -> list[Generation]:
     """Run ``jobs`` with up to ``max_batch`` decoding together (collective over the ranks).
 
@@ -81,6 +89,8 @@ def run_continuous(
         at least ``capacity``.
     on_done : callable, optional
         ``(job, generation)`` as each request finishes (in completion order).
+    prefill_tokens : int
+        Most prompt tokens prefilled together (1: every prompt alone).
 
     Returns
     -------
@@ -126,20 +136,38 @@ def run_continuous(
         finish(i, r, why)
         return False
 
-    while waiting or running:
-        while waiting and len(running) < width:  # admit between decode steps, in order
-            i, job = waiting.popleft()
+    def admit(group: list[tuple[int, Job]]) -> None:
+        """Prefill ``group``'s prompts together, pick their first tokens, start them."""
+        new = []
+        for i, job in group:
             r = _Running(job, model.open_sequence(capacity), Generation(list(job.prompt_ids)))
             r.stop_ids = {int(s) for s in job.stop_ids}
-            c0 = led["prefill"].cycles + dled.cycles
-            t0 = time.perf_counter()
-            logits = model.prefill_sequence(r.seq, list(job.prompt_ids))
-            token = model.pick(logits, job.sampler)
-            r.t_first = time.perf_counter()
-            r.gen.ttft_s = r.t_first - t0
-            r.gen.modeled_prefill_s = dled.device.seconds(led["prefill"].cycles + dled.cycles - c0)
+            new.append((i, r))
+        c0 = led["prefill"].cycles + dled.cycles
+        t0 = time.perf_counter()
+        logits = model.prefill_sequences(
+            [r.seq for _, r in new], [list(r.job.prompt_ids) for _, r in new]
+        )
+        tokens = model.pick_sequences(logits, [r.job.sampler for _, r in new])
+        t1 = time.perf_counter()
+        modeled = dled.device.seconds(led["prefill"].cycles + dled.cycles - c0)
+        for (i, r), token in zip(new, tokens):
+            r.t_first, r.gen.ttft_s, r.gen.modeled_prefill_s = t1, t1 - t0, modeled
             if after_token(i, r, token):
                 running.append((i, r))
+
+    while waiting or running:
+        group: list[tuple[int, Job]] = []
+        size = 0
+        while waiting and len(running) + len(group) < width:  # admit between decode steps
+            n = len(waiting[0][1].prompt_ids)
+            if group and size + n > prefill_tokens:
+                admit(group)  # in order: the prompts so far first
+                group, size = [], 0
+            group.append(waiting.popleft())
+            size += n
+        if group:
+            admit(group)
         if not running:
             continue
         c0 = dled.cycles

@@ -64,6 +64,22 @@ def _together(model, prompts, samplers):
     return tokens, [np.array(s) for s in seen]
 
 
+def _prefilled_together(model, prompts, samplers):
+    """:func:`_together` with the prompts prefilled in one prefill."""
+    cap = model.capacity_for(max(len(p) for p in prompts) + NEW)
+    seqs = [model.open_sequence(cap) for _ in prompts]
+    logits = model.prefill_sequences(seqs, prompts)
+    seen = [[row] for row in model.running.gather_logits(logits)]
+    tokens = [[t] for t in model.pick_sequences(logits, samplers)]
+    for _ in range(NEW - 1):
+        logits = model.decode_sequences(seqs, [t[-1] for t in tokens])
+        for i, row in enumerate(model.running.gather_logits(logits)):
+            seen[i].append(row)
+        for t, new in zip(tokens, model.pick_sequences(logits, samplers)):
+            t.append(new)
+    return tokens, [np.array(s) for s in seen]
+
+
 def _meshes():
     """One core per rank on one rank grid, uneven blocks on another."""
     grids = rank_grids(world().Get_size())
@@ -137,3 +153,25 @@ def test_caches_stay_apart_and_a_full_cache_is_refused():
     assert b.cache.length == 1  # nothing moved
     with pytest.raises(ValueError, match="one capacity"):
         model.decode_sequences([b, model.open_sequence(2)], [5, 6])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-gqa", "tiny-qwen2"])
+def test_prompts_prefilled_together_give_each_request_its_tokens_alone(name):
+    """One prefill of several prompts (each at its own positions, attending to itself only),
+    one hand-off each: every sequence's first logits and tokens are those it gets alone."""
+    for mesh in _meshes():
+        model = _model(name, mesh)
+
+        def samplers():
+            return [None, Sampler(0.9, seed=11), None, Sampler(0.7, top_p=0.9, seed=2)]
+
+        alone = [_alone(model, p, s) for p, s in zip(PROMPTS, samplers())]
+        tokens, seen = _prefilled_together(model, PROMPTS, samplers())
+        assert tokens == [a[0] for a in alone], f"mesh {mesh}"
+        for (_, logits), got in zip(alone, seen):  # float32 sums in another order
+            np.testing.assert_allclose(got, logits, atol=1e-4, rtol=0)
+        # in any order of the prompts, and a prompt after a long one
+        order = [3, 0, 2, 1]
+        again, _ = _prefilled_together(model, [PROMPTS[i] for i in order], [None] * 4)
+        greedy = [_alone(model, PROMPTS[i], None)[0] for i in order]
+        assert again == greedy, f"mesh {mesh}"
