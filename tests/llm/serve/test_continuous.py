@@ -133,3 +133,29 @@ def test_bench_batch_reports_per_request_and_total_rates():
     assert p.returncode == 0 and "batch 3: per request TPOT" in p.stdout, p.stderr
     p = llm(bench[:-1] + ["0"])
     assert p.returncode == 2 and p.stderr.startswith("error:") and "--batch" in p.stderr
+
+
+def test_prompts_admitted_together_are_prefilled_together():
+    config, weights = load_checkpoint(FIXTURES / "tiny-llama-gqa")
+    model = MeshModel.from_weights(config, weights, None, decode_mesh=(2, 2), progress=False)
+    lengths = [(2, 6), (9, 3), (1, 8), (5, 5), (3, 2), (7, 6)]
+    jobs = [Job(i, list(range(3, 3 + n)), new) for i, (n, new) in enumerate(lengths)]
+    alone = [generate(model, j.prompt_ids, j.max_new_tokens, None).new_ids for j in jobs]
+    prefills = []
+    run = model.prefiller.run
+
+    def counting(ids, all_logits=False, lengths=None):
+        prefills.append(len(ids) if lengths is None else list(lengths))
+        return run(ids, all_logits, lengths)
+
+    model.prefiller.run = counting
+    cap = slots_needed(model, jobs, None)
+    gens = run_continuous(model, jobs, 4, cap)
+    assert [g.new_ids for g in gens] == alone
+    # the first four together; then each freed slot's prompt (alone, or two at once)
+    assert prefills[0] == [2, 9, 1, 5] and len(prefills) < len(jobs)
+    assert gens[0].ttft_s == gens[3].ttft_s  # one prefill, one first pick for all four
+    prefills.clear()
+    gens = run_continuous(model, jobs, 4, cap, prefill_tokens=11)  # at most 11 tokens at once
+    assert [g.new_ids for g in gens] == alone
+    assert prefills[:2] == [[2, 9], [1, 5]]
