@@ -3,6 +3,8 @@
 Layers (imports point down only)::
 
     ops          MeshGEMM, dist-GEMM-T, MeshGEMV and the SUMMA / Cannon / allreduce baselines
+    movers       the exact and aggregated emulation of the kernels' data movement (the
+                 interface is at the bottom: the fabric holds a mover, chosen once)
     collectives  chain reduce, broadcast, ring / pipeline / K-tree allreduce along x or y
     hostio       scatter/gather of tiled matrices between the host and the mesh (control plane)
     fabric       the only data-plane MPI user: neighbour exchange, relays, tracing
@@ -15,6 +17,7 @@ Layers (imports point down only)::
 from importlib.metadata import PackageNotFoundError, version
 
 from .mesh import MeshError, MeshLayout
+from .movers import aggregated, exact  # noqa: F401  (the movers register themselves)
 from .plmr import PRESETS, Device, Ledger, get_device
 from .runtime import Comm, ControlPlane
 

@@ -263,9 +263,6 @@ class KTreeAllreduce(AllreduceAlgorithm):
         )
 
     def run(self, fab, block, axis, op, spec, name):
-        if fab.aggregate or fab.layout.ranks(axis) == 1:  # ktree_allreduce's one-sweep path
-            total = OPS[op].reduce(block, axis=axis, keepdims=True)
-            return repeat_view(_line_total(fab, total, axis, op, name), block.shape)
         return ktree_allreduce(fab, block, axis, op, spec.levels, spec.groups, False, name)
 
 
@@ -679,13 +676,32 @@ def ktree_allreduce(
     if record:
         words = math.prod(block.shape[2:])
         AllreduceSpec("ktree", groups, levels).charge(fab.ledger, n, words, name)
-    if fab.layout.ranks(axis) == 1 or fab.aggregate:
-        # One rank holds the whole line (no messages), or the fabric aggregates: each rank's
-        # partial joins one sweep per direction. Same sum, same ledger, fewer MPI messages.
-        total = OPS[op].reduce(block, axis=axis, keepdims=True)
-        total = _line_total(fab, total, axis, op, name)
-        return repeat_view(total, block.shape)
-    plan = ktree_levels(n, levels, groups)
+    return fab.mover.allreduce(
+        fab,
+        block,
+        axis,
+        op,
+        lambda: _ktree_phases(fab, block, axis, op, levels, groups, name),
+        name,
+    )
+
+
+def line_allreduce(fab: Fabric, block: np.ndarray, axis: int, op: str, name: str) -> np.ndarray:
+    """Any allreduce's result in one sweep of neighbour messages per direction: each rank's
+    partial (its cores reduced with numpy) joins the sweep (the aggregated mover's
+    :meth:`~meshrt.movers.Mover.allreduce`; the K-tree's own path when one rank holds the
+    whole line). A read-only view repeating the line's value along ``axis``; nothing is
+    recorded."""
+    total = OPS[op].reduce(block, axis=axis, keepdims=True)
+    return repeat_view(_line_total(fab, total, axis, op, name), block.shape)
+
+
+def _ktree_phases(fab, block, axis, op, levels, groups, name) -> np.ndarray:
+    """The K-tree's phases, each as its own neighbour messages (when one rank holds the whole
+    line there are none: its one sweep is the same sum)."""
+    if fab.layout.ranks(axis) == 1:
+        return line_allreduce(fab, block, axis, op, name)
+    plan = ktree_levels(fab.layout.cores(axis), levels, groups)
     vals = block
     for lvl, segs in enumerate(plan):
         key = ("ktree_level", axis, block.shape[axis], levels, groups, lvl)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .mesh import MeshError, MeshLayout, ring_next, ring_prev
+from .movers import Mover, mover_of
 from .plmr import Ledger
 from .runtime import Comm, ControlPlane
 
@@ -49,15 +50,12 @@ class Fabric:
         Where kernels record the modeled wafer cost; a WSE-2 ledger by default.
     trace : bool
         Record every data-plane message in :attr:`trace`.
-    aggregate : bool
-        Emulation shortcut for collectives whose result does not depend on their phases (the
-        K-tree allreduce): each rank's partial joins a single sweep per direction instead of one
-        sweep per tree level. Still neighbour-only, same ledger (the wafer's schedule is priced
-        either way), fewer MPI messages. The GEMM kernels (MeshGEMM, Cannon, the grouped
-        dist-GEMM-T and MeshGEMM) then move tiles by identity and compute each rank's products
-        as whole GEMMs, with the exact schedule's messages (:class:`meshrt.ops._tracked.
-        TrackedLines`). Off by default: every phase runs as its own messages and every core
-        multiplies its own tiles at every step.
+    mover : str or Mover, optional
+        How kernels emulate their data movement (:mod:`meshrt.movers`), chosen once for the
+        fabric: ``"exact"`` (every phase its own messages, every core its own products) or
+        ``"aggregated"`` (tiles tracked by identity, each rank's products as whole GEMMs, the
+        K-tree allreduce in one sweep per direction: the same neighbour messages but the
+        K-tree's, the same ledger). Default :data:`meshrt.movers.DEFAULT_EMULATION`.
     """
 
     _peers: dict[tuple[int, int], int | None]  # (axis, side) -> neighbour rank or None
@@ -69,7 +67,7 @@ class Fabric:
         *,
         ledger: Ledger | None = None,
         trace: bool = False,
-        aggregate: bool = False,
+        mover: str | Mover | None = None,
     ):
         self.control = ControlPlane.of(comm)
         size = self.control.size
@@ -83,7 +81,7 @@ class Fabric:
         self.layout = layout
         self.ledger = ledger if ledger is not None else Ledger()
         self.trace: list[TraceRecord] | None = [] if trace else None
-        self.aggregate = aggregate
+        self.mover = mover_of(mover)
         # index plans the collectives and kernels work out once for this layout and rank
         self.plans: dict = {}
         self._mpi = None

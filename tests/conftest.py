@@ -59,3 +59,13 @@ def device_presets():
     yield PRESETS
     PRESETS.clear()
     PRESETS.update(saved)
+
+
+@pytest.fixture(params=["exact", "aggregated"])
+def each_mover(request, monkeypatch):
+    """Run the test once with every fabric on the exact mover and once on the aggregated one
+    (the default of every ``Fabric`` built meanwhile; :mod:`meshrt.movers`)."""
+    import meshrt.movers
+
+    monkeypatch.setattr(meshrt.movers, "DEFAULT_EMULATION", request.param)
+    return request.param

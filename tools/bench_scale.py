@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from meshrt.movers import DEFAULT_EMULATION, emulations
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPI_ENV = dict(
     OMPI_ALLOW_RUN_AS_ROOT="1",
@@ -173,7 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=6)
     ap.add_argument("--prefill-side", type=int, default=660)
     ap.add_argument("--prefill-tokens", type=int, default=4096, help="0 skips the prefill run")
-    ap.add_argument("--emulation", default="aggregated", choices=["exact", "aggregated"])
+    ap.add_argument(
+        "--emulation", default=DEFAULT_EMULATION, choices=emulations(), help="the emulator's mover"
+    )
     ap.add_argument(
         "--oracle",
         default=None,

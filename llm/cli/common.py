@@ -10,6 +10,7 @@ import argparse
 import math
 
 from meshrt.collectives import ALLREDUCES, allreduce_name
+from meshrt.movers import DEFAULT_EMULATION, emulations
 
 from ..serve.options import MeshSpec, RunOptions, SamplingOptions
 
@@ -198,15 +199,14 @@ def add_run_args(p) -> None:
     )
     p.add_argument(
         "--emulation",
-        choices=["exact", "aggregated"],
-        default="aggregated",
-        help="aggregated (default): K-tree allreduces combine rank partials in one "
-        "sweep of neighbour messages per direction, and MeshGEMM, Cannon and the "
-        "grouped attention kernels move tiles inside a rank by reference and multiply "
-        "each rank's block as a few whole GEMMs; the cross-rank neighbour messages, "
-        "sums and ledger are the same, with far fewer MPI messages and numpy calls "
-        "(measured faster). exact: every core's step and every tree level runs on "
-        "its own",
+        choices=emulations(),
+        default=DEFAULT_EMULATION,
+        help=f"{DEFAULT_EMULATION} (default). aggregated: K-tree allreduces combine rank "
+        "partials in one sweep of neighbour messages per direction, and MeshGEMM, Cannon and "
+        "the grouped attention kernels move tiles by identity and multiply each rank's block "
+        "as a few whole GEMMs; the cross-rank neighbour messages, sums and ledger are the "
+        "same, with far fewer MPI messages and numpy calls. exact: every core's step and "
+        "every tree level runs on its own",
     )
 
 

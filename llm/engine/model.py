@@ -21,6 +21,7 @@ import numpy as np
 from meshrt.collectives import KTREE, AllreduceSpec
 from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout
+from meshrt.movers import DEFAULT_EMULATION, mover_of
 from meshrt.plmr import Ledger, get_device
 from meshrt.runtime import ControlPlane
 
@@ -105,8 +106,8 @@ class MeshModel:
         Allreduce of every reduction, in both phases and the hand-off (the command line builds
         it from its flags).
     emulation : {"exact", "aggregated"}
-        ``aggregated`` lets K-tree allreduces combine rank partials in one sweep per direction
-        (see :class:`meshrt.fabric.Fabric`); results and ledger are the same, MPI messages fewer.
+        The fabrics' mover (:mod:`meshrt.movers`; default
+        :data:`meshrt.movers.DEFAULT_EMULATION`): tokens and ledger are the same either way.
     """
 
     def __init__(
@@ -120,16 +121,15 @@ class MeshModel:
         kv_policy: str = "shift",
         device="wse2",
         allreduce: AllreduceSpec = KTREE,
-        emulation: str = "exact",
+        emulation: str = DEFAULT_EMULATION,
     ):
         self.config = config
         self.control = control = control or ControlPlane.single()
         self.layouts = mesh_layouts(control.size, decode_mesh, prefill_mesh, ranks)
         device = get_device(device)
-        if emulation not in ("exact", "aggregated"):
-            raise ValueError(f"emulation must be 'exact' or 'aggregated', not {emulation!r}")
+        mover = mover_of(emulation)
         self.fabrics = {
-            ph: Fabric(control, lay, ledger=Ledger(device), aggregate=emulation == "aggregated")
+            ph: Fabric(control, lay, ledger=Ledger(device), mover=mover)
             for ph, lay in self.layouts.items()
         }
         self.phase_layouts = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshrt.movers import DEFAULT_EMULATION
+
 Grid = tuple  # (rows, cols)
 
 
@@ -58,13 +60,14 @@ class RunOptions:
     groups : int or None
         K-tree first-level group count (``None``: about the square root of the line).
     emulation : {"aggregated", "exact"}
+        The fabrics' mover (default :data:`meshrt.movers.DEFAULT_EMULATION`).
     """
 
     kv_policy: str = "shift"
     device: str = "wse2"
     allreduce: str = "ktree"
     groups: int | None = None
-    emulation: str = "aggregated"
+    emulation: str = DEFAULT_EMULATION
 
     def allreduce_spec(self):
         """The :class:`meshrt.collectives.AllreduceSpec` of ``allreduce`` and ``groups``."""

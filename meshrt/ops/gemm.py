@@ -36,13 +36,7 @@ from ..fabric import Fabric
 from ..mesh import lcm
 from ..plmr import Cost
 from ..precision import widen
-from ._lines import (
-    line_of,
-    permute_line,
-    ring_dest,
-    ring_positions,
-    shift_lines_back,
-)
+from ._lines import line_of, ring_dest, ring_positions
 from ._tiles import (
     GemmTiling,
     logical_to_virtual,
@@ -52,7 +46,6 @@ from ._tiles import (
     priced_plan,
     virtual_to_logical,
 )
-from ._tracked import LineSchedule, TrackedLines
 from .estimate import (
     KERNEL_RINGS,
     charge_shift_gemm,
@@ -99,9 +92,50 @@ def prepare_b(
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_f32(x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
-    """``x`` as float32 values (16-bit storage words widened into ``buf``)."""
-    return x if buf is None else widen(x, out=buf)
+def shift_operands(
+    fab: Fabric,
+    a_log: np.ndarray,
+    b_log: np.ndarray,
+    kind: str,
+    b_preskewed: bool,
+    name: str,
+) -> tuple:
+    """MeshGEMM/Cannon's operands on the fabric's mover, skewed: A's lines along x (the rank's
+    logical rows; identity = K segment), B's along y (the rank's logical columns).
+
+    ``a_log``: logical tiles ``[by*r, bx*c, tmb, tkb*]`` (natural; ``r``, ``c``: logical rows
+    and columns per virtual core); ``b_log``: ``[by*r, bx*c, tkb, tnb]``, pre-skewed (logical
+    core ``(i, j)`` holds K segment ``order[(pos i + pos j) mod Nl]``), or natural with
+    ``b_preskewed=False`` and skewed here. Returns the two
+    :class:`~meshrt.movers.LineTiles`, ready for the ``Nl`` shift steps.
+    """
+    lay, mv = fab.layout, fab.mover
+    nl = lcm(lay.py, lay.px)
+    x_line, y_line = line_of(fab, 1, nl // lay.px), line_of(fab, 0, nl // lay.py)
+    rows = np.arange(y_line.lo, y_line.hi)  # global logical rows / columns of this rank
+    cols = np.arange(x_line.lo, x_line.hi)
+    pos = ring_positions(nl, kind)
+
+    def b_ids():
+        if b_preskewed:
+            return np.argsort(pos)[(pos[None, :] + pos[cols][:, None]) % nl]
+        return np.broadcast_to(np.arange(nl), (len(cols), nl))
+
+    lines = (kind, x_line, y_line)
+    ta = mv.lines(
+        fab,
+        a_log,
+        1,
+        x_line,
+        lambda: np.broadcast_to(np.arange(nl), (len(rows), nl)),
+        ("shift", "A") + lines,
+        name,
+    )
+    tb = mv.lines(fab, b_log, 0, y_line, b_ids, ("shift", "B", b_preskewed) + lines, name)
+    ta.skew(pos[rows], kind)
+    if not b_preskewed:
+        tb.skew(pos[cols], kind)
+    return ta, tb
 
 
 def _shift_gemm(
@@ -114,208 +148,25 @@ def _shift_gemm(
     priced: tuple | None = None,
     record: bool = True,
 ) -> np.ndarray:
+    """MeshGEMM (``kind="interleaved"``) or Cannon (``"linear"``) on the fabric's mover: the
+    skews, then ``Nl`` steps that multiply the resident tiles while A moves one ring step along
+    x and B along y."""
     lay = fab.layout
     mesh = (lay.py, lay.px)
     a, b = np.asarray(a), np.asarray(b)  # a weight placed on demand is placed once here
     plan = GemmTiling.from_blocks(lay, a.shape, b.shape, name)
     if record:
         charge_shift_gemm(fab.ledger, name, priced_plan(plan, priced), kind, b_preskewed)
-    if fab.aggregate:
-        ta, tb = track_shift_operands(
-            fab,
-            virtual_to_logical(a, mesh),
-            virtual_to_logical(b, mesh),
-            kind,
-            b_preskewed,
-            name,
-        )
-        b_held, b_ids = tb.held()
-        return logical_to_virtual(stored_product(ta.complete(), b_held, b_ids=b_ids), mesh)
-
-    nl = plan.nl
-    x_line, y_line = line_of(fab, 1, plan.cols_per_core), line_of(fab, 0, plan.rows_per_core)
-    rows = np.arange(y_line.lo, y_line.hi)  # global logical rows / columns of this rank
-    cols = np.arange(x_line.lo, x_line.hi)
-    pos = ring_positions(nl, kind)
-    # a_cur: [by*b, bx*a, tmb, tkb]   b_cur: [by*b, bx*a, tkb, tnb]   (logical tiles)
-    a_cur = shift_lines_back(
-        fab, virtual_to_logical(a, mesh), 1, x_line, pos[rows], kind, op=f"{name}/skew"
-    )
-    b_cur = virtual_to_logical(b, mesh)
-    if not b_preskewed:
-        b_cur = shift_lines_back(fab, b_cur, 0, y_line, pos[cols], kind, op=f"{name}/skew")
-
-    a_bufs = (np.empty_like(a_cur), a_cur)
-    b_bufs = (np.empty_like(b_cur), np.empty_like(b_cur))
-    f32 = np.float32
-    a32 = None if a_cur.dtype == f32 else np.empty(a_cur.shape, f32)
-    b32 = None if b_cur.dtype == f32 else np.empty(b_cur.shape, f32)
-    c = np.empty(a_cur.shape[:3] + b_cur.shape[3:], f32)  # [by*b, bx*a, tmb, tnb]
-    partial = np.empty_like(c)
-    dest = ring_dest(nl, kind)
-    for t in range(nl):
+    a_log, b_log = virtual_to_logical(a, mesh), virtual_to_logical(b, mesh)
+    ta, tb = shift_operands(fab, a_log, b_log, kind, b_preskewed, name)
+    product = fab.mover.shift_product(ta, tb)
+    dest = ring_dest(plan.nl, kind)
+    for t in range(plan.nl):
         # on the wafer the two shifts stream while the core multiplies (double buffers)
-        np.matmul(_as_f32(a_cur, a32), _as_f32(b_cur, b32), out=c if t == 0 else partial)
-        if t:
-            c += partial
-        a_cur = permute_line(fab, a_cur, 1, dest, x_line, out=a_bufs[t % 2], op=f"{name}/shift")
-        b_cur = permute_line(fab, b_cur, 0, dest, y_line, out=b_bufs[t % 2], op=f"{name}/shift")
-    return logical_to_virtual(c, mesh)
-
-
-def shift_schedules(fab: Fabric, kind: str, b_preskewed: bool) -> tuple:
-    """The tracked moves of MeshGEMM/Cannon's operands on this rank, worked out once per
-    layout (kept in :attr:`meshrt.fabric.Fabric.plans`).
-
-    Returns ``(sa, sb, skew_a, skew_b, steps)``: the :class:`~meshrt.ops._tracked.LineSchedule`
-    of A (lines along x, identity = K segment) and of B (lines along y, identity = K segment),
-    the skews' messages of each, and per shift step the pair of A's and B's messages.
-    """
-    lay = fab.layout
-    nl = lcm(lay.py, lay.px)
-    x_line, y_line = line_of(fab, 1, nl // lay.px), line_of(fab, 0, nl // lay.py)
-    key = ("shift_operands", kind, b_preskewed, x_line, y_line)
-    if key in fab.plans:
-        return fab.plans[key]
-    rows = np.arange(y_line.lo, y_line.hi)
-    cols = np.arange(x_line.lo, x_line.hi)
-    pos = ring_positions(nl, kind)
-    order = np.argsort(pos)
-    sa = LineSchedule(1, x_line, np.broadcast_to(np.arange(nl), (len(rows), nl)))
-    skew_a = sa.shift_lines_back(pos[rows], kind, op="skew")
-    if b_preskewed:  # logical core (i, j) holds K segment order[(pos i + pos j) mod Nl]
-        b_ids = order[(pos[None, :] + pos[cols][:, None]) % nl]
-    else:
-        b_ids = np.broadcast_to(np.arange(nl), (len(cols), nl))
-    sb = LineSchedule(0, y_line, b_ids)
-    skew_b = [] if b_preskewed else sb.shift_lines_back(pos[cols], kind, op="skew")
-    dest = ring_dest(nl, kind)
-    steps = [(sa.permute(dest, op="shift"), sb.permute(dest, op="shift")) for _ in range(nl)]
-    fab.plans[key] = sa, sb, skew_a, skew_b, steps
-    return fab.plans[key]
-
-
-def track_shift_operands(
-    fab: Fabric,
-    a_log: np.ndarray,
-    b_log: np.ndarray,
-    kind: str,
-    b_preskewed: bool,
-    name: str,
-):
-    """The skews and the ``Nl`` shift steps of MeshGEMM/Cannon on tracked tiles (aggregated
-    emulation): the same neighbour messages as the exact schedule, local moves relabelled.
-
-    ``a_log``: logical tiles ``[by*b, bx*a, tmb, tkb*]`` (natural); ``b_log``: ``[by*b, bx*a,
-    tkb, tnb]`` (pre-skewed, or natural with ``b_preskewed=False``). Returns the
-    :class:`~meshrt.ops._tracked.TrackedLines` of A (lines along x, identity = K segment) and of
-    B (lines along y, identity = K segment). The schedules are worked out once per layout
-    (:func:`shift_schedules`); a call replays their messages.
-    """
-    sa, sb, skew_a, skew_b, steps = shift_schedules(fab, kind, b_preskewed)
-    ta = TrackedLines(fab, a_log, 1, sa.line, schedule=sa)
-    tb = TrackedLines(fab, b_log, 0, sb.line, schedule=sb)
-    prefix = f"{name}/"
-    ta.play(skew_a, prefix)
-    tb.play(skew_b, prefix)
-    for moves_a, moves_b in steps:
-        ta.play(moves_a, prefix)
-        tb.play(moves_b, prefix)
-    return ta, tb
-
-
-def _batched_columns(nl: int, m: int, tkb: int, tnb: int, gathered: bool, chunk_bytes: int) -> int:
-    """Columns per batched product in :func:`stored_product` (0: multiply whole GEMMs instead).
-
-    A batched product multiplies every K segment's tile on its own (``Nl`` partials per output
-    tile, summed after), reading B where it is held; worth it while the partials are small and
-    the K segments long enough for an efficient GEMM.
-    """
-    per_column = 4 * nl * m * (tnb + (tkb if gathered else 0))
-    return chunk_bytes // per_column if tkb >= 32 else 0
-
-
-def stored_product(
-    a_store: np.ndarray,
-    b_store: np.ndarray,
-    col_groups=None,
-    chunk_bytes: int = 64 << 20,
-    b_ids: np.ndarray | None = None,
-) -> np.ndarray:
-    """What every core of the rank accumulates over the shift steps, as a few GEMMs.
-
-    Parameters
-    ----------
-    a_store : ndarray
-        ``[R, Nl, tmb, tkb]`` (or ``[R, Nl, tmb, tkb * G]``, group-minor, with ``col_groups``):
-        A's tiles of the rank's logical rows by K segment.
-    b_store : ndarray
-        ``[Nl, C, tkb, tnb]``: B's tiles of the rank's logical columns by K segment (16-bit
-        words are widened a chunk at a time); with ``b_ids``, in the order they are held.
-    col_groups : ndarray, optional
-        ``[C * tnb, G]`` one-hot group of every output column: column ``f`` multiplies A's group
-        ``g(f)`` slice (:func:`meshrt.ops.grouped.grouped_meshgemm`); a zero row gives 0.
-    b_ids : ndarray, optional
-        ``int[C, Nl]``: the K segment of ``b_store[i, c]`` is ``b_ids[c, i]``
-        (:meth:`meshrt.ops._tracked.TrackedLines.held`); by default ``i``.
-
-    Returns
-    -------
-    ndarray
-        ``f32[R, C, tmb, tnb]``: every logical core's ``sum_k A[r, k] @ B[k, c]``.
-    """
-    r, nl, tmb = a_store.shape[:3]
-    _, c, tkb, tnb = b_store.shape
-    if col_groups is None:
-        step = _batched_columns(nl, r * tmb, tkb, tnb, b_ids is not None, chunk_bytes)
-        if step:
-            return _batched_product(a_store, b_store, b_ids, step)
-    rows = None if b_ids is None else np.argsort(b_ids, axis=1)  # [C, Nl]: row of K segment
-    out = np.zeros((r, tmb, c, tnb), np.float32)
-    if col_groups is None:
-        a_mat = widen(np.ascontiguousarray(a_store.transpose(0, 2, 1, 3))).reshape(r * tmb, -1)
-        step = max(1, chunk_bytes // max(1, 4 * nl * tkb * tnb))
-        for c0 in range(0, c, step):  # B in K order and widened a chunk of columns at a time
-            c1 = min(c, c0 + step)
-            part = b_store[:, c0:c1] if rows is None else b_store[rows[c0:c1].T, np.arange(c0, c1)]
-            b_mat = widen(part).transpose(0, 2, 1, 3).reshape(nl * tkb, -1)
-            out[:, :, c0:c1] = (a_mat @ b_mat).reshape(r, tmb, c1 - c0, tnb)
-        return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
-    groups = col_groups.shape[1]
-    if rows is not None:
-        b_store = b_store[rows.T, np.arange(c)]
-    b_mat = widen(b_store).transpose(0, 2, 1, 3).reshape(nl * tkb, c * tnb)
-    picked = [(g, np.flatnonzero(col_groups[:, g])) for g in range(groups)]
-    cols = [(g, f, b_mat[:, f] * col_groups[f, g]) for g, f in picked if f.size]
-    flat = out.reshape(r * tmb, c * tnb)
-    a5 = a_store.reshape(r, nl, tmb, tkb, groups)
-    step = max(1, chunk_bytes // max(1, 4 * nl * tmb * tkb * groups))
-    for r0 in range(0, r, step):  # A made group-major a chunk of rows at a time
-        r1 = min(r, r0 + step)
-        a_g = widen(np.ascontiguousarray(a5[r0:r1].transpose(4, 0, 2, 1, 3)))
-        a_g = a_g.reshape(groups, (r1 - r0) * tmb, nl * tkb)
-        for g, f, b_g in cols:
-            flat[r0 * tmb : r1 * tmb, f] = a_g[g] @ b_g
-    return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
-
-
-def _batched_product(
-    a_store: np.ndarray, b_store: np.ndarray, b_ids: np.ndarray | None, step: int
-) -> np.ndarray:
-    """:func:`stored_product` as one batched GEMM per chunk of ``step`` columns: every held B
-    tile ``[tkb, tnb]`` (read in place) times the A segment of its K segment, then summed over
-    K segments. No copy of B (float32 words)."""
-    r, nl, tmb, tkb = a_store.shape
-    c, tnb = b_store.shape[1], b_store.shape[3]
-    m = r * tmb
-    a_seg = widen(np.ascontiguousarray(a_store.transpose(1, 0, 2, 3))).reshape(nl, m, tkb)
-    out = np.empty((c, m, tnb), np.float32)
-    for c0 in range(0, c, step):
-        c1 = min(c, c0 + step)
-        a_g = a_seg[None] if b_ids is None else a_seg[b_ids[c0:c1]]  # [C', Nl, m, tkb]
-        b_t = widen(b_store[:, c0:c1]).transpose(1, 0, 2, 3)  # [C', Nl, tkb, tnb]
-        np.sum(np.matmul(a_g, b_t), axis=1, out=out[c0:c1])
-    return np.ascontiguousarray(out.reshape(c, r, tmb, tnb).transpose(1, 0, 2, 3))
+        product.step(t)
+        ta.permute(dest)
+        tb.permute(dest)
+    return logical_to_virtual(product.result(), mesh)
 
 
 def meshgemm(

@@ -1,7 +1,7 @@
 """Aggregated emulation of the GEMM kernels: the exact schedule's messages, ledger and results.
 
 In aggregated emulation MeshGEMM, Cannon and the grouped kernels move tiles by identity
-(:class:`meshrt.ops._tracked.TrackedLines`) and compute each rank's products as whole GEMMs. The
+(:class:`meshrt.movers.tracked.TrackedLines`) and compute each rank's products as whole GEMMs. The
 neighbour messages (peer, size, direction, name) must be those of the exact schedule, the
 ledger identical, and the results equal to numpy's up to float32 summation order.
 """
@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 from meshtest import assert_neighbour_only, fabric, rank_grids, world
 
+from meshrt.hostio import local_block
 from meshrt.mesh import MeshLayout
+from meshrt.movers.tracked import TrackedLines
 from meshrt.ops._lines import line_of
-from meshrt.ops._tracked import TrackedLines
+from meshrt.ops._tiles import natural_tiles
 from meshrt.ops.gemm import cannon, matmul, prepare_a, prepare_b
-from meshrt.ops.grouped import matmul_grouped, matmul_t_grouped
+from meshrt.ops.grouped import (
+    grouped_a_tiles,
+    grouped_gemm_t,
+    grouped_meshgemm,
+    label_tiles,
+    matmul_grouped,
+    matmul_t_grouped,
+)
 from meshrt.precision import to_words
 
 pytestmark = pytest.mark.mpi
@@ -37,11 +46,11 @@ def messages(fab) -> Counter:
 
 def run_both(lay, kernel):
     out = {}
-    for agg in (False, True):
-        fab = fabric(lay, aggregate=agg)
-        out[agg] = (kernel(fab), messages(fab), fab.ledger.summary(), fab.ledger.cycles)
+    for mover in ("exact", "aggregated"):
+        fab = fabric(lay, mover=mover)
+        out[mover] = (kernel(fab), messages(fab), fab.ledger.summary(), fab.ledger.cycles)
         assert_neighbour_only(fab)
-    (r0, m0, s0, c0), (r1, m1, s1, c1) = out[False], out[True]
+    (r0, m0, s0, c0), (r1, m1, s1, c1) = out["exact"], out["aggregated"]
     assert m0 == m1
     assert s0 == s1 and c0 == c1
     return r0, r1
@@ -108,7 +117,7 @@ def test_grouped_kernels_aggregated_match_exact():
 
 def test_tracked_tiles_cannot_leave_a_rank_they_never_reached():
     lay = MeshLayout(2, 2 * world().Get_size(), 1, world().Get_size())
-    fab = fabric(lay, aggregate=True)
+    fab = fabric(lay, mover="aggregated")
     line = line_of(fab, 1)
     block = np.zeros((lay.by, lay.bx, 1, 1), np.float32)
     tracked = TrackedLines(fab, block, 1, line, np.broadcast_to(np.arange(line.n), (2, line.n)))
@@ -130,3 +139,29 @@ def test_aggregated_meshgemm_with_one_message_in_flight(monkeypatch):
         r0, r1 = run_both(lay, lambda f: matmul(f, a, b, b_preskewed=False, to_all=True))
         np.testing.assert_allclose(r1, a @ b, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_kernels_with_labels_that_differ_by_row_of_cores():
+    """Labels are per core: where a row of cores labels its features otherwise than the
+    others, the aggregated mover forms that row's products with its own labels."""
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((9, 14)).astype(np.float32)
+    k = rng.standard_normal((10, 14)).astype(np.float32)
+    p = rng.standard_normal((9, 10, 3)).astype(np.float32)
+    v = rng.standard_normal((10, 14)).astype(np.float32)
+    for lay in meshes(world().Get_size()):
+        mesh = (lay.py, lay.px)
+        labels = np.stack([label_tiles(np.roll(LABELS, 4 * y), 3, mesh)[y] for y in range(lay.py)])
+        assert not (labels == labels[:1]).all() or lay.py == 1
+        qt, kt, pt = natural_tiles(q, mesh), natural_tiles(k, mesh), grouped_a_tiles(p, mesh)
+        vt = prepare_b(v, mesh, "natural")
+
+        def scores(fab, tiles=(qt, kt, labels)):
+            return grouped_gemm_t(fab, *(local_block(fab, t) for t in tiles))
+
+        def weighted(fab, tiles=(pt, vt, labels)):
+            return grouped_meshgemm(fab, *(local_block(fab, t) for t in tiles))
+
+        for kernel in (scores, weighted):
+            r0, r1 = run_both(lay, kernel)
+            np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)

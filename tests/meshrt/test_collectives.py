@@ -7,7 +7,7 @@ from meshtest import assert_neighbour_only, core_ids, fabric, layout_params, wor
 from meshrt import collectives as C
 from meshrt.mesh import MeshLayout
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("each_mover")]
 
 VEC = (3,)
 
@@ -152,7 +152,7 @@ def test_chain_reduce_mpi_bytes_closed_form(axis, lay):
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("lay", layout_params())
 def test_aggregated_ktree_same_result_and_ledger_fewer_messages(axis, lay):
-    exact, agg = fabric(lay), fabric(lay, aggregate=True)
+    exact, agg = fabric(lay, mover="exact"), fabric(lay, mover="aggregated")
     a = C.allreduce(exact, core_ids(exact, VEC), axis, spec=C.AllreduceSpec(levels=3))
     b = C.allreduce(agg, core_ids(agg, VEC), axis, spec=C.AllreduceSpec(levels=3))
     np.testing.assert_array_equal(a, b)

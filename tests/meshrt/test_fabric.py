@@ -6,7 +6,7 @@ from meshtest import assert_neighbour_only, core_ids, fabric, layout_params
 
 from meshrt.mesh import ring_next, ring_prev
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("each_mover")]
 
 
 def _global_ids(lay):

@@ -21,7 +21,7 @@ from meshrt.ops import gemm as G
 from meshrt.ops import gemm_t as GT
 from meshrt.ops._lines import line_of, permute_line, ring_dest, shift_lines_back
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("each_mover")]
 
 
 def _meshes(size, extra=((4, 6), (3, 3), (6, 4))):

@@ -8,7 +8,7 @@ from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout
 from meshrt.ops import grouped as GR
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("each_mover")]
 
 
 def _meshes(size):

@@ -1,11 +1,11 @@
-"""The rank's products of aggregated MeshGEMM (:func:`meshrt.ops.gemm.stored_product`): batched
-per K segment or as whole GEMMs, B by identity or where it is held (``b_ids``), float32 or
+"""The rank's products of aggregated MeshGEMM (:func:`meshrt.movers.stored.stored_product`):
+batched per K segment or as whole GEMMs, B by identity or where it is held (``b_ids``), float32 or
 16-bit words, grouped or not, all equal to the sum over K segments."""
 
 import numpy as np
 import pytest
 
-from meshrt.ops.gemm import stored_product
+from meshrt.movers.stored import stored_product
 from meshrt.precision import from_bf16_words, to_words
 
 

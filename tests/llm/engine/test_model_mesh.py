@@ -12,6 +12,7 @@ from meshtest import control_plane, greedy_steps, rank_grids, world
 
 from llm.engine.model import MeshModel
 from meshrt.collectives import AllreduceSpec
+from meshrt.movers import emulations
 
 pytestmark = pytest.mark.mpi
 
@@ -73,18 +74,22 @@ def test_allreduce_algorithms_agree():
         np.testing.assert_allclose(step_logits, exp["decode_logits"][:4], atol=ATOL, rtol=0)
 
 
-def test_aggregated_emulation_same_tokens():
+def test_both_emulations_same_tokens_and_ledger():
     config, weights, exp = golden("tiny-qwen2")
     comm = world()
     ry, rx = rank_grids(comm.Get_size())[-1]
-    model = MeshModel.from_weights(
-        config,
-        weights,
-        control_plane(),
-        decode_mesh=(4 * ry, 2 * rx),
-        phases=["decode"],
-        emulation="aggregated",
-    )
-    prompt_logits, ids, _ = run_model(model, exp, steps=6)
-    assert ids == [int(t) for t in exp["greedy_ids"][:6]]
-    np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0)
+    ledgers = {}
+    for emulation in emulations():
+        model = MeshModel.from_weights(
+            config,
+            weights,
+            control_plane(),
+            decode_mesh=(4 * ry, 2 * rx),
+            phases=["decode"],
+            emulation=emulation,
+        )
+        prompt_logits, ids, _ = run_model(model, exp, steps=6)
+        assert ids == [int(t) for t in exp["greedy_ids"][:6]]
+        np.testing.assert_allclose(prompt_logits, exp["prefill_logits"], atol=ATOL, rtol=0)
+        ledgers[emulation] = {ph: f.ledger.summary() for ph, f in model.fabrics.items()}
+    assert ledgers["exact"] == ledgers["aggregated"]

@@ -1,4 +1,4 @@
-"""Aggregated emulation: tiles moving along lines, tracked by identity.
+"""Tiles moving along lines, tracked by identity (the aggregated mover's bookkeeping).
 
 A kernel whose operand tiles only move (MeshGEMM's and Cannon's A and B, the grouped kernels'
 rotating operand) need not move them core by core: every tile has an identity (the operand
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..fabric import Fabric
-from ._lines import Line, back_shift_rounds, cut_crossings
+from ..ops._lines import Line, back_shift_rounds, cut_crossings
 
 
 @dataclass(frozen=True)
