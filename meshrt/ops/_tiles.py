@@ -72,6 +72,34 @@ class GemmTiling:
             )
         return cls(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[3] // per_x)
 
+    @classmethod
+    def from_blocks_t(
+        cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B^T"
+    ) -> GemmTiling:
+        """The plan of ``C = A @ B^T`` (dist-GEMM-T) on rank blocks ``a: [by, bx, M/Py, D/Px]``
+        and ``b: [by, bx, N/Py, D/Px]``: ``tkb`` is the logical feature segment, ``tnb`` the
+        logical segment of B's rows."""
+        py, px = layout.py, layout.px
+        nl = lcm(py, px)
+        per_x, per_y = nl // px, nl // py
+        for name, shape in (("A", a_shape), ("B", b_shape)):
+            if len(shape) != 4 or tuple(shape[:2]) != (layout.by, layout.bx):
+                raise MeshError(
+                    f"{what}: {name} block has shape {tuple(shape)}; expected "
+                    f"({layout.by}, {layout.bx}, seq, dim) on {layout}"
+                )
+            if shape[2] % per_y or shape[3] % per_x:
+                raise MeshError(
+                    f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} "
+                    f"mesh is cut into a {nl}x{nl} logical mesh: pad every dimension to a "
+                    f"multiple of {nl} (natural_tiles does)"
+                )
+        if a_shape[3] != b_shape[3]:
+            raise MeshError(
+                f"{what}: A tiles hold {a_shape[3]} features per core, B tiles {b_shape[3]}"
+            )
+        return cls(py, px, a_shape[2] // per_y, a_shape[3] // per_x, b_shape[2] // per_y)
+
     @property
     def nl(self) -> int:
         """Logical mesh side ``lcm(Py, Px)``."""

@@ -1,17 +1,17 @@
 """Closed-form wafer cost of the GEMM kernels, without running them.
 
-The kernels in :mod:`meshrt.ops.gemm` and :mod:`meshrt.ops.gemm_t` price every step they execute
+The kernels in :mod:`meshrt.ops.gemm` and :mod:`meshrt.ops.grouped` price every step they execute
 with the per-step functions below; the ``estimate_*`` functions apply the same functions to the
 whole schedule, derived from the shapes alone, so they predict paper-scale meshes (720 x 720)
 in milliseconds. Tests tie the two together exactly on meshes small enough to emulate.
 
-What each kernel costs on the wafer (``Nl = lcm(Py, Px)``; ``a = Nl/Px`` and ``b = Nl/Py``
-logical cores per virtual core; logical tiles ``tmb x tkb``, ``tkb x tnb``):
+What each kernel costs on the wafer (``Nl = lcm(Py, Px)``; ``c = Nl/Px`` columns and ``r = Nl/Py``
+rows of logical cores per virtual core; logical tiles ``tmb x tkb``, ``tkb x tnb``):
 
 ==========  =====================================  ===========================  ===============
 kernel      per step (``Nl`` steps)                 critical path per step       routes per core
 ==========  =====================================  ===========================  ===============
-MeshGEMM    MAC ``ab tmb tkb tnb`` overlapped with  2 hops (interleaved ring)    3 per ring, 12
+MeshGEMM    MAC ``rc tmb tkb tnb`` overlapped with  2 hops (interleaved ring)    3 per ring, 12
             one A (x) and one B (y) ring shift
 Cannon      as MeshGEMM                             ``P - 1`` hops (wrap link)   2 per ring, 8
 SUMMA       x and y multicasts, then MAC            ``max(r, P-1-r)`` hops       ``Py + Px``
@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..collectives import broadcast_cost, chain_cost
+from ..collectives import broadcast_cost
 from ..mesh import ring_order
 from ..plmr import WSE2, Cost, Device, Ledger
 from ._lines import physical_hops, physical_load, ring_dest, ring_positions
@@ -277,11 +277,6 @@ def gemm_t_step(plan: GemmTiling) -> tuple:
     )
 
 
-def gemm_t_reduce(plan: GemmTiling, roots: np.ndarray) -> Cost:
-    """One step's chain reduces toward ``roots``."""
-    return chain_cost(plan.px, roots, plan.rows_per_core * plan.tmb * plan.tnb)
-
-
 def pipelined_reduces(reduces: Counter) -> list:
     """Costs of a sequence of chain reduces, tallied ``{Cost: count}``.
 
@@ -303,42 +298,9 @@ def pipelined_reduces(reduces: Counter) -> list:
     ]
 
 
-def gemm_t_costs(plan: GemmTiling, reduces: Counter) -> list:
-    """Step costs, with the chain reduces tallied ``{Cost: count}``."""
-    return [gemm_t_step(plan)] + pipelined_reduces(reduces)
-
-
-def gemm_t_memory(plan: GemmTiling) -> int:
-    """Words per core: A, double-buffered B, C and one partial-product tile."""
-    tm, td = plan.tile_a
-    tn_b = plan.rows_per_core * plan.tnb
-    return tm * td + 2 * tn_b * td + tm * plan.cols_per_core * plan.tnb + tm * plan.tnb
-
-
 def gemm_t_routes(plan: GemmTiling) -> int:
     """The y ring (3 colours) and the two chain directions along x."""
     return (3 if plan.py > 1 else 0) + (2 if plan.px > 1 else 0)
-
-
-def estimate_gemm_t(
-    m: int,
-    n: int,
-    d: int,
-    mesh: tuple[int, int],
-    device: Device | None = None,
-    ledger: Ledger | None = None,
-    name: str = "gemm_t",
-) -> Ledger:
-    """The ledger :func:`meshrt.ops.gemm_t.gemm_t` writes for ``[m, d] @ [n, d]^T``."""
-    led = ledger if ledger is not None else Ledger(device or WSE2)
-    plan = GemmTiling.for_shapes(m, d, n, mesh)
-    tally = Counter(
-        gemm_t_reduce(plan, gemm_t_segments(plan, t) // plan.cols_per_core) for t in range(plan.nl)
-    )
-    record(led, name, gemm_t_costs(plan, tally))
-    led.memory(name, gemm_t_memory(plan))
-    led.routes(name, gemm_t_routes(plan))
-    return led
 
 
 ESTIMATORS: dict[str, Callable[..., Ledger]] = {

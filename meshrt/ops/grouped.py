@@ -5,15 +5,19 @@ row marks a padding feature that belongs to no group). Two kernels, with the sch
 ungrouped versions:
 
 * :func:`grouped_gemm_t`, dist-GEMM-T per group: ``C[:, :, g] = A[:, F_g] @ B[:, F_g]^T`` where
-  ``F_g`` are the features labelled ``g``. A stays; B rotates along y on the interleaved two-hop
-  ring; each step's partials (one per group) are chain-reduced along x to the owning column.
+  ``F_g`` are the features labelled ``g`` (one group: dist-GEMM-T ``A @ B^T``, :func:`matmul_t`).
+  A stays; B rotates along y on the interleaved two-hop ring with no skew (at step ``t`` logical
+  row ``i`` holds B's segment ``L[(pos(i) - t) mod Nl]``); each step's partials (one per group)
+  are chain-reduced along x to the column owning that segment of C. After ``Nl`` steps C is
+  complete, in MeshGEMM's output layout, ready for ``S @ V``.
 * :func:`grouped_meshgemm`, MeshGEMM with a grouped left operand:
   ``C[:, f] = sum_u A[:, u, g(f)] B[u, f]`` where ``g(f)`` is the label of output column ``f``.
   A (with its trailing group axis) is skewed along x on the mesh, B (computed on the mesh, so not
   pre-skewed by default) along y; then ``Nl`` compute-shift steps.
 
-Labels never move: B keeps its columns (gemm_t rotates B along y only; MeshGEMM moves B along y
-and column labels are per column), so every core keeps the one-hot rows of its own features.
+Labels never move: B keeps its columns (dist-GEMM-T rotates B along y only; MeshGEMM moves B
+along y and column labels are per column), so every core keeps the one-hot rows of its own
+features. Both kernels are written once over the fabric's mover (:mod:`meshrt.movers`).
 
 Layouts (rank blocks; ``Nl = lcm(Py, Px)``; every dimension padded to a multiple of ``Nl``;
 ``G`` groups):
@@ -59,7 +63,6 @@ from .estimate import (
     shift_gemm_routes,
 )
 from .gemm import shift_operands
-from .gemm_t import plan_from_blocks
 
 RING = "interleaved"
 
@@ -203,7 +206,7 @@ def grouped_gemm_t(
         ``f32[by, bx, M/Py, N/Px, G]``: ``C[row-seg py, row-seg px, g]``.
     """
     lay = fab.layout
-    plan = plan_from_blocks(lay, a.shape, b.shape, name)
+    plan = GemmTiling.from_blocks_t(lay, a.shape, b.shape, name)
     cost_plan = priced_plan(plan, None if priced is None else (priced[0], priced[2], priced[1]))
     _check_labels(labels, (lay.by, lay.bx, a.shape[3]), name)
     if record:
@@ -310,6 +313,36 @@ def matmul_t_grouped(
         return None
     py, px, tm, tn, g = tiles.shape
     return tiles.transpose(0, 2, 1, 3, 4).reshape(py * tm, px * tn, g)[:m, :n]
+
+
+def matmul_t(
+    fab: Fabric,
+    a: np.ndarray | None,
+    b: np.ndarray | None,
+    dtype=np.float32,
+    root: int = 0,
+    to_all: bool = False,
+) -> np.ndarray | None:
+    """dist-GEMM-T ``C = A @ B^T``: :func:`grouped_gemm_t` with every feature in one group
+    (records ``gemm_t/...``). Scatters ``A[M, D]`` and ``B[N, D]`` from ``root`` and gathers
+    ``C[M, N]`` on ``root`` (every rank with ``to_all``; ``None`` elsewhere)."""
+    (m, d), (n, d2) = hostio.host_shapes(fab, a, b, root=root)
+    if d != d2:
+        raise ValueError(f"feature dimensions differ: A is {m}x{d}, B is {n}x{d2}")
+    mesh = (fab.layout.py, fab.layout.px)
+    is_root = fab.nranks == 1 or fab.control.rank == root
+    ta = tb = tl = None
+    if is_root and a is not None and b is not None:
+        ta, tb = natural_tiles(a, mesh, dtype), natural_tiles(b, mesh, dtype)
+        tl = label_tiles(np.zeros(d, np.int64), 1, mesh)  # every feature in group 0
+    c = grouped_gemm_t(
+        fab,
+        hostio.scatter(fab, ta, root),
+        hostio.scatter(fab, tb, root),
+        hostio.scatter(fab, tl, root),
+        name="gemm_t",
+    )
+    return hostio.gather_matrix(fab, c[..., 0], (m, n), root, to_all)
 
 
 def matmul_grouped(

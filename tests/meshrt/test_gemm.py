@@ -18,8 +18,9 @@ from meshrt.fabric import Fabric
 from meshrt.mesh import MeshError, MeshLayout, lcm, ring_next, ring_pos, ring_prev, skew_index
 from meshrt.ops import estimate as E
 from meshrt.ops import gemm as G
-from meshrt.ops import gemm_t as GT
+from meshrt.ops import grouped as GR
 from meshrt.ops._lines import line_of, permute_line, ring_dest, shift_lines_back
+from meshrt.ops._tiles import natural_tiles
 
 pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("each_mover")]
 
@@ -145,14 +146,14 @@ def test_gemm_t_matches_numpy():
     k = rng.standard_normal((41, 29)).astype(np.float32)
     for i, lay in enumerate(_meshes(size)):
         fab = fabric(lay)
-        got = GT.matmul_t(fab, q, k, to_all=True)
+        got = GR.matmul_t(fab, q, k, to_all=True)
         np.testing.assert_allclose(got, q @ k.T, rtol=1e-5, atol=1e-4, err_msg=str(lay))
         assert_neighbour_only(fab)
         if i < 3:
             for m, n, d in ((50, 3, 4), (3, 44, 7)):
                 x = rng.standard_normal((m, d)).astype(np.float32)
                 y = rng.standard_normal((n, d)).astype(np.float32)
-                got = GT.matmul_t(fab, x, y, to_all=True)
+                got = GR.matmul_t(fab, x, y, to_all=True)
                 np.testing.assert_allclose(got, x @ y.T, rtol=1e-5, atol=1e-4, err_msg=str(lay))
 
 
@@ -163,8 +164,10 @@ def test_gemm_chain_keeps_the_natural_layout(lay):
     q, k, v = (rng.standard_normal((20, 12)).astype(np.float32) for _ in range(3))
     fab = fabric(lay)
     mesh = (lay.py, lay.px)
-    qt, kt = GT.prepare_gemm_t(q, k, mesh)
-    s = GT.gemm_t(fab, hostio.local_block(fab, qt), hostio.local_block(fab, kt))
+    qt, kt = natural_tiles(q, mesh), natural_tiles(k, mesh)
+    one_group = GR.label_tiles(np.zeros(12, int), 1, mesh)
+    blocks = (hostio.local_block(fab, t) for t in (qt, kt, one_group))
+    s = GR.grouped_gemm_t(fab, *blocks)[..., 0]
     vb = hostio.local_block(fab, G.prepare_b(v, mesh, "summa"))
     o = G.meshgemm(fab, s, vb, b_preskewed=False)
     got = hostio.gather_matrix(fab, o, (20, 12), to_all=True)
@@ -268,8 +271,8 @@ def test_gemm_t_ledger_equals_estimate(lay):
     q = rng.standard_normal((m, d)).astype(np.float32)
     k = rng.standard_normal((n, d)).astype(np.float32)
     fab = fabric(lay)
-    GT.matmul_t(fab, q, k)
-    est = E.estimate_gemm_t(m, n, d, (lay.py, lay.px))
+    GR.matmul_t(fab, q, k)
+    est = GR.estimate_grouped_gemm_t(m, n, d, 1, (lay.py, lay.px), name="gemm_t")
     got = _kernel_ops(fab, "gemm_t")
     assert got.keys() == est.ops.keys()
     for op in got:
@@ -292,7 +295,7 @@ def test_paper_scale_estimates():
     assert cn.ops["cannon/step"].hops == 719 * 720 and cn.max_routes <= 24
     assert su.max_routes == 1440 and any("routing" in v for v in su.violations())
     assert mg.cycles < cn.cycles < su.cycles
-    gt = E.estimate_gemm_t(4096, 4096, 4096, mesh)
+    gt = GR.estimate_grouped_gemm_t(4096, 4096, 4096, 1, mesh, name="gemm_t")
     assert gt.ops["gemm_t/step"].steps == 720 and gt.max_routes == 5
 
 
