@@ -50,6 +50,8 @@ class BenchSpec:
         K-tree first-level group count (``None``: about the square root of the line), levels.
     check : bool
         Compare with numpy and report the largest error.
+    emulation : str or None
+        The fabrics' mover (:mod:`meshrt.movers`; ``None``: the default).
     """
 
     repeat: int = 5
@@ -61,6 +63,7 @@ class BenchSpec:
     groups: int | None = None
     levels: int = 2
     check: bool = False
+    emulation: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +102,7 @@ def bench_fabric(lay, spec: BenchSpec, comm, log) -> list[dict]:
     from .fabric import Fabric
 
     rank, _ = runtime.rank_and_size(comm)
-    fab = Fabric(comm, lay)
+    fab = Fabric(comm, lay, mover=spec.emulation)
     t = spec.tile
     block = np.random.default_rng(rank).standard_normal((lay.by, lay.bx, t, t)).astype(np.float32)
     mb = block.nbytes / 2**20
@@ -195,7 +198,7 @@ def bench_gemv(lay, spec: BenchSpec, comm, log) -> list[dict]:
     t_np = _timed(lambda: x @ w, None, spec.repeat, spec.warmup)
     rows = []
     for algo in spec.algos or ("ktree",):
-        fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)))
+        fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)), mover=spec.emulation)
         wb = hostio.local_block(fab, G.weight_tiles(w, mesh, "y"))
         xb = hostio.local_block(fab, G.vector_tiles(x, mesh, "y"))
         log.info(f"gemv {algo}: [1,{n}]x[{n},{n}] on {lay}")
@@ -246,7 +249,7 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
     for algo in spec.algos or ("meshgemm",):
         if algo not in kernels:
             raise ValueError(f"gemm algorithm {algo!r}: choose from {', '.join(kernels)}")
-        fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)))
+        fab = Fabric(comm, lay, ledger=Ledger(get_device(spec.device)), mover=spec.emulation)
         log.info(f"gemm {algo}: {n}^3 on {lay}")
         ab = hostio.local_block(fab, M.prepare_a(a, mesh))
         bb = hostio.local_block(fab, M.prepare_b(b, mesh, algo))
@@ -255,6 +258,7 @@ def bench_gemm(lay, spec: BenchSpec, comm, log) -> list[dict]:
         row = {
             "bench": "gemm",
             "algo": algo,
+            "emulation": fab.mover.name,
             "n": n,
             "mesh": f"{lay.py}x{lay.px}",
             "ranks": f"{lay.ry}x{lay.rx}",

@@ -14,6 +14,7 @@ import json
 import sys
 
 from . import runtime  # noqa: F401  (sets BLAS threads before numpy loads)
+from .movers import DEFAULT_EMULATION, emulations
 
 
 class _Parser(argparse.ArgumentParser):
@@ -277,6 +278,13 @@ def add_bench_parser(sub) -> None:
     )
     p.add_argument("--kernel", choices=["gemm", "gemv"], default="gemv", help="model: which kernel")
     p.add_argument("--check", action="store_true", help="compare with numpy, print the max error")
+    p.add_argument(
+        "--emulation",
+        choices=emulations(),
+        default=DEFAULT_EMULATION,
+        help=f"how kernels move tiles (default {DEFAULT_EMULATION}): exact, every core its own "
+        "steps; aggregated, tiles by identity and whole GEMMs per rank (meshrt.movers)",
+    )
     p.add_argument("--repeat", type=_count(1), default=5, help="timed runs (median reported)")
     p.add_argument("--warmup", type=_count(0), default=1, help="untimed runs first")
     p.add_argument(
@@ -315,6 +323,7 @@ def run_bench(args) -> int:
         groups=args.groups,
         levels=args.levels,
         check=args.check,
+        emulation=args.emulation,
     )
     if args.what == "model":
         rows = bench.bench_model(

@@ -328,3 +328,19 @@ def test_bfloat16_style_storage(lay):
     c = hostio.gather_matrix(fab, G.meshgemm(fab, ab, bb), (21, 23), to_all=True)
     want = round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("emulation", ["exact", "aggregated"])
+def test_bench_gemm_runs_on_the_mover_asked_for(emulation):
+    """``meshrt bench gemm --emulation``: the rows name the mover, and the product is right."""
+    import logging
+
+    from meshrt.bench import BenchSpec, bench_gemm
+
+    comm = world()
+    lay = layouts(comm.Get_size(), blocks=((2, 2),))[0]
+    spec = BenchSpec(repeat=1, warmup=0, size=24, check=True, emulation=emulation)
+    rows = bench_gemm(lay, spec, comm if comm.Get_size() > 1 else None, logging.getLogger())
+    assert rows[0]["emulation"] == emulation
+    if comm.Get_rank() == 0:
+        assert rows[0]["max_abs_err"] < 1e-4
