@@ -671,7 +671,11 @@ def ktree_allreduce(
     record: bool = True,
     name: str = "allreduce_ktree",
 ) -> np.ndarray:
-    """K-tree allreduce (MeshGEMV): grouped chain reduces level by level, then a multicast."""
+    """K-tree allreduce (MeshGEMV): grouped chain reduces level by level, then a multicast.
+
+    The fabric's mover runs it: each level as its own neighbour messages (exact), or each
+    rank's partial in one sweep per direction (aggregated, :func:`line_allreduce`); the same
+    sum and ledger either way."""
     n = fab.layout.cores(axis)
     if record:
         words = math.prod(block.shape[2:])

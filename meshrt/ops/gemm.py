@@ -13,7 +13,9 @@ MeshGEMM and Cannon are one algorithm on two rings (output-stationary Cannon): A
 the mesh (logical row ``i`` moves back ``pos(i)`` ring positions, the shorter way round), then
 ``Nl`` steps each multiply the resident tiles while A moves one ring step along x and B along y.
 MeshGEMM's interleaved ring has edges of at most two hops; Cannon's ring closes with a wrap-around
-edge that relays across the whole line. After ``Nl`` steps B is back where it started.
+edge that relays across the whole line. After ``Nl`` steps B is back where it started. The
+schedule is written once, over the fabric's mover (:mod:`meshrt.movers`), which either moves and
+multiplies core by core or tracks the tiles and forms each rank's products at the end.
 
 A non-square mesh runs the square algorithm on the ``Nl x Nl`` logical mesh, each virtual core
 standing for ``Nl/Py x Nl/Px`` logical cores (see :mod:`meshrt.ops._tiles`); logical moves inside
