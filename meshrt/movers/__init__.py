@@ -38,7 +38,10 @@ Line: TypeAlias = Any  # meshrt.ops._lines.Line
 GemmTiling: TypeAlias = Any  # meshrt.ops._tiles.GemmTiling
 
 #: The emulation of every fabric, model and run unless told otherwise: the one statement of the
-#: default (``Fabric``, ``MeshModel``, ``RunOptions``, ``--emulation`` read it).
+#: default (``Fabric``, ``MeshModel``, ``RunOptions``, ``--emulation`` read it). Measured
+#: 2026-12-06, 2 ranks on a loaded 2-core machine, llama-100m, 43-token prompt, 32 tokens, medians
+#: of 3: aggregated TTFT 2.1x (4x4 mesh) and 3.0x (8x8) shorter than exact, time per token 1.4x and
+#: 1.05x; one LLaMA3-8B layer prefilling 256 tokens on 96x96 cores: 15 s against 85 s.
 DEFAULT_EMULATION = "aggregated"
 
 
