@@ -25,6 +25,20 @@ else:
 
 T = TypeVar("T")
 
+#: What Open MPI from PyPI needs to start a job on one machine as root with more ranks than
+#: cores, over shared memory, with one BLAS thread per rank: the Makefile and
+#: ``jobs/mpirun.sh`` export the same; tests and tools add it to a child's environment.
+LOCAL_MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMPI_MCA_rmaps_base_oversubscribe": "true",
+    "OMPI_MCA_pml": "ob1",
+    "OMPI_MCA_btl": "self,sm",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+}
+
 # Ranks share cores; BLAS threads per rank would oversubscribe them (set before numpy loads).
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from meshrt.runtime import LOCAL_MPI_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
@@ -33,12 +35,7 @@ LAUNCHER_VARS = (
 )
 ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
 ENV.update(
-    OMPI_ALLOW_RUN_AS_ROOT="1",
-    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-    PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-    OMPI_MCA_pml="ob1",
-    OMPI_MCA_btl="self,sm",
-    OPENBLAS_NUM_THREADS="1",
+    LOCAL_MPI_ENV,
     PYTHONUNBUFFERED="1",
     MESHRT_ERROR_WAIT="3",
 )

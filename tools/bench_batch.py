@@ -35,6 +35,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from meshrt.runtime import LOCAL_MPI_ENV  # noqa: E402
+
 #: The text the prompts are cut from (any fixed text does; this one describes the project).
 TEXT = (
     "A wafer-scale processor holds hundreds of thousands of small cores on one piece of "
@@ -68,17 +70,7 @@ def requests(tokenizer, n: int, low: int = 5, high: int = 52) -> list[dict]:
 
 
 def _env() -> dict:
-    return dict(
-        os.environ,
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        OMPI_MCA_pml="ob1",
-        OMPI_MCA_btl="self,sm",
-        OMPI_MCA_rmaps_base_oversubscribe="true",
-        OPENBLAS_NUM_THREADS="1",
-        OMP_NUM_THREADS="1",
-    )
+    return dict(os.environ, **LOCAL_MPI_ENV)
 
 
 def _load_average() -> str:

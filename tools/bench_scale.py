@@ -27,18 +27,10 @@ import sys
 import time
 
 from meshrt.movers import DEFAULT_EMULATION, emulations
+from meshrt.runtime import LOCAL_MPI_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MPI_ENV = dict(
-    OMPI_ALLOW_RUN_AS_ROOT="1",
-    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-    PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-    OMPI_MCA_pml="ob1",
-    OMPI_MCA_btl="self,sm",
-    OMPI_MCA_rmaps_base_oversubscribe="true",
-    OPENBLAS_NUM_THREADS="1",
-    OMP_NUM_THREADS="1",
-)
+MPI_ENV = LOCAL_MPI_ENV
 
 # (what, limit, unit) of each target of the issue; None = not applicable to that run.
 TARGETS = {

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from llm.modeling.config import preset  # noqa: E402
 from llm.storage.checkpoint import random_weights  # noqa: E402
+from meshrt.runtime import LOCAL_MPI_ENV  # noqa: E402
 
 REAL_MODELS = ("smollm2",)
 
@@ -110,16 +111,10 @@ def _env() -> dict:
     # round trip with its receiver, so the ranks wait for each other less (same messages).
     return dict(
         os.environ,
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        OMPI_MCA_pml="ob1",
-        OMPI_MCA_btl="self,sm",
+        **LOCAL_MPI_ENV,
         OMPI_MCA_mpi_yield_when_idle="1",
         OMPI_MCA_btl_sm_eager_limit="131072",
         OMPI_MCA_btl_sm_max_send_size="131072",
-        OPENBLAS_NUM_THREADS="1",
-        OMP_NUM_THREADS="1",
     )
 
 

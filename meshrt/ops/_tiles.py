@@ -20,6 +20,29 @@ from ..mesh import MeshError, ceil_div, lcm, pad_to
 from ..precision import as_storage
 
 
+def _check_blocks(layout, what: str, a_shape: tuple, b_shape: tuple, axes: str, fix: str) -> tuple:
+    """``(per_x, per_y)``, logical cores per virtual core along x and y, once both operands'
+    rank blocks are ``[by, bx, *tile]`` with tiles cut whole by the logical mesh; a
+    :class:`MeshError` naming the operand, the ``axes`` of its tiles and how to ``fix`` it
+    otherwise."""
+    py, px = layout.py, layout.px
+    nl = lcm(py, px)
+    per_x, per_y = nl // px, nl // py
+    for name, shape in (("A", a_shape), ("B", b_shape)):
+        if len(shape) != 4 or tuple(shape[:2]) != (layout.by, layout.bx):
+            raise MeshError(
+                f"{what}: {name} block has shape {tuple(shape)}; expected "
+                f"({layout.by}, {layout.bx}, {axes}) on {layout}"
+            )
+        if shape[2] % per_y or shape[3] % per_x:
+            raise MeshError(
+                f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} mesh is cut "
+                f"into a {nl}x{nl} logical mesh, so tile rows must be a multiple of {per_y} and "
+                f"columns of {per_x}: pad every dimension to a multiple of {nl} ({fix})"
+            )
+    return per_x, per_y
+
+
 @dataclass(frozen=True)
 class GemmTiling:
     """``C[M, N] = A[M, K] @ B[K, N]`` on a ``py x px`` mesh, in logical tiles.
@@ -48,22 +71,9 @@ class GemmTiling:
     def from_blocks(cls, layout, a_shape: tuple, b_shape: tuple, what: str = "A @ B") -> GemmTiling:
         """The plan of rank blocks ``a: [by, bx, M/Py, K/Px]`` and ``b: [by, bx, K/Py, N/Px]``."""
         py, px = layout.py, layout.px
-        nl = lcm(py, px)
-        per_x, per_y = nl // px, nl // py  # logical cores per virtual core along x and y
-        block = (layout.by, layout.bx)
-        for name, shape in (("A", a_shape), ("B", b_shape)):
-            if len(shape) != 4 or tuple(shape[:2]) != block:
-                raise MeshError(
-                    f"{what}: {name} block has shape {tuple(shape)}; expected "
-                    f"({layout.by}, {layout.bx}, rows, cols) on {layout}"
-                )
-            if shape[2] % per_y or shape[3] % per_x:
-                raise MeshError(
-                    f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} mesh is cut "
-                    f"into a {nl}x{nl} logical mesh, so tile rows must be a multiple of "
-                    f"{per_y} and columns of {per_x}: pad every dimension to a multiple of "
-                    f"{nl} (the prepare_* functions do)"
-                )
+        per_x, per_y = _check_blocks(
+            layout, what, a_shape, b_shape, "rows, cols", "the prepare_* functions do"
+        )
         if a_shape[3] // per_x != b_shape[2] // per_y:
             raise MeshError(
                 f"{what}: inner dimensions differ: A tiles {a_shape[2:]} hold "
@@ -80,20 +90,9 @@ class GemmTiling:
         and ``b: [by, bx, N/Py, D/Px]``: ``tkb`` is the logical feature segment, ``tnb`` the
         logical segment of B's rows."""
         py, px = layout.py, layout.px
-        nl = lcm(py, px)
-        per_x, per_y = nl // px, nl // py
-        for name, shape in (("A", a_shape), ("B", b_shape)):
-            if len(shape) != 4 or tuple(shape[:2]) != (layout.by, layout.bx):
-                raise MeshError(
-                    f"{what}: {name} block has shape {tuple(shape)}; expected "
-                    f"({layout.by}, {layout.bx}, seq, dim) on {layout}"
-                )
-            if shape[2] % per_y or shape[3] % per_x:
-                raise MeshError(
-                    f"{what}: {name} tiles are {shape[2]}x{shape[3]}, but a {py}x{px} "
-                    f"mesh is cut into a {nl}x{nl} logical mesh: pad every dimension to a "
-                    f"multiple of {nl} (natural_tiles does)"
-                )
+        per_x, per_y = _check_blocks(
+            layout, what, a_shape, b_shape, "seq, dim", "natural_tiles does"
+        )
         if a_shape[3] != b_shape[3]:
             raise MeshError(
                 f"{what}: A tiles hold {a_shape[3]} features per core, B tiles {b_shape[3]}"

@@ -140,6 +140,29 @@ def shift_operands(
     return ta, tb
 
 
+def shift_product(
+    fab: Fabric,
+    a_log: np.ndarray,
+    b_log: np.ndarray,
+    kind: str,
+    b_preskewed: bool,
+    name: str,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """MeshGEMM/Cannon's schedule on logical tiles (see :func:`shift_operands`): the skews,
+    then ``Nl`` steps, each multiplying the held tiles while A shifts along x and B along y (on
+    the wafer the two shifts stream while the core multiplies, double buffered). ``labels``:
+    the grouped MeshGEMM's column groups. Returns the product's logical tiles."""
+    ta, tb = shift_operands(fab, a_log, b_log, kind, b_preskewed, name)
+    product = fab.mover.shift_product(ta, tb, labels)
+    dest = ring_dest(lcm(fab.layout.py, fab.layout.px), kind)
+    for t in range(len(dest)):
+        product.step(t)
+        ta.permute(dest)
+        tb.permute(dest)
+    return product.result()
+
+
 def _shift_gemm(
     fab: Fabric,
     a: np.ndarray,
@@ -160,15 +183,7 @@ def _shift_gemm(
     if record:
         charge_shift_gemm(fab.ledger, name, priced_plan(plan, priced), kind, b_preskewed)
     a_log, b_log = virtual_to_logical(a, mesh), virtual_to_logical(b, mesh)
-    ta, tb = shift_operands(fab, a_log, b_log, kind, b_preskewed, name)
-    product = fab.mover.shift_product(ta, tb)
-    dest = ring_dest(plan.nl, kind)
-    for t in range(plan.nl):
-        # on the wafer the two shifts stream while the core multiplies (double buffers)
-        product.step(t)
-        ta.permute(dest)
-        tb.permute(dest)
-    return logical_to_virtual(product.result(), mesh)
+    return logical_to_virtual(shift_product(fab, a_log, b_log, kind, b_preskewed, name), mesh)
 
 
 def meshgemm(

@@ -62,7 +62,7 @@ from .estimate import (
     shift_gemm_costs,
     shift_gemm_routes,
 )
-from .gemm import shift_operands
+from .gemm import shift_product
 
 RING = "interleaved"
 
@@ -276,14 +276,8 @@ def grouped_meshgemm(
     if record:
         charge_grouped_meshgemm(fab.ledger, name, priced_plan(plan, priced), groups, b_preskewed)
     a_log, b_log = virtual_to_logical(a_flat, mesh), virtual_to_logical(b, mesh)
-    ta, tb = shift_operands(fab, a_log, b_log, RING, b_preskewed, name)
-    product = fab.mover.shift_product(ta, tb, labels)
-    dest = ring_dest(plan.nl, RING)
-    for t in range(plan.nl):
-        product.step(t)
-        ta.permute(dest)
-        tb.permute(dest)
-    return logical_to_virtual(product.result(), mesh)
+    c = shift_product(fab, a_log, b_log, RING, b_preskewed, name, labels)
+    return logical_to_virtual(c, mesh)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from meshrt.runtime import LOCAL_MPI_ENV
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -74,17 +76,7 @@ RUNS = {  # name: (ranks, convert options)
         ["--ranks", "2x2", "--decode-mesh", "2x4", "--prefill-mesh", "4x2", "--dtype", "bfloat16"],
     ),
 }
-ENV = dict(
-    os.environ,
-    OMPI_ALLOW_RUN_AS_ROOT="1",
-    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-    PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-    OMPI_MCA_pml="ob1",
-    OMPI_MCA_btl="self,sm",
-    OPENBLAS_NUM_THREADS="1",
-    OMP_NUM_THREADS="1",
-    PYTHONUNBUFFERED="1",
-)
+ENV = dict(os.environ, **LOCAL_MPI_ENV, PYTHONUNBUFFERED="1")
 REPORT = ROOT / "out" / "oracle-gguf.json"
 
 

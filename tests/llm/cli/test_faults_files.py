@@ -643,6 +643,22 @@ def test_resume_with_other_sampling_settings_is_refused_unless_asked(tmp_path):
     assert p.returncode == 2  # and 0, 1 differ the other way
 
 
+def _sigterm_after_two_results(job, out, wait: float) -> str:
+    """SIGTERM to ``job`` once ``out`` holds two results (within ``wait`` seconds); its
+    stderr (``""`` when it went to a file)."""
+    try:
+        deadline = time.monotonic() + wait
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+        job.wait(timeout=30)
+    return stderr or ""
+
+
 def test_sigterm_stops_a_batch_and_says_how_to_resume(tmp_path):
     requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
     count = 400
@@ -662,16 +678,7 @@ def test_sigterm_stops_a_batch_and_says_how_to_resume(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not (out.exists() and out.read_text().count("\n") >= 2):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.01)
-        job.send_signal(signal.SIGTERM)
-        _, stderr = job.communicate(timeout=60)
-    finally:
-        job.kill()
-        job.wait(timeout=30)
+    stderr = _sigterm_after_two_results(job, out, 60)
     assert job.returncode == 143, stderr
     assert "batch stopped by SIGTERM after" in stderr and "run the same command again" in stderr
     assert str(out) in stderr and "Traceback" not in stderr
@@ -835,16 +842,7 @@ def test_sigterm_to_mpiexec_stops_a_batch_and_says_how_to_resume(tmp_path, stder
             stderr=subprocess.PIPE if stderr_to == "pipe" else log_file,
             text=True,
         )
-    try:
-        deadline = time.monotonic() + 90
-        while not (out.exists() and out.read_text().count("\n") >= 2):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.01)
-        job.send_signal(signal.SIGTERM)  # mpiexec (it runs prterun in its place)
-        _, stderr = job.communicate(timeout=60)
-    finally:
-        job.kill()
-        job.wait(timeout=30)
+    stderr = _sigterm_after_two_results(job, out, 90)  # to mpiexec (prterun in its place)
     if stderr_to == "file":
         stderr = log.read_text()
     assert job.returncode != 0, stderr

@@ -33,22 +33,13 @@ from meshrt.fabric import Fabric
 from meshrt.hostio import local_block
 from meshrt.mesh import MeshLayout, default_rank_grid
 from meshrt.precision import round_to_bf16
-from meshrt.runtime import ControlPlane
+from meshrt.runtime import LOCAL_MPI_ENV, ControlPlane
 
 ROOT = Path(__file__).resolve().parents[3]
 MODELS = ["tiny-llama-gqa", "tiny-qwen2"]
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
-ENV = dict(
-    os.environ,
-    OMPI_ALLOW_RUN_AS_ROOT="1",
-    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-    PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-    OMPI_MCA_pml="ob1",
-    OMPI_MCA_btl="self,sm",
-    OPENBLAS_NUM_THREADS="1",
-    PYTHONUNBUFFERED="1",
-)
+ENV = dict(os.environ, **LOCAL_MPI_ENV, PYTHONUNBUFFERED="1")
 for _launcher_var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"):
     ENV.pop(_launcher_var, None)  # child processes are never ranks of this test's job
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec in the venv")
