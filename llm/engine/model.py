@@ -143,6 +143,7 @@ class MeshModel:
         layers, glob = split_layers(blocks["decode"], config.num_layers)
         self._decode_weights = (layers, glob)
         self.decoder: MeshDecoder | None = None
+        self._weight_words: int | None = None  # decode weight words per core (this rank)
         self.prefiller: MeshPrefiller | None = None
         if "prefill" in blocks:
             from .prefill import MeshPrefiller
@@ -257,10 +258,17 @@ class MeshModel:
         cache = KVCache(fab, self.config.num_layers, lay.kv // lay.px, capacity, self.kv_policy)
         self.decoder = MeshDecoder(fab, lay, *self._decode_weights, cache, self.allreduce)
         self.position = 0
-        weights = sum(b.size for b in self.blocks["decode"].values()) // (fab.by * fab.bx)
-        fab.ledger.memory(
-            "decode/resident", weights + 2 * self.config.num_layers * capacity * (lay.kv // lay.px)
-        )
+        self._note_resident(capacity)
+
+    def _note_resident(self, capacity: int) -> None:
+        """The decode ledger's ``decode/resident`` figure: this rank's weight words per core
+        (counted once) and caches of ``capacity`` slots per core in all."""
+        fab, lay = self.decode_fabric, self.phase_layouts["decode"]
+        if self._weight_words is None:
+            blocks = self.blocks["decode"].values()
+            self._weight_words = sum(b.size for b in blocks) // (fab.by * fab.bx)
+        kv = 2 * self.config.num_layers * capacity * (lay.kv // lay.px)
+        fab.ledger.memory("decode/resident", self._weight_words + kv)
 
     # -- several sequences (batched decode) ------------------------------------------------
     def open_sequence(self, capacity: int) -> Sequence:
@@ -294,9 +302,6 @@ class MeshModel:
         if self.prefiller is None or len(seqs) == 1 or any(s.position for s in seqs):
             logits = [self.prefill_sequence(s, list(p)) for s, p in zip(seqs, prompts)]
             return logits[0] if len(logits) == 1 else np.stack(logits, 2)
-        from .handoff import Handoff
-        from .kvcache import ContextFullError
-
         lengths = [len(p) for p in prompts]
         limit = self.config.max_position_embeddings
         if min(lengths) < 1:
@@ -305,33 +310,14 @@ class MeshModel:
             raise ValueError(f"prompt of {max(lengths)} tokens exceeds the context of {limit}")
         total, hands, start = sum(lengths), [], 0
         for seq, n in zip(seqs, lengths):
-            hand = Handoff(
-                self.phase_layouts["prefill"],
-                self.phase_layouts["decode"],
-                n,
-                self.allreduce,
-                start=start,
-                total=total,
-            )
-            if hand.dst_rows.max() > seq.cache.capacity:
-                raise ContextFullError(
-                    f"prompt of {n} tokens needs {hand.dst_rows.max()} KV "
-                    f"slots per decode core; capacity is {seq.cache.capacity}"
-                )
-            hands.append(hand)
+            hands.append(self._handoff(n, seq.cache, start, total))
             start += n
         ids = [int(t) for p in prompts for t in p]
         out = self.prefiller.run(ids, lengths=lengths)
-        pfab = self.fabrics["prefill"]
         hidden = []
         for seq, hand in zip(seqs, hands):
-            cache_rows, x = hand.forward(pfab, self.decode_fabric, out["k"], out["v"], out["x"])
-            hand.charge(pfab.ledger)
-            seq.cache.set_counts(hand.dst_rows)
-            for layer, (k_rows, v_rows) in enumerate(cache_rows):
-                seq.cache.load(layer, k_rows, v_rows)
+            hidden.append(self._hand_over(hand, seq.cache, out))
             seq.position = hand.tokens
-            hidden.append(x)
         return self.running.logits(np.stack(hidden, 2), out["first_bad"], "the prompts' embeddings")
 
     def decode_sequences(self, seqs: list, tokens: list) -> np.ndarray:
@@ -349,12 +335,7 @@ class MeshModel:
             seqs[0].position = self.position
             return logits
         dec = self.running
-        fab, lay = self.decode_fabric, self.phase_layouts["decode"]
-        weights = sum(b.size for b in self.blocks["decode"].values()) // (fab.by * fab.bx)
-        cap = sum(s.cache.capacity for s in seqs)
-        fab.ledger.memory(
-            "decode/resident", weights + 2 * self.config.num_layers * cap * (lay.kv // lay.px)
-        )
+        self._note_resident(sum(s.cache.capacity for s in seqs))
         logits = dec.step_batch(tokens, [s.position for s in seqs], [s.cache for s in seqs])
         for s in seqs:
             s.position += 1
@@ -417,29 +398,40 @@ class MeshModel:
     def _prefill_and_hand_off(self, prefiller: MeshPrefiller, ids, all_logits: bool):
         """Prefill on the prefill mesh, move the result with a :class:`~llm.engine.handoff.Handoff`
         (priced in the prefill ledger), load the decode cache, then the first logits."""
-        from .handoff import Handoff
-        from .kvcache import ContextFullError
-
         cache = self.running.cache
-        hand = Handoff(
-            self.phase_layouts["prefill"], self.phase_layouts["decode"], len(ids), self.allreduce
-        )
-        if hand.dst_rows.max() > cache.capacity:
-            raise ContextFullError(
-                f"prompt of {len(ids)} tokens needs {hand.dst_rows.max()} KV "
-                f"slots per decode core; capacity is {cache.capacity}"
-            )
+        hand = self._handoff(len(ids), cache)
         out = prefiller.run(ids, all_logits=all_logits)
-        cache_rows, hidden = hand.forward(
-            self.fabrics["prefill"], self.decode_fabric, out["k"], out["v"], out["x"]
-        )
-        hand.charge(self.fabrics["prefill"].ledger)
-        cache.set_counts(hand.dst_rows)
-        for layer, (k_rows, v_rows) in enumerate(cache_rows):
-            cache.load(layer, k_rows, v_rows)
+        hidden = self._hand_over(hand, cache, out)
         logits = self.running.logits(hidden, out["first_bad"], "the prompt's embeddings")
         self.position = len(ids)
         return (logits, out["all_logits"]) if all_logits else logits
+
+    def _handoff(self, tokens: int, cache: KVCache, start: int = 0, total: int | None = None):
+        """The :class:`~llm.engine.handoff.Handoff` of a prompt of ``tokens`` (rows ``start..``
+        of a prefill of ``total``) into ``cache``; ``ContextFullError`` before any work if the
+        cache cannot hold it."""
+        from .handoff import Handoff
+        from .kvcache import ContextFullError
+
+        pl, dl = self.phase_layouts["prefill"], self.phase_layouts["decode"]
+        hand = Handoff(pl, dl, tokens, self.allreduce, start=start, total=total)
+        if hand.dst_rows.max() > cache.capacity:
+            raise ContextFullError(
+                f"prompt of {tokens} tokens needs {hand.dst_rows.max()} KV "
+                f"slots per decode core; capacity is {cache.capacity}"
+            )
+        return hand
+
+    def _hand_over(self, hand, cache: KVCache, out: dict) -> np.ndarray:
+        """Move ``hand``'s prompt from the prefill result ``out`` to the decode mesh (priced in
+        the prefill ledger) and load it into ``cache``; returns its hidden state there."""
+        pfab = self.fabrics["prefill"]
+        cache_rows, hidden = hand.forward(pfab, self.decode_fabric, out["k"], out["v"], out["x"])
+        hand.charge(pfab.ledger)
+        cache.set_counts(hand.dst_rows)
+        for layer, (k_rows, v_rows) in enumerate(cache_rows):
+            cache.load(layer, k_rows, v_rows)
+        return hidden
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns its logits (decode X-vector ``f32[by, bx, V/Px]``)."""
