@@ -11,6 +11,7 @@ and that the manifest is rank 0's (:func:`llm.storage.shards.open_shards`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -92,13 +93,21 @@ def prepare_target(
                 f"files of {shared[0]}): convert without --node-local"
             )
 
-    try:
+    with _cleaned_up_on_error(where, tmp):
         control.agree(check_visible, on="all", catch=ShardError)
+    return tmp
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_error(where, tmp):
+    """A :class:`ShardError` inside (agreed by every rank) removes the node's temporary
+    directory ``tmp`` (its leading rank does) before it goes on."""
+    try:
+        yield
     except ShardError:
         if where.leads:
             remove_temporary(tmp)
         raise
-    return tmp
 
 
 def finish(
@@ -143,11 +152,7 @@ def finish(
             ) from None
 
     grid = (int(manifest["rank_grid"][0]), int(manifest["rank_grid"][1]))
-    try:
+    with _cleaned_up_on_error(where, tmp):
         manifest["files"] = control.agree(collect, catch=ShardError)
         control.agree(publish_here, on="all", catch=ShardError)
-    except ShardError:
-        if where.leads:
-            remove_temporary(tmp)
-        raise
     return manifest
