@@ -643,6 +643,19 @@ def test_resume_with_other_sampling_settings_is_refused_unless_asked(tmp_path):
     assert p.returncode == 2  # and 0, 1 differ the other way
 
 
+def _long_batch(tmp_path) -> tuple:
+    """``(requests, out, count)``: a batch file of 400 short requests, long enough to stop
+    while it runs, and where its results go."""
+    requests, out, count = tmp_path / "req.jsonl", tmp_path / "out.jsonl", 400
+    requests.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}) + "\n"
+            for i in range(count)
+        )
+    )
+    return requests, out, count
+
+
 def _sigterm_after_two_results(job, out, wait: float) -> str:
     """SIGTERM to ``job`` once ``out`` holds two results (within ``wait`` seconds); its
     stderr (``""`` when it went to a file)."""
@@ -660,14 +673,7 @@ def _sigterm_after_two_results(job, out, wait: float) -> str:
 
 
 def test_sigterm_stops_a_batch_and_says_how_to_resume(tmp_path):
-    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
-    count = 400
-    requests.write_text(
-        "".join(
-            json.dumps({"id": i, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}) + "\n"
-            for i in range(count)
-        )
-    )
+    requests, out, count = _long_batch(tmp_path)
     cmd = [sys.executable, "-m", "llm", "generate", "--model", str(MODEL), "--decode-mesh", "2x2"]
     job = subprocess.Popen(
         [*cmd, "--batch", str(requests), "--out", str(out)],
@@ -820,14 +826,7 @@ def test_sigterm_to_mpiexec_stops_a_batch_and_says_how_to_resume(tmp_path, stder
     a file that mpiexec writes to; and the same command resumes it."""
     from faultcase import MPIEXEC
 
-    requests, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
-    count = 400
-    requests.write_text(
-        "".join(
-            json.dumps({"id": i, "prompt_ids": [1, 5, 9], "max_new_tokens": 6}) + "\n"
-            for i in range(count)
-        )
-    )
+    requests, out, count = _long_batch(tmp_path)
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "llm", "generate"]
     cmd += ["--model", str(MODEL), "--decode-mesh", "2x2", "--batch", str(requests)]
     cmd += ["--out", str(out), "-q"]

@@ -1,11 +1,9 @@
 """``llm estimate --batch``: B requests per decode step on the wafer, in closed form."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from cliproc import ENV, ROOT
+from faultcase import run
 
 from llm.cost.batch import batch_decode
 from llm.cost.predict import decode_stages, decode_tpr
@@ -37,15 +35,7 @@ def test_batching_trades_per_request_rate_for_total_rate_and_cache():
 
 
 def _estimate(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "llm", "estimate", *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run(["estimate", *args], timeout=120)[0]
 
 
 def test_estimate_batch_and_batch_sweep_on_the_command_line():
