@@ -62,25 +62,22 @@ def _shared_by_hosts(world, path) -> bool:
 def test_node_local_convert_then_every_rank_reads_its_own_file(world, node_local_path):
     grid = _grid(world)
     mesh = (2 * grid[0], 2 * grid[1])
+
+    def node_local_convert():
+        return convert(
+            node_local_path,
+            str(MODEL),
+            meshes={"decode": mesh},
+            control=world,
+            progress=False,
+            node_local=True,
+        )
+
     if _shared_by_hosts(world, node_local_path.parent):  # hosts that share /tmp
         with pytest.raises(ShardError, match="shared by the nodes"):
-            convert(
-                node_local_path,
-                str(MODEL),
-                meshes={"decode": mesh},
-                control=world,
-                progress=False,
-                node_local=True,
-            )
+            node_local_convert()
         return
-    manifest = convert(
-        node_local_path,
-        str(MODEL),
-        meshes={"decode": mesh},
-        control=world,
-        progress=False,
-        node_local=True,
-    )
+    manifest = node_local_convert()
     hosts = world.allgather(socket.gethostname())
     mine = {
         rank_file_name(grid_coords(r, grid)) for r, h in enumerate(hosts) if h == hosts[world.rank]
